@@ -1,0 +1,152 @@
+"""``packed_attention``: non-causal attention over a packed batch of variable-length sequences.
+
+The layout is flash-attn's varlen layout: all tokens of all images stacked in one ``[T, H, D]``
+tensor, and ``cu_seqlens`` (int32 ``[B+1]``) marking where each image starts. Backends register
+themselves in ``BACKENDS``; ``auto`` takes the first one in ``AUTO_ORDER`` that can run the call.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .reference import packed_attention_reference
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way of computing packed attention.
+
+    ``support(device, dtype, head_dim)`` returns None when the backend can run such a call, else
+    a sentence saying why not and how to get it. ``fn(q, k, v, cu_seqlens, max_seqlen, scale)``
+    computes it.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    support: Callable[[torch.device, torch.dtype, int], Optional[str]]
+
+
+def _reference_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    return None
+
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": Backend("reference", packed_attention_reference, _reference_support),
+}
+
+# Preference for backend="auto", fastest first. Backends from later modules insert themselves
+# by measured speed (see bench/results/); the reference runs anywhere and closes the list.
+AUTO_ORDER: List[str] = ["reference"]
+
+
+def register_backend(backend: Backend, auto_rank: Optional[int] = None) -> None:
+    """Add a backend; ``auto_rank`` is its index in the auto preference list (None: not used by auto)."""
+    BACKENDS[backend.name] = backend
+    if auto_rank is not None and backend.name not in AUTO_ORDER:
+        AUTO_ORDER.insert(auto_rank, backend.name)
+
+
+def available_backends(device=None, dtype: Optional[torch.dtype] = None, head_dim: int = 64) -> List[str]:
+    """Names of the backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dtypes = [dtype] if dtype is not None else list(FLOAT_DTYPES)
+    return [
+        name
+        for name, backend in BACKENDS.items()
+        if any(backend.support(device, dt, head_dim) is None for dt in dtypes)
+    ]
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
+    """The backend that runs a call: ``name`` itself (or a clear error), or the auto choice."""
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if BACKENDS[candidate].support(device, dtype, head_dim) is None:
+                return BACKENDS[candidate]
+        raise RuntimeError(f"no packed-attention backend supports {device}, {dtype}")  # unreachable: reference
+    if name not in BACKENDS:
+        known = ", ".join(["auto", *BACKENDS])
+        raise ValueError(f"unknown packed-attention backend {name!r}; expected one of: {known}")
+    backend = BACKENDS[name]
+    reason = backend.support(device, dtype, head_dim)
+    if reason is not None:
+        raise RuntimeError(f"packed-attention backend {name!r} cannot run here: {reason}")
+    return backend
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, check_values: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [T, H, D], got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [T, H, D] (3 dims), got shape {tuple(t.shape)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; expected equal [T, H, D]")
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor [B+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; put it on q's device")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with B+1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    if not check_values:
+        return
+    bounds = cu_seqlens.tolist()  # one host read; callers that built cu_seqlens themselves skip it
+    total = q.shape[0]
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must end at T={total} (q.shape[0]), got {bounds[-1]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+
+
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    check_values: bool = True,
+) -> Tensor:
+    """Non-causal self-attention within each sequence of a packed batch.
+
+    Args:
+        q, k, v: ``[T, H, D]``, one float dtype, one device. Strided views (e.g. of a packed
+            ``[T, 3, H, D]`` qkv tensor) are accepted.
+        cu_seqlens: int32 ``[B+1]`` on q's device: ``0 = cu[0] <= cu[1] <= ... <= cu[B] = T``.
+            Sequence ``b`` is rows ``cu[b]:cu[b+1]``; empty sequences are allowed.
+        max_seqlen: the longest sequence length (Python int, computed once per forward).
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"auto" | "triton" | "flash_attn" | "torch" | "reference"``.
+        check_values: verify cu_seqlens' values and max_seqlen (one host read). Callers that built
+            them by construction (the model, once per forward) pass False.
+
+    Returns:
+        ``[T, H, D]`` in q's dtype; differentiable with respect to q, k and v.
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, check_values)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
+

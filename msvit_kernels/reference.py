@@ -1,0 +1,84 @@
+"""Pure-torch references of every op in ``msvit_kernels``.
+
+These are the oracles the tests compare the fused kernels against, and the implementations the
+``kernels="torch"`` / ``backend="reference"`` paths run on any device and dtype (float64 too).
+They favour clarity over speed, but avoid Python loops over tokens: the only loop is over images.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def packed_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: Optional[float] = None
+) -> Tensor:
+    """Non-causal attention computed independently for every sequence of a packed batch.
+
+    q, k, v: ``[T, H, D]`` (any float dtype, any device); cu_seqlens: int32 ``[B+1]``.
+    Returns ``[T, H, D]`` in q's dtype. Empty sequences produce no rows. One SDPA call per image;
+    reading ``cu_seqlens`` costs one host sync per call (this is the oracle, not the fast path).
+    """
+    del max_seqlen  # the per-image loop does not need it; kept for signature parity with kernels
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [L, H, D] -> [H, L, D], the layout SDPA expects for an unbatched call
+        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        oi = F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
+        out[start:end] = oi.transpose(0, 1)
+    return out
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Split images into non-overlapping square patches, flattened in (C, p, p) order.
+
+    images: ``[B, C, H, W]`` with H and W multiples of ``patch_size``.
+    Returns ``[B, (H/p) * (W/p), C * p * p]``, patches in raster order. The flattening order is
+    the one of a conv patch embedding's weight ``[d, C, p, p]``, so ``patches @ w.flatten(1).T``
+    equals the conv.
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # B, gh, gw, C, p, p
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> Tensor:
+    """Coarse patches (``fine_patch * ratio`` px) area-averaged down to ``fine_patch`` px (Eq. 5).
+
+    For an integer ratio, area averaging is exactly ``avg_pool2d`` with kernel ``ratio``.
+    Returns ``[B, Nc, C * fine_patch**2]`` in coarse-grid raster order.
+    """
+    pooled = F.avg_pool2d(images, ratio) if ratio > 1 else images
+    return patchify(pooled, fine_patch)
+
+
+def gather_embed_pack_reference(
+    images: Tensor,
+    source: Tensor,
+    position: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    pos_table: Optional[Tensor],
+    fine_patch: int,
+    ratio: int,
+) -> Tensor:
+    """Embed only the tokens a packed batch keeps.
+
+    images: ``[B, C, H, W]``; source: int64 ``[N]`` rows of the candidate table
+    ``cat(fine patches of all images, coarse patches of all images)``; position: int64 ``[N]`` rows
+    of ``pos_table`` (``cat(fine pos, coarse pos)``, ``[Nf + Nc, d]``) or ignored when it is None;
+    weight ``[d, C*p*p]``; bias ``[d]``. Returns ``[N, d]``.
+    """
+    fine = patchify(images, fine_patch).flatten(0, 1)
+    coarse = coarse_patches_at_fine_size(images, fine_patch, ratio).flatten(0, 1)
+    pixels = torch.cat([fine, coarse]).index_select(0, source)
+    tokens = F.linear(pixels, weight, bias)
+    if pos_table is not None:
+        tokens = tokens + pos_table.index_select(0, position)
+    return tokens
