@@ -58,27 +58,16 @@ def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> 
     return patchify(pooled, fine_patch)
 
 
-def gather_embed_pack_reference(
-    images: Tensor,
-    source: Tensor,
-    position: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    pos_table: Optional[Tensor],
-    fine_patch: int,
-    ratio: int,
+def gather_embed_reference(
+    images: Tensor, source: Tensor, weight: Tensor, bias: Optional[Tensor], fine_patch: int, ratio: int
 ) -> Tensor:
-    """Embed only the tokens a packed batch keeps.
+    """Embed only the patches a packed batch keeps.
 
     images: ``[B, C, H, W]``; source: int64 ``[N]`` rows of the candidate table
-    ``cat(fine patches of all images, coarse patches of all images)``; position: int64 ``[N]`` rows
-    of ``pos_table`` (``cat(fine pos, coarse pos)``, ``[Nf + Nc, d]``) or ignored when it is None;
-    weight ``[d, C*p*p]``; bias ``[d]``. Returns ``[N, d]``.
+    ``cat(fine patches of all images [B*Nf], coarse patches of all images [B*Nc])``;
+    weight ``[d, C*p*p]``; bias ``[d]`` or None. Returns ``[N, d]``.
     """
     fine = patchify(images, fine_patch).flatten(0, 1)
     coarse = coarse_patches_at_fine_size(images, fine_patch, ratio).flatten(0, 1)
     pixels = torch.cat([fine, coarse]).index_select(0, source)
-    tokens = F.linear(pixels, weight, bias)
-    if pos_table is not None:
-        tokens = tokens + pos_table.index_select(0, position)
-    return tokens
+    return F.linear(pixels, weight, bias)

@@ -1,0 +1,13 @@
+"""MSViT: dynamic mixed-scale tokenization for Vision Transformers, on packed varlen tokens.
+
+    import msvit
+    model = msvit.from_timm("vit_small_patch16_224")       # MSViT-S/16,32
+    logits = model(images)                                  # packed mode, the gate decides
+    mask = model.gate_mask(images)                          # bool [B, Nc], True = fine
+"""
+from .gate import GateDecision, MixedScaleGate, gumbel_sigmoid
+from .model import MSViT, MSViTOutput
+from .timm_compat import from_timm
+from .tokenizer import MixedScaleTokenizer
+
+__all__ = ["GateDecision", "MSViT", "MSViTOutput", "MixedScaleGate", "MixedScaleTokenizer", "from_timm", "gumbel_sigmoid"]

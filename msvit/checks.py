@@ -1,0 +1,46 @@
+"""Input validation with messages that say what was expected."""
+import torch
+from torch import Tensor
+
+MODES = ("packed", "masked", "trimmed")
+KERNELS = ("auto", "torch", "triton")
+
+
+def check_images(images, in_chans: int, coarse_patch: int) -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, {in_chans}, H, W], got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be a float tensor (normalised pixels), got {images.dtype}; "
+            "convert with images.float() / 255 and apply the model's normalisation"
+        )
+    if images.dim() != 4:
+        hint = " (missing batch dimension? use images[None] for one image)" if images.dim() == 3 else ""
+        raise ValueError(f"images must have shape [B, {in_chans}, H, W], got {tuple(images.shape)}{hint}")
+    if images.shape[1] != in_chans:
+        raise ValueError(f"images must have {in_chans} channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+    h, w = images.shape[-2:]
+    if h % coarse_patch or w % coarse_patch or h == 0 or w == 0:
+        raise ValueError(
+            f"image size {h}x{w} must be a positive multiple of the coarse patch size {coarse_patch} "
+            f"in both dimensions; resize or crop, e.g. to {max(1, h // coarse_patch) * coarse_patch}x"
+            f"{max(1, w // coarse_patch) * coarse_patch}"
+        )
+
+
+def check_mask(mask, batch: int, coarse_grid) -> None:
+    n_regions = coarse_grid[0] * coarse_grid[1]
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor [B, Nc] = [{batch}, {n_regions}], got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = fine region), got {mask.dtype}; use mask > 0.5 or mask.bool()")
+    if tuple(mask.shape) != (batch, n_regions):
+        raise ValueError(
+            f"mask must have shape [B, Nc] = [{batch}, {n_regions}] (one entry per coarse region of the "
+            f"{coarse_grid[0]}x{coarse_grid[1]} coarse grid, raster order), got {tuple(mask.shape)}"
+        )
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(map(repr, choices))}")

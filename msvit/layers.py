@@ -1,0 +1,94 @@
+"""Pre-norm ViT blocks run on packed ``[T, C]`` tokens or on dense masked ``[B, N, C]`` tokens.
+
+The blocks are timm's own ``Block`` modules (their weights are the model's weights); only the way
+attention sees its neighbours changes. One function runs a block; the two layouts differ in the
+``attend`` function (varlen attention vs masked softmax, Eq. 10) and in how stochastic depth
+picks its samples (per image in both cases).
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msvit_kernels import packed_attention
+from msvit_kernels.varlen import MixedScaleIndex
+
+Attend = Callable[[Tensor, Tensor, Tensor, Optional[float]], Tensor]
+
+
+def run_block(block: nn.Module, x: Tensor, attend: Attend, drop_path: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
+    """One timm ``Block`` on tokens ``x [..., C]``; ``attend(q, k, v, scale)`` maps ``[..., H, D]``."""
+    attn = block.attn
+    h = block.norm1(x)
+    qkv = attn.qkv(h).unflatten(-1, (3, attn.num_heads, attn.qkv.out_features // (3 * attn.num_heads)))
+    q, k, v = qkv.unbind(-3)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = attend(q, k, v, attn.scale).flatten(-2)
+    if hasattr(attn, "norm"):  # timm >= 1.0: optional norm before the projection
+        o = attn.norm(o)
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(h).sigmoid()
+    o = attn.proj_drop(attn.proj(o))
+    x = x + drop_path(block.drop_path1, block.ls1(o))
+    return x + drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))))
+
+
+def _drop_path_rate(module: nn.Module) -> float:
+    return float(getattr(module, "drop_prob", 0.0)) if module.training else 0.0
+
+
+def packed_blocks(blocks, x: Tensor, index: MixedScaleIndex, backend: str = "auto") -> Tensor:
+    """Run blocks on packed tokens ``[T, C]``; attention is varlen attention per image."""
+
+    def attend(q, k, v, scale):
+        return packed_attention(q, k, v, index.cu_seqlens, index.max_seqlen, scale=scale, backend=backend,
+                                check_values=False)
+
+    def drop_path(module, y):
+        rate = _drop_path_rate(module)
+        if rate == 0.0:
+            return y
+        # Stochastic depth drops whole images, as timm's DropPath does on [B, N, C].
+        keep = torch.rand(index.cu_seqlens.numel() - 1, device=y.device) >= rate
+        return y * (keep.to(y.dtype) / (1 - rate))[index.row_image, None]
+
+    for block in blocks:
+        x = run_block(block, x, attend, drop_path)
+    return x
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], weights: Tensor) -> Tensor:
+    """Eq. 10: ``softmax`` over keys weighted by the mask, ``w_j e^{s_ij} / sum_p w_p e^{s_ip}``.
+
+    q, k, v: ``[B, N, H, D]``; weights: ``[B, N]`` in {0, 1} in the forward pass. When the weights
+    carry straight-through gradients the product form is computed explicitly so that every token,
+    masked or not, contributes to the gate's gradient (Appendix F.1); otherwise SDPA with a boolean
+    key mask gives the same values faster.
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    active = weights > 0.5
+    if not weights.requires_grad:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=active[:, None, None, :], scale=scale)
+        return out.transpose(1, 2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    shift = scores.masked_fill(~active[:, None, None, :], float("-inf")).amax(-1, keepdim=True).detach()
+    # Masked keys may score above every active one; clamping keeps their (zero-weighted) exponent finite.
+    e = torch.exp((scores - shift).clamp(max=60.0)) * weights[:, None, None, :]
+    probs = e / e.sum(-1, keepdim=True)
+    return (probs @ v).transpose(1, 2)
+
+
+def dense_blocks(blocks, x: Tensor, weights: Tensor) -> Tensor:
+    """Run blocks on dense tokens ``[B, N, C]`` with masked attention (the paper's baseline)."""
+
+    def attend(q, k, v, scale):
+        return masked_attention(q, k, v, scale, weights)
+
+    def drop_path(module, y):
+        return module(y)  # timm's DropPath already drops per sample of [B, N, C]
+
+    for block in blocks:
+        x = run_block(block, x, attend, drop_path)
+    return x

@@ -1,0 +1,157 @@
+"""MSViT: a ViT whose tokens are chosen per region at a fine or a coarse scale by a learned gate.
+
+Three execution modes share one set of weights and give the same logits in the forward pass:
+``packed`` (default; only the surviving tokens, varlen attention: compute follows the tokens),
+``masked`` (the paper's Eq. 10 baseline: all N_f + N_c tokens, masked softmax in every block) and
+``trimmed`` (adaptive trimming, Section 2.3: tokens sorted by mask, cut to the batch's longest).
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .checks import KERNELS, MODES, check_choice, check_images, check_mask
+from .gate import Budget, GateDecision, MixedScaleGate
+from .layers import dense_blocks, packed_blocks
+from .tokenizer import MixedScaleTokenizer
+
+
+class MSViTOutput(NamedTuple):
+    """logits ``[B, num_classes]``; gate: the batch's ``GateDecision`` (soft outputs for the gate
+    losses); tokens: int64 ``[B]`` tokens per image the transformer processed, prefix included
+    (for ``masked`` and ``trimmed`` this counts the padded/dense tokens actually computed)."""
+
+    logits: Tensor
+    gate: GateDecision
+    tokens: Tensor
+
+
+class MSViT(nn.Module):
+    """Mixed-scale ViT over timm blocks. Build it with ``msvit.from_timm``.
+
+    Args:
+        tokenizer: the shared-embedding ``MixedScaleTokenizer``.
+        gate: the ``MixedScaleGate``.
+        blocks: timm ``Block`` modules; norm, fc_norm, head_drop, head, norm_pre: timm's modules.
+        global_pool: ``"token"`` (the cls row) or ``"avg"`` (mean of each image's patch tokens).
+        kernels: ``"auto" | "torch" | "triton"``: the tokenizer implementation (fused Triton kernels
+            are a later addition; today every choice runs the torch tokenizer except "triton",
+            which raises).
+        attention_backend: passed to ``msvit_kernels.packed_attention`` in packed mode.
+    """
+
+    def __init__(self, tokenizer: MixedScaleTokenizer, gate: MixedScaleGate, blocks: nn.ModuleList, norm: nn.Module,
+                 head: nn.Module, *, fc_norm: Optional[nn.Module] = None, head_drop: Optional[nn.Module] = None,
+                 norm_pre: Optional[nn.Module] = None, global_pool: str = "token", pool_include_prefix: bool = False,
+                 in_chans: int = 3, kernels: str = "auto", attention_backend: str = "auto"):
+        super().__init__()
+        check_choice("global_pool", global_pool, ("token", "avg"))
+        if global_pool == "token" and tokenizer.num_prefix == 0:
+            raise ValueError("global_pool='token' needs a class token; this model has no prefix tokens (use 'avg')")
+        self.tokenizer = tokenizer
+        self.gate = gate
+        self.blocks = blocks
+        self.norm_pre = norm_pre if norm_pre is not None else nn.Identity()
+        self.norm = norm
+        self.fc_norm = fc_norm if fc_norm is not None else nn.Identity()
+        self.head_drop = head_drop if head_drop is not None else nn.Identity()
+        self.head = head
+        self.global_pool = global_pool
+        self.pool_include_prefix = pool_include_prefix
+        self.in_chans = in_chans
+        self.kernels = kernels
+        self.attention_backend = attention_backend
+
+    @property
+    def kernels(self) -> str:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        check_choice("kernels", value, KERNELS)
+        if value == "triton":
+            raise NotImplementedError("the fused Triton tokenizer is not implemented yet; use kernels='auto' or 'torch'")
+        self._kernels = value
+
+    def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
+        return self.tokenizer.grids(images)[1]
+
+    def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> GateDecision:
+        """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
+        check_images(images, self.in_chans, self.tokenizer.coarse_patch)
+        if mask is None:
+            return self.gate.decide(images, sample=self.training, budget=budget)
+        check_mask(mask, images.shape[0], self.coarse_grid(images))
+        mask = mask.to(images.device)
+        return GateDecision(None, None, mask, mask.to(images.dtype))
+
+    @torch.no_grad()
+    def gate_mask(self, images: Tensor, *, budget: Budget = None) -> Tensor:
+        """Hard decisions with eval semantics (threshold, or top-k with ``budget``): bool ``[B, Nc]``."""
+        check_images(images, self.in_chans, self.tokenizer.coarse_patch)
+        return self.gate.decide(images, sample=False, budget=budget).hard
+
+    def tokens_per_image(self, mask: Tensor) -> Tensor:
+        """int64 ``[B]`` tokens each image gets in packed mode, prefix included."""
+        r2 = self.tokenizer.ratio ** 2
+        return self.tokenizer.num_prefix + mask.shape[1] + (r2 - 1) * mask.sum(1)
+
+    def forward(self, images: Tensor, *, mask: Optional[Tensor] = None, mode: str = "packed", budget: Budget = None,
+                return_gate: bool = False):
+        """Classify ``images [B, C, H, W]``; returns logits ``[B, num_classes]``.
+
+        mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-time number
+        (int) or fraction (float) of regions kept fine per image; return_gate: return an
+        ``MSViTOutput`` with the gate's decisions and the token counts.
+        """
+        check_choice("mode", mode, MODES)
+        decision = self.decide(images, mask=mask, budget=budget)
+        if mode == "packed":
+            x, index = self.tokenizer.pack(images, decision.hard, decision.st)
+            x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend)
+            pooled = self._pool_packed(x, index)
+            tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
+        else:
+            x, weights = self.tokenizer.dense(images, decision.st)
+            if mode == "trimmed":
+                x, weights = trim_tokens(x, weights, self.tokenizer.num_prefix)
+            x = dense_blocks(self.blocks, self.norm_pre(x), weights)
+            pooled = self._pool_dense(x, weights)
+            tokens = torch.full((images.shape[0],), x.shape[1], device=images.device)
+        logits = self.head(self.head_drop(self.fc_norm(pooled)))
+        return MSViTOutput(logits, decision, tokens) if return_gate else logits
+
+    def _pool_packed(self, x: Tensor, index) -> Tensor:
+        if self.global_pool == "token":
+            return self.norm(x[index.prefix_rows[:, 0]])
+        x = self.norm(x)
+        rows = torch.arange(index.total, device=x.device) if self.pool_include_prefix else index.rows
+        batch = index.cu_seqlens.numel() - 1
+        sums = x.new_zeros(batch, x.shape[-1]).index_add_(0, index.row_image[rows], x[rows])
+        counts = torch.bincount(index.row_image[rows], minlength=batch).clamp_min(1)
+        return sums / counts[:, None].to(x.dtype)
+
+    def _pool_dense(self, x: Tensor, weights: Tensor) -> Tensor:
+        if self.global_pool == "token":
+            return self.norm(x[:, 0])
+        x = self.norm(x)
+        if not self.pool_include_prefix:
+            start = self.tokenizer.num_prefix
+            x, weights = x[:, start:], weights[:, start:]
+        return (x * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
+
+
+def trim_tokens(tokens: Tensor, weights: Tensor, num_prefix: int) -> Tuple[Tensor, Tensor]:
+    """Adaptive trimming (Section 2.3): per image, sort patch tokens by mask value (active first,
+    stable) and keep as many as the batch's longest image has active; prefix tokens stay first.
+
+    tokens ``[B, N, C]``, weights ``[B, N]`` -> ``[B, P + k, C]``, ``[B, P + k]``. One host read (k).
+    """
+    patch_weights = weights[:, num_prefix:]
+    active = patch_weights.detach() > 0.5
+    keep = int(active.sum(1).max())
+    order = torch.argsort(active.to(torch.uint8), dim=1, descending=True, stable=True)[:, :keep]
+    patch_tokens = torch.gather(tokens[:, num_prefix:], 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+    tokens = torch.cat([tokens[:, :num_prefix], patch_tokens], 1)
+    weights = torch.cat([weights[:, :num_prefix], torch.gather(patch_weights, 1, order)], 1)
+    return tokens, weights

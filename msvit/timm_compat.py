@@ -1,0 +1,100 @@
+"""Build an MSViT from a timm ``VisionTransformer`` (ViT, DeiT, with or without cls, LayerScale,
+register tokens, any image size).
+
+The conv patch embedding becomes the shared linear embedding (``weight.reshape(d, C*p*p)``, the
+(C, p, p) flattening order of ``msvit_kernels.reference.patchify``); blocks, norms and head are
+copied, so training the MSViT never changes the timm model it came from.
+"""
+import copy
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .gate import MixedScaleGate
+from .model import MSViT
+from .tokenizer import MixedScaleTokenizer
+
+
+def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
+    import timm
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if isinstance(model_or_name, str):
+        model = timm.create_model(model_or_name, **(timm_kwargs or {}))
+    else:
+        if timm_kwargs:
+            raise ValueError("timm_kwargs only apply when from_timm is given a model name")
+        model = model_or_name
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"from_timm expects a timm VisionTransformer (ViT, DeiT, ...), got {type(model).__name__}")
+    unsupported = {type(b).__name__ for b in model.blocks if type(b) is not Block}
+    if unsupported:
+        raise TypeError(f"from_timm supports timm's pre-norm Block only, this model uses {sorted(unsupported)}")
+    if model.attn_pool is not None or model.global_pool not in ("token", "avg"):
+        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported; use a model with 'token' or 'avg'")
+    if getattr(model.patch_embed, "dynamic_img_pad", False):
+        raise NotImplementedError("dynamic_img_pad is not supported: MSViT images must be multiples of the coarse patch")
+    return model
+
+
+def from_timm(model_or_name: Union[str, nn.Module], *, coarse_patch_size: Optional[int] = None,
+              kernels: str = "auto", attention_backend: str = "auto", timm_kwargs: Optional[dict] = None,
+              **gate_kwargs) -> MSViT:
+    """MSViT with the weights of a timm ViT.
+
+    Args:
+        model_or_name: a timm ``VisionTransformer`` or its name (built with
+            ``timm.create_model(name, **timm_kwargs)``; nothing is downloaded unless you pass
+            ``pretrained=True`` in ``timm_kwargs``).
+        coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
+        kernels, attention_backend: see ``MSViT``.
+        **gate_kwargs: ``MixedScaleGate`` options (hidden, init_logit, temperature).
+    """
+    model = _timm_vit(model_or_name, timm_kwargs)
+    proj = model.patch_embed.proj
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
+        raise NotImplementedError("the patch embedding must be a square, non-overlapping Conv2d")
+    fine = proj.kernel_size[0]
+    coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
+    if coarse < fine or coarse % fine:
+        raise ValueError(f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}")
+    ratio = coarse // fine
+    grid = tuple(model.patch_embed.grid_size)
+    _warn_unsupported_regularisers(model)
+
+    embed = nn.Linear(proj.in_channels * fine * fine, proj.out_channels, bias=proj.bias is not None)
+    embed = embed.to(device=proj.weight.device, dtype=proj.weight.dtype)
+    with torch.no_grad():
+        embed.weight.copy_(proj.weight.reshape(proj.out_channels, -1))
+        if proj.bias is not None:
+            embed.bias.copy_(proj.bias)
+    prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
+    tokenizer = MixedScaleTokenizer(
+        embed, fine, ratio, grid,
+        pos_embed=nn.Parameter(model.pos_embed.detach().clone()) if model.pos_embed is not None else None,
+        prefix_tokens=nn.Parameter(torch.cat(prefix, 1).detach().clone()) if prefix else None,
+        no_embed_class=model.no_embed_class,
+        embed_norm=copy.deepcopy(getattr(model.patch_embed, "norm", None)),
+    )
+    coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
+    gate = MixedScaleGate(coarse, coarse_grid, in_chans=proj.in_channels, **gate_kwargs)
+    gate = gate.to(device=proj.weight.device, dtype=proj.weight.dtype)
+    msvit = MSViT(
+        tokenizer, gate, nn.ModuleList(copy.deepcopy(list(model.blocks))), copy.deepcopy(model.norm),
+        copy.deepcopy(model.head), fc_norm=copy.deepcopy(model.fc_norm), head_drop=copy.deepcopy(model.head_drop),
+        norm_pre=nn.Sequential(copy.deepcopy(model.pos_drop), copy.deepcopy(model.norm_pre)),
+        global_pool=model.global_pool, pool_include_prefix=getattr(model, "pool_include_prefix", False),
+        in_chans=proj.in_channels, kernels=kernels, attention_backend=attention_backend,
+    )
+    return msvit.train(model.training)
+
+
+def _warn_unsupported_regularisers(model) -> None:
+    attn_drop = max((b.attn.attn_drop.p for b in model.blocks), default=0.0)
+    if attn_drop > 0:
+        warnings.warn(f"attention dropout ({attn_drop}) is not applied by packed attention; it is ignored", stacklevel=3)
+    patch_drop = getattr(model.patch_drop, "prob", 0.0)
+    if patch_drop > 0:
+        warnings.warn(f"patch dropout ({patch_drop}) is not supported on mixed-scale tokens; it is ignored", stacklevel=3)

@@ -1,0 +1,145 @@
+"""Mixed-scale tokenizer with embeddings shared across scales (Section 2.1, Eq. 4-5).
+
+One linear patch embedding and one fine-grid position embedding serve both scales: a coarse
+patch is area-averaged down to the fine patch size before the shared embedding, and the coarse
+position embedding is the fine one resampled bilinearly (``align_corners=False``, no antialias;
+for a factor of 2 this is the 2x2 mean).
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msvit_kernels.reference import coarse_patches_at_fine_size, gather_embed_reference, patchify
+from msvit_kernels.varlen import MixedScaleIndex, fine_cells_of_regions, mixed_scale_index
+
+
+class PositionTables(NamedTuple):
+    """prefix: ``[P, d]`` or None (prefix tokens take no position); patches: ``[Nf + Nc, d]`` (fine
+    rows first, then coarse) or None when the model has no position embedding."""
+
+    prefix: Optional[Tensor]
+    patches: Optional[Tensor]
+
+
+class MixedScaleTokenizer(nn.Module):
+    """Embeds fine and coarse patches with shared weights and lays them out packed or dense.
+
+    Args:
+        embed: ``nn.Linear(C * p * p, d)``, the patch embedding in (C, p, p) flattening order.
+        fine_patch: S_f; ratio: S_c / S_f (an integer >= 1).
+        grid: fine grid (h, w) the position embedding was learned at.
+        pos_embed: ``[1, P_pos + h*w, d]`` or None; P_pos = num_prefix unless ``no_embed_class``.
+        prefix_tokens: ``[1, P, d]`` (cls then registers) or None.
+        embed_norm: applied to every patch embedding before the position is added (timm's
+            ``patch_embed.norm``; usually Identity).
+    """
+
+    def __init__(self, embed: nn.Linear, fine_patch: int, ratio: int, grid: Tuple[int, int],
+                 pos_embed: Optional[nn.Parameter], prefix_tokens: Optional[nn.Parameter],
+                 no_embed_class: bool = False, embed_norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.embed = embed
+        self.fine_patch = fine_patch
+        self.ratio = ratio
+        self.grid = tuple(grid)
+        self.pos_embed = pos_embed
+        self.prefix_tokens = prefix_tokens
+        self.no_embed_class = no_embed_class
+        self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
+
+    @property
+    def num_prefix(self) -> int:
+        return 0 if self.prefix_tokens is None else self.prefix_tokens.shape[1]
+
+    @property
+    def coarse_patch(self) -> int:
+        return self.fine_patch * self.ratio
+
+    def grids(self, images: Tensor) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """(fine grid, coarse grid) of a batch of images."""
+        h, w = images.shape[-2:]
+        return (h // self.fine_patch, w // self.fine_patch), (h // self.coarse_patch, w // self.coarse_patch)
+
+    def position_tables(self, fine_grid: Tuple[int, int]) -> PositionTables:
+        """Position embeddings for an image's grids: the fine one (resampled like timm's
+        ``dynamic_img_size`` when the grid differs from the trained one) and the coarse one."""
+        if self.pos_embed is None:
+            return PositionTables(None, None)
+        from timm.layers import resample_abs_pos_embed  # timm is the source of truth for this resampling
+
+        n_pos_prefix = 0 if self.no_embed_class else self.num_prefix
+        pos = self.pos_embed
+        if tuple(fine_grid) != self.grid:
+            pos = resample_abs_pos_embed(pos, new_size=list(fine_grid), old_size=list(self.grid),
+                                         num_prefix_tokens=n_pos_prefix)
+        prefix, fine = pos[0, :n_pos_prefix], pos[0, n_pos_prefix:]
+        d = fine.shape[-1]
+        fine_map = fine.transpose(0, 1).reshape(1, d, *fine_grid)
+        coarse_grid = (fine_grid[0] // self.ratio, fine_grid[1] // self.ratio)
+        coarse = F.interpolate(fine_map, size=coarse_grid, mode="bilinear", align_corners=False, antialias=False)
+        coarse = coarse.reshape(d, -1).transpose(0, 1)
+        return PositionTables(prefix if n_pos_prefix else None, torch.cat([fine, coarse]))
+
+    def prefix_rows(self, positions: PositionTables, dtype: torch.dtype) -> Optional[Tensor]:
+        """``[P, d]`` prefix tokens with their position (if they have one), or None."""
+        if self.prefix_tokens is None:
+            return None
+        prefix = self.prefix_tokens[0].to(dtype)
+        return prefix + positions.prefix if positions.prefix is not None else prefix
+
+    def pack(self, images: Tensor, hard: Tensor, st: Tensor) -> Tuple[Tensor, MixedScaleIndex]:
+        """Packed tokens ``[T, d]`` of the surviving tokens and their index.
+
+        hard: bool ``[B, Nc]`` (True = fine); st: ``[B, Nc]`` straight-through values. Every patch
+        token is multiplied by its straight-through value (fine: st, coarse: 1 - st), which is 1 in
+        the forward pass and routes the task gradient to the gate (DESIGN.md section 2).
+        """
+        fine_grid, coarse_grid = self.grids(images)
+        index = mixed_scale_index(hard, coarse_grid, self.ratio, self.num_prefix)
+        positions = self.position_tables(fine_grid)
+        tokens = gather_embed_reference(images, index.source, self.embed.weight, self.embed.bias,
+                                        self.fine_patch, self.ratio)
+        tokens = self.embed_norm(tokens)
+        if positions.patches is not None:
+            tokens = tokens + positions.patches.index_select(0, index.position)
+        if st.requires_grad:
+            value = st.flatten().index_select(0, index.region)
+            tokens = tokens * torch.where(index.is_fine, value, 1 - value)[:, None]
+        packed = tokens.new_empty(index.total, tokens.shape[-1])
+        packed[index.rows] = tokens
+        prefix = self.prefix_rows(positions, tokens.dtype)
+        if prefix is not None:
+            packed[index.prefix_rows] = prefix
+        return packed, index
+
+    def dense(self, images: Tensor, st: Tensor) -> Tuple[Tensor, Tensor]:
+        """All ``P + Nf + Nc`` tokens of every image, and the key weight of each (Eq. 10).
+
+        Returns tokens ``[B, P + Nf + Nc, d]`` (prefix, fine in raster order, coarse in raster
+        order) and weights ``[B, P + Nf + Nc]``: 1 for prefix tokens, st of the region for fine
+        tokens, 1 - st for coarse ones (Eq. 1-3 in this package's convention, True = fine).
+        """
+        fine_grid, coarse_grid = self.grids(images)
+        pixels = torch.cat([patchify(images, self.fine_patch),
+                            coarse_patches_at_fine_size(images, self.fine_patch, self.ratio)], 1)
+        tokens = self.embed_norm(self.embed(pixels))
+        positions = self.position_tables(fine_grid)
+        if positions.patches is not None:
+            tokens = tokens + positions.patches
+        fine_region = region_of_fine_cells(coarse_grid, self.ratio, images.device)
+        weights = torch.cat([st[:, fine_region], 1 - st], 1)
+        prefix = self.prefix_rows(positions, tokens.dtype)
+        if prefix is not None:
+            tokens = torch.cat([prefix.expand(images.shape[0], -1, -1), tokens], 1)
+            weights = torch.cat([weights.new_ones(images.shape[0], self.num_prefix), weights], 1)
+        return tokens, weights
+
+
+def region_of_fine_cells(coarse_grid: Tuple[int, int], ratio: int, device=None) -> Tensor:
+    """int64 ``[Nf]``: the coarse region C(i) of every fine cell, in fine-grid raster order."""
+    cells = fine_cells_of_regions(coarse_grid, ratio, device)
+    region = torch.empty(cells.numel(), dtype=torch.long, device=device)
+    region[cells.flatten()] = torch.arange(cells.shape[0], device=device).repeat_interleave(cells.shape[1])
+    return region
