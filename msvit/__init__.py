@@ -5,9 +5,10 @@
     logits = model(images)                                  # packed mode, the gate decides
     mask = model.gate_mask(images)                          # bool [B, Nc], True = fine
 """
+from .flops import count_macs
 from .gate import GateDecision, MixedScaleGate, gumbel_sigmoid
 from .model import MSViT, MSViTOutput
 from .timm_compat import from_timm
 from .tokenizer import MixedScaleTokenizer
 
-__all__ = ["GateDecision", "MSViT", "MSViTOutput", "MixedScaleGate", "MixedScaleTokenizer", "from_timm", "gumbel_sigmoid"]
+__all__ = ["count_macs", "GateDecision", "MSViT", "MSViTOutput", "MixedScaleGate", "MixedScaleTokenizer", "from_timm", "gumbel_sigmoid"]

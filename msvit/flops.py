@@ -1,0 +1,55 @@
+"""MAC counting from the tokens each image actually gets.
+
+Counted: the patch embedding per token, the gate per region, every block's linear layers per
+token and its attention's two N^2 matrix products (QK^T and AV), and the head. Not counted
+(as in the paper's DeepSpeed counts and FlopCounterMode): norms, activations, softmax, the
+position-embedding add and the 2x2 average pooling of coarse patches.
+"""
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .model import MSViT
+
+
+def _linear_macs(module: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def macs_for_tokens(model: MSViT, tokens: Tensor, n_regions: int, include_gate: bool = True) -> Dict[str, Tensor]:
+    """MACs per image, by part, for images with ``tokens`` ``[B]`` tokens each (prefix included)."""
+    tokens = tokens.to(torch.float64)
+    patch_tokens = tokens - model.tokenizer.num_prefix
+    embed = model.tokenizer.embed
+    parts = {"embed": patch_tokens * embed.in_features * embed.out_features}
+    gate = model.gate.macs_per_region() * n_regions if include_gate else 0
+    parts["gate"] = torch.full_like(tokens, float(gate))
+    linear = sum(_linear_macs(block) for block in model.blocks)
+    attn_dim = sum(block.attn.qkv.out_features // 3 for block in model.blocks)
+    parts["blocks_linear"] = tokens * linear
+    parts["attention"] = 2 * tokens.square() * attn_dim
+    parts["head"] = torch.full_like(tokens, float(_linear_macs(model.head)))
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@torch.no_grad()
+def count_macs(model: MSViT, images: Optional[Tensor] = None, *, mask: Optional[Tensor] = None,
+               include_gate: bool = True, breakdown: bool = False):
+    """MACs per image ``[B]`` (float64) for the tokens the model would process.
+
+    images: ``[B, C, H, W]`` (the gate decides the mask) or None with a ``mask`` of a 224px-like
+    grid; mask: bool ``[B, Nc]`` overriding the gate. The gate is counted unless
+    ``include_gate=False`` (it runs whenever the model runs without a given mask).
+    ``breakdown=True`` returns a dict of per-part tensors (embed, gate, blocks_linear, attention,
+    head, total) instead.
+    """
+    if mask is None:
+        if images is None:
+            raise ValueError("count_macs needs images (the gate decides) or a mask")
+        mask = model.gate_mask(images)
+    elif images is not None:
+        model.decide(images, mask=mask)  # validates the mask against the images' grid
+    parts = macs_for_tokens(model, model.tokens_per_image(mask), mask.shape[1], include_gate)
+    return parts if breakdown else parts["total"]
