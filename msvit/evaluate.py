@@ -1,0 +1,57 @@
+"""Evaluation: top-1, tokens and GMACs per image, fine rate, and (with digit boxes) where the fine
+tokens go."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .data import region_overlap
+from .flops import macs_for_tokens
+from .model import MSViT
+from .sample_images import normalize
+
+
+@torch.no_grad()
+def evaluate(model: MSViT, loader, mean, std, device, *, mode: str = "packed", budget=None,
+             boxes: Optional[Tensor] = None, show: bool = False) -> dict:
+    """Metrics of ``model`` (eval mode) on ``loader`` (images in [0, 1], not shuffled).
+
+    boxes: optional int ``[N, 4]`` pixel boxes aligned with the loader; adds ``fine_on_digit`` (the
+    share of fine regions that overlap their image's box), ``digit_share`` (the share of all regions
+    that do) and their ratio ``fine_digit_ratio`` (1 = no preference, higher = fine on the digit).
+    """
+    was_training = model.training
+    model.eval()
+    correct = seen = fine_regions = fine_on_digit = digit_regions = 0
+    tokens = []
+    n_regions = None
+    for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False):
+        images = normalize(images.to(device), mean, std)
+        out = model(images, mode=mode, budget=budget, return_gate=True)
+        correct += (out.logits.argmax(1).cpu() == labels).sum().item()
+        hard = out.gate.hard.cpu()
+        n_regions = hard.shape[1]
+        tokens.append(model.tokens_per_image(hard))
+        fine_regions += hard.sum().item()
+        if boxes is not None:
+            size = tuple(images.shape[-2:])
+            overlap = torch.stack([region_overlap(b.tolist(), size, model.tokenizer.coarse_patch)
+                                   for b in boxes[seen:seen + len(labels)]])
+            fine_on_digit += (hard & overlap).sum().item()
+            digit_regions += overlap.sum().item()
+        seen += len(labels)
+    model.train(was_training)
+    tokens = torch.cat(tokens)
+    metrics = {
+        "top1": correct / max(seen, 1),
+        "tokens_per_image": tokens.double().mean().item(),
+        "gmacs_per_image": macs_for_tokens(model, tokens, n_regions)["total"].mean().item() / 1e9,
+        "fine_rate": fine_regions / max(seen * n_regions, 1),
+        "images": seen,
+    }
+    if boxes is not None:
+        metrics["fine_on_digit"] = fine_on_digit / max(fine_regions, 1)
+        metrics["digit_share"] = digit_regions / max(seen * n_regions, 1)
+        metrics["fine_digit_ratio"] = metrics["fine_on_digit"] / max(metrics["digit_share"], 1e-9)
+    return metrics

@@ -1,0 +1,246 @@
+"""``msvit train``: fine-tune (or train) an MSViT with its gate, on one CPU/GPU or with torchrun.
+
+Recipes from Appendix C: ``--opt sgd`` (ViT: lr 0.03, momentum 0.9, no weight decay, clipping 1.0)
+or ``--opt adamw`` (DeiT: small lr, weight decay, label smoothing 0.1); cosine schedule with linear
+warm-up, and a longer warm-up for the gate, trained from scratch (C.3). The loss is Eq. 6:
+task cross-entropy + lambda * gate loss (L0, BaS or GBaS) on the soft gate outputs.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import build_model, load_weights, save_checkpoint
+from .evaluate import evaluate
+from .losses import GBaSLoss, bas_loss, l0_loss
+from .sample_images import normalize
+from .train_data import CROPS, DIGITS, build_data, loaders
+
+STATE = "train_state.pt"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="msvit train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=DIGITS, help=f"'{DIGITS}' or an ImageFolder root with train/ and val/")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--train-size", type=int, default=20000, help="cluttered digits: training images")
+    p.add_argument("--val-size", type=int, default=2000, help="cluttered digits: held-out images")
+    p.add_argument("--crop", choices=sorted(CROPS), default="none", help="crop augmentation (paper: standard/light)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on for ImageFolder, off for digits)")
+    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name")
+    p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for timm.create_model (patch_size, depth, ...)")
+    p.add_argument("--pretrained", default=None, help="local timm weights file to start from (no download)")
+    p.add_argument("--hub-pretrained", action="store_true", help="timm pretrained weights from the hub (needs internet)")
+    p.add_argument("--coarse-patch", type=int, default=None, help="coarse patch size (default 2x the patch size)")
+    p.add_argument("--gate-hidden", type=int, default=106)
+    p.add_argument("--mode", choices=["packed", "trimmed", "masked"], default="packed")
+    p.add_argument("--gate-loss", choices=["gbas", "bas", "l0", "none"], default="gbas")
+    p.add_argument("--gate-lambda", type=float, default=4.0)
+    p.add_argument("--gate-target", type=float, default=0.25, help="g*: target fraction of fine regions")
+    p.add_argument("--gbas-sigma", type=float, default=0.1)
+    p.add_argument("--opt", choices=["sgd", "adamw"], default="adamw")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gate-lr", type=float, default=None,
+                   help="learning rate of the gate and the GBaS priors (default: --lr, as in the paper)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--gate-warmup-epochs", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/msvit", help="checkpoint and metrics folder")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke runs)")
+    args = p.parse_args(argv)
+    if not 0 < args.gate_target < 1:
+        p.error("--gate-target must be in (0, 1)")
+    return args
+
+
+def setup_distributed(device_arg: str):
+    """(device, rank, world) from torchrun's environment; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local}" if device_arg == "cuda" else device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def model_config(args, classes, bundle) -> dict:
+    kwargs = {**json.loads(args.model_kwargs), "num_classes": len(classes), "img_size": args.image_size}
+    msvit_kwargs = {"coarse_patch_size": args.coarse_patch, "hidden": args.gate_hidden}
+    return {"timm": {"name": args.model, "kwargs": kwargs}, "msvit": msvit_kwargs,
+            "data": {"name": args.data, "image_size": list(bundle.image_size), "mean": list(bundle.mean),
+                     "std": list(bundle.std), "classes": [str(c) for c in classes]}}
+
+
+def make_model(args, config):
+    if not (args.pretrained or args.hub_pretrained):
+        return build_model(config)
+    from .timm_compat import from_timm
+
+    kwargs = dict(config["timm"]["kwargs"], pretrained=True)
+    if args.pretrained:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(args.pretrained)}
+    return from_timm(config["timm"]["name"], timm_kwargs=kwargs, **config["msvit"])
+
+
+def make_gate_loss(args, grid):
+    if args.gate_loss == "gbas":
+        return GBaSLoss(grid, args.gate_target, sigma=args.gbas_sigma, gather=dist.is_initialized())
+    if args.gate_loss == "bas":
+        return lambda m: bas_loss(m, args.gate_target, gather=dist.is_initialized())
+    if args.gate_loss == "l0":
+        return lambda m: l0_loss(m, args.gate_target)
+    return None
+
+
+def warmup_cosine(warmup_steps: float, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def make_optimizer(args, model, gate_loss, steps_per_epoch: int):
+    gate_params = list(model.gate.parameters()) + (list(gate_loss.parameters()) if isinstance(gate_loss, nn.Module) else [])
+    gate_ids = {id(p) for p in gate_params}
+    backbone = [p for p in model.parameters() if id(p) not in gate_ids]
+    gate_lr = args.lr if args.gate_lr is None else args.gate_lr
+    groups = [{"params": backbone}, {"params": gate_params, "weight_decay": 0.0, "lr": gate_lr}]
+    if args.opt == "sgd":
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    total = args.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, [
+        warmup_cosine(args.warmup_epochs * steps_per_epoch, total),
+        warmup_cosine(args.gate_warmup_epochs * steps_per_epoch, total),
+    ])
+    return opt, schedule
+
+
+def append_metrics(out: Path, row: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    path = out / "metrics.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def train(args) -> dict:
+    """Run the training described by ``args``; returns the last epoch's metrics."""
+    device, rank, world = setup_distributed(args.device)
+    main_process = rank == 0
+    torch.manual_seed(args.seed + rank)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = build_data(args.data, args.image_size, args.crop, args.hflip, args.train_size, args.val_size,
+                        args.seed, main_process)
+    config = model_config(args, bundle.classes, bundle)
+    model = make_model(args, config).to(device).train()
+    coarse = model.tokenizer.coarse_patch
+    grid = (args.image_size // coarse, args.image_size // coarse)
+    gate_loss = make_gate_loss(args, grid)
+    if isinstance(gate_loss, nn.Module):
+        gate_loss.to(device)
+    train_loader, sampler, val_loader = loaders(bundle, args.batch_size, args.workers, world > 1, args.seed)
+    opt, schedule = make_optimizer(args, model, gate_loss, len(train_loader))
+    start_epoch = 0
+    if args.resume and (out / STATE).is_file():
+        load_weights(model, out / "model.safetensors")
+        state = torch.load(out / STATE, map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if isinstance(gate_loss, nn.Module):
+            gate_loss.load_state_dict(state["gate_loss"])
+        start_epoch = state["epoch"] + 1
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    amp = args.amp and device.type == "cuda"
+    step = start_epoch * len(train_loader)
+    metrics = {}
+    for epoch in range(start_epoch, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        started = time.perf_counter()
+        sums = {k: torch.zeros((), device=device) for k in ("loss", "task", "gate", "fine", "tokens")}
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=not main_process)
+        for n, (images, labels) in enumerate(bar, 1):
+            images = normalize(images.to(device, non_blocking=True), bundle.mean, bundle.std)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out_ = net(images, mode=args.mode, return_gate=True)
+                task = F.cross_entropy(out_.logits.float(), labels, label_smoothing=args.smoothing)
+            gate = gate_loss(out_.gate.soft.float()) if gate_loss is not None else task.new_zeros(())
+            loss = task + args.gate_lambda * gate
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            opt.step()
+            schedule.step()
+            step += 1
+            batch = {"loss": loss, "task": task, "gate": gate,
+                     "fine": out_.gate.hard.float().mean(), "tokens": out_.tokens.float().mean()}
+            for k, v in batch.items():
+                sums[k] += v.detach()  # summed on the device: no host sync per step
+            if n % 20 == 0:
+                bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}", fine=f"{sums['fine'].item() / n:.2f}")
+            if args.max_steps and step >= args.max_steps:
+                break
+        train_time = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v.item() / n for k, v in sums.items()},
+                   "lr": schedule.get_last_lr()[0], "gate_lr": schedule.get_last_lr()[1], "epoch_seconds": train_time}
+        if main_process:
+            evaluation = evaluate(model, val_loader, bundle.mean, bundle.std, device, boxes=bundle.val_boxes)
+            metrics.update({f"val_{k}": v for k, v in evaluation.items()})
+            append_metrics(out, metrics)
+            save_checkpoint(out, model, config)
+            torch.save({"optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "epoch": epoch,
+                        "gate_loss": gate_loss.state_dict() if isinstance(gate_loss, nn.Module) else None},
+                       out / STATE)
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        if args.max_steps and step >= args.max_steps:
+            break
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
