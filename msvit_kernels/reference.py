@@ -21,16 +21,19 @@ def packed_attention_reference(
     reading ``cu_seqlens`` costs one host sync per call (this is the oracle, not the fast path).
     """
     del max_seqlen  # the per-image loop does not need it; kept for signature parity with kernels
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    # split/cat rather than slicing into a preallocated output: the backward of a split is one
+    # concatenation, while per-image slice backwards each materialise a zero [T, H, D] gradient
+    # (measured: 10x slower training steps for 128 images on CPU).
+    outputs = []
+    for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        if qi.shape[0] == 0:
+            outputs.append(qi)
             continue
         # [L, H, D] -> [H, L, D], the layout SDPA expects for an unbatched call
-        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        oi = F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
-        out[start:end] = oi.transpose(0, 1)
-    return out
+        oi = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), scale=scale)
+        outputs.append(oi.transpose(0, 1))
+    return torch.cat(outputs) if outputs else torch.empty_like(q)
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
