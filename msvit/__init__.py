@@ -7,8 +7,9 @@
 """
 from .flops import count_macs
 from .gate import GateDecision, MixedScaleGate, gumbel_sigmoid
-from .model import MSViT, MSViTOutput
+from .model import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
 from .timm_compat import from_timm
 from .tokenizer import MixedScaleTokenizer
 
-__all__ = ["count_macs", "GateDecision", "MSViT", "MSViTOutput", "MixedScaleGate", "MixedScaleTokenizer", "from_timm", "gumbel_sigmoid"]
+__all__ = ["count_macs", "GateDecision", "MSViT", "MSViTOutput", "MixedScaleGate", "MixedScaleTokenizer", "PackedFeatures", "GridFeatures",
+           "from_timm", "gumbel_sigmoid", "unpack_to_grid"]

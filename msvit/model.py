@@ -10,6 +10,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit_kernels.reference import unpack_to_grid_reference
+from msvit_kernels.varlen import MixedScaleIndex
+
 from .checks import KERNELS, MODES, check_choice, check_images, check_mask
 from .gate import Budget, GateDecision, MixedScaleGate
 from .layers import dense_blocks, packed_blocks
@@ -24,6 +27,31 @@ class MSViTOutput(NamedTuple):
     logits: Tensor
     gate: GateDecision
     tokens: Tensor
+
+
+class PackedFeatures(NamedTuple):
+    """tokens: ``[T, C]`` final-normed packed tokens; index: their ``MixedScaleIndex``; gate: the
+    batch's ``GateDecision``; fine_grid: (h, w) of the fine grid (for unpacking)."""
+
+    tokens: Tensor
+    index: MixedScaleIndex
+    gate: GateDecision
+    fine_grid: Tuple[int, int]
+
+
+class GridFeatures(NamedTuple):
+    """grid: ``[B, h, w, C]`` features on the fine grid (coarse tokens replicated over their cells);
+    prefix: ``[B, P, C]`` prefix-token features (cls, registers)."""
+
+    grid: Tensor
+    prefix: Tensor
+
+
+def unpack_to_grid(features: PackedFeatures) -> GridFeatures:
+    """Packed features -> fine-grid features for dense heads (Appendix E.1); differentiable."""
+    index = features.index
+    grid = unpack_to_grid_reference(features.tokens, index.fine_to_row, features.fine_grid)
+    return GridFeatures(grid, features.tokens[index.prefix_rows])
 
 
 class MSViT(nn.Module):
@@ -107,8 +135,7 @@ class MSViT(nn.Module):
         check_choice("mode", mode, MODES)
         decision = self.decide(images, mask=mask, budget=budget)
         if mode == "packed":
-            x, index = self.tokenizer.pack(images, decision.hard, decision.st)
-            x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend)
+            x, index = self._packed_trunk(images, decision)
             pooled = self._pool_packed(x, index)
             tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
         else:
@@ -120,6 +147,16 @@ class MSViT(nn.Module):
             tokens = torch.full((images.shape[0],), x.shape[1], device=images.device)
         logits = self.head(self.head_drop(self.fc_norm(pooled)))
         return MSViTOutput(logits, decision, tokens) if return_gate else logits
+
+    def forward_features(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> PackedFeatures:
+        """The packed, final-normed token features of a batch with their varlen metadata."""
+        decision = self.decide(images, mask=mask, budget=budget)
+        x, index = self._packed_trunk(images, decision)
+        return PackedFeatures(self.norm(x), index, decision, self.tokenizer.grids(images)[0])
+
+    def _packed_trunk(self, images: Tensor, decision: GateDecision) -> Tuple[Tensor, MixedScaleIndex]:
+        x, index = self.tokenizer.pack(images, decision.hard, decision.st)
+        return packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend), index
 
     def _pool_packed(self, x: Tensor, index) -> Tensor:
         if self.global_pool == "token":

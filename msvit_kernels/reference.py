@@ -74,3 +74,13 @@ def gather_embed_reference(
     coarse = coarse_patches_at_fine_size(images, fine_patch, ratio).flatten(0, 1)
     pixels = torch.cat([fine, coarse]).index_select(0, source)
     return F.linear(pixels, weight, bias)
+
+
+def unpack_to_grid_reference(tokens: Tensor, fine_to_row: Tensor, fine_grid) -> Tensor:
+    """Packed tokens ``[T, C]`` -> fine grid ``[B, h, w, C]``: every fine cell takes its own token,
+    or the coarse token covering it (replicated over the r x r cells, Appendix E.1).
+
+    fine_to_row: int64 ``[B, h*w]`` from ``MixedScaleIndex.fine_to_row``.
+    """
+    batch = fine_to_row.shape[0]
+    return tokens.index_select(0, fine_to_row.flatten()).view(batch, fine_grid[0], fine_grid[1], tokens.shape[-1])
