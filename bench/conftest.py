@@ -4,6 +4,9 @@ The smoke mode is pytest-benchmark's own ``--benchmark-disable`` (the function r
 so ``make test`` exercises every benchmark cheaply and the timed study needs one flag.
 """
 import pytest
+import torch
+
+SUMMARY = {"ratios": {}}
 
 
 def pytest_addoption(parser):
@@ -19,3 +22,21 @@ def pytest_configure(config):
 def timed(request) -> bool:
     """True under ``--benchmark``: benchmarks use their full sizes instead of smoke sizes."""
     return request.config.getoption("--benchmark")
+
+
+@pytest.fixture(scope="session")
+def summary() -> dict:
+    """The run's summary: benchmarks add ``ratios`` (time a / time b, same run) and data for plots."""
+    return SUMMARY
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--benchmark") and SUMMARY["ratios"]:  # partial runs still report
+        from summary import write_summary
+
+        write_summary(SUMMARY, "cuda" if torch.cuda.is_available() else "cpu")

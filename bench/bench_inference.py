@@ -1,0 +1,110 @@
+"""End-to-end inference: timm ViT-S/16 at 128/160/192/224px against MSViT-S/16,32 at 224px with
+gate budgets giving the same mean token counts, in packed, dense-masked and trimmed modes.
+
+CPU: float32, batch 32. GPU: bfloat16, batch 256 (throughput) and batch 1 (latency). Masks vary
+per image around the mean (a gate's masks do), so trimmed mode pads to the batch's longest image.
+All variants of one token count are timed interleaved, medians reported; the ratios go into the
+run's summary.
+"""
+import statistics
+
+import pytest
+import timm
+import torch
+
+import msvit
+from msvit.flops import macs_for_tokens
+from msvit.timing import measure
+
+VIT_SIZES = {128: 5, 160: 17, 192: 32, 224: 49}  # ViT image size -> fine regions giving its tokens at 224px
+HALF_FINE = 25  # ~50% fine regions, where the GPU targets are stated
+
+
+def spread_masks(batch: int, mean_fine: int, n_regions: int = 49, seed: int = 0) -> torch.Tensor:
+    """Masks whose fine-region counts spread uniformly around ``mean_fine`` (exact mean)."""
+    generator = torch.Generator().manual_seed(seed)
+    spread = min(mean_fine, n_regions - mean_fine, 10)
+    offsets = torch.linspace(-spread, spread, batch).round().long() if batch > 1 else torch.zeros(1, dtype=torch.long)
+    counts = (mean_fine + offsets - offsets.sum() // batch).clamp(0, n_regions)
+    order = torch.rand(batch, n_regions, generator=generator).argsort(1)
+    return order < counts[:, None]
+
+
+@pytest.fixture(scope="module")
+def msvit_s(device, timed):
+    """(MSViT-S/16,32 with random weights, dtype, batch) for this device and mode."""
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    batch = (256 if cuda else 32) if timed else 2
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    model = msvit.from_timm(vit).eval().to(device, dtype)
+    return model, dtype, batch
+
+
+def time_variants(runs: dict, repeats: int, device: str) -> dict:
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up (and autotuning, on GPU)
+    for _ in range(repeats):  # interleaved, so drift hits every variant alike
+        for name, fn in runs.items():
+            times[name] += measure(fn, repeats=1, warmup=0, device=device)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s):
+    model, dtype, batch = msvit_s
+    sizes = list(VIT_SIZES) if timed else [160]
+    repeats = 5 if timed else 1
+    images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+    points, medians = [], {}
+    with torch.inference_mode():
+        for size in sizes + ([None] if timed else []):
+            fine = VIT_SIZES[size] if size else HALF_FINE
+            mask = spread_masks(batch, fine).to(device)
+            tokens = model.tokens_per_image(mask).double()
+            runs = {"packed": lambda: model(images, mask=mask), "masked": lambda: model(images, mask=mask, mode="masked"),
+                    "trimmed": lambda: model(images, mask=mask, mode="trimmed")}
+            if size:
+                vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=size).eval().to(device, dtype)
+                small = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+                runs["vit"] = lambda: vit(small)
+            medians[fine] = time_variants(runs, repeats, device)
+            counted = {"packed": tokens, "masked": torch.full_like(tokens, 1 + 49 * 5),
+                       "trimmed": torch.full_like(tokens, 1 + float((tokens - 1).max())), "vit": 1 + (size or 0) ** 2 / 256}
+            for variant, seconds in medians[fine].items():
+                n = counted[variant] if variant != "vit" else torch.tensor([counted["vit"]], dtype=torch.float64)
+                gmacs = macs_for_tokens(model, n, 49, include_gate=variant != "vit")["total"].mean().item() / 1e9
+                points.append({"variant": variant, "fine_regions": fine, "tokens": float(n.mean()),
+                               "ms": seconds * 1e3, "gmacs": gmacs})
+        benchmark.pedantic(lambda: model(images, mask=spread_masks(batch, 17).to(device)), rounds=repeats, iterations=1)
+    benchmark.extra_info["points"] = points
+    if not timed:
+        return
+    at_101, at_half = medians[17], medians[HALF_FINE]
+    target_point = at_half if device == "cuda" else at_101  # the GPU targets are stated at ~50% fine
+    summary.update(model="MSViT-S/16,32 vs ViT-S/16", inference_batch=batch, dtype=str(dtype).replace("torch.", ""),
+                   inference_points=points, batch_sizes=sorted({batch, 1}))
+    summary["ratios"].update({
+        "packed_over_vit_same_tokens": at_101["packed"] / at_101["vit"],
+        "masked_over_packed": target_point["masked"] / target_point["packed"],
+        "trimmed_over_packed": target_point["trimmed"] / target_point["packed"],
+    })
+
+
+@pytest.mark.parametrize("variant", ["packed", "masked", "vit"])
+def test_batch1_latency(benchmark, timed, summary, device, msvit_s, variant):
+    """Batch-1 latency at ~101 tokens (ViT-S at 160px for the plain ViT)."""
+    model, dtype, _ = msvit_s
+    if variant == "vit":
+        vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=160).eval().to(device, dtype)
+        x = torch.randn(1, 3, 160, 160, device=device, dtype=dtype)
+        fn = lambda: vit(x)  # noqa: E731
+    else:
+        x = torch.randn(1, 3, 224, 224, device=device, dtype=dtype)
+        mask = spread_masks(1, 17).to(device)
+        fn = lambda: model(x, mask=mask, mode=variant)  # noqa: E731
+    with torch.inference_mode():
+        seconds = statistics.median(measure(fn, repeats=20 if timed else 1, warmup=3 if timed else 0, device=device))
+        benchmark.pedantic(fn, rounds=5 if timed else 1, iterations=1)
+    summary.setdefault("batch1_ms", {})[variant] = seconds * 1e3
