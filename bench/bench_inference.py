@@ -31,15 +31,19 @@ def spread_masks(batch: int, mean_fine: int, n_regions: int = 49, seed: int = 0)
 
 
 @pytest.fixture(scope="module")
-def msvit_s(device, timed):
-    """(MSViT-S/16,32 with random weights, dtype, batch) for this device and mode."""
+def msvit_s(device, timed, bench_options):
+    """(MSViT with random weights, dtype, batch, plain-ViT factory) for this device and mode."""
     cuda = device == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    batch = (256 if cuda else 32) if timed else 2
+    dtype = bench_options["dtype"] or (torch.bfloat16 if cuda else torch.float32)
+    batch = (bench_options["batch"] or (256 if cuda else 32)) if timed else 2
+    name = bench_options["model"]
     torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
-    model = msvit.from_timm(vit).eval().to(device, dtype)
-    return model, dtype, batch
+    model = msvit.from_timm(name, attention_backend=bench_options["backend"]).eval().to(device, dtype)
+
+    def plain_vit(size):
+        return timm.create_model(name, pretrained=False, img_size=size).eval().to(device, dtype)
+
+    return model, dtype, batch, plain_vit
 
 
 def time_variants(runs: dict, repeats: int, device: str) -> dict:
@@ -52,8 +56,8 @@ def time_variants(runs: dict, repeats: int, device: str) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s):
-    model, dtype, batch = msvit_s
+def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s, bench_options):
+    model, dtype, batch, plain_vit = msvit_s
     sizes = list(VIT_SIZES) if timed else [160]
     repeats = 5 if timed else 1
     images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
@@ -66,7 +70,7 @@ def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s)
             runs = {"packed": lambda: model(images, mask=mask), "masked": lambda: model(images, mask=mask, mode="masked"),
                     "trimmed": lambda: model(images, mask=mask, mode="trimmed")}
             if size:
-                vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=size).eval().to(device, dtype)
+                vit = plain_vit(size)
                 small = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
                 runs["vit"] = lambda: vit(small)
             medians[fine] = time_variants(runs, repeats, device)
@@ -83,7 +87,7 @@ def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s)
         return
     at_101, at_half = medians[17], medians[HALF_FINE]
     target_point = at_half if device == "cuda" else at_101  # the GPU targets are stated at ~50% fine
-    summary.update(model="MSViT-S/16,32 vs ViT-S/16", inference_batch=batch, dtype=str(dtype).replace("torch.", ""),
+    summary.update(model=f"MSViT from {bench_options['model']}", inference_batch=batch, dtype=str(dtype).replace("torch.", ""),
                    inference_points=points, batch_sizes=sorted({batch, 1}))
     summary["ratios"].update({
         "packed_over_vit_same_tokens": at_101["packed"] / at_101["vit"],
@@ -95,9 +99,9 @@ def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s)
 @pytest.mark.parametrize("variant", ["packed", "masked", "vit"])
 def test_batch1_latency(benchmark, timed, summary, device, msvit_s, variant):
     """Batch-1 latency at ~101 tokens (ViT-S at 160px for the plain ViT)."""
-    model, dtype, _ = msvit_s
+    model, dtype, _, plain_vit = msvit_s
     if variant == "vit":
-        vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=160).eval().to(device, dtype)
+        vit = plain_vit(160)
         x = torch.randn(1, 3, 160, 160, device=device, dtype=dtype)
         fn = lambda: vit(x)  # noqa: E731
     else:

@@ -7,7 +7,6 @@ GPU: bf16 autocast, batch 256. Peak GPU memory per mode is recorded too.
 """
 import statistics
 
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -18,13 +17,13 @@ from msvit.timing import measure
 MODES = ("packed", "trimmed", "masked")
 
 
-def test_training_step_packed_vs_trimmed_vs_masked(benchmark, timed, summary, device):
+def test_training_step_packed_vs_trimmed_vs_masked(benchmark, timed, summary, device, bench_options):
     cuda = device == "cuda"
-    batch = (256 if cuda else 16) if timed else 2
+    batch = (bench_options["batch"] or (256 if cuda else 16)) if timed else 2
     repeats = 5 if timed else 1
     torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch16_224", pretrained=False)
-    model = msvit.from_timm(vit, init_logit=0.0).to(device).train()
+    model = msvit.from_timm(bench_options["model"], init_logit=0.0, attention_backend=bench_options["backend"])
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)

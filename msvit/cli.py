@@ -3,6 +3,7 @@ import sys
 
 COMMANDS = {
     "train": ("msvit.train", "train or fine-tune an MSViT and its gate"),
+    "bench": ("msvit.bench_cli", "run the latency study on this machine and print its summary"),
 }
 
 

@@ -1,7 +1,7 @@
 """Cluttered handwritten digits: a small real-image task on which a scale gate has something to learn.
 
 Real handwriting (scikit-learn's 8x8 digits, shipped in its wheel, so no download) is upscaled and
-drawn at a random position and scale over a smooth colour-gradient background with a few small
+drawn in dark ink at a random position and scale over a light, smooth colour-gradient background with a few small
 clutter items (strokes, blobs, fragments of other digits). Most of each image is flat, so coarse
 tokens suffice there, and the label depends only on the digit: a useful gate puts fine tokens on it.
 """
@@ -52,13 +52,17 @@ def _luma(c: np.ndarray) -> float:
     return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])
 
 
-def _contrasting(rng: np.random.Generator, background: np.ndarray, min_diff: float = 0.4) -> np.ndarray:
-    """A random colour whose luminance differs from the background's by at least min_diff."""
+def _ink(rng: np.random.Generator, background: np.ndarray, min_diff: float = 0.4) -> np.ndarray:
+    """A random dark colour at least ``min_diff`` below the background's luminance.
+
+    Ink is always darker than the paper: with both polarities (light on dark as well) a small ViT
+    trained from scratch sat at chance for thousands of steps (measured on 64px digits, 2 CPU
+    threads); with one polarity it learns in a few hundred."""
     for _ in range(64):
-        c = rng.uniform(0.0, 1.0, 3)
-        if abs(_luma(c) - _luma(background)) >= min_diff:
+        c = rng.uniform(0.0, 0.45, 3)
+        if _luma(background) - _luma(c) >= min_diff:
             return c
-    return np.zeros(3) if _luma(background) > 0.5 else np.ones(3)
+    return np.zeros(3)
 
 
 def region_overlap(box: Sequence[int], image_size: Tuple[int, int], patch_size: int) -> Tensor:
@@ -165,8 +169,8 @@ class ClutteredDigits(Dataset):
 
         # Background: a linear ramp between two random colours along a random direction; a third
         # of the images are nearly flat. Either way neighbouring pixels differ by < 1/side.
-        c0 = rng.uniform(0.0, 1.0, 3)
-        c1 = c0 + rng.uniform(-0.08, 0.08, 3) if rng.random() < 1 / 3 else rng.uniform(0.0, 1.0, 3)
+        c0 = rng.uniform(0.5, 1.0, 3)  # light, tinted "paper"
+        c1 = c0 + rng.uniform(-0.08, 0.08, 3) if rng.random() < 1 / 3 else rng.uniform(0.5, 1.0, 3)
         a = rng.uniform(0.0, 2 * math.pi)
         ramp = math.cos(a) * np.arange(w)[None, :] / w + math.sin(a) * np.arange(h)[:, None] / h
         ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
@@ -190,7 +194,7 @@ class ClutteredDigits(Dataset):
 
         alpha = _upscale(images[src], size, size)
         win = img[:, y0:y0 + size, x0:x0 + size]
-        colour = _contrasting(rng, win.mean(axis=(1, 2)))
+        colour = _ink(rng, win.mean(axis=(1, 2)))
         win += (colour[:, None, None] - win) * alpha[None]
 
         mask = np.zeros((h, w), dtype=bool)

@@ -1,0 +1,42 @@
+"""``msvit bench``: run the repository's benchmark study on this machine and print its summary.
+
+Runs ``pytest bench/ --benchmark`` (the suites live in the repository, not in the installed
+package), writes ``bench/results/<device>/summary.{json,md}`` and plots, and prints the table.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="msvit bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_small_patch16_224", help="timm ViT to convert (224px, patch 16)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 (inference) / 16 (training) on CPU")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--backend", default="auto", help="packed-attention backend for the MSViT runs")
+    p.add_argument("--suite", action="append", choices=["inference", "training", "attention"],
+                   help="run only these suites (repeatable; default: all)")
+    p.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
+    args = p.parse_args(argv)
+    if not BENCH.is_dir():
+        sys.exit(f"msvit bench runs the suites in the repository's bench/ folder; {BENCH} is missing (use a clone)")
+    import pytest
+
+    files = [str(BENCH / f"bench_{s}.py") for s in (args.suite or ["inference", "training", "attention"])]
+    options = ["-q", "-p", "no:cacheprovider", f"--rootdir={BENCH.parent}", "--bench-model", args.model,
+               "--bench-backend", args.backend]
+    options += ["--bench-batch", str(args.batch_size)] if args.batch_size else []
+    options += ["--bench-dtype", args.dtype] if args.dtype else []
+    options += [] if args.smoke else ["--benchmark"]
+    code = pytest.main(files + options)
+    summaries = sorted((BENCH / "results").glob("*/summary.md"), key=lambda f: f.stat().st_mtime)
+    if summaries and not args.smoke:
+        print("\n" + summaries[-1].read_text())
+    sys.exit(int(code))
+
+
+if __name__ == "__main__":
+    main()
