@@ -21,12 +21,15 @@ class Backend:
 
     ``support(device, dtype, head_dim)`` returns None when the backend can run such a call, else
     a sentence saying why not and how to get it. ``fn(q, k, v, cu_seqlens, max_seqlen, scale)``
-    computes it.
+    computes it. ``auto_support`` (same signature, default ``support``) is the stricter check
+    ``backend="auto"`` uses: a backend can be able to run somewhere without being a good choice
+    there (the Triton interpreter on CPU runs, slowly, for tests).
     """
 
     name: str
     fn: Callable[..., Tensor]
     support: Callable[[torch.device, torch.dtype, int], Optional[str]]
+    auto_support: Optional[Callable[[torch.device, torch.dtype, int], Optional[str]]] = None
 
 
 def _reference_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -66,8 +69,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
     """The backend that runs a call: ``name`` itself (or a clear error), or the auto choice."""
     if name == "auto":
         for candidate in AUTO_ORDER:
-            if BACKENDS[candidate].support(device, dtype, head_dim) is None:
-                return BACKENDS[candidate]
+            backend = BACKENDS[candidate]
+            if (backend.auto_support or backend.support)(device, dtype, head_dim) is None:
+                return backend
         raise RuntimeError(f"no packed-attention backend supports {device}, {dtype}")  # unreachable: reference
     if name not in BACKENDS:
         known = ", ".join(["auto", *BACKENDS])

@@ -1,0 +1,443 @@
+"""Varlen flash attention in Triton: forward and backward over a packed batch.
+
+Layout (flash-attn's varlen layout): q, k, v are ``[T, H, D]`` with any strides (views of one
+packed ``[T, 3, H, D]`` qkv tensor work without copies), ``cu_seqlens`` int32 ``[B+1]`` marks where
+each sequence starts. Attention is non-causal and runs independently within each sequence.
+
+Read top to bottom: kernels (forward, backward preprocess, dk/dv, dq), launchers, the
+``torch.library`` ops (autograd and fake registration, so ``torch.compile`` traces them without a
+graph break), and the functional entry point :func:`triton_packed_attention`.
+
+Portability (Triton 3.6 to 3.9, sm_70+): plain pointer arithmetic and masks (no
+``tl.make_block_ptr``, removed in 3.9), ``tl.exp2``/``tl.log2`` (no libdevice), no inline asm.
+Head dims that are not powers of two (e.g. 80) are padded to the next power of two and masked.
+Softmax statistics live in base 2: the kernels fold ``log2(e)`` into the scale so every
+exponential is an ``exp2``; the saved log-sum-exp is therefore ``log2`` of the softmax denominator.
+
+On CPU the kernels run only under ``TRITON_INTERPRET=1`` (tests), which must be set before this
+module is imported: ``triton.jit`` decides at decoration time whether it builds an interpreted
+function. The interpreter runs one program at a time, so it uses 16x16 tiles and no autotuning
+(autotuning several configs needs a device ``do_bench``).
+"""
+import math
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Grids are (blocks of max_seqlen, B, H): axis 0 may be large, B and H stay < 65536.
+# Programs whose block starts past their sequence's end exit at once (ragged batches).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_lse_h,
+    SEQ_BUCKET,  # next power of two of max_seqlen: an autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (sequence, head); online softmax over key blocks."""
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    start = start.to(tl.int64)  # T * stride_t may pass 2**31 for large batches
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen
+    mask_d = offs_d < HEAD_DIM
+    rows_q = start + offs_m
+
+    q = tl.load(
+        Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seqlen
+        rows_k = start + cols
+        # k is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain q @ kT
+        kt = tl.load(
+            K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd,
+            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+        )
+        v = tl.load(
+            V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd,
+            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+        )
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # the first block always holds key 0 of a non-empty sequence, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(
+        O + rows_q[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
+        acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
+    )
+    tl.store(LSE + head * stride_lse_h + rows_q, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, T,
+    stride_ot, stride_oh, stride_od,
+    stride_dot, stride_doh, stride_dod,
+    stride_delta_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (fp32): the softmax-gradient row term."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_t.to(tl.int64)
+    o = tl.load(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * stride_delta_h + rows, delta, mask=offs_t < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    sm_scale, qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dkd,
+    stride_dvt, stride_dvh, stride_dvd,
+    stride_lse_h,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dk, dv of BLOCK_N keys of one (sequence, head), looping over query blocks.
+
+    With P^T = exp2(k q^T * qk_scale - lse): dv = P^T dO, dS^T = P^T * (v dO^T - delta),
+    dk = sm_scale * dS^T q. Each program owns its key rows, so no atomics are needed.
+    """
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    start = start.to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < seqlen
+    mask_d = offs_d < HEAD_DIM
+    rows_k = start + offs_n
+    mask_kd = mask_n[:, None] & mask_d[None, :]
+
+    k = tl.load(K + rows_k[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
+    v = tl.load(V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for start_m in range(0, seqlen, BLOCK_M):
+        cols = start_m + offs_m
+        mask_m = cols < seqlen
+        rows_q = start + cols
+        # q and dO loaded transposed, [BLOCK_D, BLOCK_M]
+        mask_dm = mask_d[:, None] & mask_m[None, :]
+        qt = tl.load(Q + rows_q[None, :] * stride_qt + head * stride_qh + offs_d[:, None] * stride_qd, mask=mask_dm, other=0.0)
+        dot_t = tl.load(DO + rows_q[None, :] * stride_dot + head * stride_doh + offs_d[:, None] * stride_dod, mask=mask_dm, other=0.0)
+        lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
+
+        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        pt = tl.where(mask_m[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(v.dtype), tl.trans(dot_t), input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, dot_t, input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + rows_k[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_kd)
+    tl.store(DV + rows_k[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_kd)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    sm_scale, qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh, stride_dqd,
+    stride_lse_h,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dq of BLOCK_M queries of one (sequence, head): dq = sm_scale * dS k."""
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    start = start.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen
+    mask_d = offs_d < HEAD_DIM
+    rows_q = start + offs_m
+    mask_qd = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
+    do = tl.load(DO + rows_q[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0)
+    lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seqlen
+        rows_k = start + cols
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kt = tl.load(K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
+        vt = tl.load(V + rows_k[None, :] * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
+        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + rows_q[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration. GPU tile sizes are autotuned per (head dim, sequence-length bucket,
+# dtypes); the candidates are the usual flash-attention tiles. Their speed is unmeasured so far
+# (the session that wrote them had no GPU): bench/bench_attention.py is where to prune this list.
+# Configs that exceed a GPU's shared memory fail to compile and the autotuner drops them. Compiled
+# ahead of time with Triton 3.8 for sm_70/75/80/90, the 16x16 fallback needs at most 33 KB for
+# D <= 128 in fp32 (T4 has 64 KB, V100 96 KB), so every GPU has a config for every supported call
+# except fp32 with D=256 on a T4.
+# ----------------------------------------------------------------------------------------------
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1),
+]
+_BWD_CONFIGS = [  # BLOCK_N: keys a dk/dv program owns (queries a dq program owns: BLOCK_M)
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1),
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1),
+]
+_AUTOTUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET"]  # the autotuner adds the tensor dtypes itself
+_INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}  # the interpreter's cost is per tile op, not per FLOP
+
+if INTERPRET:
+    _fwd, _bwd_dkdv, _bwd_dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+    _META = _INTERPRET_META
+else:
+    # The kernels write outputs they never read, so benchmarking a config in place is harmless.
+    _fwd = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
+    _bwd_dkdv = triton.autotune(_BWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
+    _bwd_dq = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
+    _META = {}
+
+
+def _common_meta(q: Tensor, max_seqlen: int) -> dict:
+    head_dim = q.shape[-1]
+    return dict(
+        SEQ_BUCKET=triton.next_power_of_2(max(max_seqlen, 1)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
+        # fp32 inputs: exact fp32 products (no TF32) so results track the fp32 reference
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **_META,
+    )
+
+
+def _grid(max_seqlen: int, batch: int, heads: int, block: str):
+    return lambda meta: (triton.cdiv(max_seqlen, meta[block]), batch, heads)
+
+
+def _check_launchable(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"triton attention takes float16, bfloat16 or float32, got {q.dtype}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("triton attention runs on CUDA; on CPU set TRITON_INTERPRET=1 before importing msvit_kernels")
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """Launch the forward kernel.
+
+    q, k, v: ``[T, H, D]`` fp16/bf16/fp32, any strides; cu_seqlens: int32 ``[B+1]``.
+    Returns ``out`` ``[T, H, D]`` (contiguous, q's dtype) and ``lse`` fp32 ``[H, T]``, the base-2
+    log-sum-exp of the scaled scores of every query row (what the backward needs).
+    """
+    _check_launchable(q, k, v)
+    total, heads, _ = q.shape
+    out = torch.empty((total, heads, q.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    batch = cu_seqlens.numel() - 1
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return out, lse
+    _fwd[_grid(max_seqlen, batch, heads, "BLOCK_M")](
+        q, k, v, out, lse, cu_seqlens, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+        **_common_meta(q, max_seqlen),
+    )
+    return out, lse
+
+
+def attention_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward kernels: ``delta`` preprocess, then dk/dv over key blocks, dq over query blocks.
+
+    do, q, k, v, out: ``[T, H, D]`` (any strides); lse: fp32 ``[H, T]`` from the forward.
+    Returns dq, dk, dv: contiguous ``[T, H, D]`` in q's dtype.
+    """
+    total, heads, head_dim = q.shape
+    dq = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    batch = cu_seqlens.numel() - 1
+    if total == 0 or batch == 0 or max_seqlen == 0:
+        return dq, dk, dv
+    meta = _common_meta(q, max_seqlen)
+    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    block_t = 16 if INTERPRET else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(total, block_t), heads)](
+        out, do, delta, total, *out.stride(), *do.stride(), delta.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _bwd_dkdv[_grid(max_seqlen, batch, heads, "BLOCK_N")](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, scale, scale * LOG2E,
+        *strides, *dk.stride(), *dv.stride(), lse.stride(0), **meta,
+    )
+    _bwd_dq[_grid(max_seqlen, batch, heads, "BLOCK_M")](
+        q, k, v, do, lse, delta, dq, cu_seqlens, scale, scale * LOG2E,
+        *strides, *dq.stride(), lse.stride(0), **meta,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: opaque to torch.compile (no graph break), differentiable via register_autograd
+# (which plays the role of a torch.autograd.Function: save q, k, v, out, lse; call the backward op).
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("msvit::triton_varlen_attention", mutates_args=())
+def triton_varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+) -> Tuple[Tensor, Tensor]:
+    """Forward op: returns ``(out [T, H, D], lse fp32 [H, T])``; see :func:`attention_forward`."""
+    return attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@triton_varlen_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    total, heads, head_dim = q.shape
+    return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
+
+
+@torch.library.custom_op("msvit::triton_varlen_attention_backward", mutates_args=())
+def triton_varlen_attention_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward op: returns ``(dq, dk, dv)``, each ``[T, H, D]``; see :func:`attention_backward`."""
+    return attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+
+
+@triton_varlen_attention_backward.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    del grad_lse  # lse is a by-product for the backward, not a differentiable output
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = triton_varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+triton_varlen_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None
+) -> Tensor:
+    """Non-causal attention within each sequence of a packed batch, with the Triton kernels.
+
+    q, k, v: ``[T, H, D]`` float16/bfloat16/float32 on CUDA (CPU only under TRITON_INTERPRET=1),
+    any strides, ``D <= 256``; cu_seqlens: int32 ``[B+1]`` on q's device; max_seqlen: the longest
+    sequence (Python int); scale: softmax scale, default ``D ** -0.5``.
+    Returns ``[T, H, D]`` (contiguous, q's dtype); differentiable w.r.t. q, k and v.
+    No input validation beyond launchability: ``msvit_kernels.packed_attention`` validates.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _ = triton_varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), float(scale))
+    return out

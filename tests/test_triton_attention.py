@@ -1,0 +1,252 @@
+"""The triton backend (and the reference) against a float64 oracle; backend dispatch and torch.library.
+
+On a CPU-only machine the Triton kernels run in the interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1``); on a GPU the same tests run the compiled kernels on CUDA. Tolerances:
+fp32 within 1e-5 of float64 (the kernel uses IEEE fp32 dots, no TF32); fp16/bf16 follow
+flash-attn's rule: the kernel's error is at most 2x the error of the reference run in that dtype.
+"""
+import re
+
+import pytest
+import torch
+
+import msvit_kernels as mk
+from msvit_kernels import attention, backends, cu_seqlens_from_lengths, packed_attention
+from msvit_kernels.reference import packed_attention_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_TRITON = "triton" in mk.available_backends(DEVICE)
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (or TRITON_INTERPRET is unset on CPU)")
+
+RAGGED = [7, 0, 1, 63, 129]
+
+
+def make_inputs(lengths, heads, dim, dtype, strided, seed=0, device=DEVICE):
+    """q, k, v ``[T, H, D]`` (separate leaves, or views of one ``[T, 3, H, D]`` leaf), cu_seqlens,
+    max_seqlen, the leaves, and an upstream gradient ``[T, H, D]``."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    if strided:  # q, k, v = qkv.unbind(1): row stride 3*H*D, what a fused qkv projection yields
+        qkv = torch.randn(total, 3, heads, dim, generator=gen).to(device, dtype).requires_grad_()
+        q, k, v = qkv.unbind(1)
+        leaves = [qkv]
+    else:
+        q, k, v = (torch.randn(total, heads, dim, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+        leaves = [q, k, v]
+    cu = cu_seqlens_from_lengths(torch.tensor(lengths, device=device))
+    grad_out = torch.randn(total, heads, dim, generator=gen).to(device, dtype)
+    return q, k, v, cu, max(lengths, default=0), leaves, grad_out
+
+
+def oracle(q, k, v, cu_seqlens, grad_out, scale=None):
+    """float64 softmax attention, one sequence at a time, and (dq, dk, dv) for ``grad_out``.
+
+    q, k, v, grad_out: ``[T, H, D]`` any float dtype. Returns out, dq, dk, dv: float64 ``[T, H, D]``.
+    """
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    pieces = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        probs = torch.softmax(qi @ ki.transpose(-1, -2) * scale, dim=-1)
+        pieces.append((probs @ vi).transpose(0, 1))
+    out = torch.cat(pieces)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out.double()))
+
+
+def run(backend, q, k, v, cu, max_len, leaves, grad_out, scale=None):
+    """out and (dq, dk, dv) of one backend; the gradients split back out of a qkv leaf."""
+    out = packed_attention(q, k, v, cu, max_len, scale=scale, backend=backend)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    if len(grads) == 1:
+        grads = grads[0].unbind(1)
+    return (out, *grads)
+
+
+def max_err(got, want):
+    return (got.double() - want.double()).abs().max().item()
+
+
+def check_against_oracle(backend, lengths, heads, dim, dtype, strided, scale=None):
+    q, k, v, cu, max_len, leaves, grad_out = make_inputs(lengths, heads, dim, dtype, strided)
+    got = run(backend, q, k, v, cu, max_len, leaves, grad_out, scale)
+    want = oracle(q, k, v, cu, grad_out, scale)
+    assert got[0].dtype == dtype and got[0].shape == q.shape
+    names = ("out", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        for name, g, w in zip(names, got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        return
+    baseline = run("reference", q, k, v, cu, max_len, leaves, grad_out, scale)
+    for name, g, b, w in zip(names, got, baseline, want):
+        ref_err = max_err(b, w)
+        assert ref_err < 0.05 * max(1.0, w.abs().max().item()), f"{name}: the {dtype} reference is off ({ref_err})"
+        assert max_err(g, w) <= 2 * ref_err + 1e-5, f"{name}: error {max_err(g, w)} > 2 x reference's {ref_err}"
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "qkv_view"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dim", [16, 64, 80])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_forward_backward_match_float64_oracle(backend, dim, dtype, strided):
+    check_against_oracle(backend, RAGGED, heads=2, dim=dim, dtype=dtype, strided=strided)
+
+
+@needs_triton
+@pytest.mark.parametrize("dim", [24, 128])
+@pytest.mark.parametrize("lengths", [[1], [16], [17, 33, 2], [0, 0, 5, 0]], ids=str)
+def test_triton_odd_batches_custom_scale_three_heads(lengths, dim):
+    # B=1, lengths of exactly one tile, empty sequences at both ends; 3 heads; D=24 is padded to 32
+    check_against_oracle("triton", lengths, heads=3, dim=dim, dtype=torch.float32, strided=True, scale=0.3)
+
+
+@needs_triton
+def test_triton_empty_batches():
+    for cu in (torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.zeros(3, dtype=torch.int32, device=DEVICE)):
+        q = torch.randn(0, 2, 16, device=DEVICE, requires_grad=True)
+        out = packed_attention(q, q, q, cu, 0, backend="triton")
+        assert out.shape == (0, 2, 16)
+        out.sum().backward()
+        assert q.grad.shape == q.shape
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU behaviour")
+def test_available_backends_on_cpu():
+    expected = {"reference", "triton"} if HAS_TRITON else {"reference"}
+    assert set(mk.available_backends("cpu")) == expected
+    # bf16 is garbage in the interpreter and float64 is reference-only
+    assert mk.available_backends("cpu", dtype=torch.bfloat16) == ["reference"]
+    assert mk.available_backends("cpu", dtype=torch.float64) == ["reference"]
+
+
+def test_auto_picks_the_reference_on_cpu_even_under_the_interpreter():
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        assert attention.resolve_backend("auto", torch.device("cpu"), dtype, 64).name == "reference"
+
+
+@pytest.mark.parametrize("name,match", [("flash_attn", r"flash-attn runs on NVIDIA GPUs .*sm_80"), ("torch", r"torch varlen_attn runs on NVIDIA GPUs .*sm_80")])
+def test_gpu_only_backend_on_cpu_raises_runtime_error(name, match):
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=rf"backend '{name}' cannot run here: {match}"):
+        packed_attention(q, q, q, cu, 6, backend=name)
+
+
+def test_triton_refuses_float64_with_a_reason():
+    q = torch.randn(10, 2, 16, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="reference"):
+        packed_attention(q, q, q, cu, 6, backend="triton")
+
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "capability,installed,dtype,expected",
+    [
+        ((9, 0), True, torch.bfloat16, None),
+        ((9, 0), False, torch.float16, r"pip install \.\[flash\]"),
+        ((7, 0), True, torch.float16, r"Ampere.*sm_70"),
+        ((8, 0), True, torch.float32, r"float16 or bfloat16, not torch.float32"),
+    ],
+)
+def test_flash_attn_reasons_name_generation_dtype_and_install(monkeypatch, capability, installed, dtype, expected):
+    monkeypatch.setattr(backends, "_capability", lambda device: capability)
+    monkeypatch.setattr(backends, "_flash_installed", lambda: installed)
+    reason = attention.BACKENDS["flash_attn"].support(CUDA, dtype, 64)
+    assert reason is None if expected is None else reason is not None and re.search(expected, reason)
+
+
+def test_triton_and_torch_reasons_on_old_gpus(monkeypatch):
+    monkeypatch.setattr(backends, "_capability", lambda device: (6, 1))
+    assert "sm_70" in backends._triton_support(CUDA, torch.float16, 64)
+    monkeypatch.setattr(backends, "_capability", lambda device: (7, 5))
+    assert "bfloat16 needs sm_80" in backends._triton_support(CUDA, torch.bfloat16, 64)
+    assert (backends._triton_support(CUDA, torch.float16, 80) is None) == (backends._triton_attention is not None)
+    monkeypatch.setattr(backends, "_torch_varlen_attn", lambda: None)
+    assert "torch >= 2.10" in backends._torch_support(CUDA, torch.float16, 64)
+
+
+def test_auto_order_on_cuda(monkeypatch):
+    monkeypatch.setattr(backends, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(backends, "_flash_installed", lambda: False)
+    monkeypatch.setattr(backends, "_torch_varlen_attn", lambda: (lambda *a, **kw: None))
+    pick = lambda dtype, dim=64: attention.resolve_backend("auto", CUDA, dtype, dim).name  # noqa: E731
+    top = "triton" if backends._triton_attention is not None else "torch"
+    assert pick(torch.float16) == top
+    monkeypatch.setattr(backends, "_flash_installed", lambda: True)
+    assert pick(torch.bfloat16) == "flash_attn"
+    assert pick(torch.float64) == "reference"
+
+
+# ---------------------------------------------------------------------------------------------- torch.library / compile
+
+
+@needs_triton
+def test_torch_library_op_is_registered_and_passes_opcheck():
+    op = torch.ops.msvit.triton_varlen_attention.default
+    assert "msvit::triton_varlen_attention" in str(op._schema)
+    assert hasattr(torch.ops.msvit, "triton_varlen_attention_backward")
+    q, k, v, cu, max_len, _, _ = make_inputs([5, 0, 18], heads=2, dim=16, dtype=torch.float32, strided=True)
+    torch.library.opcheck(op, (q, k, v, cu, max_len, 0.25))
+
+
+def test_torch_compile_of_reference_backend_on_cpu():
+    # The reference reads cu_seqlens on the host (a graph break by design), so not fullgraph.
+    q, k, v, cu, max_len, leaves, grad_out = make_inputs([3, 0, 9], heads=2, dim=8, dtype=torch.float32, strided=False, device="cpu")
+    fn = torch.compile(lambda q, k, v: packed_attention(q, k, v, cu, max_len, backend="reference") * 2)
+    out = fn(q, k, v)
+    torch.testing.assert_close(out, 2 * packed_attention_reference(q, k, v, cu, max_len))
+    out.backward(grad_out)
+    assert all(leaf.grad is not None for leaf in leaves)
+
+
+@needs_triton
+def test_torch_compile_fullgraph_of_triton_dispatch():
+    # The op is opaque to dynamo; with check_values=False the whole dispatch traces without a break.
+    q, k, v, cu, max_len, leaves, grad_out = make_inputs([5, 0, 18], heads=2, dim=16, dtype=torch.float32, strided=True)
+    fn = torch.compile(
+        lambda q, k, v: packed_attention(q, k, v, cu, max_len, backend="triton", check_values=False) + 1, fullgraph=True
+    )
+    out = fn(q, k, v)
+    want = oracle(q, k, v, cu, grad_out)
+    torch.testing.assert_close(out.double() - 1, want[0], rtol=1e-5, atol=1e-5)
+    out.backward(grad_out)
+    for g, w in zip(leaves[0].grad.unbind(1), want[1:]):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "flash_attn", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dim", [64, 80, 128])
+def test_gpu_backends_vit_shapes(backend, dtype, dim):
+    reason = attention.BACKENDS[backend].support(DEVICE, dtype, dim)
+    if reason is not None:
+        pytest.skip(reason)
+    lengths = torch.randint(50, 261, (32,), generator=torch.Generator().manual_seed(dim)).tolist() + [1, 577]
+    check_against_oracle(backend, lengths, heads=6, dim=dim, dtype=dtype, strided=True)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_torch_compile_fullgraph_triton_op_bf16():
+    if attention.BACKENDS["triton"].support(DEVICE, torch.bfloat16, 64) is not None:
+        pytest.skip("bf16 needs sm_80+")
+    q, k, v, cu, max_len, leaves, grad_out = make_inputs([77, 0, 201, 3], heads=6, dim=64, dtype=torch.bfloat16, strided=True)
+    from msvit_kernels.triton_attention import triton_packed_attention
+
+    fn = torch.compile(lambda qkv: triton_packed_attention(*qkv.unbind(1), cu, max_len), fullgraph=True)
+    out = fn(leaves[0])
+    eager = triton_packed_attention(q, k, v, cu, max_len)
+    torch.testing.assert_close(out, eager)
+    out.backward(grad_out)
+    assert torch.isfinite(leaves[0].grad).all()
