@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--train-size", type=int, default=20000, help="cluttered digits: training images")
     p.add_argument("--val-size", type=int, default=2000, help="cluttered digits: held-out images")
+    p.add_argument("--digit-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="cluttered digits: digit side as a fraction of the image (default: the dataset's)")
     p.add_argument("--crop", choices=sorted(CROPS), default="none", help="crop augmentation (paper: standard/light)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips (default: on for ImageFolder, off for digits)")
@@ -49,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gate-lambda", type=float, default=4.0)
     p.add_argument("--gate-target", type=float, default=0.25, help="g*: target fraction of fine regions")
     p.add_argument("--gbas-sigma", type=float, default=0.1)
+    p.add_argument("--gbas-ctr-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="initialise the GBaS priors higher at the centre (paper default; off for uncentred data)")
+    p.add_argument("--gate-start-epoch", type=int, default=0,
+                   help="epochs before the gate trains; meanwhile random masks (fine rate ~U(g*, 1) per image) "
+                        "make a from-scratch backbone robust to mixed scales, like the pretrained ones the paper starts from")
     p.add_argument("--opt", choices=["sgd", "adamw"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gate-lr", type=float, default=None,
@@ -110,7 +117,8 @@ def make_model(args, config):
 
 def make_gate_loss(args, grid):
     if args.gate_loss == "gbas":
-        return GBaSLoss(grid, args.gate_target, sigma=args.gbas_sigma, gather=dist.is_initialized())
+        return GBaSLoss(grid, args.gate_target, sigma=args.gbas_sigma, ctr_init=args.gbas_ctr_init,
+                        gather=dist.is_initialized())
     if args.gate_loss == "bas":
         return lambda m: bas_loss(m, args.gate_target, gather=dist.is_initialized())
     if args.gate_loss == "l0":
@@ -118,10 +126,13 @@ def make_gate_loss(args, grid):
     return None
 
 
-def warmup_cosine(warmup_steps: float, total_steps: int):
+def warmup_cosine(warmup_steps: float, total_steps: int, start_step: int = 0):
+    """LR factor: 0 before ``start_step``, linear warm-up over ``warmup_steps``, then cosine to 0."""
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
+        if step < start_step:
+            return 0.0
+        if step < start_step + warmup_steps:
+            return (step - start_step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
@@ -140,9 +151,15 @@ def make_optimizer(args, model, gate_loss, steps_per_epoch: int):
     total = args.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, [
         warmup_cosine(args.warmup_epochs * steps_per_epoch, total),
-        warmup_cosine(args.gate_warmup_epochs * steps_per_epoch, total),
+        warmup_cosine(args.gate_warmup_epochs * steps_per_epoch, total, args.gate_start_epoch * steps_per_epoch),
     ])
     return opt, schedule
+
+
+def random_masks(batch: int, n_regions: int, target: float, device) -> torch.Tensor:
+    """bool [B, Nc]: each image's regions fine with a probability drawn uniformly in [target, 1]."""
+    rate = torch.empty(batch, 1, device=device).uniform_(target, 1.0)
+    return torch.rand(batch, n_regions, device=device) < rate
 
 
 def append_metrics(out: Path, row: dict) -> None:
@@ -165,11 +182,12 @@ def train(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = build_data(args.data, args.image_size, args.crop, args.hflip, args.train_size, args.val_size,
-                        args.seed, main_process)
+                        args.seed, main_process, digit_scale=args.digit_scale)
     config = model_config(args, bundle.classes, bundle)
     model = make_model(args, config).to(device).train()
     coarse = model.tokenizer.coarse_patch
     grid = (args.image_size // coarse, args.image_size // coarse)
+    n_regions = grid[0] * grid[1]
     gate_loss = make_gate_loss(args, grid)
     if isinstance(gate_loss, nn.Module):
         gate_loss.to(device)
@@ -199,9 +217,11 @@ def train(args) -> dict:
             images = normalize(images.to(device, non_blocking=True), bundle.mean, bundle.std)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out_ = net(images, mode=args.mode, return_gate=True)
+                out_ = net(images, mode=args.mode, return_gate=True,
+                           mask=random_masks(len(images), n_regions, args.gate_target, device) if epoch < args.gate_start_epoch else None)
                 task = F.cross_entropy(out_.logits.float(), labels, label_smoothing=args.smoothing)
-            gate = gate_loss(out_.gate.soft.float()) if gate_loss is not None else task.new_zeros(())
+            use_gate_loss = gate_loss is not None and out_.gate.soft is not None
+            gate = gate_loss(out_.gate.soft.float()) if use_gate_loss else task.new_zeros(())
             loss = task + args.gate_lambda * gate
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -67,13 +67,14 @@ def materialize(ds: ClutteredDigits, desc: str, show: bool) -> InMemoryImages:
 
 
 def build_data(data: str, image_size: int, crop: str, hflip: Optional[bool], train_size: int, val_size: int,
-               seed: int, show: bool) -> DataBundle:
+               seed: int, show: bool, digit_scale=None) -> DataBundle:
     """The train and val datasets of ``data`` (``cluttered-digits`` or an ImageFolder root with
     ``train/`` and ``val/`` sub-folders)."""
     size = (image_size, image_size)
     if data == DIGITS:
-        train = materialize(ClutteredDigits(train_size, size, seed=seed, split="train"), "generating train", show)
-        val_digits = ClutteredDigits(val_size, size, seed=seed + 1, split="val")
+        options = {"digit_scale": tuple(digit_scale)} if digit_scale else {}
+        train = materialize(ClutteredDigits(train_size, size, seed=seed, split="train", **options), "generating train", show)
+        val_digits = ClutteredDigits(val_size, size, seed=seed + 1, split="val", **options)
         val = materialize(val_digits, "generating val", show)
         train.transform = train_transform(crop, size, bool(hflip))  # digits are not mirror-symmetric
         boxes = torch.tensor([val_digits.box(i) for i in range(len(val_digits))])
