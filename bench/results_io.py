@@ -1,6 +1,5 @@
-"""Where benchmark results go: ``bench/results/<device-slug>/<name>.json`` plus a Markdown table."""
+"""Where benchmark results go (``bench/results/<device-slug>/``) and what every result records."""
 import datetime
-import json
 import platform
 import re
 from pathlib import Path
@@ -43,11 +42,3 @@ def environment(device: str = "cpu") -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
-
-def write_result(name: str, payload: dict, markdown: str, device: str = "cpu") -> Path:
-    """Write ``<name>.json`` and ``<name>.md`` under this device's results folder."""
-    folder = RESULTS / device_slug(device)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (folder / f"{name}.md").write_text(markdown)
-    return folder
