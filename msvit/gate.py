@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit_kernels.reference import patchify
+from msvit_kernels.gate_kernel import MAX_HIDDEN, fused_gate
+from msvit_kernels.reference import gate_mlp_reference
+from msvit_kernels.tokenize import compute_dtype, use_triton
 
 Budget = Union[int, float, None]
 
@@ -31,6 +33,18 @@ class GateDecision(NamedTuple):
     st: Tensor
 
 
+def logistic_noise(like: Tensor) -> Tensor:
+    """Logistic noise ``log u - log(1 - u)``, u ~ U(0, 1) clamped away from 0 and 1, of ``like``'s
+    shape, dtype and device (one ``rand_like`` draw: both gate paths use it, so seeds reproduce)."""
+    u = torch.rand_like(like).clamp_(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def straight_through(soft: Tensor, hard: Tensor) -> Tensor:
+    """``hard`` in value (exactly: the bracket is 0), the gradient of ``soft``."""
+    return hard.to(soft.dtype) + (soft - soft.detach())
+
+
 def gumbel_sigmoid(logits: Tensor, temperature: float, noise: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Relaxed Bernoulli sample with straight-through hard decision.
 
@@ -39,12 +53,10 @@ def gumbel_sigmoid(logits: Tensor, temperature: float, noise: Optional[Tensor] =
     forward pass (no rounding: the bracket is exactly 0).
     """
     if noise is None:
-        u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-        noise = torch.log(u) - torch.log1p(-u)
+        noise = logistic_noise(logits)
     soft = torch.sigmoid((logits + noise) / temperature)
     hard = soft > 0.5
-    st = hard.to(soft.dtype) + (soft - soft.detach())
-    return soft, hard, st
+    return soft, hard, straight_through(soft, hard)
 
 
 def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
@@ -79,6 +91,9 @@ class MixedScaleGate(nn.Module):
         init_logit: bias of the last layer. 3 starts every region fine at eval (logit > 0) and 95% of
             the training samples fine, while leaving the Gumbel-Sigmoid unsaturated enough to learn:
             at 5, sigmoid((5 + noise) / 0.3) has ~15x less gradient and the gate barely moves.
+
+    Attribute ``kernels`` (``"auto" | "triton" | "torch"``, set by ``MSViT.kernels``): the fused
+    Triton gate (``msvit_kernels.gate_kernel``) or the torch one; auto = Triton on CUDA.
     """
 
     def __init__(self, region_size: int, grid: Tuple[int, int], in_chans: int = 3, hidden: int = 106,
@@ -97,6 +112,7 @@ class MixedScaleGate(nn.Module):
         # Small last-layer weights so the initial logits sit near init_logit for every region.
         nn.init.normal_(self.fc4.weight, std=1e-3)
         nn.init.constant_(self.fc4.bias, init_logit)
+        self.kernels = "auto"
 
     def macs_per_region(self) -> int:
         """Multiply-accumulates to gate one region (the position-embedding add is not a MAC)."""
@@ -111,20 +127,45 @@ class MixedScaleGate(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images ``[B, C, H, W]`` (H, W multiples of region_size) -> logits ``[B, Nc]``."""
-        grid = (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size)
-        regions = patchify(images, self.region_size)
-        h = F.gelu(self.fc1(regions) + self.position_embedding(grid))
-        h = F.gelu(self.fc2(h))
-        h = F.gelu(self.fc3(h))
-        return self.fc4(h).squeeze(-1)
+        if self._fused(images):
+            return self._fused_gate(images).logits
+        return gate_mlp_reference(images, self.region_size, *self._weights(images))
 
     def decide(self, images: Tensor, sample: bool, budget: Budget = None, noise: Optional[Tensor] = None) -> GateDecision:
         """Hard decisions for a batch: sampled with ``sample`` (training), else thresholded at logit 0
-        or, with a ``budget``, the top-k regions of each image (a budget always wins over sampling)."""
-        logits = self(images)
+        or, with a ``budget``, the top-k regions of each image (a budget always wins over sampling).
+        noise: logistic noise ``[B, Nc]`` for the sample (default: a fresh ``logistic_noise`` draw)."""
         if sample and budget is None:
+            if self._fused(images):  # the sample comes out of the gate kernel itself
+                out = self._fused_gate(images, noise, sample=True)
+                return GateDecision(out.logits, out.soft, out.hard, straight_through(out.soft, out.hard))
+            logits = self(images)
             soft, hard, st = gumbel_sigmoid(logits, self.temperature, noise)
             return GateDecision(logits, soft, hard, st)
+        logits = self(images)
         hard = budget_mask(logits, budget) if budget is not None else logits > 0
         return GateDecision(logits, torch.sigmoid(logits), hard, hard.to(logits.dtype))
 
+    def _weights(self, images: Tensor) -> Tuple[Tensor, ...]:
+        """(w1, b1, pos, w2, b2, w3, b3, w4, b4) for this batch's coarse grid."""
+        grid = (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size)
+        return (self.fc1.weight, self.fc1.bias, self.position_embedding(grid), self.fc2.weight, self.fc2.bias,
+                self.fc3.weight, self.fc3.bias, self.fc4.weight, self.fc4.bias)
+
+    def _fused(self, images: Tensor) -> bool:
+        fallback = ""
+        if images.requires_grad:
+            fallback = "the fused gate gives no gradient to pixels, and these require one"
+        elif self.fc1.out_features > MAX_HIDDEN:
+            fallback = f"the fused gate supports hidden <= {MAX_HIDDEN}, this one has {self.fc1.out_features}"
+        return use_triton(self.kernels, images, fallback)
+
+    def _fused_gate(self, images: Tensor, noise: Optional[Tensor] = None, sample: bool = False):
+        """The Triton gate in the compute dtype (autocast's when on); with ``sample``, draws the
+        noise the torch path would draw (same shape, dtype and device) unless it is given."""
+        dtype = compute_dtype(images)
+        if sample and noise is None:
+            grid = (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size)
+            noise = logistic_noise(images.new_empty(images.shape[0], grid[0] * grid[1], dtype=dtype))
+        return fused_gate(images.to(dtype), self.region_size, *(w.to(dtype) for w in self._weights(images)),
+                          noise=noise, temperature=self.temperature)

@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit_kernels import tokenize
 from msvit_kernels.reference import unpack_to_grid_reference
 from msvit_kernels.varlen import MixedScaleIndex
 
@@ -62,9 +63,10 @@ class MSViT(nn.Module):
         gate: the ``MixedScaleGate``.
         blocks: timm ``Block`` modules; norm, fc_norm, head_drop, head, norm_pre: timm's modules.
         global_pool: ``"token"`` (the cls row) or ``"avg"`` (mean of each image's patch tokens).
-        kernels: ``"auto" | "torch" | "triton"``: the tokenizer implementation (fused Triton kernels
-            are a later addition; today every choice runs the torch tokenizer except "triton",
-            which raises).
+        kernels: ``"auto" | "torch" | "triton"``: the gate and tokenizer implementation. "triton" runs
+            the fused kernels of ``msvit_kernels.tokenize`` (on CPU only under TRITON_INTERPRET=1,
+            else a RuntimeError at the first forward), "torch" the pure-torch ones, "auto" Triton on
+            CUDA and torch elsewhere. Masked and trimmed modes always tokenize with torch.
         attention_backend: passed to ``msvit_kernels.packed_attention`` in packed mode.
     """
 
@@ -97,9 +99,11 @@ class MSViT(nn.Module):
     @kernels.setter
     def kernels(self, value: str) -> None:
         check_choice("kernels", value, KERNELS)
-        if value == "triton":
-            raise NotImplementedError("the fused Triton tokenizer is not implemented yet; use kernels='auto' or 'torch'")
+        if value == "triton" and tokenize.triton is None:
+            raise RuntimeError("kernels='triton' needs triton: pip install triton (or pip install .[triton])")
         self._kernels = value
+        self.tokenizer.kernels = value  # both resolve "auto" per call, from the images' device
+        self.gate.kernels = value
 
     def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
         return self.tokenizer.grids(images)[1]

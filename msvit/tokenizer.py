@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit_kernels.reference import coarse_patches_at_fine_size, gather_embed_reference, patchify
+from msvit_kernels.index_kernel import triton_mixed_scale_index
+from msvit_kernels.pack_kernel import gather_embed_pack
+from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
+from msvit_kernels.tokenize import compute_dtype, use_triton
 from msvit_kernels.varlen import MixedScaleIndex, fine_cells_of_regions, mixed_scale_index
 
 
@@ -34,6 +37,10 @@ class MixedScaleTokenizer(nn.Module):
         prefix_tokens: ``[1, P, d]`` (cls then registers) or None.
         embed_norm: applied to every patch embedding before the position is added (timm's
             ``patch_embed.norm``; usually Identity).
+
+    Attribute ``kernels`` (``"auto" | "triton" | "torch"``, set by ``MSViT.kernels``): ``pack``
+    runs the fused Triton kernels (``msvit_kernels.index_kernel`` and ``pack_kernel``) or torch;
+    auto = Triton on CUDA. A non-Identity ``embed_norm`` always takes the torch path.
     """
 
     def __init__(self, embed: nn.Linear, fine_patch: int, ratio: int, grid: Tuple[int, int],
@@ -48,6 +55,7 @@ class MixedScaleTokenizer(nn.Module):
         self.prefix_tokens = prefix_tokens
         self.no_embed_class = no_embed_class
         self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
+        self.kernels = "auto"
 
     @property
     def num_prefix(self) -> int:
@@ -97,22 +105,29 @@ class MixedScaleTokenizer(nn.Module):
         the forward pass and routes the task gradient to the gate (DESIGN.md section 2).
         """
         fine_grid, coarse_grid = self.grids(images)
-        index = mixed_scale_index(hard, coarse_grid, self.ratio, self.num_prefix)
+        fused = use_triton(self.kernels, images, self._fallback(images))
+        build_index = triton_mixed_scale_index if fused else mixed_scale_index
+        index = build_index(hard, coarse_grid, self.ratio, self.num_prefix)
         positions = self.position_tables(fine_grid)
-        tokens = gather_embed_reference(images, index.source, self.embed.weight, self.embed.bias,
-                                        self.fine_patch, self.ratio)
-        tokens = self.embed_norm(tokens)
-        if positions.patches is not None:
-            tokens = tokens + positions.patches.index_select(0, index.position)
-        if st.requires_grad:
-            value = st.flatten().index_select(0, index.region)
-            tokens = tokens * torch.where(index.is_fine, value, 1 - value)[:, None]
-        packed = tokens.new_empty(index.total, tokens.shape[-1])
-        packed[index.rows] = tokens
-        prefix = self.prefix_rows(positions, tokens.dtype)
-        if prefix is not None:
-            packed[index.prefix_rows] = prefix
+        st = st if st.requires_grad else None  # st is 1 in value: scaling only routes the gradient
+        if fused:
+            dtype = compute_dtype(images)
+            bias = self.embed.bias.to(dtype) if self.embed.bias is not None else None
+            packed = gather_embed_pack(images.to(dtype), index, self.embed.weight.to(dtype), bias, positions.patches,
+                                       st, self.prefix_rows(positions, dtype), self.fine_patch, self.ratio)
+        else:
+            packed = pack_reference(images, index, self.embed.weight, self.embed.bias, positions.patches, st,
+                                    self.prefix_rows(positions, images.dtype), self.fine_patch, self.ratio,
+                                    norm=self.embed_norm)
         return packed, index
+
+    def _fallback(self, images: Tensor) -> str:
+        """Why this batch cannot take the fused path ('' when it can)."""
+        if not isinstance(self.embed_norm, nn.Identity):
+            return f"the fused tokenizer does not apply embed_norm ({type(self.embed_norm).__name__})"
+        if images.requires_grad:
+            return "the fused tokenizer gives no gradient to pixels, and these require one"
+        return ""
 
     def dense(self, images: Tensor, st: Tensor) -> Tuple[Tensor, Tensor]:
         """All ``P + Nf + Nc`` tokens of every image, and the key weight of each (Eq. 10).

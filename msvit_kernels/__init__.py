@@ -1,15 +1,22 @@
 """Low-level ops of MSViT: packed varlen attention and mixed-scale token packing (no nn.Modules)."""
 from .attention import BACKENDS, Backend, available_backends, packed_attention, register_backend
 from . import backends as _backends  # noqa: F401  registers the triton, flash_attn and torch backends
+from .gate_kernel import FusedGateOutput, fused_gate
+from .index_kernel import triton_mixed_scale_index
+from .pack_kernel import gather_embed_pack
 from .varlen import MixedScaleIndex, cu_seqlens_from_lengths, mixed_scale_index
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "FusedGateOutput",
     "MixedScaleIndex",
     "available_backends",
     "cu_seqlens_from_lengths",
+    "fused_gate",
+    "gather_embed_pack",
     "mixed_scale_index",
     "packed_attention",
     "register_backend",
+    "triton_mixed_scale_index",
 ]

@@ -4,11 +4,13 @@ These are the oracles the tests compare the fused kernels against, and the imple
 ``kernels="torch"`` / ``backend="reference"`` paths run on any device and dtype (float64 too).
 They favour clarity over speed, but avoid Python loops over tokens: the only loop is over images.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .varlen import MixedScaleIndex
 
 
 def packed_attention_reference(
@@ -70,10 +72,54 @@ def gather_embed_reference(
     ``cat(fine patches of all images [B*Nf], coarse patches of all images [B*Nc])``;
     weight ``[d, C*p*p]``; bias ``[d]`` or None. Returns ``[N, d]``.
     """
+    return F.linear(gather_patches_reference(images, source, fine_patch, ratio), weight, bias)
+
+
+def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ratio: int) -> Tensor:
+    """Pixels ``[N, C*p*p]`` ((C, p, p) order) of the candidate-table rows ``source`` (int64 ``[N]``,
+    see :func:`gather_embed_reference`): fine patches as they are, coarse ones area-averaged."""
     fine = patchify(images, fine_patch).flatten(0, 1)
     coarse = coarse_patches_at_fine_size(images, fine_patch, ratio).flatten(0, 1)
-    pixels = torch.cat([fine, coarse]).index_select(0, source)
-    return F.linear(pixels, weight, bias)
+    return torch.cat([fine, coarse]).index_select(0, source)
+
+
+def gate_mlp_reference(images: Tensor, region_size: int, w1: Tensor, b1: Tensor, pos: Tensor, w2: Tensor, b2: Tensor,
+                       w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor) -> Tensor:
+    """The scale gate (Section 2.1): logits ``[B, Nc]`` of every coarse region of ``images``.
+
+    images ``[B, C, H, W]`` (H, W multiples of region_size); w1 ``[hidden, C*S*S]`` ((C, S, S)
+    order), w2/w3 ``[hidden, hidden]``, w4 ``[1, hidden]``, biases ``[out]``; pos ``[Nc, hidden]``
+    (the gate position embedding at this grid), added after layer 1. GELU is the exact erf form.
+    """
+    h = F.gelu(F.linear(patchify(images, region_size), w1, b1) + pos)
+    h = F.gelu(F.linear(h, w2, b2))
+    h = F.gelu(F.linear(h, w3, b3))
+    return F.linear(h, w4, b4).squeeze(-1)
+
+
+def pack_reference(images: Tensor, index: MixedScaleIndex, weight: Tensor, bias: Optional[Tensor],
+                   pos_table: Optional[Tensor], st: Optional[Tensor], prefix: Optional[Tensor], fine_patch: int,
+                   ratio: int, norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Packed tokens ``[T, d]`` of a mixed-scale batch: the torch tokenizer and the pack kernel's oracle.
+
+    Every patch token of ``index`` is embedded (``norm`` applied after the embedding if given), gets
+    its row of ``pos_table`` ``[Nf + Nc, d]`` (fine rows, then coarse) and, with ``st`` ``[B, Nc]``,
+    is multiplied by its straight-through value (fine: st, coarse: 1 - st of its region); prefix
+    ``[P, d]`` fills every image's prefix rows.
+    """
+    tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio)
+    if norm is not None:
+        tokens = norm(tokens)
+    if pos_table is not None:
+        tokens = tokens + pos_table.index_select(0, index.position)
+    if st is not None:
+        value = st.flatten().index_select(0, index.region)
+        tokens = tokens * torch.where(index.is_fine, value, 1 - value)[:, None]
+    packed = tokens.new_empty(index.total, tokens.shape[-1])
+    packed[index.rows] = tokens
+    if prefix is not None:
+        packed[index.prefix_rows] = prefix.to(tokens.dtype)
+    return packed
 
 
 def unpack_to_grid_reference(tokens: Tensor, fine_to_row: Tensor, fine_grid) -> Tensor:

@@ -1,0 +1,144 @@
+"""Counts and offsets of a packed mixed-scale batch on the device: ``varlen.mixed_scale_index`` in two
+Triton launches and one host read.
+
+1. ``_counts_kernel`` (one program; it loops over the batch with a running carry): tokens per region
+   (1 coarse, r*r fine), each region's first row inside its image (an in-image prefix sum),
+   ``cu_seqlens`` (a prefix sum over images) and ``(T, max_seqlen)``, read once by the host to size
+   the outputs.
+2. ``_index_kernel`` (programs over regions x images): every region knows its packed rows, so each
+   candidate token (region, sub-cell) scatters its entries of every index map straight to its
+   place: no sort (the torch version enumerates the candidates with a stable argsort of B*Nc*r*r
+   keys), and prefix rows are written by the first program of each image.
+
+The oracle is ``varlen.mixed_scale_index``: same ``MixedScaleIndex``, element for element.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .tokenize import INTERPRET, tl, triton
+from .varlen import MixedScaleIndex
+
+if triton is not None:
+
+    @triton.jit
+    def _counts_kernel(
+        MASK, REGION_START, CU_SEQLENS, STATS,
+        batch, n_coarse, num_prefix, stride_mb, stride_mj,
+        R2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):
+        """REGION_START int32 ``[B, Nc]``: the region's first patch-token offset in its image;
+        CU_SEQLENS int32 ``[B+1]``; STATS int64 ``[2]`` = (T, max_seqlen)."""
+        carry = tl.full([], 0, tl.int32)
+        longest = tl.full([], 0, tl.int32)
+        tl.store(CU_SEQLENS, carry)
+        for b0 in range(0, batch, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < batch
+            in_image = tl.zeros([BLOCK_B], dtype=tl.int32)
+            for j0 in range(0, n_coarse, BLOCK_J):
+                offs_j = j0 + tl.arange(0, BLOCK_J)
+                mask = mask_b[:, None] & (offs_j < n_coarse)[None, :]
+                fine = tl.load(MASK + offs_b[:, None] * stride_mb + offs_j[None, :] * stride_mj, mask=mask, other=0)
+                per_region = tl.where(mask, tl.where(fine != 0, R2, 1), 0)
+                start = in_image[:, None] + tl.cumsum(per_region, 1) - per_region
+                tl.store(REGION_START + offs_b[:, None] * n_coarse + offs_j[None, :], start, mask=mask)
+                in_image += tl.sum(per_region, 1)
+            lengths = tl.where(mask_b, num_prefix + in_image, 0)
+            tl.store(CU_SEQLENS + 1 + offs_b, carry + tl.cumsum(lengths, 0), mask=mask_b)
+            carry += tl.sum(lengths, 0)
+            longest = tl.maximum(longest, tl.max(lengths, 0))
+        tl.store(STATS, carry.to(tl.int64))
+        tl.store(STATS + 1, longest.to(tl.int64))
+
+    @triton.jit
+    def _index_kernel(
+        MASK, REGION_START, CU_SEQLENS,
+        ROWS, SOURCE, POSITION, REGION, IS_FINE, PREFIX_ROWS, ROW_IMAGE, FINE_TO_ROW,
+        coarse_base, n_coarse, grid_w, num_prefix, stride_mb, stride_mj,
+        RATIO: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """One program: BLOCK_J regions of one image; writes the entries of their tokens.
+        coarse_base = B * Nf: the first coarse row of the candidate-pixel table (``source``)."""
+        image = tl.program_id(1)
+        offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < n_coarse
+        seq_start = tl.load(CU_SEQLENS + image).to(tl.int64)
+        image64 = image.to(tl.int64)
+        n_fine = n_coarse * RATIO * RATIO
+        fine = tl.load(MASK + image * stride_mb + offs_j * stride_mj, mask=mask_j, other=0) != 0
+        first_row = seq_start + num_prefix + tl.load(REGION_START + image * n_coarse + offs_j, mask=mask_j, other=0)
+        # patch tokens precede this image's first one in packed order: seq_start - image * P
+        first_token = first_row - (image64 + 1) * num_prefix
+        cell_y = (offs_j // grid_w) * RATIO
+        cell_x = (offs_j % grid_w) * RATIO
+        region = image64 * n_coarse + offs_j
+        for k in tl.static_range(RATIO * RATIO):
+            fine_cell = (cell_y + k // RATIO) * (grid_w * RATIO) + cell_x + k % RATIO
+            if k == 0:  # every region has a token 0; only fine regions have the others
+                valid = mask_j
+            else:
+                valid = mask_j & fine
+            token = first_token + k
+            row = first_row + k
+            tl.store(ROWS + token, row, mask=valid)
+            source = tl.where(fine, image64 * n_fine + fine_cell, coarse_base + region)
+            tl.store(SOURCE + token, source, mask=valid)
+            tl.store(POSITION + token, tl.where(fine, fine_cell, n_fine + offs_j).to(tl.int64), mask=valid)
+            tl.store(REGION + token, region, mask=valid)
+            tl.store(IS_FINE + token, fine.to(tl.uint8), mask=valid)
+            tl.store(ROW_IMAGE + row, image64, mask=valid)
+            tl.store(FINE_TO_ROW + image64 * n_fine + fine_cell, tl.where(fine, row, first_row), mask=mask_j)
+        if tl.program_id(0) == 0:
+            offs_p = tl.arange(0, BLOCK_P)
+            mask_p = offs_p < num_prefix
+            tl.store(PREFIX_ROWS + image64 * num_prefix + offs_p, seq_start + offs_p, mask=mask_p)
+            tl.store(ROW_IMAGE + seq_start + offs_p, image64 + offs_p * 0, mask=mask_p)
+
+
+def _counts(mask: Tensor, ratio: int, num_prefix: int) -> Tuple[Tensor, Tensor, int, int]:
+    batch, n_coarse = mask.shape
+    region_start = torch.empty(batch, n_coarse, dtype=torch.int32, device=mask.device)
+    cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=mask.device)
+    stats = torch.zeros(2, dtype=torch.int64, device=mask.device)
+    block_j = min(1024 if INTERPRET else 256, triton.next_power_of_2(max(n_coarse, 1)))
+    block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 4096 // block_j))  # a tile of <= 4096 regions
+    _counts_kernel[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix,
+                         *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
+    total, max_seqlen = stats.tolist()  # the forward's one host read
+    return region_start, cu_seqlens, total, max_seqlen
+
+
+def triton_mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
+    """``varlen.mixed_scale_index`` with the Triton kernels; same arguments, same result.
+
+    mask: bool ``[B, Nc]`` (True = fine) on CUDA (CPU only under TRITON_INTERPRET=1);
+    coarse_grid: (h, w) with h * w = Nc; ratio: coarse / fine patch; num_prefix: P.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed: pip install triton (or pip install .[triton])")
+    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != coarse_grid[0] * coarse_grid[1]:
+        raise ValueError(f"mask must be bool [B, {coarse_grid[0] * coarse_grid[1]}], got {mask.dtype} {tuple(mask.shape)}")
+    batch, n_coarse = mask.shape
+    device = mask.device
+    region_start, cu_seqlens, total, max_seqlen = _counts(mask, ratio, num_prefix)
+    n_patch = total - batch * num_prefix
+    n_fine = n_coarse * ratio * ratio
+    rows, source, position, region = (torch.empty(n_patch, dtype=torch.int64, device=device) for _ in range(4))
+    prefix_rows = torch.empty(batch, num_prefix, dtype=torch.int64, device=device)
+    row_image = torch.empty(total, dtype=torch.int64, device=device)
+    fine_to_row = torch.empty(batch, n_fine, dtype=torch.int64, device=device)
+    is_fine = torch.empty(n_patch, dtype=torch.uint8, device=device)  # bytes: no i1 pointers in kernels
+    if batch and n_coarse:
+        block_j = min(256 if INTERPRET else 64, triton.next_power_of_2(n_coarse))
+        _index_kernel[(triton.cdiv(n_coarse, block_j), batch)](
+            mask.view(torch.uint8), region_start, cu_seqlens, rows, source, position, region, is_fine, prefix_rows,
+            row_image, fine_to_row, batch * n_fine, n_coarse, coarse_grid[1], num_prefix, *mask.stride(),
+            RATIO=ratio, BLOCK_J=block_j, BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),
+        )
+    return MixedScaleIndex(
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, total=total, rows=rows, source=source, position=position,
+        region=region, is_fine=is_fine.view(torch.bool), prefix_rows=prefix_rows, row_image=row_image,
+        fine_to_row=fine_to_row,
+    )

@@ -1,0 +1,201 @@
+"""Gather, embed and pack the surviving tokens of a mixed-scale batch in one Triton kernel.
+
+Every patch token of a ``MixedScaleIndex`` gathers its pixels from the NCHW image: a fine patch
+(``S_f x S_f x C``), or a coarse patch area-averaged down to ``S_f x S_f`` on the fly (the r x r
+pixels of each output pixel summed in raster order, then divided by r*r: exactly ``avg_pool2d``,
+Eq. 5), in (C, p, p) order. It multiplies them by the shared embedding (``tl.dot``), adds the bias
+and its row of the position table (fine rows, then the resampled coarse rows), scales the result by
+its straight-through value (fine: st, coarse: 1 - st of its region) and writes its packed row.
+Programs tile tokens x embedding channels; prefix rows are copied in place after the launch.
+The oracle is ``reference.pack_reference``.
+
+Backward (torch, on pixels re-gathered with ``reference.gather_patches_reference``): gradients for
+the embedding weight and bias, the position table, the straight-through values (the gate's path)
+and the prefix tokens; none for the pixels.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import gather_patches_reference
+from .tokenize import INTERPRET, check_launchable, dot_precision, patch_features, tl, triton
+from .varlen import MixedScaleIndex
+
+if triton is not None:
+
+    @triton.jit
+    def _pack_kernel(
+        IMG, ROWS, POSITION, REGION, W, BIAS, POS, ST, OUT,
+        n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
+        stride_ib, stride_ic, stride_ih, stride_iw, stride_wo, stride_wi,
+        stride_pr, stride_pd, stride_ot, stride_od,
+        PATCH: tl.constexpr, RATIO: tl.constexpr, K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_ST: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """One program: BLOCK_T patch tokens (packed order) x BLOCK_D embedding channels.
+
+        POSITION is the token's position-table row: its fine cell (< n_fine) or n_fine + region
+        cell; REGION is ``image * n_coarse + region cell``.
+        """
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_t = offs_t < n_tokens
+        mask_d = offs_d < dim
+        position = tl.load(POSITION + offs_t, mask=mask_t, other=0)
+        region = tl.load(REGION + offs_t, mask=mask_t, other=0)
+        image = region // n_coarse
+        cell = region % n_coarse
+        fine = position < n_fine
+        # top-left pixel of the token and the pixel step between its S_f x S_f samples
+        y0 = tl.where(fine, (position // fine_w) * PATCH, (cell // coarse_w) * (PATCH * RATIO))
+        x0 = tl.where(fine, (position % fine_w) * PATCH, (cell % coarse_w) * (PATCH * RATIO))
+        step = tl.where(fine, 1, RATIO)
+        base = IMG + image * stride_ib + y0 * stride_ih + x0 * stride_iw
+
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k, mask_k, chan, py, px = patch_features(k0, K, PATCH, BLOCK_K)
+            ptr = (base[:, None] + chan[None, :] * stride_ic + (step[:, None] * py[None, :]) * stride_ih
+                   + (step[:, None] * px[None, :]) * stride_iw)
+            mask = mask_t[:, None] & mask_k[None, :]
+            pix = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+            if RATIO > 1:  # the other r*r - 1 taps of a coarse pixel; masked off for fine tokens
+                coarse = mask & (position >= n_fine)[:, None]
+                for tap in tl.static_range(1, RATIO * RATIO):
+                    pix += tl.load(ptr + (tap // RATIO) * stride_ih + (tap % RATIO) * stride_iw,
+                                   mask=coarse, other=0.0).to(tl.float32)
+                pix = tl.where(fine[:, None], pix, pix / (RATIO * RATIO))
+            wt = tl.load(W + offs_d[None, :] * stride_wo + offs_k[:, None] * stride_wi,
+                         mask=mask_d[None, :] & mask_k[:, None], other=0.0)
+            acc += tl.dot(pix.to(wt.dtype), wt, input_precision=DOT_PRECISION)
+
+        mask = mask_t[:, None] & mask_d[None, :]
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        if HAS_POS:
+            acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask,
+                           other=0.0).to(tl.float32)
+        if HAS_ST:
+            st = tl.load(ST + region, mask=mask_t, other=1.0).to(tl.float32)
+            acc *= tl.where(fine, st, 1.0 - st)[:, None]
+        rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
+        tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+# GPU tiles are autotuned over these (unmeasured so far: no GPU in the session that wrote them).
+_CONFIGS = [] if triton is None else [
+    triton.Config({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+if triton is None:
+    _launch_pack = None
+elif INTERPRET:  # one program at a time: few, large programs
+    _launch_pack, _META = _pack_kernel, {"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}
+else:  # the kernel writes rows it never reads, so timing a config in place is harmless
+    _launch_pack, _META = triton.autotune(_CONFIGS, key=["K", "dim", "RATIO"])(_pack_kernel), {}
+
+
+def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
+                  fine_patch, ratio) -> Tensor:
+    check_launchable(images)
+    batch, chans, height, width = images.shape
+    fine_w, coarse_w = width // fine_patch, width // (fine_patch * ratio)
+    n_fine = (height // fine_patch) * fine_w
+    dim = weight.shape[0]
+    out = images.new_empty(total, dim)
+    n_tokens = rows.numel()
+    if n_tokens:
+        dummy = weight  # stands in for absent optional tensors; never read (HAS_* is False)
+        _launch_pack[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
+            images, rows, position, region, weight, dummy if bias is None else bias,
+            dummy if pos_table is None else pos_table, dummy if st is None else st, out,
+            n_tokens, n_fine // (ratio * ratio), n_fine, fine_w, coarse_w, dim,
+            *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
+            *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
+            HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,
+            DOT_PRECISION=dot_precision(weight.dtype), **_META,
+        )
+    if prefix is not None:
+        out[prefix_rows] = prefix.to(out.dtype)
+    return out
+
+
+@torch.library.custom_op("msvit::gather_embed_pack", mutates_args=())
+def _pack_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_table: Optional[Tensor],
+             st: Optional[Tensor], prefix: Optional[Tensor], rows: Tensor, source: Tensor, position: Tensor,
+             region: Tensor, prefix_rows: Tensor, total: int, fine_patch: int, ratio: int) -> Tensor:
+    """Packed tokens ``[total, d]``; see :func:`gather_embed_pack` (``source`` serves the backward)."""
+    return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
+                         fine_patch, ratio)
+
+
+@_pack_op.register_fake
+def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, total, fine_patch, ratio):
+    return images.new_empty(total, weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, *sizes = inputs
+    ctx.save_for_backward(images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows)
+    ctx.fine_patch, ctx.ratio = sizes[1], sizes[2]
+    ctx.has_prefix = prefix is not None
+
+
+def _backward(ctx, grad_out):
+    images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_tokens = grad_out.index_select(0, rows)  # [Np, d]
+    d_weight = d_bias = d_pos = d_st = d_prefix = None
+    pixels = None
+    if need[1] or (st is not None and need[4]):
+        pixels = gather_patches_reference(images, source, ctx.fine_patch, ctx.ratio).to(weight.dtype)
+    if st is not None:
+        n_fine = (images.shape[2] // ctx.fine_patch) * (images.shape[3] // ctx.fine_patch)
+        fine = position < n_fine
+        value = st.index_select(0, region)
+        if need[4]:  # d value = <grad, unscaled token>; fine tokens carry +st, coarse ones -st
+            unscaled = F.linear(pixels, weight, bias)
+            if pos_table is not None:
+                unscaled = unscaled + pos_table.index_select(0, position)
+            d_value = (grad_tokens.float() * unscaled.float()).sum(1)
+            d_st = torch.zeros(st.shape, dtype=torch.float32, device=st.device)
+            d_st = d_st.index_add_(0, region, torch.where(fine, d_value, -d_value)).to(st.dtype)
+        grad_tokens = grad_tokens * torch.where(fine, value, 1 - value).to(grad_tokens.dtype)[:, None]
+    if need[1]:
+        d_weight = (grad_tokens.transpose(0, 1) @ pixels).to(weight.dtype)
+    if bias is not None and need[2]:
+        d_bias = grad_tokens.float().sum(0).to(bias.dtype)
+    if pos_table is not None and need[3]:
+        d_pos = torch.zeros(pos_table.shape, dtype=torch.float32, device=pos_table.device)
+        d_pos = d_pos.index_add_(0, position, grad_tokens.float()).to(pos_table.dtype)
+    if ctx.has_prefix and need[5]:
+        d_prefix = grad_out[prefix_rows].sum(0)
+    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 8
+
+
+_pack_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bias: Optional[Tensor],
+                      pos_table: Optional[Tensor], st: Optional[Tensor], prefix: Optional[Tensor], fine_patch: int,
+                      ratio: int) -> Tensor:
+    """Packed tokens ``[T, d]`` of a mixed-scale batch with the Triton kernel.
+
+    images: float16/bfloat16/float32 ``[B, C, H, W]`` on CUDA (CPU only under TRITON_INTERPRET=1),
+    any strides, H and W multiples of ``fine_patch * ratio``; index: its ``MixedScaleIndex``;
+    weight ``[d, C*p*p]`` ((C, p, p) order, images' dtype); bias ``[d]`` or None; pos_table
+    ``[Nf + Nc, d]`` (fine rows, then coarse) or None; st: straight-through values ``[B, Nc]`` or
+    None (no scaling); prefix ``[P, d]`` or None (P = 0). Returns ``[T, d]`` in images' dtype,
+    equal to :func:`reference.pack_reference`; differentiable w.r.t. weight, bias, pos_table, st and
+    prefix, not the images.
+    """
+    if weight.dtype != images.dtype:
+        raise TypeError(f"weight ({weight.dtype}) and images ({images.dtype}) must have the same dtype")
+    return _pack_op(images, weight, bias, pos_table, None if st is None else st.reshape(-1), prefix, index.rows,
+                    index.source, index.position, index.region, index.prefix_rows, int(index.total),
+                    int(fine_patch), int(ratio))
