@@ -13,7 +13,11 @@ from tqdm import tqdm
 
 import msvit
 
+from .checkpoint import load_pretrained
+from .data import ClutteredDigits
+from .evaluate import evaluate
 from .sample_images import normalize, sample_photos
+from .train_data import materialize
 from .timing import median_time
 from .visualize import save_grid, save_overlay
 
@@ -49,6 +53,7 @@ def main(argv=None) -> None:
                         help="fraction of regions kept fine per photo (default: the gate's own decisions)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--heldout", type=int, default=1000, help="held-out digits to evaluate the shipped model on")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,6 +99,42 @@ def main(argv=None) -> None:
     print(f"{'mean':<22}{mean[0]:>7.0f}{mean[1]:>11.1f}{mean[2]:>11.1f}{mean[3]:>12.1f}")
     print(f"\npacked runs only the kept tokens; masked computes all {dense_tokens} (N_f + N_c + cls); "
           f"the ViT computes 197. Overlays: {out}/<photo>.png and {out}/all_masks.png")
+    trained_gate_demo(out, args.heldout)
+
+
+def trained_gate_demo(out: Path, n_heldout: int) -> None:
+    """The shipped cluttered-digits model: held-out accuracy, where its gate puts fine tokens, and
+    mask overlays on held-out digits and on the photos."""
+    try:
+        model, config = load_pretrained("cluttered-digits")
+    except ValueError as error:
+        print(f"\n(no trained model: {error})")
+        return
+    data = config["data"]
+    size = tuple(data["image_size"])
+    options = {"digit_scale": tuple(data["digit_scale"])} if data.get("digit_scale") else {}
+    digits = ClutteredDigits(n_heldout, size, seed=10_000, split="val", **options)  # unseen source digits and renders
+    heldout = materialize(digits, "held-out digits", True)
+    boxes = torch.tensor([digits.box(i) for i in range(len(digits))])
+    loader = torch.utils.data.DataLoader(heldout, batch_size=100)
+    metrics = evaluate(model, loader, data["mean"], data["std"], "cpu", boxes=boxes)
+    print(f"\nshipped cluttered-digits model ({size[0]}x{size[1]}px, {n_heldout} held-out images of unseen digits):")
+    print(f"  top-1 {metrics['top1']:.1%}; {metrics['tokens_per_image']:.1f} tokens/image "
+          f"(all-fine: {model.tokens_per_image(torch.ones(1, (size[0] // 16) * (size[1] // 16), dtype=torch.bool)).item()}); "
+          f"{metrics['fine_rate']:.0%} of regions fine")
+    print(f"  fine regions on the digit box: {metrics['fine_on_digit']:.0%} vs {metrics['digit_share']:.0%} of all regions "
+          f"({metrics['fine_digit_ratio']:.2f}x)")
+    images = torch.stack([heldout[i][0] for i in range(12)])
+    with torch.no_grad():
+        masks = model.gate_mask(normalize(images, data["mean"], data["std"]))
+        predictions = model(normalize(images, data["mean"], data["std"]), mask=masks).argmax(1)
+    titles = [f"label {heldout[i][1]}, predicted {p}" for i, p in enumerate(predictions.tolist())]
+    save_grid(out / "digits_masks.png", images, masks, model.tokenizer.coarse_patch, model.tokenizer.fine_patch, titles)
+    names, photos = sample_photos(size)
+    with torch.no_grad():
+        masks = model.gate_mask(normalize(photos, data["mean"], data["std"]))
+    save_grid(out / "photos_digit_gate.png", photos, masks, model.tokenizer.coarse_patch, model.tokenizer.fine_patch, names)
+    print(f"  overlays: {out}/digits_masks.png (held-out digits), {out}/photos_digit_gate.png (its gate on the photos)")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coarse-patch", type=int, default=None, help="coarse patch size (default 2x the patch size)")
     p.add_argument("--gate-hidden", type=int, default=106)
     p.add_argument("--mode", choices=["packed", "trimmed", "masked"], default="packed")
+    p.add_argument("--gate-mode", choices=["packed", "trimmed", "masked"], default=None,
+                   help="execution mode once the gate trains (default: --mode). 'masked' gives the gate the "
+                        "exact Eq. 18 gradient comparing each region's coarse and fine tokens (Appendix F)")
     p.add_argument("--gate-loss", choices=["gbas", "bas", "l0", "none"], default="gbas")
     p.add_argument("--gate-lambda", type=float, default=4.0)
     p.add_argument("--gate-target", type=float, default=0.25, help="g*: target fraction of fine regions")
@@ -101,7 +104,8 @@ def model_config(args, classes, bundle) -> dict:
     msvit_kwargs = {"coarse_patch_size": args.coarse_patch, "hidden": args.gate_hidden}
     return {"timm": {"name": args.model, "kwargs": kwargs}, "msvit": msvit_kwargs,
             "data": {"name": args.data, "image_size": list(bundle.image_size), "mean": list(bundle.mean),
-                     "std": list(bundle.std), "classes": [str(c) for c in classes]}}
+                     "std": list(bundle.std), "classes": [str(c) for c in classes], "digit_scale": args.digit_scale,
+                     "seed": args.seed}}
 
 
 def make_model(args, config):
@@ -154,6 +158,16 @@ def make_optimizer(args, model, gate_loss, steps_per_epoch: int):
         warmup_cosine(args.gate_warmup_epochs * steps_per_epoch, total, args.gate_start_epoch * steps_per_epoch),
     ])
     return opt, schedule
+
+
+def optimizer_step(loss, model: nn.Module, opt, schedule, clip_grad: float) -> None:
+    """Backward, optional gradient-norm clipping, optimizer and schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    opt.step()
+    schedule.step()
 
 
 def random_masks(batch: int, n_regions: int, target: float, device) -> torch.Tensor:
@@ -210,6 +224,8 @@ def train(args) -> dict:
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
+        pre_gate = epoch < args.gate_start_epoch
+        mode = args.mode if pre_gate or args.gate_mode is None else args.gate_mode
         started = time.perf_counter()
         sums = {k: torch.zeros((), device=device) for k in ("loss", "task", "gate", "fine", "tokens")}
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=not main_process)
@@ -217,18 +233,12 @@ def train(args) -> dict:
             images = normalize(images.to(device, non_blocking=True), bundle.mean, bundle.std)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out_ = net(images, mode=args.mode, return_gate=True,
-                           mask=random_masks(len(images), n_regions, args.gate_target, device) if epoch < args.gate_start_epoch else None)
+                out_ = net(images, mode=mode, return_gate=True, mask=random_masks(len(images), n_regions, args.gate_target, device) if pre_gate else None)
                 task = F.cross_entropy(out_.logits.float(), labels, label_smoothing=args.smoothing)
             use_gate_loss = gate_loss is not None and out_.gate.soft is not None
             gate = gate_loss(out_.gate.soft.float()) if use_gate_loss else task.new_zeros(())
             loss = task + args.gate_lambda * gate
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            opt.step()
-            schedule.step()
+            optimizer_step(loss, model, opt, schedule, args.clip_grad)
             step += 1
             batch = {"loss": loss, "task": task, "gate": gate,
                      "fine": out_.gate.hard.float().mean(), "tokens": out_.tokens.float().mean()}
@@ -259,6 +269,11 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> None:
+    from . import train_segmentation  # imported here: it builds on this module
+
+    task, argv = train_segmentation.split_task(argv)  # --task segmentation: see msvit/train_segmentation.py
+    if task == "segmentation":
+        return train_segmentation.main(argv)
     train(parse_args(argv))
 
 

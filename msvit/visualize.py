@@ -58,3 +58,42 @@ def save_grid(path, images: Tensor, masks: Tensor, coarse_patch: int, fine_patch
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def class_colours(num_classes: int):
+    """``[K, 4]`` RGBA colours, one per class: tab20's for up to 20 classes, else hues spaced evenly."""
+    import numpy as np
+
+    if num_classes <= 20:
+        return matplotlib.colormaps["tab20"](np.arange(num_classes))
+    return matplotlib.colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))
+
+
+def draw_segmentation(ax, labels: Tensor, num_classes: int, image: Optional[Tensor] = None,
+                      class_names: Optional[Sequence[str]] = None, title: Optional[str] = None, alpha: float = 0.65) -> None:
+    """labels: int ``[H, W]`` class ids in [0, K); drawn in class colours over ``image [3, H, W]``
+    (in [0, 1], optional), with a legend of the classes that occur (at most 12)."""
+    colours = class_colours(num_classes)
+    ids = labels.long().cpu().clamp(0, num_classes - 1).numpy()
+    if image is not None:
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+    ax.imshow(colours[ids], alpha=alpha if image is not None else 1.0, interpolation="nearest")
+    present = sorted(set(ids.flatten().tolist()))[:12]
+    names = class_names if class_names is not None else [str(k) for k in range(num_classes)]
+    ax.legend(handles=[Rectangle((0, 0), 1, 1, fc=colours[k]) for k in present], labels=[names[k] for k in present],
+              loc="upper right", fontsize=6, framealpha=0.7)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def save_segmentation(path, image: Tensor, mask: Tensor, labels: Tensor, coarse_patch: int, fine_patch: int,
+                      num_classes: int, class_names: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
+    """Write the mixed-scale mask and the predicted map side by side (as the paper's Fig. 13) to ``path``."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4 * image.shape[-2] / image.shape[-1]), dpi=100)
+    draw_mask(axes[0], image, mask, coarse_patch, fine_patch, title)
+    draw_segmentation(axes[1], labels, num_classes, image, class_names, "predicted map")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

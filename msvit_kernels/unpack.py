@@ -13,7 +13,6 @@ functional entry points :func:`triton_unpack_to_grid` (always the kernel) and
 triton is optional: without it (or on CPU without ``TRITON_INTERPRET=1``, which must be set before
 this module is imported) ``unpack_to_grid`` runs the reference and ``triton_unpack_to_grid`` raises.
 """
-import os
 from typing import Tuple
 
 import torch
@@ -21,14 +20,9 @@ from torch import Tensor
 
 from .reference import unpack_to_grid_reference
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional off Linux; the reference serves every device then
-    triton = None
+# The guarded triton import (optional off Linux; the reference serves every device then) is shared.
+from .tokenize import INTERPRET, KERNEL_DTYPES, tl, triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "triton", "reference")
 
 if triton is not None:

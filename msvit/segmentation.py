@@ -1,0 +1,221 @@
+"""Semantic segmentation on mixed-scale tokens: Segmenter's decoders over an MSViT (Section 4.2.1).
+
+The backbone runs packed (only the surviving tokens, varlen attention), then the tokens go back
+onto the fine grid, each coarse token replicated over the r x r fine cells it covers
+(Appendix E.1); the decoder sees an ordinary ``[B, h, w, C]`` feature map and does not change
+(Strudel et al. 2021): a per-patch linear head, or a small mask transformer over the patch tokens
+and K learned class embeddings. Logits are upsampled bilinearly to the image size.
+
+The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
+(``msvit_kernels.unpack.unpack_to_grid``).
+"""
+import json
+from pathlib import Path
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msvit_kernels.unpack import unpack_to_grid
+
+from .checkpoint import CONFIG, WEIGHTS, build_model, load_weights, save_checkpoint
+from .checks import check_choice, check_images
+from .gate import Budget, GateDecision
+from .model import MSViT
+
+DECODERS = ("linear", "mask")
+IGNORE_INDEX = 255  # label value that counts nowhere: unlabelled pixels of a label map
+
+
+class SegmenterOutput(NamedTuple):
+    """logits: ``[B, K, H, W]`` at the image size; gate: the batch's ``GateDecision`` (``soft``
+    carries the gate outputs a gate loss constrains when the gate is trainable); tokens: int64
+    ``[B]`` tokens per image the backbone processed, prefix included."""
+
+    logits: Tensor
+    gate: GateDecision
+    tokens: Tensor
+
+
+class LinearDecoder(nn.Module):
+    """Segmenter's linear decoder: one linear layer per patch. ``[B, h, w, C] -> [B, K, h, w]``."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, grid: Tensor) -> Tensor:
+        return self.head(grid).permute(0, 3, 1, 2)
+
+
+class MaskTransformerDecoder(nn.Module):
+    """Segmenter's mask transformer: ``depth`` transformer layers over the h*w patch tokens and K
+    learned class embeddings; each class's mask is the scalar product of the L2-normalised patch
+    features with the L2-normalised class features, then LayerNorm over the classes.
+
+    Args:
+        dim: encoder width C; num_classes: K; decoder_dim: the decoder's width (default C);
+        depth: transformer layers (Segmenter uses 2); heads: attention heads (default
+        decoder_dim // 64, at least 1); mlp_ratio: hidden width of the layers' MLP.
+    """
+
+    def __init__(self, dim: int, num_classes: int, *, decoder_dim: Optional[int] = None, depth: int = 2,
+                 heads: Optional[int] = None, mlp_ratio: float = 4.0):
+        super().__init__()
+        from timm.models.vision_transformer import Block  # timm's pre-norm block, as Segmenter's
+
+        width = decoder_dim or dim
+        heads = heads or max(1, width // 64)
+        if width % heads:
+            raise ValueError(f"decoder_dim {width} must be divisible by heads {heads}")
+        self.num_classes = num_classes
+        self.proj_in = nn.Linear(dim, width)
+        self.class_embed = nn.Parameter(torch.zeros(1, num_classes, width))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.proj_patch = nn.Linear(width, width, bias=False)
+        self.proj_classes = nn.Linear(width, width, bias=False)
+        self.mask_norm = nn.LayerNorm(num_classes)
+        nn.init.trunc_normal_(self.class_embed, std=0.02)
+
+    def forward(self, grid: Tensor) -> Tensor:
+        b, h, w, _ = grid.shape
+        x = torch.cat([self.proj_in(grid.flatten(1, 2)), self.class_embed.expand(b, -1, -1)], 1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        patches = F.normalize(self.proj_patch(x[:, :-self.num_classes]), dim=-1)
+        classes = F.normalize(self.proj_classes(x[:, -self.num_classes:]), dim=-1)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # [B, h*w, K]
+        return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
+
+
+class MSSegmenter(nn.Module):
+    """MSViT backbone + Segmenter decoder: images ``[B, 3, H, W]`` -> logits ``[B, K, H, W]``.
+
+    Args:
+        backbone: an ``MSViT``. Its classification head (and fc_norm) become Identity: a dense model
+            has no use for them, and unused parameters would trouble DDP and the optimizer.
+        num_classes: K.
+        decoder: ``"linear"`` or ``"mask"`` (mask transformer); decoder_kwargs: options of
+            ``MaskTransformerDecoder`` (decoder_dim, depth, heads, mlp_ratio).
+        freeze_gate: True (the paper's setting, Section 4.2.1): the gate's weights get no
+            gradient and its decisions are the eval ones (threshold or budget) even in training.
+            False: the gate trains through the straight-through tokens (Gumbel-Sigmoid samples in
+            training); add a gate loss on ``output.gate.soft``.
+        unpack_backend: ``"auto"`` (Triton on CUDA, the torch reference elsewhere), ``"triton"``
+            or ``"reference"``.
+    """
+
+    def __init__(self, backbone: MSViT, num_classes: int, decoder: str = "linear", freeze_gate: bool = True,
+                 decoder_kwargs: Optional[dict] = None, unpack_backend: str = "auto"):
+        super().__init__()
+        if not isinstance(backbone, MSViT):
+            raise TypeError(f"backbone must be an msvit.MSViT (see msvit.from_timm), got {type(backbone).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_choice("decoder", decoder, DECODERS)
+        if decoder == "linear" and decoder_kwargs:
+            raise ValueError(f"the linear decoder takes no options, got decoder_kwargs={decoder_kwargs}")
+        backbone.head = nn.Identity()
+        backbone.fc_norm = nn.Identity()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.decoder_name = decoder
+        dim = backbone.tokenizer.embed.out_features
+        self.decoder = LinearDecoder(dim, num_classes) if decoder == "linear" else \
+            MaskTransformerDecoder(dim, num_classes, **(decoder_kwargs or {}))
+        self.freeze_gate = bool(freeze_gate)
+        self.unpack_backend = unpack_backend
+        backbone.gate.requires_grad_(not self.freeze_gate)
+
+    @property
+    def gate(self) -> nn.Module:
+        """The backbone's gate (so optimizer helpers can give it its own parameter group)."""
+        return self.backbone.gate
+
+    def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> Optional[GateDecision]:
+        """The frozen gate's eval decisions (no autograd graph), or None when the backbone decides."""
+        if mask is not None or not self.freeze_gate:
+            return None  # the backbone validates the images and the mask
+        check_images(images, self.backbone.in_chans, self.backbone.tokenizer.coarse_patch)
+        with torch.no_grad():
+            return self.backbone.gate.decide(images, sample=False, budget=budget)
+
+    def forward(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None,
+                return_gate: bool = False):
+        """Segment ``images [B, C, H, W]`` (normalised; H, W multiples of the coarse patch).
+
+        mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-style
+        number (int) or fraction (float) of fine regions per image; return_gate: return a
+        ``SegmenterOutput`` instead of the logits ``[B, K, H, W]``.
+        """
+        frozen = self.decide(images, mask=mask, budget=budget)
+        given = frozen.hard if frozen is not None else mask
+        features = self.backbone.forward_features(images, mask=given, budget=None if given is not None else budget)
+        index = features.index
+        grid = unpack_to_grid(features.tokens, index.fine_to_row, features.fine_grid, backend=self.unpack_backend)
+        logits = F.interpolate(self.decoder(grid), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if not return_gate:
+            return logits
+        tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
+        return SegmenterOutput(logits, frozen if frozen is not None else features.gate, tokens)
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """int64 ``[K, K]``: entry (t, p) counts pixels of true class t predicted as p.
+
+    pred, target: integer tensors of one shape (e.g. ``[B, H, W]``); target pixels equal to
+    ``ignore_index`` (or outside [0, K)) are not counted.
+    """
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    flat = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_metrics(confusion: Tensor) -> dict:
+    """mIoU (mean over classes that occur in target or prediction), per-class IoU (None for
+    classes that never occur) and pixel accuracy from a confusion matrix ``[K, K]``."""
+    confusion = confusion.double()
+    hits = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = union > 0
+    iou = hits / union.clamp_min(1)
+    return {"miou": iou[present].mean().item() if present.any() else 0.0,
+            "pixel_acc": (hits.sum() / confusion.sum().clamp_min(1)).item(),
+            "iou": [v if p else None for v, p in zip(iou.tolist(), present.tolist())]}
+
+
+def segmenter_config(backbone_config: dict, segmenter: MSSegmenter, decoder_kwargs: Optional[dict] = None) -> dict:
+    """Checkpoint config of a segmenter: the backbone's recipe (its timm head dropped) plus ours."""
+    timm_cfg = backbone_config["timm"]
+    return {**backbone_config, "task": "segmentation",
+            "timm": {**timm_cfg, "kwargs": {**timm_cfg.get("kwargs", {}), "num_classes": 0}},
+            "segmentation": {"num_classes": segmenter.num_classes, "decoder": segmenter.decoder_name,
+                             "decoder_kwargs": decoder_kwargs or {}, "freeze_gate": segmenter.freeze_gate}}
+
+
+def save_segmenter(folder, segmenter: MSSegmenter, config: dict) -> Path:
+    """``model.safetensors`` (the segmenter's state dict) and ``config.json`` (from ``segmenter_config``)."""
+    if config.get("task") != "segmentation":
+        raise ValueError("config must come from segmenter_config (it has no 'segmentation' section)")
+    return save_checkpoint(folder, segmenter, config)
+
+
+def is_segmenter_checkpoint(folder) -> bool:
+    path = Path(folder) / CONFIG
+    return path.is_file() and json.loads(path.read_text()).get("task") == "segmentation"
+
+
+def load_segmenter(folder, map_location="cpu") -> Tuple[MSSegmenter, dict]:
+    """(segmenter in eval mode, config) from a folder written by ``save_segmenter``."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder: expected {CONFIG} and {WEIGHTS} in it")
+    config = json.loads((folder / CONFIG).read_text())
+    if config.get("task") != "segmentation":
+        raise ValueError(f"{folder} holds a classification checkpoint; load it with msvit.checkpoint.load_checkpoint")
+    segmenter = MSSegmenter(build_model(config), **config["segmentation"])
+    load_weights(segmenter, folder / WEIGHTS)
+    return segmenter.to(map_location).eval(), config

@@ -1,0 +1,171 @@
+"""Segmentation on packed mixed-scale tokens: decoders, gate freezing, gradients through the unpack,
+mIoU, the dense digits, and ``msvit train --task segmentation`` end to end (digits and a folder)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import msvit
+from msvit.checkpoint import build_model, save_checkpoint
+from msvit.data import DenseClutteredDigits
+from msvit.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_segmenter
+from msvit.train import main as train_main
+from msvit.train_segmentation import parse_args, split_task, train_segmentation
+from msvit_kernels import unpack
+from helpers import tiny_vit
+
+TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})
+
+
+def segmenter(decoder="linear", freeze_gate=True, **kwargs):
+    backbone = msvit.from_timm(tiny_vit(img_size=(32, 64)), init_logit=0.0)
+    return MSSegmenter(backbone, 5, decoder=decoder, freeze_gate=freeze_gate, **kwargs)
+
+
+@pytest.mark.parametrize("decoder, kwargs", [("linear", {}), ("mask", {"decoder_kwargs": {"depth": 1, "heads": 2}})])
+def test_decoders_give_logits_at_the_image_size(decoder, kwargs):
+    model = segmenter(decoder, **kwargs).eval()
+    images = torch.randn(3, 3, 32, 64)
+    out = model(images, return_gate=True)
+    assert out.logits.shape == (3, 5, 32, 64)
+    assert torch.equal(out.gate.hard, model.backbone.gate_mask(images))
+    assert torch.equal(out.tokens, model.backbone.tokens_per_image(out.gate.hard))
+    assert model(images, mask=torch.ones(3, 8, dtype=torch.bool)).shape == (3, 5, 32, 64)
+
+
+def test_frozen_gate_gets_no_gradient_and_keeps_eval_decisions_while_the_backbone_learns():
+    model = segmenter(freeze_gate=True).train()
+    images = torch.randn(2, 3, 32, 64)
+    out = model(images, return_gate=True)
+    out.logits.square().mean().backward()
+    assert all(p.grad is None for p in model.backbone.gate.parameters())
+    assert torch.equal(out.gate.hard, model.backbone.gate_mask(images))  # no Gumbel sampling
+    assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # through the unpack
+    assert model.backbone.tokenizer.embed.weight.grad.abs().sum() > 0
+    assert isinstance(model.backbone.head, torch.nn.Identity)
+
+
+def test_trainable_gate_gets_gradient_and_returns_soft_outputs():
+    model = segmenter(freeze_gate=False).train()
+    out = model(torch.randn(2, 3, 32, 64), return_gate=True)
+    assert out.gate.soft is not None and out.gate.soft.requires_grad
+    (out.logits.square().mean() + out.gate.soft.mean()).backward()
+    assert model.backbone.gate.fc1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(bool(unpack.triton_support(torch.empty(1, 1))), reason="triton kernel cannot run here")
+def test_triton_unpack_gives_the_same_segmentation():
+    model = segmenter().eval()
+    images, mask = torch.randn(2, 3, 32, 64), torch.rand(2, 8) < 0.5
+    model.unpack_backend = "reference"
+    expected = model(images, mask=mask)
+    model.unpack_backend = "triton"
+    assert torch.equal(model(images, mask=mask), expected)
+
+
+def test_bad_arguments_fail_clearly():
+    backbone = msvit.from_timm(tiny_vit())
+    with pytest.raises(ValueError, match="unknown decoder"):
+        MSSegmenter(backbone, 3, decoder="fpn")
+    with pytest.raises(ValueError, match="num_classes"):
+        MSSegmenter(backbone, 0)
+    with pytest.raises(TypeError, match="msvit.MSViT"):
+        MSSegmenter(tiny_vit(), 3)
+    with pytest.raises(ValueError, match="multiple of the coarse patch size 16"):
+        MSSegmenter(backbone, 3)(torch.randn(1, 3, 40, 64))
+
+
+def test_confusion_matrix_and_miou():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
+    confusion = confusion_matrix(pred, target, 4)
+    assert confusion.sum() == 7 and confusion[0, 0] == 1 and confusion[1, 1] == 3 and confusion[2, 0] == 1
+    metrics = iou_metrics(confusion)
+    assert metrics["iou"] == [pytest.approx(1 / 3), pytest.approx(3 / 4), pytest.approx(1 / 2), None]
+    assert metrics["miou"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert metrics["pixel_acc"] == pytest.approx(5 / 7)
+
+
+def test_dense_digits_label_digit_pixels_with_one_plus_the_class():
+    ds = DenseClutteredDigits(3, 48, seed=2)
+    for i in range(3):
+        image, label_map = ds[i]
+        sample = ds.sample(i)
+        assert image.shape == (3, 48, 48) and label_map.dtype == torch.int64 and label_map.shape == (48, 48)
+        assert torch.equal(label_map, torch.where(sample.mask, sample.label + 1, 0))
+    assert len(DenseClutteredDigits.classes) == 11
+
+
+def tiny_args(out, *extra):
+    return ["--task", "segmentation", "--train-size", "256", "--val-size", "64", "--batch-size", "32",
+            "--image-size", "32", "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16",
+            "--out", str(out), *extra]
+
+
+def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path):
+    train_main(tiny_args(tmp_path, "--epochs", "3", "--lr", "2e-3", "--warmup-epochs", "0.5", "--budget", "0.5"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["train_task"] < 0.5 * rows[0]["train_task"]
+    assert 0 < rows[-1]["val_miou"] <= 1 and "val_iou_background" in rows[-1]
+    assert rows[-1]["val_fine_rate"] == 0.5  # the budget: 2 of 4 regions fine
+    model, config = load_segmenter(tmp_path)
+    assert config["task"] == "segmentation" and config["segmentation"]["num_classes"] == 11
+    images = torch.randn(2, 3, 32, 32)
+    fresh, _ = load_segmenter(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(images), fresh(images))
+
+
+def test_mask_decoder_with_a_trainable_gate_trains(tmp_path):
+    args = parse_args(tiny_args(tmp_path, "--decoder", "mask", "--decoder-depth", "1", "--no-freeze-gate",
+                                "--gate-loss", "l0", "--epochs", "1", "--max-steps", "3")[2:])
+    metrics = train_segmentation(args)
+    assert metrics["step"] == 3 and metrics["train_gate"] > 0
+
+
+def test_init_from_a_classification_checkpoint_keeps_its_backbone(tmp_path):
+    config = {"timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32,
+                                                                   "num_classes": 10}},
+              "msvit": {"coarse_patch_size": 16, "hidden": 16}}
+    classifier = build_model(config)
+    save_checkpoint(tmp_path / "cls", classifier, config)
+    train_main(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls"), "--epochs", "1", "--max-steps", "1",
+                         "--lr", "0"))
+    model, saved = load_segmenter(tmp_path / "seg")
+    assert saved["timm"]["kwargs"]["num_classes"] == 0 and saved["msvit"] == config["msvit"]
+    assert torch.equal(model.backbone.blocks[0].mlp.fc1.weight, classifier.blocks[0].mlp.fc1.weight)
+    assert torch.equal(model.backbone.gate.fc1.weight, classifier.gate.fc1.weight)  # frozen
+
+
+def write_pair(folder, name, size, values):
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(name))
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / "images" / f"{name}.png")
+    Image.fromarray(rng.choice(values, size).astype(np.uint8)).save(folder / "labels" / f"{name}.png")
+
+
+def test_folder_of_image_label_pairs_trains(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for i in range(4):
+            write_pair(root / split, f"{split}{i}", (40, 50), [0, 1, 2, 255])
+    (root / "classes.txt").write_text("sky\nroad\ncar\n")
+    train_main(tiny_args(tmp_path / "run", "--data", str(root), "--epochs", "1", "--batch-size", "2"))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["step"] == 2 and {"val_iou_sky", "val_iou_road", "val_iou_car"} <= set(row)
+    write_pair(root / "train", "bad", (40, 50), [0, 7])
+    with pytest.raises(ValueError, match="label 7 is not a class id below 3"):
+        train_main(tiny_args(tmp_path / "run2", "--data", str(root), "--epochs", "1", "--batch-size", "5"))
+
+
+def test_task_option_parsing():
+    assert split_task(["--lr", "1", "--task", "segmentation"]) == ("segmentation", ["--lr", "1"])
+    assert split_task(["--task=classification", "--epochs", "2"]) == ("classification", ["--epochs", "2"])
+    with pytest.raises(SystemExit, match="--task must be one of"):
+        split_task(["--task", "detection"])
+    with pytest.raises(SystemExit):
+        parse_args(["--mode", "masked"])
