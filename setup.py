@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["msvit", "msvit.*", "msvit_kernels", "msvit_kernels.*"]),
-    package_data={"msvit": ["pretrained/*"]},
+    package_data={"msvit": ["pretrained/*/*"]},
     install_requires=read_requirements("requirements.txt"),
     extras_require={
         "dev": read_requirements("requirements-dev.txt"),
