@@ -115,9 +115,8 @@ def trained_gate_demo(out: Path, n_heldout: int) -> None:
     options = {"digit_scale": tuple(data["digit_scale"])} if data.get("digit_scale") else {}
     digits = ClutteredDigits(n_heldout, size, seed=10_000, split="val", **options)  # unseen source digits and renders
     heldout = materialize(digits, "held-out digits", True)
-    boxes = torch.tensor([digits.box(i) for i in range(len(digits))])
     loader = torch.utils.data.DataLoader(heldout, batch_size=100)
-    metrics = evaluate(model, loader, data["mean"], data["std"], "cpu", boxes=boxes)
+    metrics = evaluate(model, loader, data["mean"], data["std"], "cpu", boxes=heldout.boxes)
     print(f"\nshipped cluttered-digits model ({size[0]}x{size[1]}px, {n_heldout} held-out images of unseen digits):")
     print(f"  top-1 {metrics['top1']:.1%}; {metrics['tokens_per_image']:.1f} tokens/image "
           f"(all-fine: {model.tokens_per_image(torch.ones(1, (size[0] // 16) * (size[1] // 16), dtype=torch.bool)).item()}); "

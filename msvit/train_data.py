@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -40,17 +41,40 @@ def train_transform(crop: str, size: Tuple[int, int], hflip: bool):
     return v2.Compose(steps) if steps else None
 
 
-class InMemoryImages(Dataset):
-    """uint8 images ``[N, 3, H, W]`` and labels ``[N]`` held in memory; items are float [0, 1]."""
+def shift_inside(image: Tensor, box: Tensor, limit: int) -> Tensor:
+    """``image`` [C, H, W] translated by a random integer offset of at most ``limit`` px per axis,
+    chosen so that ``box`` (y0, x0, y1, x1), end exclusive, stays inside; uncovered borders repeat
+    the edge pixels (the digits' backgrounds are smooth ramps)."""
+    h, w = image.shape[-2:]
+    y0, x0, y1, x1 = (int(v) for v in box)
+    dy = int(torch.randint(max(-limit, -y0), min(limit, h - y1) + 1, ()))
+    dx = int(torch.randint(max(-limit, -x0), min(limit, w - x1) + 1, ()))
+    if dy == 0 and dx == 0:
+        return image
+    padded = F.pad(image[None], (limit, limit, limit, limit), mode="replicate")[0]
+    return padded[:, limit - dy:limit - dy + h, limit - dx:limit - dx + w]
 
-    def __init__(self, images: Tensor, labels: Tensor, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
+
+class InMemoryImages(Dataset):
+    """uint8 images ``[N, 3, H, W]`` and labels ``[N]`` held in memory; items are float [0, 1].
+
+    boxes: optional int ``[N, 4]`` object boxes (y0, x0, y1, x1), end exclusive. With ``shift`` > 0
+    every item is translated at random by up to ``shift`` px (``shift_inside``), never pushing its
+    box out of the image: the same render then shows up at new positions each epoch.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform=None, boxes: Optional[Tensor] = None, shift: int = 0):
+        if shift and boxes is None:
+            raise ValueError("shift augmentation needs the object boxes, to keep the objects inside the image")
+        self.images, self.labels, self.transform, self.boxes, self.shift = images, labels, transform, boxes, shift
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i):
         image = self.images[i].float() / 255
+        if self.shift:
+            image = shift_inside(image, self.boxes[i], self.shift)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[i])
@@ -60,16 +84,20 @@ def materialize(ds: ClutteredDigits, desc: str, show: bool) -> InMemoryImages:
     """Generate every image once (generation costs ~0.4 ms; an epoch then costs nothing)."""
     images = torch.empty(len(ds), 3, *ds.image_size, dtype=torch.uint8)
     labels = torch.empty(len(ds), dtype=torch.long)
+    boxes = torch.empty(len(ds), 4, dtype=torch.long)
     for i in tqdm(range(len(ds)), desc=desc, unit="img", disable=not show, leave=False):
-        image, labels[i] = ds[i]
-        images[i] = (image * 255).round().to(torch.uint8)
-    return InMemoryImages(images, labels)
+        sample = ds.sample(i)
+        image = ds.transform(sample.image) if ds.transform is not None else sample.image
+        images[i], labels[i], boxes[i] = (image * 255).round().to(torch.uint8), sample.label, torch.tensor(sample.box)
+    return InMemoryImages(images, labels, boxes=boxes)
 
 
 def build_data(data: str, image_size: int, crop: str, hflip: Optional[bool], train_size: int, val_size: int,
-               seed: int, show: bool, digit_scale=None) -> DataBundle:
+               seed: int, show: bool, digit_scale=None, shift: int = 0) -> DataBundle:
     """The train and val datasets of ``data`` (``cluttered-digits`` or an ImageFolder root with
-    ``train/`` and ``val/`` sub-folders)."""
+    ``train/`` and ``val/`` sub-folders). ``shift``: digits only, see ``InMemoryImages``."""
+    if shift and data != DIGITS:
+        raise ValueError(f"shift augmentation needs object boxes: only --data {DIGITS} has them")
     size = (image_size, image_size)
     if data == DIGITS:
         options = {"digit_scale": tuple(digit_scale)} if digit_scale else {}
@@ -77,8 +105,8 @@ def build_data(data: str, image_size: int, crop: str, hflip: Optional[bool], tra
         val_digits = ClutteredDigits(val_size, size, seed=seed + 1, split="val", **options)
         val = materialize(val_digits, "generating val", show)
         train.transform = train_transform(crop, size, bool(hflip))  # digits are not mirror-symmetric
-        boxes = torch.tensor([val_digits.box(i) for i in range(len(val_digits))])
-        return DataBundle(train, val, list(range(10)), size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), boxes)
+        train.shift = shift
+        return DataBundle(train, val, list(range(10)), size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), val.boxes)
     root = Path(data)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise FileNotFoundError(f"--data must be {DIGITS!r} or a folder with train/ and val/ ImageFolder trees; got {data}")

@@ -125,3 +125,27 @@ def test_bad_index_raises():
         ds[1.0]
     with pytest.raises(TypeError):
         ClutteredDigits(4, 32, transform="flip")
+
+
+def test_shift_augmentation_keeps_the_digit_inside_and_moves_it():
+    """Each draw moves the image by at most `limit` px and never pushes the box out of frame."""
+    from msvit.train_data import InMemoryImages, shift_inside
+
+    image = torch.zeros(1, 16, 16)
+    image[0, 1:4, 10:15] = 1.0  # the "digit": rows 1..3, cols 10..14, near the top-right corner
+    box = torch.tensor([1, 10, 4, 15])
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(200):
+        moved = shift_inside(image, box, limit=4)
+        assert moved.shape == image.shape and moved.sum() == image.sum()  # all 15 digit pixels still inside
+        ys, xs = torch.nonzero(moved[0] == 1.0, as_tuple=True)
+        dy, dx = int(ys.min()) - 1, int(xs.min()) - 10
+        assert -1 <= dy <= 4 and -4 <= dx <= 1  # bounded by the limit and by the image edges
+        offsets.add((dy, dx))
+    assert len(offsets) > 20  # and it really moves
+    data = InMemoryImages((image * 255).to(torch.uint8).expand(3, 3, 16, 16).clone(), torch.zeros(3, dtype=torch.long),
+                          boxes=box.expand(3, 4), shift=4)
+    assert data[0][0].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="boxes"):
+        InMemoryImages(data.images, data.labels, shift=2)

@@ -24,6 +24,18 @@ def test_l0_zero_at_or_below_target():
     assert l0_loss(torch.tensor([[0.9, 0.7], [0.1, 0.1]]), 0.5).item() == pytest.approx(0.15)  # (0.3 + 0) / 2
 
 
+def test_two_sided_l0_pins_the_batch_rate_from_both_sides():
+    low = torch.full((3, 4), 0.1, requires_grad=True)
+    high = torch.full((3, 4), 0.6, requires_grad=True)
+    assert l0_loss(low, 0.25).item() == 0.0  # the hinge gives a sparse gate nothing back
+    assert l0_loss(low, 0.25, two_sided=True).item() == pytest.approx(0.15)
+    l0_loss(low, 0.25, two_sided=True).backward()
+    l0_loss(high, 0.25, two_sided=True).backward()
+    assert (low.grad < 0).all() and (high.grad > 0).all()  # descent raises the low rate, lowers the high one
+    mixed = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # batch mean 0.25: on target
+    assert l0_loss(mixed, 0.25, two_sided=True).item() == 0.0
+
+
 def test_l0_gradient_lowers_excess():
     m = torch.rand(4, 16, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.5
     m.requires_grad_(True)

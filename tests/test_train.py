@@ -31,6 +31,7 @@ def test_short_training_run_learns_and_moves_the_gate(tmp_path):
     assert len(rows) == 4
     assert rows[-1]["train_task"] < rows[0]["train_task"]
     assert rows[-1]["train_fine"] < rows[0]["train_fine"] - 0.05
+    assert 0 < rows[0]["wall_seconds"] < rows[-1]["wall_seconds"]  # the whole run's clock, for the time budget
     assert (tmp_path / "metrics.csv").read_text().startswith("epoch,")
     model, config = load_checkpoint(tmp_path)
     assert config["timm"]["kwargs"]["num_classes"] == 10 and isinstance(model, msvit.MSViT)
@@ -46,6 +47,15 @@ def test_batch_shaping_losses_train(tmp_path, loss):
 def test_baseline_modes_train(tmp_path, mode):
     metrics = train(small_run(tmp_path, "--epochs", "1", "--mode", mode, "--max-steps", "2"))
     assert metrics["step"] == 2
+
+
+def test_gate_mode_epochs_switch_back_to_the_training_mode(tmp_path):
+    """Random masks first, then --gate-mode for --gate-mode-epochs, then --mode again."""
+    train(small_run(tmp_path, "--epochs", "4", "--gate-start-epoch", "1", "--gate-mode", "masked",
+                    "--gate-mode-epochs", "2", "--train-size", "64"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["gate_trains"]) for r in rows] == [
+        ("packed", False), ("masked", True), ("masked", True), ("packed", True)]
 
 
 def test_resume_continues_from_the_last_epoch(tmp_path):
