@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(0: until the end). A short masked phase places the gate; packed epochs after it are cheaper")
     p.add_argument("--gate-loss", choices=["gbas", "bas", "l0", "l0-two-sided", "none"], default="gbas",
                    help="l0-two-sided pins the batch's fine rate at g* from both sides (msvit.losses.l0_loss)")
+    p.add_argument("--gate-loss-input", choices=["samples", "probs"], default="samples",
+                   help="what the gate loss sees: the Gumbel-Sigmoid samples m (the paper), or the noise-free "
+                        "probabilities sigmoid(logit), whose gradient does not vanish where the samples saturate")
     p.add_argument("--gate-lambda", type=float, default=4.0)
     p.add_argument("--gate-target", type=float, default=0.25, help="g*: target fraction of fine regions")
     p.add_argument("--gbas-sigma", type=float, default=0.1)
@@ -188,6 +191,11 @@ def random_masks(batch: int, n_regions: int, target: float, device) -> torch.Ten
     return torch.rand(batch, n_regions, device=device) < rate
 
 
+def gate_loss_input(args, decision) -> torch.Tensor:
+    """float32 [B, Nc]: the soft samples m, or sigmoid(logits) with --gate-loss-input probs."""
+    return (torch.sigmoid(decision.logits) if args.gate_loss_input == "probs" else decision.soft).float()
+
+
 def after_gate_mode(args, epoch: int) -> bool:
     """True once the --gate-mode-epochs that follow --gate-start-epoch are over."""
     return args.gate_mode_epochs > 0 and epoch >= args.gate_start_epoch + args.gate_mode_epochs
@@ -254,7 +262,7 @@ def train(args) -> dict:
                 out_ = net(images, mode=mode, return_gate=True, mask=random_masks(len(images), n_regions, args.gate_target, device) if pre_gate else None)
                 task = F.cross_entropy(out_.logits.float(), labels, label_smoothing=args.smoothing)
             use_gate_loss = gate_loss is not None and out_.gate.soft is not None
-            gate = gate_loss(out_.gate.soft.float()) if use_gate_loss else task.new_zeros(())
+            gate = gate_loss(gate_loss_input(args, out_.gate)) if use_gate_loss else task.new_zeros(())
             loss = task + args.gate_lambda * gate
             optimizer_step(loss, model, opt, schedule, args.clip_grad)
             step += 1

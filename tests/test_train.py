@@ -58,6 +58,12 @@ def test_gate_mode_epochs_switch_back_to_the_training_mode(tmp_path):
         ("packed", False), ("masked", True), ("masked", True), ("packed", True)]
 
 
+def test_gate_loss_on_probabilities_trains_the_gate(tmp_path):
+    metrics = train(small_run(tmp_path, "--epochs", "1", "--gate-loss", "l0-two-sided", "--gate-loss-input", "probs",
+                              "--max-steps", "3"))
+    assert metrics["train_gate"] > 0  # all-fine start vs g* 0.25: the pinned rate is off target
+
+
 def test_resume_continues_from_the_last_epoch(tmp_path):
     train(small_run(tmp_path, "--epochs", "1"))
     train(small_run(tmp_path, "--epochs", "2", "--resume"))
