@@ -9,11 +9,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 python -c "import torch, triton, timm; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, timm {timm.__version__}'); print(torch.cuda.get_device_name())" || exit 1
 
+LOGS="${OUT:-$(mktemp -d)}"; mkdir -p "$LOGS"; echo "full logs: $LOGS"
 status=0
 echo "== GPU tests (compiled kernels) =="
-python -m pytest tests -m gpu -q -p no:cacheprovider -rs 2>&1 | tail -25 || status=1
+python -m pytest tests -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25; [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== timed benchmark study =="
-python -m pytest bench --benchmark -q -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tail -40 || status=1
+python -m pytest bench --benchmark -q -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$LOGS/bench.log" | tail -40; [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/bench-results" && cp -r bench/results/cuda-* "$OUT/bench-results/" 2>/dev/null
