@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from msvit_kernels import tokenize
-from msvit_kernels.reference import unpack_to_grid_reference
+from msvit_kernels.unpack import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.varlen import MixedScaleIndex
 
 from .checks import KERNELS, MODES, check_choice, check_images, check_mask
@@ -48,10 +48,14 @@ class GridFeatures(NamedTuple):
     prefix: Tensor
 
 
-def unpack_to_grid(features: PackedFeatures) -> GridFeatures:
-    """Packed features -> fine-grid features for dense heads (Appendix E.1); differentiable."""
+def unpack_to_grid(features: PackedFeatures, *, backend: str = "auto") -> GridFeatures:
+    """Packed features -> fine-grid features for dense heads (Appendix E.1); differentiable.
+
+    backend: as in ``msvit_kernels.unpack.unpack_to_grid``: "auto" (the Triton kernel on CUDA, the
+    torch reference elsewhere), "triton" or "reference".
+    """
     index = features.index
-    grid = unpack_to_grid_reference(features.tokens, index.fine_to_row, features.fine_grid)
+    grid = unpack_tokens_to_grid(features.tokens, index.fine_to_row, features.fine_grid, backend=backend)
     return GridFeatures(grid, features.tokens[index.prefix_rows])
 
 

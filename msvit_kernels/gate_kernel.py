@@ -1,19 +1,28 @@
-"""The scale gate as one Triton kernel: region pixels -> 4-layer MLP -> logit (-> Gumbel-Sigmoid).
+"""The scale gate in Triton: region pixels -> 4-layer MLP -> logit (-> Gumbel-Sigmoid).
 
-Each program takes BLOCK_R coarse regions (flat over the batch), gathers their ``S_c x S_c x C``
-pixels straight from the NCHW image in (C, S, S) order, and runs
-``gelu(x W1^T + b1 + pos) -> gelu(. W2^T + b2) -> gelu(. W3^T + b3) -> . w4 + b4`` with ``tl.dot``.
-Layer 1 streams W1 in BLOCK_K slices (3072 x 106 at 32px regions does not fit on chip); W2, W3
-and w4 stay in registers for the whole program. The hidden width (106 by default) is padded to a
-power of two with zero-masked weights: a padded unit is gelu(0) = 0 and adds nothing.
+One layer-wise kernel, launched once per hidden layer. A program owns BLOCK_R coarse regions (flat
+over the batch) and the whole (padded) hidden width, and streams its input and the layer's weight
+in BLOCK_K slices, so it holds one ``[BLOCK_R, HID]`` fp32 accumulator and one ``[BLOCK_K, HID]``
+weight slice at a time, never a whole weight matrix:
+
+1. ``GATHER``: the input is each region's ``S_c x S_c x C`` pixels, read straight from the NCHW
+   image in (C, S, S) order; epilogue ``+ b1 + pos``, the pre-activation ``a1`` saved for the
+   backward when training, ``gelu``.
+2. the same on layer 1's output (``W2``), then on layer 2's (``W3``) with the ``HEAD`` epilogue:
+   ``. w4 + b4`` in fp32 -> logit (and, with caller-supplied logistic noise, the Gumbel-Sigmoid
+   ``soft = sigmoid((logit + noise) / tau)`` and ``hard = soft > 0.5``: ``msvit.gate.gumbel_sigmoid``
+   in the same launch, reproducible).
+
+Between layers the activations travel through global memory in the weights' dtype (``[R, hidden]``,
+6 MB at ViT-S batch 256): that is the rounding the matmul inputs always had. The design replaces a
+single kernel that kept W2 and W3 in registers: it spilled 5-100 KB per thread on sm_70/75 and
+took up to minutes to compile (docs/design.md, compile report). The hidden width (106 by default)
+is padded to a power of two with zero-masked weights: a padded unit is gelu(0) = 0 and adds nothing.
 Its oracle is ``reference.gate_mlp_reference`` (exact erf GELU on both sides, see tokenize.py).
 
-With caller-supplied logistic noise the kernel also writes ``soft = sigmoid((logit + noise) / tau)``
-and ``hard = soft > 0.5`` (``msvit.gate.gumbel_sigmoid`` in one launch, reproducible).
-
-Backward (torch, fp32): the kernel saves the layer-1 pre-activation ``a1`` ``[R, hidden]`` when a
-gate parameter needs a gradient; layers 2-4 are recomputed from it (hidden^2 MACs, 4% of the gate)
-and W1's gradient is ``dA1^T @ regions`` on re-gathered region pixels. No gradient reaches pixels.
+Backward (torch, fp32): layers 2-4 are recomputed from the saved ``a1`` ``[R, hidden]`` (hidden^2
+MACs, 4% of the gate) and W1's gradient is ``dA1^T @ regions`` on re-gathered region pixels. No
+gradient reaches pixels.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -22,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .launch import TritonKernel
 from .reference import patchify
-from .tokenize import INTERPRET, check_launchable, dot_precision, patch_features, tl, triton
+from .tokenize import check_launchable, dot_precision, patch_features, tl, triton
 
-MAX_HIDDEN = 128  # W2 and W3 are held in registers as HID x HID tiles
+MAX_HIDDEN = 128  # one program holds a [BLOCK_R, hidden] accumulator
 
 if triton is not None:
 
@@ -34,82 +44,79 @@ if triton is not None:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
     @triton.jit
-    def _hidden_layer(h, W, B, stride_out, stride_in, hidden, HID: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """gelu(h @ W^T + b) for h fp32 ``[BLOCK_R, HID]``; W ``[hidden, hidden]`` loaded transposed."""
-        offs_in = tl.arange(0, HID)
-        offs_out = tl.arange(0, HID)
-        mask = (offs_in[:, None] < hidden) & (offs_out[None, :] < hidden)
-        wt = tl.load(W + offs_out[None, :] * stride_out + offs_in[:, None] * stride_in, mask=mask, other=0.0)
-        bias = tl.load(B + offs_out, mask=offs_out < hidden, other=0.0).to(tl.float32)
-        a = tl.dot(h.to(wt.dtype), wt, input_precision=DOT_PRECISION) + bias[None, :]
-        return _gelu(a)
-
-    @triton.jit
-    def _gate_kernel(
-        IMG, W1, B1, POS, W2, B2, W3, B3, W4, B4, NOISE, LOGITS, SOFT, HARD, A1,
+    def _gate_layer_kernel(
+        X, IMG, W, B, POS, W4, B4, NOISE, PRE, OUT, LOGITS, SOFT, HARD,
         n_regions, n_coarse, grid_w, hidden, inv_temperature,
-        stride_ib, stride_ic, stride_ih, stride_iw,
-        stride_w1o, stride_w1i, stride_pr, stride_ph,
-        stride_w2o, stride_w2i, stride_w3o, stride_w3i, stride_w4i,
-        REGION: tl.constexpr, K_IN: tl.constexpr, HID: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_NOISE: tl.constexpr, SAVE_A1: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        stride_xr, stride_ib, stride_ic, stride_ih, stride_iw,
+        stride_wo, stride_wi, stride_pr, stride_ph, stride_w4i,
+        K: tl.constexpr, REGION: tl.constexpr, HID: tl.constexpr,
+        GATHER: tl.constexpr, HEAD: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_PRE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """One program: BLOCK_R regions. Region r is image r // n_coarse, raster cell r % n_coarse."""
+        """One program: ``gelu(x W^T + b [+ pos])`` of BLOCK_R regions; region r is image
+        r // n_coarse, raster cell r % n_coarse. x: the regions' pixels (GATHER) or rows of X."""
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < n_regions
-        image = (offs_r // n_coarse).to(tl.int64)  # B * stride_b may pass 2**31
+        rows = offs_r.to(tl.int64)  # B * stride_b may pass 2**31
         cell = offs_r % n_coarse
-        y0 = (cell // grid_w) * REGION
-        x0 = (cell % grid_w) * REGION
-        base = IMG + image * stride_ib + y0 * stride_ih + x0 * stride_iw
         offs_h = tl.arange(0, HID)
         mask_h = offs_h < hidden
+        if GATHER:
+            y0 = (cell // grid_w) * REGION
+            x0 = (cell % grid_w) * REGION
+            base = IMG + (rows // n_coarse) * stride_ib + y0 * stride_ih + x0 * stride_iw
 
         acc = tl.zeros([BLOCK_R, HID], dtype=tl.float32)
-        for k0 in range(0, K_IN, BLOCK_K):
-            offs_k, mask_k, chan, py, px = patch_features(k0, K_IN, REGION, BLOCK_K)
-            pix = tl.load(base[:, None] + (chan * stride_ic + py * stride_ih + px * stride_iw)[None, :],
-                          mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            w1t = tl.load(W1 + offs_h[None, :] * stride_w1o + offs_k[:, None] * stride_w1i,
-                          mask=mask_h[None, :] & mask_k[:, None], other=0.0)
-            acc += tl.dot(pix.to(w1t.dtype), w1t, input_precision=DOT_PRECISION)
+        for k0 in range(0, K, BLOCK_K):
+            if GATHER:
+                offs_k, mask_k, chan, py, px = patch_features(k0, K, REGION, BLOCK_K)
+                x_ptr = base[:, None] + (chan * stride_ic + py * stride_ih + px * stride_iw)[None, :]
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                x_ptr = X + rows[:, None] * stride_xr + offs_k[None, :]
+            x = tl.load(x_ptr, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(W + offs_h[None, :] * stride_wo + offs_k[:, None] * stride_wi,
+                         mask=mask_h[None, :] & mask_k[:, None], other=0.0)
+            acc += tl.dot(x.to(wt.dtype), wt, input_precision=DOT_PRECISION)
 
-        bias1 = tl.load(B1 + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-        pos = tl.load(POS + cell[:, None] * stride_pr + offs_h[None, :] * stride_ph,
-                      mask=mask_r[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
-        a1 = acc + bias1[None, :] + pos
-        if SAVE_A1:
-            tl.store(A1 + offs_r.to(tl.int64)[:, None] * hidden + offs_h[None, :], a1,
-                     mask=mask_r[:, None] & mask_h[None, :])
-        h = _hidden_layer(_gelu(a1), W2, B2, stride_w2o, stride_w2i, hidden, HID, DOT_PRECISION)
-        h = _hidden_layer(h, W3, B3, stride_w3o, stride_w3i, hidden, HID, DOT_PRECISION)
-        w4 = tl.load(W4 + offs_h * stride_w4i, mask=mask_h, other=0.0).to(tl.float32)
-        logit = tl.sum(h * w4[None, :], 1) + tl.load(B4).to(tl.float32)
-        logit = logit.to(LOGITS.dtype.element_ty)
-        tl.store(LOGITS + offs_r, logit, mask=mask_r)
-        if HAS_NOISE:
-            noise = tl.load(NOISE + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-            # from the rounded logit and rounded soft, as the torch Gumbel-Sigmoid sees them
-            soft = tl.sigmoid((logit.to(tl.float32) + noise) * inv_temperature).to(SOFT.dtype.element_ty)
-            tl.store(SOFT + offs_r, soft, mask=mask_r)
-            tl.store(HARD + offs_r, (soft.to(tl.float32) > 0.5).to(tl.uint8), mask=mask_r)
+        mask = mask_r[:, None] & mask_h[None, :]
+        acc += tl.load(B + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        if GATHER:
+            acc += tl.load(POS + cell[:, None] * stride_pr + offs_h[None, :] * stride_ph, mask=mask,
+                           other=0.0).to(tl.float32)
+        if SAVE_PRE:
+            tl.store(PRE + rows[:, None] * hidden + offs_h[None, :], acc, mask=mask)
+        h = _gelu(acc)
+        if HEAD:
+            w4 = tl.load(W4 + offs_h * stride_w4i, mask=mask_h, other=0.0).to(tl.float32)
+            logit = tl.sum(h * w4[None, :], 1) + tl.load(B4).to(tl.float32)
+            logit = logit.to(LOGITS.dtype.element_ty)
+            tl.store(LOGITS + offs_r, logit, mask=mask_r)
+            if HAS_NOISE:
+                noise = tl.load(NOISE + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+                # from the rounded logit and rounded soft, as the torch Gumbel-Sigmoid sees them
+                soft = tl.sigmoid((logit.to(tl.float32) + noise) * inv_temperature).to(SOFT.dtype.element_ty)
+                tl.store(SOFT + offs_r, soft, mask=mask_r)
+                tl.store(HARD + offs_r, (soft.to(tl.float32) > 0.5).to(tl.uint8), mask=mask_r)
+        else:
+            tl.store(OUT + rows[:, None] * hidden + offs_h[None, :], h.to(OUT.dtype.element_ty), mask=mask)
 
 
-# GPU tiles are autotuned over these (unmeasured so far: no GPU in the session that wrote them).
-# W2 and W3 tiles are HID x HID (128 x 128 for hidden 106): 8 warps keep them in registers.
+def _fp32_on_volta_turing(capability: int, meta: dict) -> bool:
+    return meta["DOT_PRECISION"] == "ieee" and capability < 80
+
+
+# The compile report (bench/results/compile) holds every one of these at zero spills on
+# sm_70 .. sm_90; 64 regions x 128 hidden in fp32 is 32 KB of accumulator per program, so sm_70/75
+# fp32 (FMA dots, no tensor cores) keep to 32-region tiles.
 _CONFIGS = [] if triton is None else [
-    triton.Config({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_R": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_R": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+    (triton.Config({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2), None),
+    (triton.Config({"BLOCK_R": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+     lambda cap, meta: not _fp32_on_volta_turing(cap, meta)),
 ]
-if triton is None:
-    _launch_gate = None
-elif INTERPRET:  # one program at a time: few, large programs
-    _launch_gate, _META = _gate_kernel, {"BLOCK_R": 64, "BLOCK_K": 64}
-else:  # the kernel only writes what it never reads, so timing a config in place is harmless
-    _launch_gate, _META = triton.autotune(_CONFIGS, key=["K_IN", "HID"])(_gate_kernel), {}
+_GATE = None if triton is None else TritonKernel(
+    _gate_layer_kernel, _CONFIGS, key=["K", "HID", "GATHER"], interpret_meta={"BLOCK_R": 64, "BLOCK_K": 64})
 
 
 def _gate_forward(images: Tensor, region_size: int, weights: Tuple[Tensor, ...], noise: Optional[Tensor],
@@ -119,8 +126,8 @@ def _gate_forward(images: Tensor, region_size: int, weights: Tuple[Tensor, ...],
     check_launchable(images)
     w1, b1, pos, w2, b2, w3, b3, w4, b4 = weights
     batch, chans, height, width = images.shape
-    grid = (height // region_size, width // region_size)
-    n_coarse, hidden = grid[0] * grid[1], w1.shape[0]
+    grid_h, grid_w = height // region_size, width // region_size
+    n_coarse, hidden = grid_h * grid_w, w1.shape[0]
     if hidden > MAX_HIDDEN:
         raise ValueError(f"the Triton gate supports hidden <= {MAX_HIDDEN}, got {hidden}; use kernels='torch'")
     n_regions = batch * n_coarse
@@ -131,14 +138,19 @@ def _gate_forward(images: Tensor, region_size: int, weights: Tuple[Tensor, ...],
     if n_regions == 0:
         return logits, soft, hard.view(torch.bool), a1
     noise_arg = noise.contiguous() if noise is not None else logits  # never read without HAS_NOISE
-    _launch_gate[lambda meta: (triton.cdiv(n_regions, meta["BLOCK_R"]),)](
-        images, w1, b1, pos, w2, b2, w3, b3, w4, b4, noise_arg, logits, soft, hard, a1,
-        n_regions, n_coarse, grid[1], hidden, 1.0 / temperature,
-        *images.stride(), *w1.stride(), *pos.stride(), *w2.stride(), *w3.stride(), w4.stride(1),
-        REGION=region_size, K_IN=chans * region_size * region_size,
-        HID=max(16, triton.next_power_of_2(hidden)),  # tl.dot needs dimensions >= 16
-        HAS_NOISE=noise is not None, SAVE_A1=save_a1, DOT_PRECISION=dot_precision(w1.dtype), **_META,
-    )
+    hid = max(16, triton.next_power_of_2(hidden))  # tl.dot needs dimensions >= 16
+    grid = lambda meta: (triton.cdiv(n_regions, meta["BLOCK_R"]),)  # noqa: E731
+    common = dict(REGION=region_size, HID=hid, HAS_NOISE=noise is not None, DOT_PRECISION=dot_precision(w1.dtype))
+    h1, h2 = (torch.empty(n_regions, hidden, dtype=w1.dtype, device=images.device) for _ in range(2))
+    for x, w, b, out, layer in ((None, w1, b1, h1, 1), (h1, w2, b2, h2, 2), (h2, w3, b3, None, 3)):
+        gather = layer == 1
+        _GATE[grid](
+            images if gather else x, images, w, b, pos, w4, b4, noise_arg, a1, out if out is not None else logits,
+            logits, soft, hard, n_regions, n_coarse, grid_w, hidden, 1.0 / temperature,
+            0 if gather else x.stride(0), *images.stride(), *w.stride(), *pos.stride(), w4.stride(1),
+            K=chans * region_size * region_size if gather else hidden, GATHER=gather, HEAD=layer == 3,
+            SAVE_PRE=gather and save_a1, **common,
+        )
     return logits, soft, hard.view(torch.bool), a1
 
 

@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .tokenize import INTERPRET, tl, triton
+from .launch import INTERPRET, TritonKernel, tl, triton
 from .varlen import MixedScaleIndex
 
 if triton is not None:
@@ -97,6 +97,11 @@ if triton is not None:
             tl.store(ROW_IMAGE + seq_start + offs_p, image64 + offs_p * 0, mask=mask_p)
 
 
+# The launchers fix every tile (no autotuning: both kernels are a few microseconds).
+_COUNTS = None if triton is None else TritonKernel(_counts_kernel)
+_INDEX = None if triton is None else TritonKernel(_index_kernel)
+
+
 def _counts(mask: Tensor, ratio: int, num_prefix: int) -> Tuple[Tensor, Tensor, int, int]:
     batch, n_coarse = mask.shape
     region_start = torch.empty(batch, n_coarse, dtype=torch.int32, device=mask.device)
@@ -104,8 +109,8 @@ def _counts(mask: Tensor, ratio: int, num_prefix: int) -> Tuple[Tensor, Tensor, 
     stats = torch.zeros(2, dtype=torch.int64, device=mask.device)
     block_j = min(1024 if INTERPRET else 256, triton.next_power_of_2(max(n_coarse, 1)))
     block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 4096 // block_j))  # a tile of <= 4096 regions
-    _counts_kernel[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix,
-                         *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
+    _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix,
+                  *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
     total, max_seqlen = stats.tolist()  # the forward's one host read
     return region_start, cu_seqlens, total, max_seqlen
 
@@ -120,9 +125,15 @@ def triton_mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: 
         raise RuntimeError("triton is not installed: pip install triton (or pip install .[triton])")
     if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != coarse_grid[0] * coarse_grid[1]:
         raise ValueError(f"mask must be bool [B, {coarse_grid[0] * coarse_grid[1]}], got {mask.dtype} {tuple(mask.shape)}")
+    region_start, cu_seqlens, total, max_seqlen = _counts(mask, ratio, num_prefix)
+    return _index_maps(mask, region_start, cu_seqlens, total, max_seqlen, coarse_grid, ratio, num_prefix)
+
+
+def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: int, max_seqlen: int,
+                coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
+    """Every index map of the batch from ``_counts``' offsets (the second launch)."""
     batch, n_coarse = mask.shape
     device = mask.device
-    region_start, cu_seqlens, total, max_seqlen = _counts(mask, ratio, num_prefix)
     n_patch = total - batch * num_prefix
     n_fine = n_coarse * ratio * ratio
     rows, source, position, region = (torch.empty(n_patch, dtype=torch.int64, device=device) for _ in range(4))
@@ -132,7 +143,7 @@ def triton_mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: 
     is_fine = torch.empty(n_patch, dtype=torch.uint8, device=device)  # bytes: no i1 pointers in kernels
     if batch and n_coarse:
         block_j = min(256 if INTERPRET else 64, triton.next_power_of_2(n_coarse))
-        _index_kernel[(triton.cdiv(n_coarse, block_j), batch)](
+        _INDEX[(triton.cdiv(n_coarse, block_j), batch)](
             mask.view(torch.uint8), region_start, cu_seqlens, rows, source, position, region, is_fine, prefix_rows,
             row_image, fine_to_row, batch * n_fine, n_coarse, coarse_grid[1], num_prefix, *mask.stride(),
             RATIO=ratio, BLOCK_J=block_j, BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import gather_patches_reference
-from .tokenize import INTERPRET, check_launchable, dot_precision, patch_features, tl, triton
+from .launch import TritonKernel
+from .tokenize import check_launchable, dot_precision, patch_features, tl, triton
 from .varlen import MixedScaleIndex
 
 if triton is not None:
@@ -85,19 +86,15 @@ if triton is not None:
         tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-# GPU tiles are autotuned over these (unmeasured so far: no GPU in the session that wrote them).
+# GPU tiles, autotuned; see launch.TritonKernel for how a GPU generation picks its subset.
 _CONFIGS = [] if triton is None else [
-    triton.Config({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3), None),
+    (triton.Config({"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3), None),
+    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2), None),
+    (triton.Config({"BLOCK_T": 128, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3), None),
 ]
-if triton is None:
-    _launch_pack = None
-elif INTERPRET:  # one program at a time: few, large programs
-    _launch_pack, _META = _pack_kernel, {"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}
-else:  # the kernel writes rows it never reads, so timing a config in place is harmless
-    _launch_pack, _META = triton.autotune(_CONFIGS, key=["K", "dim", "RATIO"])(_pack_kernel), {}
+_PACK = None if triton is None else TritonKernel(
+    _pack_kernel, _CONFIGS, key=["K", "dim", "RATIO"], interpret_meta={"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64})
 
 
 def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
@@ -111,14 +108,14 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
     n_tokens = rows.numel()
     if n_tokens:
         dummy = weight  # stands in for absent optional tensors; never read (HAS_* is False)
-        _launch_pack[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
+        _PACK[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
             images, rows, position, region, weight, dummy if bias is None else bias,
             dummy if pos_table is None else pos_table, dummy if st is None else st, out,
             n_tokens, n_fine // (ratio * ratio), n_fine, fine_w, coarse_w, dim,
             *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
             *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
             HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,
-            DOT_PRECISION=dot_precision(weight.dtype), **_META,
+            DOT_PRECISION=dot_precision(weight.dtype),
         )
     if prefix is not None:
         out[prefix_rows] = prefix.to(out.dtype)

@@ -26,20 +26,13 @@ On CPU the kernels run only under ``TRITON_INTERPRET=1``, set before this module
 (``triton.jit`` decides at decoration time). triton is optional: without it, ``triton_support``
 says so and the model layer runs the torch tokenizer.
 """
-import os
 import warnings
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional off Linux; the torch tokenizer serves every device then
-    triton = None
-    tl = None
+from .launch import INTERPRET, recording, tl, triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
@@ -64,7 +57,7 @@ def triton_support(tensor: Tensor) -> str:
         return "triton is not installed: pip install triton (or pip install .[triton])"
     if tensor.dtype not in KERNEL_DTYPES:
         return f"the Triton tokenizer takes float16, bfloat16 or float32 tensors, not {tensor.dtype}"
-    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRET):
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRET) or recording():
         return ""
     return (f"the Triton tokenizer runs on CUDA GPUs, not on {tensor.device.type}; on CPU it runs only under "
             "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)")

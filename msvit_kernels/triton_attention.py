@@ -20,7 +20,6 @@ function. The interpreter runs one program at a time, so it uses 16x16 tiles and
 (autotuning several configs needs a device ``do_bench``).
 """
 import math
-import os
 from typing import Tuple
 
 import torch
@@ -28,7 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .launch import INTERPRET, TritonKernel, recording
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
@@ -258,39 +258,34 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1),
+    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), None),
+    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3), None),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), None),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), None),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1), None),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1), None),
 ]
 _BWD_CONFIGS = [  # BLOCK_N: keys a dk/dv program owns (queries a dq program owns: BLOCK_M)
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2), None),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3), None),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2), None),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1), None),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1), None),
 ]
 _DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1),
+    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), None),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), None),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), None),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1), None),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1), None),
 ]
 _AUTOTUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET"]  # the autotuner adds the tensor dtypes itself
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}  # the interpreter's cost is per tile op, not per FLOP
 
-if INTERPRET:
-    _fwd, _bwd_dkdv, _bwd_dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
-    _META = _INTERPRET_META
-else:
-    # The kernels write outputs they never read, so benchmarking a config in place is harmless.
-    _fwd = triton.autotune(_FWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
-    _bwd_dkdv = triton.autotune(_BWD_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
-    _bwd_dq = triton.autotune(_DQ_CONFIGS, key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
-    _META = {}
+_fwd = TritonKernel(_attn_fwd_kernel, _FWD_CONFIGS, _AUTOTUNE_KEY, _INTERPRET_META)
+_bwd_dkdv = TritonKernel(_attn_bwd_dkdv_kernel, _BWD_CONFIGS, _AUTOTUNE_KEY, _INTERPRET_META)
+_bwd_dq = TritonKernel(_attn_bwd_dq_kernel, _DQ_CONFIGS, _AUTOTUNE_KEY, _INTERPRET_META)
+_bwd_delta = TritonKernel(_attn_bwd_delta_kernel)  # the launcher fixes its tile
 
 
 def _common_meta(q: Tensor, max_seqlen: int) -> dict:
@@ -301,7 +296,6 @@ def _common_meta(q: Tensor, max_seqlen: int) -> dict:
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
         # fp32 inputs: exact fp32 products (no TF32) so results track the fp32 reference
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **_META,
     )
 
 
@@ -314,7 +308,7 @@ def _check_launchable(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"triton attention takes float16, bfloat16 or float32, got {q.dtype}")
-    if q.device.type != "cuda" and not INTERPRET:
+    if q.device.type != "cuda" and not INTERPRET and not recording():
         raise RuntimeError("triton attention runs on CUDA; on CPU set TRITON_INTERPRET=1 before importing msvit_kernels")
 
 
@@ -358,7 +352,7 @@ def attention_backward(
     meta = _common_meta(q, max_seqlen)
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     block_t = 16 if INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(total, block_t), heads)](
+    _bwd_delta[(triton.cdiv(total, block_t), heads)](
         out, do, delta, total, *out.stride(), *do.stride(), delta.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
     )

@@ -5,8 +5,9 @@ or the coarse token of its region, replicated over the region's r x r cells. The
 gather, so the kernel is bandwidth bound: it reads ``B*h*w`` rows of ``C`` values and writes as
 many. Its reference (the oracle of the tests) is ``reference.unpack_to_grid_reference``.
 
-Read top to bottom: kernel, launcher, ``torch.autograd.Function`` (backward = scatter-add of the
-grid gradient into the token rows, in torch: ``index_add_`` is one fused kernel on CUDA), and the
+Read top to bottom: kernel, launcher, the ``torch.library`` op ``msvit::unpack_to_grid`` with a fake
+implementation (``torch.compile`` traces it) and its autograd (backward = scatter-add of the grid
+gradient into the token rows, in torch: ``index_add_`` is one fused kernel on CUDA), and the
 functional entry points :func:`triton_unpack_to_grid` (always the kernel) and
 :func:`unpack_to_grid` (the kernel on CUDA, the reference elsewhere).
 
@@ -21,7 +22,8 @@ from torch import Tensor
 from .reference import unpack_to_grid_reference
 
 # The guarded triton import (optional off Linux; the reference serves every device then) is shared.
-from .tokenize import INTERPRET, KERNEL_DTYPES, tl, triton
+from .launch import INTERPRET, TritonKernel, recording, tl, triton
+from .tokenize import KERNEL_DTYPES
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -49,6 +51,9 @@ if triton is not None:
         tl.store(out, values, mask=mask)
 
 
+_UNPACK = None if triton is None else TritonKernel(_unpack_kernel)  # a copy: the launcher fixes the tiles
+
+
 def _block_sizes(n_channels: int) -> Tuple[int, int]:
     # The interpreter runs one program at a time and pays per program, so it takes large tiles;
     # on GPU 32 cells x up to 128 channels (fp32: 16 KiB per program) keeps many programs in flight.
@@ -64,26 +69,37 @@ def _launch(tokens: Tensor, rows: Tensor, n_cells: int) -> Tensor:
         return grid_out
     block_cells, block_c = _block_sizes(n_channels)
     launch = (triton.cdiv(n_cells, block_cells), triton.cdiv(n_channels, block_c))
-    _unpack_kernel[launch](tokens, rows, grid_out, n_cells, n_channels, tokens.stride(0), tokens.stride(1),
-                           BLOCK_CELLS=block_cells, BLOCK_C=block_c)
+    _UNPACK[launch](tokens, rows, grid_out, n_cells, n_channels, tokens.stride(0), tokens.stride(1),
+                    BLOCK_CELLS=block_cells, BLOCK_C=block_c)
     return grid_out
 
 
-class _UnpackToGrid(torch.autograd.Function):
-    """Forward: the Triton gather. Backward: every token row receives the sum of the gradients of
-    the cells it covers (r*r cells for a coarse token, one for a fine token, none for prefix rows)."""
+@torch.library.custom_op("msvit::unpack_to_grid", mutates_args=())
+def _unpack_op(tokens: Tensor, rows: Tensor) -> Tensor:
+    """tokens ``[T, C]`` (any strides), rows int64 ``[n_cells]`` -> ``[n_cells, C]``: the Triton gather."""
+    return _launch(tokens, rows, rows.numel())
 
-    @staticmethod
-    def forward(ctx, tokens: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(rows)
-        ctx.n_tokens = tokens.shape[0]
-        return _launch(tokens, rows, rows.numel())
 
-    @staticmethod
-    def backward(ctx, grad_grid: Tensor):
-        (rows,) = ctx.saved_tensors
-        grad_tokens = grad_grid.new_zeros(ctx.n_tokens, grad_grid.shape[-1])
-        return grad_tokens.index_add_(0, rows, grad_grid), None
+@_unpack_op.register_fake
+def _(tokens, rows):
+    return tokens.new_empty(rows.shape[0], tokens.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    tokens, rows = inputs
+    ctx.save_for_backward(rows)
+    ctx.n_tokens = tokens.shape[0]
+
+
+def _backward(ctx, grad_grid: Tensor):
+    """Every token row receives the sum of the gradients of the cells it covers (r*r cells for a
+    coarse token, one for a fine token, none for prefix rows)."""
+    (rows,) = ctx.saved_tensors
+    grad_tokens = grad_grid.new_zeros(ctx.n_tokens, grad_grid.shape[-1])
+    return grad_tokens.index_add_(0, rows, grad_grid), None
+
+
+_unpack_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_support(tokens: Tensor) -> str:
@@ -94,7 +110,7 @@ def triton_support(tokens: Tensor) -> str:
         return f"the Triton unpack takes float16, bfloat16 or float32 tokens, not {tokens.dtype}"
     if tokens.device.type == "cuda":
         return ""
-    if tokens.device.type == "cpu" and INTERPRET:
+    if (tokens.device.type == "cpu" and INTERPRET) or recording():
         return ""
     return (f"the Triton unpack runs on CUDA GPUs, not on {tokens.device.type}; on CPU it runs only under "
             "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)")
@@ -126,7 +142,7 @@ def triton_unpack_to_grid(tokens: Tensor, fine_to_row: Tensor, fine_grid) -> Ten
     reason = triton_support(tokens)
     if reason:
         raise RuntimeError(reason)
-    grid = _UnpackToGrid.apply(tokens, fine_to_row.reshape(-1).contiguous())
+    grid = _unpack_op(tokens, fine_to_row.reshape(-1).contiguous())
     return grid.view(fine_to_row.shape[0], h, w, tokens.shape[1])
 
 

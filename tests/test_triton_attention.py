@@ -82,7 +82,14 @@ def check_against_oracle(backend, lengths, heads, dim, dtype, strided, scale=Non
     for name, g, b, w in zip(names, got, baseline, want):
         ref_err = max_err(b, w)
         assert ref_err < 0.05 * max(1.0, w.abs().max().item()), f"{name}: the {dtype} reference is off ({ref_err})"
-        assert max_err(g, w) <= 2 * ref_err + 1e-5, f"{name}: error {max_err(g, w)} > 2 x reference's {ref_err}"
+        # flash-attn's own rule (its hopper tests): 2x the reference's error plus twice the dtype's
+        # rounding step at the values' magnitude. The rounding term matters for dq/dk: a flash-style
+        # backward forms D = rowsum(dO * O) from the rounded O, and torch's own varlen flash kernel
+        # lands on the very same error as ours on an H200 (dq 1.06e-3 vs the reference's 4.7e-4, fp16, D=80).
+        w_low = w.to(dtype)
+        rounding = ((w_low + 0.3) - 0.3 - w_low).abs().max().item()
+        bound = 2 * ref_err + 2 * rounding + 1e-5
+        assert max_err(g, w) <= bound, f"{name}: error {max_err(g, w)} > {bound} (2 x reference's {ref_err} + rounding)"
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "qkv_view"])

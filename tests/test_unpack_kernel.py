@@ -87,12 +87,41 @@ def test_missing_triton_falls_back_to_the_reference(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_auto_uses_the_kernel_and_matches(dtype):
+def test_gpu_auto_uses_the_kernel_and_matches(dtype, monkeypatch):
     tokens, index, grid = packed_batch(3, "random", 384, prefix=2, dtype=dtype)
     tokens.requires_grad_()
+    launches = []
+    launch = unpack_mod._launch
+    monkeypatch.setattr(unpack_mod, "_launch", lambda *args: launches.append(1) or launch(*args))
     out = unpack_to_grid(tokens, index.fine_to_row, grid)
-    assert out.grad_fn is not None and "UnpackToGrid" in type(out.grad_fn).__name__
+    assert launches == [1], "backend='auto' on CUDA must run the Triton kernel"
     assert torch.equal(out, unpack_to_grid_reference(tokens, index.fine_to_row, grid))
     out.float().sum().backward()
     counts = torch.bincount(index.fine_to_row.flatten(), minlength=index.total).to(dtype)
     assert torch.equal(tokens.grad, counts[:, None].expand_as(tokens.grad))
+
+
+@needs_triton
+def test_model_unpack_goes_through_the_kernel_dispatch(monkeypatch):
+    import msvit
+    from helpers import tiny_vit
+
+    model = msvit.from_timm(tiny_vit()).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(2, 3, 64, 64), mask=torch.rand(2, 16) < 0.5)
+    launches = []
+    launch = unpack_mod._launch
+    monkeypatch.setattr(unpack_mod, "_launch", lambda *args: launches.append(1) or launch(*args))
+    grid, prefix = msvit.unpack_to_grid(features, backend="triton")
+    assert launches == [1]
+    ref, ref_prefix = msvit.unpack_to_grid(features, backend="reference")
+    assert torch.equal(grid, ref) and torch.equal(prefix, ref_prefix)
+
+
+def test_unpack_op_has_a_fake_implementation():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        tokens, rows = torch.empty(10, 6), torch.zeros(24, dtype=torch.int64)
+        out = torch.ops.msvit.unpack_to_grid(tokens, rows)
+    assert out.shape == (24, 6) and out.dtype == tokens.dtype

@@ -1,0 +1,126 @@
+"""Launch plumbing every Triton kernel of the package shares: the guarded import, the interpreter
+flag, per-GPU config lists, and a recorder the ahead-of-time compile report replays.
+
+A :class:`TritonKernel` wraps one ``@triton.jit`` function and the tile configs its launcher may
+choose. ``configs_for(capability, meta)`` keeps only the configs that compile clean on that GPU
+generation (no register spills, shared memory within the per-block limit: the compile report,
+``python -m msvit_kernels.compile_report``, proves it for sm_70 .. sm_90), so a V100 or a T4 never
+autotunes a config that cannot run there. One config launches directly; several are autotuned
+(one autotuner per capability and config set, keyed like the kernel's autotune key).
+
+Under :func:`record_launches` a launch is recorded instead of run: the compile report calls the
+real launchers on small CPU stand-in tensors and compiles exactly the arguments and constexprs a
+GPU launch would bind. Nothing here touches a GPU or a driver.
+
+On CPU the kernels run only under ``TRITON_INTERPRET=1``, set before this package is imported
+(``triton.jit`` decides at decoration time); the interpreter then takes each kernel's
+``interpret_meta`` tiles (few, large programs: it pays per program, not per FLOP).
+"""
+import contextlib
+import functools
+import os
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional off Linux; the torch paths serve every device then
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Per-block shared memory (bytes) each target may give one program (CUDA's opt-in maximum).
+SHARED_MEMORY_LIMIT = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+# A config that may run only where ``fits(capability, meta)`` says so (meta: the launch's constexprs).
+Fits = Callable[[int, dict], bool]
+
+
+def everywhere(capability: int, meta: dict) -> bool:
+    return True
+
+
+class LaunchRecord(NamedTuple):
+    """One recorded launch: the kernel, its positional arguments and the launcher's constexprs."""
+
+    kernel: "TritonKernel"
+    args: tuple
+    meta: dict
+
+
+_recording: List[Optional[List[LaunchRecord]]] = [None]
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Within the block, kernel launches are recorded (yielded list), not run; device checks pass."""
+    previous = _recording[0]
+    _recording[0] = records = []
+    try:
+        yield records
+    finally:
+        _recording[0] = previous
+
+
+def recording() -> bool:
+    return _recording[0] is not None
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+class TritonKernel:
+    """A jitted kernel and the configs its launcher can choose.
+
+    fn: the ``@triton.jit`` function. configs: ``(triton.Config, fits)`` pairs, or None when the
+    launcher fixes every constexpr itself (tiles and ``num_warps`` then come in ``meta``). key: the
+    autotune key (constexpr or argument names). interpret_meta: tiles for the CPU interpreter.
+    """
+
+    def __init__(self, fn, configs: Optional[Sequence] = None, key: Sequence[str] = (),
+                 interpret_meta: Optional[Dict[str, int]] = None):
+        self.fn = fn
+        self.name = fn.fn.__name__ if hasattr(fn, "fn") else getattr(fn, "__name__", repr(fn))
+        self.configs = None if configs is None else [(c, f or everywhere) for c, f in configs]
+        self.key = list(key)
+        self.interpret_meta = dict(interpret_meta or {})
+        self._tuners = {}
+
+    def configs_for(self, capability: int, meta: dict) -> list:
+        """The configs a launch with constexprs ``meta`` may use on ``sm_<capability>``
+        (``[None]`` for a kernel whose launcher fixes everything)."""
+        if self.configs is None:
+            return [None]
+        chosen = [c for c, fits in self.configs if fits(capability, meta)]
+        if not chosen:
+            raise RuntimeError(f"{self.name}: no tile config fits sm_{capability} for {meta}")
+        return chosen
+
+    def __getitem__(self, grid):
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid, *args, **meta):
+        if recording():
+            _recording[0].append(LaunchRecord(self, args, meta))
+            return
+        if INTERPRET:
+            self.fn[grid](*args, **meta, **self.interpret_meta)
+            return
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        configs = self.configs_for(device_capability(device.index or 0), meta)
+        if configs == [None]:
+            self.fn[grid](*args, **meta)
+        elif len(configs) == 1:
+            config = configs[0]
+            self.fn[grid](*args, **meta, **config.all_kwargs())
+        else:
+            tuner = self._tuners.get(tuple(map(id, configs)))
+            if tuner is None:  # every launcher only writes what it never reads: timing in place is harmless
+                tuner = self._tuners[tuple(map(id, configs))] = triton.autotune(configs, key=self.key)(self.fn)
+            tuner[grid](*args, **meta)
