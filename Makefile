@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # The versions this project is tested with; torchvision is needed by timm.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo bench pretrained clean
+.PHONY: test demo bench compile-report pretrained clean
 
 $(VENV)/.installed: setup.py requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest bench/ --benchmark -q
+
+# Ahead-of-time compile of every Triton kernel config for sm_70 .. sm_90 (no GPU needed).
+compile-report: $(VENV)/.installed
+	$(PY) -m msvit_kernels.compile_report --out bench/results/compile > /dev/null
 
 # Retrain the shipped cluttered-digits model (README: 15 min on 2 CPU cores) and install it.
 pretrained: $(VENV)/.installed

@@ -195,7 +195,7 @@ def test_packed_attention_speed(benchmark, timed, summary, case, mode, backend):
         torch_version=torch.__version__,
     )
     assert own > 0
-    if timed and backend == "triton" and case == "vit" and mode == "fwd_bwd":  # the DESIGN.md target's shape
+    if timed and backend == "triton" and case == "vit" and mode == "fwd_bwd":  # the docs/design.md target's shape
         varlen = [medians[n] for n in ("flash_attn", "torch") if n in medians]
         if varlen:
             summary["ratios"]["triton_attn_over_best_varlen"] = own / min(varlen)

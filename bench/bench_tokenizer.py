@@ -5,7 +5,7 @@ share of a full MSViT-S forward.
 
 "Tokenizer" = eval-mode gate decisions (logits, threshold) + packed index + packed embedded tokens:
 ``MSViT.gate.decide`` then ``MSViT.tokenizer.pack``. The gate's last bias is set per image size
-so that half the regions are fine (the ~50% point where DESIGN.md states the GPU targets).
+so that half the regions are fine (the ~50% point where docs/design.md states the GPU targets).
 
 GPU (``--benchmark``): bf16 (fp16 before sm_80), batch 1, 64 and 256 at 224px and 384px; the share
 at batch 256, 224px. Ratios: ``tokenizer_share`` (fused tokenizer / MSViT-S forward, target <= 5%),

@@ -2,7 +2,7 @@
 dense-masked modes, with the same gate: initialised at P(fine) = 0.5 and sampled (Gumbel-Sigmoid,
 straight-through) as in training, so every mode sees masks from one distribution.
 
-Target (DESIGN.md section 7): packed >= 1.3x faster than trimmed. CPU: float32, batch 16;
+Target (docs/design.md section 7): packed >= 1.3x faster than trimmed. CPU: float32, batch 16;
 GPU: bf16 autocast, batch 256. Peak GPU memory per mode is recorded too.
 """
 import statistics

@@ -1,4 +1,4 @@
-"""The suite's summary: ratios measured in one run, next to DESIGN.md section 7's targets.
+"""The suite's summary: ratios measured in one run, next to docs/design.md section 7's targets.
 
 Benchmarks put their ratios into the session's ``summary`` fixture; at the end of a timed run
 (``--benchmark``) ``write_summary`` writes ``summary.json``, ``summary.md`` and the plots under

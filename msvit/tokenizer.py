@@ -102,7 +102,7 @@ class MixedScaleTokenizer(nn.Module):
 
         hard: bool ``[B, Nc]`` (True = fine); st: ``[B, Nc]`` straight-through values. Every patch
         token is multiplied by its straight-through value (fine: st, coarse: 1 - st), which is 1 in
-        the forward pass and routes the task gradient to the gate (DESIGN.md section 2).
+        the forward pass and routes the task gradient to the gate (docs/design.md section 2).
         """
         fine_grid, coarse_grid = self.grids(images)
         fused = use_triton(self.kernels, images, self._fallback(images))

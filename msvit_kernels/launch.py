@@ -43,6 +43,12 @@ def everywhere(capability: int, meta: dict) -> bool:
     return True
 
 
+def half_on_ampere(capability: int, meta: dict) -> bool:
+    """fp16/bf16 dots on sm_80+: the big tiles. fp32 (IEEE dots, FMA, no tensor cores) and sm_70/75
+    (mma.m8n8k4 / m16n8k8 layouts) spill them in the compile report."""
+    return capability >= 80 and meta.get("DOT_PRECISION") != "ieee"
+
+
 class LaunchRecord(NamedTuple):
     """One recorded launch: the kernel, its positional arguments and the launcher's constexprs."""
 
@@ -114,7 +120,7 @@ class TritonKernel:
             return
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         configs = self.configs_for(device_capability(device.index or 0), meta)
-        if configs == [None]:
+        if configs[0] is None:
             self.fn[grid](*args, **meta)
         elif len(configs) == 1:
             config = configs[0]
@@ -124,3 +130,19 @@ class TritonKernel:
             if tuner is None:  # every launcher only writes what it never reads: timing in place is harmless
                 tuner = self._tuners[tuple(map(id, configs))] = triton.autotune(configs, key=self.key)(self.fn)
             tuner[grid](*args, **meta)
+
+
+def bfloat16_reason(tensor: torch.Tensor) -> str:
+    """'' unless ``tensor`` is bfloat16 on a GPU older than sm_80, else a sentence naming the GPU."""
+    if tensor.dtype != torch.bfloat16 or tensor.device.type != "cuda":
+        return ""
+    index = tensor.device.index or 0
+    return bfloat16_gpu_reason(device_capability(index), torch.cuda.get_device_name(index))
+
+
+def bfloat16_gpu_reason(capability: int, name: str) -> str:
+    """V100 and T4 (sm_70/75) have no bfloat16 tensor cores and Triton's bfloat16 dots are not
+    supported there: the launchers refuse bfloat16 with this message instead of a compiler crash."""
+    if capability >= 80:
+        return ""
+    return f"bfloat16 needs an sm_80 (Ampere) or newer GPU; this {name} is sm_{capability}: use float16"

@@ -31,7 +31,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .launch import INTERPRET, recording, tl, triton
+from .launch import INTERPRET, bfloat16_reason, recording, tl, triton
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -57,7 +57,9 @@ def triton_support(tensor: Tensor) -> str:
         return "triton is not installed: pip install triton (or pip install .[triton])"
     if tensor.dtype not in KERNEL_DTYPES:
         return f"the Triton tokenizer takes float16, bfloat16 or float32 tensors, not {tensor.dtype}"
-    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRET) or recording():
+    if tensor.device.type == "cuda":
+        return bfloat16_reason(tensor)
+    if (tensor.device.type == "cpu" and INTERPRET) or recording():
         return ""
     return (f"the Triton tokenizer runs on CUDA GPUs, not on {tensor.device.type}; on CPU it runs only under "
             "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)")

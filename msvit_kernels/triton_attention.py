@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, TritonKernel, recording
+from .launch import INTERPRET, TritonKernel, half_on_ampere, recording
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -249,35 +249,46 @@ def _attn_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Launch configuration. GPU tile sizes are autotuned per (head dim, sequence-length bucket,
-# dtypes); the candidates are the usual flash-attention tiles. Their speed is unmeasured so far
-# (the session that wrote them had no GPU): bench/bench_attention.py is where to prune this list.
-# Configs that exceed a GPU's shared memory fail to compile and the autotuner drops them. Compiled
-# ahead of time with Triton 3.8 for sm_70/75/80/90, the 16x16 fallback needs at most 33 KB for
-# D <= 128 in fp32 (T4 has 64 KB, V100 96 KB), so every GPU has a config for every supported call
-# except fp32 with D=256 on a T4.
+# dtypes) among the configs launch.TritonKernel keeps for the GPU generation. The compile report
+# (bench/results/compile, `python -m msvit_kernels.compile_report`) shows every kept config at zero
+# spills and within shared memory: the flash-attention tiles (64-128 rows) spill 1-60 KB per thread
+# in fp32 (IEEE dots run on FMA units) and on sm_70/75, so they are kept to fp16/bf16 on sm_80+;
+# each list ends with a tile that is clean everywhere. Wide head dims (BLOCK_D > 64: D = 80, 128,
+# 256) keep one 16x16 tile on 8 warps (2 or 4 warps spill 0.6-5 KB at D=128); it is clean for
+# D <= 128 in fp16/bf16 on every target, but D = 256 still spills ~1 KB in the backward on sm_70/75
+# and in fp32 (see the report): correct, slower there.
 # ----------------------------------------------------------------------------------------------
 
+
+def _big(capability: int, meta: dict) -> bool:
+    return half_on_ampere(capability, meta) and meta["BLOCK_D"] <= 64
+
+
+def _narrow(capability: int, meta: dict) -> bool:
+    return meta["BLOCK_D"] <= 64
+
+
+def _wide(capability: int, meta: dict) -> bool:
+    return meta["BLOCK_D"] > 64
+
+
 _FWD_CONFIGS = [
-    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), None),
-    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3), None),
-    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), None),
-    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), None),
-    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1), None),
-    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1), None),
+    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), _big),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), _big),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1), _narrow),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
 ]
 _BWD_CONFIGS = [  # BLOCK_N: keys a dk/dv program owns (queries a dq program owns: BLOCK_M)
-    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2), None),
-    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3), None),
-    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2), None),
-    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1), None),
-    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1), None),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3), _big),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1), _big),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1), _narrow),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
 ]
 _DQ_CONFIGS = [
-    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2), None),
-    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), None),
-    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), None),
-    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1), None),
-    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=2, num_stages=1), None),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1), _big),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), _big),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1), _narrow),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
 ]
 _AUTOTUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET"]  # the autotuner adds the tensor dtypes itself
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}  # the interpreter's cost is per tile op, not per FLOP

@@ -22,7 +22,7 @@ from torch import Tensor
 from .reference import unpack_to_grid_reference
 
 # The guarded triton import (optional off Linux; the reference serves every device then) is shared.
-from .launch import INTERPRET, TritonKernel, recording, tl, triton
+from .launch import INTERPRET, TritonKernel, bfloat16_reason, recording, tl, triton
 from .tokenize import KERNEL_DTYPES
 
 BACKENDS = ("auto", "triton", "reference")
@@ -109,7 +109,7 @@ def triton_support(tokens: Tensor) -> str:
     if tokens.dtype not in KERNEL_DTYPES:
         return f"the Triton unpack takes float16, bfloat16 or float32 tokens, not {tokens.dtype}"
     if tokens.device.type == "cuda":
-        return ""
+        return bfloat16_reason(tokens)
     if (tokens.device.type == "cpu" and INTERPRET) or recording():
         return ""
     return (f"the Triton unpack runs on CUDA GPUs, not on {tokens.device.type}; on CPU it runs only under "

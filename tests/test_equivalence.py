@@ -1,4 +1,4 @@
-"""The equivalences DESIGN.md section 2 pins down: all-fine = the timm ViT, all-coarse = the timm
+"""The equivalences docs/design.md section 2 pins down: all-fine = the timm ViT, all-coarse = the timm
 ViT on the 2x average-pooled image, and packed = masked = trimmed for any mask."""
 import pytest
 import timm

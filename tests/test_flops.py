@@ -46,7 +46,7 @@ def test_random_mask_matches_the_formula(vit_s):
     model = msvit.from_timm(vit_s).eval()
     mask = torch.rand(3, 49) < 0.4
     n = 1 + 49 + 3 * mask.sum(1).double()
-    trunk = 21_233_664 * n + 9_216 * n**2  # DESIGN.md section 7
+    trunk = 21_233_664 * n + 9_216 * n**2  # docs/design.md section 7
     embed = (n - 1) * 768 * 384
     head = 384 * 1000
     gate = 49 * model.gate.macs_per_region()

@@ -1,0 +1,312 @@
+"""Ahead-of-time compile report: every Triton kernel, every config its launcher can choose, every
+target GPU generation, compiled to a cubin without a GPU.
+
+    python -m msvit_kernels.compile_report [--targets 70,75,80,86,89,90] [--json] [--out DIR] [--quick]
+
+How: the real launchers run on small CPU stand-in tensors under ``launch.record_launches`` (see
+``workloads``), so the arguments and constexprs are exactly those a GPU launch binds. Each recorded
+launch is bound with Triton's own binder for ``GPUTarget("cuda", cap, 32)`` and compiled with
+``triton.compile`` (the ptxas inside the triton wheel; no driver touched), once per config that
+``TritonKernel.configs_for(cap, meta)`` keeps for that target. A row gives registers, spill bytes
+and stack (ptxas ``-v``), shared memory (the kernel's metadata) against the target's per-block
+limit, and compile seconds. The process must run without ``TRITON_INTERPRET`` (this module refuses).
+
+A row is clean when it compiled, spilled nothing and fits the target's shared memory. The
+first-call estimate per target sums the compile seconds of every config a first MSViT-S/16,32
+training forward+backward compiles (autotuning compiles every candidate), in the dtype that target
+would train in (float16 on sm_70/75, bfloat16 on sm_80+).
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, NamedTuple
+
+TARGETS = (70, 75, 80, 86, 89, 90)
+
+
+class Workload(NamedTuple):
+    """One model-level use of the kernels: its name, dtype, head dim, and whether it is part of the
+    first training call of MSViT-S/16,32 (the first-call compile estimate)."""
+
+    name: str
+    dtype: str
+    head_dim: int
+    first_call: bool
+
+
+def _record(workload: Workload):
+    """The launches of one workload, recorded from the real launchers on CPU stand-ins."""
+    import torch
+
+    from . import gate_kernel, index_kernel, pack_kernel, triton_attention, unpack
+    from .launch import record_launches
+
+    dtype = getattr(torch, workload.dtype)
+    model = workload.name.split()[0]
+    dim, heads = {"ViT-S/16,32": (384, 6), "ViT-B/16,32": (768, 12), "attention": (workload.head_dim * 6, 6)}[model]
+    head_dim = dim // heads
+    batch, fine, coarse, hidden, prefix = 2, 16, 32, 106, 1
+    grid, n_fine = (7, 7), 196
+    images = torch.zeros(batch, 3, 224, 224, dtype=dtype)
+    mask = torch.zeros(batch, 49, dtype=torch.bool)
+    lengths = 150
+    total = batch * lengths
+    with record_launches() as records:
+        if model != "attention":
+            gate_weights = (torch.zeros(hidden, 3 * coarse * coarse, dtype=dtype), torch.zeros(hidden, dtype=dtype),
+                            torch.zeros(49, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype),
+                            torch.zeros(hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype),
+                            torch.zeros(hidden, dtype=dtype), torch.zeros(1, hidden, dtype=dtype),
+                            torch.zeros(1, dtype=dtype))
+            training = "train" in workload.name
+            gate_kernel._gate_forward(images, coarse, gate_weights, torch.zeros(batch, 49) if training else None,
+                                      0.3, training)
+            index_kernel._counts(mask, 2, prefix)
+            index_kernel._index_maps(mask, torch.zeros(batch, 49, dtype=torch.int32), torch.zeros(batch + 1, dtype=torch.int32),
+                                     total, lengths, grid, 2, prefix)
+            rows = torch.zeros(total - batch * prefix, dtype=torch.int64)
+            pack_kernel._pack_forward(images, torch.zeros(dim, 3 * fine * fine, dtype=dtype), torch.zeros(dim, dtype=dtype),
+                                      torch.zeros(n_fine + 49, dim, dtype=dtype), torch.zeros(batch * 49, dtype=dtype),
+                                      torch.zeros(prefix, dim, dtype=dtype), rows, rows, rows,
+                                      torch.zeros(batch, prefix, dtype=torch.int64), total, fine, 2)
+            unpack._launch(torch.zeros(total, dim, dtype=dtype), torch.zeros(batch * n_fine, dtype=torch.int64), batch * n_fine)
+        qkv = torch.zeros(total, 3, heads, head_dim, dtype=dtype)
+        q, k, v = qkv.unbind(1)
+        cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
+        out = torch.zeros(total, heads, head_dim, dtype=dtype)
+        lse = torch.zeros(heads, total)
+        triton_attention.attention_forward(q, k, v, cu_seqlens, 246, head_dim ** -0.5)
+        if "infer" not in workload.name:
+            triton_attention.attention_backward(out, q, k, v, out, lse, cu_seqlens, 246, head_dim ** -0.5)
+    return records
+
+
+def workloads(quick: bool) -> List[Workload]:
+    """The representative set (``quick``: what `make test` compiles) or the full sweep."""
+    first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
+    if quick:
+        return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")]
+    sweep = first + [Workload("ViT-S/16,32 train", "float32", 64, False)]
+    sweep += [Workload(f"ViT-{m}/16,32 {mode}", d, 64, False) for m in "SB" for mode in ("train", "infer")
+              for d in ("float16", "bfloat16", "float32") if not (m == "S" and mode == "train")]
+    sweep += [Workload("attention train", d, hd, False) for hd in (32, 80, 128, 256)
+              for d in ("float16", "bfloat16", "float32")]
+    return sweep
+
+
+def _uses_dtype(target: int, workload: Workload) -> bool:
+    """Which workloads a target runs: no bf16 before sm_80 (launchers refuse it there), and the
+    first-call dtype is float16 on sm_70/75, bfloat16 from sm_80."""
+    if workload.dtype == "bfloat16" and target < 80:
+        return False
+    if workload.first_call and workload.dtype == "float16" and target >= 80:
+        return False
+    return True
+
+
+class _Job(NamedTuple):
+    workload: Workload
+    launch: int
+    target: int
+    config: int
+
+
+_JOBS: List[_Job] = []
+_RECORDS: Dict[Workload, list] = {}
+_UNFILTERED = [False]  # --unfiltered: every config of every kernel on every target (to derive the fits rules)
+
+
+def _configs(record, target: int) -> list:
+    kernel = record.kernel
+    if _UNFILTERED[0] and kernel.configs is not None:
+        return [c for c, _ in kernel.configs]
+    return kernel.configs_for(target, record.meta)
+
+
+def _plan(quick: bool, targets) -> List[_Job]:
+    """Every (launch, target, config) to compile, each distinct compile once (ViT-S and ViT-B share
+    most kernels' signatures)."""
+    jobs, seen = [], set()
+    for workload in workloads(quick):
+        records = _RECORDS.setdefault(workload, _record(workload))
+        for target in targets:
+            if not _uses_dtype(target, workload):
+                continue
+            for i, record in enumerate(records):
+                for j, _ in enumerate(_configs(record, target)):
+                    job = _Job(workload, i, target, j)
+                    key = _bind(job)[-1]
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append(job)
+    return jobs
+
+
+def _bind(job: _Job):
+    """Triton's own binder over the recorded arguments, for the job's target: what a launch compiles."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    record = _RECORDS[job.workload][job.launch]
+    config = _configs(record, job.target)[job.config]
+    fn = record.kernel.fn
+    kwargs = dict(record.meta, **(config.all_kwargs() if config is not None else {}))
+    target = GPUTarget("cuda", job.target, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*record.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    key = f"{record.kernel.name}|{signature}|{sorted(constexprs.items())}|{sorted(kwargs.items())}|{job.target}"
+    return record, kwargs, target, (options, signature, constexprs, attrs), key
+
+
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _compile(job: _Job) -> dict:
+    """Compile one (launch, config, target); never raises: a failure is a row with ok=False."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    from .launch import SHARED_MEMORY_LIMIT
+
+    record, kwargs, target, (options, signature, constexprs, attrs), key = _bind(job)
+    fn = record.kernel.fn
+    row = dict(kernel=record.kernel.name, workload=job.workload.name, dtype=job.workload.dtype, target=job.target,
+               config=_config_text(kwargs, record.meta), ok=False, registers=None, spill_bytes=None, stack_bytes=None,
+               shared=None, shared_limit=SHARED_MEMORY_LIMIT[job.target], seconds=None, first_call=job.workload.first_call,
+               error="")
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+    except Exception as error:  # noqa: BLE001  the report shows it
+        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        return row
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    text = log.getvalue()
+    regs, spills = _PTXAS.search(text), _SPILLS.search(text)
+    row["registers"] = int(regs.group(1)) if regs else None
+    if spills:
+        row["stack_bytes"] = int(spills.group(1))
+        row["spill_bytes"] = int(spills.group(2)) + int(spills.group(3))
+    row["shared"] = int(compiled.metadata.shared)
+    row["ok"] = row["spill_bytes"] == 0 and row["shared"] <= row["shared_limit"]
+    if not row["ok"]:
+        row["error"] = "spills" if row["spill_bytes"] else ("no ptxas log" if spills is None else "shared memory")
+    return row
+
+
+def _config_text(kwargs: dict, meta: dict) -> str:
+    tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
+    flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE") if meta.get(k)]
+    return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
+
+
+def _init_worker(quick: bool, targets, unfiltered: bool) -> None:
+    _UNFILTERED[0] = unfiltered
+    _JOBS[:] = _plan(quick, targets)
+
+
+def _run_job(i: int) -> dict:
+    return _compile(_JOBS[i])
+
+
+def run_report(targets=TARGETS, quick: bool = False, jobs: int = 0, progress=None, unfiltered: bool = False) -> dict:
+    """Compile everything; returns {"rows": [...], "first_call_seconds": {target: s}, "triton": version}."""
+    import triton
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the compile report needs real launch configs: run it without TRITON_INTERPRET")
+    _UNFILTERED[0] = unfiltered
+    plan = _plan(quick, targets)
+    workers = jobs or min(len(os.sched_getaffinity(0)), 8)
+    rows = []
+    if workers > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(quick, tuple(targets), unfiltered)) as pool:
+            for row in pool.map(_run_job, range(len(plan))):
+                rows.append(row)
+                if progress:
+                    progress(len(rows), len(plan))
+    else:
+        for job in plan:
+            rows.append(_compile(job))
+            if progress:
+                progress(len(rows), len(plan))
+    first_call = {t: round(sum(r["seconds"] for r in rows if r["target"] == t and r["first_call"]), 1) for t in targets}
+    return {"triton": triton.__version__, "targets": list(targets), "rows": rows, "first_call_seconds": first_call}
+
+
+def to_markdown(report: dict) -> str:
+    rows = report["rows"]
+    bad = [r for r in rows if not r["ok"]]
+    lines = [f"# Triton compile report (triton {report['triton']}, no GPU: ptxas from the triton wheel)", "",
+             f"{len(rows)} compiles, {len(bad)} not clean. Clean = compiled, 0 spill bytes, shared memory within the "
+             "target's per-block limit.", "",
+             "First-call compile estimate (MSViT-S/16,32 training forward+backward, every autotune candidate; "
+             "float16 on sm_70/75, bfloat16 on sm_80+): "
+             + ", ".join(f"sm_{t}: {s} s" for t, s in report["first_call_seconds"].items()), "",
+             "| kernel | config | dtype | target | ok | regs | spill B | stack B | smem B | limit B | compile s | workload |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["target"], r["dtype"], r["config"])):
+        ok = "yes" if r["ok"] else f"NO ({r['error']})"
+        lines.append(f"| {r['kernel']} | {r['config']} | {r['dtype']} | sm_{r['target']} | {ok} | {r['registers']} | "
+                     f"{r['spill_bytes']} | {r['stack_bytes']} | {r['shared']} | {r['shared_limit']} | {r['seconds']} | "
+                     f"{r['workload']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m msvit_kernels.compile_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)),
+                        help="compute capabilities, comma separated (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--out", help="also write summary.json and summary.md into this folder")
+    parser.add_argument("--quick", action="store_true", help="the representative set `make test` compiles")
+    parser.add_argument("--unfiltered", action="store_true",
+                        help="compile every config on every target, ignoring the per-GPU rules (an audit of the rules)")
+    parser.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: one per core, up to 8)")
+    args = parser.parse_args(argv)
+    try:
+        targets = tuple(int(t) for t in args.targets.split(","))
+    except ValueError:
+        parser.error(f"--targets must be comma-separated integers like 70,80,90, got {args.targets!r}")
+    from .launch import SHARED_MEMORY_LIMIT
+
+    unknown = [t for t in targets if t not in SHARED_MEMORY_LIMIT]
+    if unknown:
+        parser.error(f"unknown target(s) {unknown}; known: {sorted(SHARED_MEMORY_LIMIT)}")
+
+    def progress(done, total):
+        print(f"\rcompiled {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    report = run_report(targets, quick=args.quick, jobs=args.jobs, progress=progress, unfiltered=args.unfiltered)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(to_markdown(report))
+    print(json.dumps(report, indent=1) if args.json else to_markdown(report))
+    return 0 if all(r["ok"] for r in report["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
