@@ -69,6 +69,9 @@ def _triton_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             return f"the Triton kernel needs an NVIDIA GPU of sm_70 (Volta) or newer; this GPU is {_sm(device)}"
         if dtype == torch.bfloat16 and _capability(device) < (8, 0):
             return f"bfloat16 needs sm_80 (Ampere) or newer; this GPU is {_sm(device)}: use float16"
+        if head_dim > _triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE and _capability(device) < (8, 0):
+            return (f"head_dim {head_dim} needs sm_80 (Ampere) or newer for the Triton kernel (it spills on "
+                    f"{_sm(device)}); use head_dim <= {_triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE} or backend='reference'")
         return None
     if device.type == "cpu":
         if not _triton_attention.INTERPRET:

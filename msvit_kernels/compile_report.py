@@ -100,11 +100,15 @@ def workloads(quick: bool) -> List[Workload]:
     return sweep
 
 
-def _uses_dtype(target: int, workload: Workload) -> bool:
-    """Which workloads a target runs: no bf16 before sm_80 (launchers refuse it there), and the
-    first-call dtype is float16 on sm_70/75, bfloat16 from sm_80."""
+def _runs_on(target: int, workload: Workload) -> bool:
+    """Which workloads a target runs: no bf16 and no head dim over 128 before sm_80 (the launchers
+    refuse them there), and the first-call dtype is float16 on sm_70/75, bfloat16 from sm_80."""
+    from . import triton_attention
+
     if workload.dtype == "bfloat16" and target < 80:
         return False
+    if workload.head_dim > triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE and target < 80:
+        return False  # the attention backend refuses these head dims there (backends._triton_support)
     if workload.first_call and workload.dtype == "float16" and target >= 80:
         return False
     return True
@@ -136,7 +140,7 @@ def _plan(quick: bool, targets) -> List[_Job]:
     for workload in workloads(quick):
         records = _RECORDS.setdefault(workload, _record(workload))
         for target in targets:
-            if not _uses_dtype(target, workload):
+            if not _runs_on(target, workload):
                 continue
             for i, record in enumerate(records):
                 for j, _ in enumerate(_configs(record, target)):

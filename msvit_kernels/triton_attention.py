@@ -31,6 +31,9 @@ from .launch import INTERPRET, TritonKernel, half_on_ampere, recording
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# Head dims over 128 spill in the backward on sm_70/75 even with 16x16 tiles (compile report), and
+# fp32 dk/dv at D=256 needs 66,560 B of shared memory, over a T4's 65,536: those GPUs stop at 128.
+MAX_HEAD_DIM_BEFORE_AMPERE = 128
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. Grids are (blocks of max_seqlen, B, H): axis 0 may be large, B and H stay < 65536.

@@ -175,6 +175,10 @@ def test_triton_and_torch_reasons_on_old_gpus(monkeypatch):
     monkeypatch.setattr(backends, "_capability", lambda device: (7, 5))
     assert "bfloat16 needs sm_80" in backends._triton_support(CUDA, torch.bfloat16, 64)
     assert (backends._triton_support(CUDA, torch.float16, 80) is None) == (backends._triton_attention is not None)
+    if backends._triton_attention is not None:  # D > 128 spills on sm_70/75 (compile report): refused there
+        assert "head_dim 256 needs sm_80" in backends._triton_support(CUDA, torch.float16, 256)
+        monkeypatch.setattr(backends, "_capability", lambda device: (8, 0))
+        assert backends._triton_support(CUDA, torch.float16, 256) is None
     monkeypatch.setattr(backends, "_torch_varlen_attn", lambda: None)
     assert "torch >= 2.10" in backends._torch_support(CUDA, torch.float16, 64)
 
