@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from . import resume_state, run_folder
 from . import train as base
 from .checkpoint import load_checkpoint
 from .data import DenseClutteredDigits
@@ -217,7 +218,7 @@ def train_segmentation(args) -> dict:
     main_process = rank == 0
     torch.manual_seed(args.seed + rank)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_folder.prepare(out, args.resume, args.overwrite, rank, world, device)
     bundle = build_segmentation_data(args, main_process)
     segmenter, config = build_segmenter(args, bundle)
     segmenter = segmenter.to(device).train()
@@ -226,10 +227,15 @@ def train_segmentation(args) -> dict:
     if isinstance(gate_loss, nn.Module):
         gate_loss.to(device)
     train_loader, sampler, val_loader = loaders(bundle, args.batch_size, args.workers, world > 1, args.seed)
+    base.check_batches(train_loader, args.batch_size, world)
     opt, schedule = base.make_optimizer(args, segmenter, gate_loss, len(train_loader))
+    start_epoch, step, rows = 0, 0, []
+    if checkpoint is not None:
+        start_epoch, step, rows = resume_state.restore(checkpoint, segmenter, opt, schedule, gate_loss,
+                                                       train_loader.generator, args, rank, world)
     net = nn.parallel.DistributedDataParallel(segmenter) if world > 1 else segmenter
     amp = args.amp and device.type == "cuda"
-    step, metrics = 0, {}
+    metrics = rows[-1] if rows else {}
 
     def train_step(images, maps, epoch: int) -> dict:
         mask = None  # a trainable gate starts after --gate-start-epoch; random mixed-scale masks until then
@@ -246,7 +252,7 @@ def train_segmentation(args) -> dict:
         return {"loss": loss, "task": task, "gate": gate, "fine": result.gate.hard.float().mean(),
                 "tokens": result.tokens.float().mean()}
 
-    for epoch in range(args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         started, sums = time.perf_counter(), {}
@@ -265,14 +271,15 @@ def train_segmentation(args) -> dict:
             evaluation = evaluate_segmentation(segmenter, val_loader, bundle.mean, bundle.std, device, bundle.classes,
                                                args.budget)
             metrics.update({f"val_{k}": v for k, v in evaluation.items()})
-            base.append_metrics(out, metrics)
-            save_segmenter(out, segmenter, config)
             tqdm.write(f"epoch {epoch + 1}: loss {metrics['train_loss']:.4f}  val mIoU {metrics['val_miou']:.4f}  "
                        f"pixel acc {metrics['val_pixel_acc']:.4f}  tokens/img {metrics['val_tokens_per_image']:.1f}")
+        rows.append(metrics)
+        base.save_epoch(out, epoch, segmenter, config, save_segmenter, complete=n == len(train_loader), step=step,
+                        opt=opt, schedule=schedule, gate_loss=gate_loss, generator=train_loader.generator, rows=rows,
+                        args=args, rank=rank, world=world)
         if args.max_steps and step >= args.max_steps:
             break
     if world > 1:
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
 

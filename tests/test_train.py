@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.checkpoint import build_model, load_checkpoint, load_weights, save_checkpoint
+from msvit.checkpoint import build_model, load_checkpoint, load_weights, resolve, save_checkpoint
 from msvit.train import parse_args, train
 
 TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})
@@ -40,7 +40,7 @@ def test_short_training_run_learns_and_moves_the_gate(tmp_path):
 @pytest.mark.parametrize("loss", ["gbas", "bas"])
 def test_batch_shaping_losses_train(tmp_path, loss):
     train(small_run(tmp_path, "--epochs", "1", "--gate-loss", loss, "--max-steps", "3"))
-    assert (tmp_path / "model.safetensors").is_file()
+    assert (resolve(tmp_path) / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("mode", ["trimmed", "masked"])
