@@ -256,7 +256,7 @@ def train(args) -> dict:
                 sums[k] += v.detach()  # summed on the device: no host sync per step
             if n % 20 == 0:
                 bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}", fine=f"{sums['fine'].item() / n:.2f}")
-            if args.max_steps and step >= args.max_steps:
+            if stop_early(args, step, n, len(train_loader)):
                 break
         train_time = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "step": step, "mode": mode, "gate_trains": not pre_gate, **{f"train_{k}": v.item() / n for k, v in sums.items()},
@@ -286,6 +286,13 @@ def save_epoch(out, epoch, model, config, save, *, complete, step, opt, schedule
                                          gate_loss=gate_loss, rng=rng, rows=rows, args=args, world=world)
         run_folder.save_epoch(out, epoch + 1, save, model, config, state)
     run_folder.barrier(world)
+
+
+def stop_early(args, step: int, n: int, batches: int) -> bool:
+    """--max-steps reached inside an epoch. At its last batch the loop ends by itself instead: the
+    sampler draws from the loader's generator once more as it finishes, and a checkpoint taken
+    before that draw would resume with another data order than the run never stopped."""
+    return bool(args.max_steps) and step >= args.max_steps and n < batches
 
 
 def check_batches(train_loader, batch_size: int, world: int) -> None:

@@ -263,7 +263,7 @@ def train_segmentation(args) -> dict:
             step += 1
             if n % 20 == 0:
                 bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}")
-            if args.max_steps and step >= args.max_steps:
+            if base.stop_early(args, step, n, len(train_loader)):
                 break
         metrics = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v.item() / n for k, v in sums.items()},
                    "lr": schedule.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}

@@ -64,13 +64,6 @@ def test_gate_loss_on_probabilities_trains_the_gate(tmp_path):
     assert metrics["train_gate"] > 0  # all-fine start vs g* 0.25: the pinned rate is off target
 
 
-def test_resume_continues_from_the_last_epoch(tmp_path):
-    train(small_run(tmp_path, "--epochs", "1"))
-    train(small_run(tmp_path, "--epochs", "2", "--resume"))
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
-
-
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     config = {"timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32,
                                                                    "num_classes": 10}},
