@@ -119,3 +119,17 @@ def test_kills_at_random_instants_then_resume(tmp_path, worker, reference):
     print(f"{kills} random kills, then --resume finished the run")
     assert kills >= 1  # the first kill lands in the first 60% of a full run: always inside it
     assert_finished_like(tmp_path, reference)
+
+
+def test_segmentation_runs_are_crash_safe_too(tmp_path, worker):
+    """--task segmentation writes through the same code: killed inside the weights, resumed, loadable."""
+    from msvit.segmentation import load_segmenter
+
+    seg = ("--task", "segmentation", "--no-freeze-gate", "--gate-loss", "gbas", "--digit-scale", "0.3", "0.6")
+    assert worker(tmp_path, *seg, kill_at="checkpoint:weights:partial@2")["killed"]
+    load_segmenter(tmp_path)
+    assert epochs_logged(tmp_path) == [1]
+    assert worker(tmp_path, *seg, "--resume") == {"killed": False, "code": 0}
+    assert epochs_logged(tmp_path) == list(range(1, EPOCHS + 1))
+    segmenter, config = load_segmenter(tmp_path)
+    assert config["task"] == "segmentation"
