@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import resume_state, run_folder
 from .checkpoint import build_model, save_checkpoint
 from .evaluate import evaluate
+from .flag_checks import check_train_flags
 from .losses import GBaSLoss, bas_loss, l0_loss
 from .sample_images import normalize
 from .train_data import CROPS, DIGITS, build_data, loaders
@@ -92,10 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (deletes it)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke runs)")
     args = p.parse_args(argv)
-    if not 0 < args.gate_target < 1:
-        p.error("--gate-target must be in (0, 1)")
-    if args.shift < 0 or (args.shift and args.data != DIGITS):
-        p.error(f"--shift must be >= 0 and needs --data {DIGITS} (the digits' boxes keep them in frame)")
+    check_train_flags(p, args)
+    if args.shift and args.data != DIGITS:
+        p.error(f"--shift needs --data {DIGITS} (the digits' boxes keep them in frame)")
     return args
 
 
@@ -129,9 +129,14 @@ def make_model(args, config):
     from .timm_compat import from_timm
 
     kwargs = dict(config["timm"]["kwargs"], pretrained=True)
-    if args.pretrained:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(args.pretrained)}
-    return from_timm(config["timm"]["name"], timm_kwargs=kwargs, **config["msvit"])
+    if not args.pretrained:
+        return from_timm(config["timm"]["name"], timm_kwargs=kwargs, **config["msvit"])
+    kwargs["pretrained_cfg_overlay"] = {"file": str(args.pretrained)}
+    try:
+        return from_timm(config["timm"]["name"], timm_kwargs=kwargs, **config["msvit"])
+    except Exception as error:  # timm and torch raise many types for an unreadable or foreign file
+        raise SystemExit(f"msvit train: --pretrained {args.pretrained}: cannot load it as {config['timm']['name']} "
+                         f"weights ({type(error).__name__}: {str(error)[:300]})") from error
 
 
 def make_gate_loss(args, grid):

@@ -34,12 +34,15 @@ from . import resume_state, run_folder
 from . import train as base
 from .checkpoint import load_checkpoint
 from .data import DenseClutteredDigits
+from .flag_checks import Range, check_ranges
 from .sample_images import normalize
 from .segmentation import (DECODERS, IGNORE_INDEX, MSSegmenter, confusion_matrix, iou_metrics, save_segmenter,
                            segmenter_config)
 from .train_data import DIGITS, DataBundle, loaders
 
 TASKS = ("classification", "segmentation")
+SEGMENTATION_RANGES = {"decoder_depth": Range(0), "decoder_heads": Range(1), "decoder_dim": Range(1),
+                       "budget": Range(0, 1), "num_classes": Range(1)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -80,8 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     vars(args).update(vars(own))
     if args.mode != "packed" or getattr(args, "gate_mode", None) not in (None, "packed") or args.crop != "none":
         p.error("segmentation runs packed (--mode/--gate-mode packed) without crop augmentation (--crop none)")
-    if args.budget is not None and not (args.freeze_gate and 0 <= args.budget <= 1):
-        p.error("--budget is a fraction in [0, 1] and applies to a frozen gate only")
+    check_ranges(p, args, SEGMENTATION_RANGES)
+    if args.budget is not None and not args.freeze_gate:
+        p.error("--budget applies to a frozen gate only")
+    if args.init is not None and not Path(args.init).is_dir():
+        p.error(f"--init {args.init}: no such folder (a classification checkpoint folder is expected)")
     return args
 
 
@@ -202,7 +208,10 @@ def build_segmenter(args, bundle: DataBundle):
     """(segmenter, checkpoint config): a fresh backbone from the timm recipe, or ``--init``'s."""
     data_config = base.model_config(args, bundle.classes, bundle)
     if args.init:
-        backbone, init_config = load_checkpoint(args.init)
+        try:
+            backbone, init_config = load_checkpoint(args.init)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"msvit train: --init {args.init}: {error}") from error
         backbone_config = {**init_config, "data": data_config["data"]}
     else:
         backbone, backbone_config = base.make_model(args, data_config), data_config
