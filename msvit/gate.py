@@ -68,9 +68,9 @@ def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
     n_regions = logits.shape[1]
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be an int (fine regions per image) or a float fraction, got {budget!r}")
-    k = int(round(budget * n_regions)) if isinstance(budget, float) else budget
-    if isinstance(budget, float) and not 0.0 <= budget <= 1.0:
+    if isinstance(budget, float) and not 0.0 <= budget <= 1.0:  # also refuses NaN, before it reaches int()
         raise ValueError(f"a float budget is a fraction of the {n_regions} regions and must be in [0, 1], got {budget}")
+    k = int(round(budget * n_regions)) if isinstance(budget, float) else budget
     if not 0 <= k <= n_regions:
         raise ValueError(f"budget must be between 0 and {n_regions} fine regions per image, got {k}")
     mask = torch.zeros_like(logits, dtype=torch.bool)
