@@ -34,7 +34,7 @@ TRAIN_RANGES = {
     "image_size": POSITIVE, "train_size": POSITIVE, "val_size": POSITIVE, "digit_scale": Range(0, 1, low_open=True),
     "shift": NON_NEGATIVE, "coarse_patch": POSITIVE, "gate_hidden": POSITIVE, "gate_init_logit": Range(),
     "gate_mode_epochs": NON_NEGATIVE, "gate_lambda": NON_NEGATIVE, "gate_target": Range(0, 1, True, True),
-    "gbas_sigma": Range(0, low_open=True), "gate_start_epoch": NON_NEGATIVE, "lr": Range(0, low_open=True),
+    "gbas_sigma": Range(0, low_open=True), "gate_start_epoch": NON_NEGATIVE, "lr": NON_NEGATIVE,
     "gate_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "momentum": FRACTION, "clip_grad": NON_NEGATIVE,
     "smoothing": FRACTION, "epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE, "gate_warmup_epochs": NON_NEGATIVE,
     "batch_size": POSITIVE, "workers": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": NON_NEGATIVE,
