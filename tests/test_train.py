@@ -87,17 +87,19 @@ def test_loading_into_a_mismatched_config_fails_clearly(tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
-def test_two_process_gloo_ddp_run(tmp_path):
-    """torchrun with two CPU processes (gloo) trains a few steps and writes one checkpoint."""
+def test_two_process_gloo_ddp_run_and_resume(tmp_path):
+    """torchrun with two CPU processes (gloo): rank 0 writes the checkpoint, both resume from it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "msvit", "train", "--train-size", "128", "--val-size", "32", "--batch-size", "16",
+               "-m", "msvit", "train", "--train-size", "64", "--val-size", "32", "--batch-size", "16",
                "--image-size", "32", "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16",
-               "--epochs", "1", "--max-steps", "3", "--gate-loss", "gbas", "--out", str(tmp_path)]
+               "--gate-loss", "gbas", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1 and json.loads(rows[0])["step"] == 3
+    for extra in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
+        result = subprocess.run(command + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4)]  # 64 images / 2 ranks / 16 per batch
+    load_checkpoint(tmp_path)
 
 
 def test_cli_help_lists_train(capsys):
