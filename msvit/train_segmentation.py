@@ -16,7 +16,8 @@ Data (``--data``):
 The options of ``msvit train`` (model, optimizer, schedule, gate loss, ...; see ``msvit train
 --help``) apply too; ``--mode``/``--gate-mode`` must stay ``packed`` and ``--crop`` ``none``. The metric is mIoU
 (per-class IoU logged as ``val_iou_<class>``); metrics go to ``metrics.jsonl``/``.csv`` and the
-segmenter to ``model.safetensors`` + ``config.json`` (``msvit.segmentation.load_segmenter``).
+segmenter to a crash-safe run folder like classification's (``msvit.run_folder``; load it with
+``msvit.segmentation.load_segmenter``), and ``--resume`` continues it the same way.
 """
 import argparse
 import sys
