@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import resume_state, run_folder
 from .checkpoint import build_model, save_checkpoint
+from .config_file import ConfigError
 from .evaluate import evaluate
 from .flag_checks import check_train_flags
 from .losses import GBaSLoss, bas_loss, l0_loss
@@ -312,9 +313,12 @@ def main(argv=None) -> None:
     from . import train_segmentation  # imported here: it builds on this module
 
     task, argv = train_segmentation.split_task(argv)  # --task segmentation: see msvit/train_segmentation.py
-    if task == "segmentation":
-        return train_segmentation.main(argv)
-    train(parse_args(argv))
+    try:
+        if task == "segmentation":
+            return train_segmentation.main(argv)
+        train(parse_args(argv))
+    except (run_folder.RunFolderError, ConfigError) as error:  # the user's folder or files: a message, no traceback
+        raise SystemExit(f"msvit train: {error}") from None
 
 
 if __name__ == "__main__":
