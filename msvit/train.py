@@ -236,6 +236,8 @@ def train(args) -> dict:
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = args.amp and device.type == "cuda"
     metrics = rows[-1] if rows else {}
+    if start_epoch >= args.epochs and main_process:
+        tqdm.write(f"{out} already holds all {start_epoch} epochs; raise --epochs to train on")
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)

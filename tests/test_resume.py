@@ -74,3 +74,27 @@ def test_extending_a_finished_run_continues_its_metrics(tmp_path):
     assert epochs_logged(tmp_path) == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "epoch-0002", "metrics.csv",
                                                            "metrics.jsonl"]
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    """ENOSPC while writing the train state: the run fails, the folder still holds epoch 1, resume works."""
+    import errno
+
+    from msvit import run_folder
+
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    real = run_folder.write_bytes
+
+    def full_disk(path, data, point=""):
+        if path.name == run_folder.STATE:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, point)
+
+    monkeypatch.setattr(run_folder, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny(tmp_path, "--epochs", "2", "--resume"))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["epoch"] == 1
+    load_checkpoint(tmp_path)
+    train(tiny(tmp_path, "--epochs", "2", "--resume"))
+    assert epochs_logged(tmp_path) == [1, 2]
