@@ -31,7 +31,7 @@ POINTS = ["checkpoint:weights:partial", "checkpoint:weights:written", "checkpoin
 def run_argv(out, *extra):
     return ["--train-size", "64", "--val-size", "16", "--batch-size", "16", "--image-size", "32",
             "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "8", "--gate-start-epoch", "1",
-            "--gate-loss", "gbas", "--epochs", str(EPOCHS), "--out", str(out), *extra]
+            "--gate-loss", "gbas", "--epochs", str(EPOCHS), "--device", "cpu", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
