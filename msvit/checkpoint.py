@@ -1,23 +1,38 @@
 """Checkpoints: weights in safetensors, the recipe to rebuild the model in JSON.
 
 ``config.json`` holds ``{"timm": {"name": ..., "kwargs": {...}}, "msvit": {...from_timm kwargs},
-"data": {...}}``; ``model.safetensors`` the MSViT state dict. ``build_model(config)`` rebuilds the
-architecture without downloading anything, and ``load_checkpoint`` refuses weights that do not fit
-it with a message naming the mismatched tensors.
+"data": {...}, "architecture": {...}, "weights_sha256": ...}``; ``model.safetensors`` the state dict.
+``build_model(config)`` rebuilds the architecture without downloading anything. ``load_checkpoint``
+verifies before it loads: the weights' sha256 against the config (flipped bytes are refused, not
+silently loaded), the rebuilt model's ``architecture`` against the recorded one (an edited
+``num_heads`` keeps every tensor shape but changes the outputs), and every tensor name and shape.
+
+A training run folder (``msvit.run_folder``) holds one complete checkpoint per epoch folder and a
+manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`` follows it.
 """
+import hashlib
 import json
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Tuple
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
 
+from . import architecture
+from .atomic import write_bytes, write_text
+from .config_file import ConfigError, read_json_object, require
 from .model import MSViT
 from .timm_compat import from_timm
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+MANIFEST = "checkpoint.json"
 PRETRAINED = Path(__file__).parent / "pretrained"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def build_model(config: dict) -> MSViT:
@@ -27,19 +42,24 @@ def build_model(config: dict) -> MSViT:
     return from_timm(timm_cfg["name"], timm_kwargs=kwargs, **config.get("msvit", {}))
 
 
-def save_checkpoint(folder, model: MSViT, config: dict) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder``."""
+def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
+    """Write ``model.safetensors``, then ``config.json`` with the weights' sha256 and the model's
+    architecture, each crash-safe (``msvit.atomic``). A kill between the two files leaves new
+    weights beside the old config, which loading then refuses as corrupt: a folder that must stay
+    loadable at every instant is written fresh and switched by a manifest (``msvit.run_folder``).
+    ``point``: the fault tests' crash-point prefix."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    data = save_safetensors(state)
+    config = {**config, "architecture": architecture.describe(model), "weights_sha256": sha256(data)}
+    write_bytes(folder / WEIGHTS, data, point and f"{point}:weights")
+    write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n", point and f"{point}:config")
     return folder
 
 
-def load_weights(model: MSViT, path) -> None:
-    """Load a safetensors state dict, failing clearly on missing, unexpected or mis-shaped tensors."""
-    state = load_file(str(path))
+def check_state(model: nn.Module, state: dict, path) -> None:
+    """Fail clearly on missing, unexpected or mis-shaped tensors."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -55,17 +75,93 @@ def load_weights(model: MSViT, path) -> None:
             problems.append("not in model: " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
         raise ValueError(f"checkpoint {path} does not match this model's configuration ({'; '.join(problems)}); "
                          "build the model from the checkpoint's config.json (msvit.load_checkpoint)")
+
+
+def parse_weights(data: bytes, path) -> dict:
+    try:
+        return load_safetensors(data)
+    except Exception as error:  # safetensors raises its own error types for a bad header or size
+        raise ValueError(f"{path} is corrupt: not a readable safetensors file ({error})") from None
+
+
+def load_weights(model: nn.Module, path) -> None:
+    """Load a safetensors state dict (no checksum: see ``load_checkpoint`` for verified loading)."""
+    state = parse_weights(Path(path).read_bytes(), path)
+    check_state(model, state, path)
     model.load_state_dict(state)
 
 
-def load_checkpoint(folder, map_location="cpu") -> Tuple[MSViT, dict]:
-    """(model in eval mode, config) from a folder written by ``save_checkpoint``."""
+def resolve(folder) -> Path:
+    """The folder holding the checkpoint files: ``folder`` itself, or the epoch folder its
+    ``checkpoint.json`` names (a training run)."""
     folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        manifest = read_json_object(folder / MANIFEST, "training run's checkpoint manifest")
+        name = require(manifest, "folder", str, folder / MANIFEST)
+        if Path(name).name != name or not (folder / name).is_dir():
+            raise ConfigError(f"{folder / MANIFEST}: key 'folder' names {name!r}, which is not a folder in {folder}")
+        folder = folder / name
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder} is not a checkpoint folder: expected {CONFIG} and {WEIGHTS} in it")
-    config = json.loads((folder / CONFIG).read_text())
-    model = build_model(config)
-    load_weights(model, folder / WEIGHTS)
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder: expected {CONFIG} and {WEIGHTS} in it "
+                                f"(or a training run's {MANIFEST})")
+    return folder
+
+
+def read_config(path: Path, verify: bool = True) -> dict:
+    """``config.json`` with every key msvit relies on checked; errors name the file and the key."""
+    config = read_json_object(path, "checkpoint config written by msvit")
+    timm_cfg = require(config, "timm", dict, path)
+    require(timm_cfg, "name", str, path, where="timm.")
+    require(timm_cfg, "kwargs", dict, path, optional=True, where="timm.")
+    require(config, "msvit", dict, path, optional=True)
+    require(config, "data", dict, path, optional=True)
+    if require(config, "task", str, path, optional=True) == "segmentation":
+        require(config, "segmentation", dict, path)
+    if verify:
+        if "architecture" not in config and "weights_sha256" not in config:
+            raise ConfigError(f"{path} has no 'architecture' and no 'weights_sha256' (a checkpoint of an older msvit): "
+                              "load it with load_checkpoint(folder, verify=False) and save_checkpoint it again")
+        require(config, "architecture", dict, path)
+        digest = require(config, "weights_sha256", str, path)
+        if len(digest) != 64:
+            raise ConfigError(f"{path}: key 'weights_sha256' must be 64 hex digits, got {digest!r:.80}")
+    return config
+
+
+def read_checkpoint(folder, verify: bool = True) -> Tuple[dict, dict, Path]:
+    """(config, state dict, checkpoint folder) of a checkpoint; with ``verify`` the weights' bytes
+    must hash to the config's ``weights_sha256``."""
+    folder = resolve(folder)
+    config = read_config(folder / CONFIG, verify)
+    data = (folder / WEIGHTS).read_bytes()  # hashed and parsed from the same bytes
+    if verify and sha256(data) != config["weights_sha256"]:
+        raise ValueError(f"{folder / WEIGHTS} is corrupt: its sha256 {sha256(data)[:16]}... differs from the "
+                         f"weights_sha256 {config['weights_sha256'][:16]}... recorded in {folder / CONFIG} "
+                         "(damaged or replaced after it was saved)")
+    return config, parse_weights(data, folder / WEIGHTS), folder
+
+
+def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = True) -> Tuple[nn.Module, dict]:
+    """(model, config): ``build(config)`` filled with the checkpoint's weights after every check."""
+    config, state, folder = read_checkpoint(folder, verify)
+    try:
+        model = build(config)
+    except (TypeError, ValueError, KeyError, AssertionError, NotImplementedError, RuntimeError) as error:
+        raise ConfigError(f"{folder / CONFIG}: cannot build the model it describes ({type(error).__name__}: {error})") from error
+    if verify:
+        found = architecture.differences(config["architecture"], architecture.describe(model))
+        if found:
+            raise ConfigError(f"{folder / CONFIG} no longer matches the weights in {folder / WEIGHTS}: the model it "
+                              f"builds differs from the recorded architecture ({'; '.join(found[:5])})")
+    check_state(model, state, folder / WEIGHTS)
+    model.load_state_dict(state)
+    return model, config
+
+
+def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> Tuple[MSViT, dict]:
+    """(model in eval mode, config) from a folder written by ``save_checkpoint`` or a training run.
+    ``verify=False`` skips the checksum and architecture checks (checkpoints of older versions)."""
+    model, config = load_verified(folder, build_model, verify)
     return model.to(map_location).eval(), config
 
 

@@ -28,6 +28,14 @@ def check_images(images, in_chans: int, coarse_patch: int) -> None:
         )
 
 
+def check_dtype(images: Tensor, model_dtype: torch.dtype) -> None:
+    """A float image of another dtype than the weights fails deep inside a matmul otherwise (under
+    autocast the matmuls cast their inputs themselves, so mixed dtypes are left to it)."""
+    if images.dtype != model_dtype and not torch.is_autocast_enabled(images.device.type):
+        raise TypeError(f"images are {images.dtype} but the model's weights are {model_dtype}; cast the images "
+                        f"(images.to({model_dtype})) or the model (model.to({images.dtype}))")
+
+
 def check_mask(mask, batch: int, coarse_grid) -> None:
     n_regions = coarse_grid[0] * coarse_grid[1]
     if not isinstance(mask, Tensor):

@@ -5,6 +5,7 @@ region is kept at the FINE scale. Training samples a Gumbel-Sigmoid (temperature
 straight-through estimator; evaluation thresholds the logit at 0, or keeps the top-k regions fine
 per image when a token budget is given.
 """
+import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -67,9 +68,9 @@ def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
     n_regions = logits.shape[1]
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be an int (fine regions per image) or a float fraction, got {budget!r}")
-    k = int(round(budget * n_regions)) if isinstance(budget, float) else budget
-    if isinstance(budget, float) and not 0.0 <= budget <= 1.0:
+    if isinstance(budget, float) and not 0.0 <= budget <= 1.0:  # also refuses NaN, before it reaches int()
         raise ValueError(f"a float budget is a fraction of the {n_regions} regions and must be in [0, 1], got {budget}")
+    k = int(round(budget * n_regions)) if isinstance(budget, float) else budget
     if not 0 <= k <= n_regions:
         raise ValueError(f"budget must be between 0 and {n_regions} fine regions per image, got {k}")
     mask = torch.zeros_like(logits, dtype=torch.bool)
@@ -99,6 +100,13 @@ class MixedScaleGate(nn.Module):
     def __init__(self, region_size: int, grid: Tuple[int, int], in_chans: int = 3, hidden: int = 106,
                  init_logit: float = 3.0, temperature: float = 0.3):
         super().__init__()
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"gate hidden width must be a positive int, got {hidden!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(f"gate temperature must be a finite number > 0 (it divides the logits of the "
+                             f"Gumbel-Sigmoid), got {temperature!r}")
+        if isinstance(init_logit, bool) or not isinstance(init_logit, (int, float)) or not math.isfinite(init_logit):
+            raise ValueError(f"gate init_logit must be a finite number, got {init_logit!r}")
         self.region_size = region_size
         self.grid = tuple(grid)
         self.temperature = temperature

@@ -14,7 +14,7 @@ from msvit_kernels import tokenize
 from msvit_kernels.unpack import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.varlen import MixedScaleIndex
 
-from .checks import KERNELS, MODES, check_choice, check_images, check_mask
+from .checks import KERNELS, MODES, check_choice, check_dtype, check_images, check_mask
 from .gate import Budget, GateDecision, MixedScaleGate
 from .layers import dense_blocks, packed_blocks
 from .tokenizer import MixedScaleTokenizer
@@ -115,6 +115,7 @@ class MSViT(nn.Module):
     def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> GateDecision:
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
         check_images(images, self.in_chans, self.tokenizer.coarse_patch)
+        check_dtype(images, self.tokenizer.embed.weight.dtype)
         if mask is None:
             return self.gate.decide(images, sample=self.training, budget=budget)
         check_mask(mask, images.shape[0], self.coarse_grid(images))
@@ -125,6 +126,7 @@ class MSViT(nn.Module):
     def gate_mask(self, images: Tensor, *, budget: Budget = None) -> Tensor:
         """Hard decisions with eval semantics (threshold, or top-k with ``budget``): bool ``[B, Nc]``."""
         check_images(images, self.in_chans, self.tokenizer.coarse_patch)
+        check_dtype(images, self.tokenizer.embed.weight.dtype)
         return self.gate.decide(images, sample=False, budget=budget).hard
 
     def tokens_per_image(self, mask: Tensor) -> Tensor:
@@ -142,6 +144,8 @@ class MSViT(nn.Module):
         """
         check_choice("mode", mode, MODES)
         decision = self.decide(images, mask=mask, budget=budget)
+        if mode == "packed" and images.shape[0] == 0:
+            mode = "masked"  # the modes agree; an empty batch has no packed layout, the dense path gives [0, K]
         if mode == "packed":
             x, index = self._packed_trunk(images, decision)
             pooled = self._pool_packed(x, index)
@@ -194,7 +198,7 @@ def trim_tokens(tokens: Tensor, weights: Tensor, num_prefix: int) -> Tuple[Tenso
     """
     patch_weights = weights[:, num_prefix:]
     active = patch_weights.detach() > 0.5
-    keep = int(active.sum(1).max())
+    keep = int(active.sum(1).max()) if active.shape[0] else 0  # an empty batch keeps no patch token
     order = torch.argsort(active.to(torch.uint8), dim=1, descending=True, stable=True)[:, :keep]
     patch_tokens = torch.gather(tokens[:, num_prefix:], 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
     tokens = torch.cat([tokens[:, :num_prefix], patch_tokens], 1)

@@ -9,7 +9,6 @@ and K learned class embeddings. Logits are upsampled bilinearly to the image siz
 The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
 (``msvit_kernels.unpack.unpack_to_grid``).
 """
-import json
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
@@ -19,7 +18,8 @@ from torch import Tensor, nn
 
 from msvit_kernels.unpack import unpack_to_grid
 
-from .checkpoint import CONFIG, WEIGHTS, build_model, load_weights, save_checkpoint
+from .checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
+from .config_file import read_json_object
 from .checks import check_choice, check_images
 from .gate import Budget, GateDecision
 from .model import MSViT
@@ -196,26 +196,27 @@ def segmenter_config(backbone_config: dict, segmenter: MSSegmenter, decoder_kwar
                              "decoder_kwargs": decoder_kwargs or {}, "freeze_gate": segmenter.freeze_gate}}
 
 
-def save_segmenter(folder, segmenter: MSSegmenter, config: dict) -> Path:
+def save_segmenter(folder, segmenter: MSSegmenter, config: dict, point: str = "") -> Path:
     """``model.safetensors`` (the segmenter's state dict) and ``config.json`` (from ``segmenter_config``)."""
     if config.get("task") != "segmentation":
         raise ValueError("config must come from segmenter_config (it has no 'segmentation' section)")
-    return save_checkpoint(folder, segmenter, config)
+    return save_checkpoint(folder, segmenter, config, point)
 
 
 def is_segmenter_checkpoint(folder) -> bool:
-    path = Path(folder) / CONFIG
-    return path.is_file() and json.loads(path.read_text()).get("task") == "segmentation"
+    path = resolve(folder) / CONFIG
+    return read_json_object(path, "checkpoint config written by msvit").get("task") == "segmentation"
 
 
-def load_segmenter(folder, map_location="cpu") -> Tuple[MSSegmenter, dict]:
-    """(segmenter in eval mode, config) from a folder written by ``save_segmenter``."""
-    folder = Path(folder)
-    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder} is not a checkpoint folder: expected {CONFIG} and {WEIGHTS} in it")
-    config = json.loads((folder / CONFIG).read_text())
+def build_segmenter(config: dict) -> MSSegmenter:
+    """A segmenter with random weights in the architecture of a ``segmenter_config``."""
     if config.get("task") != "segmentation":
-        raise ValueError(f"{folder} holds a classification checkpoint; load it with msvit.checkpoint.load_checkpoint")
-    segmenter = MSSegmenter(build_model(config), **config["segmentation"])
-    load_weights(segmenter, folder / WEIGHTS)
+        raise ValueError("it holds a classification checkpoint; load it with msvit.checkpoint.load_checkpoint")
+    return MSSegmenter(build_model(config), **config["segmentation"])
+
+
+def load_segmenter(folder, map_location="cpu", verify: bool = True) -> Tuple[MSSegmenter, dict]:
+    """(segmenter in eval mode, config) from a folder written by ``save_segmenter`` or a training run;
+    verified like ``msvit.checkpoint.load_checkpoint``."""
+    segmenter, config = load_verified(folder, build_segmenter, verify)
     return segmenter.to(map_location).eval(), config

@@ -6,7 +6,6 @@ warm-up, and a longer warm-up for the gate, trained from scratch (C.3). The loss
 task cross-entropy + lambda * gate loss (L0, BaS or GBaS) on the soft gate outputs.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -19,13 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import build_model, load_weights, save_checkpoint
+from . import resume_state, run_folder
+from .checkpoint import build_model, save_checkpoint
+from .config_file import ConfigError
 from .evaluate import evaluate
+from .flag_checks import check_train_flags
 from .losses import GBaSLoss, bas_loss, l0_loss
 from .sample_images import normalize
 from .train_data import CROPS, DIGITS, build_data, loaders
-
-STATE = "train_state.pt"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,13 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/msvit", help="checkpoint and metrics folder")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last complete checkpoint, exactly as if never stopped")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (deletes it)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke runs)")
     args = p.parse_args(argv)
-    if not 0 < args.gate_target < 1:
-        p.error("--gate-target must be in (0, 1)")
-    if args.shift < 0 or (args.shift and args.data != DIGITS):
-        p.error(f"--shift must be >= 0 and needs --data {DIGITS} (the digits' boxes keep them in frame)")
+    check_train_flags(p, args)
+    if args.shift and args.data != DIGITS:
+        p.error(f"--shift needs --data {DIGITS} (the digits' boxes keep them in frame)")
     return args
 
 
@@ -129,9 +130,14 @@ def make_model(args, config):
     from .timm_compat import from_timm
 
     kwargs = dict(config["timm"]["kwargs"], pretrained=True)
-    if args.pretrained:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(args.pretrained)}
-    return from_timm(config["timm"]["name"], timm_kwargs=kwargs, **config["msvit"])
+    if not args.pretrained:
+        return from_timm(config["timm"]["name"], timm_kwargs=kwargs, **config["msvit"])
+    kwargs["pretrained_cfg_overlay"] = {"file": str(args.pretrained)}
+    try:
+        return from_timm(config["timm"]["name"], timm_kwargs=kwargs, **config["msvit"])
+    except Exception as error:  # timm and torch raise many types for an unreadable or foreign file
+        raise SystemExit(f"msvit train: --pretrained {args.pretrained}: cannot load it as {config['timm']['name']} "
+                         f"weights ({type(error).__name__}: {str(error)[:300]})") from error
 
 
 def make_gate_loss(args, grid):
@@ -201,18 +207,6 @@ def after_gate_mode(args, epoch: int) -> bool:
     return args.gate_mode_epochs > 0 and epoch >= args.gate_start_epoch + args.gate_mode_epochs
 
 
-def append_metrics(out: Path, row: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    path = out / "metrics.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def train(args) -> dict:
     """Run the training described by ``args``; returns the last epoch's metrics."""
     launched = time.perf_counter()
@@ -220,7 +214,7 @@ def train(args) -> dict:
     main_process = rank == 0
     torch.manual_seed(args.seed + rank)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_folder.prepare(out, args.resume, args.overwrite, rank, world, device)
     bundle = build_data(args.data, args.image_size, args.crop, args.hflip, args.train_size, args.val_size,
                         args.seed, main_process, digit_scale=args.digit_scale, shift=args.shift)
     config = model_config(args, bundle.classes, bundle)
@@ -232,20 +226,18 @@ def train(args) -> dict:
     if isinstance(gate_loss, nn.Module):
         gate_loss.to(device)
     train_loader, sampler, val_loader = loaders(bundle, args.batch_size, args.workers, world > 1, args.seed)
+    check_batches(train_loader, args.batch_size, world)
     opt, schedule = make_optimizer(args, model, gate_loss, len(train_loader))
-    start_epoch = 0
-    if args.resume and (out / STATE).is_file():
-        load_weights(model, out / "model.safetensors")
-        state = torch.load(out / STATE, map_location=device, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if isinstance(gate_loss, nn.Module):
-            gate_loss.load_state_dict(state["gate_loss"])
-        start_epoch = state["epoch"] + 1
+    start_epoch, step, rows = 0, 0, []
+    if checkpoint is not None:
+        start_epoch, step, rows = resume_state.restore(checkpoint, model, opt, schedule, gate_loss,
+                                                       train_loader.generator, args, rank, world)
+        launched -= rows[-1].get("wall_seconds", 0.0) if rows else 0.0  # the clock counts the whole run
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = args.amp and device.type == "cuda"
-    step = start_epoch * len(train_loader)
-    metrics = {}
+    metrics = rows[-1] if rows else {}
+    if start_epoch >= args.epochs and main_process:
+        tqdm.write(f"{out} already holds all {start_epoch} epochs; raise --epochs to train on")
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -272,7 +264,7 @@ def train(args) -> dict:
                 sums[k] += v.detach()  # summed on the device: no host sync per step
             if n % 20 == 0:
                 bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}", fine=f"{sums['fine'].item() / n:.2f}")
-            if args.max_steps and step >= args.max_steps:
+            if stop_early(args, step, n, len(train_loader)):
                 break
         train_time = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "step": step, "mode": mode, "gate_trains": not pre_gate, **{f"train_{k}": v.item() / n for k, v in sums.items()},
@@ -281,27 +273,54 @@ def train(args) -> dict:
             evaluation = evaluate(model, val_loader, bundle.mean, bundle.std, device, boxes=bundle.val_boxes)
             metrics.update({f"val_{k}": v for k, v in evaluation.items()})
             metrics["wall_seconds"] = time.perf_counter() - launched  # data generation and evaluation included
-            append_metrics(out, metrics)
-            save_checkpoint(out, model, config)
-            torch.save({"optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "epoch": epoch,
-                        "gate_loss": gate_loss.state_dict() if isinstance(gate_loss, nn.Module) else None},
-                       out / STATE)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        rows.append(metrics)
+        save_epoch(out, epoch, model, config, save_checkpoint, complete=n == len(train_loader), step=step, opt=opt,
+                   schedule=schedule, gate_loss=gate_loss, generator=train_loader.generator, rows=rows, args=args,
+                   rank=rank, world=world)
         if args.max_steps and step >= args.max_steps:
             break
     if world > 1:
-        dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def save_epoch(out, epoch, model, config, save, *, complete, step, opt, schedule, gate_loss, generator, rows, args,
+               rank, world) -> None:
+    """Every rank: gather the RNG states; rank 0 writes the epoch's checkpoint; all wait for it."""
+    rng = resume_state.gather(resume_state.rng_state(generator), world)
+    if rank == 0:
+        state = resume_state.train_state(epoch=epoch + 1, step=step, complete=complete, opt=opt, schedule=schedule,
+                                         gate_loss=gate_loss, rng=rng, rows=rows, args=args, world=world)
+        run_folder.save_epoch(out, epoch + 1, save, model, config, state)
+    run_folder.barrier(world)
+
+
+def stop_early(args, step: int, n: int, batches: int) -> bool:
+    """--max-steps reached inside an epoch. At its last batch the loop ends by itself instead: the
+    sampler draws from the loader's generator once more as it finishes, and a checkpoint taken
+    before that draw would resume with another data order than the run never stopped."""
+    return bool(args.max_steps) and step >= args.max_steps and n < batches
+
+
+def check_batches(train_loader, batch_size: int, world: int) -> None:
+    """A training set smaller than one batch (per process) would give epochs of zero steps."""
+    if len(train_loader) == 0:
+        raise SystemExit(f"msvit train: --batch-size {batch_size} is larger than the training set "
+                         f"({len(train_loader.dataset)} images{f' over {world} processes' if world > 1 else ''}); "
+                         "incomplete batches are dropped, so an epoch would have no step")
 
 
 def main(argv=None) -> None:
     from . import train_segmentation  # imported here: it builds on this module
 
     task, argv = train_segmentation.split_task(argv)  # --task segmentation: see msvit/train_segmentation.py
-    if task == "segmentation":
-        return train_segmentation.main(argv)
-    train(parse_args(argv))
+    try:
+        if task == "segmentation":
+            return train_segmentation.main(argv)
+        train(parse_args(argv))
+    except (run_folder.RunFolderError, ConfigError) as error:  # the user's folder or files: a message, no traceback
+        raise SystemExit(f"msvit train: {error}") from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Crop augmentations follow the paper's ablation (Section 4.3.1): ``standard`` is the Inception-style
 RandomResizedCrop (scale 0.08-1, a large train/test shift), ``light`` keeps at least half of the
-image (scale 0.5-1), ``none`` uses the image as it is.
+image (scale 0.5-1), ``none`` uses the image as it is (digits) or the evaluation view (ImageFolder:
+shorter side to --image-size / 0.875, centre crop), so every image has the size the model expects.
 """
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
@@ -114,13 +115,26 @@ def build_data(data: str, image_size: int, crop: str, hflip: Optional[bool], tra
     from torchvision.transforms import v2
 
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    augment = train_transform(crop, size, True if hflip is None else hflip)
-    train_tf = v2.Compose(to_tensor + ([augment] if augment else [v2.Resize(size, antialias=True)]))
     resize = int(round(image_size / 0.875))
-    val_tf = v2.Compose(to_tensor + [v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
-    train = ImageFolder(str(root / "train"), transform=train_tf)
-    val = ImageFolder(str(root / "val"), transform=val_tf)
+    eval_view = [v2.Resize(resize, antialias=True), v2.CenterCrop(size)]  # shorter side, then the centre
+    # Every training image ends at --image-size whatever the flags: a random resized crop, or else
+    # the evaluation view (no train/test shift); the flip comes after and keeps the size.
+    view = [v2.RandomResizedCrop(size, scale=CROPS[crop], antialias=True)] if CROPS[crop] is not None else eval_view
+    flip = [v2.RandomHorizontalFlip()] if hflip is not False else []
+    train = ImageFolder(str(root / "train"), transform=v2.Compose(to_tensor + view + flip))
+    val = ImageFolder(str(root / "val"), transform=v2.Compose(to_tensor + eval_view))
+    check_same_classes(train.classes, val.classes, root)
     return DataBundle(train, val, train.classes, size, IMAGENET_MEAN, IMAGENET_STD, None)
+
+
+def check_same_classes(train_classes, val_classes, root: Path) -> None:
+    """val labels are indices into val's own sorted folder list: with another list they mean other classes."""
+    if train_classes == val_classes:
+        return
+    missing = sorted(set(train_classes) - set(val_classes))
+    extra = sorted(set(val_classes) - set(train_classes))
+    raise ValueError(f"--data {root}: val/ must hold the same class folders as train/ (labels are folder indices); "
+                     f"missing from val/: {missing or 'none'}; only in val/: {extra or 'none'}")
 
 
 def loaders(bundle: DataBundle, batch_size: int, workers: int, distributed: bool, seed: int):

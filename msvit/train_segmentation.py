@@ -16,7 +16,8 @@ Data (``--data``):
 The options of ``msvit train`` (model, optimizer, schedule, gate loss, ...; see ``msvit train
 --help``) apply too; ``--mode``/``--gate-mode`` must stay ``packed`` and ``--crop`` ``none``. The metric is mIoU
 (per-class IoU logged as ``val_iou_<class>``); metrics go to ``metrics.jsonl``/``.csv`` and the
-segmenter to ``model.safetensors`` + ``config.json`` (``msvit.segmentation.load_segmenter``).
+segmenter to a crash-safe run folder like classification's (``msvit.run_folder``; load it with
+``msvit.segmentation.load_segmenter``), and ``--resume`` continues it the same way.
 """
 import argparse
 import sys
@@ -30,15 +31,19 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from . import resume_state, run_folder
 from . import train as base
 from .checkpoint import load_checkpoint
 from .data import DenseClutteredDigits
+from .flag_checks import Range, check_ranges
 from .sample_images import normalize
 from .segmentation import (DECODERS, IGNORE_INDEX, MSSegmenter, confusion_matrix, iou_metrics, save_segmenter,
                            segmenter_config)
 from .train_data import DIGITS, DataBundle, loaders
 
 TASKS = ("classification", "segmentation")
+SEGMENTATION_RANGES = {"decoder_depth": Range(0), "decoder_heads": Range(1), "decoder_dim": Range(1),
+                       "budget": Range(0, 1), "num_classes": Range(1)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -79,8 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     vars(args).update(vars(own))
     if args.mode != "packed" or getattr(args, "gate_mode", None) not in (None, "packed") or args.crop != "none":
         p.error("segmentation runs packed (--mode/--gate-mode packed) without crop augmentation (--crop none)")
-    if args.budget is not None and not (args.freeze_gate and 0 <= args.budget <= 1):
-        p.error("--budget is a fraction in [0, 1] and applies to a frozen gate only")
+    check_ranges(p, args, SEGMENTATION_RANGES)
+    if args.budget is not None and not args.freeze_gate:
+        p.error("--budget applies to a frozen gate only")
+    if args.init is not None and not Path(args.init).is_dir():
+        p.error(f"--init {args.init}: no such folder (a classification checkpoint folder is expected)")
     return args
 
 
@@ -201,7 +209,10 @@ def build_segmenter(args, bundle: DataBundle):
     """(segmenter, checkpoint config): a fresh backbone from the timm recipe, or ``--init``'s."""
     data_config = base.model_config(args, bundle.classes, bundle)
     if args.init:
-        backbone, init_config = load_checkpoint(args.init)
+        try:
+            backbone, init_config = load_checkpoint(args.init)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"msvit train: --init {args.init}: {error}") from error
         backbone_config = {**init_config, "data": data_config["data"]}
     else:
         backbone, backbone_config = base.make_model(args, data_config), data_config
@@ -217,7 +228,7 @@ def train_segmentation(args) -> dict:
     main_process = rank == 0
     torch.manual_seed(args.seed + rank)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_folder.prepare(out, args.resume, args.overwrite, rank, world, device)
     bundle = build_segmentation_data(args, main_process)
     segmenter, config = build_segmenter(args, bundle)
     segmenter = segmenter.to(device).train()
@@ -226,10 +237,15 @@ def train_segmentation(args) -> dict:
     if isinstance(gate_loss, nn.Module):
         gate_loss.to(device)
     train_loader, sampler, val_loader = loaders(bundle, args.batch_size, args.workers, world > 1, args.seed)
+    base.check_batches(train_loader, args.batch_size, world)
     opt, schedule = base.make_optimizer(args, segmenter, gate_loss, len(train_loader))
+    start_epoch, step, rows = 0, 0, []
+    if checkpoint is not None:
+        start_epoch, step, rows = resume_state.restore(checkpoint, segmenter, opt, schedule, gate_loss,
+                                                       train_loader.generator, args, rank, world)
     net = nn.parallel.DistributedDataParallel(segmenter) if world > 1 else segmenter
     amp = args.amp and device.type == "cuda"
-    step, metrics = 0, {}
+    metrics = rows[-1] if rows else {}
 
     def train_step(images, maps, epoch: int) -> dict:
         mask = None  # a trainable gate starts after --gate-start-epoch; random mixed-scale masks until then
@@ -246,7 +262,7 @@ def train_segmentation(args) -> dict:
         return {"loss": loss, "task": task, "gate": gate, "fine": result.gate.hard.float().mean(),
                 "tokens": result.tokens.float().mean()}
 
-    for epoch in range(args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         started, sums = time.perf_counter(), {}
@@ -257,7 +273,7 @@ def train_segmentation(args) -> dict:
             step += 1
             if n % 20 == 0:
                 bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}")
-            if args.max_steps and step >= args.max_steps:
+            if base.stop_early(args, step, n, len(train_loader)):
                 break
         metrics = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v.item() / n for k, v in sums.items()},
                    "lr": schedule.get_last_lr()[0], "epoch_seconds": time.perf_counter() - started}
@@ -265,14 +281,15 @@ def train_segmentation(args) -> dict:
             evaluation = evaluate_segmentation(segmenter, val_loader, bundle.mean, bundle.std, device, bundle.classes,
                                                args.budget)
             metrics.update({f"val_{k}": v for k, v in evaluation.items()})
-            base.append_metrics(out, metrics)
-            save_segmenter(out, segmenter, config)
             tqdm.write(f"epoch {epoch + 1}: loss {metrics['train_loss']:.4f}  val mIoU {metrics['val_miou']:.4f}  "
                        f"pixel acc {metrics['val_pixel_acc']:.4f}  tokens/img {metrics['val_tokens_per_image']:.1f}")
+        rows.append(metrics)
+        base.save_epoch(out, epoch, segmenter, config, save_segmenter, complete=n == len(train_loader), step=step,
+                        opt=opt, schedule=schedule, gate_loss=gate_loss, generator=train_loader.generator, rows=rows,
+                        args=args, rank=rank, world=world)
         if args.max_steps and step >= args.max_steps:
             break
     if world > 1:
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
 

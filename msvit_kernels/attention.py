@@ -5,6 +5,7 @@ tensor, and ``cu_seqlens`` (int32 ``[B+1]``) marking where each image starts. Ba
 themselves in ``BACKENDS``; ``auto`` takes the first one in ``AUTO_ORDER`` that can run the call.
 """
 from dataclasses import dataclass
+import math
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -83,12 +84,30 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
     return backend
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, check_values: bool) -> None:
+def _check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float (or None for D ** -0.5), got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(
+            f"scale must be a finite number > 0 (the softmax temperature, default D ** -0.5), got {scale}: "
+            "NaN or infinite scores make every attention weight NaN, zero makes attention a plain average "
+            "and a negative scale attends to the least similar keys"
+        )
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, check_values: bool,
+                  scale=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape [T, H, D], got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape [T, H, D] (3 dims), got shape {tuple(t.shape)}")
+    if q.shape[1] == 0 or q.shape[2] == 0:
+        raise ValueError(f"q must have at least one head and a head dim >= 1, got [T, H, D] = {tuple(q.shape)} "
+                         "(an attention with no heads or empty heads has no output features)")
+    _check_scale(scale)
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -150,7 +169,7 @@ def packed_attention(
     Returns:
         ``[T, H, D]`` in q's dtype; differentiable with respect to q, k and v.
     """
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, check_values)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, check_values, scale)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
 

@@ -1,0 +1,64 @@
+"""Parse-time checks of ``msvit train``'s flags: every number in its range, every file readable.
+
+A negative learning rate, a zero-width gate or ``--epochs 0`` used to run (or exit 0 with an empty
+folder) and a bad file surfaced as a raw error deep in timm; argparse's ``error`` names the flag
+and stops before any data is generated.
+"""
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+
+class Range(NamedTuple):
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False   # True: low itself is excluded
+    high_open: bool = False
+
+    def holds(self, v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return "finite" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = Range(1), Range(0), Range(0, 1, high_open=True)
+TRAIN_RANGES = {
+    "image_size": POSITIVE, "train_size": POSITIVE, "val_size": POSITIVE, "digit_scale": Range(0, 1, low_open=True),
+    "shift": NON_NEGATIVE, "coarse_patch": POSITIVE, "gate_hidden": POSITIVE, "gate_init_logit": Range(),
+    "gate_mode_epochs": NON_NEGATIVE, "gate_lambda": NON_NEGATIVE, "gate_target": Range(0, 1, True, True),
+    "gbas_sigma": Range(0, low_open=True), "gate_start_epoch": NON_NEGATIVE, "lr": NON_NEGATIVE,
+    "gate_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "momentum": FRACTION, "clip_grad": NON_NEGATIVE,
+    "smoothing": FRACTION, "epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE, "gate_warmup_epochs": NON_NEGATIVE,
+    "batch_size": POSITIVE, "workers": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": NON_NEGATIVE,
+}
+
+
+def check_ranges(parser, args, ranges: dict) -> None:
+    """``parser.error`` (exit 2, the flag named) for the first value outside its range."""
+    for dest, allowed in ranges.items():
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and not allowed.holds(v):
+                parser.error(f"--{dest.replace('_', '-')} must be {allowed}, got {v}")
+
+
+def check_train_flags(parser, args) -> None:
+    check_ranges(parser, args, TRAIN_RANGES)
+    if args.digit_scale is not None and args.digit_scale[0] > args.digit_scale[1]:
+        parser.error(f"--digit-scale LO HI needs LO <= HI, got {args.digit_scale[0]} {args.digit_scale[1]}")
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as error:
+        parser.error(f"--model-kwargs is not valid JSON ({error.msg} at column {error.colno}): {args.model_kwargs}")
+    if not isinstance(kwargs, dict):
+        parser.error(f"--model-kwargs must be a JSON object of timm.create_model kwargs, got {args.model_kwargs}")
+    if args.pretrained is not None and not Path(args.pretrained).is_file():
+        parser.error(f"--pretrained {args.pretrained}: no such file (a local timm weights file is expected)")

@@ -1,0 +1,65 @@
+"""Every numeric flag of msvit train is range-checked at parse time; file flags name flag and file."""
+import pytest
+
+import msvit
+from msvit.train import parse_args, train
+from msvit.train_segmentation import parse_args as parse_segmentation_args
+from test_train import small_run
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gate-lr", "-1"], "--gate-lr must be >= 0"),
+    (["--gate-lambda", "-4"], "--gate-lambda must be >= 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--max-steps", "-1"], "--max-steps must be >= 0"),
+    (["--gate-hidden", "0"], "--gate-hidden must be >= 1"),
+    (["--lr", "nan"], "--lr must be >= 0"),
+    (["--lr", "-0.001"], "--lr must be >= 0"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--image-size", "-32"], "--image-size must be >= 1"),
+    (["--momentum", "1"], r"--momentum must be in \[0, 1\)"),
+    (["--smoothing", "-0.1"], r"--smoothing must be in \[0, 1\)"),
+    (["--gbas-sigma", "0"], "--gbas-sigma must be > 0"),
+    (["--gate-init-logit", "nan"], "--gate-init-logit must be finite"),
+    (["--digit-scale", "0.5", "0.2"], "--digit-scale LO HI needs LO <= HI"),
+    (["--digit-scale", "0", "0.2"], r"--digit-scale must be in \(0, 1\]"),
+    (["--gate-target", "1"], r"--gate-target must be in \(0, 1\)"),
+    (["--shift", "-2"], "--shift must be >= 0"),
+    (["--model-kwargs", "{'depth': 2}"], "--model-kwargs is not valid JSON"),
+    (["--model-kwargs", "[2]"], "--model-kwargs must be a JSON object"),
+    (["--pretrained", "/nowhere/vit.safetensors"], "--pretrained /nowhere/vit.safetensors: no such file"),
+])
+def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(flags)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message.replace("\\", "") in err, err
+
+
+@pytest.mark.parametrize("flags,message", [(["--decoder-heads", "0"], "--decoder-heads must be >= 1"),
+                                           (["--budget", "1.5"], r"--budget must be in [0, 1]"),
+                                           (["--init", "/nowhere"], "--init /nowhere: no such folder")])
+def test_bad_segmentation_flags_are_refused(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        parse_segmentation_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_a_pretrained_file_that_is_not_weights_names_flag_and_file(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights\n")
+    with pytest.raises(SystemExit, match=f"--pretrained {text}: cannot load it"):
+        train(small_run(tmp_path / "run", "--pretrained", str(text), "--epochs", "1"))
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--batch-size 512 is larger than the training set .256 images"):
+        train(small_run(tmp_path, "--batch-size", "512", "--epochs", "1"))
+
+
+@pytest.mark.parametrize("option", [{"temperature": 0}, {"temperature": float("nan")}, {"hidden": 0}])
+def test_from_timm_refuses_a_degenerate_gate(option):
+    with pytest.raises(ValueError, match="gate (temperature|hidden)"):
+        msvit.from_timm("vit_tiny_patch16_224", timm_kwargs={"img_size": 32, "depth": 1}, **option)

@@ -1,0 +1,101 @@
+"""--resume continues exactly; runs that would be lost or mixed are refused with the flag named."""
+import json
+
+import pytest
+import torch
+
+from msvit.checkpoint import load_checkpoint
+from msvit.run_folder import RunFolderError
+from msvit.train import train
+from test_train import small_run
+
+STEPS_PER_EPOCH = 4  # --train-size 128 / --batch-size 32
+
+
+def tiny(out, *extra):
+    return small_run(out, "--train-size", "128", "--val-size", "32", "--gate-start-epoch", "1", "--warmup-epochs", "0.5",
+                     "--device", "cpu", *extra)  # bit-identical resume is a CPU claim
+
+
+def weights(out):
+    return load_checkpoint(out)[0].state_dict()
+
+
+def epochs_logged(out):
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_epoch_then_resume_equals_two_epochs_straight(tmp_path):
+    """Same data order, RNG, schedule, optimizer and GBaS state: bit-identical weights on CPU."""
+    train(tiny(tmp_path / "straight", "--epochs", "2"))
+    train(tiny(tmp_path / "resumed", "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    assert epochs_logged(tmp_path / "resumed") == [1]
+    train(tiny(tmp_path / "resumed", "--epochs", "2", "--resume"))
+    assert epochs_logged(tmp_path / "resumed") == [1, 2]
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == 0.0 and rows[-1]["step"] == 2 * STEPS_PER_EPOCH  # the schedule ran to its end
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "16"), ("--opt", "sgd"), ("--gate-loss", "l0"),
+                                        ("--model-kwargs", json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 1,
+                                                                       "num_heads": 3, "mlp_ratio": 2}))])
+def test_resume_with_a_flag_that_changes_the_run_is_refused_naming_it(tmp_path, flag, value):
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", "1"))
+    with pytest.raises(RunFolderError, match=f"{flag} was"):
+        train(tiny(tmp_path, "--epochs", "2", "--resume", flag, value))
+
+
+def test_a_new_run_into_a_run_folder_is_refused_unless_overwrite(tmp_path):
+    train(tiny(tmp_path, "--epochs", "1", "--max-steps", "1"))
+    before = (tmp_path / "checkpoint.json").read_text()
+    with pytest.raises(RunFolderError, match="already holds a run.*--overwrite"):
+        train(tiny(tmp_path, "--epochs", "1", "--max-steps", "1"))
+    assert (tmp_path / "checkpoint.json").read_text() == before
+    train(tiny(tmp_path, "--epochs", "1", "--max-steps", "2", "--overwrite"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]  # the old run's metrics are gone, not mixed in
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        train(tiny(tmp_path / "empty", "--epochs", "1", "--resume"))
+
+
+def test_resume_after_a_mid_epoch_stop_is_refused(tmp_path):
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", "1"))
+    with pytest.raises(RunFolderError, match="mid-epoch"):
+        train(tiny(tmp_path, "--epochs", "2", "--resume"))
+
+
+def test_extending_a_finished_run_continues_its_metrics(tmp_path):
+    train(tiny(tmp_path, "--epochs", "1"))
+    train(tiny(tmp_path, "--epochs", "2", "--resume"))
+    assert epochs_logged(tmp_path) == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "epoch-0002", "metrics.csv",
+                                                           "metrics.jsonl"]
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    """ENOSPC while writing the train state: the run fails, the folder still holds epoch 1, resume works."""
+    import errno
+
+    from msvit import run_folder
+
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    real = run_folder.write_bytes
+
+    def full_disk(path, data, point=""):
+        if path.name == run_folder.STATE:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, point)
+
+    monkeypatch.setattr(run_folder, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny(tmp_path, "--epochs", "2", "--resume"))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["epoch"] == 1
+    load_checkpoint(tmp_path)
+    train(tiny(tmp_path, "--epochs", "2", "--resume"))
+    assert epochs_logged(tmp_path) == [1, 2]
