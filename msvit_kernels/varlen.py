@@ -73,7 +73,8 @@ def mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, nu
     per_region = torch.where(mask, r2, 1)  # tokens each region contributes
     lengths = num_prefix + per_region.sum(1)
     cu_seqlens = cu_seqlens_from_lengths(lengths)
-    total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), lengths.max().long()]).tolist())
+    longest = lengths.amax() if batch else lengths.new_zeros(())  # an empty batch has no longest image
+    total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
 
     # Packed row of every candidate token (b, j, k); k > 0 is only real in a fine region.
     region_start = cu_seqlens[:-1, None].long() + num_prefix + (torch.cumsum(per_region, 1) - per_region)

@@ -34,3 +34,9 @@ def test_an_empty_batch_gives_empty_outputs_in_every_mode(model, mode, training)
 def test_nan_or_out_of_range_budgets_are_refused(model, budget):
     with pytest.raises(ValueError, match="must be in \\[0, 1\\], got"):
         model(torch.randn(1, 3, 64, 64), budget=budget)
+
+
+def test_an_empty_batch_gives_empty_dense_features(model):
+    features = model.forward_features(torch.randn(0, 3, 64, 64))
+    grid, prefix = msvit.unpack_to_grid(features)
+    assert features.tokens.shape == (0, 96) and grid.shape == (0, 8, 8, 96) and prefix.shape[0] == 0
