@@ -109,6 +109,11 @@ class MSViT(nn.Module):
         self.tokenizer.kernels = value  # both resolve "auto" per call, from the images' device
         self.gate.kernels = value
 
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs (0 when the head is not a linear layer, as in a segmenter's backbone)."""
+        return getattr(self.head, "out_features", 0)
+
     def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
         return self.tokenizer.grids(images)[1]
 
