@@ -10,7 +10,7 @@ The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
 (``msvit_kernels.unpack.unpack_to_grid``).
 """
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
