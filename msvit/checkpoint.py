@@ -2,13 +2,13 @@
 
 ``config.json`` holds ``{"timm": {"name": ..., "kwargs": {...}}, "msvit": {...from_timm kwargs},
 "data": {...}, "architecture": {...}, "weights_sha256": ...}``; ``model.safetensors`` the state dict.
-``build_model(config)`` rebuilds the architecture without downloading anything. ``load_checkpoint``
+``build_model(config)`` rebuilds the architecture without downloading anything. ``load_model``
 verifies before it loads: the weights' sha256 against the config (flipped bytes are refused, not
 silently loaded), the rebuilt model's ``architecture`` against the recorded one (an edited
 ``num_heads`` keeps every tensor shape but changes the outputs), and every tensor name and shape.
 
 A training run folder (``msvit.run_folder``) holds one complete checkpoint per epoch folder and a
-manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`` follows it.
+manifest, ``checkpoint.json``, naming the latest; ``load_model(run_folder)`` follows it.
 """
 import hashlib
 import json
@@ -24,6 +24,7 @@ from .atomic import write_bytes, write_text
 from .config_file import ConfigError, read_json_object, require
 from .model import MSViT
 from .timm_compat import from_timm
+from .transforms import pretrained_cfg
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -141,8 +142,9 @@ def read_checkpoint(folder, verify: bool = True) -> Tuple[dict, dict, Path]:
     return config, parse_weights(data, folder / WEIGHTS), folder
 
 
-def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = True) -> Tuple[nn.Module, dict]:
-    """(model, config): ``build(config)`` filled with the checkpoint's weights after every check."""
+def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = True) -> nn.Module:
+    """``build(config)`` filled with the checkpoint's weights after every check, its config attached
+    as ``model.pretrained_cfg`` (``msvit.transforms.pretrained_cfg``)."""
     config, state, folder = read_checkpoint(folder, verify)
     try:
         model = build(config)
@@ -155,20 +157,32 @@ def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = Tru
                               f"builds differs from the recorded architecture ({'; '.join(found[:5])})")
     check_state(model, state, folder / WEIGHTS)
     model.load_state_dict(state)
-    return model, config
+    model.pretrained_cfg = pretrained_cfg(config, model)
+    return model
+
+
+def load_model(folder, map_location="cpu", verify: bool = True) -> MSViT:
+    """The model in eval mode from a folder written by ``save_checkpoint`` or a training run, with
+    ``model.pretrained_cfg`` (input size, mean, std, classes, data options, the config); public as
+    ``msvit.load_checkpoint``. ``verify=False`` skips the checksum and architecture checks
+    (checkpoints of older versions)."""
+    return load_verified(folder, build_model, verify).to(map_location).eval()
 
 
 def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> Tuple[MSViT, dict]:
-    """(model in eval mode, config) from a folder written by ``save_checkpoint`` or a training run.
-    ``verify=False`` skips the checksum and architecture checks (checkpoints of older versions)."""
-    model, config = load_verified(folder, build_model, verify)
-    return model.to(map_location).eval(), config
+    """(``load_model(...)``, its checkpoint config): the pair form, for callers that unpack one
+    (``msvit train --task segmentation --init``). New code uses ``msvit.load_checkpoint``, which
+    returns the model alone."""
+    model = load_model(folder, map_location, verify)
+    return model, model.pretrained_cfg["config"]
 
 
-def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> Tuple[MSViT, dict]:
-    """A model shipped inside the package: (model, config). ``name``: a folder of ``msvit/pretrained``."""
+def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> MSViT:
+    """A model shipped inside the package, in eval mode, with ``model.pretrained_cfg`` (its input
+    size, mean and std: ``msvit.eval_transform(model)`` preprocesses images for it). ``name``: a
+    folder of ``msvit/pretrained``."""
     folder = PRETRAINED / name
     if not folder.is_dir():
         shipped = sorted(p.name for p in PRETRAINED.iterdir() if p.is_dir()) if PRETRAINED.is_dir() else []
         raise ValueError(f"no pretrained model {name!r}; shipped: {', '.join(shipped) or 'none'}")
-    return load_checkpoint(folder, map_location)
+    return load_model(folder, map_location)

@@ -106,11 +106,11 @@ def trained_gate_demo(out: Path, n_heldout: int) -> None:
     """The shipped cluttered-digits model: held-out accuracy, where its gate puts fine tokens, and
     mask overlays on held-out digits and on the photos."""
     try:
-        model, config = load_pretrained("cluttered-digits")
+        model = load_pretrained("cluttered-digits")
     except ValueError as error:
         print(f"\n(no trained model: {error})")
         return
-    data = config["data"]
+    data = model.pretrained_cfg["data"]
     size = tuple(data["image_size"])
     options = {"digit_scale": tuple(data["digit_scale"])} if data.get("digit_scale") else {}
     digits = ClutteredDigits(n_heldout, size, seed=10_000, split="val", **options)  # unseen source digits and renders

@@ -111,6 +111,11 @@ class MSViT(nn.Module):
         self.tokenizer.kernels = value  # both resolve "auto" per call, from the images' device
         self.gate.kernels = value
 
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs (0 when the head is not a linear layer, as in a segmenter's backbone)."""
+        return getattr(self.head, "out_features", 0)
+
     def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
         return self.tokenizer.grids(images)[1]
 
@@ -149,33 +154,49 @@ class MSViT(nn.Module):
         if mode == "packed" and images.shape[0] == 0:
             mode = "masked"  # the modes agree; an empty batch has no packed layout, the dense path gives [0, K]
         if mode == "packed":
-            x, index = self._packed_trunk(images, decision)
-            pooled = self._pool_packed(x, index)
+            features = self._packed_features(images, decision)
+            logits = self.forward_head(features)
+            index = features.index
             tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
         else:
             x, weights = self.tokenizer.dense(images, decision.st)
             if mode == "trimmed":
                 x, weights = trim_tokens(x, weights, self.tokenizer.num_prefix)
             x = dense_blocks(self.blocks, self.norm_pre(x), weights)
-            pooled = self._pool_dense(x, weights)
+            logits = self._head(self._pool_dense(x, weights))
             tokens = torch.full((images.shape[0],), x.shape[1], device=images.device)
-        logits = self.head(self.head_drop(self.fc_norm(pooled)))
         return MSViTOutput(logits, decision, tokens) if return_gate else logits
 
     def forward_features(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> PackedFeatures:
-        """The packed, final-normed token features of a batch with their varlen metadata."""
-        decision = self.decide(images, mask=mask, budget=budget)
-        x, index = self._packed_trunk(images, decision)
+        """The packed, final-normed token features of a batch with their varlen metadata (packed
+        mode); ``forward_head`` of them gives the logits ``forward`` returns."""
+        return self._packed_features(images, self.decide(images, mask=mask, budget=budget))
+
+    def forward_head(self, features: PackedFeatures, pre_logits: bool = False) -> Tensor:
+        """Pool the features of ``forward_features`` per image (``global_pool``), then fc_norm,
+        head dropout and, unless ``pre_logits``, the classifier: ``[B, num_classes]`` (or ``[B, C]``).
+
+        ``features.index`` needs the fields ``prefix_rows``, ``rows``, ``row_image``,
+        ``cu_seqlens`` and ``total`` (a ``MixedScaleIndex``, or any index with them, such as a
+        pruned batch's).
+        """
+        if not isinstance(features, PackedFeatures):
+            raise TypeError(f"forward_head takes the PackedFeatures of forward_features, got {type(features).__name__}")
+        return self._head(self._pool_packed(features.tokens, features.index), pre_logits)
+
+    def _packed_features(self, images: Tensor, decision: GateDecision) -> PackedFeatures:
+        x, index = self.tokenizer.pack(images, decision.hard, decision.st)
+        x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend)
         return PackedFeatures(self.norm(x), index, decision, self.tokenizer.grids(images)[0])
 
-    def _packed_trunk(self, images: Tensor, decision: GateDecision) -> Tuple[Tensor, MixedScaleIndex]:
-        x, index = self.tokenizer.pack(images, decision.hard, decision.st)
-        return packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend), index
+    def _head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(self.fc_norm(pooled))
+        return x if pre_logits else self.head(x)
 
     def _pool_packed(self, x: Tensor, index) -> Tensor:
+        """Per-image pooling of final-normed packed tokens ``x [T, C]``."""
         if self.global_pool == "token":
-            return self.norm(x[index.prefix_rows[:, 0]])
-        x = self.norm(x)
+            return x[index.prefix_rows[:, 0]]
         rows = torch.arange(index.total, device=x.device) if self.pool_include_prefix else index.rows
         batch = index.cu_seqlens.numel() - 1
         sums = x.new_zeros(batch, x.shape[-1]).index_add_(0, index.row_image[rows], x[rows])

@@ -27,7 +27,7 @@ from msvit_kernels.varlen import MixedScaleIndex, cu_seqlens_from_lengths
 
 from .gate import Budget, GateDecision
 from .layers import packed_blocks
-from .model import MSViT
+from .model import MSViT, PackedFeatures
 
 EPS = 1e-9  # keep_ratio * n within EPS of an integer counts as that integer (0.7 * 10 = 7.000000000000001)
 
@@ -183,6 +183,24 @@ class PrunedMSViT(nn.Module):
     def forward(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None,
                 return_gate: bool = False):
         """Classify ``images [B, C, H, W]`` with pruning; arguments as ``MSViT.forward`` (packed)."""
+        features, counts = self._pruned_features(images, mask, budget)
+        logits = self.forward_head(features)
+        if not return_gate:
+            return logits
+        tokens = torch.stack([(cu[1:] - cu[:-1]).long() for cu in counts])
+        return PrunedOutput(logits, features.gate, tokens)
+
+    def forward_features(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> PackedFeatures:
+        """The final-normed packed tokens that survive pruning; their ``index`` is a ``PrunedIndex``
+        (it has no ``fine_to_row``: pruned tokens cannot be unpacked to the fine grid)."""
+        return self._pruned_features(images, mask, budget)[0]
+
+    def forward_head(self, features: PackedFeatures, pre_logits: bool = False) -> Tensor:
+        """The wrapped model's ``forward_head``: pooling, fc_norm and classifier."""
+        return self.model.forward_head(features, pre_logits)
+
+    def _pruned_features(self, images: Tensor, mask: Optional[Tensor], budget: Budget) -> Tuple[PackedFeatures, list]:
+        """(features, the ``cu_seqlens`` entering the first block and after each pruning)."""
         model, config = self.model, self.config
         decision = model.decide(images, mask=mask, budget=budget)
         x, packed = model.tokenizer.pack(images, decision.hard, decision.st)
@@ -197,11 +215,7 @@ class PrunedMSViT(nn.Module):
             counts.append(index.cu_seqlens)
             start = layer + 1
         x = packed_blocks(model.blocks[start:], x, index, model.attention_backend)
-        logits = model.head(model.head_drop(model.fc_norm(model._pool_packed(x, index))))
-        if not return_gate:
-            return logits
-        tokens = torch.stack([(cu[1:] - cu[:-1]).long() for cu in counts])
-        return PrunedOutput(logits, decision, tokens)
+        return PackedFeatures(model.norm(x), index, decision, model.tokenizer.grids(images)[0]), counts
 
     def _run_capturing_qk(self, block: nn.Module, x: Tensor, index: PrunedIndex) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         """Run one block; capture its normed q and k ``[T, H, D]`` from the q/k norm modules, which

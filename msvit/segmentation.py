@@ -10,7 +10,7 @@ The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
 (``msvit_kernels.unpack_kernel.unpack_to_grid``).
 """
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -215,8 +215,7 @@ def build_segmenter(config: dict) -> MSSegmenter:
     return MSSegmenter(build_model(config), **config["segmentation"])
 
 
-def load_segmenter(folder, map_location="cpu", verify: bool = True) -> Tuple[MSSegmenter, dict]:
-    """(segmenter in eval mode, config) from a folder written by ``save_segmenter`` or a training run;
-    verified like ``msvit.checkpoint.load_checkpoint``."""
-    segmenter, config = load_verified(folder, build_segmenter, verify)
-    return segmenter.to(map_location).eval(), config
+def load_segmenter(folder, map_location="cpu", verify: bool = True) -> MSSegmenter:
+    """The segmenter in eval mode from a folder written by ``save_segmenter`` or a training run,
+    with ``segmenter.pretrained_cfg`` as ``msvit.load_checkpoint``'s models; verified as they are."""
+    return load_verified(folder, build_segmenter, verify).to(map_location).eval()

@@ -51,6 +51,8 @@ def from_timm(model_or_name: Union[str, nn.Module], *, coarse_patch_size: Option
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
         kernels, attention_backend: see ``MSViT``.
         **gate_kwargs: ``MixedScaleGate`` options (hidden, init_logit, temperature).
+
+    The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
     """
     model = _timm_vit(model_or_name, timm_kwargs)
     proj = model.patch_embed.proj
@@ -88,7 +90,18 @@ def from_timm(model_or_name: Union[str, nn.Module], *, coarse_patch_size: Option
         global_pool=model.global_pool, pool_include_prefix=getattr(model, "pool_include_prefix", False),
         in_chans=proj.in_channels, kernels=kernels, attention_backend=attention_backend,
     )
+    if getattr(model, "pretrained_cfg", None):
+        msvit.pretrained_cfg = input_cfg(model, fine)
     return msvit.train(model.training)
+
+
+def input_cfg(model, patch: int) -> dict:
+    """The timm model's ``pretrained_cfg`` (mean, std, crop, ...) with the input size and class
+    count of the model itself: timm keeps those of the architecture's name when ``img_size`` or
+    ``num_classes`` are overridden, and ``msvit.eval_transform`` would then resize to the wrong size."""
+    h, w = model.patch_embed.grid_size
+    return {**model.pretrained_cfg, "input_size": (model.patch_embed.proj.in_channels, h * patch, w * patch),
+            "num_classes": model.num_classes}
 
 
 def _warn_unsupported_regularisers(model) -> None:

@@ -37,22 +37,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(folder, segmentation: bool, device):
-    """(MSViT whose gate decides, segmenter or None, config) from a folder or the shipped model."""
+    """(MSViT whose gate decides, segmenter or None, the checkpoint's ``pretrained_cfg``) from a
+    folder or the shipped model."""
     if folder is None:
         try:
-            model, config = checkpoint.load_pretrained("cluttered-digits", device)
+            model = checkpoint.load_pretrained("cluttered-digits", device)
         except ValueError as exc:
             raise SystemExit(f"msvit visualize: no --checkpoint given and {exc}; train a model "
                              "(msvit train --out DIR) and pass --checkpoint DIR") from None
     elif is_segmenter_checkpoint(folder):
-        segmenter, config = load_segmenter(folder, device)
-        return segmenter.backbone, (segmenter if segmentation else None), config
+        segmenter = load_segmenter(folder, device)
+        return segmenter.backbone, (segmenter if segmentation else None), segmenter.pretrained_cfg
     else:
-        model, config = checkpoint.load_checkpoint(folder, device)
+        model = checkpoint.load_model(folder, device)
     if segmentation:
         raise SystemExit("msvit visualize: --segmentation needs a segmentation checkpoint "
                          "(msvit train --task segmentation --out DIR)")
-    return model, None, config
+    return model, None, model.pretrained_cfg
 
 
 def read_image(path: Path, size) -> torch.Tensor:
@@ -85,8 +86,8 @@ def main(argv=None) -> None:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"msvit visualize: no such file: {', '.join(missing)}")
-    model, segmenter, config = load_model(args.checkpoint, args.segmentation, args.device)
-    data = config["data"]
+    model, segmenter, cfg = load_model(args.checkpoint, args.segmentation, args.device)
+    data = cfg["data"]
     size = tuple(data["image_size"])
     coarse, fine = model.tokenizer.coarse_patch, model.tokenizer.fine_patch
     out = Path(args.out)

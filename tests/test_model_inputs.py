@@ -7,7 +7,7 @@ import msvit
 
 @pytest.fixture(scope="module")
 def model():
-    return msvit.load_pretrained()[0]
+    return msvit.load_pretrained()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -109,10 +109,12 @@ def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path):
     assert len(rows) == 3 and rows[-1]["train_task"] < 0.5 * rows[0]["train_task"]
     assert 0 < rows[-1]["val_miou"] <= 1 and "val_iou_background" in rows[-1]
     assert rows[-1]["val_fine_rate"] == 0.5  # the budget: 2 of 4 regions fine
-    model, config = load_segmenter(tmp_path)
+    model = load_segmenter(tmp_path)
+    config = model.pretrained_cfg["config"]
     assert config["task"] == "segmentation" and config["segmentation"]["num_classes"] == 11
+    assert model.pretrained_cfg["num_classes"] == 11 and model.pretrained_cfg["input_size"] == (3, 32, 32)
     images = torch.randn(2, 3, 32, 32)
-    fresh, _ = load_segmenter(tmp_path)
+    fresh = load_segmenter(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(images), fresh(images))
 
@@ -132,7 +134,8 @@ def test_init_from_a_classification_checkpoint_keeps_its_backbone(tmp_path):
     save_checkpoint(tmp_path / "cls", classifier, config)
     train_main(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls"), "--epochs", "1", "--max-steps", "1",
                          "--lr", "0"))
-    model, saved = load_segmenter(tmp_path / "seg")
+    model = load_segmenter(tmp_path / "seg")
+    saved = model.pretrained_cfg["config"]
     assert saved["timm"]["kwargs"]["num_classes"] == 0 and saved["msvit"] == config["msvit"]
     assert torch.equal(model.backbone.blocks[0].mlp.fc1.weight, classifier.blocks[0].mlp.fc1.weight)
     assert torch.equal(model.backbone.gate.fc1.weight, classifier.gate.fc1.weight)  # frozen

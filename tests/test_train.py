@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.checkpoint import build_model, load_checkpoint, load_weights, resolve, save_checkpoint
+from msvit.checkpoint import build_model, load_model, load_weights, resolve, save_checkpoint
 from msvit.train import parse_args, train
 
 TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})
@@ -33,7 +33,8 @@ def test_short_training_run_learns_and_moves_the_gate(tmp_path):
     assert rows[-1]["train_fine"] < rows[0]["train_fine"] - 0.05
     assert 0 < rows[0]["wall_seconds"] < rows[-1]["wall_seconds"]  # the whole run's clock, for the time budget
     assert (tmp_path / "metrics.csv").read_text().startswith("epoch,")
-    model, config = load_checkpoint(tmp_path)
+    model = msvit.load_checkpoint(tmp_path)
+    config = model.pretrained_cfg["config"]
     assert config["timm"]["kwargs"]["num_classes"] == 10 and isinstance(model, msvit.MSViT)
 
 
@@ -70,7 +71,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
               "msvit": {"coarse_patch_size": 16, "hidden": 16}}
     model = build_model(config).eval()
     save_checkpoint(tmp_path, model, config)
-    loaded, _ = load_checkpoint(tmp_path)
+    loaded = load_model(tmp_path)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(images), loaded(images))
@@ -84,7 +85,7 @@ def test_loading_into_a_mismatched_config_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="does not match this model's configuration.*gate"):
         load_weights(other, tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        load_checkpoint(tmp_path / "nowhere")
+        load_model(tmp_path / "nowhere")
 
 
 def test_two_process_gloo_ddp_run_and_resume(tmp_path):
@@ -99,7 +100,7 @@ def test_two_process_gloo_ddp_run_and_resume(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4)]  # 64 images / 2 ranks / 16 per batch
-    load_checkpoint(tmp_path)
+    load_model(tmp_path)
 
 
 def test_cli_help_lists_train(capsys):

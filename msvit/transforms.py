@@ -1,0 +1,57 @@
+"""What a loaded model expects of its input, in timm's terms: ``model.pretrained_cfg`` and the
+evaluation transform built from it.
+
+A checkpoint's ``config.json`` records the data the model was trained on (image size, mean, std,
+classes and the data options); the loaders attach it as ``model.pretrained_cfg`` with timm's keys
+(``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``,
+``num_classes``, ``label_names``), so ``timm.data.resolve_data_config(model=model)`` reads it as it
+reads a timm model's. ``data`` holds the training data options and ``config`` the whole checkpoint
+config (the recipe ``msvit.checkpoint.build_model`` rebuilds the model from).
+"""
+from typing import Callable, Union
+
+from torch import nn
+
+DIGITS = "cluttered-digits"
+# The evaluation view of an ImageFolder run: shorter side resized to size / 0.875, centre crop.
+# The built-in digits are rendered at the model's size and used as they are (crop_pct 1).
+FOLDER_CROP_PCT = 0.875
+INPUT_KEYS = ("input_size", "mean", "std")
+
+
+def pretrained_cfg(config: dict, model: nn.Module) -> dict:
+    """timm-style ``pretrained_cfg`` of ``model`` (an MSViT, or a model with an MSViT ``backbone``)
+    loaded from a checkpoint with ``config``. Input keys are left out when the config records no
+    data (``eval_transform`` then refuses the model)."""
+    data = config.get("data") or {}
+    in_chans = getattr(model, "backbone", model).in_chans
+    cfg = {"num_classes": model.num_classes, "interpolation": "bilinear", "crop_mode": "center",
+           "crop_pct": 1.0 if data.get("name") == DIGITS else FOLDER_CROP_PCT, "data": data, "config": config}
+    if data.get("image_size"):
+        cfg["input_size"] = (in_chans, *(int(s) for s in data["image_size"]))
+    for key in ("mean", "std"):
+        if data.get(key):
+            cfg[key] = tuple(float(v) for v in data[key])
+    if data.get("classes"):
+        cfg["label_names"] = list(data["classes"])
+    return cfg
+
+
+def eval_transform(model_or_cfg: Union[nn.Module, dict]) -> Callable:
+    """The evaluation preprocessing a model expects, from its ``pretrained_cfg`` (or that dict):
+    timm's ``create_transform`` of ``resolve_data_config``: resize, centre crop, normalise.
+
+    It takes a PIL image or a float tensor ``[C, H, W]`` (or ``[B, C, H, W]``) with values in
+    [0, 1], as ``msvit.data.ClutteredDigits`` gives, and returns the normalised float tensor at
+    the model's input size. Pass it as a dataset's ``transform``.
+    """
+    cfg = model_or_cfg if isinstance(model_or_cfg, dict) else getattr(model_or_cfg, "pretrained_cfg", None)
+    missing = [k for k in INPUT_KEYS if not (cfg or {}).get(k)]
+    if missing:
+        name = "this dict" if isinstance(model_or_cfg, dict) else f"this {type(model_or_cfg).__name__}"
+        raise ValueError(f"{name} has no pretrained_cfg {', '.join(missing)}: models from msvit.load_checkpoint, "
+                         "load_pretrained and load_segmenter have them; for others set model.pretrained_cfg = "
+                         "{'input_size': (3, H, W), 'mean': (...), 'std': (...)}")
+    from timm.data import create_transform, resolve_data_config
+
+    return create_transform(**resolve_data_config(pretrained_cfg=cfg))
