@@ -11,7 +11,7 @@ from msvit.checkpoint import build_model, save_checkpoint
 from msvit.data import DenseClutteredDigits
 from msvit.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_segmenter
 from msvit.train import main as train_main
-from msvit.train_segmentation import parse_args, split_task, train_segmentation
+from msvit.train import parse_args, train
 from msvit_kernels import unpack
 from helpers import tiny_vit
 
@@ -119,8 +119,8 @@ def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path):
 
 def test_mask_decoder_with_a_trainable_gate_trains(tmp_path):
     args = parse_args(tiny_args(tmp_path, "--decoder", "mask", "--decoder-depth", "1", "--no-freeze-gate",
-                                "--gate-loss", "l0", "--epochs", "1", "--max-steps", "3")[2:])
-    metrics = train_segmentation(args)
+                                "--gate-loss", "l0", "--epochs", "1", "--max-steps", "3"))
+    metrics = train(args)
     assert metrics["step"] == 3 and metrics["train_gate"] > 0
 
 
@@ -162,10 +162,77 @@ def test_folder_of_image_label_pairs_trains(tmp_path):
         train_main(tiny_args(tmp_path / "run2", "--data", str(root), "--epochs", "1", "--batch-size", "5"))
 
 
-def test_task_option_parsing():
-    assert split_task(["--lr", "1", "--task", "segmentation"]) == ("segmentation", ["--lr", "1"])
-    assert split_task(["--task=classification", "--epochs", "2"]) == ("classification", ["--epochs", "2"])
-    with pytest.raises(SystemExit, match="--task must be one of"):
-        split_task(["--task", "detection"])
+def test_task_is_an_argparse_choice_parsed_with_the_other_flags(capsys):
+    assert parse_args(["--lr", "1", "--task", "segmentation"]).task == "segmentation"
+    assert parse_args(["--task=classification", "--epochs", "2"]).task == "classification"
+    assert parse_args([]).task == "classification"
     with pytest.raises(SystemExit):
-        parse_args(["--mode", "masked"])
+        parse_args(["--task", "detection"])
+    assert "invalid choice: 'detection'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--task", "segmentation", "--mode", "masked"])
+    assert "segmentation runs packed" in capsys.readouterr().err
+
+
+def test_segmentation_defaults_differ_only_where_the_task_sets_them():
+    segmentation, classification = parse_args(["--task", "segmentation"]), parse_args([])
+    assert segmentation.smoothing == 0 and classification.smoothing == 0.1
+    assert parse_args(["--task", "segmentation", "--smoothing", "0.2"]).smoothing == 0.2  # the user's value wins
+    assert segmentation.freeze_gate and segmentation.budget is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "0.5"], "--budget is an option of --task segmentation, not of --task classification"),
+    (["--decoder=mask"], "--decoder is an option of --task segmentation"),
+    (["--task", "segmentation", "--gate-loss-input", "probs"], "--gate-loss-input acts on a training gate"),
+    (["--task", "segmentation", "--gate-lambda", "2"], "--gate-lambda acts on a training gate"),
+    (["--task", "segmentation", "--gate-mode-epochs", "2"], "segmentation runs packed"),
+    (["--task", "segmentation", "--crop", "light"], "without crop augmentation"),
+    (["--task", "segmentation", "--shift", "4", "--data", "/some/folder"], "--shift needs --data cluttered-digits"),
+    (["--task", "segmentation", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_flags_without_meaning_for_the_task_are_refused_naming_them(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_segmentation_help_lists_the_segmentation_options(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--task", "segmentation", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "--decoder" in text and "--budget" in text and "--freeze-gate" in text and "--lr" in text
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    assert "--decoder" not in capsys.readouterr().out
+
+
+def test_shift_moves_image_and_label_map_together_keeping_the_digit_inside():
+    from msvit.train.segment_data import materialize_dense
+
+    data = materialize_dense(DenseClutteredDigits(8, 32, seed=3), "", False)
+    plain = [data[i] for i in range(8)]
+    data.shift = 6
+    torch.manual_seed(0)
+    moved = [data[i] for i in range(8)]
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(plain, moved))  # some maps did move
+    for (image, label_map), (plain_image, plain_map) in zip(moved, plain):
+        assert (label_map > 0).sum() == (plain_map > 0).sum()  # the whole digit stays in frame
+        digit = label_map > 0
+        # the image moved with the map: the digit's pixels are those of the unmoved render
+        assert torch.allclose(image[:, digit].sum(), plain_image[:, plain_map > 0].sum(), atol=1e-3)
+
+
+def test_resume_continues_a_segmentation_run_from_its_last_epoch(tmp_path):
+    flags = ["--no-freeze-gate", "--gate-loss-input", "probs", "--gate-loss", "l0", "--shift", "4", "--device", "cpu"]
+    train_main(tiny_args(tmp_path, *flags, "--epochs", "1"))
+    train_main(tiny_args(tmp_path, *flags, "--epochs", "2", "--resume"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 2 * rows[0]["step"]
+    straight = tmp_path / "straight"
+    train_main(tiny_args(straight, *flags, "--epochs", "2"))
+    resumed, _ = load_segmenter(tmp_path)
+    fresh, _ = load_segmenter(straight)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values()))
