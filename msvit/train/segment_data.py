@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..data import DenseClutteredDigits
 from ..segmentation import IGNORE_INDEX
-from ..train_data import DIGITS, DataBundle, shift_inside
+from ..train_data import DIGITS, DataBundle, require_boxes, shift_inside
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -27,8 +27,7 @@ class SegmentationTensors(Dataset):
     translates both by up to ``shift`` px, keeping ``boxes`` (int ``[N, 4]``, y0, x0, y1, x1) inside."""
 
     def __init__(self, images, maps, hflip: bool = False, boxes: Optional[Tensor] = None, shift: int = 0):
-        if shift and boxes is None:
-            raise ValueError("shift augmentation needs the object boxes, to keep the objects inside the image")
+        require_boxes(shift, boxes)
         self.images, self.maps, self.hflip, self.boxes, self.shift = images, maps, hflip, boxes, shift
 
     def __len__(self) -> int:
