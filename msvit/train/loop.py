@@ -31,6 +31,8 @@ def train(args) -> dict:
     torch.manual_seed(args.seed + rank)
     out = Path(args.out)
     checkpoint = run_folder.prepare(out, args.resume, args.overwrite, rank, world, device)
+    if checkpoint is not None:  # a resume with other flags stops before the data is generated
+        resume_state.check_flags(checkpoint.state["args"], args, world, checkpoint.state["world"], out)
     bundle = task.build_data(args, main_process)
     model, config = task.build_model(args, bundle)
     model = model.to(device).train()
