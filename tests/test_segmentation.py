@@ -97,10 +97,12 @@ def test_dense_digits_label_digit_pixels_with_one_plus_the_class():
     assert len(DenseClutteredDigits.classes) == 11
 
 
-def tiny_args(out, *extra):
+BACKBONE_FLAGS = ["--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16"]
+
+
+def tiny_args(out, *extra, backbone=BACKBONE_FLAGS):
     return ["--task", "segmentation", "--train-size", "256", "--val-size", "64", "--batch-size", "32",
-            "--image-size", "32", "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16",
-            "--out", str(out), *extra]
+            "--image-size", "32", *backbone, "--out", str(out), *extra]
 
 
 def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path):
@@ -130,8 +132,10 @@ def test_init_from_a_classification_checkpoint_keeps_its_backbone(tmp_path):
               "msvit": {"coarse_patch_size": 16, "hidden": 16}}
     classifier = build_model(config)
     save_checkpoint(tmp_path / "cls", classifier, config)
+    with pytest.raises(SystemExit):  # the backbone comes from --init: its flags would be ignored
+        parse_args(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls")))
     train_main(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls"), "--epochs", "1", "--max-steps", "1",
-                         "--lr", "0"))
+                         "--lr", "0", backbone=[]))
     model, saved = load_segmenter(tmp_path / "seg")
     assert saved["timm"]["kwargs"]["num_classes"] == 0 and saved["msvit"] == config["msvit"]
     assert torch.equal(model.backbone.blocks[0].mlp.fc1.weight, classifier.blocks[0].mlp.fc1.weight)
@@ -190,6 +194,7 @@ def test_segmentation_defaults_differ_only_where_the_task_sets_them():
     (["--task", "segmentation", "--crop", "light"], "without crop augmentation"),
     (["--task", "segmentation", "--shift", "4", "--data", "/some/folder"], "--shift needs --data cluttered-digits"),
     (["--task", "segmentation", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--task", "segmentation", "--init", ".", "--gate-hidden", "8"], "--gate-hidden builds a backbone, but --init"),
 ])
 def test_flags_without_meaning_for_the_task_are_refused_naming_them(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:

@@ -36,6 +36,8 @@ RANGES = {"decoder_depth": Range(0), "decoder_heads": Range(1), "decoder_dim": R
 # Flags that only act while the gate trains: meaningless with the frozen gate.
 GATE_TRAINING = ("gate_loss", "gate_loss_input", "gate_lambda", "gate_target", "gbas_sigma", "gbas_ctr_init",
                  "gate_start_epoch", "gate_lr", "gate_warmup_epochs")
+# Flags that build the backbone: --init brings its own.
+BACKBONE = ("model", "model_kwargs", "pretrained", "hub_pretrained", "coarse_patch", "gate_hidden", "gate_init_logit")
 save = save_segmenter
 
 
@@ -62,6 +64,10 @@ def check(parser, args) -> None:
     if args.freeze_gate and changed:
         parser.error(f"--{changed[0].replace('_', '-')} acts on a training gate; the segmentation gate is frozen "
                      "(pass --no-freeze-gate to train it)")
+    overridden = [k for k in BACKBONE if getattr(args, k) != parser.get_default(k)]
+    if args.init is not None and overridden:
+        parser.error(f"--{overridden[0].replace('_', '-')} builds a backbone, but --init {args.init} brings its "
+                     "own: pass one or the other")
     if args.init is not None and not Path(args.init).is_dir():
         parser.error(f"--init {args.init}: no such folder (a classification checkpoint folder is expected)")
 
