@@ -31,7 +31,7 @@ def test_the_documents_show_both_tasks():
 def test_a_documented_command_parses(argv):
     if any("/path/to" in a for a in argv):
         pytest.skip("placeholder paths")
-    if argv == ["--help"]:
+    if "--help" in argv:
         with pytest.raises(SystemExit) as stop:
             parse_args(argv)
         assert stop.value.code == 0
