@@ -1,5 +1,5 @@
 """The fused tokenizer (gate kernel + index kernels + gather-embed-pack kernel, ``kernels="triton"``)
-against the torch tokenizer (``kernels="torch"``) and timm's conv patch embedding alone (what a
+against the torch tokenizer (``kernels="reference"``) and timm's conv patch embedding alone (what a
 plain ViT pays to tokenize: the conv of ``patch_embed``, no gate, no packing), and the tokenizer's
 share of a full MSViT-S forward.
 
@@ -23,7 +23,7 @@ import torch
 
 import msvit
 from bench_inference import time_variants
-from msvit_kernels import tokenize
+from msvit_kernels import dispatch
 
 SIZES = (224, 384)
 
@@ -64,8 +64,8 @@ def tokenize_batch(model, images):
 
 
 def kernel_choices(images) -> list:
-    """torch always; triton where it runs (CUDA; timed CPU runs never use the interpreter)."""
-    return ["torch"] + (["triton"] if not tokenize.triton_support(images) else [])
+    """the reference always; triton where it runs (CUDA; timed CPU runs never use the interpreter)."""
+    return ["reference"] + (["triton"] if not dispatch.triton_support(images) else [])
 
 
 def rates(model, images, index, seconds: float) -> dict:
@@ -92,7 +92,7 @@ def test_tokenizer_fused_vs_torch_vs_conv(benchmark, timed, summary, device, tok
                 for kernels in choices:
                     runs[kernels] = lambda k=kernels: (setattr(model, "kernels", k), tokenize_batch(model, images))
                 medians = time_variants(runs, repeats, device)
-                model.kernels = "torch"
+                model.kernels = "reference"
                 index = tokenize_batch(model, images)[1]
                 for name, seconds in medians.items():
                     point = {"variant": name, "size": size, "batch": batch, "fine": fine, "ms": seconds * 1e3}
@@ -100,7 +100,7 @@ def test_tokenizer_fused_vs_torch_vs_conv(benchmark, timed, summary, device, tok
                         point.update(rates(model, images, index, seconds))
                     points.append(point)
                 if "triton" in medians:
-                    fused_over_torch.append(medians["triton"] / medians["torch"])
+                    fused_over_torch.append(medians["triton"] / medians["reference"])
         model.kernels = choices[-1]
         benchmark.pedantic(lambda: tokenize_batch(model, images), rounds=repeats, iterations=1)
     model.kernels = "auto"
@@ -129,6 +129,6 @@ def test_tokenizer_share_of_msvit_forward(benchmark, timed, summary, device, tok
     model.kernels = "auto"
     benchmark.extra_info["shares"] = shares
     if timed:
-        summary["ratios"]["tokenizer_share_torch"] = shares["torch"]
+        summary["ratios"]["tokenizer_share_torch"] = shares["reference"]
         if "triton" in shares and device == "cuda":
             summary["ratios"]["tokenizer_share"] = shares["triton"]

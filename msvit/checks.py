@@ -3,7 +3,6 @@ import torch
 from torch import Tensor
 
 MODES = ("packed", "masked", "trimmed")
-KERNELS = ("auto", "torch", "triton")
 
 
 def check_images(images, in_chans: int, coarse_patch: int) -> None:

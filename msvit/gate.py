@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from msvit_kernels.gate_kernel import MAX_HIDDEN, fused_gate
 from msvit_kernels.reference import gate_mlp_reference
-from msvit_kernels.tokenize import compute_dtype, use_triton
+from msvit_kernels.dispatch import compute_dtype, use_triton
 
 Budget = Union[int, float, None]
 
@@ -93,7 +93,7 @@ class MixedScaleGate(nn.Module):
             the training samples fine, while leaving the Gumbel-Sigmoid unsaturated enough to learn:
             at 5, sigmoid((5 + noise) / 0.3) has ~15x less gradient and the gate barely moves.
 
-    Attribute ``kernels`` (``"auto" | "triton" | "torch"``, set by ``MSViT.kernels``): the fused
+    Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): the fused
     Triton gate (``msvit_kernels.gate_kernel``) or the torch one; auto = Triton on CUDA.
     """
 

@@ -10,11 +10,11 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit_kernels import tokenize
-from msvit_kernels.unpack import unpack_to_grid as unpack_tokens_to_grid
+from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
+from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.varlen import MixedScaleIndex
 
-from .checks import KERNELS, MODES, check_choice, check_dtype, check_images, check_mask
+from .checks import MODES, check_choice, check_dtype, check_images, check_mask
 from .gate import Budget, GateDecision, MixedScaleGate
 from .layers import dense_blocks, packed_blocks
 from .tokenizer import MixedScaleTokenizer
@@ -51,7 +51,7 @@ class GridFeatures(NamedTuple):
 def unpack_to_grid(features: PackedFeatures, *, backend: str = "auto") -> GridFeatures:
     """Packed features -> fine-grid features for dense heads (Appendix E.1); differentiable.
 
-    backend: as in ``msvit_kernels.unpack.unpack_to_grid``: "auto" (the Triton kernel on CUDA, the
+    backend: as in ``msvit_kernels.unpack_kernel.unpack_to_grid``: "auto" (the Triton kernel on CUDA, the
     torch reference elsewhere), "triton" or "reference".
     """
     index = features.index
@@ -67,10 +67,12 @@ class MSViT(nn.Module):
         gate: the ``MixedScaleGate``.
         blocks: timm ``Block`` modules; norm, fc_norm, head_drop, head, norm_pre: timm's modules.
         global_pool: ``"token"`` (the cls row) or ``"avg"`` (mean of each image's patch tokens).
-        kernels: ``"auto" | "torch" | "triton"``: the gate and tokenizer implementation. "triton" runs
-            the fused kernels of ``msvit_kernels.tokenize`` (on CPU only under TRITON_INTERPRET=1,
-            else a RuntimeError at the first forward), "torch" the pure-torch ones, "auto" Triton on
-            CUDA and torch elsewhere. Masked and trimmed modes always tokenize with torch.
+        kernels: ``"auto" | "triton" | "reference"`` (``msvit_kernels.dispatch``): the gate and
+            tokenizer implementation. "triton" runs the fused kernels (``msvit_kernels.gate_kernel``,
+            ``index_kernel``, ``pack_kernel``; on CPU only under TRITON_INTERPRET=1, else a
+            RuntimeError at the first forward), "reference" the pure-torch ones, "auto" Triton on CUDA
+            and the reference elsewhere ("torch" is the deprecated name of "reference"). Masked and
+            trimmed modes always tokenize with the reference.
         attention_backend: passed to ``msvit_kernels.packed_attention`` in packed mode.
     """
 
@@ -102,8 +104,8 @@ class MSViT(nn.Module):
 
     @kernels.setter
     def kernels(self, value: str) -> None:
-        check_choice("kernels", value, KERNELS)
-        if value == "triton" and tokenize.triton is None:
+        value = normalize_choice("kernels", value, IMPLEMENTATIONS, {"torch": "reference"})
+        if value == "triton" and not triton_installed():
             raise RuntimeError("kernels='triton' needs triton: pip install triton (or pip install .[triton])")
         self._kernels = value
         self.tokenizer.kernels = value  # both resolve "auto" per call, from the images' device

@@ -7,7 +7,7 @@ onto the fine grid, each coarse token replicated over the r x r fine cells it co
 and K learned class embeddings. Logits are upsampled bilinearly to the image size.
 
 The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
-(``msvit_kernels.unpack.unpack_to_grid``).
+(``msvit_kernels.unpack_kernel.unpack_to_grid``).
 """
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit_kernels.unpack import unpack_to_grid
+from msvit_kernels.unpack_kernel import unpack_to_grid
 
 from .checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
 from .config_file import read_json_object

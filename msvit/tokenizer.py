@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
-from msvit_kernels.tokenize import compute_dtype, use_triton
+from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.varlen import MixedScaleIndex, fine_cells_of_regions, mixed_scale_index
 
 
@@ -38,7 +38,7 @@ class MixedScaleTokenizer(nn.Module):
         embed_norm: applied to every patch embedding before the position is added (timm's
             ``patch_embed.norm``; usually Identity).
 
-    Attribute ``kernels`` (``"auto" | "triton" | "torch"``, set by ``MSViT.kernels``): ``pack``
+    Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): ``pack``
     runs the fused Triton kernels (``msvit_kernels.index_kernel`` and ``pack_kernel``) or torch;
     auto = Triton on CUDA. A non-Identity ``embed_norm`` always takes the torch path.
     """

@@ -4,7 +4,7 @@ from . import backends as _backends  # noqa: F401  registers the triton, flash_a
 from .gate_kernel import FusedGateOutput, fused_gate
 from .index_kernel import triton_mixed_scale_index
 from .pack_kernel import gather_embed_pack
-from .unpack import triton_unpack_to_grid, unpack_to_grid
+from .unpack_kernel import triton_unpack_to_grid, unpack_to_grid
 from .varlen import MixedScaleIndex, cu_seqlens_from_lengths, mixed_scale_index
 
 __all__ = [

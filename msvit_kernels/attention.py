@@ -11,8 +11,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from .dispatch import normalize_choice
 from .reference import packed_attention_reference
 
+DEPRECATED_BACKENDS = {"torch": "torch_varlen"}  # old name -> name, accepted for one release
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -68,15 +70,13 @@ def available_backends(device=None, dtype: Optional[torch.dtype] = None, head_di
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
     """The backend that runs a call: ``name`` itself (or a clear error), or the auto choice."""
+    name = normalize_choice("packed-attention backend", name, ["auto", *BACKENDS], DEPRECATED_BACKENDS)
     if name == "auto":
         for candidate in AUTO_ORDER:
             backend = BACKENDS[candidate]
             if (backend.auto_support or backend.support)(device, dtype, head_dim) is None:
                 return backend
         raise RuntimeError(f"no packed-attention backend supports {device}, {dtype}")  # unreachable: reference
-    if name not in BACKENDS:
-        known = ", ".join(["auto", *BACKENDS])
-        raise ValueError(f"unknown packed-attention backend {name!r}; expected one of: {known}")
     backend = BACKENDS[name]
     reason = backend.support(device, dtype, head_dim)
     if reason is not None:
@@ -162,7 +162,8 @@ def packed_attention(
             Sequence ``b`` is rows ``cu[b]:cu[b+1]``; empty sequences are allowed.
         max_seqlen: the longest sequence length (Python int, computed once per forward).
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto" | "triton" | "flash_attn" | "torch" | "reference"``.
+        backend: ``"auto" | "triton" | "flash_attn" | "torch_varlen" | "reference"`` (``"torch"``: the
+            deprecated name of ``"torch_varlen"``).
         check_values: verify cu_seqlens' values and max_seqlen (one host read). Callers that built
             them by construction (the model, once per forward) pass False.
 

@@ -44,8 +44,8 @@ def _record(workload: Workload):
     """The launches of one workload, recorded from the real launchers on CPU stand-ins."""
     import torch
 
-    from . import gate_kernel, index_kernel, pack_kernel, triton_attention, unpack
-    from .launch import record_launches
+    from . import attention_kernel, gate_kernel, index_kernel, pack_kernel, unpack_kernel
+    from ._triton import record_launches
 
     dtype = getattr(torch, workload.dtype)
     model = workload.name.split()[0]
@@ -75,15 +75,15 @@ def _record(workload: Workload):
                                       torch.zeros(n_fine + 49, dim, dtype=dtype), torch.zeros(batch * 49, dtype=dtype),
                                       torch.zeros(prefix, dim, dtype=dtype), rows, rows, rows,
                                       torch.zeros(batch, prefix, dtype=torch.int64), total, fine, 2)
-            unpack._launch(torch.zeros(total, dim, dtype=dtype), torch.zeros(batch * n_fine, dtype=torch.int64), batch * n_fine)
+            unpack_kernel._launch(torch.zeros(total, dim, dtype=dtype), torch.zeros(batch * n_fine, dtype=torch.int64), batch * n_fine)
         qkv = torch.zeros(total, 3, heads, head_dim, dtype=dtype)
         q, k, v = qkv.unbind(1)
         cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
         out = torch.zeros(total, heads, head_dim, dtype=dtype)
         lse = torch.zeros(heads, total)
-        triton_attention.attention_forward(q, k, v, cu_seqlens, 246, head_dim ** -0.5)
+        attention_kernel.attention_forward(q, k, v, cu_seqlens, 246, head_dim ** -0.5)
         if "infer" not in workload.name:
-            triton_attention.attention_backward(out, q, k, v, out, lse, cu_seqlens, 246, head_dim ** -0.5)
+            attention_kernel.attention_backward(out, q, k, v, out, lse, cu_seqlens, 246, head_dim ** -0.5)
     return records
 
 
@@ -103,11 +103,11 @@ def workloads(quick: bool) -> List[Workload]:
 def _runs_on(target: int, workload: Workload) -> bool:
     """Which workloads a target runs: no bf16 and no head dim over 128 before sm_80 (the launchers
     refuse them there), and the first-call dtype is float16 on sm_70/75, bfloat16 from sm_80."""
-    from . import triton_attention
+    from . import attention_kernel
 
     if workload.dtype == "bfloat16" and target < 80:
         return False
-    if workload.head_dim > triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE and target < 80:
+    if workload.head_dim > attention_kernel.MAX_HEAD_DIM_BEFORE_AMPERE and target < 80:
         return False  # the attention backend refuses these head dims there (backends._triton_support)
     if workload.first_call and workload.dtype == "float16" and target >= 80:
         return False
@@ -181,7 +181,7 @@ def _compile(job: _Job) -> dict:
     from triton import knobs
     from triton.compiler import ASTSource
 
-    from .launch import SHARED_MEMORY_LIMIT
+    from ._triton import SHARED_MEMORY_LIMIT
 
     record, kwargs, target, (options, signature, constexprs, attrs), key = _bind(job)
     fn = record.kernel.fn
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
         targets = tuple(int(t) for t in args.targets.split(","))
     except ValueError:
         parser.error(f"--targets must be comma-separated integers like 70,80,90, got {args.targets!r}")
-    from .launch import SHARED_MEMORY_LIMIT
+    from ._triton import SHARED_MEMORY_LIMIT
 
     unknown = [t for t in targets if t not in SHARED_MEMORY_LIMIT]
     if unknown:

@@ -18,7 +18,7 @@ Between layers the activations travel through global memory in the weights' dtyp
 single kernel that kept W2 and W3 in registers: it spilled 5-100 KB per thread on sm_70/75 and
 took up to minutes to compile (docs/design.md, compile report). The hidden width (106 by default)
 is padded to a power of two with zero-masked weights: a padded unit is gelu(0) = 0 and adds nothing.
-Its oracle is ``reference.gate_mlp_reference`` (exact erf GELU on both sides, see tokenize.py).
+Its oracle is ``reference.gate_mlp_reference`` (exact erf GELU on both sides, see _triton.py).
 
 Backward (torch, fp32): layers 2-4 are recomputed from the saved ``a1`` ``[R, hidden]`` (hidden^2
 MACs, 4% of the gate) and W1's gradient is ``dA1^T @ regions`` on re-gathered region pixels. No
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .launch import TritonKernel
+from ._triton import TritonKernel
 from .reference import patchify
-from .tokenize import check_launchable, dot_precision, patch_features, tl, triton
+from ._triton import check_launchable, dot_precision, patch_features, tl, triton
 
 MAX_HIDDEN = 128  # one program holds a [BLOCK_R, hidden] accumulator
 
@@ -124,7 +124,7 @@ def _gate_forward(images: Tensor, region_size: int, weights: Tuple[Tensor, ...],
     grid_h, grid_w = height // region_size, width // region_size
     n_coarse, hidden = grid_h * grid_w, w1.shape[0]
     if hidden > MAX_HIDDEN:
-        raise ValueError(f"the Triton gate supports hidden <= {MAX_HIDDEN}, got {hidden}; use kernels='torch'")
+        raise ValueError(f"the Triton gate supports hidden <= {MAX_HIDDEN}, got {hidden}; use kernels='reference'")
     n_regions = batch * n_coarse
     logits = images.new_empty(batch, n_coarse)
     soft = images.new_empty((batch, n_coarse) if noise is not None else (0,))

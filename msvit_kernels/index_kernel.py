@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .launch import INTERPRET, TritonKernel, tl, triton
+from ._triton import INTERPRET, TritonKernel, tl, triton
 from .varlen import MixedScaleIndex
 
 if triton is not None:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import gather_patches_reference
-from .launch import TritonKernel, half_on_ampere
-from .tokenize import check_launchable, dot_precision, patch_features, tl, triton
+from ._triton import TritonKernel, half_on_ampere
+from ._triton import check_launchable, dot_precision, patch_features, tl, triton
 from .varlen import MixedScaleIndex
 
 if triton is not None:

@@ -1,7 +1,7 @@
 """Pure-torch references of every op in ``msvit_kernels``.
 
 These are the oracles the tests compare the fused kernels against, and the implementations the
-``kernels="torch"`` / ``backend="reference"`` paths run on any device and dtype (float64 too).
+``kernels="reference"`` / ``backend="reference"`` paths run on any device and dtype (float64 too).
 They favour clarity over speed, but avoid Python loops over tokens: the only loop is over images.
 """
 from typing import Callable, Optional

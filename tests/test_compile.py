@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from msvit_kernels import launch
+from msvit_kernels import _triton as launch
 
 pytestmark = pytest.mark.skipif(launch.triton is None, reason="triton is not installed")
 

@@ -12,7 +12,7 @@ from msvit.data import DenseClutteredDigits
 from msvit.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_segmenter
 from msvit.train import main as train_main
 from msvit.train import parse_args, train
-from msvit_kernels import unpack
+from msvit_kernels import unpack_kernel as unpack
 from helpers import tiny_vit
 
 TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})

@@ -1,5 +1,5 @@
 """The fused tokenizer (gate, index, gather-embed-pack kernels) against its references, and a whole
-MSViT with kernels="triton" against kernels="torch".
+MSViT with kernels="triton" against kernels="reference".
 
 On a CPU-only machine the kernels run in the Triton interpreter (tests/conftest.py sets
 ``TRITON_INTERPRET=1``); on a GPU the same tests run them compiled. fp32 kernels use exact fp32
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 import msvit
 from helpers import rel_err, tiny_vit
 from msvit.gate import MixedScaleGate, gumbel_sigmoid
-from msvit_kernels import fused_gate, gather_embed_pack, mixed_scale_index, tokenize, triton_mixed_scale_index
+from msvit_kernels import _triton, dispatch, fused_gate, gather_embed_pack, mixed_scale_index, triton_mixed_scale_index
 from msvit_kernels.reference import gate_mlp_reference, pack_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(bool(tokenize.triton_support(torch.empty(1, device=DEVICE))),
+needs_triton = pytest.mark.skipif(bool(_triton.triton_support(torch.empty(1, device=DEVICE))),
                                   reason="triton is not installed (or TRITON_INTERPRET is unset on CPU)")
 pytestmark = needs_triton
 
@@ -168,7 +168,7 @@ def fused_calls(monkeypatch):
 @pytest.fixture(scope="module")
 def model_pair():
     """(torch, triton) MSViTs with the same weights: tiny ViT, patch 8 / coarse 16, 96x160 images."""
-    torch_model = msvit.from_timm(tiny_vit(img_size=(96, 160)), kernels="torch", init_logit=0.0).to(DEVICE)
+    torch_model = msvit.from_timm(tiny_vit(img_size=(96, 160)), kernels="reference", init_logit=0.0).to(DEVICE)
     torch.nn.init.normal_(torch_model.gate.fc4.weight, std=0.3)
     triton_model = copy.deepcopy(torch_model)
     triton_model.kernels = "triton"
@@ -233,7 +233,7 @@ def test_model_gradients_match_torch_kernels_with_the_sampling_gate(model_pair, 
 ])
 def test_model_variants_match_torch_kernels(variant, size, coarse, fused_calls):
     """Registers (P = 2), no prefix and no position embedding, prefix without position, factor 3."""
-    reference = msvit.from_timm(tiny_vit(img_size=size, **variant), kernels="torch", coarse_patch_size=coarse)
+    reference = msvit.from_timm(tiny_vit(img_size=size, **variant), kernels="reference", coarse_patch_size=coarse)
     model = copy.deepcopy(reference)
     model.kernels = "triton"
     images = torch.randn(3, 3, *size, device=DEVICE)
@@ -249,11 +249,15 @@ def test_model_variants_match_torch_kernels(variant, size, coarse, fused_calls):
 
 def test_kernel_choice_dispatch_and_fallbacks(monkeypatch):
     images = torch.randn(1, 3, 32, 32, device=DEVICE)
-    assert tokenize.use_triton("auto", images) == (DEVICE.type == "cuda")
-    assert tokenize.use_triton("triton", images) and not tokenize.use_triton("torch", images)
+    assert dispatch.use_triton("auto", images) == (DEVICE.type == "cuda")
+    assert dispatch.use_triton("triton", images) and not dispatch.use_triton("reference", images)
+    with pytest.warns(DeprecationWarning, match="kernels 'torch' is deprecated, use 'reference'"):
+        assert not dispatch.use_triton("torch", images)
+    with pytest.raises(ValueError, match="unknown kernels 'cuda'"):
+        dispatch.use_triton("cuda", images)
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
-        tokenize.use_triton("triton", images.double())
-    assert not tokenize.use_triton("auto", images.double())
+        dispatch.use_triton("triton", images.double())
+    assert not dispatch.use_triton("auto", images.double())
     with pytest.warns(UserWarning, match="embed_norm"):
         model = msvit.from_timm(tiny_vit(img_size=32), kernels="triton").to(DEVICE)
         model.tokenizer.embed_norm = torch.nn.LayerNorm(48).to(DEVICE)
@@ -261,13 +265,13 @@ def test_kernel_choice_dispatch_and_fallbacks(monkeypatch):
     with pytest.warns(UserWarning, match="no gradient to pixels"):
         model.tokenizer.embed_norm = torch.nn.Identity()
         model(images.requires_grad_(), mask=make_mask("random", 1, 4))
-    monkeypatch.setattr(tokenize, "triton", None)
+    monkeypatch.setattr(_triton, "triton", None)
     with pytest.raises(RuntimeError, match="needs triton"):
         msvit.from_timm(tiny_vit(img_size=32), kernels="triton")
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(tokenize, "INTERPRET", False)
+    monkeypatch.setattr(_triton, "INTERPRET", False)
     model = msvit.from_timm(tiny_vit(img_size=32), kernels="triton").eval()
     with pytest.raises(RuntimeError, match="runs on CUDA GPUs.*TRITON_INTERPRET=1"):
         model(torch.randn(1, 3, 32, 32))
@@ -307,7 +311,7 @@ def test_gpu_auto_uses_the_fused_path_and_trains_under_autocast(monkeypatch):
     monkeypatch.setattr(tokenizer_mod, "gather_embed_pack", lambda *a, **k: calls.append(1) or gather_embed_pack(*a, **k))
     model = msvit.from_timm(tiny_vit(img_size=(96, 160)), init_logit=0.0).cuda().train()
     reference = copy.deepcopy(model)
-    reference.kernels = "torch"
+    reference.kernels = "reference"
     images = torch.randn(8, 3, 96, 160, device="cuda")
     mask = make_mask("random", 8, 60)
     for m in (model, reference):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from msvit_kernels import mixed_scale_index
-from msvit_kernels import unpack as unpack_mod
+from msvit_kernels import unpack_kernel as unpack_mod
 from msvit_kernels.reference import unpack_to_grid_reference
-from msvit_kernels.unpack import triton_unpack_to_grid, unpack_to_grid
+from msvit_kernels.unpack_kernel import triton_unpack_to_grid, unpack_to_grid
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(bool(unpack_mod.triton_support(torch.empty(1, 1, device=DEVICE))),

@@ -15,6 +15,15 @@ GPU launch would bind. Nothing here touches a GPU or a driver.
 On CPU the kernels run only under ``TRITON_INTERPRET=1``, set before this package is imported
 (``triton.jit`` decides at decoration time); the interpreter then takes each kernel's
 ``interpret_meta`` tiles (few, large programs: it pays per program, not per FLOP).
+It also holds what the kernels share: the dtypes they take, ``triton_support`` (can they run on
+this tensor, and if not, why), ``patch_features`` (a patch's (C, p, p) feature order, used by the
+gate and pack kernels), the dot precision per dtype.
+
+The gate's exact GELU uses ``tl.math.erf``, a core Triton op: the compiler lowers it to the
+libdevice that ships inside Triton (``__nv_erff``) and the interpreter to ``math.erf``, so the
+kernel matches ``F.gelu`` (erf form) and needs no tanh approximation on either side. Portability
+(Triton 3.6 to 3.9, sm_70+): pointer arithmetic with masks (no ``tl.make_block_ptr``), no inline
+asm, no explicit libdevice import.
 """
 import contextlib
 import functools
@@ -22,6 +31,7 @@ import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 try:
     import triton
@@ -146,3 +156,46 @@ def bfloat16_gpu_reason(capability: int, name: str) -> str:
     if capability >= 80:
         return ""
     return f"bfloat16 needs an sm_80 (Ampere) or newer GPU; this {name} is sm_{capability}: use float16"
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+if triton is not None:
+
+    @triton.jit
+    def patch_features(k0, K: tl.constexpr, PATCH: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Features ``k0 .. k0 + BLOCK_K`` of a flattened patch in (C, p, p) order (patchify's, a conv
+        weight's): returns (offsets, in-range mask, channel, row, column) with
+        ``k = (c * p + y) * p + x``."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        return offs_k, offs_k < K, offs_k // (PATCH * PATCH), (offs_k // PATCH) % PATCH, offs_k % PATCH
+
+else:
+    patch_features = None
+
+
+def triton_support(tensor: Tensor) -> str:
+    """'' when the tokenizer kernels can run on ``tensor``'s device and dtype, else why not."""
+    if triton is None:
+        return "triton is not installed: pip install triton (or pip install .[triton])"
+    if tensor.dtype not in KERNEL_DTYPES:
+        return f"the Triton tokenizer takes float16, bfloat16 or float32 tensors, not {tensor.dtype}"
+    if tensor.device.type == "cuda":
+        return bfloat16_reason(tensor)
+    if (tensor.device.type == "cpu" and INTERPRET) or recording():
+        return ""
+    return (f"the Triton tokenizer runs on CUDA GPUs, not on {tensor.device.type}; on CPU it runs only under "
+            "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands: exact fp32 products ("ieee", no TF32) so results track the fp32 reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_launchable(images: Tensor) -> None:
+    """Raise the ``triton_support`` reason for ``images`` if the kernels cannot run on it."""
+    reason = triton_support(images)
+    if reason:
+        raise RuntimeError(reason)

@@ -19,13 +19,11 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+# The guarded triton import (optional off Linux; the reference serves every device then) is shared.
+from ._triton import INTERPRET, KERNEL_DTYPES, TritonKernel, bfloat16_reason, recording, tl, triton
+from .dispatch import IMPLEMENTATIONS, normalize_choice
 from .reference import unpack_to_grid_reference
 
-# The guarded triton import (optional off Linux; the reference serves every device then) is shared.
-from .launch import INTERPRET, TritonKernel, bfloat16_reason, recording, tl, triton
-from .tokenize import KERNEL_DTYPES
-
-BACKENDS = ("auto", "triton", "reference")
 
 if triton is not None:
 
@@ -153,8 +151,7 @@ def unpack_to_grid(tokens: Tensor, fine_to_row: Tensor, fine_grid, *, backend: s
     ``"triton"`` (the kernel or a clear error) or ``"reference"``. Same arguments as
     :func:`triton_unpack_to_grid`; any float dtype on the reference path.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown unpack backend {backend!r}; expected one of: {', '.join(map(repr, BACKENDS))}")
+    backend = normalize_choice("unpack backend", backend, IMPLEMENTATIONS, {})
     h, w = _check_inputs(tokens, fine_to_row, fine_grid)
     if backend == "triton" or (backend == "auto" and tokens.device.type == "cuda" and not triton_support(tokens)):
         return triton_unpack_to_grid(tokens, fine_to_row, (h, w))

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, TritonKernel, half_on_ampere, recording
+from ._triton import INTERPRET, TritonKernel, half_on_ampere, recording
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
