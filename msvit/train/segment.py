@@ -8,8 +8,8 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..flag_checks import Range, check_ranges
 from ..sample_images import normalize
-from ..segmentation import (DECODERS, IGNORE_INDEX, MSSegmenter, confusion_matrix, iou_metrics, save_segmenter,
-                            segmenter_config)
+from ..segmentation import IGNORE_INDEX  # noqa: F401  the label the task's loss skips
+from ..segmentation import DECODERS, MSSegmenter, confusion_matrix, iou_metrics, save_segmenter, segmenter_config
 from .backbone import make_model, model_config
 from .segment_data import build_segmentation_data as build_data  # noqa: F401  the task's data
 
