@@ -100,9 +100,12 @@ def test_dense_digits_label_digit_pixels_with_one_plus_the_class():
 BACKBONE_FLAGS = ["--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16"]
 
 
-def tiny_args(out, *extra, backbone=BACKBONE_FLAGS):
-    return ["--task", "segmentation", "--train-size", "256", "--val-size", "64", "--batch-size", "32",
-            "--image-size", "32", *backbone, "--out", str(out), *extra]
+DIGITS_FLAGS = ["--train-size", "256", "--val-size", "64"]
+
+
+def tiny_args(out, *extra, backbone=BACKBONE_FLAGS, data=DIGITS_FLAGS):
+    return ["--task", "segmentation", *data, "--batch-size", "32", "--image-size", "32", *backbone,
+            "--out", str(out), *extra]
 
 
 def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path):
@@ -158,12 +161,12 @@ def test_folder_of_image_label_pairs_trains(tmp_path):
         for i in range(4):
             write_pair(root / split, f"{split}{i}", (40, 50), [0, 1, 2, 255])
     (root / "classes.txt").write_text("sky\nroad\ncar\n")
-    train_main(tiny_args(tmp_path / "run", "--data", str(root), "--epochs", "1", "--batch-size", "2"))
+    train_main(tiny_args(tmp_path / "run", "--data", str(root), "--epochs", "1", "--batch-size", "2", data=[]))
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["step"] == 2 and {"val_iou_sky", "val_iou_road", "val_iou_car"} <= set(row)
     write_pair(root / "train", "bad", (40, 50), [0, 7])
     with pytest.raises(ValueError, match="label 7 is not a class id below 3"):
-        train_main(tiny_args(tmp_path / "run2", "--data", str(root), "--epochs", "1", "--batch-size", "5"))
+        train_main(tiny_args(tmp_path / "run2", "--data", str(root), "--epochs", "1", "--batch-size", "5", data=[]))
 
 
 def test_task_is_an_argparse_choice_parsed_with_the_other_flags(capsys):
@@ -193,6 +196,8 @@ def test_segmentation_defaults_differ_only_where_the_task_sets_them():
     (["--task", "segmentation", "--gate-mode-epochs", "2"], "segmentation runs packed"),
     (["--task", "segmentation", "--crop", "light"], "without crop augmentation"),
     (["--task", "segmentation", "--shift", "4", "--data", "/some/folder"], "--shift needs --data cluttered-digits"),
+    (["--train-size", "100", "--data", "/some/folder"], "--train-size needs --data cluttered-digits: folder data"),
+    (["--task", "segmentation", "--digit-scale", "0.2", "0.4", "--data", "/f"], "--digit-scale needs --data"),
     (["--task", "segmentation", "--bogus"], "unrecognized arguments: --bogus"),
     (["--task", "segmentation", "--init", ".", "--gate-hidden", "8"], "--gate-hidden builds a backbone, but --init"),
 ])

@@ -13,6 +13,11 @@ from ..flag_checks import check_train_flags
 from ..train_data import CROPS, DIGITS
 from .tasks import TASKS, task_of
 
+# What each digits-only flag means for folder data.
+DIGITS_ONLY = {"train_size": "folder data trains on every image of its train/",
+               "val_size": "folder data evaluates on every image of its val/",
+               "digit_scale": "folder data has no digits to scale",
+               "shift": "only the digits have boxes that keep the object in frame"}
 DESCRIPTION = """fine-tune (or train) an MSViT with its gate, on one CPU/GPU or with torchrun.
 
 Recipes from Appendix C: --opt sgd (ViT: lr 0.03, momentum 0.9, no weight decay, clipping 1.0)
@@ -139,8 +144,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     if unknown:
         refuse_unknown(p, task_name, unknown)
     check_train_flags(p, args)
-    if args.shift and args.data != DIGITS:
-        p.error(f"--shift needs --data {DIGITS} (the digits' boxes keep them in frame)")
+    given = [k for k in DIGITS_ONLY if getattr(args, k) != p.get_default(k)]
+    if args.data != DIGITS and given:
+        p.error(f"--{given[0].replace('_', '-')} needs --data {DIGITS}: {DIGITS_ONLY[given[0]]}")
     task_of(task_name).check(p, args)
     return args
 
