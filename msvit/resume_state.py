@@ -28,8 +28,16 @@ def run_flags(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in FREE}
 
 
+def with_task(saved: dict) -> dict:
+    """``saved`` with its ``task``: train states that lack the key tell it by their flags (only
+    segmentation has ``decoder``)."""
+    if "task" in saved:
+        return saved
+    return {**saved, "task": "segmentation" if "decoder" in saved else "classification"}
+
+
 def check_flags(saved: dict, args, world: int, saved_world: int, where) -> None:
-    now = run_flags(args)
+    saved, now = with_task(saved), run_flags(args)
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if changed:
         listed = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)

@@ -56,6 +56,11 @@ def shift_inside(image: Tensor, box: Tensor, limit: int) -> Tensor:
     return padded[:, limit - dy:limit - dy + h, limit - dx:limit - dx + w]
 
 
+def require_boxes(shift: int, boxes: Optional[Tensor]) -> None:
+    if shift and boxes is None:
+        raise ValueError("shift augmentation needs the object boxes, to keep the objects inside the image")
+
+
 class InMemoryImages(Dataset):
     """uint8 images ``[N, 3, H, W]`` and labels ``[N]`` held in memory; items are float [0, 1].
 
@@ -65,8 +70,7 @@ class InMemoryImages(Dataset):
     """
 
     def __init__(self, images: Tensor, labels: Tensor, transform=None, boxes: Optional[Tensor] = None, shift: int = 0):
-        if shift and boxes is None:
-            raise ValueError("shift augmentation needs the object boxes, to keep the objects inside the image")
+        require_boxes(shift, boxes)
         self.images, self.labels, self.transform, self.boxes, self.shift = images, labels, transform, boxes, shift
 
     def __len__(self) -> int:

@@ -3,7 +3,6 @@ import pytest
 
 import msvit
 from msvit.train import parse_args, train
-from msvit.train_segmentation import parse_args as parse_segmentation_args
 from test_train import small_run
 
 
@@ -43,7 +42,7 @@ def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
                                            (["--init", "/nowhere"], "--init /nowhere: no such folder")])
 def test_bad_segmentation_flags_are_refused(capsys, flags, message):
     with pytest.raises(SystemExit):
-        parse_segmentation_args(flags)
+        parse_args(["--task", "segmentation", *flags])
     assert message in capsys.readouterr().err
 
 

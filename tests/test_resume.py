@@ -99,3 +99,23 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     load_model(tmp_path)
     train(tiny(tmp_path, "--epochs", "2", "--resume"))
     assert epochs_logged(tmp_path) == [1, 2]
+
+
+def test_a_train_state_without_a_task_resumes_as_the_task_its_flags_tell(tmp_path):
+    """Train states that stored no ``task`` flag: classification unless they hold segmentation's ``decoder``."""
+    from msvit.checkpoint import MANIFEST, resolve, sha256
+    from msvit.resume_state import with_task
+    from msvit.run_folder import STATE
+
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    path = resolve(tmp_path) / STATE
+    state = torch.load(path, weights_only=True)
+    del state["args"]["task"]
+    torch.save(state, path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["files"][STATE] = sha256(path.read_bytes())
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    train(tiny(tmp_path, "--epochs", "2", "--resume"))
+    assert epochs_logged(tmp_path) == [1, 2]
+    assert with_task({"decoder": "linear"})["task"] == "segmentation"
+    assert with_task({"task": "classification", "decoder": "mask"})["task"] == "classification"

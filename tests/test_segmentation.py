@@ -1,5 +1,6 @@
 """Segmentation on packed mixed-scale tokens: decoders, gate freezing, gradients through the unpack,
 mIoU, the dense digits, and ``msvit train --task segmentation`` end to end (digits and a folder)."""
+import copy
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from msvit.checkpoint import build_model, save_checkpoint
 from msvit.data import DenseClutteredDigits
 from msvit.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_segmenter
 from msvit.train import main as train_main
-from msvit.train_segmentation import parse_args, split_task, train_segmentation
+from msvit.train import parse_args, train
 from msvit_kernels import unpack_kernel as unpack
 from helpers import tiny_vit
 
@@ -97,13 +98,24 @@ def test_dense_digits_label_digit_pixels_with_one_plus_the_class():
     assert len(DenseClutteredDigits.classes) == 11
 
 
-def tiny_args(out, *extra):
-    return ["--task", "segmentation", "--train-size", "256", "--val-size", "64", "--batch-size", "32",
-            "--image-size", "32", "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16",
+BACKBONE_FLAGS = ["--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16"]
+
+
+DIGITS_FLAGS = ["--train-size", "256", "--val-size", "64"]
+
+
+def tiny_args(out, *extra, backbone=BACKBONE_FLAGS, data=DIGITS_FLAGS):
+    return ["--task", "segmentation", *data, "--batch-size", "32", "--image-size", "32", *backbone,
             "--out", str(out), *extra]
 
 
-def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path):
+def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path, monkeypatch):
+    from msvit import run_folder
+
+    saved_models = []  # the live model each epoch writes, to compare the loaded copy against
+    save_epoch = run_folder.save_epoch
+    monkeypatch.setattr(run_folder, "save_epoch", lambda out, epoch, save, model, *rest: (
+        saved_models.append(copy.deepcopy(model).eval()), save_epoch(out, epoch, save, model, *rest))[1])
     train_main(tiny_args(tmp_path, "--epochs", "3", "--lr", "2e-3", "--warmup-epochs", "0.5", "--budget", "0.5"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[-1]["train_task"] < 0.5 * rows[0]["train_task"]
@@ -114,15 +126,16 @@ def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path):
     assert config["task"] == "segmentation" and config["segmentation"]["num_classes"] == 11
     assert model.pretrained_cfg["num_classes"] == 11 and model.pretrained_cfg["input_size"] == (3, 32, 32)
     images = torch.randn(2, 3, 32, 32)
-    fresh = load_segmenter(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(model(images), fresh(images))
+    assert len(saved_models) == 3
+    with torch.no_grad():  # the loaded segmenter is the one the last epoch saved, not a fresh build
+        assert torch.equal(model(images), saved_models[-1](images))
+        assert not torch.equal(model(images), saved_models[0](images))
 
 
 def test_mask_decoder_with_a_trainable_gate_trains(tmp_path):
     args = parse_args(tiny_args(tmp_path, "--decoder", "mask", "--decoder-depth", "1", "--no-freeze-gate",
-                                "--gate-loss", "l0", "--epochs", "1", "--max-steps", "3")[2:])
-    metrics = train_segmentation(args)
+                                "--gate-loss", "l0", "--epochs", "1", "--max-steps", "3"))
+    metrics = train(args)
     assert metrics["step"] == 3 and metrics["train_gate"] > 0
 
 
@@ -132,8 +145,10 @@ def test_init_from_a_classification_checkpoint_keeps_its_backbone(tmp_path):
               "msvit": {"coarse_patch_size": 16, "hidden": 16}}
     classifier = build_model(config)
     save_checkpoint(tmp_path / "cls", classifier, config)
+    with pytest.raises(SystemExit):  # the backbone comes from --init: its flags would be ignored
+        parse_args(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls")))
     train_main(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls"), "--epochs", "1", "--max-steps", "1",
-                         "--lr", "0"))
+                         "--lr", "0", backbone=[]))
     model = load_segmenter(tmp_path / "seg")
     saved = model.pretrained_cfg["config"]
     assert saved["timm"]["kwargs"]["num_classes"] == 0 and saved["msvit"] == config["msvit"]
@@ -157,18 +172,88 @@ def test_folder_of_image_label_pairs_trains(tmp_path):
         for i in range(4):
             write_pair(root / split, f"{split}{i}", (40, 50), [0, 1, 2, 255])
     (root / "classes.txt").write_text("sky\nroad\ncar\n")
-    train_main(tiny_args(tmp_path / "run", "--data", str(root), "--epochs", "1", "--batch-size", "2"))
+    train_main(tiny_args(tmp_path / "run", "--data", str(root), "--epochs", "1", "--batch-size", "2", data=[]))
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["step"] == 2 and {"val_iou_sky", "val_iou_road", "val_iou_car"} <= set(row)
     write_pair(root / "train", "bad", (40, 50), [0, 7])
     with pytest.raises(ValueError, match="label 7 is not a class id below 3"):
-        train_main(tiny_args(tmp_path / "run2", "--data", str(root), "--epochs", "1", "--batch-size", "5"))
+        train_main(tiny_args(tmp_path / "run2", "--data", str(root), "--epochs", "1", "--batch-size", "5", data=[]))
 
 
-def test_task_option_parsing():
-    assert split_task(["--lr", "1", "--task", "segmentation"]) == ("segmentation", ["--lr", "1"])
-    assert split_task(["--task=classification", "--epochs", "2"]) == ("classification", ["--epochs", "2"])
-    with pytest.raises(SystemExit, match="--task must be one of"):
-        split_task(["--task", "detection"])
+def test_task_is_an_argparse_choice_parsed_with_the_other_flags(capsys):
+    assert parse_args(["--lr", "1", "--task", "segmentation"]).task == "segmentation"
+    assert parse_args(["--task=classification", "--epochs", "2"]).task == "classification"
+    assert parse_args([]).task == "classification"
     with pytest.raises(SystemExit):
-        parse_args(["--mode", "masked"])
+        parse_args(["--task", "detection"])
+    assert "invalid choice: 'detection'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--task", "segmentation", "--mode", "masked"])
+    assert "segmentation runs packed" in capsys.readouterr().err
+
+
+def test_segmentation_defaults_differ_only_where_the_task_sets_them():
+    segmentation, classification = parse_args(["--task", "segmentation"]), parse_args([])
+    assert segmentation.smoothing == 0 and classification.smoothing == 0.1
+    assert parse_args(["--task", "segmentation", "--smoothing", "0.2"]).smoothing == 0.2  # the user's value wins
+    assert segmentation.freeze_gate and segmentation.budget is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "0.5"], "--budget is an option of --task segmentation, not of --task classification"),
+    (["--decoder=mask"], "--decoder is an option of --task segmentation"),
+    (["--task", "segmentation", "--gate-loss-input", "probs"], "--gate-loss-input acts on a training gate"),
+    (["--task", "segmentation", "--gate-lambda", "2"], "--gate-lambda acts on a training gate"),
+    (["--task", "segmentation", "--gate-mode-epochs", "2"], "segmentation runs packed"),
+    (["--task", "segmentation", "--crop", "light"], "without crop augmentation"),
+    (["--task", "segmentation", "--shift", "4", "--data", "/some/folder"], "--shift needs --data cluttered-digits"),
+    (["--train-size", "100", "--data", "/some/folder"], "--train-size needs --data cluttered-digits: folder data"),
+    (["--task", "segmentation", "--digit-scale", "0.2", "0.4", "--data", "/f"], "--digit-scale needs --data"),
+    (["--task", "segmentation", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--task", "segmentation", "--init", ".", "--gate-hidden", "8"], "--gate-hidden builds a backbone, but --init"),
+])
+def test_flags_without_meaning_for_the_task_are_refused_naming_them(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_segmentation_help_lists_the_segmentation_options(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--task", "segmentation", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "--decoder" in text and "--budget" in text and "--freeze-gate" in text and "--lr" in text
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    assert "--decoder" not in capsys.readouterr().out
+
+
+def test_shift_moves_image_and_label_map_together_keeping_the_digit_inside():
+    from msvit.train.segment_data import materialize_dense
+
+    data = materialize_dense(DenseClutteredDigits(8, 32, seed=3), "", False)
+    plain = [data[i] for i in range(8)]
+    data.shift = 6
+    torch.manual_seed(0)
+    moved = [data[i] for i in range(8)]
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(plain, moved))  # some maps did move
+    for (image, label_map), (plain_image, plain_map) in zip(moved, plain):
+        assert (label_map > 0).sum() == (plain_map > 0).sum()  # the whole digit stays in frame
+        digit = label_map > 0
+        # the image moved with the map: the digit's pixels are those of the unmoved render
+        assert torch.allclose(image[:, digit].sum(), plain_image[:, plain_map > 0].sum(), atol=1e-3)
+
+
+def test_resume_continues_a_segmentation_run_from_its_last_epoch(tmp_path):
+    flags = ["--no-freeze-gate", "--gate-loss-input", "probs", "--gate-loss", "l0", "--shift", "4", "--device", "cpu"]
+    train_main(tiny_args(tmp_path, *flags, "--epochs", "1"))
+    train_main(tiny_args(tmp_path, *flags, "--epochs", "2", "--resume"))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 2 * rows[0]["step"]
+    straight = tmp_path / "straight"
+    train_main(tiny_args(straight, *flags, "--epochs", "2"))
+    resumed = load_segmenter(tmp_path)
+    fresh = load_segmenter(straight)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values()))

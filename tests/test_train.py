@@ -88,10 +88,11 @@ def test_loading_into_a_mismatched_config_fails_clearly(tmp_path):
         load_model(tmp_path / "nowhere")
 
 
-def test_two_process_gloo_ddp_run_and_resume(tmp_path):
+@pytest.mark.parametrize("task", [[], ["--task", "segmentation", "--no-freeze-gate"]], ids=["classify", "segment"])
+def test_two_process_gloo_ddp_run_and_resume(tmp_path, task):
     """torchrun with two CPU processes (gloo): rank 0 writes the checkpoint, both resume from it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "msvit", "train", "--train-size", "64", "--val-size", "32", "--batch-size", "16",
+               "-m", "msvit", "train", *task, "--train-size", "64", "--val-size", "32", "--batch-size", "16",
                "--image-size", "32", "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16",
                "--gate-loss", "gbas", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -100,7 +101,7 @@ def test_two_process_gloo_ddp_run_and_resume(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4)]  # 64 images / 2 ranks / 16 per batch
-    load_model(tmp_path)
+    (msvit.load_segmenter if task else load_model)(tmp_path)
 
 
 def test_cli_help_lists_train(capsys):

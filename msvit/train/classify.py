@@ -1,0 +1,50 @@
+"""The classification task of ``msvit train``: an MSViT classifier, cross-entropy with label
+smoothing, top-1 (and, on the digits, where the fine tokens go) on the held-out set."""
+from ..checkpoint import save_checkpoint
+from ..evaluate import evaluate as evaluate_classifier
+from ..train_data import build_data as build_image_data
+from .backbone import make_model, model_config
+
+DESCRIPTION = """--task classification (default): --data cluttered-digits (10 classes) or an ImageFolder root
+with train/<class>/* and val/<class>/* (the same class folders in both)."""
+DEFAULTS = {}
+IGNORE_INDEX = -100  # cross_entropy's default: every label counts
+save = save_checkpoint
+
+
+def add_options(group) -> None:
+    """Classification has only the shared options."""
+
+
+def check(parser, args) -> None:
+    """Every shared option acts on classification."""
+
+
+def build_data(args, show: bool):
+    return build_image_data(args.data, args.image_size, args.crop, args.hflip, args.train_size, args.val_size,
+                            args.seed, show, digit_scale=args.digit_scale, shift=args.shift)
+
+
+def build_model(args, bundle):
+    config = model_config(args, bundle.classes, bundle)
+    return make_model(args, config), config
+
+
+def coarse_patch(model) -> int:
+    return model.tokenizer.coarse_patch
+
+
+def gate_trains(args) -> bool:
+    return True
+
+
+def forward(net, images, args, mode: str, mask):
+    return net(images, mode=mode, return_gate=True, mask=mask)
+
+
+def evaluate(model, loader, bundle, args, device) -> dict:
+    return evaluate_classifier(model, loader, bundle.mean, bundle.std, device, boxes=bundle.val_boxes)
+
+
+def summary(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

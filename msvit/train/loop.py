@@ -1,0 +1,108 @@
+"""The epoch loop of ``msvit train``, the same for every task (``msvit.train.tasks``): DDP, the
+optimizer and schedule, the gate's phases, the loss of Eq. 6 (task loss + lambda * gate loss),
+metrics, and a crash-safe checkpoint per epoch that ``--resume`` continues exactly."""
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .. import resume_state, run_folder
+from ..sample_images import normalize
+from ..train_data import loaders
+from .distributed import setup_distributed
+from .epochs import check_batches, save_epoch, stop_early
+from .gate_training import epoch_mode, gate_loss_input, make_gate_loss, random_masks
+from .optim import make_optimizer, optimizer_step
+from .tasks import task_of
+
+SUMS = ("loss", "task", "gate", "fine", "tokens")
+
+
+def train(args) -> dict:
+    """Run the training described by ``args`` (``msvit.train.parse_args``); returns the last epoch's metrics."""
+    launched = time.perf_counter()
+    task = task_of(args.task)
+    device, rank, world = setup_distributed(args.device)
+    main_process = rank == 0
+    torch.manual_seed(args.seed + rank)
+    out = Path(args.out)
+    checkpoint = run_folder.prepare(out, args.resume, args.overwrite, rank, world, device)
+    if checkpoint is not None:  # a resume with other flags stops before the data is generated
+        resume_state.check_flags(checkpoint.state["args"], args, world, checkpoint.state["world"], out)
+    bundle = task.build_data(args, main_process)
+    model, config = task.build_model(args, bundle)
+    model = model.to(device).train()
+    coarse = task.coarse_patch(model)
+    grid = (args.image_size // coarse, args.image_size // coarse)
+    gate_trains = task.gate_trains(args)
+    gate_loss = make_gate_loss(args, grid) if gate_trains else None
+    if isinstance(gate_loss, nn.Module):
+        gate_loss.to(device)
+    train_loader, sampler, val_loader = loaders(bundle, args.batch_size, args.workers, world > 1, args.seed)
+    check_batches(train_loader, args.batch_size, world)
+    opt, schedule = make_optimizer(args, model, gate_loss, len(train_loader))
+    start_epoch, step, rows = 0, 0, []
+    if checkpoint is not None:
+        start_epoch, step, rows = resume_state.restore(checkpoint, model, opt, schedule, gate_loss,
+                                                       train_loader.generator, args, rank, world)
+        launched -= rows[-1].get("wall_seconds", 0.0) if rows else 0.0  # the clock counts the whole run
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    amp = args.amp and device.type == "cuda"
+    metrics = rows[-1] if rows else {}
+    if start_epoch >= args.epochs and main_process:
+        tqdm.write(f"{out} already holds all {start_epoch} epochs; raise --epochs to train on")
+
+    def train_step(images, targets, mode: str, pre_gate: bool) -> dict:
+        images = normalize(images.to(device, non_blocking=True), bundle.mean, bundle.std)
+        targets = targets.to(device, non_blocking=True)
+        # before --gate-start-epoch a trainable gate is replaced by random mixed-scale masks
+        mask = random_masks(len(images), grid[0] * grid[1], args.gate_target, device) if pre_gate else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            result = task.forward(net, images, args, mode, mask)
+            task_loss = F.cross_entropy(result.logits.float(), targets, ignore_index=task.IGNORE_INDEX,
+                                        label_smoothing=args.smoothing)
+        use_gate_loss = gate_loss is not None and result.gate.soft is not None
+        gate = gate_loss(gate_loss_input(args, result.gate)) if use_gate_loss else task_loss.new_zeros(())
+        loss = task_loss + args.gate_lambda * gate
+        optimizer_step(loss, model, opt, schedule, args.clip_grad)
+        return {"loss": loss, "task": task_loss, "gate": gate, "fine": result.gate.hard.float().mean(),
+                "tokens": result.tokens.float().mean()}
+
+    for epoch in range(start_epoch, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        pre_gate = gate_trains and epoch < args.gate_start_epoch
+        mode = epoch_mode(args, epoch, pre_gate)
+        started = time.perf_counter()
+        sums = {k: torch.zeros((), device=device) for k in SUMS}
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=not main_process)
+        for n, (images, targets) in enumerate(bar, 1):
+            for k, v in train_step(images, targets, mode, pre_gate).items():
+                sums[k] += v.detach()  # summed on the device: no host sync per step
+            step += 1
+            if n % 20 == 0:
+                bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}", fine=f"{sums['fine'].item() / n:.2f}")
+            if stop_early(args, step, n, len(train_loader)):
+                break
+        metrics = {"epoch": epoch + 1, "step": step, "mode": mode, "gate_trains": gate_trains and not pre_gate,
+                   **{f"train_{k}": v.item() / n for k, v in sums.items()}, "lr": schedule.get_last_lr()[0],
+                   "gate_lr": schedule.get_last_lr()[1], "epoch_seconds": time.perf_counter() - started}
+        if main_process:
+            evaluation = task.evaluate(model, val_loader, bundle, args, device)
+            metrics.update({f"val_{k}": v for k, v in evaluation.items()})
+            metrics["wall_seconds"] = time.perf_counter() - launched  # data generation and evaluation included
+            tqdm.write(task.summary(metrics))
+        rows.append(metrics)
+        save_epoch(out, epoch, model, config, task.save, complete=n == len(train_loader), step=step, opt=opt,
+                   schedule=schedule, gate_loss=gate_loss, generator=train_loader.generator, rows=rows, args=args,
+                   rank=rank, world=world)
+        if args.max_steps and step >= args.max_steps:
+            break
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
