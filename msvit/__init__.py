@@ -9,7 +9,7 @@
     digits = msvit.load_pretrained("cluttered-digits")    # the model shipped in the package, eval mode
     transform = msvit.eval_transform(digits)               # its input size, mean, std (digits.pretrained_cfg)
 """
-from .checkpoint import load_model as load_checkpoint
+from .checkpoint import load_checkpoint
 from .checkpoint import load_pretrained
 from .flops import count_macs
 from .gate import GateDecision, MixedScaleGate, gumbel_sigmoid

@@ -2,13 +2,13 @@
 
 ``config.json`` holds ``{"timm": {"name": ..., "kwargs": {...}}, "msvit": {...from_timm kwargs},
 "data": {...}, "architecture": {...}, "weights_sha256": ...}``; ``model.safetensors`` the state dict.
-``build_model(config)`` rebuilds the architecture without downloading anything. ``load_model``
+``build_model(config)`` rebuilds the architecture without downloading anything. ``load_checkpoint``
 verifies before it loads: the weights' sha256 against the config (flipped bytes are refused, not
 silently loaded), the rebuilt model's ``architecture`` against the recorded one (an edited
 ``num_heads`` keeps every tensor shape but changes the outputs), and every tensor name and shape.
 
 A training run folder (``msvit.run_folder``) holds one complete checkpoint per epoch folder and a
-manifest, ``checkpoint.json``, naming the latest; ``load_model(run_folder)`` follows it.
+manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`` follows it.
 """
 import hashlib
 import json
@@ -121,7 +121,7 @@ def read_config(path: Path, verify: bool = True) -> dict:
     if verify:
         if "architecture" not in config and "weights_sha256" not in config:
             raise ConfigError(f"{path} has no 'architecture' and no 'weights_sha256' (a checkpoint of an older msvit): "
-                              "load it with load_checkpoint(folder, verify=False) and save_checkpoint it again")
+                              "load it with msvit.load_checkpoint(folder, verify=False) and save_checkpoint it again")
         require(config, "architecture", dict, path)
         digest = require(config, "weights_sha256", str, path)
         if len(digest) != 64:
@@ -161,20 +161,12 @@ def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = Tru
     return model
 
 
-def load_model(folder, map_location="cpu", verify: bool = True) -> MSViT:
+def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> MSViT:
     """The model in eval mode from a folder written by ``save_checkpoint`` or a training run, with
-    ``model.pretrained_cfg`` (input size, mean, std, classes, data options, the config); public as
-    ``msvit.load_checkpoint``. ``verify=False`` skips the checksum and architecture checks
+    ``model.pretrained_cfg`` (input size, mean, std, classes, data options, and ``"config"``: the
+    checkpoint's config.json). ``verify=False`` skips the checksum and architecture checks
     (checkpoints of older versions)."""
     return load_verified(folder, build_model, verify).to(map_location).eval()
-
-
-def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> Tuple[MSViT, dict]:
-    """(``load_model(...)``, its checkpoint config): the pair form, for callers that unpack one
-    (``msvit train --task segmentation --init``). New code uses ``msvit.load_checkpoint``, which
-    returns the model alone."""
-    model = load_model(folder, map_location, verify)
-    return model, model.pretrained_cfg["config"]
 
 
 def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> MSViT:
@@ -185,4 +177,4 @@ def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> MSViT
     if not folder.is_dir():
         shipped = sorted(p.name for p in PRETRAINED.iterdir() if p.is_dir()) if PRETRAINED.is_dir() else []
         raise ValueError(f"no pretrained model {name!r}; shipped: {', '.join(shipped) or 'none'}")
-    return load_model(folder, map_location)
+    return load_checkpoint(folder, map_location)

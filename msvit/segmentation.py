@@ -211,7 +211,7 @@ def is_segmenter_checkpoint(folder) -> bool:
 def build_segmenter(config: dict) -> MSSegmenter:
     """A segmenter with random weights in the architecture of a ``segmenter_config``."""
     if config.get("task") != "segmentation":
-        raise ValueError("it holds a classification checkpoint; load it with msvit.checkpoint.load_checkpoint")
+        raise ValueError("it holds a classification checkpoint; load it with msvit.load_checkpoint")
     return MSSegmenter(build_model(config), **config["segmentation"])
 
 

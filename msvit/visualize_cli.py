@@ -49,7 +49,7 @@ def load_model(folder, segmentation: bool, device):
         segmenter = load_segmenter(folder, device)
         return segmenter.backbone, (segmenter if segmentation else None), segmenter.pretrained_cfg
     else:
-        model = checkpoint.load_model(folder, device)
+        model = checkpoint.load_checkpoint(folder, device)
     if segmentation:
         raise SystemExit("msvit visualize: --segmentation needs a segmentation checkpoint "
                          "(msvit train --task segmentation --out DIR)")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from msvit.checkpoint import CONFIG, WEIGHTS, build_model, load_model, save_checkpoint
+from msvit.checkpoint import CONFIG, WEIGHTS, build_model, load_checkpoint, save_checkpoint
 from msvit.config_file import ConfigError
 from test_train import TINY_MODEL
 
@@ -33,8 +33,8 @@ def test_flipped_bytes_in_the_tensor_data_are_refused_naming_the_file(folder):
         data[i] ^= 0xFF
     (folder / WEIGHTS).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{WEIGHTS} is corrupt: its sha256"):
-        load_model(folder)
-    load_model(folder, verify=False)  # still readable when the user asks not to verify
+        load_checkpoint(folder)
+    load_checkpoint(folder, verify=False)  # still readable when the user asks not to verify
 
 
 @pytest.mark.parametrize("key,value,named", [("num_heads", 6, "num_heads"), ("global_pool", "avg", "global_pool"),
@@ -44,7 +44,7 @@ def test_a_config_edited_with_the_same_tensor_shapes_is_refused(folder, key, val
     give other outputs."""
     edit_config(folder, lambda c: c["timm"]["kwargs"].update({key: value}))
     with pytest.raises(ValueError, match=f"{CONFIG}.*no longer matches the weights.*{named}"):
-        load_model(folder)
+        load_checkpoint(folder)
 
 
 @pytest.mark.parametrize("text,match", [("", "is not valid JSON .it is empty"), ("{nope", "is not valid JSON"),
@@ -55,29 +55,29 @@ def test_a_config_edited_with_the_same_tensor_shapes_is_refused(folder, key, val
 def test_malformed_configs_name_the_file_and_the_key(folder, text, match):
     (folder / CONFIG).write_text(text)
     with pytest.raises(ConfigError, match=f"{CONFIG}.*{match}|{match}") as error:
-        load_model(folder)
+        load_checkpoint(folder)
     assert str(folder / CONFIG) in str(error.value)
 
 
 def test_missing_checksum_or_architecture_is_refused(folder):
     edit_config(folder, lambda c: c.pop("weights_sha256"))
     with pytest.raises(ConfigError, match="missing key 'weights_sha256'"):
-        load_model(folder)
+        load_checkpoint(folder)
     edit_config(folder, lambda c: c.pop("architecture"))
     with pytest.raises(ConfigError, match="older msvit.*verify=False"):
-        load_model(folder)
+        load_checkpoint(folder)
 
 
 def test_a_truncated_weight_file_is_refused(folder):
     data = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f"{WEIGHTS} is corrupt"):
-        load_model(folder)
+        load_checkpoint(folder)
     with pytest.raises(ValueError, match=f"{WEIGHTS} is corrupt: not a readable safetensors file"):
-        load_model(folder, verify=False)
+        load_checkpoint(folder, verify=False)
 
 
 def test_a_manifest_naming_a_missing_folder_is_refused(folder):
     (folder / "checkpoint.json").write_text(json.dumps({"epoch": 1, "folder": "epoch-0009", "files": {}}))
     with pytest.raises(ConfigError, match="checkpoint.json: key 'folder' names 'epoch-0009'"):
-        load_model(folder)
+        load_checkpoint(folder)

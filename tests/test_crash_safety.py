@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msvit.checkpoint import load_model
+from msvit.checkpoint import load_checkpoint
 from msvit.run_folder import RunFolderError, prepare
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +58,7 @@ def reference(worker, tmp_path_factory):
     started = time.perf_counter()
     assert worker(out, "--overwrite") == {"killed": False, "code": 0}
     seconds = time.perf_counter() - started  # how long a whole run takes: where the random kills land
-    return {"weights": load_model(out).state_dict(), "seconds": seconds}
+    return {"weights": load_checkpoint(out).state_dict(), "seconds": seconds}
 
 
 def epochs_logged(out):
@@ -70,7 +70,7 @@ def assert_consistent(out):
     """At any instant: loadable, and the metrics are epochs 1..k once each, k the checkpoint's epoch or one less
     (the metrics are rewritten just after the manifest switches)."""
     manifest = json.loads((out / "checkpoint.json").read_text())
-    load_model(out)
+    load_checkpoint(out)
     logged = epochs_logged(out)
     assert logged == list(range(1, len(logged) + 1))
     assert manifest["epoch"] - 1 <= len(logged) <= manifest["epoch"]
@@ -79,7 +79,7 @@ def assert_consistent(out):
 def assert_finished_like(out, reference):
     assert epochs_logged(out) == list(range(1, EPOCHS + 1))
     assert not [p.name for p in out.iterdir() if ".partial-" in p.name]  # temporaries cleaned up
-    weights = load_model(out).state_dict()
+    weights = load_checkpoint(out).state_dict()
     different = [k for k, v in reference["weights"].items() if not torch.equal(weights[k], v)]
     assert not different, f"the resumed run differs from the uninterrupted one in {different[:5]}"
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from msvit.checkpoint import load_model
+from msvit.checkpoint import load_checkpoint
 from msvit.run_folder import RunFolderError
 from msvit.train import train
 from test_train import small_run
@@ -18,7 +18,7 @@ def tiny(out, *extra):
 
 
 def weights(out):
-    return load_model(out).state_dict()
+    return load_checkpoint(out).state_dict()
 
 
 def epochs_logged(out):
@@ -96,7 +96,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
         train(tiny(tmp_path, "--epochs", "2", "--resume"))
     monkeypatch.undo()
     assert json.loads((tmp_path / "checkpoint.json").read_text())["epoch"] == 1
-    load_model(tmp_path)
+    load_checkpoint(tmp_path)
     train(tiny(tmp_path, "--epochs", "2", "--resume"))
     assert epochs_logged(tmp_path) == [1, 2]
 

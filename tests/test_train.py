@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.checkpoint import build_model, load_model, load_weights, resolve, save_checkpoint
+from msvit.checkpoint import build_model, load_checkpoint, load_weights, resolve, save_checkpoint
 from msvit.train import parse_args, train
 
 TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})
@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
               "msvit": {"coarse_patch_size": 16, "hidden": 16}}
     model = build_model(config).eval()
     save_checkpoint(tmp_path, model, config)
-    loaded = load_model(tmp_path)
+    loaded = load_checkpoint(tmp_path)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(images), loaded(images))
@@ -85,7 +85,7 @@ def test_loading_into_a_mismatched_config_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="does not match this model's configuration.*gate"):
         load_weights(other, tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        load_model(tmp_path / "nowhere")
+        load_checkpoint(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("task", [[], ["--task", "segmentation", "--no-freeze-gate"]], ids=["classify", "segment"])
@@ -101,7 +101,7 @@ def test_two_process_gloo_ddp_run_and_resume(tmp_path, task):
         assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2), (2, 4)]  # 64 images / 2 ranks / 16 per batch
-    (msvit.load_segmenter if task else load_model)(tmp_path)
+    (msvit.load_segmenter if task else load_checkpoint)(tmp_path)
 
 
 def test_cli_help_lists_train(capsys):

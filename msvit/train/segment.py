@@ -77,7 +77,8 @@ def build_model(args, bundle):
     data_config = model_config(args, bundle.classes, bundle)
     if args.init:
         try:
-            backbone, init_config = load_checkpoint(args.init)
+            backbone = load_checkpoint(args.init)
+            init_config = backbone.pretrained_cfg["config"]
         except (OSError, ValueError) as error:
             raise SystemExit(f"msvit train: --init {args.init}: {error}") from error
         backbone_config = {**init_config, "data": data_config["data"]}
