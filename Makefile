@@ -17,6 +17,8 @@ $(VENV)/.installed: setup.py requirements.txt requirements-dev.txt
 	touch $@
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed

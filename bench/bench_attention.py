@@ -19,6 +19,7 @@ one's (> 1: this backend is faster). The pytest-benchmark row times the same cal
 synchronize at its end. At the ViT shapes, forward+backward, the Triton backend's ratios to the best
 other varlen backend and to padded SDPA go into the run's summary (``bench/results/<device>/``).
 """
+
 import functools
 import statistics
 import time
@@ -97,14 +98,17 @@ def make_call(name: str, mode: str, lengths, heads: int, dim: int):
         forward = lambda: mk.packed_attention(q, k, v, cu, max_len, backend=name, check_values=False)  # noqa: E731
 
     if not grad_needed:
+
         def call():
             with torch.no_grad():
                 return forward()
+
         return call
     grad_out = torch.randn(forward().shape, generator=gen).to(DEVICE, dtype)
 
     def call():
         return torch.autograd.grad(forward(), leaves, grad_out)
+
     return call
 
 
@@ -155,7 +159,11 @@ def useful_flops(lengths, heads: int, dim: int, mode: str) -> float:
 @pytest.mark.parametrize("case", ["vit", "577", "1024"])
 def test_packed_attention_speed(benchmark, timed, summary, case, mode, backend):
     if backend not in _runnable(timed):
-        reason = attention.BACKENDS[backend].support(DEVICE, _dtype(), _shape(timed)[1]) if backend in attention.BACKENDS else None
+        reason = (
+            attention.BACKENDS[backend].support(DEVICE, _dtype(), _shape(timed)[1])
+            if backend in attention.BACKENDS
+            else None
+        )
         pytest.skip(reason or f"{backend} is not timed on {DEVICE.type} (the Triton interpreter is for tests)")
     heads, dim = _shape(timed)
     lengths = _lengths(case, timed)

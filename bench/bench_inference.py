@@ -6,6 +6,7 @@ per image around the mean (a gate's masks do), so trimmed mode pads to the batch
 All variants of one token count are timed interleaved, medians reported; the ratios go into the
 run's summary.
 """
+
 import statistics
 
 import pytest
@@ -67,33 +68,54 @@ def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s,
             fine = VIT_SIZES[size] if size else HALF_FINE
             mask = spread_masks(batch, fine).to(device)
             tokens = model.tokens_per_image(mask).double()
-            runs = {"packed": lambda: model(images, mask=mask), "masked": lambda: model(images, mask=mask, mode="masked"),
-                    "trimmed": lambda: model(images, mask=mask, mode="trimmed")}
+            runs = {
+                "packed": lambda: model(images, mask=mask),
+                "masked": lambda: model(images, mask=mask, mode="masked"),
+                "trimmed": lambda: model(images, mask=mask, mode="trimmed"),
+            }
             if size:
                 vit = plain_vit(size)
                 small = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
                 runs["vit"] = lambda: vit(small)
             medians[fine] = time_variants(runs, repeats, device)
-            counted = {"packed": tokens, "masked": torch.full_like(tokens, 1 + 49 * 5),
-                       "trimmed": torch.full_like(tokens, 1 + float((tokens - 1).max())), "vit": 1 + (size or 0) ** 2 / 256}
+            counted = {
+                "packed": tokens,
+                "masked": torch.full_like(tokens, 1 + 49 * 5),
+                "trimmed": torch.full_like(tokens, 1 + float((tokens - 1).max())),
+                "vit": 1 + (size or 0) ** 2 / 256,
+            }
             for variant, seconds in medians[fine].items():
                 n = counted[variant] if variant != "vit" else torch.tensor([counted["vit"]], dtype=torch.float64)
                 gmacs = macs_for_tokens(model, n, 49, include_gate=variant != "vit")["total"].mean().item() / 1e9
-                points.append({"variant": variant, "fine_regions": fine, "tokens": float(n.mean()),
-                               "ms": seconds * 1e3, "gmacs": gmacs})
+                points.append(
+                    {
+                        "variant": variant,
+                        "fine_regions": fine,
+                        "tokens": float(n.mean()),
+                        "ms": seconds * 1e3,
+                        "gmacs": gmacs,
+                    }
+                )
         benchmark.pedantic(lambda: model(images, mask=spread_masks(batch, 17).to(device)), rounds=repeats, iterations=1)
     benchmark.extra_info["points"] = points
     if not timed:
         return
     at_101, at_half = medians[17], medians[HALF_FINE]
     target_point = at_half if device == "cuda" else at_101  # the GPU targets are stated at ~50% fine
-    summary.update(model=f"MSViT from {bench_options['model']}", inference_batch=batch, dtype=str(dtype).replace("torch.", ""),
-                   inference_points=points, batch_sizes=sorted({batch, 1}))
-    summary["ratios"].update({
-        "packed_over_vit_same_tokens": at_101["packed"] / at_101["vit"],
-        "masked_over_packed": target_point["masked"] / target_point["packed"],
-        "trimmed_over_packed": target_point["trimmed"] / target_point["packed"],
-    })
+    summary.update(
+        model=f"MSViT from {bench_options['model']}",
+        inference_batch=batch,
+        dtype=str(dtype).replace("torch.", ""),
+        inference_points=points,
+        batch_sizes=sorted({batch, 1}),
+    )
+    summary["ratios"].update(
+        {
+            "packed_over_vit_same_tokens": at_101["packed"] / at_101["vit"],
+            "masked_over_packed": target_point["masked"] / target_point["packed"],
+            "trimmed_over_packed": target_point["trimmed"] / target_point["packed"],
+        }
+    )
 
 
 @pytest.mark.parametrize("variant", ["packed", "masked", "vit"])

@@ -7,14 +7,15 @@ host (launch overhead shows as CPU time far above CUDA time). Timed runs write
 ``bench/results/<device>/profile_packed.txt``; without ``--benchmark`` it runs once, tiny, as a
 smoke test.
 """
-import pytest
+
 import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import msvit
-from bench_inference import spread_masks
 from msvit_kernels import attention_kernel, gate_kernel, pack_kernel
+
+from bench_inference import spread_masks
 from results_io import RESULTS, device_slug
 
 FINE_REGIONS = 17  # ~101 tokens per image: ViT-S at 160px has the same
@@ -23,9 +24,14 @@ FINE_REGIONS = 17  # ~101 tokens per image: ViT-S at 160px has the same
 def chosen_configs() -> list:
     """'kernel: config' for every autotuner that has run in this process."""
     lines = []
-    for kernel in (gate_kernel._GATE, pack_kernel._PACK, attention_kernel._fwd, attention_kernel._bwd_dkdv,
-                   attention_kernel._bwd_dq):
-        for tuner in (kernel._tuners.values() if kernel is not None else ()):
+    for kernel in (
+        gate_kernel._GATE,
+        pack_kernel._PACK,
+        attention_kernel._fwd,
+        attention_kernel._bwd_dkdv,
+        attention_kernel._bwd_dq,
+    ):
+        for tuner in kernel._tuners.values() if kernel is not None else ():
             for key, config in getattr(tuner, "cache", {}).items():
                 lines.append(f"{kernel.name} {key}: {config}")
     return lines
@@ -65,9 +71,16 @@ def test_profile_packed_forward(benchmark, timed, device, bench_options):
     if not timed:
         return
     tokens = float(model.tokens_per_image(mask).double().mean())
-    text = "\n".join([f"# packed MSViT-S forward, batch {batch}, {dtype}, {tokens:.1f} tokens/image, {rounds} calls",
-                      packed, "# plain ViT-S at 160px (101 tokens/image), same batch", plain,
-                      "# autotuner choices", *chosen_configs()])
+    text = "\n".join(
+        [
+            f"# packed MSViT-S forward, batch {batch}, {dtype}, {tokens:.1f} tokens/image, {rounds} calls",
+            packed,
+            "# plain ViT-S at 160px (101 tokens/image), same batch",
+            plain,
+            "# autotuner choices",
+            *chosen_configs(),
+        ]
+    )
     folder = RESULTS / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "profile_packed.txt").write_text(text + "\n")

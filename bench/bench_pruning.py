@@ -6,11 +6,13 @@ CPU: float32, batch 32. GPU: bfloat16, batch 256. Both variants are timed interl
 reported; ``pruned_over_unpruned`` (time pruned / time unpruned, < 1 = time saved) goes into the
 summary next to the ratio of the transformer trunk's MACs, the bound the saving should approach.
 """
+
 import torch
-from bench_inference import HALF_FINE, spread_masks, time_variants
 
 import msvit
 from msvit.pruning import PruneConfig, PrunedMSViT
+
+from bench_inference import HALF_FINE, spread_masks, time_variants
 
 CONFIG = PruneConfig(keep_ratio=0.7, layers=(3, 6, 9), fuse=True)
 
@@ -43,9 +45,15 @@ def test_pruned_vs_unpruned_forward(benchmark, timed, summary, device, bench_opt
         medians = time_variants(runs, repeats, device)
         benchmark.pedantic(runs["pruned"], rounds=repeats, iterations=1)
     macs = {"unpruned": trunk_macs(model, tokens[:1], ()), "pruned": trunk_macs(model, tokens, CONFIG.layers)}
-    info = {"tokens_per_stage": tokens.double().mean(1).tolist(), "keep_ratio": CONFIG.keep_ratio,
-            "layers": list(CONFIG.layers), "fuse": CONFIG.fuse, "batch": batch,
-            "ms": {k: v * 1e3 for k, v in medians.items()}, "trunk_gmacs": {k: v / 1e9 for k, v in macs.items()}}
+    info = {
+        "tokens_per_stage": tokens.double().mean(1).tolist(),
+        "keep_ratio": CONFIG.keep_ratio,
+        "layers": list(CONFIG.layers),
+        "fuse": CONFIG.fuse,
+        "batch": batch,
+        "ms": {k: v * 1e3 for k, v in medians.items()},
+        "trunk_gmacs": {k: v / 1e9 for k, v in macs.items()},
+    }
     benchmark.extra_info.update(info)
     if timed:
         summary["pruning"] = info

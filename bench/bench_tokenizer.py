@@ -17,13 +17,15 @@ Smoke mode (no flag): batch 1 at 64px, once, the fused path too where it can run
 Each point reports medians of interleaved runs, TFLOP/s (2 x the gate MACs + the embedding MACs of
 the surviving tokens) and GB/s (image bytes read once + packed tokens written).
 """
+
 import pytest
 import timm
 import torch
 
 import msvit
-from bench_inference import time_variants
 from msvit_kernels import dispatch
+
+from bench_inference import time_variants
 
 SIZES = (224, 384)
 
@@ -121,8 +123,9 @@ def test_tokenizer_share_of_msvit_forward(benchmark, timed, summary, device, tok
         half_fine(model, images)
         for kernels in kernel_choices(images):
             model.kernels = kernels
-            medians = time_variants({"tokenizer": lambda: tokenize_batch(model, images), "forward": lambda: model(images)},
-                                    repeats, device)
+            medians = time_variants(
+                {"tokenizer": lambda: tokenize_batch(model, images), "forward": lambda: model(images)}, repeats, device
+            )
             shares[kernels] = medians["tokenizer"] / medians["forward"]
             benchmark.extra_info[f"{kernels}_ms"] = {k: v * 1e3 for k, v in medians.items()}
         benchmark.pedantic(lambda: model(images), rounds=repeats, iterations=1)

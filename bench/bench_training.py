@@ -5,6 +5,7 @@ straight-through) as in training, so every mode sees masks from one distribution
 Target (docs/design.md section 7): packed >= 1.3x faster than trimmed. CPU: float32, batch 16;
 GPU: bf16 autocast, batch 256. Peak GPU memory per mode is recorded too.
 """
+
 import statistics
 
 import torch

@@ -3,6 +3,7 @@
 The smoke mode is pytest-benchmark's own ``--benchmark-disable`` (the function runs once, untimed),
 so ``make test`` exercises every benchmark cheaply and the timed study needs one flag.
 """
+
 import pytest
 import torch
 
@@ -10,11 +11,19 @@ SUMMARY = {"ratios": {}}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--benchmark", action="store_true", default=False, help="time the benchmarks (default: run each once)")
-    parser.addoption("--bench-model", default="vit_small_patch16_224", help="timm ViT the study converts (224px, patch 16)")
+    parser.addoption(
+        "--benchmark", action="store_true", default=False, help="time the benchmarks (default: run each once)"
+    )
+    parser.addoption(
+        "--bench-model", default="vit_small_patch16_224", help="timm ViT the study converts (224px, patch 16)"
+    )
     parser.addoption("--bench-batch", type=int, default=None, help="batch size (default: 256 on GPU, 32/16 on CPU)")
-    parser.addoption("--bench-dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                     help="inference dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.addoption(
+        "--bench-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="inference dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
     parser.addoption("--bench-backend", default="auto", help="packed-attention backend of the MSViT runs")
 
 
@@ -34,8 +43,12 @@ def bench_options(request) -> dict:
     """The study's knobs: model, batch (None = per-suite default), dtype (None = per device), backend."""
     get = request.config.getoption
     dtype = get("--bench-dtype")
-    return {"model": get("--bench-model"), "batch": get("--bench-batch"),
-            "dtype": getattr(torch, dtype) if dtype else None, "backend": get("--bench-backend")}
+    return {
+        "model": get("--bench-model"),
+        "batch": get("--bench-batch"),
+        "dtype": getattr(torch, dtype) if dtype else None,
+        "backend": get("--bench-backend"),
+    }
 
 
 @pytest.fixture(scope="session")

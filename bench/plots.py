@@ -1,5 +1,6 @@
 """Plots of a timed run: latency vs tokens per image (like the paper's Fig. 10, but measured) and
 MACs vs measured time."""
+
 from pathlib import Path
 
 import matplotlib
@@ -7,8 +8,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"vit": ("ViT (image size varies)", "k", "o"), "packed": ("MSViT packed", "#d62728", "s"),
-         "masked": ("MSViT dense-masked", "#1f77b4", "^"), "trimmed": ("MSViT trimmed", "#2ca02c", "v")}
+STYLE = {
+    "vit": ("ViT (image size varies)", "k", "o"),
+    "packed": ("MSViT packed", "#d62728", "s"),
+    "masked": ("MSViT dense-masked", "#1f77b4", "^"),
+    "trimmed": ("MSViT trimmed", "#2ca02c", "v"),
+}
 
 
 def _plot(points, path: Path, x_key: str, xlabel: str, title: str, lines: bool) -> None:
@@ -33,7 +38,19 @@ def write_plots(summary: dict, folder: Path) -> None:
     if not points:
         return
     run = f"{summary.get('model', 'MSViT')}, batch {summary.get('inference_batch')} ({summary.get('dtype')})"
-    _plot(points, folder / "latency_vs_tokens.png", "tokens", "tokens per image (prefix included)",
-          f"Latency vs tokens: {run}", lines=True)
-    _plot(points, folder / "macs_vs_time.png", "gmacs", "GMACs per image (count_macs; masked: all N_f + N_c tokens)",
-          f"MACs vs measured time: {run}", lines=False)
+    _plot(
+        points,
+        folder / "latency_vs_tokens.png",
+        "tokens",
+        "tokens per image (prefix included)",
+        f"Latency vs tokens: {run}",
+        lines=True,
+    )
+    _plot(
+        points,
+        folder / "macs_vs_time.png",
+        "gmacs",
+        "GMACs per image (count_macs; masked: all N_f + N_c tokens)",
+        f"MACs vs measured time: {run}",
+        lines=False,
+    )

@@ -1,4 +1,5 @@
 """Where benchmark results go (``bench/results/<device-slug>/``) and what every result records."""
+
 import datetime
 import platform
 import re
@@ -41,4 +42,3 @@ def environment(device: str = "cpu") -> dict:
         "triton": triton_version,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-

@@ -4,6 +4,7 @@ Benchmarks put their ratios into the session's ``summary`` fixture; at the end o
 (``--benchmark``) ``write_summary`` writes ``summary.json``, ``summary.md`` and the plots under
 ``bench/results/<device-slug>/``. Every ratio ``a_over_b`` is time(a) / time(b).
 """
+
 import json
 
 from results_io import RESULTS, device_slug, environment
@@ -39,10 +40,15 @@ def write_summary(summary: dict, device: str) -> None:
     ratios = summary.get("ratios", {})
     payload = {**environment(device), **{k: v for k, v in summary.items() if k != "ratios"}, "ratios": ratios}
     (folder / "summary.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    lines = [f"# Benchmark summary: {payload['device']}", "",
-             f"torch {payload['torch']}, triton {payload['triton']}, {payload['date']}; "
-             f"dtype {summary.get('dtype', '?')}, batch sizes {summary.get('batch_sizes', '?')}", "",
-             "| ratio (time a / time b) | measured | target | verdict | meaning |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark summary: {payload['device']}",
+        "",
+        f"torch {payload['torch']}, triton {payload['triton']}, {payload['date']}; "
+        f"dtype {summary.get('dtype', '?')}, batch sizes {summary.get('batch_sizes', '?')}",
+        "",
+        "| ratio (time a / time b) | measured | target | verdict | meaning |",
+        "|---|---|---|---|---|",
+    ]
     for key, op, bound, meaning in TARGETS[kind]:
         value = ratios.get(key)
         shown = f"{value:.3f}" if value is not None else "-"

@@ -6,6 +6,7 @@ those choices (as JSON values) for ``config.json``; ``differences`` names what a
 longer shares with the record, so an edited or mismatched config is refused instead of loading
 weights into the wrong network. Dropout rates are left out: they do not change evaluation outputs.
 """
+
 import json
 from typing import List, Optional
 
@@ -20,8 +21,7 @@ def layer(module: Optional[nn.Module]):
         parts = [layer(m) for m in module]
         parts = [p for p in parts if p is not None]
         return parts or None
-    options = [f"{k}={getattr(module, k)}" for k in ("eps", "approximate", "elementwise_affine")
-               if hasattr(module, k)]
+    options = [f"{k}={getattr(module, k)}" for k in ("eps", "approximate", "elementwise_affine") if hasattr(module, k)]
     return f"{type(module).__name__}({', '.join(options)})"
 
 
@@ -29,13 +29,22 @@ def block(b: nn.Module) -> dict:
     """The output-relevant choices of one timm pre-norm Block (None where this timm has no such part)."""
     attn, mlp = b.attn, b.mlp
     qkv = getattr(attn, "qkv", None)
-    return {"num_heads": getattr(attn, "num_heads", None), "head_dim": getattr(attn, "head_dim", None),
-            "scale": getattr(attn, "scale", None), "qkv_bias": None if qkv is None else qkv.bias is not None,
-            "q_norm": layer(getattr(attn, "q_norm", None)), "k_norm": layer(getattr(attn, "k_norm", None)),
-            "attn_norm": layer(getattr(attn, "norm", None)), "norm1": layer(b.norm1), "norm2": layer(b.norm2),
-            "layer_scale": type(b.ls1).__name__ != "Identity", "mlp": type(mlp).__name__,
-            "mlp_hidden": getattr(getattr(mlp, "fc1", None), "out_features", None),
-            "act": layer(getattr(mlp, "act", None)), "mlp_norm": layer(getattr(mlp, "norm", None))}
+    return {
+        "num_heads": getattr(attn, "num_heads", None),
+        "head_dim": getattr(attn, "head_dim", None),
+        "scale": getattr(attn, "scale", None),
+        "qkv_bias": None if qkv is None else qkv.bias is not None,
+        "q_norm": layer(getattr(attn, "q_norm", None)),
+        "k_norm": layer(getattr(attn, "k_norm", None)),
+        "attn_norm": layer(getattr(attn, "norm", None)),
+        "norm1": layer(b.norm1),
+        "norm2": layer(b.norm2),
+        "layer_scale": type(b.ls1).__name__ != "Identity",
+        "mlp": type(mlp).__name__,
+        "mlp_hidden": getattr(getattr(mlp, "fc1", None), "out_features", None),
+        "act": layer(getattr(mlp, "act", None)),
+        "mlp_norm": layer(getattr(mlp, "norm", None)),
+    }
 
 
 def blocks(modules) -> dict:
@@ -43,22 +52,35 @@ def blocks(modules) -> dict:
     described = [block(b) for b in modules]
     if not described:
         return {}
-    return {k: described[0][k] if all(d[k] == described[0][k] for d in described) else [d[k] for d in described]
-            for k in described[0]}
+    return {
+        k: described[0][k] if all(d[k] == described[0][k] for d in described) else [d[k] for d in described]
+        for k in described[0]
+    }
 
 
 def msvit(model) -> dict:
     tok, gate = model.tokenizer, model.gate
     head = model.head
-    return {"embed_dim": tok.embed.out_features, "in_chans": model.in_chans, "patch_size": tok.fine_patch,
-            "coarse_patch_size": tok.fine_patch * tok.ratio, "grid": list(tok.grid),
-            "num_prefix_tokens": tok.num_prefix, "no_embed_class": tok.no_embed_class,
-            "pos_embed": tok.pos_embed is not None, "embed_norm": layer(tok.embed_norm),
-            "depth": len(model.blocks), "blocks": blocks(model.blocks), "norm_pre": layer(model.norm_pre),
-            "norm": layer(model.norm), "fc_norm": layer(model.fc_norm), "global_pool": model.global_pool,
-            "pool_include_prefix": model.pool_include_prefix,
-            "num_classes": head.out_features if isinstance(head, nn.Linear) else 0,
-            "gate": {"hidden": gate.fc1.out_features, "temperature": gate.temperature, "grid": list(gate.grid)}}
+    return {
+        "embed_dim": tok.embed.out_features,
+        "in_chans": model.in_chans,
+        "patch_size": tok.fine_patch,
+        "coarse_patch_size": tok.fine_patch * tok.ratio,
+        "grid": list(tok.grid),
+        "num_prefix_tokens": tok.num_prefix,
+        "no_embed_class": tok.no_embed_class,
+        "pos_embed": tok.pos_embed is not None,
+        "embed_norm": layer(tok.embed_norm),
+        "depth": len(model.blocks),
+        "blocks": blocks(model.blocks),
+        "norm_pre": layer(model.norm_pre),
+        "norm": layer(model.norm),
+        "fc_norm": layer(model.fc_norm),
+        "global_pool": model.global_pool,
+        "pool_include_prefix": model.pool_include_prefix,
+        "num_classes": head.out_features if isinstance(head, nn.Linear) else 0,
+        "gate": {"hidden": gate.fc1.out_features, "temperature": gate.temperature, "grid": list(gate.grid)},
+    }
 
 
 def describe(model: nn.Module) -> dict:
@@ -66,7 +88,9 @@ def describe(model: nn.Module) -> dict:
     if hasattr(model, "backbone"):
         decoder = model.decoder
         found = {"type": type(decoder).__name__, "blocks": blocks(getattr(decoder, "blocks", []))}
-        found.update({"num_classes": getattr(model, "num_classes", None), "freeze_gate": getattr(model, "freeze_gate", None)})
+        found.update(
+            {"num_classes": getattr(model, "num_classes", None), "freeze_gate": getattr(model, "freeze_gate", None)}
+        )
         description = {"backbone": msvit(model.backbone), "decoder": found}
     else:
         description = msvit(model)

@@ -5,6 +5,7 @@ systems), flushed and fsynced, then ``os.replace``d over the old name; the folde
 the rename itself survives a power loss. A process killed mid-write leaves only a temporary file,
 recognisable by ``TEMP_MARK`` and removed by ``remove_temporaries`` the next time the run starts.
 """
+
 import os
 import shutil
 from pathlib import Path

@@ -3,6 +3,7 @@
 Runs ``pytest bench/ --benchmark`` (the suites live in the repository, not in the installed
 package), writes ``bench/results/<device>/summary.{json,md}`` and plots, and prints the table.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -11,14 +12,21 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="msvit bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="msvit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="vit_small_patch16_224", help="timm ViT to convert (224px, patch 16)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 32 (inference) / 16 (training) on CPU")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: 256 on GPU, 32 (inference) / 16 (training) on CPU"
+    )
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--backend", default="auto", help="packed-attention backend for the MSViT runs")
-    p.add_argument("--suite", action="append", choices=["inference", "training", "attention"],
-                   help="run only these suites (repeatable; default: all)")
+    p.add_argument(
+        "--suite",
+        action="append",
+        choices=["inference", "training", "attention"],
+        help="run only these suites (repeatable; default: all)",
+    )
     p.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
     args = p.parse_args(argv)
     if not BENCH.is_dir():
@@ -26,8 +34,16 @@ def main(argv=None) -> None:
     import pytest
 
     files = [str(BENCH / f"bench_{s}.py") for s in (args.suite or ["inference", "training", "attention"])]
-    options = ["-q", "-p", "no:cacheprovider", f"--rootdir={BENCH.parent}", "--bench-model", args.model,
-               "--bench-backend", args.backend]
+    options = [
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--rootdir={BENCH.parent}",
+        "--bench-model",
+        args.model,
+        "--bench-backend",
+        args.backend,
+    ]
     options += ["--bench-batch", str(args.batch_size)] if args.batch_size else []
     options += ["--bench-dtype", args.dtype] if args.dtype else []
     options += [] if args.smoke else ["--benchmark"]

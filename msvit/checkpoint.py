@@ -10,6 +10,7 @@ silently loaded), the rebuilt model's ``architecture`` against the recorded one 
 A training run folder (``msvit.run_folder``) holds one complete checkpoint per epoch folder and a
 manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`` follows it.
 """
+
 import hashlib
 import json
 from pathlib import Path
@@ -64,8 +65,11 @@ def check_state(model: nn.Module, state: dict, path) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         problems = []
         if shapes:
@@ -74,8 +78,10 @@ def check_state(model: nn.Module, state: dict, path) -> None:
             problems.append("missing from checkpoint: " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
         if unexpected:
             problems.append("not in model: " + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
-        raise ValueError(f"checkpoint {path} does not match this model's configuration ({'; '.join(problems)}); "
-                         "build the model from the checkpoint's config.json (msvit.load_checkpoint)")
+        raise ValueError(
+            f"checkpoint {path} does not match this model's configuration ({'; '.join(problems)}); "
+            "build the model from the checkpoint's config.json (msvit.load_checkpoint)"
+        )
 
 
 def parse_weights(data: bytes, path) -> dict:
@@ -103,8 +109,10 @@ def resolve(folder) -> Path:
             raise ConfigError(f"{folder / MANIFEST}: key 'folder' names {name!r}, which is not a folder in {folder}")
         folder = folder / name
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder} is not a checkpoint folder: expected {CONFIG} and {WEIGHTS} in it "
-                                f"(or a training run's {MANIFEST})")
+        raise FileNotFoundError(
+            f"{folder} is not a checkpoint folder: expected {CONFIG} and {WEIGHTS} in it "
+            f"(or a training run's {MANIFEST})"
+        )
     return folder
 
 
@@ -120,8 +128,10 @@ def read_config(path: Path, verify: bool = True) -> dict:
         require(config, "segmentation", dict, path)
     if verify:
         if "architecture" not in config and "weights_sha256" not in config:
-            raise ConfigError(f"{path} has no 'architecture' and no 'weights_sha256' (a checkpoint of an older msvit): "
-                              "load it with msvit.load_checkpoint(folder, verify=False) and save_checkpoint it again")
+            raise ConfigError(
+                f"{path} has no 'architecture' and no 'weights_sha256' (a checkpoint of an older msvit): "
+                "load it with msvit.load_checkpoint(folder, verify=False) and save_checkpoint it again"
+            )
         require(config, "architecture", dict, path)
         digest = require(config, "weights_sha256", str, path)
         if len(digest) != 64:
@@ -136,9 +146,11 @@ def read_checkpoint(folder, verify: bool = True) -> Tuple[dict, dict, Path]:
     config = read_config(folder / CONFIG, verify)
     data = (folder / WEIGHTS).read_bytes()  # hashed and parsed from the same bytes
     if verify and sha256(data) != config["weights_sha256"]:
-        raise ValueError(f"{folder / WEIGHTS} is corrupt: its sha256 {sha256(data)[:16]}... differs from the "
-                         f"weights_sha256 {config['weights_sha256'][:16]}... recorded in {folder / CONFIG} "
-                         "(damaged or replaced after it was saved)")
+        raise ValueError(
+            f"{folder / WEIGHTS} is corrupt: its sha256 {sha256(data)[:16]}... differs from the "
+            f"weights_sha256 {config['weights_sha256'][:16]}... recorded in {folder / CONFIG} "
+            "(damaged or replaced after it was saved)"
+        )
     return config, parse_weights(data, folder / WEIGHTS), folder
 
 
@@ -149,12 +161,16 @@ def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = Tru
     try:
         model = build(config)
     except (TypeError, ValueError, KeyError, AssertionError, NotImplementedError, RuntimeError) as error:
-        raise ConfigError(f"{folder / CONFIG}: cannot build the model it describes ({type(error).__name__}: {error})") from error
+        raise ConfigError(
+            f"{folder / CONFIG}: cannot build the model it describes ({type(error).__name__}: {error})"
+        ) from error
     if verify:
         found = architecture.differences(config["architecture"], architecture.describe(model))
         if found:
-            raise ConfigError(f"{folder / CONFIG} no longer matches the weights in {folder / WEIGHTS}: the model it "
-                              f"builds differs from the recorded architecture ({'; '.join(found[:5])})")
+            raise ConfigError(
+                f"{folder / CONFIG} no longer matches the weights in {folder / WEIGHTS}: the model it "
+                f"builds differs from the recorded architecture ({'; '.join(found[:5])})"
+            )
     check_state(model, state, folder / WEIGHTS)
     model.load_state_dict(state)
     model.pretrained_cfg = pretrained_cfg(config, model)

@@ -1,4 +1,5 @@
 """Input validation with messages that say what was expected."""
+
 import torch
 from torch import Tensor
 
@@ -31,8 +32,10 @@ def check_dtype(images: Tensor, model_dtype: torch.dtype) -> None:
     """A float image of another dtype than the weights fails deep inside a matmul otherwise (under
     autocast the matmuls cast their inputs themselves, so mixed dtypes are left to it)."""
     if images.dtype != model_dtype and not torch.is_autocast_enabled(images.device.type):
-        raise TypeError(f"images are {images.dtype} but the model's weights are {model_dtype}; cast the images "
-                        f"(images.to({model_dtype})) or the model (model.to({images.dtype}))")
+        raise TypeError(
+            f"images are {images.dtype} but the model's weights are {model_dtype}; cast the images "
+            f"(images.to({model_dtype})) or the model (model.to({images.dtype}))"
+        )
 
 
 def check_mask(mask, batch: int, coarse_grid) -> None:

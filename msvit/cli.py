@@ -1,4 +1,5 @@
 """The ``msvit`` command: ``msvit train ...`` (``msvit <command> --help`` for options)."""
+
 import sys
 
 COMMANDS = {

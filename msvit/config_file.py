@@ -3,6 +3,7 @@
 A truncated, hand-edited or foreign ``config.json`` must not surface as a bare ``JSONDecodeError``
 or ``TypeError: list indices must be integers``: the user needs to know which file to fix and how.
 """
+
 import json
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def require(obj: dict, key: str, kind, path: Path, optional: bool = False, where
     value = obj[key]
     wrong_bool = kind is int and isinstance(value, bool)
     if not isinstance(value, kind) or wrong_bool:
-        raise ConfigError(f"{path}: key {name!r} must be {TYPE_NAMES.get(kind, kind.__name__)}, "
-                          f"got {type(value).__name__} {value!r:.60}")
+        raise ConfigError(
+            f"{path}: key {name!r} must be {TYPE_NAMES.get(kind, kind.__name__)}, "
+            f"got {type(value).__name__} {value!r:.60}"
+        )
     return value

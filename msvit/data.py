@@ -5,6 +5,7 @@ drawn in dark ink at a random position and scale over a light, smooth colour-gra
 clutter items (strokes, blobs, fragments of other digits). Most of each image is flat, so coarse
 tokens suffice there, and the label depends only on the digit: a useful gate puts fine tokens on it.
 """
+
 import functools
 import math
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
@@ -46,8 +47,9 @@ def _pool(split: str) -> np.ndarray:
 def _upscale(a: np.ndarray, h: int, w: int) -> np.ndarray:
     """Bicubic resize of an intensity map in [0, 1], then a contrast stretch so strokes have crisp
     edges and the faint 1/16 levels of the 8x8 source vanish instead of tinting the background."""
-    t = F.interpolate(torch.from_numpy(np.ascontiguousarray(a))[None, None], size=(h, w),
-                      mode="bicubic", align_corners=False)[0, 0].numpy()
+    t = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(a))[None, None], size=(h, w), mode="bicubic", align_corners=False
+    )[0, 0].numpy()
     return np.clip((t - 0.2) / 0.5, 0.0, 1.0)
 
 
@@ -107,16 +109,27 @@ class ClutteredDigits(Dataset):
 
     classes = list(range(10))
 
-    def __init__(self, n: int, image_size: Union[int, Tuple[int, int]] = 128, seed: int = 0,
-                 split: str = "train", *, digit_scale: Tuple[float, float] = (0.1875, 0.4375),
-                 clutter: Tuple[int, int] = (1, 4), transform: Optional[Callable[[Tensor], Tensor]] = None):
+    def __init__(
+        self,
+        n: int,
+        image_size: Union[int, Tuple[int, int]] = 128,
+        seed: int = 0,
+        split: str = "train",
+        *,
+        digit_scale: Tuple[float, float] = (0.1875, 0.4375),
+        clutter: Tuple[int, int] = (1, 4),
+        transform: Optional[Callable[[Tensor], Tensor]] = None,
+    ):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n (number of images) must be a positive int, got {n!r}")
         if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
             image_size = (int(image_size), int(image_size))
-        if not (isinstance(image_size, (tuple, list)) and len(image_size) == 2
-                and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in image_size)
-                and min(image_size) >= MIN_SIDE):
+        if not (
+            isinstance(image_size, (tuple, list))
+            and len(image_size) == 2
+            and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in image_size)
+            and min(image_size) >= MIN_SIDE
+        ):
             raise ValueError(f"image_size must be an int or (H, W) of ints >= {MIN_SIDE}, got {image_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -124,8 +137,10 @@ class ClutteredDigits(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         lo, hi = digit_scale
         if not 0 < lo <= hi <= 1 or round(lo * min(image_size)) < MIN_DIGIT:
-            raise ValueError(f"digit_scale must satisfy 0 < lo <= hi <= 1 with lo * min(H, W) >= {MIN_DIGIT} px, "
-                             f"got {digit_scale!r} for image_size {tuple(image_size)}")
+            raise ValueError(
+                f"digit_scale must satisfy 0 < lo <= hi <= 1 with lo * min(H, W) >= {MIN_DIGIT} px, "
+                f"got {digit_scale!r} for image_size {tuple(image_size)}"
+            )
         if not (len(clutter) == 2 and all(isinstance(c, int) for c in clutter) and 0 <= clutter[0] <= clutter[1]):
             raise ValueError(f"clutter must be (lo, hi) ints with 0 <= lo <= hi, got {clutter!r}")
         if transform is not None and not callable(transform):
@@ -191,17 +206,17 @@ class ClutteredDigits(Dataset):
             for _ in range(20):
                 cy, cx = int(rng.integers(0, h - cs + 1)), int(rng.integers(0, w - cs + 1))
                 if cy >= y0 + size or cy + cs <= y0 or cx >= x0 + size or cx + cs <= x0:
-                    win = img[:, cy:cy + cs, cx:cx + cs]
+                    win = img[:, cy : cy + cs, cx : cx + cs]
                     win += (colour[:, None, None] - win) * alpha[None]
                     break
 
         alpha = _upscale(images[src], size, size)
-        win = img[:, y0:y0 + size, x0:x0 + size]
+        win = img[:, y0 : y0 + size, x0 : x0 + size]
         colour = _ink(rng, win.mean(axis=(1, 2)))
         win += (colour[:, None, None] - win) * alpha[None]
 
         mask = np.zeros((h, w), dtype=bool)
-        mask[y0:y0 + size, x0:x0 + size] = alpha > 0.5
+        mask[y0 : y0 + size, x0 : x0 + size] = alpha > 0.5
         ys, xs = np.nonzero(mask)
         if len(ys):
             box = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
@@ -228,7 +243,7 @@ class ClutteredDigits(Dataset):
         other = images[int(rng.choice(self.pool))]  # fragment: a 3..5 px crop of another digit
         fh, fw = (int(v) for v in rng.integers(3, 6, 2))
         fy, fx = int(rng.integers(0, 9 - fh)), int(rng.integers(0, 9 - fw))
-        return _upscale(other[fy:fy + fh, fx:fx + fw], cs, cs)
+        return _upscale(other[fy : fy + fh, fx : fx + fw], cs, cs)
 
 
 class DenseClutteredDigits(ClutteredDigits):

@@ -4,6 +4,7 @@ Builds MSViT-S/16,32 from timm's ViT-S/16, decides each photo's mixed-scale mask
 model, and prints per photo the tokens kept and the batch-1 latency of packed vs dense-masked MSViT
 vs the plain ViT; writes one PNG overlay of the mask per photo plus a grid of all of them.
 """
+
 import argparse
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from .checkpoint import load_pretrained
 from .data import ClutteredDigits
 from .evaluate import evaluate
 from .sample_images import normalize, sample_photos
-from .train_data import materialize
 from .timing import median_time
+from .train_data import materialize
 from .visualize import save_grid, save_overlay
 
 
@@ -49,8 +50,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="folder for the PNG overlays")
     parser.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (random weights)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="fraction of regions kept fine per photo (default: the gate's own decisions)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="fraction of regions kept fine per photo (default: the gate's own decisions)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--heldout", type=int, default=1000, help="held-out digits to evaluate the shipped model on")
@@ -79,17 +84,32 @@ def main(argv=None) -> None:
     rows = []
     with torch.inference_mode():
         for i in tqdm(range(len(names)), desc="timing (batch 1)", unit="photo"):
-            x, m = images[i:i + 1], masks[i:i + 1]
-            rows.append((
-                names[i], int(tokens[i]),
-                median_time(lambda: model(x, mask=m), args.repeats, device="cpu") * 1e3,
-                median_time(lambda: model(x, mask=m, mode="masked"), args.repeats, device="cpu") * 1e3,
-                median_time(lambda: vit(x), args.repeats, device="cpu") * 1e3,
-            ))
-            save_overlay(out / f"{names[i]}.png", photos[i], masks[i], model.tokenizer.coarse_patch,
-                         model.tokenizer.fine_patch, f"{names[i]}: {int(tokens[i])} tokens")
-    save_grid(out / "all_masks.png", photos, masks, model.tokenizer.coarse_patch, model.tokenizer.fine_patch,
-              [f"{n} ({t} tok)" for n, t in zip(names, tokens.tolist())])
+            x, m = images[i : i + 1], masks[i : i + 1]
+            rows.append(
+                (
+                    names[i],
+                    int(tokens[i]),
+                    median_time(lambda: model(x, mask=m), args.repeats, device="cpu") * 1e3,
+                    median_time(lambda: model(x, mask=m, mode="masked"), args.repeats, device="cpu") * 1e3,
+                    median_time(lambda: vit(x), args.repeats, device="cpu") * 1e3,
+                )
+            )
+            save_overlay(
+                out / f"{names[i]}.png",
+                photos[i],
+                masks[i],
+                model.tokenizer.coarse_patch,
+                model.tokenizer.fine_patch,
+                f"{names[i]}: {int(tokens[i])} tokens",
+            )
+    save_grid(
+        out / "all_masks.png",
+        photos,
+        masks,
+        model.tokenizer.coarse_patch,
+        model.tokenizer.fine_patch,
+        [f"{n} ({t} tok)" for n, t in zip(names, tokens.tolist())],
+    )
 
     dense_tokens = 1 + model.gate_mask(images).shape[1] * 5
     print(f"\n{'photo':<22}{'tokens':>7}{'packed ms':>11}{'masked ms':>11}{'ViT-224 ms':>12}")
@@ -97,8 +117,10 @@ def main(argv=None) -> None:
         print(f"{name:<22}{n:>7}{packed:>11.1f}{masked:>11.1f}{plain:>12.1f}")
     mean = [sum(r[k] for r in rows) / len(rows) for k in (1, 2, 3, 4)]
     print(f"{'mean':<22}{mean[0]:>7.0f}{mean[1]:>11.1f}{mean[2]:>11.1f}{mean[3]:>12.1f}")
-    print(f"\npacked runs only the kept tokens; masked computes all {dense_tokens} (N_f + N_c + cls); "
-          f"the ViT computes 197. Overlays: {out}/<photo>.png and {out}/all_masks.png")
+    print(
+        f"\npacked runs only the kept tokens; masked computes all {dense_tokens} (N_f + N_c + cls); "
+        f"the ViT computes 197. Overlays: {out}/<photo>.png and {out}/all_masks.png"
+    )
     trained_gate_demo(out, args.heldout)
 
 
@@ -118,11 +140,15 @@ def trained_gate_demo(out: Path, n_heldout: int) -> None:
     loader = torch.utils.data.DataLoader(heldout, batch_size=100)
     metrics = evaluate(model, loader, data["mean"], data["std"], "cpu", boxes=heldout.boxes)
     print(f"\nshipped cluttered-digits model ({size[0]}x{size[1]}px, {n_heldout} held-out images of unseen digits):")
-    print(f"  top-1 {metrics['top1']:.1%}; {metrics['tokens_per_image']:.1f} tokens/image "
-          f"(all-fine: {model.tokens_per_image(torch.ones(1, (size[0] // 16) * (size[1] // 16), dtype=torch.bool)).item()}); "
-          f"{metrics['fine_rate']:.0%} of regions fine")
-    print(f"  fine regions on the digit box: {metrics['fine_on_digit']:.0%} vs {metrics['digit_share']:.0%} of all regions "
-          f"({metrics['fine_digit_ratio']:.2f}x)")
+    all_fine = model.tokens_per_image(torch.ones(1, (size[0] // 16) * (size[1] // 16), dtype=torch.bool)).item()
+    print(
+        f"  top-1 {metrics['top1']:.1%}; {metrics['tokens_per_image']:.1f} tokens/image "
+        f"(all-fine: {all_fine}); {metrics['fine_rate']:.0%} of regions fine"
+    )
+    print(
+        f"  fine regions on the digit box: {metrics['fine_on_digit']:.0%} vs {metrics['digit_share']:.0%} "
+        f"of all regions ({metrics['fine_digit_ratio']:.2f}x)"
+    )
     images = torch.stack([heldout[i][0] for i in range(12)])
     with torch.no_grad():
         masks = model.gate_mask(normalize(images, data["mean"], data["std"]))
@@ -132,7 +158,9 @@ def trained_gate_demo(out: Path, n_heldout: int) -> None:
     names, photos = sample_photos(size)
     with torch.no_grad():
         masks = model.gate_mask(normalize(photos, data["mean"], data["std"]))
-    save_grid(out / "photos_digit_gate.png", photos, masks, model.tokenizer.coarse_patch, model.tokenizer.fine_patch, names)
+    save_grid(
+        out / "photos_digit_gate.png", photos, masks, model.tokenizer.coarse_patch, model.tokenizer.fine_patch, names
+    )
     print(f"  overlays: {out}/digits_masks.png (held-out digits), {out}/photos_digit_gate.png (its gate on the photos)")
 
 

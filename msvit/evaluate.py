@@ -1,5 +1,6 @@
 """Evaluation: top-1, tokens and GMACs per image, fine rate, and (with digit boxes) where the fine
 tokens go."""
+
 from typing import Optional
 
 import torch
@@ -13,8 +14,18 @@ from .sample_images import normalize
 
 
 @torch.no_grad()
-def evaluate(model: MSViT, loader, mean, std, device, *, mode: str = "packed", budget=None,
-             boxes: Optional[Tensor] = None, show: bool = False) -> dict:
+def evaluate(
+    model: MSViT,
+    loader,
+    mean,
+    std,
+    device,
+    *,
+    mode: str = "packed",
+    budget=None,
+    boxes: Optional[Tensor] = None,
+    show: bool = False,
+) -> dict:
     """Metrics of ``model`` (eval mode) on ``loader`` (images in [0, 1], not shuffled).
 
     boxes: optional int ``[N, 4]`` pixel boxes aligned with the loader; adds ``fine_on_digit`` (the
@@ -36,8 +47,12 @@ def evaluate(model: MSViT, loader, mean, std, device, *, mode: str = "packed", b
         fine_regions += hard.sum().item()
         if boxes is not None:
             size = tuple(images.shape[-2:])
-            overlap = torch.stack([region_overlap(b.tolist(), size, model.tokenizer.coarse_patch)
-                                   for b in boxes[seen:seen + len(labels)]])
+            overlap = torch.stack(
+                [
+                    region_overlap(b.tolist(), size, model.tokenizer.coarse_patch)
+                    for b in boxes[seen : seen + len(labels)]
+                ]
+            )
             fine_on_digit += (hard & overlap).sum().item()
             digit_regions += overlap.sum().item()
         seen += len(labels)

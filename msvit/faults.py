@@ -5,6 +5,7 @@ The crash-safety tests set it to prove that a kill at any step of a checkpoint w
 weight file, between files, before the manifest) leaves a loadable, resumable run folder. Unset
 (always, outside tests) ``crash_point`` costs one dictionary lookup.
 """
+
 import os
 import signal
 from collections import Counter

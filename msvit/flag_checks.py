@@ -4,6 +4,7 @@ A negative learning rate, a zero-width gate or ``--epochs 0`` used to run (or ex
 folder) and a bad file surfaced as a raw error deep in timm; argparse's ``error`` names the flag
 and stops before any data is generated.
 """
+
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import NamedTuple, Optional
 class Range(NamedTuple):
     low: Optional[float] = None
     high: Optional[float] = None
-    low_open: bool = False   # True: low itself is excluded
+    low_open: bool = False  # True: low itself is excluded
     high_open: bool = False
 
     def holds(self, v) -> bool:
@@ -31,13 +32,32 @@ class Range(NamedTuple):
 
 POSITIVE, NON_NEGATIVE, FRACTION = Range(1), Range(0), Range(0, 1, high_open=True)
 TRAIN_RANGES = {
-    "image_size": POSITIVE, "train_size": POSITIVE, "val_size": POSITIVE, "digit_scale": Range(0, 1, low_open=True),
-    "shift": NON_NEGATIVE, "coarse_patch": POSITIVE, "gate_hidden": POSITIVE, "gate_init_logit": Range(),
-    "gate_mode_epochs": NON_NEGATIVE, "gate_lambda": NON_NEGATIVE, "gate_target": Range(0, 1, True, True),
-    "gbas_sigma": Range(0, low_open=True), "gate_start_epoch": NON_NEGATIVE, "lr": NON_NEGATIVE,
-    "gate_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "momentum": FRACTION, "clip_grad": NON_NEGATIVE,
-    "smoothing": FRACTION, "epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE, "gate_warmup_epochs": NON_NEGATIVE,
-    "batch_size": POSITIVE, "workers": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": NON_NEGATIVE,
+    "image_size": POSITIVE,
+    "train_size": POSITIVE,
+    "val_size": POSITIVE,
+    "digit_scale": Range(0, 1, low_open=True),
+    "shift": NON_NEGATIVE,
+    "coarse_patch": POSITIVE,
+    "gate_hidden": POSITIVE,
+    "gate_init_logit": Range(),
+    "gate_mode_epochs": NON_NEGATIVE,
+    "gate_lambda": NON_NEGATIVE,
+    "gate_target": Range(0, 1, True, True),
+    "gbas_sigma": Range(0, low_open=True),
+    "gate_start_epoch": NON_NEGATIVE,
+    "lr": NON_NEGATIVE,
+    "gate_lr": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "momentum": FRACTION,
+    "clip_grad": NON_NEGATIVE,
+    "smoothing": FRACTION,
+    "epochs": POSITIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "gate_warmup_epochs": NON_NEGATIVE,
+    "batch_size": POSITIVE,
+    "workers": NON_NEGATIVE,
+    "max_steps": NON_NEGATIVE,
+    "seed": NON_NEGATIVE,
 }
 
 

@@ -5,6 +5,7 @@ token and its attention's two N^2 matrix products (QK^T and AV), and the head. N
 (as in the paper's DeepSpeed counts and FlopCounterMode): norms, activations, softmax, the
 position-embedding add and the 2x2 average pooling of coarse patches.
 """
+
 from typing import Dict, Optional
 
 import torch
@@ -35,8 +36,14 @@ def macs_for_tokens(model: MSViT, tokens: Tensor, n_regions: int, include_gate: 
 
 
 @torch.no_grad()
-def count_macs(model: MSViT, images: Optional[Tensor] = None, *, mask: Optional[Tensor] = None,
-               include_gate: bool = True, breakdown: bool = False):
+def count_macs(
+    model: MSViT,
+    images: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    include_gate: bool = True,
+    breakdown: bool = False,
+):
     """MACs per image ``[B]`` (float64) for the tokens the model would process.
 
     images: ``[B, C, H, W]`` (the gate decides the mask) or None with a ``mask`` of a 224px-like

@@ -5,6 +5,7 @@ region is kept at the FINE scale. Training samples a Gumbel-Sigmoid (temperature
 straight-through estimator; evaluation thresholds the logit at 0, or keeps the top-k regions fine
 per image when a token budget is given.
 """
+
 import math
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -12,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.gate_kernel import MAX_HIDDEN, fused_gate
 from msvit_kernels.reference import gate_mlp_reference
-from msvit_kernels.dispatch import compute_dtype, use_triton
 
 Budget = Union[int, float, None]
 
@@ -97,14 +98,23 @@ class MixedScaleGate(nn.Module):
     Triton gate (``msvit_kernels.gate_kernel``) or the torch one; auto = Triton on CUDA.
     """
 
-    def __init__(self, region_size: int, grid: Tuple[int, int], in_chans: int = 3, hidden: int = 106,
-                 init_logit: float = 3.0, temperature: float = 0.3):
+    def __init__(
+        self,
+        region_size: int,
+        grid: Tuple[int, int],
+        in_chans: int = 3,
+        hidden: int = 106,
+        init_logit: float = 3.0,
+        temperature: float = 0.3,
+    ):
         super().__init__()
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"gate hidden width must be a positive int, got {hidden!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-            raise ValueError(f"gate temperature must be a finite number > 0 (it divides the logits of the "
-                             f"Gumbel-Sigmoid), got {temperature!r}")
+            raise ValueError(
+                f"gate temperature must be a finite number > 0 (it divides the logits of the "
+                f"Gumbel-Sigmoid), got {temperature!r}"
+            )
         if isinstance(init_logit, bool) or not isinstance(init_logit, (int, float)) or not math.isfinite(init_logit):
             raise ValueError(f"gate init_logit must be a finite number, got {init_logit!r}")
         self.region_size = region_size
@@ -139,7 +149,9 @@ class MixedScaleGate(nn.Module):
             return self._fused_gate(images).logits
         return gate_mlp_reference(images, self.region_size, *self._weights(images))
 
-    def decide(self, images: Tensor, sample: bool, budget: Budget = None, noise: Optional[Tensor] = None) -> GateDecision:
+    def decide(
+        self, images: Tensor, sample: bool, budget: Budget = None, noise: Optional[Tensor] = None
+    ) -> GateDecision:
         """Hard decisions for a batch: sampled with ``sample`` (training), else thresholded at logit 0
         or, with a ``budget``, the top-k regions of each image (a budget always wins over sampling).
         noise: logistic noise ``[B, Nc]`` for the sample (default: a fresh ``logistic_noise`` draw)."""
@@ -157,8 +169,17 @@ class MixedScaleGate(nn.Module):
     def _weights(self, images: Tensor) -> Tuple[Tensor, ...]:
         """(w1, b1, pos, w2, b2, w3, b3, w4, b4) for this batch's coarse grid."""
         grid = (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size)
-        return (self.fc1.weight, self.fc1.bias, self.position_embedding(grid), self.fc2.weight, self.fc2.bias,
-                self.fc3.weight, self.fc3.bias, self.fc4.weight, self.fc4.bias)
+        return (
+            self.fc1.weight,
+            self.fc1.bias,
+            self.position_embedding(grid),
+            self.fc2.weight,
+            self.fc2.bias,
+            self.fc3.weight,
+            self.fc3.bias,
+            self.fc4.weight,
+            self.fc4.bias,
+        )
 
     def _fused(self, images: Tensor) -> bool:
         fallback = ""
@@ -175,5 +196,10 @@ class MixedScaleGate(nn.Module):
         if sample and noise is None:
             grid = (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size)
             noise = logistic_noise(images.new_empty(images.shape[0], grid[0] * grid[1], dtype=dtype))
-        return fused_gate(images.to(dtype), self.region_size, *(w.to(dtype) for w in self._weights(images)),
-                          noise=noise, temperature=self.temperature)
+        return fused_gate(
+            images.to(dtype),
+            self.region_size,
+            *(w.to(dtype) for w in self._weights(images)),
+            noise=noise,
+            temperature=self.temperature,
+        )

@@ -5,6 +5,7 @@ attention sees its neighbours changes. One function runs a block; the two layout
 ``attend`` function (varlen attention vs masked softmax, Eq. 10) and in how stochastic depth
 picks its samples (per image in both cases).
 """
+
 from typing import Callable, Optional
 
 import torch
@@ -42,8 +43,9 @@ def packed_blocks(blocks, x: Tensor, index: MixedScaleIndex, backend: str = "aut
     """Run blocks on packed tokens ``[T, C]``; attention is varlen attention per image."""
 
     def attend(q, k, v, scale):
-        return packed_attention(q, k, v, index.cu_seqlens, index.max_seqlen, scale=scale, backend=backend,
-                                check_values=False)
+        return packed_attention(
+            q, k, v, index.cu_seqlens, index.max_seqlen, scale=scale, backend=backend, check_values=False
+        )
 
     def drop_path(module, y):
         rate = _drop_path_rate(module)

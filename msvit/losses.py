@@ -11,6 +11,7 @@ at the sorted values. One distribution's term is the MEAN over its N values of t
 difference (a Cramer-von Mises statistic, in [0, 1)); several distributions are averaged.
 Losses are computed in float32 (float64 stays float64) so that AMP does not quantise the CDFs.
 """
+
 import math
 from typing import Callable, NamedTuple, Tuple, Union
 
@@ -70,7 +71,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # every rank computed the same loss: this sums their gradients
-        return grad[ctx.start:ctx.stop]
+        return grad[ctx.start : ctx.stop]
 
 
 def _gather(m: Tensor, gather: bool) -> Tensor:
@@ -204,9 +205,18 @@ class GBaSLoss(nn.Module):
     inside the DDP-wrapped module); with ``gather=True`` every rank gets the same prior gradient.
     """
 
-    def __init__(self, grid: Union[int, Tuple[int, int]], target: float, sigma: float = 0.1,
-                 temperature: float = 0.3, ctr_init: bool = True, *, reduction: str = "mean",
-                 gather: bool = False, eps: float = EPS):
+    def __init__(
+        self,
+        grid: Union[int, Tuple[int, int]],
+        target: float,
+        sigma: float = 0.1,
+        temperature: float = 0.3,
+        ctr_init: bool = True,
+        *,
+        reduction: str = "mean",
+        gather: bool = False,
+        eps: float = EPS,
+    ):
         super().__init__()
         self.target = _check_target(target)
         self.sigma = _check_positive("sigma", sigma)
@@ -230,8 +240,11 @@ class GBaSLoss(nn.Module):
             if ctr_init:
                 raise ValueError(f"ctr_init needs a 2-D grid: pass grid=(h, w) instead of Nc={grid} (not a square)")
             return 1, grid
-        if (isinstance(grid, (tuple, list)) and len(grid) == 2
-                and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        if (
+            isinstance(grid, (tuple, list))
+            and len(grid) == 2
+            and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
+        ):
             return int(grid[0]), int(grid[1])
         raise ValueError(f"grid must be an int Nc or a pair (h, w) of positive ints, got {grid!r}")
 
@@ -248,11 +261,15 @@ class GBaSLoss(nn.Module):
         """Both parts of Eq. 9 for soft gate outputs m [B, Nc] (scalars, for logging)."""
         m = _check_m(m)
         if m.shape[1] != self.num_positions:
-            raise ValueError(f"m has {m.shape[1]} positions per image but this GBaSLoss was built for "
-                             f"grid {self.grid} = {self.num_positions} positions (m: {tuple(m.shape)})")
+            raise ValueError(
+                f"m has {m.shape[1]} positions per image but this GBaSLoss was built for "
+                f"grid {self.grid} = {self.num_positions} positions (m: {tuple(m.shape)})"
+            )
         if m.device != self.prior_logits.device:
-            raise ValueError(f"m is on {m.device} but the GBaS priors are on {self.prior_logits.device}; "
-                             "move the loss with loss_fn.to(device)")
+            raise ValueError(
+                f"m is on {m.device} but the GBaS priors are on {self.prior_logits.device}; "
+                "move the loss with loss_fn.to(device)"
+            )
         m = _gather(m, self.gather)
         theta = self.priors.to(m.dtype)
         tau, eps = self.temperature, self.eps
@@ -272,5 +289,7 @@ class GBaSLoss(nn.Module):
         return t.positions + t.hyperprior
 
     def extra_repr(self) -> str:
-        return (f"grid={self.grid}, target={self.target}, sigma={self.sigma}, temperature={self.temperature}, "
-                f"reduction={self.reduction!r}, gather={self.gather}")
+        return (
+            f"grid={self.grid}, target={self.target}, sigma={self.sigma}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}, gather={self.gather}"
+        )

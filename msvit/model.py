@@ -5,6 +5,7 @@ Three execution modes share one set of weights and give the same logits in the f
 ``masked`` (the paper's Eq. 10 baseline: all N_f + N_c tokens, masked softmax in every block) and
 ``trimmed`` (adaptive trimming, Section 2.3: tokens sorted by mask, cut to the batch's longest).
 """
+
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -76,10 +77,23 @@ class MSViT(nn.Module):
         attention_backend: passed to ``msvit_kernels.packed_attention`` in packed mode.
     """
 
-    def __init__(self, tokenizer: MixedScaleTokenizer, gate: MixedScaleGate, blocks: nn.ModuleList, norm: nn.Module,
-                 head: nn.Module, *, fc_norm: Optional[nn.Module] = None, head_drop: Optional[nn.Module] = None,
-                 norm_pre: Optional[nn.Module] = None, global_pool: str = "token", pool_include_prefix: bool = False,
-                 in_chans: int = 3, kernels: str = "auto", attention_backend: str = "auto"):
+    def __init__(
+        self,
+        tokenizer: MixedScaleTokenizer,
+        gate: MixedScaleGate,
+        blocks: nn.ModuleList,
+        norm: nn.Module,
+        head: nn.Module,
+        *,
+        fc_norm: Optional[nn.Module] = None,
+        head_drop: Optional[nn.Module] = None,
+        norm_pre: Optional[nn.Module] = None,
+        global_pool: str = "token",
+        pool_include_prefix: bool = False,
+        in_chans: int = 3,
+        kernels: str = "auto",
+        attention_backend: str = "auto",
+    ):
         super().__init__()
         check_choice("global_pool", global_pool, ("token", "avg"))
         if global_pool == "token" and tokenizer.num_prefix == 0:
@@ -138,11 +152,18 @@ class MSViT(nn.Module):
 
     def tokens_per_image(self, mask: Tensor) -> Tensor:
         """int64 ``[B]`` tokens each image gets in packed mode, prefix included."""
-        r2 = self.tokenizer.ratio ** 2
+        r2 = self.tokenizer.ratio**2
         return self.tokenizer.num_prefix + mask.shape[1] + (r2 - 1) * mask.sum(1)
 
-    def forward(self, images: Tensor, *, mask: Optional[Tensor] = None, mode: str = "packed", budget: Budget = None,
-                return_gate: bool = False):
+    def forward(
+        self,
+        images: Tensor,
+        *,
+        mask: Optional[Tensor] = None,
+        mode: str = "packed",
+        budget: Budget = None,
+        return_gate: bool = False,
+    ):
         """Classify ``images [B, C, H, W]``; returns logits ``[B, num_classes]``.
 
         mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-time number
@@ -167,7 +188,9 @@ class MSViT(nn.Module):
             tokens = torch.full((images.shape[0],), x.shape[1], device=images.device)
         return MSViTOutput(logits, decision, tokens) if return_gate else logits
 
-    def forward_features(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> PackedFeatures:
+    def forward_features(
+        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None
+    ) -> PackedFeatures:
         """The packed, final-normed token features of a batch with their varlen metadata (packed
         mode); ``forward_head`` of them gives the logits ``forward`` returns."""
         return self._packed_features(images, self.decide(images, mask=mask, budget=budget))

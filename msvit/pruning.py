@@ -17,6 +17,7 @@ Placement: blocks run through ``msvit.layers.packed_blocks`` unchanged, so the p
 block's attention and its MLP; here block ``i``'s MLP still runs on all of its tokens (one MLP
 pass more per pruning layer than EViT), and every later block runs on the survivors.
 """
+
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence, Tuple
 
@@ -52,8 +53,9 @@ class PrunedIndex(NamedTuple):
     @classmethod
     def from_packed(cls, index: MixedScaleIndex) -> "PrunedIndex":
         origin = torch.arange(index.total, device=index.cu_seqlens.device)
-        return cls(index.cu_seqlens, index.max_seqlen, index.total, index.rows, index.prefix_rows, index.row_image,
-                   origin)
+        return cls(
+            index.cu_seqlens, index.max_seqlen, index.total, index.rows, index.prefix_rows, index.row_image, origin
+        )
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,16 @@ class PruneConfig:
     fuse: bool = True
 
     def __post_init__(self):
-        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) \
-                or not 0 < self.keep_ratio <= 1:
+        if (
+            isinstance(self.keep_ratio, bool)
+            or not isinstance(self.keep_ratio, (int, float))
+            or not 0 < self.keep_ratio <= 1
+        ):
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
         layers = tuple(self.layers)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers) \
-                or len(set(layers)) != len(layers):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers) or len(
+            set(layers)
+        ) != len(layers):
             raise ValueError(f"layers must be distinct non-negative block indices, got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(sorted(layers)))
 
@@ -101,7 +107,9 @@ def keep_counts(index: PrunedIndex, keep_ratio: float) -> Tuple[Tensor, Tensor]:
     return n, torch.minimum(kept, n)
 
 
-def prune_tokens(x: Tensor, scores: Tensor, index: PrunedIndex, keep_ratio: float, fuse: bool) -> Tuple[Tensor, PrunedIndex]:
+def prune_tokens(
+    x: Tensor, scores: Tensor, index: PrunedIndex, keep_ratio: float, fuse: bool
+) -> Tuple[Tensor, PrunedIndex]:
     """Keep each image's top-k patch rows by ``scores`` (plus its prefix rows, and a fused row).
 
     x: ``[T, C]``; scores: ``[T]`` (class attention; its gradient reaches the fused tokens).
@@ -145,10 +153,11 @@ def prune_tokens(x: Tensor, scores: Tensor, index: PrunedIndex, keep_ratio: floa
 
     row_image = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=new_total)
     new_offset = torch.arange(new_total, device=device) - cu_seqlens.long()[row_image]
-    rows = torch.argsort((new_offset < n_prefix).to(torch.uint8), stable=True)[:new_total - batch * n_prefix]
+    rows = torch.argsort((new_offset < n_prefix).to(torch.uint8), stable=True)[: new_total - batch * n_prefix]
     prefix_rows = cu_seqlens[:-1, None].long() + torch.arange(n_prefix, device=device)
-    return candidates.index_select(0, source), PrunedIndex(cu_seqlens, max_seqlen, new_total, rows, prefix_rows,
-                                                           row_image, origin)
+    return candidates.index_select(0, source), PrunedIndex(
+        cu_seqlens, max_seqlen, new_total, rows, prefix_rows, row_image, origin
+    )
 
 
 class PrunedOutput(NamedTuple):
@@ -167,8 +176,14 @@ class PrunedMSViT(nn.Module):
     With ``keep_ratio=1`` it computes exactly what the model computes in packed mode.
     """
 
-    def __init__(self, model: MSViT, keep_ratio: float = 0.7, layers: Sequence[int] = (3, 6, 9), fuse: bool = True,
-                 config: Optional[PruneConfig] = None):
+    def __init__(
+        self,
+        model: MSViT,
+        keep_ratio: float = 0.7,
+        layers: Sequence[int] = (3, 6, 9),
+        fuse: bool = True,
+        config: Optional[PruneConfig] = None,
+    ):
         super().__init__()
         if not isinstance(model, MSViT):
             raise TypeError(f"model must be an msvit.MSViT, got {type(model).__name__}")
@@ -180,8 +195,9 @@ class PrunedMSViT(nn.Module):
         self.model = model
         self.config = config
 
-    def forward(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None,
-                return_gate: bool = False):
+    def forward(
+        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, return_gate: bool = False
+    ):
         """Classify ``images [B, C, H, W]`` with pruning; arguments as ``MSViT.forward`` (packed)."""
         features, counts = self._pruned_features(images, mask, budget)
         logits = self.forward_head(features)
@@ -190,7 +206,9 @@ class PrunedMSViT(nn.Module):
         tokens = torch.stack([(cu[1:] - cu[:-1]).long() for cu in counts])
         return PrunedOutput(logits, features.gate, tokens)
 
-    def forward_features(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> PackedFeatures:
+    def forward_features(
+        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None
+    ) -> PackedFeatures:
         """The final-normed packed tokens that survive pruning; their ``index`` is a ``PrunedIndex``
         (it has no ``fine_to_row``: pruned tokens cannot be unpacked to the fine grid)."""
         return self._pruned_features(images, mask, budget)[0]
@@ -217,16 +235,19 @@ class PrunedMSViT(nn.Module):
         x = packed_blocks(model.blocks[start:], x, index, model.attention_backend)
         return PackedFeatures(model.norm(x), index, decision, model.tokenizer.grids(images)[0]), counts
 
-    def _run_capturing_qk(self, block: nn.Module, x: Tensor, index: PrunedIndex) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def _run_capturing_qk(
+        self, block: nn.Module, x: Tensor, index: PrunedIndex
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         """Run one block; capture its normed q and k ``[T, H, D]`` from the q/k norm modules, which
         ``run_block`` applies to them (no second qkv projection)."""
         captured = {}
-        hooks = [block.attn.q_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("q", out)),
-                 block.attn.k_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("k", out))]
+        hooks = [
+            block.attn.q_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("q", out)),
+            block.attn.k_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("k", out)),
+        ]
         try:
             x = packed_blocks([block], x, index, self.model.attention_backend)
         finally:
             for hook in hooks:
                 hook.remove()
         return x, (captured["q"], captured["k"])
-

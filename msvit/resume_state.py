@@ -11,6 +11,7 @@ A resume must not change what the run is: the flags that define it are stored an
 a change (batch size, optimizer, gate loss, model, ...) is refused naming the flag. ``FREE`` are
 the flags that may differ: where the run lives, how long it goes on, how data is loaded.
 """
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,8 +21,18 @@ from .run_folder import Checkpoint, RunFolderError
 
 # --epochs may grow to extend a finished run; the cosine schedule then stretches to the new length
 # from the resumed step on (documented in the README), everything else continues unchanged.
-FREE = {"epochs", "workers", "device", "out", "resume", "overwrite", "max_steps", "pretrained", "hub_pretrained",
-        "init"}
+FREE = {
+    "epochs",
+    "workers",
+    "device",
+    "out",
+    "resume",
+    "overwrite",
+    "max_steps",
+    "pretrained",
+    "hub_pretrained",
+    "init",
+}
 
 
 def run_flags(args) -> dict:
@@ -41,17 +52,24 @@ def check_flags(saved: dict, args, world: int, saved_world: int, where) -> None:
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if changed:
         listed = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
-        raise RunFolderError(f"--resume: the run in {where} was started with other flags ({listed}); a resumed run "
-                             "must keep the flags that define it: pass the original values, or start a new run "
-                             "with another --out")
+        raise RunFolderError(
+            f"--resume: the run in {where} was started with other flags ({listed}); a resumed run "
+            "must keep the flags that define it: pass the original values, or start a new run "
+            "with another --out"
+        )
     if world != saved_world:
-        raise RunFolderError(f"--resume: the run in {where} ran on {saved_world} process(es), now {world}; the data "
-                             "order and batch statistics depend on it")
+        raise RunFolderError(
+            f"--resume: the run in {where} ran on {saved_world} process(es), now {world}; the data "
+            "order and batch statistics depend on it"
+        )
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "loader": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "loader": generator.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def gather(state: dict, world: int) -> list:
@@ -63,21 +81,42 @@ def gather(state: dict, world: int) -> list:
     return states
 
 
-def train_state(*, epoch: int, step: int, complete: bool, opt, schedule, gate_loss, rng: list, rows: list,
-                args, world: int) -> dict:
-    return {"epoch": epoch, "step": step, "complete": complete, "optimizer": opt.state_dict(),
-            "schedule": schedule.state_dict(), "rng": rng, "rows": rows, "args": run_flags(args), "world": world,
-            "gate_loss": gate_loss.state_dict() if isinstance(gate_loss, nn.Module) else None}
+def train_state(
+    *, epoch: int, step: int, complete: bool, opt, schedule, gate_loss, rng: list, rows: list, args, world: int
+) -> dict:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "complete": complete,
+        "optimizer": opt.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": rng,
+        "rows": rows,
+        "args": run_flags(args),
+        "world": world,
+        "gate_loss": gate_loss.state_dict() if isinstance(gate_loss, nn.Module) else None,
+    }
 
 
-def restore(checkpoint: Checkpoint, model: nn.Module, opt, schedule, gate_loss, generator: torch.Generator,
-            args, rank: int, world: int):
+def restore(
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    opt,
+    schedule,
+    gate_loss,
+    generator: torch.Generator,
+    args,
+    rank: int,
+    world: int,
+):
     """Load the checkpoint into the run's objects; returns (epochs done, steps done, metrics rows)."""
     state = checkpoint.state
     check_flags(state["args"], args, world, state["world"], checkpoint.folder.parent)
     if not state["complete"]:
-        raise RunFolderError(f"--resume: {checkpoint.folder} was saved mid-epoch (--max-steps); resuming inside an "
-                             "epoch is not supported, start a new run")
+        raise RunFolderError(
+            f"--resume: {checkpoint.folder} was saved mid-epoch (--max-steps); resuming inside an "
+            "epoch is not supported, start a new run"
+        )
     _, weights, folder = read_checkpoint(checkpoint.folder)  # sha256-verified
     check_state(model, weights, folder)
     model.load_state_dict(weights)

@@ -14,6 +14,7 @@ either invisible (staging, an unreferenced epoch folder) or repaired from the ma
 when the run resumes (metrics rewritten, so no epoch appears twice). Only rank 0 writes; every
 rank waits at a barrier before it reads.
 """
+
 import csv
 import io
 import json
@@ -40,8 +41,8 @@ class RunFolderError(ValueError):
 
 
 class Checkpoint(NamedTuple):
-    folder: Path        # the epoch folder: model.safetensors, config.json
-    state: dict         # the train state (see msvit.resume_state)
+    folder: Path  # the epoch folder: model.safetensors, config.json
+    state: dict  # the train state (see msvit.resume_state)
 
 
 def barrier(world: int) -> None:
@@ -87,13 +88,19 @@ def prepare(out, resume: bool, overwrite: bool, rank: int, world: int, map_locat
     checkpoint = None
     if resume:
         if not (out / MANIFEST).is_file():
-            what = "holds no run" if not found else f"has no {MANIFEST} (no complete checkpoint, or a run of an older msvit)"
+            what = (
+                "holds no run"
+                if not found
+                else f"has no {MANIFEST} (no complete checkpoint, or a run of an older msvit)"
+            )
             raise RunFolderError(f"--resume: {out} {what}; nothing to resume (start without --resume)")
         checkpoint = read_checkpoint_state(out, map_location)
     elif found and not overwrite:
         names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
-        raise RunFolderError(f"--out {out} already holds a run ({names}); pass --resume to continue it or "
-                             "--overwrite to delete it and start again")
+        raise RunFolderError(
+            f"--out {out} already holds a run ({names}); pass --resume to continue it or "
+            "--overwrite to delete it and start again"
+        )
     barrier(world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,12 +145,12 @@ def save_epoch(out: Path, epoch: int, save: Callable, model, config: dict, state
     replace_folder(staging, out / name)
     crash_point("checkpoint:renamed")
     files = {f.name: sha256(f.read_bytes()) for f in sorted((out / name).iterdir())}
-    write_text(out / MANIFEST, json.dumps({"epoch": epoch, "folder": name, "files": files}, indent=2) + "\n",
-               "manifest")
+    write_text(
+        out / MANIFEST, json.dumps({"epoch": epoch, "folder": name, "files": files}, indent=2) + "\n", "manifest"
+    )
     write_metrics(out, state["rows"])
     crash_point("metrics:written")
     for old in epoch_folders(out):
         if old.name != name:
             shutil.rmtree(old)
     return out / name
-

@@ -1,4 +1,5 @@
 """Real photos that ship inside scikit-image's wheel (no download), as model-ready tensors."""
+
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -7,7 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Colour and grey photos bundled with scikit-image (others in skimage.data need a download).
-SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "coins", "camera")
+SAMPLE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coins",
+    "camera",
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -22,10 +32,10 @@ def to_tensor_image(array: np.ndarray, size: Tuple[int, int]) -> Tensor:
     target = size[0] / size[1]
     if h / w > target:
         crop = int(round(w * target))
-        image = image[:, (h - crop) // 2:(h - crop) // 2 + crop]
+        image = image[:, (h - crop) // 2 : (h - crop) // 2 + crop]
     else:
         crop = int(round(h / target))
-        image = image[:, :, (w - crop) // 2:(w - crop) // 2 + crop]
+        image = image[:, :, (w - crop) // 2 : (w - crop) // 2 + crop]
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
 
 

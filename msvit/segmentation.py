@@ -9,6 +9,7 @@ and K learned class embeddings. Logits are upsampled bilinearly to the image siz
 The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
 (``msvit_kernels.unpack_kernel.unpack_to_grid``).
 """
+
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -19,8 +20,8 @@ from torch import Tensor, nn
 from msvit_kernels.unpack_kernel import unpack_to_grid
 
 from .checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
-from .config_file import read_json_object
 from .checks import check_choice, check_images
+from .config_file import read_json_object
 from .gate import Budget, GateDecision
 from .model import MSViT
 
@@ -60,8 +61,16 @@ class MaskTransformerDecoder(nn.Module):
         decoder_dim // 64, at least 1); mlp_ratio: hidden width of the layers' MLP.
     """
 
-    def __init__(self, dim: int, num_classes: int, *, decoder_dim: Optional[int] = None, depth: int = 2,
-                 heads: Optional[int] = None, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        decoder_dim: Optional[int] = None,
+        depth: int = 2,
+        heads: Optional[int] = None,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block  # timm's pre-norm block, as Segmenter's
 
@@ -85,8 +94,8 @@ class MaskTransformerDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        patches = F.normalize(self.proj_patch(x[:, :-self.num_classes]), dim=-1)
-        classes = F.normalize(self.proj_classes(x[:, -self.num_classes:]), dim=-1)
+        patches = F.normalize(self.proj_patch(x[:, : -self.num_classes]), dim=-1)
+        classes = F.normalize(self.proj_classes(x[:, -self.num_classes :]), dim=-1)
         masks = self.mask_norm(patches @ classes.transpose(1, 2))  # [B, h*w, K]
         return masks.transpose(1, 2).reshape(b, self.num_classes, h, w)
 
@@ -108,8 +117,15 @@ class MSSegmenter(nn.Module):
             or ``"reference"``.
     """
 
-    def __init__(self, backbone: MSViT, num_classes: int, decoder: str = "linear", freeze_gate: bool = True,
-                 decoder_kwargs: Optional[dict] = None, unpack_backend: str = "auto"):
+    def __init__(
+        self,
+        backbone: MSViT,
+        num_classes: int,
+        decoder: str = "linear",
+        freeze_gate: bool = True,
+        decoder_kwargs: Optional[dict] = None,
+        unpack_backend: str = "auto",
+    ):
         super().__init__()
         if not isinstance(backbone, MSViT):
             raise TypeError(f"backbone must be an msvit.MSViT (see msvit.from_timm), got {type(backbone).__name__}")
@@ -124,8 +140,11 @@ class MSSegmenter(nn.Module):
         self.num_classes = num_classes
         self.decoder_name = decoder
         dim = backbone.tokenizer.embed.out_features
-        self.decoder = LinearDecoder(dim, num_classes) if decoder == "linear" else \
-            MaskTransformerDecoder(dim, num_classes, **(decoder_kwargs or {}))
+        self.decoder = (
+            LinearDecoder(dim, num_classes)
+            if decoder == "linear"
+            else MaskTransformerDecoder(dim, num_classes, **(decoder_kwargs or {}))
+        )
         self.freeze_gate = bool(freeze_gate)
         self.unpack_backend = unpack_backend
         backbone.gate.requires_grad_(not self.freeze_gate)
@@ -143,8 +162,9 @@ class MSSegmenter(nn.Module):
         with torch.no_grad():
             return self.backbone.gate.decide(images, sample=False, budget=budget)
 
-    def forward(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None,
-                return_gate: bool = False):
+    def forward(
+        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, return_gate: bool = False
+    ):
         """Segment ``images [B, C, H, W]`` (normalised; H, W multiples of the coarse patch).
 
         mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-style
@@ -182,18 +202,27 @@ def iou_metrics(confusion: Tensor) -> dict:
     union = confusion.sum(0) + confusion.sum(1) - hits
     present = union > 0
     iou = hits / union.clamp_min(1)
-    return {"miou": iou[present].mean().item() if present.any() else 0.0,
-            "pixel_acc": (hits.sum() / confusion.sum().clamp_min(1)).item(),
-            "iou": [v if p else None for v, p in zip(iou.tolist(), present.tolist())]}
+    return {
+        "miou": iou[present].mean().item() if present.any() else 0.0,
+        "pixel_acc": (hits.sum() / confusion.sum().clamp_min(1)).item(),
+        "iou": [v if p else None for v, p in zip(iou.tolist(), present.tolist())],
+    }
 
 
 def segmenter_config(backbone_config: dict, segmenter: MSSegmenter, decoder_kwargs: Optional[dict] = None) -> dict:
     """Checkpoint config of a segmenter: the backbone's recipe (its timm head dropped) plus ours."""
     timm_cfg = backbone_config["timm"]
-    return {**backbone_config, "task": "segmentation",
-            "timm": {**timm_cfg, "kwargs": {**timm_cfg.get("kwargs", {}), "num_classes": 0}},
-            "segmentation": {"num_classes": segmenter.num_classes, "decoder": segmenter.decoder_name,
-                             "decoder_kwargs": decoder_kwargs or {}, "freeze_gate": segmenter.freeze_gate}}
+    return {
+        **backbone_config,
+        "task": "segmentation",
+        "timm": {**timm_cfg, "kwargs": {**timm_cfg.get("kwargs", {}), "num_classes": 0}},
+        "segmentation": {
+            "num_classes": segmenter.num_classes,
+            "decoder": segmenter.decoder_name,
+            "decoder_kwargs": decoder_kwargs or {},
+            "freeze_gate": segmenter.freeze_gate,
+        },
+    }
 
 
 def save_segmenter(folder, segmenter: MSSegmenter, config: dict, point: str = "") -> Path:

@@ -1,4 +1,5 @@
 """Wall-clock timing that is honest on CPU and GPU: warm-up excluded, CUDA synchronised, median."""
+
 import statistics
 import time
 from typing import Callable, List

@@ -5,6 +5,7 @@ The conv patch embedding becomes the shared linear embedding (``weight.reshape(d
 (C, p, p) flattening order of ``msvit_kernels.reference.patchify``); blocks, norms and head are
 copied, so training the MSViT never changes the timm model it came from.
 """
+
 import copy
 import warnings
 from typing import Optional, Union
@@ -33,15 +34,25 @@ def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
     if unsupported:
         raise TypeError(f"from_timm supports timm's pre-norm Block only, this model uses {sorted(unsupported)}")
     if model.attn_pool is not None or model.global_pool not in ("token", "avg"):
-        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported; use a model with 'token' or 'avg'")
+        raise NotImplementedError(
+            f"global_pool={model.global_pool!r} is not supported; use a model with 'token' or 'avg'"
+        )
     if getattr(model.patch_embed, "dynamic_img_pad", False):
-        raise NotImplementedError("dynamic_img_pad is not supported: MSViT images must be multiples of the coarse patch")
+        raise NotImplementedError(
+            "dynamic_img_pad is not supported: MSViT images must be multiples of the coarse patch"
+        )
     return model
 
 
-def from_timm(model_or_name: Union[str, nn.Module], *, coarse_patch_size: Optional[int] = None,
-              kernels: str = "auto", attention_backend: str = "auto", timm_kwargs: Optional[dict] = None,
-              **gate_kwargs) -> MSViT:
+def from_timm(
+    model_or_name: Union[str, nn.Module],
+    *,
+    coarse_patch_size: Optional[int] = None,
+    kernels: str = "auto",
+    attention_backend: str = "auto",
+    timm_kwargs: Optional[dict] = None,
+    **gate_kwargs,
+) -> MSViT:
     """MSViT with the weights of a timm ViT.
 
     Args:
@@ -61,7 +72,9 @@ def from_timm(model_or_name: Union[str, nn.Module], *, coarse_patch_size: Option
     fine = proj.kernel_size[0]
     coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
     if coarse < fine or coarse % fine:
-        raise ValueError(f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}")
+        raise ValueError(
+            f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}"
+        )
     ratio = coarse // fine
     grid = tuple(model.patch_embed.grid_size)
     _warn_unsupported_regularisers(model)
@@ -74,7 +87,10 @@ def from_timm(model_or_name: Union[str, nn.Module], *, coarse_patch_size: Option
             embed.bias.copy_(proj.bias)
     prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
     tokenizer = MixedScaleTokenizer(
-        embed, fine, ratio, grid,
+        embed,
+        fine,
+        ratio,
+        grid,
         pos_embed=nn.Parameter(model.pos_embed.detach().clone()) if model.pos_embed is not None else None,
         prefix_tokens=nn.Parameter(torch.cat(prefix, 1).detach().clone()) if prefix else None,
         no_embed_class=model.no_embed_class,
@@ -84,11 +100,19 @@ def from_timm(model_or_name: Union[str, nn.Module], *, coarse_patch_size: Option
     gate = MixedScaleGate(coarse, coarse_grid, in_chans=proj.in_channels, **gate_kwargs)
     gate = gate.to(device=proj.weight.device, dtype=proj.weight.dtype)
     msvit = MSViT(
-        tokenizer, gate, nn.ModuleList(copy.deepcopy(list(model.blocks))), copy.deepcopy(model.norm),
-        copy.deepcopy(model.head), fc_norm=copy.deepcopy(model.fc_norm), head_drop=copy.deepcopy(model.head_drop),
+        tokenizer,
+        gate,
+        nn.ModuleList(copy.deepcopy(list(model.blocks))),
+        copy.deepcopy(model.norm),
+        copy.deepcopy(model.head),
+        fc_norm=copy.deepcopy(model.fc_norm),
+        head_drop=copy.deepcopy(model.head_drop),
         norm_pre=nn.Sequential(copy.deepcopy(model.pos_drop), copy.deepcopy(model.norm_pre)),
-        global_pool=model.global_pool, pool_include_prefix=getattr(model, "pool_include_prefix", False),
-        in_chans=proj.in_channels, kernels=kernels, attention_backend=attention_backend,
+        global_pool=model.global_pool,
+        pool_include_prefix=getattr(model, "pool_include_prefix", False),
+        in_chans=proj.in_channels,
+        kernels=kernels,
+        attention_backend=attention_backend,
     )
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine)
@@ -100,14 +124,21 @@ def input_cfg(model, patch: int) -> dict:
     count of the model itself: timm keeps those of the architecture's name when ``img_size`` or
     ``num_classes`` are overridden, and ``msvit.eval_transform`` would then resize to the wrong size."""
     h, w = model.patch_embed.grid_size
-    return {**model.pretrained_cfg, "input_size": (model.patch_embed.proj.in_channels, h * patch, w * patch),
-            "num_classes": model.num_classes}
+    return {
+        **model.pretrained_cfg,
+        "input_size": (model.patch_embed.proj.in_channels, h * patch, w * patch),
+        "num_classes": model.num_classes,
+    }
 
 
 def _warn_unsupported_regularisers(model) -> None:
     attn_drop = max((b.attn.attn_drop.p for b in model.blocks), default=0.0)
     if attn_drop > 0:
-        warnings.warn(f"attention dropout ({attn_drop}) is not applied by packed attention; it is ignored", stacklevel=3)
+        warnings.warn(
+            f"attention dropout ({attn_drop}) is not applied by packed attention; it is ignored", stacklevel=3
+        )
     patch_drop = getattr(model.patch_drop, "prob", 0.0)
     if patch_drop > 0:
-        warnings.warn(f"patch dropout ({patch_drop}) is not supported on mixed-scale tokens; it is ignored", stacklevel=3)
+        warnings.warn(
+            f"patch dropout ({patch_drop}) is not supported on mixed-scale tokens; it is ignored", stacklevel=3
+        )

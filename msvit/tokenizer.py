@@ -5,16 +5,17 @@ patch is area-averaged down to the fine patch size before the shared embedding, 
 position embedding is the fine one resampled bilinearly (``align_corners=False``, no antialias;
 for a factor of 2 this is the 2x2 mean).
 """
+
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
-from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.varlen import MixedScaleIndex, fine_cells_of_regions, mixed_scale_index
 
 
@@ -43,9 +44,17 @@ class MixedScaleTokenizer(nn.Module):
     auto = Triton on CUDA. A non-Identity ``embed_norm`` always takes the torch path.
     """
 
-    def __init__(self, embed: nn.Linear, fine_patch: int, ratio: int, grid: Tuple[int, int],
-                 pos_embed: Optional[nn.Parameter], prefix_tokens: Optional[nn.Parameter],
-                 no_embed_class: bool = False, embed_norm: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        embed: nn.Linear,
+        fine_patch: int,
+        ratio: int,
+        grid: Tuple[int, int],
+        pos_embed: Optional[nn.Parameter],
+        prefix_tokens: Optional[nn.Parameter],
+        no_embed_class: bool = False,
+        embed_norm: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.embed = embed
         self.fine_patch = fine_patch
@@ -80,8 +89,9 @@ class MixedScaleTokenizer(nn.Module):
         n_pos_prefix = 0 if self.no_embed_class else self.num_prefix
         pos = self.pos_embed
         if tuple(fine_grid) != self.grid:
-            pos = resample_abs_pos_embed(pos, new_size=list(fine_grid), old_size=list(self.grid),
-                                         num_prefix_tokens=n_pos_prefix)
+            pos = resample_abs_pos_embed(
+                pos, new_size=list(fine_grid), old_size=list(self.grid), num_prefix_tokens=n_pos_prefix
+            )
         prefix, fine = pos[0, :n_pos_prefix], pos[0, n_pos_prefix:]
         d = fine.shape[-1]
         fine_map = fine.transpose(0, 1).reshape(1, d, *fine_grid)
@@ -113,12 +123,30 @@ class MixedScaleTokenizer(nn.Module):
         if fused:
             dtype = compute_dtype(images)
             bias = self.embed.bias.to(dtype) if self.embed.bias is not None else None
-            packed = gather_embed_pack(images.to(dtype), index, self.embed.weight.to(dtype), bias, positions.patches,
-                                       st, self.prefix_rows(positions, dtype), self.fine_patch, self.ratio)
+            packed = gather_embed_pack(
+                images.to(dtype),
+                index,
+                self.embed.weight.to(dtype),
+                bias,
+                positions.patches,
+                st,
+                self.prefix_rows(positions, dtype),
+                self.fine_patch,
+                self.ratio,
+            )
         else:
-            packed = pack_reference(images, index, self.embed.weight, self.embed.bias, positions.patches, st,
-                                    self.prefix_rows(positions, images.dtype), self.fine_patch, self.ratio,
-                                    norm=self.embed_norm)
+            packed = pack_reference(
+                images,
+                index,
+                self.embed.weight,
+                self.embed.bias,
+                positions.patches,
+                st,
+                self.prefix_rows(positions, images.dtype),
+                self.fine_patch,
+                self.ratio,
+                norm=self.embed_norm,
+            )
         return packed, index
 
     def _fallback(self, images: Tensor) -> str:
@@ -137,8 +165,9 @@ class MixedScaleTokenizer(nn.Module):
         tokens, 1 - st for coarse ones (Eq. 1-3 in this package's convention, True = fine).
         """
         fine_grid, coarse_grid = self.grids(images)
-        pixels = torch.cat([patchify(images, self.fine_patch),
-                            coarse_patches_at_fine_size(images, self.fine_patch, self.ratio)], 1)
+        pixels = torch.cat(
+            [patchify(images, self.fine_patch), coarse_patches_at_fine_size(images, self.fine_patch, self.ratio)], 1
+        )
         tokens = self.embed_norm(self.embed(pixels))
         positions = self.position_tables(fine_grid)
         if positions.patches is not None:

@@ -5,6 +5,7 @@ RandomResizedCrop (scale 0.08-1, a large train/test shift), ``light`` keeps at l
 image (scale 0.5-1), ``none`` uses the image as it is (digits) or the evaluation view (ImageFolder:
 shorter side to --image-size / 0.875, centre crop), so every image has the size the model expects.
 """
+
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
@@ -53,7 +54,7 @@ def shift_inside(image: Tensor, box: Tensor, limit: int) -> Tensor:
     if dy == 0 and dx == 0:
         return image
     padded = F.pad(image[None], (limit, limit, limit, limit), mode="replicate")[0]
-    return padded[:, limit - dy:limit - dy + h, limit - dx:limit - dx + w]
+    return padded[:, limit - dy : limit - dy + h, limit - dx : limit - dx + w]
 
 
 def require_boxes(shift: int, boxes: Optional[Tensor]) -> None:
@@ -97,8 +98,18 @@ def materialize(ds: ClutteredDigits, desc: str, show: bool) -> InMemoryImages:
     return InMemoryImages(images, labels, boxes=boxes)
 
 
-def build_data(data: str, image_size: int, crop: str, hflip: Optional[bool], train_size: int, val_size: int,
-               seed: int, show: bool, digit_scale=None, shift: int = 0) -> DataBundle:
+def build_data(
+    data: str,
+    image_size: int,
+    crop: str,
+    hflip: Optional[bool],
+    train_size: int,
+    val_size: int,
+    seed: int,
+    show: bool,
+    digit_scale=None,
+    shift: int = 0,
+) -> DataBundle:
     """The train and val datasets of ``data`` (``cluttered-digits`` or an ImageFolder root with
     ``train/`` and ``val/`` sub-folders). ``shift``: digits only, see ``InMemoryImages``."""
     if shift and data != DIGITS:
@@ -106,7 +117,9 @@ def build_data(data: str, image_size: int, crop: str, hflip: Optional[bool], tra
     size = (image_size, image_size)
     if data == DIGITS:
         options = {"digit_scale": tuple(digit_scale)} if digit_scale else {}
-        train = materialize(ClutteredDigits(train_size, size, seed=seed, split="train", **options), "generating train", show)
+        train = materialize(
+            ClutteredDigits(train_size, size, seed=seed, split="train", **options), "generating train", show
+        )
         val_digits = ClutteredDigits(val_size, size, seed=seed + 1, split="val", **options)
         val = materialize(val_digits, "generating val", show)
         train.transform = train_transform(crop, size, bool(hflip))  # digits are not mirror-symmetric
@@ -114,7 +127,9 @@ def build_data(data: str, image_size: int, crop: str, hflip: Optional[bool], tra
         return DataBundle(train, val, list(range(10)), size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), val.boxes)
     root = Path(data)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise FileNotFoundError(f"--data must be {DIGITS!r} or a folder with train/ and val/ ImageFolder trees; got {data}")
+        raise FileNotFoundError(
+            f"--data must be {DIGITS!r} or a folder with train/ and val/ ImageFolder trees; got {data}"
+        )
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
@@ -137,15 +152,25 @@ def check_same_classes(train_classes, val_classes, root: Path) -> None:
         return
     missing = sorted(set(train_classes) - set(val_classes))
     extra = sorted(set(val_classes) - set(train_classes))
-    raise ValueError(f"--data {root}: val/ must hold the same class folders as train/ (labels are folder indices); "
-                     f"missing from val/: {missing or 'none'}; only in val/: {extra or 'none'}")
+    raise ValueError(
+        f"--data {root}: val/ must hold the same class folders as train/ (labels are folder indices); "
+        f"missing from val/: {missing or 'none'}; only in val/: {extra or 'none'}"
+    )
 
 
 def loaders(bundle: DataBundle, batch_size: int, workers: int, distributed: bool, seed: int):
     """(train loader, its sampler or None, val loader). Val is never shuffled (boxes align)."""
     sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed) if distributed else None
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(bundle.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                       num_workers=workers, drop_last=True, generator=generator, persistent_workers=workers > 0)
+    train = DataLoader(
+        bundle.train,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        generator=generator,
+        persistent_workers=workers > 0,
+    )
     val = DataLoader(bundle.val, batch_size=batch_size, shuffle=False, num_workers=workers)
     return train, sampler, val

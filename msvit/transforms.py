@@ -8,6 +8,7 @@ classes and the data options); the loaders attach it as ``model.pretrained_cfg``
 reads a timm model's. ``data`` holds the training data options and ``config`` the whole checkpoint
 config (the recipe ``msvit.checkpoint.build_model`` rebuilds the model from).
 """
+
 from typing import Callable, Union
 
 from torch import nn
@@ -25,8 +26,14 @@ def pretrained_cfg(config: dict, model: nn.Module) -> dict:
     data (``eval_transform`` then refuses the model)."""
     data = config.get("data") or {}
     in_chans = getattr(model, "backbone", model).in_chans
-    cfg = {"num_classes": model.num_classes, "interpolation": "bilinear", "crop_mode": "center",
-           "crop_pct": 1.0 if data.get("name") == DIGITS else FOLDER_CROP_PCT, "data": data, "config": config}
+    cfg = {
+        "num_classes": model.num_classes,
+        "interpolation": "bilinear",
+        "crop_mode": "center",
+        "crop_pct": 1.0 if data.get("name") == DIGITS else FOLDER_CROP_PCT,
+        "data": data,
+        "config": config,
+    }
     if data.get("image_size"):
         cfg["input_size"] = (in_chans, *(int(s) for s in data["image_size"]))
     for key in ("mean", "std"):
@@ -49,9 +56,11 @@ def eval_transform(model_or_cfg: Union[nn.Module, dict]) -> Callable:
     missing = [k for k in INPUT_KEYS if not (cfg or {}).get(k)]
     if missing:
         name = "this dict" if isinstance(model_or_cfg, dict) else f"this {type(model_or_cfg).__name__}"
-        raise ValueError(f"{name} has no pretrained_cfg {', '.join(missing)}: models from msvit.load_checkpoint, "
-                         "load_pretrained and load_segmenter have them; for others set model.pretrained_cfg = "
-                         "{'input_size': (3, H, W), 'mean': (...), 'std': (...)}")
+        raise ValueError(
+            f"{name} has no pretrained_cfg {', '.join(missing)}: models from msvit.load_checkpoint, "
+            "load_pretrained and load_segmenter have them; for others set model.pretrained_cfg = "
+            "{'input_size': (3, H, W), 'mean': (...), 'std': (...)}"
+        )
     from timm.data import create_transform, resolve_data_config
 
     return create_transform(**resolve_data_config(pretrained_cfg=cfg))

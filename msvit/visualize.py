@@ -1,4 +1,5 @@
 """Mask pictures like the paper's Fig. 1: coarse regions outlined large, fine regions as 2x2 cells."""
+
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,11 +24,22 @@ def draw_mask(ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: in
         y, x = (j // wc) * coarse_patch, (j % wc) * coarse_patch
         if fine:
             for k in range(ratio * ratio):
-                ax.add_patch(Rectangle((x + (k % ratio) * fine_patch, y + (k // ratio) * fine_patch), fine_patch,
-                                       fine_patch, fill=False, lw=0.6, ec=FINE_COLOUR))
+                ax.add_patch(
+                    Rectangle(
+                        (x + (k % ratio) * fine_patch, y + (k // ratio) * fine_patch),
+                        fine_patch,
+                        fine_patch,
+                        fill=False,
+                        lw=0.6,
+                        ec=FINE_COLOUR,
+                    )
+                )
         else:
-            ax.add_patch(Rectangle((x, y), coarse_patch, coarse_patch, fill=True, lw=1.0, ec=COARSE_COLOUR,
-                                   fc=(0.2, 0.78, 0.35, 0.18)))
+            ax.add_patch(
+                Rectangle(
+                    (x, y), coarse_patch, coarse_patch, fill=True, lw=1.0, ec=COARSE_COLOUR, fc=(0.2, 0.78, 0.35, 0.18)
+                )
+            )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
@@ -35,7 +47,9 @@ def draw_mask(ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: in
         ax.set_title(title, fontsize=8)
 
 
-def save_overlay(path, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None) -> Path:
+def save_overlay(
+    path, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None
+) -> Path:
     """Write one image with its mixed-scale mask to ``path`` (PNG)."""
     fig, ax = plt.subplots(figsize=(4, 4 * image.shape[-2] / image.shape[-1]), dpi=100)
     draw_mask(ax, image, mask, coarse_patch, fine_patch, title)
@@ -45,12 +59,13 @@ def save_overlay(path, image: Tensor, mask: Tensor, coarse_patch: int, fine_patc
     return Path(path)
 
 
-def save_grid(path, images: Tensor, masks: Tensor, coarse_patch: int, fine_patch: int,
-              titles: Sequence[str], columns: int = 4) -> Path:
+def save_grid(
+    path, images: Tensor, masks: Tensor, coarse_patch: int, fine_patch: int, titles: Sequence[str], columns: int = 4
+) -> Path:
     """All images with their masks in one figure."""
     rows = -(-len(images) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), dpi=100, squeeze=False)
-    for ax in axes.flat[len(images):]:
+    for ax in axes.flat[len(images) :]:
         ax.set_axis_off()
     for ax, image, mask, title in zip(axes.flat, images, masks, titles):
         draw_mask(ax, image, mask, coarse_patch, fine_patch, title)
@@ -69,8 +84,15 @@ def class_colours(num_classes: int):
     return matplotlib.colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))
 
 
-def draw_segmentation(ax, labels: Tensor, num_classes: int, image: Optional[Tensor] = None,
-                      class_names: Optional[Sequence[str]] = None, title: Optional[str] = None, alpha: float = 0.65) -> None:
+def draw_segmentation(
+    ax,
+    labels: Tensor,
+    num_classes: int,
+    image: Optional[Tensor] = None,
+    class_names: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    alpha: float = 0.65,
+) -> None:
     """labels: int ``[H, W]`` class ids in [0, K); drawn in class colours over ``image [3, H, W]``
     (in [0, 1], optional), with a legend of the classes that occur (at most 12)."""
     colours = class_colours(num_classes)
@@ -80,15 +102,29 @@ def draw_segmentation(ax, labels: Tensor, num_classes: int, image: Optional[Tens
     ax.imshow(colours[ids], alpha=alpha if image is not None else 1.0, interpolation="nearest")
     present = sorted(set(ids.flatten().tolist()))[:12]
     names = class_names if class_names is not None else [str(k) for k in range(num_classes)]
-    ax.legend(handles=[Rectangle((0, 0), 1, 1, fc=colours[k]) for k in present], labels=[names[k] for k in present],
-              loc="upper right", fontsize=6, framealpha=0.7)
+    ax.legend(
+        handles=[Rectangle((0, 0), 1, 1, fc=colours[k]) for k in present],
+        labels=[names[k] for k in present],
+        loc="upper right",
+        fontsize=6,
+        framealpha=0.7,
+    )
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=8)
 
 
-def save_segmentation(path, image: Tensor, mask: Tensor, labels: Tensor, coarse_patch: int, fine_patch: int,
-                      num_classes: int, class_names: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
+def save_segmentation(
+    path,
+    image: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    coarse_patch: int,
+    fine_patch: int,
+    num_classes: int,
+    class_names: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+) -> Path:
     """Write the mixed-scale mask and the predicted map side by side (as the paper's Fig. 13) to ``path``."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 4 * image.shape[-2] / image.shape[-1]), dpi=100)
     draw_mask(axes[0], image, mask, coarse_patch, fine_patch, title)

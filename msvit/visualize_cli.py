@@ -7,6 +7,7 @@ ratio, resized to its image size and normalised with its mean/std; then per imag
 ``<stem>_mask.png`` (fine regions as r x r cells, coarse ones filled) and, with ``--segmentation``,
 ``<stem>_segmentation.png`` (mask and predicted map side by side), plus ``all_masks.png``.
 """
+
 import argparse
 from pathlib import Path
 
@@ -21,13 +22,18 @@ BATCH = 32  # images per forward: bounds memory for long argument lists
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="msvit visualize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="msvit visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, ...)")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped pretrained model)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
-    p.add_argument("--budget", type=float, default=None, help="fraction of regions kept fine per image "
-                                                               "(default: the gate's own decisions)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="fraction of regions kept fine per image (default: the gate's own decisions)",
+    )
     p.add_argument("--segmentation", action="store_true", help="also write the predicted map (segmenter checkpoint)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -43,16 +49,20 @@ def load_model(folder, segmentation: bool, device):
         try:
             model = checkpoint.load_pretrained("cluttered-digits", device)
         except ValueError as exc:
-            raise SystemExit(f"msvit visualize: no --checkpoint given and {exc}; train a model "
-                             "(msvit train --out DIR) and pass --checkpoint DIR") from None
+            raise SystemExit(
+                f"msvit visualize: no --checkpoint given and {exc}; train a model "
+                "(msvit train --out DIR) and pass --checkpoint DIR"
+            ) from None
     elif is_segmenter_checkpoint(folder):
         segmenter = load_segmenter(folder, device)
         return segmenter.backbone, (segmenter if segmentation else None), segmenter.pretrained_cfg
     else:
         model = checkpoint.load_checkpoint(folder, device)
     if segmentation:
-        raise SystemExit("msvit visualize: --segmentation needs a segmentation checkpoint "
-                         "(msvit train --task segmentation --out DIR)")
+        raise SystemExit(
+            "msvit visualize: --segmentation needs a segmentation checkpoint "
+            "(msvit train --task segmentation --out DIR)"
+        )
     return model, None, model.pretrained_cfg
 
 
@@ -95,17 +105,26 @@ def main(argv=None) -> None:
     photos = torch.stack([read_image(p, size) for p in paths])
     masks, titles = [], []
     for start in range(0, len(paths), BATCH):
-        chunk = photos[start:start + BATCH]
+        chunk = photos[start : start + BATCH]
         images = normalize(chunk.to(args.device), data["mean"], data["std"])
         mask = model.gate_mask(images, budget=args.budget)
         tokens = model.tokens_per_image(mask).tolist()
         labels = segmenter(images, mask=mask).argmax(1).cpu() if segmenter is not None else None
-        for i, stem in enumerate(unique_stems(paths)[start:start + BATCH]):
+        for i, stem in enumerate(unique_stems(paths)[start : start + BATCH]):
             title = f"{stem}: {tokens[i]} tokens, {mask[i].float().mean():.0%} fine"
             save_overlay(out / f"{stem}_mask.png", chunk[i], mask[i].cpu(), coarse, fine, title)
             if labels is not None:
-                save_segmentation(out / f"{stem}_segmentation.png", chunk[i], mask[i].cpu(), labels[i], coarse, fine,
-                                  segmenter.num_classes, data.get("classes"), title)
+                save_segmentation(
+                    out / f"{stem}_segmentation.png",
+                    chunk[i],
+                    mask[i].cpu(),
+                    labels[i],
+                    coarse,
+                    fine,
+                    segmenter.num_classes,
+                    data.get("classes"),
+                    title,
+                )
             masks.append(mask[i].cpu())
             titles.append(title)
             print(title)

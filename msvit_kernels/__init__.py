@@ -1,6 +1,7 @@
 """Low-level ops of MSViT: packed varlen attention and mixed-scale token packing (no nn.Modules)."""
-from .attention import BACKENDS, Backend, available_backends, packed_attention, register_backend
+
 from . import backends as _backends  # noqa: F401  registers the triton, flash_attn and torch backends
+from .attention import BACKENDS, Backend, available_backends, packed_attention, register_backend
 from .gate_kernel import FusedGateOutput, fused_gate
 from .index_kernel import triton_mixed_scale_index
 from .pack_kernel import gather_embed_pack

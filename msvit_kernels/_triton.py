@@ -25,6 +25,7 @@ kernel matches ``F.gelu`` (erf form) and needs no tanh approximation on either s
 (Triton 3.6 to 3.9, sm_70+): pointer arithmetic with masks (no ``tl.make_block_ptr``), no inline
 asm, no explicit libdevice import.
 """
+
 import contextlib
 import functools
 import os
@@ -99,8 +100,13 @@ class TritonKernel:
     autotune key (constexpr or argument names). interpret_meta: tiles for the CPU interpreter.
     """
 
-    def __init__(self, fn, configs: Optional[Sequence] = None, key: Sequence[str] = (),
-                 interpret_meta: Optional[Dict[str, int]] = None):
+    def __init__(
+        self,
+        fn,
+        configs: Optional[Sequence] = None,
+        key: Sequence[str] = (),
+        interpret_meta: Optional[Dict[str, int]] = None,
+    ):
         self.fn = fn
         self.name = fn.fn.__name__ if hasattr(fn, "fn") else getattr(fn, "__name__", repr(fn))
         self.configs = None if configs is None else [(c, f or everywhere) for c, f in configs]
@@ -185,8 +191,10 @@ def triton_support(tensor: Tensor) -> str:
         return bfloat16_reason(tensor)
     if (tensor.device.type == "cpu" and INTERPRET) or recording():
         return ""
-    return (f"the Triton tokenizer runs on CUDA GPUs, not on {tensor.device.type}; on CPU it runs only under "
-            "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)")
+    return (
+        f"the Triton tokenizer runs on CUDA GPUs, not on {tensor.device.type}; on CPU it runs only under "
+        "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)"
+    )
 
 
 def dot_precision(dtype: torch.dtype) -> str:

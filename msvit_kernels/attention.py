@@ -4,8 +4,9 @@ The layout is flash-attn's varlen layout: all tokens of all images stacked in on
 tensor, and ``cu_seqlens`` (int32 ``[B+1]``) marking where each image starts. Backends register
 themselves in ``BACKENDS``; ``auto`` takes the first one in ``AUTO_ORDER`` that can run the call.
 """
-from dataclasses import dataclass
+
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -97,16 +98,19 @@ def _check_scale(scale) -> None:
         )
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, check_values: bool,
-                  scale=None) -> None:
+def _check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, check_values: bool, scale=None
+) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape [T, H, D], got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape [T, H, D] (3 dims), got shape {tuple(t.shape)}")
     if q.shape[1] == 0 or q.shape[2] == 0:
-        raise ValueError(f"q must have at least one head and a head dim >= 1, got [T, H, D] = {tuple(q.shape)} "
-                         "(an attention with no heads or empty heads has no output features)")
+        raise ValueError(
+            f"q must have at least one head and a head dim >= 1, got [T, H, D] = {tuple(q.shape)} "
+            "(an attention with no heads or empty heads has no output features)"
+        )
     _check_scale(scale)
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
@@ -173,4 +177,3 @@ def packed_attention(
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, check_values, scale)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
-

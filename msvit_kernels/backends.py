@@ -17,6 +17,7 @@ run (V100/T4, fp32, head dims not a multiple of 8, torch < 2.10) auto falls to t
 Optional dependencies are detected without importing them eagerly when absent: triton (optional
 off Linux) is imported here only if installed; flash-attn only on first use.
 """
+
 import functools
 import importlib
 import importlib.util
@@ -62,7 +63,9 @@ def _head_dim_reason(head_dim: int, limit: int = 256) -> Optional[str]:
 
 def _triton_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     if _triton_attention is None:
-        return "triton is not installed: pip install triton (or pip install .[triton]); Linux CUDA builds of torch ship it"
+        return (
+            "triton is not installed: pip install triton (or pip install .[triton]); Linux CUDA builds of torch ship it"
+        )
     if dtype not in KERNEL_DTYPES:
         return f"the Triton kernel takes float16, bfloat16 or float32, not {dtype}; use backend='reference'"
     reason = _head_dim_reason(head_dim)
@@ -74,8 +77,10 @@ def _triton_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         if dtype == torch.bfloat16 and _capability(device) < (8, 0):
             return f"bfloat16 needs sm_80 (Ampere) or newer; this GPU is {_sm(device)}: use float16"
         if head_dim > _triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE and _capability(device) < (8, 0):
-            return (f"head_dim {head_dim} needs sm_80 (Ampere) or newer for the Triton kernel (it spills on "
-                    f"{_sm(device)}); use head_dim <= {_triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE} or backend='reference'")
+            return (
+                f"head_dim {head_dim} needs sm_80 (Ampere) or newer for the Triton kernel (it spills on "
+                f"{_sm(device)}); use head_dim <= {_triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE} or backend='reference'"
+            )
         return None
     if device.type == "cpu":
         if not _triton_attention.INTERPRET:
@@ -84,7 +89,10 @@ def _triton_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
                 "TRITON_INTERPRET=1 before importing msvit_kernels (slow, meant for tests)"
             )
         if dtype == torch.bfloat16:
-            return "bfloat16 is not reliable in the Triton interpreter (numpy has no bfloat16); use float16 or float32 on CPU"
+            return (
+                "bfloat16 is not reliable in the Triton interpreter (numpy has no bfloat16); "
+                "use float16 or float32 on CPU"
+            )
         return None
     return f"the Triton kernel runs on CUDA GPUs, not on {device.type}"
 
@@ -130,7 +138,9 @@ def _flash_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
     return _head_dim_reason(head_dim)
 
 
-def flash_attn_packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None) -> Tensor:
+def flash_attn_packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None
+) -> Tensor:
     """``flash_attn.flash_attn_varlen_func`` on the packed layout.
 
     q, k, v: ``[T, H, D]`` fp16/bf16 on CUDA (sm_80+), last dim contiguous; cu_seqlens int32 ``[B+1]``.
@@ -162,7 +172,10 @@ def _torch_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
     if _torch_varlen_attn() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn: it needs torch >= 2.10"
     if _capability(device) < (8, 0):
-        return f"torch varlen_attn (flash attention) needs sm_80 (Ampere) or newer; this GPU is {_sm(device)}: use backend='triton'"
+        return (
+            f"torch varlen_attn (flash attention) needs sm_80 (Ampere) or newer; this GPU is {_sm(device)}: "
+            "use backend='triton'"
+        )
     if dtype not in LOW_PRECISION:
         return f"torch varlen_attn takes float16 or bfloat16, not {dtype}: cast q, k, v or use backend='triton'"
     if head_dim % 8 != 0:
@@ -170,7 +183,9 @@ def _torch_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
     return _head_dim_reason(head_dim)
 
 
-def torch_varlen_packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None) -> Tensor:
+def torch_varlen_packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None
+) -> Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` on the packed layout.
 
     q, k, v: ``[T, H, D]`` fp16/bf16 on CUDA (sm_80+); cu_seqlens int32 ``[B+1]``. Returns ``[T, H, D]``.

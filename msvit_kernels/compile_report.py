@@ -16,6 +16,7 @@ first-call estimate per target sums the compile seconds of every config a first 
 training forward+backward compiles (autotuning compiles every candidate), in the dtype that target
 would train in (float16 on sm_70/75, bfloat16 on sm_80+).
 """
+
 import argparse
 import contextlib
 import io
@@ -59,31 +60,59 @@ def _record(workload: Workload):
     total = batch * lengths
     with record_launches() as records:
         if model != "attention":
-            gate_weights = (torch.zeros(hidden, 3 * coarse * coarse, dtype=dtype), torch.zeros(hidden, dtype=dtype),
-                            torch.zeros(49, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype),
-                            torch.zeros(hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype),
-                            torch.zeros(hidden, dtype=dtype), torch.zeros(1, hidden, dtype=dtype),
-                            torch.zeros(1, dtype=dtype))
+            gate_weights = (
+                torch.zeros(hidden, 3 * coarse * coarse, dtype=dtype),
+                torch.zeros(hidden, dtype=dtype),
+                torch.zeros(49, hidden, dtype=dtype),
+                torch.zeros(hidden, hidden, dtype=dtype),
+                torch.zeros(hidden, dtype=dtype),
+                torch.zeros(hidden, hidden, dtype=dtype),
+                torch.zeros(hidden, dtype=dtype),
+                torch.zeros(1, hidden, dtype=dtype),
+                torch.zeros(1, dtype=dtype),
+            )
             training = "train" in workload.name
-            gate_kernel._gate_forward(images, coarse, gate_weights, torch.zeros(batch, 49) if training else None,
-                                      0.3, training)
+            gate_kernel._gate_forward(
+                images, coarse, gate_weights, torch.zeros(batch, 49) if training else None, 0.3, training
+            )
             index_kernel._counts(mask, 2, prefix)
-            index_kernel._index_maps(mask, torch.zeros(batch, 49, dtype=torch.int32), torch.zeros(batch + 1, dtype=torch.int32),
-                                     total, lengths, grid, 2, prefix)
+            index_kernel._index_maps(
+                mask,
+                torch.zeros(batch, 49, dtype=torch.int32),
+                torch.zeros(batch + 1, dtype=torch.int32),
+                total,
+                lengths,
+                grid,
+                2,
+                prefix,
+            )
             rows = torch.zeros(total - batch * prefix, dtype=torch.int64)
-            pack_kernel._pack_forward(images, torch.zeros(dim, 3 * fine * fine, dtype=dtype), torch.zeros(dim, dtype=dtype),
-                                      torch.zeros(n_fine + 49, dim, dtype=dtype), torch.zeros(batch * 49, dtype=dtype),
-                                      torch.zeros(prefix, dim, dtype=dtype), rows, rows, rows,
-                                      torch.zeros(batch, prefix, dtype=torch.int64), total, fine, 2)
-            unpack_kernel._launch(torch.zeros(total, dim, dtype=dtype), torch.zeros(batch * n_fine, dtype=torch.int64), batch * n_fine)
+            pack_kernel._pack_forward(
+                images,
+                torch.zeros(dim, 3 * fine * fine, dtype=dtype),
+                torch.zeros(dim, dtype=dtype),
+                torch.zeros(n_fine + 49, dim, dtype=dtype),
+                torch.zeros(batch * 49, dtype=dtype),
+                torch.zeros(prefix, dim, dtype=dtype),
+                rows,
+                rows,
+                rows,
+                torch.zeros(batch, prefix, dtype=torch.int64),
+                total,
+                fine,
+                2,
+            )
+            unpack_kernel._launch(
+                torch.zeros(total, dim, dtype=dtype), torch.zeros(batch * n_fine, dtype=torch.int64), batch * n_fine
+            )
         qkv = torch.zeros(total, 3, heads, head_dim, dtype=dtype)
         q, k, v = qkv.unbind(1)
         cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
         out = torch.zeros(total, heads, head_dim, dtype=dtype)
         lse = torch.zeros(heads, total)
-        attention_kernel.attention_forward(q, k, v, cu_seqlens, 246, head_dim ** -0.5)
+        attention_kernel.attention_forward(q, k, v, cu_seqlens, 246, head_dim**-0.5)
         if "infer" not in workload.name:
-            attention_kernel.attention_backward(out, q, k, v, out, lse, cu_seqlens, 246, head_dim ** -0.5)
+            attention_kernel.attention_backward(out, q, k, v, out, lse, cu_seqlens, 246, head_dim**-0.5)
     return records
 
 
@@ -93,10 +122,18 @@ def workloads(quick: bool) -> List[Workload]:
     if quick:
         return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")]
     sweep = first + [Workload("ViT-S/16,32 train", "float32", 64, False)]
-    sweep += [Workload(f"ViT-{m}/16,32 {mode}", d, 64, False) for m in "SB" for mode in ("train", "infer")
-              for d in ("float16", "bfloat16", "float32") if not (m == "S" and mode == "train")]
-    sweep += [Workload("attention train", d, hd, False) for hd in (32, 80, 128, 256)
-              for d in ("float16", "bfloat16", "float32")]
+    sweep += [
+        Workload(f"ViT-{m}/16,32 {mode}", d, 64, False)
+        for m in "SB"
+        for mode in ("train", "infer")
+        for d in ("float16", "bfloat16", "float32")
+        if not (m == "S" and mode == "train")
+    ]
+    sweep += [
+        Workload("attention train", d, hd, False)
+        for hd in (32, 80, 128, 256)
+        for d in ("float16", "bfloat16", "float32")
+    ]
     return sweep
 
 
@@ -185,20 +222,35 @@ def _compile(job: _Job) -> dict:
 
     record, kwargs, target, (options, signature, constexprs, attrs), key = _bind(job)
     fn = record.kernel.fn
-    row = dict(kernel=record.kernel.name, workload=job.workload.name, dtype=job.workload.dtype, target=job.target,
-               config=_config_text(kwargs, record.meta), ok=False, registers=None, spill_bytes=None, stack_bytes=None,
-               shared=None, shared_limit=SHARED_MEMORY_LIMIT[job.target], seconds=None, first_call=job.workload.first_call,
-               error="")
+    row = dict(
+        kernel=record.kernel.name,
+        workload=job.workload.name,
+        dtype=job.workload.dtype,
+        target=job.target,
+        config=_config_text(kwargs, record.meta),
+        ok=False,
+        registers=None,
+        spill_bytes=None,
+        stack_bytes=None,
+        shared=None,
+        shared_limit=SHARED_MEMORY_LIMIT[job.target],
+        seconds=None,
+        first_call=job.workload.first_call,
+        error="",
+    )
     knobs.nvidia.dump_ptxas_log = True
     knobs.compilation.always_compile = True
     log = io.StringIO()
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = triton.compile(
+                ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
     except Exception as error:  # noqa: BLE001  the report shows it
-        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        row["error"] = (
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        )
         row["seconds"] = round(time.perf_counter() - start, 2)
         return row
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -244,7 +296,9 @@ def run_report(targets=TARGETS, quick: bool = False, jobs: int = 0, progress=Non
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(quick, tuple(targets), unfiltered)) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(quick, tuple(targets), unfiltered)
+        ) as pool:
             for row in pool.map(_run_job, range(len(plan))):
                 rows.append(row)
                 if progress:
@@ -261,32 +315,50 @@ def run_report(targets=TARGETS, quick: bool = False, jobs: int = 0, progress=Non
 def to_markdown(report: dict) -> str:
     rows = report["rows"]
     bad = [r for r in rows if not r["ok"]]
-    lines = [f"# Triton compile report (triton {report['triton']}, no GPU: ptxas from the triton wheel)", "",
-             f"{len(rows)} compiles, {len(bad)} not clean. Clean = compiled, 0 spill bytes, shared memory within the "
-             "target's per-block limit.", "",
-             "First-call compile estimate (MSViT-S/16,32 training forward+backward, every autotune candidate; "
-             "float16 on sm_70/75, bfloat16 on sm_80+): "
-             + ", ".join(f"sm_{t}: {s} s" for t, s in report["first_call_seconds"].items()), "",
-             "| kernel | config | dtype | target | ok | regs | spill B | stack B | smem B | limit B | compile s | workload |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Triton compile report (triton {report['triton']}, no GPU: ptxas from the triton wheel)",
+        "",
+        f"{len(rows)} compiles, {len(bad)} not clean. Clean = compiled, 0 spill bytes, shared memory within the "
+        "target's per-block limit.",
+        "",
+        "First-call compile estimate (MSViT-S/16,32 training forward+backward, every autotune candidate; "
+        "float16 on sm_70/75, bfloat16 on sm_80+): "
+        + ", ".join(f"sm_{t}: {s} s" for t, s in report["first_call_seconds"].items()),
+        "",
+        "| kernel | config | dtype | target | ok | regs | spill B | stack B | smem B | limit B | compile s "
+        "| workload |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["target"], r["dtype"], r["config"])):
         ok = "yes" if r["ok"] else f"NO ({r['error']})"
-        lines.append(f"| {r['kernel']} | {r['config']} | {r['dtype']} | sm_{r['target']} | {ok} | {r['registers']} | "
-                     f"{r['spill_bytes']} | {r['stack_bytes']} | {r['shared']} | {r['shared_limit']} | {r['seconds']} | "
-                     f"{r['workload']} |")
+        lines.append(
+            f"| {r['kernel']} | {r['config']} | {r['dtype']} | sm_{r['target']} | {ok} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['stack_bytes']} | {r['shared']} | {r['shared_limit']} | {r['seconds']} | "
+            f"{r['workload']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m msvit_kernels.compile_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default=",".join(map(str, TARGETS)),
-                        help="compute capabilities, comma separated (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m msvit_kernels.compile_report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--targets",
+        default=",".join(map(str, TARGETS)),
+        help="compute capabilities, comma separated (default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--out", help="also write summary.json and summary.md into this folder")
     parser.add_argument("--quick", action="store_true", help="the representative set `make test` compiles")
-    parser.add_argument("--unfiltered", action="store_true",
-                        help="compile every config on every target, ignoring the per-GPU rules (an audit of the rules)")
-    parser.add_argument("--jobs", type=int, default=0, help="parallel compile processes (default: one per core, up to 8)")
+    parser.add_argument(
+        "--unfiltered",
+        action="store_true",
+        help="compile every config on every target, ignoring the per-GPU rules (an audit of the rules)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=0, help="parallel compile processes (default: one per core, up to 8)"
+    )
     args = parser.parse_args(argv)
     try:
         targets = tuple(int(t) for t in args.targets.split(","))

@@ -7,6 +7,7 @@ named for what they are: ``"flash_attn"`` and ``"torch_varlen"``. The old spelli
 for the tokenizer's reference and for torch's varlen attention) keep working for one release with
 a DeprecationWarning.
 """
+
 import warnings
 from typing import Dict, Sequence
 

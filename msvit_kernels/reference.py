@@ -4,6 +4,7 @@ These are the oracles the tests compare the fused kernels against, and the imple
 ``kernels="reference"`` / ``backend="reference"`` paths run on any device and dtype (float64 too).
 They favour clarity over speed, but avoid Python loops over tokens: the only loop is over images.
 """
+
 from typing import Callable, Optional
 
 import torch
@@ -83,8 +84,19 @@ def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ra
     return torch.cat([fine, coarse]).index_select(0, source)
 
 
-def gate_mlp_reference(images: Tensor, region_size: int, w1: Tensor, b1: Tensor, pos: Tensor, w2: Tensor, b2: Tensor,
-                       w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor) -> Tensor:
+def gate_mlp_reference(
+    images: Tensor,
+    region_size: int,
+    w1: Tensor,
+    b1: Tensor,
+    pos: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    w3: Tensor,
+    b3: Tensor,
+    w4: Tensor,
+    b4: Tensor,
+) -> Tensor:
     """The scale gate (Section 2.1): logits ``[B, Nc]`` of every coarse region of ``images``.
 
     images ``[B, C, H, W]`` (H, W multiples of region_size); w1 ``[hidden, C*S*S]`` ((C, S, S)
@@ -97,9 +109,18 @@ def gate_mlp_reference(images: Tensor, region_size: int, w1: Tensor, b1: Tensor,
     return F.linear(h, w4, b4).squeeze(-1)
 
 
-def pack_reference(images: Tensor, index: MixedScaleIndex, weight: Tensor, bias: Optional[Tensor],
-                   pos_table: Optional[Tensor], st: Optional[Tensor], prefix: Optional[Tensor], fine_patch: int,
-                   ratio: int, norm: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+def pack_reference(
+    images: Tensor,
+    index: MixedScaleIndex,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    pos_table: Optional[Tensor],
+    st: Optional[Tensor],
+    prefix: Optional[Tensor],
+    fine_patch: int,
+    ratio: int,
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch: the torch tokenizer and the pack kernel's oracle.
 
     Every patch token of ``index`` is embedded (``norm`` applied after the embedding if given), gets

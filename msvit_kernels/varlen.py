@@ -6,6 +6,7 @@ token, a fine region its ``r*r`` fine tokens in raster order inside the region (
 patch / fine patch). Every map below is built on the mask's device; building the whole index costs
 exactly one host read (``T`` and ``max_seqlen``), once per forward.
 """
+
 from typing import NamedTuple, Tuple
 
 import torch

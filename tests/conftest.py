@@ -3,6 +3,7 @@
 ``TRITON_INTERPRET`` must be set before any kernel module imports triton, hence here, at the top
 of the first file pytest imports.
 """
+
 import os
 
 import torch

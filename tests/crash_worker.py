@@ -8,6 +8,7 @@ runs (killed, resumed, reference) share one thread count and their weights compa
 Protocol: one JSON request per stdin line, ``{"argv": [...], "kill_at": point or null, "after":
 seconds or null}``; one JSON reply per line, ``{"killed": bool, "code": int or null}``.
 """
+
 import json
 import os
 import signal

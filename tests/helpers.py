@@ -1,9 +1,24 @@
-"""Shared test fixtures: tiny timm ViTs and comparison helpers."""
+"""Shared test fixtures: the device, the Triton skip marker, tiny timm ViTs and comparison helpers."""
+
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from msvit_kernels import _triton
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The Triton kernels run on CUDA, or on CPU in the interpreter (tests/conftest.py sets it there).
+needs_triton = pytest.mark.skipif(
+    bool(_triton.triton_support(torch.empty(1, device=DEVICE))),
+    reason="triton is not installed (or TRITON_INTERPRET is unset on CPU)",
+)
+
 TINY = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+# The same tiny backbone as `msvit train --model-kwargs` takes it
+TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})
 
 
 def tiny_vit(img_size=64, **overrides) -> VisionTransformer:

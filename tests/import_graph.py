@@ -5,6 +5,7 @@ deferred into a function still makes the two modules depend on each other); only
 ``if TYPE_CHECKING:`` are skipped (they never run). ``from package import name`` is an edge to the
 submodule ``package.name`` when that is a module, else to ``package``.
 """
+
 import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
@@ -57,7 +58,7 @@ def resolve(package: str, module: Optional[str], level: int) -> str:
     if level == 0:
         return module or ""
     parts = package.split(".")
-    base = parts[:len(parts) - (level - 1)]
+    base = parts[: len(parts) - (level - 1)]
     return ".".join(base + ([module] if module else []))
 
 
@@ -76,7 +77,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:

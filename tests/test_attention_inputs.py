@@ -1,4 +1,5 @@
 """packed_attention refuses a scale, a head count or a head dim it cannot give a meaningful result for."""
+
 import math
 
 import pytest

@@ -1,17 +1,19 @@
 """Corrupted weights, configs that no longer match them, and malformed JSON are refused on load,
 with errors that name the file (and the key)."""
+
 import json
 
 import pytest
 import torch
+from test_train import TINY_MODEL
 
 from msvit.checkpoint import CONFIG, WEIGHTS, build_model, load_checkpoint, save_checkpoint
 from msvit.config_file import ConfigError
-from test_train import TINY_MODEL
 
-CONFIG_DICT = {"timm": {"name": "vit_tiny_patch16_224",
-                        "kwargs": {**json.loads(TINY_MODEL), "img_size": 32, "num_classes": 10}},
-               "msvit": {"coarse_patch_size": 16, "hidden": 16}}
+CONFIG_DICT = {
+    "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32, "num_classes": 10}},
+    "msvit": {"coarse_patch_size": 16, "hidden": 16},
+}
 
 
 @pytest.fixture
@@ -37,8 +39,10 @@ def test_flipped_bytes_in_the_tensor_data_are_refused_naming_the_file(folder):
     load_checkpoint(folder, verify=False)  # still readable when the user asks not to verify
 
 
-@pytest.mark.parametrize("key,value,named", [("num_heads", 6, "num_heads"), ("global_pool", "avg", "global_pool"),
-                                             ("qk_norm", True, "q_norm")])
+@pytest.mark.parametrize(
+    "key,value,named",
+    [("num_heads", 6, "num_heads"), ("global_pool", "avg", "global_pool"), ("qk_norm", True, "q_norm")],
+)
 def test_a_config_edited_with_the_same_tensor_shapes_is_refused(folder, key, value, named):
     """6 heads instead of 3 (or avg pooling, or qk-norm: new tensors) fit or nearly fit the weights, yet
     give other outputs."""
@@ -47,11 +51,17 @@ def test_a_config_edited_with_the_same_tensor_shapes_is_refused(folder, key, val
         load_checkpoint(folder)
 
 
-@pytest.mark.parametrize("text,match", [("", "is not valid JSON .it is empty"), ("{nope", "is not valid JSON"),
-                                        ("[1, 2]", "must hold a JSON object.*got a JSON list"),
-                                        ('{"msvit": {}}', "missing key 'timm'"),
-                                        ('{"timm": {"name": 3}}', "key 'timm.name' must be a string"),
-                                        ('{"timm": []}', "key 'timm' must be an object")])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("", "is not valid JSON .it is empty"),
+        ("{nope", "is not valid JSON"),
+        ("[1, 2]", "must hold a JSON object.*got a JSON list"),
+        ('{"msvit": {}}', "missing key 'timm'"),
+        ('{"timm": {"name": 3}}', "key 'timm.name' must be a string"),
+        ('{"timm": []}', "key 'timm' must be an object"),
+    ],
+)
 def test_malformed_configs_name_the_file_and_the_key(folder, text, match):
     (folder / CONFIG).write_text(text)
     with pytest.raises(ConfigError, match=f"{CONFIG}.*{match}|{match}") as error:

@@ -5,6 +5,7 @@ configs of a ViT-S/16,32 and a ViT-B/16,32 training forward+backward, each kerne
 with the ptxas inside the triton wheel. It runs in a subprocess because the report needs the real
 launch configs, and this test session runs the kernels under TRITON_INTERPRET=1.
 """
+
 import json
 import os
 import subprocess
@@ -16,15 +17,29 @@ from msvit_kernels import _triton as launch
 
 pytestmark = pytest.mark.skipif(launch.triton is None, reason="triton is not installed")
 
-KERNELS = {"_gate_layer_kernel", "_counts_kernel", "_index_kernel", "_pack_kernel", "_unpack_kernel",
-           "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+KERNELS = {
+    "_gate_layer_kernel",
+    "_counts_kernel",
+    "_index_kernel",
+    "_pack_kernel",
+    "_unpack_kernel",
+    "_attn_fwd_kernel",
+    "_attn_bwd_delta_kernel",
+    "_attn_bwd_dkdv_kernel",
+    "_attn_bwd_dq_kernel",
+}
 
 
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "msvit_kernels.compile_report", "--quick", "--json"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "msvit_kernels.compile_report", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.stdout, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -36,8 +51,12 @@ def test_every_kernel_compiles_for_every_target(report):
 
 
 def test_no_spills_and_shared_memory_within_limits(report):
-    bad = [f"{r['kernel']} {r['config']} {r['dtype']} sm_{r['target']}: {r['error']} (spill {r['spill_bytes']} B, "
-           f"smem {r['shared']} / {r['shared_limit']} B)" for r in report["rows"] if not r["ok"]]
+    bad = [
+        f"{r['kernel']} {r['config']} {r['dtype']} sm_{r['target']}: {r['error']} (spill {r['spill_bytes']} B, "
+        f"smem {r['shared']} / {r['shared_limit']} B)"
+        for r in report["rows"]
+        if not r["ok"]
+    ]
     assert not bad, "\n".join(bad)
     assert all(r["spill_bytes"] == 0 and r["shared"] <= launch.SHARED_MEMORY_LIMIT[r["target"]] for r in report["rows"])
 

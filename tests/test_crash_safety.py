@@ -6,6 +6,7 @@ Runs happen in forked children of one worker process (tests/crash_worker.py: sec
 an interpreter start-up each); ``MSVIT_KILL_AT`` makes a child SIGKILL itself at a named point of
 the writer (msvit.faults), the random kills come from the worker.
 """
+
 import json
 import os
 import random
@@ -23,22 +24,61 @@ from msvit.run_folder import RunFolderError, prepare
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_ratio": 2})
 EPOCHS = 3
-POINTS = ["checkpoint:weights:partial", "checkpoint:weights:written", "checkpoint:config:written",
-          "checkpoint:state:partial", "checkpoint:state:written", "checkpoint:renamed", "manifest:partial",
-          "manifest:written", "metrics:partial", "metrics:written"]
+POINTS = [
+    "checkpoint:weights:partial",
+    "checkpoint:weights:written",
+    "checkpoint:config:written",
+    "checkpoint:state:partial",
+    "checkpoint:state:written",
+    "checkpoint:renamed",
+    "manifest:partial",
+    "manifest:written",
+    "metrics:partial",
+    "metrics:written",
+]
 
 
 def run_argv(out, *extra):
-    return ["--train-size", "64", "--val-size", "16", "--batch-size", "16", "--image-size", "32",
-            "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "8", "--gate-start-epoch", "1",
-            "--gate-loss", "gbas", "--epochs", str(EPOCHS), "--device", "cpu", "--out", str(out), *extra]
+    return [
+        "--train-size",
+        "64",
+        "--val-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--image-size",
+        "32",
+        "--model-kwargs",
+        TINY_MODEL,
+        "--coarse-patch",
+        "16",
+        "--gate-hidden",
+        "8",
+        "--gate-start-epoch",
+        "1",
+        "--gate-loss",
+        "gbas",
+        "--epochs",
+        str(EPOCHS),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def worker():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    process = subprocess.Popen([sys.executable, "-u", str(HERE / "crash_worker.py")], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-u", str(HERE / "crash_worker.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
 
     def run(out, *extra, kill_at=None, after=None) -> dict:
         process.stdin.write(json.dumps({"argv": run_argv(out, *extra), "kill_at": kill_at, "after": after}) + "\n")

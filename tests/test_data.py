@@ -1,4 +1,5 @@
 """ClutteredDigits: determinism, shapes, boxes and masks, labels, splits, flat backgrounds, errors."""
+
 import numpy as np
 import pytest
 import torch
@@ -106,10 +107,23 @@ def test_transform_and_dataloader():
     assert images.shape == (4, 3, 32, 48) and labels.dtype == torch.int64
 
 
-@pytest.mark.parametrize("kwargs", [{"n": 0}, {"n": 2.5}, {"image_size": 8}, {"image_size": (0, 64)},
-                                    {"image_size": (64, 64, 3)}, {"image_size": 64.0}, {"seed": -1},
-                                    {"split": "test"}, {"digit_scale": (0.5, 0.2)}, {"digit_scale": (0.01, 0.3)},
-                                    {"clutter": (3, 1)}, {"clutter": (-1, 2)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n": 0},
+        {"n": 2.5},
+        {"image_size": 8},
+        {"image_size": (0, 64)},
+        {"image_size": (64, 64, 3)},
+        {"image_size": 64.0},
+        {"seed": -1},
+        {"split": "test"},
+        {"digit_scale": (0.5, 0.2)},
+        {"digit_scale": (0.01, 0.3)},
+        {"clutter": (3, 1)},
+        {"clutter": (-1, 2)},
+    ],
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         ClutteredDigits(**{"n": 4, **kwargs})
@@ -144,8 +158,12 @@ def test_shift_augmentation_keeps_the_digit_inside_and_moves_it():
         assert -1 <= dy <= 4 and -4 <= dx <= 1  # bounded by the limit and by the image edges
         offsets.add((dy, dx))
     assert len(offsets) > 20  # and it really moves
-    data = InMemoryImages((image * 255).to(torch.uint8).expand(3, 3, 16, 16).clone(), torch.zeros(3, dtype=torch.long),
-                          boxes=box.expand(3, 4), shift=4)
+    data = InMemoryImages(
+        (image * 255).to(torch.uint8).expand(3, 3, 16, 16).clone(),
+        torch.zeros(3, dtype=torch.long),
+        boxes=box.expand(3, 4),
+        shift=4,
+    )
     assert data[0][0].shape == (3, 16, 16)
     with pytest.raises(ValueError, match="boxes"):
         InMemoryImages(data.images, data.labels, shift=2)

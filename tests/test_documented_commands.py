@@ -1,4 +1,5 @@
 """The ``msvit train`` commands the README and the Makefile show parse with today's flags."""
+
 import re
 import shlex
 from pathlib import Path

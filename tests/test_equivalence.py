@@ -1,11 +1,13 @@
 """The equivalences docs/design.md section 2 pins down: all-fine = the timm ViT, all-coarse = the timm
 ViT on the 2x average-pooled image, and packed = masked = trimmed for any mask."""
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 import msvit
+
 from helpers import TINY, half_resolution_twin, rel_err, tiny_vit
 
 VARIANTS = {

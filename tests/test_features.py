@@ -1,8 +1,10 @@
 """Dense features: forward_features + unpack_to_grid against timm's own patch tokens."""
+
 import torch
 import torch.nn.functional as F
 
 import msvit
+
 from helpers import TINY, half_resolution_twin, rel_err, tiny_vit
 
 

@@ -1,34 +1,38 @@
 """Every numeric flag of msvit train is range-checked at parse time; file flags name flag and file."""
+
 import pytest
+from test_train import small_run
 
 import msvit
 from msvit.train import parse_args, train
-from test_train import small_run
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--gate-lr", "-1"], "--gate-lr must be >= 0"),
-    (["--gate-lambda", "-4"], "--gate-lambda must be >= 0"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--max-steps", "-1"], "--max-steps must be >= 0"),
-    (["--gate-hidden", "0"], "--gate-hidden must be >= 1"),
-    (["--lr", "nan"], "--lr must be >= 0"),
-    (["--lr", "-0.001"], "--lr must be >= 0"),
-    (["--warmup-epochs", "inf"], "--warmup-epochs must be >= 0"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--image-size", "-32"], "--image-size must be >= 1"),
-    (["--momentum", "1"], r"--momentum must be in \[0, 1\)"),
-    (["--smoothing", "-0.1"], r"--smoothing must be in \[0, 1\)"),
-    (["--gbas-sigma", "0"], "--gbas-sigma must be > 0"),
-    (["--gate-init-logit", "nan"], "--gate-init-logit must be finite"),
-    (["--digit-scale", "0.5", "0.2"], "--digit-scale LO HI needs LO <= HI"),
-    (["--digit-scale", "0", "0.2"], r"--digit-scale must be in \(0, 1\]"),
-    (["--gate-target", "1"], r"--gate-target must be in \(0, 1\)"),
-    (["--shift", "-2"], "--shift must be >= 0"),
-    (["--model-kwargs", "{'depth': 2}"], "--model-kwargs is not valid JSON"),
-    (["--model-kwargs", "[2]"], "--model-kwargs must be a JSON object"),
-    (["--pretrained", "/nowhere/vit.safetensors"], "--pretrained /nowhere/vit.safetensors: no such file"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--gate-lr", "-1"], "--gate-lr must be >= 0"),
+        (["--gate-lambda", "-4"], "--gate-lambda must be >= 0"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--max-steps", "-1"], "--max-steps must be >= 0"),
+        (["--gate-hidden", "0"], "--gate-hidden must be >= 1"),
+        (["--lr", "nan"], "--lr must be >= 0"),
+        (["--lr", "-0.001"], "--lr must be >= 0"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be >= 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--image-size", "-32"], "--image-size must be >= 1"),
+        (["--momentum", "1"], r"--momentum must be in \[0, 1\)"),
+        (["--smoothing", "-0.1"], r"--smoothing must be in \[0, 1\)"),
+        (["--gbas-sigma", "0"], "--gbas-sigma must be > 0"),
+        (["--gate-init-logit", "nan"], "--gate-init-logit must be finite"),
+        (["--digit-scale", "0.5", "0.2"], "--digit-scale LO HI needs LO <= HI"),
+        (["--digit-scale", "0", "0.2"], r"--digit-scale must be in \(0, 1\]"),
+        (["--gate-target", "1"], r"--gate-target must be in \(0, 1\)"),
+        (["--shift", "-2"], "--shift must be >= 0"),
+        (["--model-kwargs", "{'depth': 2}"], "--model-kwargs is not valid JSON"),
+        (["--model-kwargs", "[2]"], "--model-kwargs must be a JSON object"),
+        (["--pretrained", "/nowhere/vit.safetensors"], "--pretrained /nowhere/vit.safetensors: no such file"),
+    ],
+)
 def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
     with pytest.raises(SystemExit) as stop:
         parse_args(flags)
@@ -37,9 +41,14 @@ def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
     assert message.replace("\\", "") in err, err
 
 
-@pytest.mark.parametrize("flags,message", [(["--decoder-heads", "0"], "--decoder-heads must be >= 1"),
-                                           (["--budget", "1.5"], r"--budget must be in [0, 1]"),
-                                           (["--init", "/nowhere"], "--init /nowhere: no such folder")])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--decoder-heads", "0"], "--decoder-heads must be >= 1"),
+        (["--budget", "1.5"], r"--budget must be in [0, 1]"),
+        (["--init", "/nowhere"], "--init /nowhere: no such folder"),
+    ],
+)
 def test_bad_segmentation_flags_are_refused(capsys, flags, message):
     with pytest.raises(SystemExit):
         parse_args(["--task", "segmentation", *flags])

@@ -1,4 +1,5 @@
 """count_macs against torch's FlopCounterMode on timm models, and against its own formula."""
+
 import pytest
 import timm
 import torch

@@ -2,15 +2,19 @@
 poolings, against the independent dense path and against timm itself. Parameters are re-drawn
 first: timm's default init (LayerScale 1e-5, zero prefix tokens, zero head bias) makes features
 nearly independent of the tokens, which hides a pooling or normalisation mismatch."""
+
 import pytest
 import torch
 
 import msvit
+
 from helpers import rel_err, tiny_vit
 
-POOLS = {"token": dict(reg_tokens=1, init_values=1e-5),
-         "avg": dict(global_pool="avg", class_token=False, init_values=1e-5),
-         "avg-with-prefix": dict(global_pool="avg", reg_tokens=2, fc_norm=True)}
+POOLS = {
+    "token": dict(reg_tokens=1, init_values=1e-5),
+    "avg": dict(global_pool="avg", class_token=False, init_values=1e-5),
+    "avg-with-prefix": dict(global_pool="avg", reg_tokens=2, fc_norm=True),
+}
 
 
 def redrawn_vit(**overrides):

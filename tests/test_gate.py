@@ -1,10 +1,12 @@
 """The gate: initial state, Gumbel-Sigmoid straight-through, gradients in training, eval determinism,
 token budget, and its cost."""
+
 import pytest
 import torch
 
 import msvit
 from msvit.gate import MixedScaleGate, budget_mask, gumbel_sigmoid
+
 from helpers import tiny_vit
 
 

@@ -1,14 +1,15 @@
 """ImageFolder training data: every image reaches --image-size whatever the augmentation flags,
 and train/ and val/ must hold the same classes."""
+
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_train import TINY_MODEL
 
 from msvit.train import parse_args, train
 from msvit.train_data import build_data, loaders
-from test_train import TINY_MODEL
 
 SIZES = [(64, 96), (40, 41), (33, 70)]  # (height, width): non-square, odd, not multiples of 16
 
@@ -37,16 +38,37 @@ def test_every_training_image_is_resized_to_the_image_size(tmp_path, crop, hflip
 def test_default_flags_train_and_evaluate_at_the_image_size(tmp_path):
     """The reported crash: 64x96 images, --image-size 32, default crop/flip and the default GBaS loss."""
     data = image_folder(tmp_path / "data")
-    metrics = train(parse_args(["--data", str(data), "--image-size", "32", "--batch-size", "4", "--epochs", "1",
-                                "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "8",
-                                "--out", str(tmp_path / "run")]))
+    metrics = train(
+        parse_args(
+            [
+                "--data",
+                str(data),
+                "--image-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "1",
+                "--model-kwargs",
+                TINY_MODEL,
+                "--coarse-patch",
+                "16",
+                "--gate-hidden",
+                "8",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+    )
     assert metrics["train_tokens"] <= 1 + 16 and metrics["val_tokens_per_image"] <= 1 + 16  # a 32x32 grid of 8px
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["val_images"] == 12
 
 
-@pytest.mark.parametrize("val_classes,match", [(("cat",), r"missing from val/: \['dog'\]"),
-                                               (("cat", "dog", "eel"), r"only in val/: \['eel'\]")])
+@pytest.mark.parametrize(
+    "val_classes,match",
+    [(("cat",), r"missing from val/: \['dog'\]"), (("cat", "dog", "eel"), r"only in val/: \['eel'\]")],
+)
 def test_val_classes_must_match_train_classes(tmp_path, val_classes, match):
     data = image_folder(tmp_path, val_classes=val_classes)
     with pytest.raises(ValueError, match=match):

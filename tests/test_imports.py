@@ -1,5 +1,6 @@
 """No import cycles in ``msvit`` or ``msvit_kernels`` (deferred imports inside functions included),
 and every module imports in a fresh interpreter."""
+
 import subprocess
 import sys
 import textwrap
@@ -22,13 +23,15 @@ def test_the_checker_finds_a_cycle_through_a_deferred_import(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "a.py").write_text("from .b import helper\n")
-    (package / "b.py").write_text(textwrap.dedent("""
+    (package / "b.py").write_text(
+        textwrap.dedent("""
         from typing import TYPE_CHECKING
         if TYPE_CHECKING:
             from . import c
         def helper():
             from . import a  # deferred: still a cycle
-        """))
+        """)
+    )
     (package / "c.py").write_text("from msvit import b\n")
     graph = import_graph(tmp_path)
     assert graph["msvit.b"] == {"msvit.a"} and graph["msvit.c"] == {"msvit.b"}

@@ -1,4 +1,5 @@
 """Gate losses (Eq. 7-9): values, gradients, corner cases, GBaS priors, DDP gather, bad inputs."""
+
 import math
 import os
 import socket
@@ -73,7 +74,7 @@ def test_bas_prefers_prior_samples_over_constant_at_mean():
     # prior lies below 1e-3, so even exact prior samples keep a floor F(eps)^3/3 + (1-F(1-eps))^3/3.
     f_lo = relaxed_bernoulli_cdf(torch.tensor(0.0), target, tau).item()
     f_hi = 1 - relaxed_bernoulli_cdf(torch.tensor(1.0), target, tau).item()
-    assert drawn_loss.item() == pytest.approx((f_lo ** 3 + f_hi ** 3) / 3, abs=5e-4)
+    assert drawn_loss.item() == pytest.approx((f_lo**3 + f_hi**3) / 3, abs=5e-4)
     assert bas_loss(drawn, target, tau, eps=1e-6) < 1e-4  # a finer clamp removes the floor
     # flattened: shuffling values across positions changes nothing
     perm = torch.randperm(drawn.numel(), generator=g)
@@ -106,7 +107,7 @@ def test_gbas_centre_init():
     for grid, target in (((7, 7), 0.5), ((4, 6), 0.25), ((14, 14), 0.1)):
         theta = GBaSLoss(grid, target).priors.detach().view(grid)
         corners = theta[[0, 0, -1, -1], [0, -1, 0, -1]]
-        centre = theta[(grid[0] - 1) // 2:grid[0] // 2 + 1, (grid[1] - 1) // 2:grid[1] // 2 + 1]
+        centre = theta[(grid[0] - 1) // 2 : grid[0] // 2 + 1, (grid[1] - 1) // 2 : grid[1] // 2 + 1]
         assert (centre.min() > corners.max()) and theta.mean().item() == pytest.approx(target, abs=1e-3)
         assert ((theta > 0) & (theta < 1)).all()
     flat = GBaSLoss((4, 6), 0.25, ctr_init=False).priors.detach()
@@ -149,7 +150,7 @@ def test_gbas_with_shared_prior_is_per_position_bas():
     # theta_i = g* for all i (the sigma -> 0 limit): the position term is per-column BaS
     loss_fn = GBaSLoss((3, 4), 0.3, ctr_init=False)
     m = torch.rand(10, 12, generator=torch.Generator().manual_seed(0))
-    per_column = torch.stack([bas_loss(m[:, i:i + 1], 0.3) for i in range(12)])
+    per_column = torch.stack([bas_loss(m[:, i : i + 1], 0.3) for i in range(12)])
     terms = loss_fn.terms(m)
     assert terms.positions.item() == pytest.approx(per_column.mean().item(), rel=1e-5)
     summed = GBaSLoss((3, 4), 0.3, ctr_init=False, reduction="sum").terms(m)
@@ -163,8 +164,9 @@ def test_losses_keep_float32_under_half_inputs():
     assert l0_loss(m.double(), 0.5).dtype == torch.float64
 
 
-@pytest.mark.parametrize("bad_m", [torch.rand(5), torch.rand(2, 3, 4), torch.ones(2, 3, dtype=torch.long),
-                                   torch.rand(0, 4)])
+@pytest.mark.parametrize(
+    "bad_m", [torch.rand(5), torch.rand(2, 3, 4), torch.ones(2, 3, dtype=torch.long), torch.rand(0, 4)]
+)
 def test_bad_m_raises(bad_m):
     for fn in (lambda m: l0_loss(m, 0.5), lambda m: bas_loss(m, 0.5), GBaSLoss((2, 2), 0.5)):
         with pytest.raises(ValueError, match="m must"):
@@ -189,8 +191,14 @@ def test_gbas_bad_arguments_raise():
     with pytest.raises(ValueError, match="grid"):
         GBaSLoss(15, 0.5)  # centre init needs a 2-D grid
     assert GBaSLoss(15, 0.5, ctr_init=False).grid == (1, 15)
-    for kwargs in ({"grid": (0, 4)}, {"grid": (2, 2.0)}, {"grid": -3}, {"sigma": 0.0}, {"temperature": -1.0},
-                   {"reduction": "max"}):
+    for kwargs in (
+        {"grid": (0, 4)},
+        {"grid": (2, 2.0)},
+        {"grid": -3},
+        {"sigma": 0.0},
+        {"temperature": -1.0},
+        {"reduction": "max"},
+    ):
         with pytest.raises(ValueError):
             GBaSLoss(**{"grid": (2, 2), "target": 0.5, **kwargs})
     with pytest.raises(ValueError, match="temperature"):
@@ -211,8 +219,10 @@ def _gather_worker(rank, world, port, out_dir):
     loss_fn = GBaSLoss((3, 3), 0.4, gather=True)
     loss = bas_loss(m, 0.4, gather=True) + loss_fn(m)
     loss.backward()
-    torch.save({"loss": loss.detach(), "grad": m.grad, "prior_grad": loss_fn.prior_logits.grad},
-               os.path.join(out_dir, f"{rank}.pt"))
+    torch.save(
+        {"loss": loss.detach(), "grad": m.grad, "prior_grad": loss_fn.prior_logits.grad},
+        os.path.join(out_dir, f"{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 

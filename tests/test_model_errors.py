@@ -1,9 +1,11 @@
 """Every bad input to the model raises a ValueError/TypeError that says what was expected."""
+
 import pytest
 import torch
 from torch import nn
 
 import msvit
+
 from helpers import tiny_vit
 
 

@@ -1,4 +1,5 @@
 """Model inputs the issue found unclear: another float dtype than the weights, an empty batch, NaN budgets."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """packed_attention with the reference backend against a float64 oracle, and its input checks."""
+
 import pytest
 import torch
 
@@ -66,7 +67,9 @@ def test_empty_batch_and_all_empty_sequences():
 def test_auto_runs_reference_on_cpu_and_it_is_listed():
     assert "reference" in available_backends("cpu")
     q, k, v, cu, max_len, _ = make_qkv([3, 4])
-    assert torch.equal(packed_attention(q, k, v, cu, max_len), packed_attention(q, k, v, cu, max_len, backend="reference"))
+    assert torch.equal(
+        packed_attention(q, k, v, cu, max_len), packed_attention(q, k, v, cu, max_len, backend="reference")
+    )
 
 
 GOOD = dict(q=torch.randn(10, 2, 8), cu=torch.tensor([0, 4, 10], dtype=torch.int32), max_seqlen=6)

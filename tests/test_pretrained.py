@@ -6,6 +6,7 @@ Its measured held-out figures (2000 images of unseen source digits, metrics.json
 (3.0x). On these 500 images (the first of the demo's set): 95.0%, 28.2 tokens, 3.1x. The tests
 pin them with margin for BLAS differences between machines.
 """
+
 import pytest
 import timm.data
 import torch
@@ -15,6 +16,7 @@ import msvit
 from msvit.data import ClutteredDigits
 from msvit.evaluate import evaluate
 from msvit.train_data import materialize
+
 from helpers import tiny_vit
 
 
@@ -33,8 +35,9 @@ def accuracy(model, dataset) -> float:
 
 def test_shipped_digits_model_accuracy_and_gate_placement(model):
     data = model.pretrained_cfg["data"]
-    digits = ClutteredDigits(500, tuple(data["image_size"]), seed=10_000, split="val",
-                             digit_scale=tuple(data["digit_scale"]))
+    digits = ClutteredDigits(
+        500, tuple(data["image_size"]), seed=10_000, split="val", digit_scale=tuple(data["digit_scale"])
+    )
     rendered = materialize(digits, "", False)
     loader = torch.utils.data.DataLoader(rendered, batch_size=100)
     metrics = evaluate(model, loader, data["mean"], data["std"], "cpu", boxes=rendered.boxes)

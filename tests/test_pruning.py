@@ -1,5 +1,6 @@
 """EViT-style pruning on packed tokens: keep-all is the model, counts drop per image as configured,
 the varlen bookkeeping matches per-image runs, and the kept/fused rows are the right ones."""
+
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import msvit
 from msvit.pruning import PruneConfig, PrunedIndex, PrunedMSViT, cls_attention, prune_tokens
 from msvit_kernels.varlen import mixed_scale_index
+
 from helpers import rel_err, tiny_vit
 
 
@@ -51,7 +53,7 @@ def test_batch_equals_each_image_alone(model):
     pruned = PrunedMSViT(model, keep_ratio=0.5, layers=(0, 2))
     with torch.no_grad():
         batch = pruned(images, mask=mask)
-        alone = torch.cat([pruned(images[i:i + 1], mask=mask[i:i + 1]) for i in range(3)])
+        alone = torch.cat([pruned(images[i : i + 1], mask=mask[i : i + 1]) for i in range(3)])
     assert rel_err(batch, alone) <= 1e-5
 
 
@@ -62,8 +64,8 @@ def test_cls_attention_matches_a_dense_softmax():
     q, k = torch.randn(2, index.total, heads, dim, dtype=torch.float64).unbind(0)
     got = cls_attention(q, k, 0.5, index)
     for start, n in zip(index.cu_seqlens[:-1].tolist(), lengths):
-        scores = torch.einsum("hd,thd->ht", q[start], k[start:start + n]) * 0.5
-        assert torch.allclose(got[start:start + n], scores.softmax(-1).mean(0), atol=1e-12)
+        scores = torch.einsum("hd,thd->ht", q[start], k[start : start + n]) * 0.5
+        assert torch.allclose(got[start : start + n], scores.softmax(-1).mean(0), atol=1e-12)
 
 
 def test_prune_tokens_keeps_the_top_rows_and_fuses_the_rest():
@@ -75,7 +77,7 @@ def test_prune_tokens_keeps_the_top_rows_and_fuses_the_rest():
     assert new.cu_seqlens.tolist() == [0, 6, 11] and new.max_seqlen == 6 and new.total == 11
     for b, (s, e) in enumerate([(0, 9), (9, 15)]):
         patch = torch.arange(s + 1, e)
-        top = patch[scores[patch].argsort(descending=True)[:math.ceil(0.5 * len(patch))]].sort().values
+        top = patch[scores[patch].argsort(descending=True)[: math.ceil(0.5 * len(patch))]].sort().values
         rest = patch[~torch.isin(patch, top)]
         rows = new.origin[new.row_image == b]
         assert rows.tolist() == [s] + top.tolist() + [-1]

@@ -1,20 +1,33 @@
 """--resume continues exactly; runs that would be lost or mixed are refused with the flag named."""
+
 import json
 
 import pytest
 import torch
+from test_train import small_run
 
 from msvit.checkpoint import load_checkpoint
 from msvit.run_folder import RunFolderError
 from msvit.train import train
-from test_train import small_run
 
 STEPS_PER_EPOCH = 4  # --train-size 128 / --batch-size 32
 
 
 def tiny(out, *extra):
-    return small_run(out, "--train-size", "128", "--val-size", "32", "--gate-start-epoch", "1", "--warmup-epochs", "0.5",
-                     "--device", "cpu", *extra)  # bit-identical resume is a CPU claim
+    return small_run(
+        out,
+        "--train-size",
+        "128",
+        "--val-size",
+        "32",
+        "--gate-start-epoch",
+        "1",
+        "--warmup-epochs",
+        "0.5",
+        "--device",
+        "cpu",
+        *extra,
+    )  # bit-identical resume is a CPU claim
 
 
 def weights(out):
@@ -38,9 +51,15 @@ def test_one_epoch_then_resume_equals_two_epochs_straight(tmp_path):
     assert rows[-1]["lr"] == 0.0 and rows[-1]["step"] == 2 * STEPS_PER_EPOCH  # the schedule ran to its end
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "16"), ("--opt", "sgd"), ("--gate-loss", "l0"),
-                                        ("--model-kwargs", json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 1,
-                                                                       "num_heads": 3, "mlp_ratio": 2}))])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--batch-size", "16"),
+        ("--opt", "sgd"),
+        ("--gate-loss", "l0"),
+        ("--model-kwargs", json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "mlp_ratio": 2})),
+    ],
+)
 def test_resume_with_a_flag_that_changes_the_run_is_refused_naming_it(tmp_path, flag, value):
     train(tiny(tmp_path, "--epochs", "2", "--max-steps", "1"))
     with pytest.raises(RunFolderError, match=f"{flag} was"):
@@ -73,8 +92,12 @@ def test_extending_a_finished_run_continues_its_metrics(tmp_path):
     train(tiny(tmp_path, "--epochs", "1"))
     train(tiny(tmp_path, "--epochs", "2", "--resume"))
     assert epochs_logged(tmp_path) == [1, 2]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "epoch-0002", "metrics.csv",
-                                                           "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.json",
+        "epoch-0002",
+        "metrics.csv",
+        "metrics.jsonl",
+    ]
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

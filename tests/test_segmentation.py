@@ -1,5 +1,6 @@
 """Segmentation on packed mixed-scale tokens: decoders, gate freezing, gradients through the unpack,
 mIoU, the dense digits, and ``msvit train --task segmentation`` end to end (digits and a folder)."""
+
 import copy
 import json
 
@@ -14,9 +15,8 @@ from msvit.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_
 from msvit.train import main as train_main
 from msvit.train import parse_args, train
 from msvit_kernels import unpack_kernel as unpack
-from helpers import tiny_vit
 
-TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})
+from helpers import TINY_MODEL, tiny_vit
 
 
 def segmenter(decoder="linear", freeze_gate=True, **kwargs):
@@ -105,8 +105,19 @@ DIGITS_FLAGS = ["--train-size", "256", "--val-size", "64"]
 
 
 def tiny_args(out, *extra, backbone=BACKBONE_FLAGS, data=DIGITS_FLAGS):
-    return ["--task", "segmentation", *data, "--batch-size", "32", "--image-size", "32", *backbone,
-            "--out", str(out), *extra]
+    return [
+        "--task",
+        "segmentation",
+        *data,
+        "--batch-size",
+        "32",
+        "--image-size",
+        "32",
+        *backbone,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path, monkeypatch):
@@ -114,8 +125,14 @@ def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path, mon
 
     saved_models = []  # the live model each epoch writes, to compare the loaded copy against
     save_epoch = run_folder.save_epoch
-    monkeypatch.setattr(run_folder, "save_epoch", lambda out, epoch, save, model, *rest: (
-        saved_models.append(copy.deepcopy(model).eval()), save_epoch(out, epoch, save, model, *rest))[1])
+    monkeypatch.setattr(
+        run_folder,
+        "save_epoch",
+        lambda out, epoch, save, model, *rest: (
+            saved_models.append(copy.deepcopy(model).eval()),
+            save_epoch(out, epoch, save, model, *rest),
+        )[1],
+    )
     train_main(tiny_args(tmp_path, "--epochs", "3", "--lr", "2e-3", "--warmup-epochs", "0.5", "--budget", "0.5"))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[-1]["train_task"] < 0.5 * rows[0]["train_task"]
@@ -133,22 +150,52 @@ def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path, mon
 
 
 def test_mask_decoder_with_a_trainable_gate_trains(tmp_path):
-    args = parse_args(tiny_args(tmp_path, "--decoder", "mask", "--decoder-depth", "1", "--no-freeze-gate",
-                                "--gate-loss", "l0", "--epochs", "1", "--max-steps", "3"))
+    args = parse_args(
+        tiny_args(
+            tmp_path,
+            "--decoder",
+            "mask",
+            "--decoder-depth",
+            "1",
+            "--no-freeze-gate",
+            "--gate-loss",
+            "l0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "3",
+        )
+    )
     metrics = train(args)
     assert metrics["step"] == 3 and metrics["train_gate"] > 0
 
 
 def test_init_from_a_classification_checkpoint_keeps_its_backbone(tmp_path):
-    config = {"timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32,
-                                                                   "num_classes": 10}},
-              "msvit": {"coarse_patch_size": 16, "hidden": 16}}
+    config = {
+        "timm": {
+            "name": "vit_tiny_patch16_224",
+            "kwargs": {**json.loads(TINY_MODEL), "img_size": 32, "num_classes": 10},
+        },
+        "msvit": {"coarse_patch_size": 16, "hidden": 16},
+    }
     classifier = build_model(config)
     save_checkpoint(tmp_path / "cls", classifier, config)
     with pytest.raises(SystemExit):  # the backbone comes from --init: its flags would be ignored
         parse_args(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls")))
-    train_main(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls"), "--epochs", "1", "--max-steps", "1",
-                         "--lr", "0", backbone=[]))
+    train_main(
+        tiny_args(
+            tmp_path / "seg",
+            "--init",
+            str(tmp_path / "cls"),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--lr",
+            "0",
+            backbone=[],
+        )
+    )
     model = load_segmenter(tmp_path / "seg")
     saved = model.pretrained_cfg["config"]
     assert saved["timm"]["kwargs"]["num_classes"] == 0 and saved["msvit"] == config["msvit"]
@@ -199,19 +246,25 @@ def test_segmentation_defaults_differ_only_where_the_task_sets_them():
     assert segmentation.freeze_gate and segmentation.budget is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--budget", "0.5"], "--budget is an option of --task segmentation, not of --task classification"),
-    (["--decoder=mask"], "--decoder is an option of --task segmentation"),
-    (["--task", "segmentation", "--gate-loss-input", "probs"], "--gate-loss-input acts on a training gate"),
-    (["--task", "segmentation", "--gate-lambda", "2"], "--gate-lambda acts on a training gate"),
-    (["--task", "segmentation", "--gate-mode-epochs", "2"], "segmentation runs packed"),
-    (["--task", "segmentation", "--crop", "light"], "without crop augmentation"),
-    (["--task", "segmentation", "--shift", "4", "--data", "/some/folder"], "--shift needs --data cluttered-digits"),
-    (["--train-size", "100", "--data", "/some/folder"], "--train-size needs --data cluttered-digits: folder data"),
-    (["--task", "segmentation", "--digit-scale", "0.2", "0.4", "--data", "/f"], "--digit-scale needs --data"),
-    (["--task", "segmentation", "--bogus"], "unrecognized arguments: --bogus"),
-    (["--task", "segmentation", "--init", ".", "--gate-hidden", "8"], "--gate-hidden builds a backbone, but --init"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget", "0.5"], "--budget is an option of --task segmentation, not of --task classification"),
+        (["--decoder=mask"], "--decoder is an option of --task segmentation"),
+        (["--task", "segmentation", "--gate-loss-input", "probs"], "--gate-loss-input acts on a training gate"),
+        (["--task", "segmentation", "--gate-lambda", "2"], "--gate-lambda acts on a training gate"),
+        (["--task", "segmentation", "--gate-mode-epochs", "2"], "segmentation runs packed"),
+        (["--task", "segmentation", "--crop", "light"], "without crop augmentation"),
+        (["--task", "segmentation", "--shift", "4", "--data", "/some/folder"], "--shift needs --data cluttered-digits"),
+        (["--train-size", "100", "--data", "/some/folder"], "--train-size needs --data cluttered-digits: folder data"),
+        (["--task", "segmentation", "--digit-scale", "0.2", "0.4", "--data", "/f"], "--digit-scale needs --data"),
+        (["--task", "segmentation", "--bogus"], "unrecognized arguments: --bogus"),
+        (
+            ["--task", "segmentation", "--init", ".", "--gate-hidden", "8"],
+            "--gate-hidden builds a backbone, but --init",
+        ),
+    ],
+)
 def test_flags_without_meaning_for_the_task_are_refused_naming_them(capsys, argv, message):
     with pytest.raises(SystemExit) as stop:
         parse_args(argv)

@@ -6,6 +6,7 @@ On a CPU-only machine the kernels run in the Triton interpreter (tests/conftest.
 products, so they meet the fp32 rule (<= 1e-5 relative to a float64 oracle). GPU-only tests cover
 fp16/bf16 with flash-attn's rule: kernel error <= 2x the error of the reference run in that dtype.
 """
+
 import copy
 
 import pytest
@@ -13,14 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import msvit
-from helpers import rel_err, tiny_vit
 from msvit.gate import MixedScaleGate, gumbel_sigmoid
 from msvit_kernels import _triton, dispatch, fused_gate, gather_embed_pack, mixed_scale_index, triton_mixed_scale_index
 from msvit_kernels.reference import gate_mlp_reference, pack_reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(bool(_triton.triton_support(torch.empty(1, device=DEVICE))),
-                                  reason="triton is not installed (or TRITON_INTERPRET is unset on CPU)")
+from helpers import DEVICE, needs_triton, rel_err, tiny_vit
+
 pytestmark = needs_triton
 
 
@@ -43,12 +42,19 @@ def gate_tensors(region, grid, hidden, dtype=torch.float64, chans=3):
     torch.manual_seed(0)
     gate = MixedScaleGate(region, grid, in_chans=chans, hidden=hidden, init_logit=0.5).to(DEVICE, dtype)
     torch.nn.init.normal_(gate.fc4.weight, std=0.3)  # logits spread around 0 so hard decisions vary
-    return [t.detach().clone().requires_grad_() for t in gate._weights(torch.empty(1, chans, *(g * region for g in grid)))]
+    return [
+        t.detach().clone().requires_grad_() for t in gate._weights(torch.empty(1, chans, *(g * region for g in grid)))
+    ]
 
 
-@pytest.mark.parametrize("batch, size, region, hidden, chans", [
-    (1, (32, 48), 16, 106, 3), (3, (96, 160), 16, 20, 3), (2, (56, 28), 28, 33, 1),
-])
+@pytest.mark.parametrize(
+    "batch, size, region, hidden, chans",
+    [
+        (1, (32, 48), 16, 106, 3),
+        (3, (96, 160), 16, 20, 3),
+        (2, (56, 28), 28, 33, 1),
+    ],
+)
 @pytest.mark.parametrize("sample", [False, True])
 def test_gate_kernel_matches_reference(batch, size, region, hidden, chans, sample):
     grid = (size[0] // region, size[1] // region)
@@ -76,8 +82,10 @@ def test_gate_kernel_matches_reference(batch, size, region, hidden, chans, sampl
 # ---------------------------------------------------------------------------------------------- index
 
 
-@pytest.mark.parametrize("batch, grid, ratio, prefix", [(3, (6, 10), 2, 1), (1, (7, 9), 2, 0), (2, (3, 5), 3, 2),
-                                                        (5, (1, 1), 2, 1), (2, (4, 3), 1, 3)])
+@pytest.mark.parametrize(
+    "batch, grid, ratio, prefix",
+    [(3, (6, 10), 2, 1), (1, (7, 9), 2, 0), (2, (3, 5), 3, 2), (5, (1, 1), 2, 1), (2, (4, 3), 1, 3)],
+)
 @pytest.mark.parametrize("kind", ["fine", "coarse", "random"])
 def test_index_kernel_equals_mixed_scale_index(batch, grid, ratio, prefix, kind):
     mask = make_mask(kind, batch, grid[0] * grid[1], seed=batch)
@@ -111,16 +119,26 @@ def pack_inputs(batch, size, patch, ratio, prefix, dim, kind, bias=True, pos=Tru
     def param(*shape):
         return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
 
-    tensors = dict(weight=param(dim, 3 * patch * patch), bias=param(dim) if bias else None,
-                   pos_table=param(n_fine + grid[0] * grid[1], dim) if pos else None,
-                   st=mask.to(dtype).requires_grad_() if st else None, prefix=param(prefix, dim) if prefix else None)
+    tensors = dict(
+        weight=param(dim, 3 * patch * patch),
+        bias=param(dim) if bias else None,
+        pos_table=param(n_fine + grid[0] * grid[1], dim) if pos else None,
+        st=mask.to(dtype).requires_grad_() if st else None,
+        prefix=param(prefix, dim) if prefix else None,
+    )
     images = torch.randn(batch, 3, *size, generator=gen).to(DEVICE, dtype)
     return images, index, tensors
 
 
-@pytest.mark.parametrize("batch, size, patch, ratio, prefix, dim", [
-    (3, (96, 160), 8, 2, 1, 48), (1, (42, 56), 7, 2, 0, 20), (2, (48, 72), 8, 3, 2, 33), (2, (28, 28), 14, 1, 1, 16),
-])
+@pytest.mark.parametrize(
+    "batch, size, patch, ratio, prefix, dim",
+    [
+        (3, (96, 160), 8, 2, 1, 48),
+        (1, (42, 56), 7, 2, 0, 20),
+        (2, (48, 72), 8, 3, 2, 33),
+        (2, (28, 28), 14, 1, 1, 16),
+    ],
+)
 @pytest.mark.parametrize("kind", ["fine", "coarse", "random"])
 def test_pack_kernel_matches_reference(batch, size, patch, ratio, prefix, dim, kind):
     images, index, oracle = pack_inputs(batch, size, patch, ratio, prefix, dim, kind)
@@ -156,11 +174,16 @@ def fused_calls(monkeypatch):
     import msvit.tokenizer as tokenizer_mod
 
     calls = {}
-    for module, name in [(gate_mod, "fused_gate"), (tokenizer_mod, "triton_mixed_scale_index"),
-                         (tokenizer_mod, "gather_embed_pack")]:
+    for module, name in [
+        (gate_mod, "fused_gate"),
+        (tokenizer_mod, "triton_mixed_scale_index"),
+        (tokenizer_mod, "gather_embed_pack"),
+    ]:
+
         def spy(*args, _fn=getattr(module, name), _name=name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
+
         monkeypatch.setattr(module, name, spy)
     return calls
 
@@ -225,12 +248,15 @@ def test_model_gradients_match_torch_kernels_with_the_sampling_gate(model_pair, 
     assert fused_calls == {"fused_gate": 1, "triton_mixed_scale_index": 1, "gather_embed_pack": 1}
 
 
-@pytest.mark.parametrize("variant, size, coarse", [
-    (dict(init_values=0.1, reg_tokens=2), (96, 160), 16),
-    (dict(class_token=False, global_pool="avg", pos_embed="none"), (96, 160), 16),
-    (dict(no_embed_class=True), (96, 160), 16),
-    (dict(), (48, 72), 24),
-])
+@pytest.mark.parametrize(
+    "variant, size, coarse",
+    [
+        (dict(init_values=0.1, reg_tokens=2), (96, 160), 16),
+        (dict(class_token=False, global_pool="avg", pos_embed="none"), (96, 160), 16),
+        (dict(no_embed_class=True), (96, 160), 16),
+        (dict(), (48, 72), 24),
+    ],
+)
 def test_model_variants_match_torch_kernels(variant, size, coarse, fused_calls):
     """Registers (P = 2), no prefix and no position embedding, prefix without position, factor 3."""
     reference = msvit.from_timm(tiny_vit(img_size=size, **variant), kernels="reference", coarse_patch_size=coarse)
@@ -308,7 +334,9 @@ def test_gpu_auto_uses_the_fused_path_and_trains_under_autocast(monkeypatch):
     import msvit.tokenizer as tokenizer_mod
 
     calls = []
-    monkeypatch.setattr(tokenizer_mod, "gather_embed_pack", lambda *a, **k: calls.append(1) or gather_embed_pack(*a, **k))
+    monkeypatch.setattr(
+        tokenizer_mod, "gather_embed_pack", lambda *a, **k: calls.append(1) or gather_embed_pack(*a, **k)
+    )
     model = msvit.from_timm(tiny_vit(img_size=(96, 160)), init_logit=0.0).cuda().train()
     reference = copy.deepcopy(model)
     reference.kernels = "reference"

@@ -1,4 +1,5 @@
 """msvit train end to end on CPU: a short run learns, DDP with gloo runs, checkpoints round-trip."""
+
 import json
 import os
 import subprocess
@@ -12,20 +13,54 @@ import msvit
 from msvit.checkpoint import build_model, load_checkpoint, load_weights, resolve, save_checkpoint
 from msvit.train import parse_args, train
 
-TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 2})
+from helpers import TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_run(out, *extra):
-    return parse_args(["--train-size", "256", "--val-size", "64", "--batch-size", "32", "--image-size", "32",
-                       "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16",
-                       "--out", str(out), *extra])
+    return parse_args(
+        [
+            "--train-size",
+            "256",
+            "--val-size",
+            "64",
+            "--batch-size",
+            "32",
+            "--image-size",
+            "32",
+            "--model-kwargs",
+            TINY_MODEL,
+            "--coarse-patch",
+            "16",
+            "--gate-hidden",
+            "16",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_short_training_run_learns_and_moves_the_gate(tmp_path):
     """Task loss falls and the fine rate moves from all-fine toward g*; metrics and checkpoint written."""
-    args = small_run(tmp_path, "--epochs", "4", "--lr", "2e-3", "--gate-lr", "0.05", "--gate-target", "0.25",
-                     "--warmup-epochs", "0.5", "--gate-warmup-epochs", "0.5", "--gate-loss", "l0")
+    args = small_run(
+        tmp_path,
+        "--epochs",
+        "4",
+        "--lr",
+        "2e-3",
+        "--gate-lr",
+        "0.05",
+        "--gate-target",
+        "0.25",
+        "--warmup-epochs",
+        "0.5",
+        "--gate-warmup-epochs",
+        "0.5",
+        "--gate-loss",
+        "l0",
+    )
     train(args)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
@@ -52,23 +87,47 @@ def test_baseline_modes_train(tmp_path, mode):
 
 def test_gate_mode_epochs_switch_back_to_the_training_mode(tmp_path):
     """Random masks first, then --gate-mode for --gate-mode-epochs, then --mode again."""
-    train(small_run(tmp_path, "--epochs", "4", "--gate-start-epoch", "1", "--gate-mode", "masked",
-                    "--gate-mode-epochs", "2", "--train-size", "64"))
+    train(
+        small_run(
+            tmp_path,
+            "--epochs",
+            "4",
+            "--gate-start-epoch",
+            "1",
+            "--gate-mode",
+            "masked",
+            "--gate-mode-epochs",
+            "2",
+            "--train-size",
+            "64",
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["mode"], r["gate_trains"]) for r in rows] == [
-        ("packed", False), ("masked", True), ("masked", True), ("packed", True)]
+        ("packed", False),
+        ("masked", True),
+        ("masked", True),
+        ("packed", True),
+    ]
 
 
 def test_gate_loss_on_probabilities_trains_the_gate(tmp_path):
-    metrics = train(small_run(tmp_path, "--epochs", "1", "--gate-loss", "l0-two-sided", "--gate-loss-input", "probs",
-                              "--max-steps", "3"))
+    metrics = train(
+        small_run(
+            tmp_path, "--epochs", "1", "--gate-loss", "l0-two-sided", "--gate-loss-input", "probs", "--max-steps", "3"
+        )
+    )
     assert metrics["train_gate"] > 0  # all-fine start vs g* 0.25: the pinned rate is off target
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
-    config = {"timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32,
-                                                                   "num_classes": 10}},
-              "msvit": {"coarse_patch_size": 16, "hidden": 16}}
+    config = {
+        "timm": {
+            "name": "vit_tiny_patch16_224",
+            "kwargs": {**json.loads(TINY_MODEL), "img_size": 32, "num_classes": 10},
+        },
+        "msvit": {"coarse_patch_size": 16, "hidden": 16},
+    }
     model = build_model(config).eval()
     save_checkpoint(tmp_path, model, config)
     loaded = load_checkpoint(tmp_path)
@@ -78,8 +137,10 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_loading_into_a_mismatched_config_fails_clearly(tmp_path):
-    config = {"timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32}},
-              "msvit": {"hidden": 16}}
+    config = {
+        "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32}},
+        "msvit": {"hidden": 16},
+    }
     save_checkpoint(tmp_path, build_model(config), config)
     other = build_model({**config, "msvit": {"hidden": 24}})
     with pytest.raises(ValueError, match="does not match this model's configuration.*gate"):
@@ -91,10 +152,36 @@ def test_loading_into_a_mismatched_config_fails_clearly(tmp_path):
 @pytest.mark.parametrize("task", [[], ["--task", "segmentation", "--no-freeze-gate"]], ids=["classify", "segment"])
 def test_two_process_gloo_ddp_run_and_resume(tmp_path, task):
     """torchrun with two CPU processes (gloo): rank 0 writes the checkpoint, both resume from it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "msvit", "train", *task, "--train-size", "64", "--val-size", "32", "--batch-size", "16",
-               "--image-size", "32", "--model-kwargs", TINY_MODEL, "--coarse-patch", "16", "--gate-hidden", "16",
-               "--gate-loss", "gbas", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "msvit",
+        "train",
+        *task,
+        "--train-size",
+        "64",
+        "--val-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--image-size",
+        "32",
+        "--model-kwargs",
+        TINY_MODEL,
+        "--coarse-patch",
+        "16",
+        "--gate-hidden",
+        "16",
+        "--gate-loss",
+        "gbas",
+        "--out",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
         result = subprocess.run(command + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -5,6 +5,7 @@ On a CPU-only machine the Triton kernels run in the interpreter (tests/conftest.
 fp32 within 1e-5 of float64 (the kernel uses IEEE fp32 dots, no TF32); fp16/bf16 follow
 flash-attn's rule: the kernel's error is at most 2x the error of the reference run in that dtype.
 """
+
 import re
 
 import pytest
@@ -14,9 +15,7 @@ import msvit_kernels as mk
 from msvit_kernels import attention, backends, cu_seqlens_from_lengths, packed_attention
 from msvit_kernels.reference import packed_attention_reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-HAS_TRITON = "triton" in mk.available_backends(DEVICE)
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (or TRITON_INTERPRET is unset on CPU)")
+from helpers import DEVICE, needs_triton
 
 RAGGED = [7, 0, 1, 63, 129]
 
@@ -123,7 +122,7 @@ def test_triton_empty_batches():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU behaviour")
 def test_available_backends_on_cpu():
-    expected = {"reference", "triton"} if HAS_TRITON else {"reference"}
+    expected = {"reference"} if needs_triton.args[0] else {"reference", "triton"}
     assert set(mk.available_backends("cpu")) == expected
     # bf16 is garbage in the interpreter and float64 is reference-only
     assert mk.available_backends("cpu", dtype=torch.bfloat16) == ["reference"]
@@ -135,7 +134,13 @@ def test_auto_picks_the_reference_on_cpu_even_under_the_interpreter():
         assert attention.resolve_backend("auto", torch.device("cpu"), dtype, 64).name == "reference"
 
 
-@pytest.mark.parametrize("name,match", [("flash_attn", r"flash-attn runs on NVIDIA GPUs .*sm_80"), ("torch_varlen", r"torch varlen_attn runs on NVIDIA GPUs .*sm_80")])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("flash_attn", r"flash-attn runs on NVIDIA GPUs .*sm_80"),
+        ("torch_varlen", r"torch varlen_attn runs on NVIDIA GPUs .*sm_80"),
+    ],
+)
 def test_gpu_only_backend_on_cpu_raises_runtime_error(name, match):
     q = torch.randn(10, 2, 16)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
@@ -186,7 +191,7 @@ def test_triton_and_torch_reasons_on_old_gpus(monkeypatch):
 def test_auto_order_on_cuda(monkeypatch):
     monkeypatch.setattr(backends, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(backends, "_flash_installed", lambda: False)
-    monkeypatch.setattr(backends, "_torch_varlen_attn", lambda: (lambda *a, **kw: None))
+    monkeypatch.setattr(backends, "_torch_varlen_attn", lambda: lambda *a, **kw: None)
     pick = lambda dtype, dim=64: attention.resolve_backend("auto", CUDA, dtype, dim).name  # noqa: E731
     assert pick(torch.float16) == "torch_varlen"  # measured faster than ours on an H200
     assert pick(torch.float32) == ("triton" if backends._triton_attention is not None else "reference")
@@ -209,7 +214,9 @@ def test_torch_library_op_is_registered_and_passes_opcheck():
 
 def test_torch_compile_of_reference_backend_on_cpu():
     # The reference reads cu_seqlens on the host (a graph break by design), so not fullgraph.
-    q, k, v, cu, max_len, leaves, grad_out = make_inputs([3, 0, 9], heads=2, dim=8, dtype=torch.float32, strided=False, device="cpu")
+    q, k, v, cu, max_len, leaves, grad_out = make_inputs(
+        [3, 0, 9], heads=2, dim=8, dtype=torch.float32, strided=False, device="cpu"
+    )
     fn = torch.compile(lambda q, k, v: packed_attention(q, k, v, cu, max_len, backend="reference") * 2)
     out = fn(q, k, v)
     torch.testing.assert_close(out, 2 * packed_attention_reference(q, k, v, cu, max_len))
@@ -252,7 +259,9 @@ def test_gpu_backends_vit_shapes(backend, dtype, dim):
 def test_gpu_torch_compile_fullgraph_triton_op_bf16():
     if attention.BACKENDS["triton"].support(DEVICE, torch.bfloat16, 64) is not None:
         pytest.skip("bf16 needs sm_80+")
-    q, k, v, cu, max_len, leaves, grad_out = make_inputs([77, 0, 201, 3], heads=6, dim=64, dtype=torch.bfloat16, strided=True)
+    q, k, v, cu, max_len, leaves, grad_out = make_inputs(
+        [77, 0, 201, 3], heads=6, dim=64, dtype=torch.bfloat16, strided=True
+    )
     from msvit_kernels.attention_kernel import triton_packed_attention
 
     fn = torch.compile(lambda qkv: triton_packed_attention(*qkv.unbind(1), cu, max_len), fullgraph=True)

@@ -4,6 +4,7 @@ On a CPU-only machine the kernel runs in the Triton interpreter (tests/conftest.
 ``TRITON_INTERPRET=1``); on a GPU the same tests run it compiled on CUDA. The op is a copy, so the
 forward must match exactly; the backward sums at most r*r values per row (float64 oracle, 1e-6).
 """
+
 import pytest
 import torch
 
@@ -12,9 +13,7 @@ from msvit_kernels import unpack_kernel as unpack_mod
 from msvit_kernels.reference import unpack_to_grid_reference
 from msvit_kernels.unpack_kernel import triton_unpack_to_grid, unpack_to_grid
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(bool(unpack_mod.triton_support(torch.empty(1, 1, device=DEVICE))),
-                                  reason="triton is not installed (or TRITON_INTERPRET is unset on CPU)")
+from helpers import DEVICE, needs_triton
 
 
 def packed_batch(batch, masks, channels, prefix=1, dtype=torch.float32, seed=0):
@@ -79,8 +78,9 @@ def test_auto_picks_the_reference_off_cuda_and_validates_inputs():
 def test_missing_triton_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(unpack_mod, "triton", None)
     tokens, index, grid = packed_batch(1, "random", 8)
-    assert torch.equal(unpack_to_grid(tokens, index.fine_to_row, grid),
-                       unpack_to_grid_reference(tokens, index.fine_to_row, grid))
+    assert torch.equal(
+        unpack_to_grid(tokens, index.fine_to_row, grid), unpack_to_grid_reference(tokens, index.fine_to_row, grid)
+    )
     with pytest.raises(RuntimeError, match="triton is not installed"):
         triton_unpack_to_grid(tokens, index.fine_to_row, grid)
 
@@ -104,6 +104,7 @@ def test_gpu_auto_uses_the_kernel_and_matches(dtype, monkeypatch):
 @needs_triton
 def test_model_unpack_goes_through_the_kernel_dispatch(monkeypatch):
     import msvit
+
     from helpers import tiny_vit
 
     model = msvit.from_timm(tiny_vit()).eval()

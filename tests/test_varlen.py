@@ -1,4 +1,5 @@
 """The varlen contract: packed layout, index maps and unpacking to the fine grid."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """``msvit visualize``: valid PNGs for a batch of images, from classification and segmenter checkpoints."""
+
 import json
 
 import matplotlib.image
@@ -15,10 +16,17 @@ TINY = {"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "mlp_ratio
 
 
 def config(num_classes):
-    return {"timm": {"name": "vit_tiny_patch16_224", "kwargs": {**TINY, "img_size": 32, "num_classes": num_classes}},
-            "msvit": {"coarse_patch_size": 16, "hidden": 16},
-            "data": {"name": "test", "image_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
-                     "classes": ["background", "digit", "clutter"]}}
+    return {
+        "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**TINY, "img_size": 32, "num_classes": num_classes}},
+        "msvit": {"coarse_patch_size": 16, "hidden": 16},
+        "data": {
+            "name": "test",
+            "image_size": [32, 32],
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "classes": ["background", "digit", "clutter"],
+        },
+    }
 
 
 @pytest.fixture
@@ -40,8 +48,18 @@ def check_png(path):
 
 def test_classification_checkpoint_writes_one_mask_overlay_per_image(tmp_path, images, capsys):
     save_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
-    cli_main(["visualize", *images, "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
-              "--budget", "0.5"])
+    cli_main(
+        [
+            "visualize",
+            *images,
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--budget",
+            "0.5",
+        ]
+    )
     for name in ("rgb", "grey", "rgba"):
         check_png(tmp_path / "out" / f"{name}_mask.png")
     check_png(tmp_path / "out" / "all_masks.png")
@@ -52,8 +70,9 @@ def test_classification_checkpoint_writes_one_mask_overlay_per_image(tmp_path, i
 def test_segmenter_checkpoint_writes_the_predicted_map_too(tmp_path, images):
     segmenter = MSSegmenter(build_model(config(0)), 3, decoder="mask", decoder_kwargs={"depth": 1})
     save_segmenter(tmp_path / "seg", segmenter, segmenter_config(config(0), segmenter, {"depth": 1}))
-    cli_main(["visualize", *images, "--checkpoint", str(tmp_path / "seg"), "--out", str(tmp_path / "out"),
-              "--segmentation"])
+    cli_main(
+        ["visualize", *images, "--checkpoint", str(tmp_path / "seg"), "--out", str(tmp_path / "out"), "--segmentation"]
+    )
     for name in ("rgb", "grey", "rgba"):
         check_png(tmp_path / "out" / f"{name}_mask.png")
         check_png(tmp_path / "out" / f"{name}_segmentation.png")
@@ -66,8 +85,25 @@ def test_clear_failures(tmp_path, images, monkeypatch):
         cli_main(["visualize", *images, "--out", str(tmp_path / "out")])
     save_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
     with pytest.raises(SystemExit, match="--segmentation needs a segmentation checkpoint"):
-        cli_main(["visualize", *images, "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
-                  "--segmentation"])
+        cli_main(
+            [
+                "visualize",
+                *images,
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--out",
+                str(tmp_path / "o"),
+                "--segmentation",
+            ]
+        )
     with pytest.raises(SystemExit, match="no such file"):
-        cli_main(["visualize", str(tmp_path / "missing.png"), "--checkpoint", str(tmp_path / "ckpt"),
-                  "--out", str(tmp_path / "o")])
+        cli_main(
+            [
+                "visualize",
+                str(tmp_path / "missing.png"),
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )

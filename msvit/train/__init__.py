@@ -6,6 +6,7 @@
 The loop (``loop``) is shared by every task; a task (``tasks``: ``classify``, ``segment``) says
 what differs: data, model, loss target, evaluation, checkpoint format.
 """
+
 from .cli import main
 from .loop import train
 from .options import parse_args

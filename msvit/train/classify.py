@@ -1,5 +1,6 @@
 """The classification task of ``msvit train``: an MSViT classifier, cross-entropy with label
 smoothing, top-1 (and, on the digits, where the fine tokens go) on the held-out set."""
+
 from ..checkpoint import save_checkpoint
 from ..evaluate import evaluate as evaluate_classifier
 from ..train_data import build_data as build_image_data
@@ -21,8 +22,18 @@ def check(parser, args) -> None:
 
 
 def build_data(args, show: bool):
-    return build_image_data(args.data, args.image_size, args.crop, args.hflip, args.train_size, args.val_size,
-                            args.seed, show, digit_scale=args.digit_scale, shift=args.shift)
+    return build_image_data(
+        args.data,
+        args.image_size,
+        args.crop,
+        args.hflip,
+        args.train_size,
+        args.val_size,
+        args.seed,
+        show,
+        digit_scale=args.digit_scale,
+        shift=args.shift,
+    )
 
 
 def build_model(args, bundle):

@@ -1,4 +1,5 @@
 """``msvit train`` on the command line: parse, train, and show the user's mistakes as messages."""
+
 from ..config_file import ConfigError
 from ..run_folder import RunFolderError
 from .loop import train

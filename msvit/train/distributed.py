@@ -1,4 +1,5 @@
 """One process or torchrun's DDP: the device and rank of this process."""
+
 import os
 
 import torch

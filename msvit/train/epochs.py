@@ -1,14 +1,26 @@
 """Epoch boundaries of a run: the crash-safe checkpoint of each epoch and where an epoch may stop."""
+
 from .. import resume_state, run_folder
 
 
-def save_epoch(out, epoch, model, config, save, *, complete, step, opt, schedule, gate_loss, generator, rows, args,
-               rank, world) -> None:
+def save_epoch(
+    out, epoch, model, config, save, *, complete, step, opt, schedule, gate_loss, generator, rows, args, rank, world
+) -> None:
     """Every rank: gather the RNG states; rank 0 writes the epoch's checkpoint; all wait for it."""
     rng = resume_state.gather(resume_state.rng_state(generator), world)
     if rank == 0:
-        state = resume_state.train_state(epoch=epoch + 1, step=step, complete=complete, opt=opt, schedule=schedule,
-                                         gate_loss=gate_loss, rng=rng, rows=rows, args=args, world=world)
+        state = resume_state.train_state(
+            epoch=epoch + 1,
+            step=step,
+            complete=complete,
+            opt=opt,
+            schedule=schedule,
+            gate_loss=gate_loss,
+            rng=rng,
+            rows=rows,
+            args=args,
+            world=world,
+        )
         run_folder.save_epoch(out, epoch + 1, save, model, config, state)
     run_folder.barrier(world)
 
@@ -23,6 +35,8 @@ def stop_early(args, step: int, n: int, batches: int) -> bool:
 def check_batches(train_loader, batch_size: int, world: int) -> None:
     """A training set smaller than one batch (per process) would give epochs of zero steps."""
     if len(train_loader) == 0:
-        raise SystemExit(f"msvit train: --batch-size {batch_size} is larger than the training set "
-                         f"({len(train_loader.dataset)} images{f' over {world} processes' if world > 1 else ''}); "
-                         "incomplete batches are dropped, so an epoch would have no step")
+        raise SystemExit(
+            f"msvit train: --batch-size {batch_size} is larger than the training set "
+            f"({len(train_loader.dataset)} images{f' over {world} processes' if world > 1 else ''}); "
+            "incomplete batches are dropped, so an epoch would have no step"
+        )

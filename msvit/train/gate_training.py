@@ -1,5 +1,6 @@
 """How the gate trains: its loss (Eq. 6: L0, BaS or GBaS), what that loss sees, the random
 mixed-scale masks before ``--gate-start-epoch``, and the execution mode of each epoch."""
+
 import torch
 import torch.distributed as dist
 
@@ -9,8 +10,9 @@ from ..losses import GBaSLoss, bas_loss, l0_loss
 def make_gate_loss(args, grid):
     """The gate loss of ``--gate-loss`` over a coarse ``grid`` (rows, cols), or None."""
     if args.gate_loss == "gbas":
-        return GBaSLoss(grid, args.gate_target, sigma=args.gbas_sigma, ctr_init=args.gbas_ctr_init,
-                        gather=dist.is_initialized())
+        return GBaSLoss(
+            grid, args.gate_target, sigma=args.gbas_sigma, ctr_init=args.gbas_ctr_init, gather=dist.is_initialized()
+        )
     if args.gate_loss == "bas":
         return lambda m: bas_loss(m, args.gate_target, gather=dist.is_initialized())
     if args.gate_loss in ("l0", "l0-two-sided"):

@@ -1,6 +1,7 @@
 """The epoch loop of ``msvit train``, the same for every task (``msvit.train.tasks``): DDP, the
 optimizer and schedule, the gate's phases, the loss of Eq. 6 (task loss + lambda * gate loss),
 metrics, and a crash-safe checkpoint per epoch that ``--resume`` continues exactly."""
+
 import time
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def train(args) -> dict:
     opt, schedule = make_optimizer(args, model, gate_loss, len(train_loader))
     start_epoch, step, rows = 0, 0, []
     if checkpoint is not None:
-        start_epoch, step, rows = resume_state.restore(checkpoint, model, opt, schedule, gate_loss,
-                                                       train_loader.generator, args, rank, world)
+        start_epoch, step, rows = resume_state.restore(
+            checkpoint, model, opt, schedule, gate_loss, train_loader.generator, args, rank, world
+        )
         launched -= rows[-1].get("wall_seconds", 0.0) if rows else 0.0  # the clock counts the whole run
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = args.amp and device.type == "cuda"
@@ -63,14 +65,20 @@ def train(args) -> dict:
         mask = random_masks(len(images), grid[0] * grid[1], args.gate_target, device) if pre_gate else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             result = task.forward(net, images, args, mode, mask)
-            task_loss = F.cross_entropy(result.logits.float(), targets, ignore_index=task.IGNORE_INDEX,
-                                        label_smoothing=args.smoothing)
+            task_loss = F.cross_entropy(
+                result.logits.float(), targets, ignore_index=task.IGNORE_INDEX, label_smoothing=args.smoothing
+            )
         use_gate_loss = gate_loss is not None and result.gate.soft is not None
         gate = gate_loss(gate_loss_input(args, result.gate)) if use_gate_loss else task_loss.new_zeros(())
         loss = task_loss + args.gate_lambda * gate
         optimizer_step(loss, model, opt, schedule, args.clip_grad)
-        return {"loss": loss, "task": task_loss, "gate": gate, "fine": result.gate.hard.float().mean(),
-                "tokens": result.tokens.float().mean()}
+        return {
+            "loss": loss,
+            "task": task_loss,
+            "gate": gate,
+            "fine": result.gate.hard.float().mean(),
+            "tokens": result.tokens.float().mean(),
+        }
 
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
@@ -89,18 +97,39 @@ def train(args) -> dict:
                 bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}", fine=f"{sums['fine'].item() / n:.2f}")
             if stop_early(args, step, n, len(train_loader)):
                 break
-        metrics = {"epoch": epoch + 1, "step": step, "mode": mode, "gate_trains": gate_trains and not pre_gate,
-                   **{f"train_{k}": v.item() / n for k, v in sums.items()}, "lr": schedule.get_last_lr()[0],
-                   "gate_lr": schedule.get_last_lr()[1], "epoch_seconds": time.perf_counter() - started}
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "mode": mode,
+            "gate_trains": gate_trains and not pre_gate,
+            **{f"train_{k}": v.item() / n for k, v in sums.items()},
+            "lr": schedule.get_last_lr()[0],
+            "gate_lr": schedule.get_last_lr()[1],
+            "epoch_seconds": time.perf_counter() - started,
+        }
         if main_process:
             evaluation = task.evaluate(model, val_loader, bundle, args, device)
             metrics.update({f"val_{k}": v for k, v in evaluation.items()})
             metrics["wall_seconds"] = time.perf_counter() - launched  # data generation and evaluation included
             tqdm.write(task.summary(metrics))
         rows.append(metrics)
-        save_epoch(out, epoch, model, config, task.save, complete=n == len(train_loader), step=step, opt=opt,
-                   schedule=schedule, gate_loss=gate_loss, generator=train_loader.generator, rows=rows, args=args,
-                   rank=rank, world=world)
+        save_epoch(
+            out,
+            epoch,
+            model,
+            config,
+            task.save,
+            complete=n == len(train_loader),
+            step=step,
+            opt=opt,
+            schedule=schedule,
+            gate_loss=gate_loss,
+            generator=train_loader.generator,
+            rows=rows,
+            args=args,
+            rank=rank,
+            world=world,
+        )
         if args.max_steps and step >= args.max_steps:
             break
     if world > 1:

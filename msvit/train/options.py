@@ -6,6 +6,7 @@ command line once, so ``msvit train --task segmentation --help`` lists the segme
 A flag of another task is refused naming that task; each task rejects shared flags that have no
 meaning for it (``Task.check``).
 """
+
 import argparse
 from typing import Optional
 
@@ -14,10 +15,12 @@ from ..train_data import CROPS, DIGITS
 from .tasks import TASKS, task_of
 
 # What each digits-only flag means for folder data.
-DIGITS_ONLY = {"train_size": "folder data trains on every image of its train/",
-               "val_size": "folder data evaluates on every image of its val/",
-               "digit_scale": "folder data has no digits to scale",
-               "shift": "only the digits have boxes that keep the object in frame"}
+DIGITS_ONLY = {
+    "train_size": "folder data trains on every image of its train/",
+    "val_size": "folder data evaluates on every image of its val/",
+    "digit_scale": "folder data has no digits to scale",
+    "shift": "only the digits have boxes that keep the object in frame",
+}
 DESCRIPTION = """fine-tune (or train) an MSViT with its gate, on one CPU/GPU or with torchrun.
 
 Recipes from Appendix C: --opt sgd (ViT: lr 0.03, momentum 0.9, no weight decay, clipping 1.0)
@@ -33,14 +36,29 @@ def add_data_options(p) -> None:
     g.add_argument("--image-size", type=int, default=64)
     g.add_argument("--train-size", type=int, default=20000, help="cluttered digits: training images")
     g.add_argument("--val-size", type=int, default=2000, help="cluttered digits: held-out images")
-    g.add_argument("--digit-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="cluttered digits: digit side as a fraction of the image (default: the dataset's)")
+    g.add_argument(
+        "--digit-scale",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="cluttered digits: digit side as a fraction of the image (default: the dataset's)",
+    )
     g.add_argument("--crop", choices=sorted(CROPS), default="none", help="crop augmentation (paper: standard/light)")
-    g.add_argument("--shift", type=int, default=0, metavar="PX",
-                   help="cluttered digits: random translations of up to PX pixels per image and epoch that keep "
-                        "the digit inside the image (fights memorising the fixed renders)")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on for folder data, off for digits)")
+    g.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="cluttered digits: random translations of up to PX pixels per image and epoch that keep "
+        "the digit inside the image (fights memorising the fixed renders)",
+    )
+    g.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: on for folder data, off for digits)",
+    )
 
 
 def add_model_options(p) -> None:
@@ -48,38 +66,72 @@ def add_model_options(p) -> None:
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name")
     g.add_argument("--model-kwargs", default="{}", help="JSON kwargs for timm.create_model (patch_size, depth, ...)")
     g.add_argument("--pretrained", default=None, help="local timm weights file to start from (no download)")
-    g.add_argument("--hub-pretrained", action="store_true", help="timm pretrained weights from the hub (needs internet)")
+    g.add_argument(
+        "--hub-pretrained", action="store_true", help="timm pretrained weights from the hub (needs internet)"
+    )
     g.add_argument("--coarse-patch", type=int, default=None, help="coarse patch size (default 2x the patch size)")
     g.add_argument("--gate-hidden", type=int, default=106)
-    g.add_argument("--gate-init-logit", type=float, default=3.0,
-                   help="initial gate logit (bias of its last layer): > 0 starts all-fine at eval, as in the paper; "
-                        "3 samples ~95%% of the regions fine in training, 1 about 73%%")
+    g.add_argument(
+        "--gate-init-logit",
+        type=float,
+        default=3.0,
+        help="initial gate logit (bias of its last layer): > 0 starts all-fine at eval, as in the paper; "
+        "3 samples ~95%% of the regions fine in training, 1 about 73%%",
+    )
     g.add_argument("--mode", choices=["packed", "trimmed", "masked"], default="packed")
 
 
 def add_gate_options(p) -> None:
     g = p.add_argument_group("gate training")
-    g.add_argument("--gate-mode", choices=["packed", "trimmed", "masked"], default=None,
-                   help="execution mode once the gate trains (default: --mode). 'masked' gives the gate the "
-                        "exact Eq. 18 gradient comparing each region's coarse and fine tokens (Appendix F)")
-    g.add_argument("--gate-mode-epochs", type=int, default=0,
-                   help="epochs (from --gate-start-epoch) that run in --gate-mode before training returns to --mode "
-                        "(0: until the end). A short masked phase places the gate; packed epochs after it are cheaper")
-    g.add_argument("--gate-loss", choices=["gbas", "bas", "l0", "l0-two-sided", "none"], default="gbas",
-                   help="l0-two-sided pins the batch's fine rate at g* from both sides (msvit.losses.l0_loss)")
-    g.add_argument("--gate-loss-input", choices=["samples", "probs"], default="samples",
-                   help="what the gate loss sees: the Gumbel-Sigmoid samples m (the paper), or the noise-free "
-                        "probabilities sigmoid(logit), whose gradient does not vanish where the samples saturate")
+    g.add_argument(
+        "--gate-mode",
+        choices=["packed", "trimmed", "masked"],
+        default=None,
+        help="execution mode once the gate trains (default: --mode). 'masked' gives the gate the "
+        "exact Eq. 18 gradient comparing each region's coarse and fine tokens (Appendix F)",
+    )
+    g.add_argument(
+        "--gate-mode-epochs",
+        type=int,
+        default=0,
+        help="epochs (from --gate-start-epoch) that run in --gate-mode before training returns to --mode "
+        "(0: until the end). A short masked phase places the gate; packed epochs after it are cheaper",
+    )
+    g.add_argument(
+        "--gate-loss",
+        choices=["gbas", "bas", "l0", "l0-two-sided", "none"],
+        default="gbas",
+        help="l0-two-sided pins the batch's fine rate at g* from both sides (msvit.losses.l0_loss)",
+    )
+    g.add_argument(
+        "--gate-loss-input",
+        choices=["samples", "probs"],
+        default="samples",
+        help="what the gate loss sees: the Gumbel-Sigmoid samples m (the paper), or the noise-free "
+        "probabilities sigmoid(logit), whose gradient does not vanish where the samples saturate",
+    )
     g.add_argument("--gate-lambda", type=float, default=4.0)
     g.add_argument("--gate-target", type=float, default=0.25, help="g*: target fraction of fine regions")
     g.add_argument("--gbas-sigma", type=float, default=0.1)
-    g.add_argument("--gbas-ctr-init", action=argparse.BooleanOptionalAction, default=True,
-                   help="initialise the GBaS priors higher at the centre (paper default; off for uncentred data)")
-    g.add_argument("--gate-start-epoch", type=int, default=0,
-                   help="epochs before the gate trains; meanwhile random masks (fine rate ~U(g*, 1) per image) "
-                        "make a from-scratch backbone robust to mixed scales, like the pretrained ones the paper starts from")
-    g.add_argument("--gate-lr", type=float, default=None,
-                   help="learning rate of the gate and the GBaS priors (default: --lr, as in the paper)")
+    g.add_argument(
+        "--gbas-ctr-init",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="initialise the GBaS priors higher at the centre (paper default; off for uncentred data)",
+    )
+    g.add_argument(
+        "--gate-start-epoch",
+        type=int,
+        default=0,
+        help="epochs before the gate trains; meanwhile random masks (fine rate ~U(g*, 1) per image) "
+        "make a from-scratch backbone robust to mixed scales, like the pretrained ones the paper starts from",
+    )
+    g.add_argument(
+        "--gate-lr",
+        type=float,
+        default=None,
+        help="learning rate of the gate and the GBaS priors (default: --lr, as in the paper)",
+    )
     g.add_argument("--gate-warmup-epochs", type=float, default=3.0)
 
 
@@ -103,21 +155,29 @@ def add_run_options(p) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="runs/msvit", help="checkpoint and metrics folder")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last complete checkpoint, exactly as if never stopped")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete checkpoint, exactly as if never stopped",
+    )
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (deletes it)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke runs)")
 
 
 def task_option(p) -> None:
-    p.add_argument("--task", choices=sorted(TASKS), default="classification",
-                   help="what to train; 'msvit train --task T --help' lists the options of task T")
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="classification",
+        help="what to train; 'msvit train --task T --help' lists the options of task T",
+    )
 
 
 def build_parser(task_name: str) -> argparse.ArgumentParser:
     task = task_of(task_name)
-    p = argparse.ArgumentParser(prog="msvit train", description=DESCRIPTION + "\n" + task.DESCRIPTION,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="msvit train", description=DESCRIPTION + "\n" + task.DESCRIPTION, formatter_class=HelpFormatter
+    )
     task_option(p)
     for add in (add_data_options, add_model_options, add_gate_options, add_optimization_options, add_run_options):
         add(p)

@@ -1,5 +1,6 @@
 """The segmentation task of ``msvit train --task segmentation``: an MSSegmenter (MSViT backbone +
 Segmenter decoder), per-pixel cross-entropy, mIoU on the held-out set."""
+
 import argparse
 from pathlib import Path
 
@@ -8,8 +9,15 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..flag_checks import Range, check_ranges
 from ..sample_images import normalize
-from ..segmentation import IGNORE_INDEX  # noqa: F401  the label the task's loss skips
-from ..segmentation import DECODERS, MSSegmenter, confusion_matrix, iou_metrics, save_segmenter, segmenter_config
+from ..segmentation import (
+    DECODERS,
+    IGNORE_INDEX,  # noqa: F401  the label the task's loss skips
+    MSSegmenter,
+    confusion_matrix,
+    iou_metrics,
+    save_segmenter,
+    segmenter_config,
+)
 from .backbone import make_model, model_config
 from .segment_data import build_segmentation_data as build_data  # noqa: F401  the task's data
 
@@ -31,43 +39,73 @@ gate-training options need --no-freeze-gate. The metric is mIoU (per-class IoU l
 val_iou_<class>); the segmenter is saved like a classifier (load it with
 msvit.segmentation.load_segmenter)."""
 DEFAULTS = {"smoothing": 0.0}
-RANGES = {"decoder_depth": Range(0), "decoder_heads": Range(1), "decoder_dim": Range(1), "budget": Range(0, 1),
-          "num_classes": Range(1)}
+RANGES = {
+    "decoder_depth": Range(0),
+    "decoder_heads": Range(1),
+    "decoder_dim": Range(1),
+    "budget": Range(0, 1),
+    "num_classes": Range(1),
+}
 # Flags that only act while the gate trains: meaningless with the frozen gate.
-GATE_TRAINING = ("gate_loss", "gate_loss_input", "gate_lambda", "gate_target", "gbas_sigma", "gbas_ctr_init",
-                 "gate_start_epoch", "gate_lr", "gate_warmup_epochs")
+GATE_TRAINING = (
+    "gate_loss",
+    "gate_loss_input",
+    "gate_lambda",
+    "gate_target",
+    "gbas_sigma",
+    "gbas_ctr_init",
+    "gate_start_epoch",
+    "gate_lr",
+    "gate_warmup_epochs",
+)
 # Flags that build the backbone: --init brings its own.
 BACKBONE = ("model", "model_kwargs", "pretrained", "hub_pretrained", "coarse_patch", "gate_hidden", "gate_init_logit")
 save = save_segmenter
 
 
 def add_options(group) -> None:
-    group.add_argument("--decoder", choices=DECODERS, default="linear", help="Segmenter decoder: linear or mask transformer")
+    group.add_argument(
+        "--decoder", choices=DECODERS, default="linear", help="Segmenter decoder: linear or mask transformer"
+    )
     group.add_argument("--decoder-depth", type=int, default=2, help="mask decoder: transformer layers")
     group.add_argument("--decoder-heads", type=int, default=None, help="mask decoder: heads (default width // 64)")
     group.add_argument("--decoder-dim", type=int, default=None, help="mask decoder: width (default: the backbone's)")
-    group.add_argument("--freeze-gate", action=argparse.BooleanOptionalAction, default=True,
-                       help="frozen gate with eval decisions (the paper's setting); --no-freeze-gate trains it")
-    group.add_argument("--budget", type=float, default=None, help="frozen gate: fraction of regions kept fine per image")
+    group.add_argument(
+        "--freeze-gate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="frozen gate with eval decisions (the paper's setting); --no-freeze-gate trains it",
+    )
+    group.add_argument(
+        "--budget", type=float, default=None, help="frozen gate: fraction of regions kept fine per image"
+    )
     group.add_argument("--init", default=None, help="classification checkpoint folder to start backbone and gate from")
-    group.add_argument("--num-classes", type=int, default=None, help="folder data without classes.txt: number of classes")
+    group.add_argument(
+        "--num-classes", type=int, default=None, help="folder data without classes.txt: number of classes"
+    )
 
 
 def check(parser, args) -> None:
     if args.mode != "packed" or args.gate_mode not in (None, "packed") or args.gate_mode_epochs or args.crop != "none":
-        parser.error("segmentation runs packed (--mode/--gate-mode packed, no --gate-mode-epochs) without crop "
-                     "augmentation (--crop none)")
+        parser.error(
+            "segmentation runs packed (--mode/--gate-mode packed, no --gate-mode-epochs) without crop "
+            "augmentation (--crop none)"
+        )
     check_ranges(parser, args, RANGES)
     if args.budget is not None and not args.freeze_gate:
         parser.error("--budget applies to a frozen gate only")
     changed = [k for k in GATE_TRAINING if getattr(args, k) != parser.get_default(k)]
     if args.freeze_gate and changed:
-        parser.error(f"--{changed[0].replace('_', '-')} acts on a training gate; the segmentation gate is frozen "
-                     "(pass --no-freeze-gate to train it)")
+        parser.error(
+            f"--{changed[0].replace('_', '-')} acts on a training gate; the segmentation gate is frozen "
+            "(pass --no-freeze-gate to train it)"
+        )
     overridden = [k for k in BACKBONE if getattr(args, k) != parser.get_default(k)]
     if args.init is not None and overridden:
-        parser.error(f"--{overridden[0].replace('_', '-')} builds a backbone, but --init {args.init} brings its "
-                     "own: pass one or the other")
+        parser.error(
+            f"--{overridden[0].replace('_', '-')} builds a backbone, but --init {args.init} brings its "
+            "own: pass one or the other"
+        )
     if args.init is not None and not Path(args.init).is_dir():
         parser.error(f"--init {args.init}: no such folder (a classification checkpoint folder is expected)")
 
@@ -84,8 +122,11 @@ def build_model(args, bundle):
         backbone_config = {**init_config, "data": data_config["data"]}
     else:
         backbone, backbone_config = make_model(args, data_config), data_config
-    decoder_kwargs = {} if args.decoder == "linear" else {
-        "depth": args.decoder_depth, "heads": args.decoder_heads, "decoder_dim": args.decoder_dim}
+    decoder_kwargs = (
+        {}
+        if args.decoder == "linear"
+        else {"depth": args.decoder_depth, "heads": args.decoder_heads, "decoder_dim": args.decoder_dim}
+    )
     segmenter = MSSegmenter(backbone, len(bundle.classes), args.decoder, args.freeze_gate, decoder_kwargs)
     return segmenter, segmenter_config(backbone_config, segmenter, decoder_kwargs)
 
@@ -119,10 +160,16 @@ def evaluate(model: MSSegmenter, loader, bundle, args, device) -> dict:
     model.train(was_training)
     metrics = iou_metrics(confusion.cpu())
     per_class = {f"iou_{name}": value for name, value in zip(classes, metrics.pop("iou"))}
-    return {**metrics, "tokens_per_image": torch.cat(tokens).mean().item(), "fine_rate": torch.cat(fine).mean().item(),
-            **per_class}
+    return {
+        **metrics,
+        "tokens_per_image": torch.cat(tokens).mean().item(),
+        "fine_rate": torch.cat(fine).mean().item(),
+        **per_class,
+    }
 
 
 def summary(metrics: dict) -> str:
-    return (f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f}  val mIoU {metrics['val_miou']:.4f}  "
-            f"pixel acc {metrics['val_pixel_acc']:.4f}  tokens/img {metrics['val_tokens_per_image']:.1f}")
+    return (
+        f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f}  val mIoU {metrics['val_miou']:.4f}  "
+        f"pixel acc {metrics['val_pixel_acc']:.4f}  tokens/img {metrics['val_tokens_per_image']:.1f}"
+    )

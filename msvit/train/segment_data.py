@@ -4,6 +4,7 @@ memory) or a folder of image / label-map pairs (layout in ``msvit.train.segment`
 Augmentations move image and label map together: horizontal flips and, on the digits, ``--shift``
 translations that keep the digit's box inside the image (``msvit.train_data.shift_inside``).
 """
+
 from pathlib import Path
 from typing import Optional
 
@@ -70,8 +71,10 @@ class SegmentationFolder(Dataset):
             raise FileNotFoundError(f"no images (*.png, *.jpg) in {split_dir / 'images'}")
         missing = [p.name for p in images if not (split_dir / "labels" / f"{p.stem}.png").is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) in {split_dir / 'images'} have no label map "
-                                    f"labels/<stem>.png, e.g. {', '.join(missing[:3])}")
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) in {split_dir / 'images'} have no label map "
+                f"labels/<stem>.png, e.g. {', '.join(missing[:3])}"
+            )
         self.images, self.size, self.num_classes, self.hflip = images, tuple(size), num_classes, hflip
 
     def __len__(self) -> int:
@@ -87,12 +90,15 @@ class SegmentationFolder(Dataset):
             raise ValueError(f"{label_path}: label maps must be single-channel (class ids), got shape {label.shape}")
         wrong = label[(label != IGNORE_INDEX) & (label >= self.num_classes)]
         if wrong.size:
-            raise ValueError(f"{label_path}: label {int(wrong.max())} is not a class id below {self.num_classes} "
-                             f"nor {IGNORE_INDEX} (ignore)")
+            raise ValueError(
+                f"{label_path}: label {int(wrong.max())} is not a class id below {self.num_classes} "
+                f"nor {IGNORE_INDEX} (ignore)"
+            )
         image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
         image = F.interpolate(image[None], size=self.size, mode="bilinear", align_corners=False, antialias=True)[0]
-        label = F.interpolate(torch.from_numpy(label.astype(np.int64))[None, None].float(), size=self.size,
-                              mode="nearest")[0, 0].long()
+        label = F.interpolate(
+            torch.from_numpy(label.astype(np.int64))[None, None].float(), size=self.size, mode="nearest"
+        )[0, 0].long()
         return joint_flip(image.clamp(0, 1), label, self.hflip)
 
 
@@ -101,17 +107,25 @@ def build_segmentation_data(args, show: bool) -> DataBundle:
     size = (args.image_size, args.image_size)
     if args.data == DIGITS:
         options = {"digit_scale": tuple(args.digit_scale)} if args.digit_scale else {}
-        train = materialize_dense(DenseClutteredDigits(args.train_size, size, seed=args.seed, split="train", **options),
-                                  "generating train", show)
-        val = materialize_dense(DenseClutteredDigits(args.val_size, size, seed=args.seed + 1, split="val", **options),
-                                "generating val", show)
+        train = materialize_dense(
+            DenseClutteredDigits(args.train_size, size, seed=args.seed, split="train", **options),
+            "generating train",
+            show,
+        )
+        val = materialize_dense(
+            DenseClutteredDigits(args.val_size, size, seed=args.seed + 1, split="val", **options),
+            "generating val",
+            show,
+        )
         train.hflip = bool(args.hflip)  # digits are not mirror-symmetric: off unless asked for
         train.shift = args.shift
         return DataBundle(train, val, DenseClutteredDigits.classes, size, (0.5,) * 3, (0.5,) * 3, None)
     root = Path(args.data)
     if not (root / "train" / "images").is_dir() or not (root / "val" / "images").is_dir():
-        raise FileNotFoundError(f"--data must be {DIGITS!r} or a folder with train/images, train/labels, "
-                                f"val/images and val/labels; got {root}")
+        raise FileNotFoundError(
+            f"--data must be {DIGITS!r} or a folder with train/images, train/labels, "
+            f"val/images and val/labels; got {root}"
+        )
     if (root / "classes.txt").is_file():
         classes = [c.strip() for c in (root / "classes.txt").read_text().splitlines() if c.strip()]
     elif args.num_classes:

@@ -11,6 +11,7 @@ tasks; the epoch loop (``msvit.train.loop``) does the rest the same way for all 
   evaluate(model, loader, bundle, args, device) -> metrics; summary(metrics) -> one line
   save(folder, model, config, point)          writes the checkpoint's weights and config
 """
+
 from . import classify, segment
 
 TASKS = {"classification": classify, "segmentation": segment}
