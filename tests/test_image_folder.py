@@ -43,19 +43,9 @@ def test_default_flags_train_and_evaluate_at_the_image_size(tmp_path):
             [
                 "--data",
                 str(data),
-                "--image-size",
-                "32",
-                "--batch-size",
-                "4",
-                "--epochs",
-                "1",
-                "--model-kwargs",
+                *"--image-size 32 --batch-size 4 --epochs 1 --model-kwargs".split(),
                 TINY_MODEL,
-                "--coarse-patch",
-                "16",
-                "--gate-hidden",
-                "8",
-                "--out",
+                *"--coarse-patch 16 --gate-hidden 8 --out".split(),
                 str(tmp_path / "run"),
             ]
         )

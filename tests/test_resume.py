@@ -16,16 +16,7 @@ STEPS_PER_EPOCH = 4  # --train-size 128 / --batch-size 32
 def tiny(out, *extra):
     return small_run(
         out,
-        "--train-size",
-        "128",
-        "--val-size",
-        "32",
-        "--gate-start-epoch",
-        "1",
-        "--warmup-epochs",
-        "0.5",
-        "--device",
-        "cpu",
+        *"--train-size 128 --val-size 32 --gate-start-epoch 1 --warmup-epochs 0.5 --device cpu".split(),
         *extra,
     )  # bit-identical resume is a CPU claim
 
@@ -93,10 +84,7 @@ def test_extending_a_finished_run_continues_its_metrics(tmp_path):
     train(tiny(tmp_path, "--epochs", "2", "--resume"))
     assert epochs_logged(tmp_path) == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint.json",
-        "epoch-0002",
-        "metrics.csv",
-        "metrics.jsonl",
+        *"checkpoint.json epoch-0002 metrics.csv metrics.jsonl".split(),
     ]
 
 

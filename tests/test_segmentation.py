@@ -109,10 +109,7 @@ def tiny_args(out, *extra, backbone=BACKBONE_FLAGS, data=DIGITS_FLAGS):
         "--task",
         "segmentation",
         *data,
-        "--batch-size",
-        "32",
-        "--image-size",
-        "32",
+        *"--batch-size 32 --image-size 32".split(),
         *backbone,
         "--out",
         str(out),
@@ -153,17 +150,7 @@ def test_mask_decoder_with_a_trainable_gate_trains(tmp_path):
     args = parse_args(
         tiny_args(
             tmp_path,
-            "--decoder",
-            "mask",
-            "--decoder-depth",
-            "1",
-            "--no-freeze-gate",
-            "--gate-loss",
-            "l0",
-            "--epochs",
-            "1",
-            "--max-steps",
-            "3",
+            *"--decoder mask --decoder-depth 1 --no-freeze-gate --gate-loss l0 --epochs 1 --max-steps 3".split(),
         )
     )
     metrics = train(args)
@@ -187,12 +174,7 @@ def test_init_from_a_classification_checkpoint_keeps_its_backbone(tmp_path):
             tmp_path / "seg",
             "--init",
             str(tmp_path / "cls"),
-            "--epochs",
-            "1",
-            "--max-steps",
-            "1",
-            "--lr",
-            "0",
+            *"--epochs 1 --max-steps 1 --lr 0".split(),
             backbone=[],
         )
     )

@@ -21,21 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def small_run(out, *extra):
     return parse_args(
         [
-            "--train-size",
-            "256",
-            "--val-size",
-            "64",
-            "--batch-size",
-            "32",
-            "--image-size",
-            "32",
-            "--model-kwargs",
+            *"--train-size 256 --val-size 64 --batch-size 32 --image-size 32 --model-kwargs".split(),
             TINY_MODEL,
-            "--coarse-patch",
-            "16",
-            "--gate-hidden",
-            "16",
-            "--out",
+            *"--coarse-patch 16 --gate-hidden 16 --out".split(),
             str(out),
             *extra,
         ]
@@ -46,20 +34,8 @@ def test_short_training_run_learns_and_moves_the_gate(tmp_path):
     """Task loss falls and the fine rate moves from all-fine toward g*; metrics and checkpoint written."""
     args = small_run(
         tmp_path,
-        "--epochs",
-        "4",
-        "--lr",
-        "2e-3",
-        "--gate-lr",
-        "0.05",
-        "--gate-target",
-        "0.25",
-        "--warmup-epochs",
-        "0.5",
-        "--gate-warmup-epochs",
-        "0.5",
-        "--gate-loss",
-        "l0",
+        *"--epochs 4 --lr 2e-3 --gate-lr 0.05 --gate-target 0.25 --gate-loss l0".split(),
+        *"--warmup-epochs 0.5 --gate-warmup-epochs 0.5".split(),
     )
     train(args)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -90,16 +66,7 @@ def test_gate_mode_epochs_switch_back_to_the_training_mode(tmp_path):
     train(
         small_run(
             tmp_path,
-            "--epochs",
-            "4",
-            "--gate-start-epoch",
-            "1",
-            "--gate-mode",
-            "masked",
-            "--gate-mode-epochs",
-            "2",
-            "--train-size",
-            "64",
+            *"--epochs 4 --gate-start-epoch 1 --gate-mode masked --gate-mode-epochs 2 --train-size 64".split(),
         )
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -154,32 +121,11 @@ def test_two_process_gloo_ddp_run_and_resume(tmp_path, task):
     """torchrun with two CPU processes (gloo): rank 0 writes the checkpoint, both resume from it."""
     command = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "msvit",
-        "train",
+        *"-m torch.distributed.run --standalone --nproc-per-node 2 -m msvit train".split(),
         *task,
-        "--train-size",
-        "64",
-        "--val-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--image-size",
-        "32",
-        "--model-kwargs",
+        *"--train-size 64 --val-size 32 --batch-size 16 --image-size 32 --model-kwargs".split(),
         TINY_MODEL,
-        "--coarse-patch",
-        "16",
-        "--gate-hidden",
-        "16",
-        "--gate-loss",
-        "gbas",
-        "--out",
+        *"--coarse-patch 16 --gate-hidden 16 --gate-loss gbas --out".split(),
         str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
