@@ -181,18 +181,19 @@ else:
     patch_features = None
 
 
-def triton_support(tensor: Tensor) -> str:
-    """'' when the tokenizer kernels can run on ``tensor``'s device and dtype, else why not."""
+def triton_support(tensor: Tensor, what: str = "the Triton tokenizer") -> str:
+    """'' when ``what`` (a kernel, named in the message) can run on ``tensor``'s device and dtype,
+    else a sentence saying why not."""
     if triton is None:
         return "triton is not installed: pip install triton (or pip install .[triton])"
     if tensor.dtype not in KERNEL_DTYPES:
-        return f"the Triton tokenizer takes float16, bfloat16 or float32 tensors, not {tensor.dtype}"
+        return f"{what} takes float16, bfloat16 or float32 tensors, not {tensor.dtype}"
     if tensor.device.type == "cuda":
         return bfloat16_reason(tensor)
     if (tensor.device.type == "cpu" and INTERPRET) or recording():
         return ""
     return (
-        f"the Triton tokenizer runs on CUDA GPUs, not on {tensor.device.type}; on CPU it runs only under "
+        f"{what} runs on CUDA GPUs, not on {tensor.device.type}; on CPU it runs only under "
         "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)"
     )
 

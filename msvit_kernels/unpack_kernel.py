@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 # The guarded triton import (optional off Linux; the reference serves every device then) is shared.
-from ._triton import INTERPRET, KERNEL_DTYPES, TritonKernel, bfloat16_reason, recording, tl, triton
+from . import _triton
+from ._triton import INTERPRET, TritonKernel, tl, triton
 from .dispatch import IMPLEMENTATIONS, normalize_choice
 from .reference import unpack_to_grid_reference
 
@@ -116,18 +117,7 @@ _unpack_op.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_support(tokens: Tensor) -> str:
     """'' when the kernel can run on ``tokens``; otherwise a sentence saying why not."""
-    if triton is None:
-        return "triton is not installed: pip install triton (or pip install .[triton])"
-    if tokens.dtype not in KERNEL_DTYPES:
-        return f"the Triton unpack takes float16, bfloat16 or float32 tokens, not {tokens.dtype}"
-    if tokens.device.type == "cuda":
-        return bfloat16_reason(tokens)
-    if (tokens.device.type == "cpu" and INTERPRET) or recording():
-        return ""
-    return (
-        f"the Triton unpack runs on CUDA GPUs, not on {tokens.device.type}; on CPU it runs only under "
-        "TRITON_INTERPRET=1 set before importing msvit_kernels (slow, meant for tests)"
-    )
+    return _triton.triton_support(tokens, "the Triton unpack")
 
 
 def _check_inputs(tokens: Tensor, fine_to_row: Tensor, fine_grid) -> Tuple[int, int]:

@@ -8,7 +8,7 @@ forward must match exactly; the backward sums at most r*r values per row (float6
 import pytest
 import torch
 
-from msvit_kernels import mixed_scale_index
+from msvit_kernels import _triton, mixed_scale_index
 from msvit_kernels import unpack_kernel as unpack_mod
 from msvit_kernels.reference import unpack_to_grid_reference
 from msvit_kernels.unpack_kernel import triton_unpack_to_grid, unpack_to_grid
@@ -76,7 +76,7 @@ def test_auto_picks_the_reference_off_cuda_and_validates_inputs():
 
 
 def test_missing_triton_falls_back_to_the_reference(monkeypatch):
-    monkeypatch.setattr(unpack_mod, "triton", None)
+    monkeypatch.setattr(_triton, "triton", None)  # the one guarded import every kernel consults
     tokens, index, grid = packed_batch(1, "random", 8)
     assert torch.equal(
         unpack_to_grid(tokens, index.fine_to_row, grid), unpack_to_grid_reference(tokens, index.fine_to_row, grid)
