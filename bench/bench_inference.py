@@ -1,10 +1,11 @@
 """End-to-end inference: timm ViT-S/16 at 128/160/192/224px against MSViT-S/16,32 at 224px with
-gate budgets giving the same mean token counts, in packed, dense-masked and trimmed modes.
+gate budgets giving the same mean token counts, in packed, dense-masked and trimmed modes, and the
+peer timm NaFlexViT fed MSViT's per-image token counts (bench/naflex.py).
 
 CPU: float32, batch 32. GPU: bfloat16, batch 256 (throughput) and batch 1 (latency). Masks vary
 per image around the mean (a gate's masks do), so trimmed mode pads to the batch's longest image.
-All variants of one token count are timed interleaved, medians reported; the ratios go into the
-run's summary.
+All variants of one token count are timed interleaved (bench/spread.py), medians reported; the
+ratios and their spread go into the run's summary.
 """
 
 import statistics
@@ -16,6 +17,10 @@ import torch
 import msvit
 from msvit.flops import macs_for_tokens
 from msvit.timing import measure
+
+from naflex import naflex_batch, naflex_like
+from spread import add_ratio, interleaved_times
+from spread import medians as median_of
 
 VIT_SIZES = {128: 5, 160: 17, 192: 32, 224: 49}  # ViT image size -> fine regions giving its tokens at 224px
 HALF_FINE = 25  # ~50% fine regions, where the GPU targets are stated
@@ -47,22 +52,13 @@ def msvit_s(device, timed, bench_options):
     return model, dtype, batch, plain_vit
 
 
-def time_variants(runs: dict, repeats: int, device: str) -> dict:
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up (and autotuning, on GPU)
-    for _ in range(repeats):  # interleaved, so drift hits every variant alike
-        for name, fn in runs.items():
-            times[name] += measure(fn, repeats=1, warmup=0, device=device)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s, bench_options):
     model, dtype, batch, plain_vit = msvit_s
     sizes = list(VIT_SIZES) if timed else [160]
     repeats = 5 if timed else 1
     images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-    points, medians = [], {}
+    points, medians, times = [], {}, {}
+    naflex = naflex_like(model).eval().to(device, dtype)  # the peer: padded + masked at MSViT's token counts
     with torch.inference_mode():
         for size in sizes + ([None] if timed else []):
             fine = VIT_SIZES[size] if size else HALF_FINE
@@ -72,21 +68,25 @@ def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s,
                 "packed": lambda: model(images, mask=mask),
                 "masked": lambda: model(images, mask=mask, mode="masked"),
                 "trimmed": lambda: model(images, mask=mask, mode="trimmed"),
+                "naflex": lambda batch=naflex_batch(images, tokens): naflex(batch),
             }
             if size:
                 vit = plain_vit(size)
                 small = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
                 runs["vit"] = lambda: vit(small)
-            medians[fine] = time_variants(runs, repeats, device)
+            times[fine] = interleaved_times(runs, repeats, device)
+            medians[fine] = median_of(times[fine])
             counted = {
                 "packed": tokens,
                 "masked": torch.full_like(tokens, 1 + 49 * 5),
                 "trimmed": torch.full_like(tokens, 1 + float((tokens - 1).max())),
+                "naflex": torch.full_like(tokens, 1 + float((tokens - 1).max())),  # padded like trimmed
                 "vit": 1 + (size or 0) ** 2 / 256,
             }
             for variant, seconds in medians[fine].items():
                 n = counted[variant] if variant != "vit" else torch.tensor([counted["vit"]], dtype=torch.float64)
-                gmacs = macs_for_tokens(model, n, 49, include_gate=variant != "vit")["total"].mean().item() / 1e9
+                gated = variant not in ("vit", "naflex")
+                gmacs = macs_for_tokens(model, n, 49, include_gate=gated)["total"].mean().item() / 1e9
                 points.append(
                     {
                         "variant": variant,
@@ -100,7 +100,7 @@ def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s,
     benchmark.extra_info["points"] = points
     if not timed:
         return
-    at_101, at_half = medians[17], medians[HALF_FINE]
+    at_101, at_half = times[17], times[HALF_FINE]
     target_point = at_half if device == "cuda" else at_101  # the GPU targets are stated at ~50% fine
     summary.update(
         model=f"MSViT from {bench_options['model']}",
@@ -109,13 +109,9 @@ def test_inference_latency_vs_tokens(benchmark, timed, summary, device, msvit_s,
         inference_points=points,
         batch_sizes=sorted({batch, 1}),
     )
-    summary["ratios"].update(
-        {
-            "packed_over_vit_same_tokens": at_101["packed"] / at_101["vit"],
-            "masked_over_packed": target_point["masked"] / target_point["packed"],
-            "trimmed_over_packed": target_point["trimmed"] / target_point["packed"],
-        }
-    )
+    add_ratio(summary, "packed_over_vit_same_tokens", at_101["packed"], at_101["vit"])
+    add_ratio(summary, "masked_over_packed", target_point["masked"], target_point["packed"])
+    add_ratio(summary, "trimmed_over_packed", target_point["trimmed"], target_point["packed"])
 
 
 @pytest.mark.parametrize("variant", ["packed", "masked", "vit"])

@@ -12,7 +12,8 @@ import torch
 import msvit
 from msvit.pruning import PruneConfig, PrunedMSViT
 
-from bench_inference import HALF_FINE, spread_masks, time_variants
+from bench_inference import HALF_FINE, spread_masks
+from spread import add_ratio, interleaved_times, medians
 
 CONFIG = PruneConfig(keep_ratio=0.7, layers=(3, 6, 9), fuse=True)
 
@@ -42,7 +43,7 @@ def test_pruned_vs_unpruned_forward(benchmark, timed, summary, device, bench_opt
     with torch.inference_mode():
         tokens = pruned(images, mask=mask, return_gate=True).tokens.cpu()
         runs = {"unpruned": lambda: model(images, mask=mask), "pruned": lambda: pruned(images, mask=mask)}
-        medians = time_variants(runs, repeats, device)
+        times = interleaved_times(runs, repeats, device)
         benchmark.pedantic(runs["pruned"], rounds=repeats, iterations=1)
     macs = {"unpruned": trunk_macs(model, tokens[:1], ()), "pruned": trunk_macs(model, tokens, CONFIG.layers)}
     info = {
@@ -51,11 +52,11 @@ def test_pruned_vs_unpruned_forward(benchmark, timed, summary, device, bench_opt
         "layers": list(CONFIG.layers),
         "fuse": CONFIG.fuse,
         "batch": batch,
-        "ms": {k: v * 1e3 for k, v in medians.items()},
+        "ms": {k: v * 1e3 for k, v in medians(times).items()},
         "trunk_gmacs": {k: v / 1e9 for k, v in macs.items()},
     }
     benchmark.extra_info.update(info)
     if timed:
         summary["pruning"] = info
-        summary["ratios"]["pruned_over_unpruned"] = medians["pruned"] / medians["unpruned"]
+        add_ratio(summary, "pruned_over_unpruned", times["pruned"], times["unpruned"])
         summary["ratios"]["pruned_over_unpruned_trunk_macs"] = macs["pruned"] / macs["unpruned"]

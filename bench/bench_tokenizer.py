@@ -25,7 +25,7 @@ import torch
 import msvit
 from msvit_kernels import dispatch
 
-from bench_inference import time_variants
+from spread import add_ratio, interleaved_times, medians
 
 SIZES = (224, 384)
 
@@ -93,16 +93,16 @@ def test_tokenizer_fused_vs_torch_vs_conv(benchmark, timed, summary, device, tok
                 runs = {"conv": lambda: vit.patch_embed.proj(images).flatten(2).transpose(1, 2)}
                 for kernels in choices:
                     runs[kernels] = lambda k=kernels: (setattr(model, "kernels", k), tokenize_batch(model, images))
-                medians = time_variants(runs, repeats, device)
+                timed_ms = medians(interleaved_times(runs, repeats, device))
                 model.kernels = "reference"
                 index = tokenize_batch(model, images)[1]
-                for name, seconds in medians.items():
+                for name, seconds in timed_ms.items():
                     point = {"variant": name, "size": size, "batch": batch, "fine": fine, "ms": seconds * 1e3}
                     if name != "conv":
                         point.update(rates(model, images, index, seconds))
                     points.append(point)
-                if "triton" in medians:
-                    fused_over_torch.append(medians["triton"] / medians["reference"])
+                if "triton" in timed_ms:
+                    fused_over_torch.append(timed_ms["triton"] / timed_ms["reference"])
         model.kernels = choices[-1]
         benchmark.pedantic(lambda: tokenize_batch(model, images), rounds=repeats, iterations=1)
     model.kernels = "auto"
@@ -123,15 +123,14 @@ def test_tokenizer_share_of_msvit_forward(benchmark, timed, summary, device, tok
         half_fine(model, images)
         for kernels in kernel_choices(images):
             model.kernels = kernels
-            medians = time_variants(
+            shares[kernels] = interleaved_times(
                 {"tokenizer": lambda: tokenize_batch(model, images), "forward": lambda: model(images)}, repeats, device
             )
-            shares[kernels] = medians["tokenizer"] / medians["forward"]
-            benchmark.extra_info[f"{kernels}_ms"] = {k: v * 1e3 for k, v in medians.items()}
+            benchmark.extra_info[f"{kernels}_ms"] = {k: v * 1e3 for k, v in medians(shares[kernels]).items()}
         benchmark.pedantic(lambda: model(images), rounds=repeats, iterations=1)
     model.kernels = "auto"
-    benchmark.extra_info["shares"] = shares
+    benchmark.extra_info["shares"] = {k: medians(t)["tokenizer"] / medians(t)["forward"] for k, t in shares.items()}
     if timed:
-        summary["ratios"]["tokenizer_share_torch"] = shares["reference"]
+        add_ratio(summary, "tokenizer_share_torch", shares["reference"]["tokenizer"], shares["reference"]["forward"])
         if "triton" in shares and device == "cuda":
-            summary["ratios"]["tokenizer_share"] = shares["triton"]
+            add_ratio(summary, "tokenizer_share", shares["triton"]["tokenizer"], shares["triton"]["forward"])

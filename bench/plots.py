@@ -13,6 +13,7 @@ STYLE = {
     "packed": ("MSViT packed", "#d62728", "s"),
     "masked": ("MSViT dense-masked", "#1f77b4", "^"),
     "trimmed": ("MSViT trimmed", "#2ca02c", "v"),
+    "naflex": ("timm NaFlexViT (padded, same tokens)", "#9467bd", "D"),
 }
 
 

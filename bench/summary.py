@@ -2,7 +2,9 @@
 
 Benchmarks put their ratios into the session's ``summary`` fixture; at the end of a timed run
 (``--benchmark``) ``write_summary`` writes ``summary.json``, ``summary.md`` and the plots under
-``bench/results/<device-slug>/``. Every ratio ``a_over_b`` is time(a) / time(b).
+``bench/results/<device-slug>/``. Every ratio ``a_over_b`` is time(a) / time(b): the ratio of the
+medians. ``ratios_spread`` holds, per ratio timed in interleaved repetitions, the quartiles of the
+per-repetition ratios (bench/spread.py), so a run-to-run disagreement shows as a wide spread.
 """
 
 import json
@@ -12,8 +14,9 @@ from results_io import RESULTS, device_slug, environment
 # (key, comparison, bound, what it means) per device type.
 TARGETS = {
     "cpu": [
-        ("packed_over_vit_same_tokens", "<=", 1.10, "packed MSViT-S within 1.10x of ViT-S at the same tokens"),
-        ("masked_over_packed", ">=", 2.3, "dense masking at least 2.3x slower than packed (MAC ratio 2.58)"),
+        ("packed_over_vit_same_tokens", "<=", 1.05, "packed MSViT-S within 1.05x of ViT-S at equal tokens, batch 32"),
+        ("packed_over_vit_same_tokens_b1", "<=", 1.10, "packed MSViT-S within 1.10x of ViT-S at equal tokens, batch 1"),
+        ("masked_over_packed", ">=", 2.4, "dense masking at least 2.4x slower than packed (MAC ratio 2.58)"),
     ],
     "cuda": [
         ("packed_over_vit_same_tokens", "<=", 1 / 0.9, "packed throughput >= 0.9x ViT-S at the same tokens"),
@@ -32,6 +35,12 @@ def verdict(value, op: str, bound: float) -> str:
     return "met" if (value <= bound if op == "<=" else value >= bound) else "NOT met"
 
 
+def spread_cell(spread) -> str:
+    if spread is None:
+        return "-"  # not a timed ratio (e.g. a MAC ratio) or not from paired repetitions
+    return f"{spread['min']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}] {spread['max']:.3f} ({spread['n']})"
+
+
 def write_summary(summary: dict, device: str) -> None:
     """Write summary.json / summary.md for this run (and plots when the data for them is there)."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -46,16 +55,20 @@ def write_summary(summary: dict, device: str) -> None:
         f"torch {payload['torch']}, triton {payload['triton']}, {payload['date']}; "
         f"dtype {summary.get('dtype', '?')}, batch sizes {summary.get('batch_sizes', '?')}",
         "",
-        "| ratio (time a / time b) | measured | target | verdict | meaning |",
-        "|---|---|---|---|---|",
+        "| ratio (time a / time b) | measured | spread: min [q1, q3] max (n) | target | verdict | meaning |",
+        "|---|---|---|---|---|---|",
     ]
+    spreads = summary.get("ratios_spread", {})
     for key, op, bound, meaning in TARGETS[kind]:
         value = ratios.get(key)
         shown = f"{value:.3f}" if value is not None else "-"
-        lines.append(f"| {key} | {shown} | {op} {bound:.3f} | {verdict(value, op, bound)} | {meaning} |")
+        lines.append(
+            f"| {key} | {shown} | {spread_cell(spreads.get(key))} | {op} {bound:.3f} | "
+            f"{verdict(value, op, bound)} | {meaning} |"
+        )
     others = sorted(set(ratios) - {t[0] for t in TARGETS[kind]})
     for key in others:
-        lines.append(f"| {key} | {ratios[key]:.3f} | - | - | |")
+        lines.append(f"| {key} | {ratios[key]:.3f} | {spread_cell(spreads.get(key))} | - | - | |")
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     from plots import write_plots
 
