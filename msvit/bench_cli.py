@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+SUITES = ["inference", "training", "attention"]  # the default set; "peers" (bench_peers.py) on request
 
 
 def main(argv=None) -> None:
@@ -24,8 +25,8 @@ def main(argv=None) -> None:
     p.add_argument(
         "--suite",
         action="append",
-        choices=["inference", "training", "attention"],
-        help="run only these suites (repeatable; default: all)",
+        choices=SUITES + ["peers"],
+        help="run only these suites (repeatable; default: inference, training, attention)",
     )
     p.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
     args = p.parse_args(argv)
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
         sys.exit(f"msvit bench runs the suites in the repository's bench/ folder; {BENCH} is missing (use a clone)")
     import pytest
 
-    files = [str(BENCH / f"bench_{s}.py") for s in (args.suite or ["inference", "training", "attention"])]
+    files = [str(BENCH / f"bench_{s}.py") for s in (args.suite or SUITES)]
     options = [
         "-q",
         "-p",
