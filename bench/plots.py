@@ -12,8 +12,8 @@ STYLE = {
     "vit": ("ViT (image size varies)", "k", "o"),
     "packed": ("MSViT packed", "#d62728", "s"),
     "masked": ("MSViT dense-masked", "#1f77b4", "^"),
-    "trimmed": ("MSViT trimmed", "#2ca02c", "v"),
-    "naflex": ("timm NaFlexViT (padded, same tokens)", "#9467bd", "D"),
+    "trimmed": ("MSViT trimmed (x: padded length)", "#2ca02c", "v"),
+    "naflex": ("timm NaFlexViT (x: padded length)", "#9467bd", "D"),
 }
 
 

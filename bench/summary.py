@@ -69,6 +69,11 @@ def write_summary(summary: dict, device: str) -> None:
     others = sorted(set(ratios) - {t[0] for t in TARGETS[kind]})
     for key in others:
         lines.append(f"| {key} | {ratios[key]:.3f} | {spread_cell(spreads.get(key))} | - | - | |")
+    lines += [
+        "",
+        "measured: median(time a) / median(time b). spread: quartiles of the per-repetition ratios a_i / b_i",
+        "(a_i, b_i timed back to back), whose median may differ from the ratio of medians.",
+    ]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     from plots import write_plots
 
