@@ -153,7 +153,10 @@ def bfloat16_reason(tensor: torch.Tensor) -> str:
     if tensor.dtype != torch.bfloat16 or tensor.device.type != "cuda":
         return ""
     index = tensor.device.index or 0
-    return bfloat16_gpu_reason(device_capability(index), torch.cuda.get_device_name(index))
+    capability = device_capability(index)  # cached: this runs on every tokenizer call
+    if capability >= 80:
+        return ""
+    return bfloat16_gpu_reason(capability, torch.cuda.get_device_name(index))
 
 
 def bfloat16_gpu_reason(capability: int, name: str) -> str:

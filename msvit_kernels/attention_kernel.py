@@ -19,7 +19,6 @@ module is imported: ``triton.jit`` decides at decoration time whether it builds 
 function. The interpreter runs one program at a time, so it uses 16x16 tiles and no autotuning
 (autotuning several configs needs a device ``do_bench``).
 """
-
 import math
 from typing import Tuple
 
@@ -44,32 +43,16 @@ MAX_HEAD_DIM_BEFORE_AMPERE = 128
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    CU_SEQLENS,
+    Q, K, V, O, LSE, CU_SEQLENS,
     qk_scale,  # softmax scale * log2(e)
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_ot,
-    stride_oh,
-    stride_od,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
     stride_lse_h,
     SEQ_BUCKET,  # next power of two of max_seqlen: an autotune key only
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (sequence, head); online softmax over key blocks."""
     pid_m = tl.program_id(0)
@@ -90,8 +73,7 @@ def _attn_fwd_kernel(
 
     q = tl.load(
         Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
+        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
     )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -104,13 +86,11 @@ def _attn_fwd_kernel(
         # k is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain q @ kT
         kt = tl.load(
             K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd,
-            mask=mask_n[None, :] & mask_d[:, None],
-            other=0.0,
+            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
         )
         v = tl.load(
             V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd,
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
+            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
         )
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -125,28 +105,18 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     tl.store(
         O + rows_q[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
-        acc.to(O.dtype.element_ty),
-        mask=mask_m[:, None] & mask_d[None, :],
+        acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
     )
     tl.store(LSE + head * stride_lse_h + rows_q, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O,
-    DO,
-    DELTA,
-    T,
-    stride_ot,
-    stride_oh,
-    stride_od,
-    stride_dot,
-    stride_doh,
-    stride_dod,
+    O, DO, DELTA, T,
+    stride_ot, stride_oh, stride_od,
+    stride_dot, stride_doh, stride_dod,
     stride_delta_h,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (fp32): the softmax-gradient row term."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -155,51 +125,25 @@ def _attn_bwd_delta_kernel(
     mask = (offs_t < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = offs_t.to(tl.int64)
     o = tl.load(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(
-        DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask, other=0.0
-    )
+    do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head * stride_delta_h + rows, delta, mask=offs_t < T)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    CU_SEQLENS,
-    sm_scale,
-    qk_scale,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_dot,
-    stride_doh,
-    stride_dod,
-    stride_dkt,
-    stride_dkh,
-    stride_dkd,
-    stride_dvt,
-    stride_dvh,
-    stride_dvd,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    sm_scale, qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dkd,
+    stride_dvt, stride_dvh, stride_dvd,
     stride_lse_h,
     SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: dk, dv of BLOCK_N keys of one (sequence, head), looping over query blocks.
 
@@ -223,12 +167,8 @@ def _attn_bwd_dkdv_kernel(
     rows_k = start + offs_n
     mask_kd = mask_n[:, None] & mask_d[None, :]
 
-    k = tl.load(
-        K + rows_k[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0
-    )
-    v = tl.load(
-        V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0
-    )
+    k = tl.load(K + rows_k[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
+    v = tl.load(V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -238,14 +178,8 @@ def _attn_bwd_dkdv_kernel(
         rows_q = start + cols
         # q and dO loaded transposed, [BLOCK_D, BLOCK_M]
         mask_dm = mask_d[:, None] & mask_m[None, :]
-        qt = tl.load(
-            Q + rows_q[None, :] * stride_qt + head * stride_qh + offs_d[:, None] * stride_qd, mask=mask_dm, other=0.0
-        )
-        dot_t = tl.load(
-            DO + rows_q[None, :] * stride_dot + head * stride_doh + offs_d[:, None] * stride_dod,
-            mask=mask_dm,
-            other=0.0,
-        )
+        qt = tl.load(Q + rows_q[None, :] * stride_qt + head * stride_qh + offs_d[:, None] * stride_qd, mask=mask_dm, other=0.0)
+        dot_t = tl.load(DO + rows_q[None, :] * stride_dot + head * stride_doh + offs_d[:, None] * stride_dod, mask=mask_dm, other=0.0)
         lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
 
@@ -257,52 +191,23 @@ def _attn_bwd_dkdv_kernel(
         dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(
-        DK + rows_k[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty),
-        mask=mask_kd,
-    )
-    tl.store(
-        DV + rows_k[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :] * stride_dvd,
-        dv.to(DV.dtype.element_ty),
-        mask=mask_kd,
-    )
+    tl.store(DK + rows_k[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_kd)
+    tl.store(DV + rows_k[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_kd)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    CU_SEQLENS,
-    sm_scale,
-    qk_scale,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_dot,
-    stride_doh,
-    stride_dod,
-    stride_dqt,
-    stride_dqh,
-    stride_dqd,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    sm_scale, qk_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh, stride_dqd,
     stride_lse_h,
     SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: dq of BLOCK_M queries of one (sequence, head): dq = sm_scale * dS k."""
     pid_m = tl.program_id(0)
@@ -322,12 +227,8 @@ def _attn_bwd_dq_kernel(
     rows_q = start + offs_m
     mask_qd = mask_m[:, None] & mask_d[None, :]
 
-    q = tl.load(
-        Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0
-    )
-    do = tl.load(
-        DO + rows_q[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0
-    )
+    q = tl.load(Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
+    do = tl.load(DO + rows_q[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0)
     lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -337,12 +238,8 @@ def _attn_bwd_dq_kernel(
         mask_n = cols < seqlen
         rows_k = start + cols
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        kt = tl.load(
-            K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0
-        )
-        vt = tl.load(
-            V + rows_k[None, :] * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0
-        )
+        kt = tl.load(K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
+        vt = tl.load(V + rows_k[None, :] * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
         p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
@@ -350,11 +247,7 @@ def _attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(
-        DQ + rows_q[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=mask_qd,
-    )
+    tl.store(DQ + rows_q[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,14 +323,10 @@ def _check_launchable(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"triton attention takes float16, bfloat16 or float32, got {q.dtype}")
     if q.device.type != "cuda" and not INTERPRET and not recording():
-        raise RuntimeError(
-            "triton attention runs on CUDA; on CPU set TRITON_INTERPRET=1 before importing msvit_kernels"
-        )
+        raise RuntimeError("triton attention runs on CUDA; on CPU set TRITON_INTERPRET=1 before importing msvit_kernels")
 
 
-def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
-) -> Tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tuple[Tensor, Tensor]:
     """Launch the forward kernel.
 
     q, k, v: ``[T, H, D]`` fp16/bf16/fp32, any strides; cu_seqlens: int32 ``[B+1]``.
@@ -452,33 +341,15 @@ def attention_forward(
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
     _fwd[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens,
-        scale * LOG2E,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        lse.stride(0),
+        q, k, v, out, lse, cu_seqlens, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
         **_common_meta(q, max_seqlen),
     )
     return out, lse
 
 
 def attention_backward(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: float,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels: ``delta`` preprocess, then dk/dv over key blocks, dq over query blocks.
 
@@ -496,51 +367,17 @@ def attention_backward(
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     block_t = 16 if INTERPRET else 64
     _bwd_delta[(triton.cdiv(total, block_t), heads)](
-        out,
-        do,
-        delta,
-        total,
-        *out.stride(),
-        *do.stride(),
-        delta.stride(0),
-        HEAD_DIM=head_dim,
-        BLOCK_D=meta["BLOCK_D"],
-        BLOCK_T=block_t,
+        out, do, delta, total, *out.stride(), *do.stride(), delta.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _bwd_dkdv[_grid(max_seqlen, batch, heads, "BLOCK_N")](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        cu_seqlens,
-        scale,
-        scale * LOG2E,
-        *strides,
-        *dk.stride(),
-        *dv.stride(),
-        lse.stride(0),
-        **meta,
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, scale, scale * LOG2E,
+        *strides, *dk.stride(), *dv.stride(), lse.stride(0), **meta,
     )
     _bwd_dq[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        cu_seqlens,
-        scale,
-        scale * LOG2E,
-        *strides,
-        *dq.stride(),
-        lse.stride(0),
-        **meta,
+        q, k, v, do, lse, delta, dq, cu_seqlens, scale, scale * LOG2E,
+        *strides, *dq.stride(), lse.stride(0), **meta,
     )
     return dq, dk, dv
 
@@ -567,15 +404,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
 
 @torch.library.custom_op("msvit::triton_varlen_attention_backward", mutates_args=())
 def triton_varlen_attention_backward(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: float,
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward op: returns ``(dq, dk, dv)``, each ``[T, H, D]``; see :func:`attention_backward`."""
     return attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
@@ -605,7 +434,9 @@ def _backward(ctx, grad_out, grad_lse):
 triton_varlen_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def triton_packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None) -> Tensor:
+def triton_packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None
+) -> Tensor:
     """Non-causal attention within each sequence of a packed batch, with the Triton kernels.
 
     q, k, v: ``[T, H, D]`` float16/bfloat16/float32 on CUDA (CPU only under TRITON_INTERPRET=1),

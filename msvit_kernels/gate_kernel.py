@@ -24,7 +24,6 @@ Backward (torch, fp32): layers 2-4 are recomputed from the saved ``a1`` ``[R, hi
 MACs, 4% of the gate) and W1's gradient is ``dA1^T @ regions`` on re-gathered region pixels. No
 gradient reaches pixels.
 """
-
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -45,44 +44,13 @@ if triton is not None:
 
     @triton.jit
     def _gate_layer_kernel(
-        X,
-        IMG,
-        W,
-        B,
-        POS,
-        W4,
-        B4,
-        NOISE,
-        PRE,
-        OUT,
-        LOGITS,
-        SOFT,
-        HARD,
-        n_regions,
-        n_coarse,
-        grid_w,
-        hidden,
-        inv_temperature,
-        stride_xr,
-        stride_ib,
-        stride_ic,
-        stride_ih,
-        stride_iw,
-        stride_wo,
-        stride_wi,
-        stride_pr,
-        stride_ph,
-        stride_w4i,
-        K: tl.constexpr,
-        REGION: tl.constexpr,
-        HID: tl.constexpr,
-        GATHER: tl.constexpr,
-        HEAD: tl.constexpr,
-        HAS_NOISE: tl.constexpr,
-        SAVE_PRE: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        X, IMG, W, B, POS, W4, B4, NOISE, PRE, OUT, LOGITS, SOFT, HARD,
+        n_regions, n_coarse, grid_w, hidden, inv_temperature,
+        stride_xr, stride_ib, stride_ic, stride_ih, stride_iw,
+        stride_wo, stride_wi, stride_pr, stride_ph, stride_w4i,
+        K: tl.constexpr, REGION: tl.constexpr, HID: tl.constexpr,
+        GATHER: tl.constexpr, HEAD: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_PRE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One program: ``gelu(x W^T + b [+ pos])`` of BLOCK_R regions; region r is image
         r // n_coarse, raster cell r % n_coarse. x: the regions' pixels (GATHER) or rows of X."""
@@ -107,19 +75,15 @@ if triton is not None:
                 mask_k = offs_k < K
                 x_ptr = X + rows[:, None] * stride_xr + offs_k[None, :]
             x = tl.load(x_ptr, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(
-                W + offs_h[None, :] * stride_wo + offs_k[:, None] * stride_wi,
-                mask=mask_h[None, :] & mask_k[:, None],
-                other=0.0,
-            )
+            wt = tl.load(W + offs_h[None, :] * stride_wo + offs_k[:, None] * stride_wi,
+                         mask=mask_h[None, :] & mask_k[:, None], other=0.0)
             acc += tl.dot(x.to(wt.dtype), wt, input_precision=DOT_PRECISION)
 
         mask = mask_r[:, None] & mask_h[None, :]
         acc += tl.load(B + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
         if GATHER:
-            acc += tl.load(POS + cell[:, None] * stride_pr + offs_h[None, :] * stride_ph, mask=mask, other=0.0).to(
-                tl.float32
-            )
+            acc += tl.load(POS + cell[:, None] * stride_pr + offs_h[None, :] * stride_ph, mask=mask,
+                           other=0.0).to(tl.float32)
         if SAVE_PRE:
             tl.store(PRE + rows[:, None] * hidden + offs_h[None, :], acc, mask=mask)
         h = _gelu(acc)
@@ -140,34 +104,17 @@ if triton is not None:
 
 # Measured with the compile report (bench/results/compile): 32 regions x 8 warps is clean on every
 # target and dtype; 64 regions spill 10 KB per thread in fp16 on sm_70/75, so they run on sm_80+.
-_CONFIGS = (
-    []
-    if triton is None
-    else [
-        (triton.Config({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), None),
-        (
-            triton.Config({"BLOCK_R": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-            lambda cap, meta: cap >= 80 or meta["DOT_PRECISION"] == "ieee",
-        ),
-    ]
-)
-_GATE = (
-    None
-    if triton is None
-    else TritonKernel(
-        _gate_layer_kernel, _CONFIGS, key=["K", "HID", "GATHER"], interpret_meta={"BLOCK_R": 64, "BLOCK_K": 64}
-    )
-)
+_CONFIGS = [] if triton is None else [
+    (triton.Config({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1), None),
+    (triton.Config({"BLOCK_R": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+     lambda cap, meta: cap >= 80 or meta["DOT_PRECISION"] == "ieee"),
+]
+_GATE = None if triton is None else TritonKernel(
+    _gate_layer_kernel, _CONFIGS, key=["K", "HID", "GATHER"], interpret_meta={"BLOCK_R": 64, "BLOCK_K": 64})
 
 
-def _gate_forward(
-    images: Tensor,
-    region_size: int,
-    weights: Tuple[Tensor, ...],
-    noise: Optional[Tensor],
-    temperature: float,
-    save_a1: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gate_forward(images: Tensor, region_size: int, weights: Tuple[Tensor, ...], noise: Optional[Tensor],
+                  temperature: float, save_a1: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the kernel. Returns logits ``[B, Nc]`` (images' dtype), soft ``[B, Nc]`` and hard bool
     ``[B, Nc]`` (``[0]`` without noise), a1 fp32 ``[B*Nc, hidden]`` (``[0, hidden]`` unless saved)."""
     check_launchable(images)
@@ -192,55 +139,19 @@ def _gate_forward(
     for x, w, b, out, layer in ((None, w1, b1, h1, 1), (h1, w2, b2, h2, 2), (h2, w3, b3, None, 3)):
         gather = layer == 1
         _GATE[grid](
-            images if gather else x,
-            images,
-            w,
-            b,
-            pos,
-            w4,
-            b4,
-            noise_arg,
-            a1,
-            out if out is not None else logits,
-            logits,
-            soft,
-            hard,
-            n_regions,
-            n_coarse,
-            grid_w,
-            hidden,
-            1.0 / temperature,
-            0 if gather else x.stride(0),
-            *images.stride(),
-            *w.stride(),
-            *pos.stride(),
-            w4.stride(1),
-            K=chans * region_size * region_size if gather else hidden,
-            GATHER=gather,
-            HEAD=layer == 3,
-            SAVE_PRE=gather and save_a1,
-            **common,
+            images if gather else x, images, w, b, pos, w4, b4, noise_arg, a1, out if out is not None else logits,
+            logits, soft, hard, n_regions, n_coarse, grid_w, hidden, 1.0 / temperature,
+            0 if gather else x.stride(0), *images.stride(), *w.stride(), *pos.stride(), w4.stride(1),
+            K=chans * region_size * region_size if gather else hidden, GATHER=gather, HEAD=layer == 3,
+            SAVE_PRE=gather and save_a1, **common,
         )
     return logits, soft, hard.view(torch.bool), a1
 
 
 @torch.library.custom_op("msvit::fused_gate", mutates_args=())
-def _fused_gate_op(
-    images: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    pos: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    w3: Tensor,
-    b3: Tensor,
-    w4: Tensor,
-    b4: Tensor,
-    noise: Optional[Tensor],
-    region_size: int,
-    temperature: float,
-    save_a1: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fused_gate_op(images: Tensor, w1: Tensor, b1: Tensor, pos: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+                   b3: Tensor, w4: Tensor, b4: Tensor, noise: Optional[Tensor], region_size: int,
+                   temperature: float, save_a1: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(logits, soft, hard, a1); see :func:`_gate_forward`."""
     return _gate_forward(images, region_size, (w1, b1, pos, w2, b2, w3, b3, w4, b4), noise, temperature, save_a1)
 
@@ -249,12 +160,9 @@ def _fused_gate_op(
 def _(images, w1, b1, pos, w2, b2, w3, b3, w4, b4, noise, region_size, temperature, save_a1):
     batch, n_coarse = images.shape[0], (images.shape[2] // region_size) * (images.shape[3] // region_size)
     sampled = (batch, n_coarse) if noise is not None else (0,)
-    return (
-        images.new_empty(batch, n_coarse),
-        images.new_empty(sampled),
-        images.new_empty(sampled, dtype=torch.bool),
-        images.new_empty((batch * n_coarse if save_a1 else 0, w1.shape[0]), dtype=torch.float32),
-    )
+    return (images.new_empty(batch, n_coarse), images.new_empty(sampled),
+            images.new_empty(sampled, dtype=torch.bool),
+            images.new_empty((batch * n_coarse if save_a1 else 0, w1.shape[0]), dtype=torch.float32))
 
 
 def _gelu_grad(x: Tensor) -> Tensor:
@@ -293,17 +201,8 @@ def _backward(ctx, g_logits, g_soft, g_hard, g_a1):
     regions = patchify(images, ctx.region_size).reshape(a1.shape[0], -1)
     # W1's gradient in the pixels' dtype, as autograd of the torch gate would compute it
     d_w1 = (d_a1.to(regions.dtype).transpose(0, 1) @ regions).float()
-    grads = (
-        d_w1,
-        d_a1.sum(0),
-        d_a1.view(batch, n_coarse, -1).sum(0),
-        d_a2.transpose(0, 1) @ h1,
-        d_a2.sum(0),
-        d_a3.transpose(0, 1) @ h2,
-        d_a3.sum(0),
-        (g[:, None] * h3).sum(0, keepdim=True),
-        g.sum().reshape(1),
-    )
+    grads = (d_w1, d_a1.sum(0), d_a1.view(batch, n_coarse, -1).sum(0), d_a2.transpose(0, 1) @ h1, d_a2.sum(0),
+             d_a3.transpose(0, 1) @ h2, d_a3.sum(0), (g[:, None] * h3).sum(0, keepdim=True), g.sum().reshape(1))
     grads = tuple(grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes))
     return (None, *grads, None, None, None, None)
 
@@ -320,22 +219,9 @@ class FusedGateOutput(NamedTuple):
     hard: Optional[Tensor]
 
 
-def fused_gate(
-    images: Tensor,
-    region_size: int,
-    w1: Tensor,
-    b1: Tensor,
-    pos: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    w3: Tensor,
-    b3: Tensor,
-    w4: Tensor,
-    b4: Tensor,
-    *,
-    noise: Optional[Tensor] = None,
-    temperature: float = 0.3,
-) -> FusedGateOutput:
+def fused_gate(images: Tensor, region_size: int, w1: Tensor, b1: Tensor, pos: Tensor, w2: Tensor, b2: Tensor,
+               w3: Tensor, b3: Tensor, w4: Tensor, b4: Tensor, *, noise: Optional[Tensor] = None,
+               temperature: float = 0.3) -> FusedGateOutput:
     """The gate of every coarse region of ``images`` with the Triton kernel.
 
     images: float16/bfloat16/float32 ``[B, C, H, W]`` on CUDA (CPU only under TRITON_INTERPRET=1),

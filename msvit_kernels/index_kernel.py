@@ -12,7 +12,6 @@ Triton launches and one host read.
 
 The oracle is ``varlen.mixed_scale_index``: same ``MixedScaleIndex``, element for element.
 """
-
 from typing import Tuple
 
 import torch
@@ -25,18 +24,9 @@ if triton is not None:
 
     @triton.jit
     def _counts_kernel(
-        MASK,
-        REGION_START,
-        CU_SEQLENS,
-        STATS,
-        batch,
-        n_coarse,
-        num_prefix,
-        stride_mb,
-        stride_mj,
-        R2: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        BLOCK_J: tl.constexpr,
+        MASK, REGION_START, CU_SEQLENS, STATS,
+        batch, n_coarse, num_prefix, stride_mb, stride_mj,
+        R2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
     ):
         """REGION_START int32 ``[B, Nc]``: the region's first patch-token offset in its image;
         CU_SEQLENS int32 ``[B+1]``; STATS int64 ``[2]`` = (T, max_seqlen)."""
@@ -64,26 +54,10 @@ if triton is not None:
 
     @triton.jit
     def _index_kernel(
-        MASK,
-        REGION_START,
-        CU_SEQLENS,
-        ROWS,
-        SOURCE,
-        POSITION,
-        REGION,
-        IS_FINE,
-        PREFIX_ROWS,
-        ROW_IMAGE,
-        FINE_TO_ROW,
-        coarse_base,
-        n_coarse,
-        grid_w,
-        num_prefix,
-        stride_mb,
-        stride_mj,
-        RATIO: tl.constexpr,
-        BLOCK_J: tl.constexpr,
-        BLOCK_P: tl.constexpr,
+        MASK, REGION_START, CU_SEQLENS,
+        ROWS, SOURCE, POSITION, REGION, IS_FINE, PREFIX_ROWS, ROW_IMAGE, FINE_TO_ROW,
+        coarse_base, n_coarse, grid_w, num_prefix, stride_mb, stride_mj,
+        RATIO: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """One program: BLOCK_J regions of one image; writes the entries of their tokens.
         coarse_base = B * Nf: the first coarse row of the candidate-pixel table (``source``)."""
@@ -135,26 +109,13 @@ def _counts(mask: Tensor, ratio: int, num_prefix: int) -> Tuple[Tensor, Tensor, 
     stats = torch.zeros(2, dtype=torch.int64, device=mask.device)
     block_j = min(1024 if INTERPRET else 256, triton.next_power_of_2(max(n_coarse, 1)))
     block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 4096 // block_j))  # a tile of <= 4096 regions
-    _COUNTS[(1,)](
-        mask.view(torch.uint8),
-        region_start,
-        cu_seqlens,
-        stats,
-        batch,
-        n_coarse,
-        num_prefix,
-        *mask.stride(),
-        R2=ratio * ratio,
-        BLOCK_B=block_b,
-        BLOCK_J=block_j,
-    )
+    _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix,
+                  *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
     total, max_seqlen = stats.tolist()  # the forward's one host read
     return region_start, cu_seqlens, total, max_seqlen
 
 
-def triton_mixed_scale_index(
-    mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int
-) -> MixedScaleIndex:
+def triton_mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
     """``varlen.mixed_scale_index`` with the Triton kernels; same arguments, same result.
 
     mask: bool ``[B, Nc]`` (True = fine) on CUDA (CPU only under TRITON_INTERPRET=1);
@@ -163,23 +124,13 @@ def triton_mixed_scale_index(
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or pip install .[triton])")
     if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != coarse_grid[0] * coarse_grid[1]:
-        raise ValueError(
-            f"mask must be bool [B, {coarse_grid[0] * coarse_grid[1]}], got {mask.dtype} {tuple(mask.shape)}"
-        )
+        raise ValueError(f"mask must be bool [B, {coarse_grid[0] * coarse_grid[1]}], got {mask.dtype} {tuple(mask.shape)}")
     region_start, cu_seqlens, total, max_seqlen = _counts(mask, ratio, num_prefix)
     return _index_maps(mask, region_start, cu_seqlens, total, max_seqlen, coarse_grid, ratio, num_prefix)
 
 
-def _index_maps(
-    mask: Tensor,
-    region_start: Tensor,
-    cu_seqlens: Tensor,
-    total: int,
-    max_seqlen: int,
-    coarse_grid: Tuple[int, int],
-    ratio: int,
-    num_prefix: int,
-) -> MixedScaleIndex:
+def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: int, max_seqlen: int,
+                coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
     """Every index map of the batch from ``_counts``' offsets (the second launch)."""
     batch, n_coarse = mask.shape
     device = mask.device
@@ -193,36 +144,12 @@ def _index_maps(
     if batch and n_coarse:
         block_j = min(256 if INTERPRET else 64, triton.next_power_of_2(n_coarse))
         _INDEX[(triton.cdiv(n_coarse, block_j), batch)](
-            mask.view(torch.uint8),
-            region_start,
-            cu_seqlens,
-            rows,
-            source,
-            position,
-            region,
-            is_fine,
-            prefix_rows,
-            row_image,
-            fine_to_row,
-            batch * n_fine,
-            n_coarse,
-            coarse_grid[1],
-            num_prefix,
-            *mask.stride(),
-            RATIO=ratio,
-            BLOCK_J=block_j,
-            BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),
+            mask.view(torch.uint8), region_start, cu_seqlens, rows, source, position, region, is_fine, prefix_rows,
+            row_image, fine_to_row, batch * n_fine, n_coarse, coarse_grid[1], num_prefix, *mask.stride(),
+            RATIO=ratio, BLOCK_J=block_j, BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),
         )
     return MixedScaleIndex(
-        cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen,
-        total=total,
-        rows=rows,
-        source=source,
-        position=position,
-        region=region,
-        is_fine=is_fine.view(torch.bool),
-        prefix_rows=prefix_rows,
-        row_image=row_image,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, total=total, rows=rows, source=source, position=position,
+        region=region, is_fine=is_fine.view(torch.bool), prefix_rows=prefix_rows, row_image=row_image,
         fine_to_row=fine_to_row,
     )

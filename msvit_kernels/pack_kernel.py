@@ -13,7 +13,6 @@ Backward (torch, on pixels re-gathered with ``reference.gather_patches_reference
 the embedding weight and bias, the position table, the straight-through values (the gate's path)
 and the prefix tokens; none for the pixels.
 """
-
 from typing import Optional
 
 import torch
@@ -28,41 +27,13 @@ if triton is not None:
 
     @triton.jit
     def _pack_kernel(
-        IMG,
-        ROWS,
-        POSITION,
-        REGION,
-        W,
-        BIAS,
-        POS,
-        ST,
-        OUT,
-        n_tokens,
-        n_coarse,
-        n_fine,
-        fine_w,
-        coarse_w,
-        dim,
-        stride_ib,
-        stride_ic,
-        stride_ih,
-        stride_iw,
-        stride_wo,
-        stride_wi,
-        stride_pr,
-        stride_pd,
-        stride_ot,
-        stride_od,
-        PATCH: tl.constexpr,
-        RATIO: tl.constexpr,
-        K: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        HAS_POS: tl.constexpr,
-        HAS_ST: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        IMG, ROWS, POSITION, REGION, W, BIAS, POS, ST, OUT,
+        n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
+        stride_ib, stride_ic, stride_ih, stride_iw, stride_wo, stride_wi,
+        stride_pr, stride_pd, stride_ot, stride_od,
+        PATCH: tl.constexpr, RATIO: tl.constexpr, K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_ST: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One program: BLOCK_T patch tokens (packed order) x BLOCK_D embedding channels.
 
@@ -87,35 +58,26 @@ if triton is not None:
         acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k, mask_k, chan, py, px = patch_features(k0, K, PATCH, BLOCK_K)
-            ptr = (
-                base[:, None]
-                + chan[None, :] * stride_ic
-                + (step[:, None] * py[None, :]) * stride_ih
-                + (step[:, None] * px[None, :]) * stride_iw
-            )
+            ptr = (base[:, None] + chan[None, :] * stride_ic + (step[:, None] * py[None, :]) * stride_ih
+                   + (step[:, None] * px[None, :]) * stride_iw)
             mask = mask_t[:, None] & mask_k[None, :]
             pix = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
             if RATIO > 1:  # the other r*r - 1 taps of a coarse pixel; masked off for fine tokens
                 coarse = mask & (position >= n_fine)[:, None]
                 for tap in tl.static_range(1, RATIO * RATIO):
-                    pix += tl.load(
-                        ptr + (tap // RATIO) * stride_ih + (tap % RATIO) * stride_iw, mask=coarse, other=0.0
-                    ).to(tl.float32)
+                    pix += tl.load(ptr + (tap // RATIO) * stride_ih + (tap % RATIO) * stride_iw,
+                                   mask=coarse, other=0.0).to(tl.float32)
                 pix = tl.where(fine[:, None], pix, pix / (RATIO * RATIO))
-            wt = tl.load(
-                W + offs_d[None, :] * stride_wo + offs_k[:, None] * stride_wi,
-                mask=mask_d[None, :] & mask_k[:, None],
-                other=0.0,
-            )
+            wt = tl.load(W + offs_d[None, :] * stride_wo + offs_k[:, None] * stride_wi,
+                         mask=mask_d[None, :] & mask_k[:, None], other=0.0)
             acc += tl.dot(pix.to(wt.dtype), wt, input_precision=DOT_PRECISION)
 
         mask = mask_t[:, None] & mask_d[None, :]
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         if HAS_POS:
-            acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(
-                tl.float32
-            )
+            acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask,
+                           other=0.0).to(tl.float32)
         if HAS_ST:
             st = tl.load(ST + region, mask=mask_t, other=1.0).to(tl.float32)
             acc *= tl.where(fine, st, 1.0 - st)[:, None]
@@ -126,28 +88,18 @@ if triton is not None:
 # GPU tiles, autotuned; see launch.TritonKernel for how a GPU generation picks its subset. The
 # compile report (bench/results/compile) keeps every listed config at zero spills where it may run:
 # the wide tiles spill 1-10 KB per thread in fp32 and on sm_70/75, so they run on sm_80+ in fp16/bf16.
-_CONFIGS = (
-    []
-    if triton is None
-    else [
-        (triton.Config({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2), half_on_ampere),
-        (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2), half_on_ampere),
-        (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), None),
-        (triton.Config({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1), None),
-    ]
-)
-_PACK = (
-    None
-    if triton is None
-    else TritonKernel(
-        _pack_kernel, _CONFIGS, key=["K", "dim", "RATIO"], interpret_meta={"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}
-    )
-)
+_CONFIGS = [] if triton is None else [
+    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2), half_on_ampere),
+    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2), half_on_ampere),
+    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), None),
+    (triton.Config({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1), None),
+]
+_PACK = None if triton is None else TritonKernel(
+    _pack_kernel, _CONFIGS, key=["K", "dim", "RATIO"], interpret_meta={"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64})
 
 
-def _pack_forward(
-    images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total, fine_patch, ratio
-) -> Tensor:
+def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
+                  fine_patch, ratio) -> Tensor:
     check_launchable(images)
     batch, chans, height, width = images.shape
     fine_w, coarse_w = width // fine_patch, width // (fine_patch * ratio)
@@ -158,31 +110,12 @@ def _pack_forward(
     if n_tokens:
         dummy = weight  # stands in for absent optional tensors; never read (HAS_* is False)
         _PACK[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
-            images,
-            rows,
-            position,
-            region,
-            weight,
-            dummy if bias is None else bias,
-            dummy if pos_table is None else pos_table,
-            dummy if st is None else st,
-            out,
-            n_tokens,
-            n_fine // (ratio * ratio),
-            n_fine,
-            fine_w,
-            coarse_w,
-            dim,
-            *images.stride(),
-            *weight.stride(),
-            *(pos_table.stride() if pos_table is not None else (0, 0)),
-            *out.stride(),
-            PATCH=fine_patch,
-            RATIO=ratio,
-            K=chans * fine_patch * fine_patch,
-            HAS_BIAS=bias is not None,
-            HAS_POS=pos_table is not None,
-            HAS_ST=st is not None,
+            images, rows, position, region, weight, dummy if bias is None else bias,
+            dummy if pos_table is None else pos_table, dummy if st is None else st, out,
+            n_tokens, n_fine // (ratio * ratio), n_fine, fine_w, coarse_w, dim,
+            *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
+            *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
+            HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,
             DOT_PRECISION=dot_precision(weight.dtype),
         )
     if prefix is not None:
@@ -191,32 +124,16 @@ def _pack_forward(
 
 
 @torch.library.custom_op("msvit::gather_embed_pack", mutates_args=())
-def _pack_op(
-    images: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    pos_table: Optional[Tensor],
-    st: Optional[Tensor],
-    prefix: Optional[Tensor],
-    rows: Tensor,
-    source: Tensor,
-    position: Tensor,
-    region: Tensor,
-    prefix_rows: Tensor,
-    total: int,
-    fine_patch: int,
-    ratio: int,
-) -> Tensor:
+def _pack_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_table: Optional[Tensor],
+             st: Optional[Tensor], prefix: Optional[Tensor], rows: Tensor, source: Tensor, position: Tensor,
+             region: Tensor, prefix_rows: Tensor, total: int, fine_patch: int, ratio: int) -> Tensor:
     """Packed tokens ``[total, d]``; see :func:`gather_embed_pack` (``source`` serves the backward)."""
-    return _pack_forward(
-        images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total, fine_patch, ratio
-    )
+    return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
+                         fine_patch, ratio)
 
 
 @_pack_op.register_fake
-def _(
-    images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, total, fine_patch, ratio
-):
+def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, total, fine_patch, ratio):
     return images.new_empty(total, weight.shape[0])
 
 
@@ -262,17 +179,9 @@ def _backward(ctx, grad_out):
 _pack_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def gather_embed_pack(
-    images: Tensor,
-    index: MixedScaleIndex,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    pos_table: Optional[Tensor],
-    st: Optional[Tensor],
-    prefix: Optional[Tensor],
-    fine_patch: int,
-    ratio: int,
-) -> Tensor:
+def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bias: Optional[Tensor],
+                      pos_table: Optional[Tensor], st: Optional[Tensor], prefix: Optional[Tensor], fine_patch: int,
+                      ratio: int) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch with the Triton kernel.
 
     images: float16/bfloat16/float32 ``[B, C, H, W]`` on CUDA (CPU only under TRITON_INTERPRET=1),
@@ -285,19 +194,6 @@ def gather_embed_pack(
     """
     if weight.dtype != images.dtype:
         raise TypeError(f"weight ({weight.dtype}) and images ({images.dtype}) must have the same dtype")
-    return _pack_op(
-        images,
-        weight,
-        bias,
-        pos_table,
-        None if st is None else st.reshape(-1),
-        prefix,
-        index.rows,
-        index.source,
-        index.position,
-        index.region,
-        index.prefix_rows,
-        int(index.total),
-        int(fine_patch),
-        int(ratio),
-    )
+    return _pack_op(images, weight, bias, pos_table, None if st is None else st.reshape(-1), prefix, index.rows,
+                    index.source, index.position, index.region, index.prefix_rows, int(index.total),
+                    int(fine_patch), int(ratio))

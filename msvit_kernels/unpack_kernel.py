@@ -14,7 +14,6 @@ functional entry points :func:`triton_unpack_to_grid` (always the kernel) and
 triton is optional: without it (or on CPU without ``TRITON_INTERPRET=1``, which must be set before
 this module is imported) ``unpack_to_grid`` runs the reference and ``triton_unpack_to_grid`` raises.
 """
-
 from typing import Tuple
 
 import torch
@@ -30,15 +29,10 @@ if triton is not None:
 
     @triton.jit
     def _unpack_kernel(
-        TOKENS,
-        ROWS,
-        GRID,
-        n_cells,
-        n_channels,
-        stride_tt,
-        stride_tc,
-        BLOCK_CELLS: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        TOKENS, ROWS, GRID,
+        n_cells, n_channels,
+        stride_tt, stride_tc,
+        BLOCK_CELLS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """One program: BLOCK_CELLS fine cells (flat over the batch) x BLOCK_C channels.
 
@@ -73,17 +67,8 @@ def _launch(tokens: Tensor, rows: Tensor, n_cells: int) -> Tensor:
         return grid_out
     block_cells, block_c = _block_sizes(n_channels)
     launch = (triton.cdiv(n_cells, block_cells), triton.cdiv(n_channels, block_c))
-    _UNPACK[launch](
-        tokens,
-        rows,
-        grid_out,
-        n_cells,
-        n_channels,
-        tokens.stride(0),
-        tokens.stride(1),
-        BLOCK_CELLS=block_cells,
-        BLOCK_C=block_c,
-    )
+    _UNPACK[launch](tokens, rows, grid_out, n_cells, n_channels, tokens.stride(0), tokens.stride(1),
+                    BLOCK_CELLS=block_cells, BLOCK_C=block_c)
     return grid_out
 
 
@@ -130,9 +115,7 @@ def _check_inputs(tokens: Tensor, fine_to_row: Tensor, fine_grid) -> Tuple[int, 
     if fine_to_row.device != tokens.device:
         raise ValueError(f"fine_to_row is on {fine_to_row.device} but tokens are on {tokens.device}")
     if len(fine_grid) != 2 or int(fine_grid[0]) * int(fine_grid[1]) != fine_to_row.shape[1]:
-        raise ValueError(
-            f"fine_grid {tuple(fine_grid)} does not match fine_to_row's {fine_to_row.shape[1]} cells per image"
-        )
+        raise ValueError(f"fine_grid {tuple(fine_grid)} does not match fine_to_row's {fine_to_row.shape[1]} cells per image")
     return int(fine_grid[0]), int(fine_grid[1])
 
 
