@@ -39,8 +39,8 @@ pretrained: $(VENV)/.installed
 	    --gate-start-epoch 9 --gate-mode masked --gate-mode-epochs 2 --gate-warmup-epochs 0.5 \
 	    --lr 1e-3 --gate-lr 2e-2 --gate-loss l0-two-sided --gate-loss-input probs --gate-target 0.25 --gate-lambda 4 \
 	    --batch-size 64 --out runs/digits
-	# the run's last checkpoint is the epoch folder its manifest names (msvit/run_folder.py)
-	dir="$$($(PY) -c 'from msvit.checkpoint import resolve; print(resolve("runs/digits"))')" && \
+	# the run's last checkpoint is the epoch folder its manifest names (msvit/train/run_folder.py)
+	dir="$$($(PY) -c 'from msvit.io.checkpoint import resolve; print(resolve("runs/digits"))')" && \
 	    cp "$$dir/model.safetensors" "$$dir/config.json" runs/digits/metrics.jsonl msvit/pretrained/cluttered-digits/
 
 clean:

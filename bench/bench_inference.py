@@ -15,7 +15,7 @@ import timm
 import torch
 
 import msvit
-from msvit.flops import macs_for_tokens
+from msvit.models.flops import macs_for_tokens
 from msvit.timing import measure
 
 from naflex import naflex_batch, naflex_like

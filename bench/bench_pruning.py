@@ -10,7 +10,7 @@ summary next to the ratio of the transformer trunk's MACs, the bound the saving 
 import torch
 
 import msvit
-from msvit.pruning import PruneConfig, PrunedMSViT
+from msvit.models.pruning import PruneConfig, PrunedMSViT
 
 from bench_inference import HALF_FINE, spread_masks
 from spread import add_ratio, interleaved_times, medians

@@ -10,15 +10,15 @@ digits = msvit.load_pretrained("cluttered-digits")    # the model shipped in the
 transform = msvit.eval_transform(digits)               # its input size, mean, std (digits.pretrained_cfg)
 """
 
-from .checkpoint import load_checkpoint, load_pretrained
-from .flops import count_macs
-from .gate import GateDecision, MixedScaleGate, gumbel_sigmoid
-from .model import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
-from .pruning import PruneConfig, PrunedMSViT, PrunedOutput
-from .segmentation import MSSegmenter, SegmenterOutput, load_segmenter
-from .timm_compat import from_timm
-from .tokenizer import MixedScaleTokenizer
-from .transforms import eval_transform
+from msvit.data.transforms import eval_transform
+from msvit.io.checkpoint import load_checkpoint, load_pretrained
+from msvit.models.flops import count_macs
+from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid
+from msvit.models.mixed_scale_vit import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
+from msvit.models.pruning import PruneConfig, PrunedMSViT, PrunedOutput
+from msvit.models.segmentation import MSSegmenter, SegmenterOutput, load_segmenter
+from msvit.models.timm_compat import from_timm
+from msvit.models.tokenizer import MixedScaleTokenizer
 
 __all__ = [
     "count_macs",

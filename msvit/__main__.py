@@ -1,3 +1,3 @@
-from .cli import main
+from msvit.cli import main
 
 main()

@@ -4,8 +4,7 @@ import sys
 
 COMMANDS = {
     "train": ("msvit.train", "train or fine-tune an MSViT and its gate"),
-    "bench": ("msvit.bench_cli", "run the latency study on this machine and print its summary"),
-    "visualize": ("msvit.visualize_cli", "draw the gate's mixed-scale masks (and predicted maps) for images"),
+    "visualize": ("msvit.visualize.cli", "draw the gate's mixed-scale masks (and predicted maps) for images"),
 }
 
 

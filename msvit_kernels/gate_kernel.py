@@ -10,7 +10,7 @@ weight slice at a time, never a whole weight matrix:
    backward when training, ``gelu``.
 2. the same on layer 1's output (``W2``), then on layer 2's (``W3``) with the ``HEAD`` epilogue:
    ``. w4 + b4`` in fp32 -> logit (and, with caller-supplied logistic noise, the Gumbel-Sigmoid
-   ``soft = sigmoid((logit + noise) / tau)`` and ``hard = soft > 0.5``: ``msvit.gate.gumbel_sigmoid``
+   ``soft = sigmoid((logit + noise) / tau)`` and ``hard = soft > 0.5``: ``msvit.models.gate.gumbel_sigmoid``
    in the same launch, reproducible).
 
 Between layers the activations travel through global memory in the weights' dtype (``[R, hidden]``,

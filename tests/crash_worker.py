@@ -22,8 +22,8 @@ torch.set_num_threads(1)  # before any torch op: no OpenMP pool exists to break 
 import timm  # noqa: E402,F401  the lazy imports of a run, done once here rather than in every child
 from torchvision.transforms import v2  # noqa: E402,F401
 
-from msvit.data import _digits  # noqa: E402
-from msvit.faults import ENV  # noqa: E402
+from msvit.data.digits import _digits  # noqa: E402
+from msvit.io.faults import ENV  # noqa: E402
 from msvit.train import main  # noqa: E402
 
 _digits()  # numpy only: the source digits every child would load again

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_train import TINY_MODEL
 
-from msvit.checkpoint import CONFIG, WEIGHTS, build_model, load_checkpoint, save_checkpoint
-from msvit.config_file import ConfigError
+from msvit.io.checkpoint import CONFIG, WEIGHTS, build_model, load_checkpoint, save_checkpoint
+from msvit.io.config_file import ConfigError
 
 CONFIG_DICT = {
     "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32, "num_classes": 10}},

@@ -4,7 +4,7 @@ bit-identical to a run never killed (CPU, fixed seed).
 
 Runs happen in forked children of one worker process (tests/crash_worker.py: seconds per kill, not
 an interpreter start-up each); ``MSVIT_KILL_AT`` makes a child SIGKILL itself at a named point of
-the writer (msvit.faults), the random kills come from the worker.
+the writer (msvit.io.faults), the random kills come from the worker.
 """
 
 import json
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from msvit.checkpoint import load_checkpoint
-from msvit.run_folder import RunFolderError, prepare
+from msvit.io.checkpoint import load_checkpoint
+from msvit.train.run_folder import RunFolderError, prepare
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = json.dumps({"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_ratio": 2})
@@ -147,7 +147,7 @@ def test_kills_at_random_instants_then_resume(tmp_path, worker, reference):
 
 def test_segmentation_runs_are_crash_safe_too(tmp_path, worker):
     """--task segmentation writes through the same code: killed inside the weights, resumed, loadable."""
-    from msvit.segmentation import load_segmenter
+    from msvit.models.segmentation import load_segmenter
 
     seg = ("--task", "segmentation", "--no-freeze-gate", "--gate-loss", "gbas", "--digit-scale", "0.3", "0.6")
     assert worker(tmp_path, *seg, kill_at="checkpoint:weights:partial@2")["killed"]

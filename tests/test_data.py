@@ -143,7 +143,7 @@ def test_bad_index_raises():
 
 def test_shift_augmentation_keeps_the_digit_inside_and_moves_it():
     """Each draw moves the image by at most `limit` px and never pushes the box out of frame."""
-    from msvit.train_data import InMemoryImages, shift_inside
+    from msvit.data.loaders import InMemoryImages, shift_inside
 
     image = torch.zeros(1, 16, 16)
     image[0, 1:4, 10:15] = 1.0  # the "digit": rows 1..3, cols 10..14, near the top-right corner

@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import msvit
-from msvit.flops import count_macs
+from msvit.models.flops import count_macs
 
 
 def counted_macs(model, images) -> float:

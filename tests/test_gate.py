@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.gate import MixedScaleGate, budget_mask, gumbel_sigmoid
+from msvit.models.gate import MixedScaleGate, budget_mask, gumbel_sigmoid
 
 from helpers import tiny_vit
 

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from test_train import TINY_MODEL
 
+from msvit.data.loaders import build_data, loaders
 from msvit.train import parse_args, train
-from msvit.train_data import build_data, loaders
 
 SIZES = [(64, 96), (40, 41), (33, 70)]  # (height, width): non-square, odd, not multiples of 16
 

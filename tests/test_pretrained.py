@@ -14,8 +14,8 @@ from torch import nn
 
 import msvit
 from msvit.data import ClutteredDigits
-from msvit.evaluate import evaluate
-from msvit.train_data import materialize
+from msvit.data.loaders import materialize
+from msvit.train.evaluate import evaluate
 
 from helpers import tiny_vit
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.pruning import PruneConfig, PrunedIndex, PrunedMSViT, cls_attention, prune_tokens
+from msvit.models.pruning import PruneConfig, PrunedIndex, PrunedMSViT, cls_attention, prune_tokens
 from msvit_kernels.varlen import mixed_scale_index
 
 from helpers import rel_err, tiny_vit
@@ -28,6 +28,7 @@ def test_keep_all_equals_the_unpruned_model_exactly(model):
     with torch.no_grad():
         out = pruned(images, mask=mask, return_gate=True)
         assert torch.equal(out.logits, model(images, mask=mask))
+    assert type(out) is msvit.MSViTOutput  # one output type for every MSViT model
     assert torch.equal(out.tokens, model.tokens_per_image(mask)[None].expand(3, -1))
 
 

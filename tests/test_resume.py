@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_train import small_run
 
-from msvit.checkpoint import load_checkpoint
-from msvit.run_folder import RunFolderError
+from msvit.io.checkpoint import load_checkpoint
 from msvit.train import train
+from msvit.train.run_folder import RunFolderError
 
 STEPS_PER_EPOCH = 4  # --train-size 128 / --batch-size 32
 
@@ -92,7 +92,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     """ENOSPC while writing the train state: the run fails, the folder still holds epoch 1, resume works."""
     import errno
 
-    from msvit import run_folder
+    from msvit.train import run_folder
 
     train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
     real = run_folder.write_bytes
@@ -114,9 +114,9 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
 
 def test_a_train_state_without_a_task_resumes_as_the_task_its_flags_tell(tmp_path):
     """Train states that stored no ``task`` flag: classification unless they hold segmentation's ``decoder``."""
-    from msvit.checkpoint import MANIFEST, resolve, sha256
-    from msvit.resume_state import with_task
-    from msvit.run_folder import STATE
+    from msvit.io.checkpoint import MANIFEST, resolve, sha256
+    from msvit.train.resume_state import with_task
+    from msvit.train.run_folder import STATE
 
     train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
     path = resolve(tmp_path) / STATE

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import msvit
-from msvit.checkpoint import build_model, save_checkpoint
 from msvit.data import DenseClutteredDigits
-from msvit.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_segmenter
+from msvit.io.checkpoint import build_model, save_checkpoint
+from msvit.models.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_segmenter
 from msvit.train import main as train_main
 from msvit.train import parse_args, train
 from msvit_kernels import unpack_kernel as unpack
@@ -29,6 +29,7 @@ def test_decoders_give_logits_at_the_image_size(decoder, kwargs):
     model = segmenter(decoder, **kwargs).eval()
     images = torch.randn(3, 3, 32, 64)
     out = model(images, return_gate=True)
+    assert type(out) is msvit.MSViTOutput  # one output type for every MSViT model
     assert out.logits.shape == (3, 5, 32, 64)
     assert torch.equal(out.gate.hard, model.backbone.gate_mask(images))
     assert torch.equal(out.tokens, model.backbone.tokens_per_image(out.gate.hard))
@@ -118,7 +119,7 @@ def tiny_args(out, *extra, backbone=BACKBONE_FLAGS, data=DIGITS_FLAGS):
 
 
 def test_short_run_on_dense_digits_lowers_the_loss_and_round_trips(tmp_path, monkeypatch):
-    from msvit import run_folder
+    from msvit.train import run_folder
 
     saved_models = []  # the live model each epoch writes, to compare the loaded copy against
     save_epoch = run_folder.save_epoch

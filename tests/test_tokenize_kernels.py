@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import msvit
-from msvit.gate import MixedScaleGate, gumbel_sigmoid
+from msvit.models.gate import MixedScaleGate, gumbel_sigmoid
 from msvit_kernels import _triton, dispatch, fused_gate, gather_embed_pack, mixed_scale_index, triton_mixed_scale_index
 from msvit_kernels.reference import gate_mlp_reference, pack_reference
 
@@ -170,8 +170,8 @@ def test_pack_kernel_optional_inputs_and_strided_images():
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Counts the model layer's calls into the three fused ops (so a silent torch fallback fails)."""
-    import msvit.gate as gate_mod
-    import msvit.tokenizer as tokenizer_mod
+    import msvit.models.gate as gate_mod
+    import msvit.models.tokenizer as tokenizer_mod
 
     calls = {}
     for module, name in [
@@ -331,7 +331,7 @@ def test_gpu_low_precision_kernels(dtype, patch):
 
 @pytest.mark.gpu
 def test_gpu_auto_uses_the_fused_path_and_trains_under_autocast(monkeypatch):
-    import msvit.tokenizer as tokenizer_mod
+    import msvit.models.tokenizer as tokenizer_mod
 
     calls = []
     monkeypatch.setattr(

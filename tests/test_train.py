@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.checkpoint import build_model, load_checkpoint, load_weights, resolve, save_checkpoint
+from msvit.io.checkpoint import build_model, load_checkpoint, load_weights, resolve, save_checkpoint
 from msvit.train import parse_args, train
 
 from helpers import TINY_MODEL

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import skimage.io
 
-import msvit.checkpoint
-from msvit.checkpoint import build_model, save_checkpoint
+import msvit.io.checkpoint
 from msvit.cli import main as cli_main
-from msvit.segmentation import MSSegmenter, save_segmenter, segmenter_config
+from msvit.io.checkpoint import build_model, save_checkpoint
+from msvit.models.segmentation import MSSegmenter, save_segmenter, segmenter_config
 
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "mlp_ratio": 2}
 
@@ -80,7 +80,7 @@ def test_segmenter_checkpoint_writes_the_predicted_map_too(tmp_path, images):
 
 
 def test_clear_failures(tmp_path, images, monkeypatch):
-    monkeypatch.setattr(msvit.checkpoint, "PRETRAINED", tmp_path / "nothing-shipped")
+    monkeypatch.setattr(msvit.io.checkpoint, "PRETRAINED", tmp_path / "nothing-shipped")
     with pytest.raises(SystemExit, match="no --checkpoint given and no pretrained model 'cluttered-digits'"):
         cli_main(["visualize", *images, "--out", str(tmp_path / "out")])
     save_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))

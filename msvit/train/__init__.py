@@ -7,8 +7,8 @@ The loop (``loop``) is shared by every task; a task (``tasks``: ``classify``, ``
 what differs: data, model, loss target, evaluation, checkpoint format.
 """
 
-from .cli import main
-from .loop import train
-from .options import parse_args
+from msvit.train.cli import main
+from msvit.train.loop import train
+from msvit.train.options import parse_args
 
 __all__ = ["main", "parse_args", "train"]

@@ -1,3 +1,3 @@
-from .cli import main
+from msvit.train.cli import main
 
 main()

@@ -3,7 +3,7 @@ from local or hub timm weights)."""
 
 import json
 
-from ..checkpoint import build_model
+from msvit.io.checkpoint import build_model
 
 
 def model_config(args, classes, bundle) -> dict:
@@ -31,7 +31,7 @@ def model_config(args, classes, bundle) -> dict:
 def make_model(args, config):
     if not (args.pretrained or args.hub_pretrained):
         return build_model(config)
-    from ..timm_compat import from_timm
+    from msvit.models.timm_compat import from_timm
 
     kwargs = dict(config["timm"]["kwargs"], pretrained=True)
     if not args.pretrained:

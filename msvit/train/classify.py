@@ -1,10 +1,10 @@
 """The classification task of ``msvit train``: an MSViT classifier, cross-entropy with label
 smoothing, top-1 (and, on the digits, where the fine tokens go) on the held-out set."""
 
-from ..checkpoint import save_checkpoint
-from ..evaluate import evaluate as evaluate_classifier
-from ..train_data import build_data as build_image_data
-from .backbone import make_model, model_config
+from msvit.data.loaders import build_data as build_image_data
+from msvit.io.checkpoint import save_checkpoint
+from msvit.train.backbone import make_model, model_config
+from msvit.train.evaluate import evaluate as evaluate_classifier
 
 DESCRIPTION = """--task classification (default): --data cluttered-digits (10 classes) or an ImageFolder root
 with train/<class>/* and val/<class>/* (the same class folders in both)."""

@@ -1,9 +1,9 @@
 """``msvit train`` on the command line: parse, train, and show the user's mistakes as messages."""
 
-from ..config_file import ConfigError
-from ..run_folder import RunFolderError
-from .loop import train
-from .options import parse_args
+from msvit.io.config_file import ConfigError
+from msvit.train.loop import train
+from msvit.train.options import parse_args
+from msvit.train.run_folder import RunFolderError
 
 
 def main(argv=None) -> None:

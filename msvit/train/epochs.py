@@ -1,6 +1,6 @@
 """Epoch boundaries of a run: the crash-safe checkpoint of each epoch and where an epoch may stop."""
 
-from .. import resume_state, run_folder
+from msvit.train import resume_state, run_folder
 
 
 def save_epoch(

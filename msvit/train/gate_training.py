@@ -4,7 +4,7 @@ mixed-scale masks before ``--gate-start-epoch``, and the execution mode of each 
 import torch
 import torch.distributed as dist
 
-from ..losses import GBaSLoss, bas_loss, l0_loss
+from msvit.losses import GBaSLoss, bas_loss, l0_loss
 
 
 def make_gate_loss(args, grid):

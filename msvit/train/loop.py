@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .. import resume_state, run_folder
-from ..sample_images import normalize
-from ..train_data import loaders
-from .distributed import setup_distributed
-from .epochs import check_batches, save_epoch, stop_early
-from .gate_training import epoch_mode, gate_loss_input, make_gate_loss, random_masks
-from .optim import make_optimizer, optimizer_step
-from .tasks import task_of
+from msvit.data.loaders import loaders
+from msvit.data.sample_images import normalize
+from msvit.train import resume_state, run_folder
+from msvit.train.distributed import setup_distributed
+from msvit.train.epochs import check_batches, save_epoch, stop_early
+from msvit.train.gate_training import epoch_mode, gate_loss_input, make_gate_loss, random_masks
+from msvit.train.optim import make_optimizer, optimizer_step
+from msvit.train.tasks import task_of
 
 SUMS = ("loss", "task", "gate", "fine", "tokens")
 

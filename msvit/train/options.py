@@ -10,9 +10,9 @@ meaning for it (``Task.check``).
 import argparse
 from typing import Optional
 
-from ..flag_checks import check_train_flags
-from ..train_data import CROPS, DIGITS
-from .tasks import TASKS, task_of
+from msvit.data.loaders import CROPS, DIGITS
+from msvit.train.flag_checks import check_train_flags
+from msvit.train.tasks import TASKS, task_of
 
 # What each digits-only flag means for folder data.
 DIGITS_ONLY = {

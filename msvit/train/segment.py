@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint
-from ..flag_checks import Range, check_ranges
-from ..sample_images import normalize
-from ..segmentation import (
+from msvit.data.sample_images import normalize
+from msvit.io.checkpoint import load_checkpoint
+from msvit.models.segmentation import (
     DECODERS,
     IGNORE_INDEX,  # noqa: F401  the label the task's loss skips
     MSSegmenter,
@@ -18,8 +17,9 @@ from ..segmentation import (
     save_segmenter,
     segmenter_config,
 )
-from .backbone import make_model, model_config
-from .segment_data import build_segmentation_data as build_data  # noqa: F401  the task's data
+from msvit.train.backbone import make_model, model_config
+from msvit.train.flag_checks import Range, check_ranges
+from msvit.train.segment_data import build_segmentation_data as build_data  # noqa: F401  the task's data
 
 DESCRIPTION = """--task segmentation: an MSSegmenter (MSViT backbone + Segmenter decoder). Data (--data):
   * cluttered-digits (default): the dense variant of the built-in digits, 11 classes
@@ -37,7 +37,7 @@ DESCRIPTION = """--task segmentation: an MSSegmenter (MSViT backbone + Segmenter
 Segmentation runs packed (--mode/--gate-mode packed) without crop augmentation (--crop none); the
 gate-training options need --no-freeze-gate. The metric is mIoU (per-class IoU logged as
 val_iou_<class>); the segmenter is saved like a classifier (load it with
-msvit.segmentation.load_segmenter)."""
+msvit.models.segmentation.load_segmenter)."""
 DEFAULTS = {"smoothing": 0.0}
 RANGES = {
     "decoder_depth": Range(0),

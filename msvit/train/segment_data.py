@@ -2,7 +2,7 @@
 memory) or a folder of image / label-map pairs (layout in ``msvit.train.segment``).
 
 Augmentations move image and label map together: horizontal flips and, on the digits, ``--shift``
-translations that keep the digit's box inside the image (``msvit.train_data.shift_inside``).
+translations that keep the digit's box inside the image (``msvit.data.loaders.shift_inside``).
 """
 
 from pathlib import Path
@@ -15,9 +15,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..data import DenseClutteredDigits
-from ..segmentation import IGNORE_INDEX
-from ..train_data import DIGITS, DataBundle, require_boxes, shift_inside
+from msvit.data.digits import DenseClutteredDigits
+from msvit.data.loaders import DIGITS, DataBundle, require_boxes, shift_inside
+from msvit.models.segmentation import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -132,7 +132,7 @@ def build_segmentation_data(args, show: bool) -> DataBundle:
         classes = [str(c) for c in range(args.num_classes)]
     else:
         raise ValueError(f"{root} has no classes.txt: pass --num-classes")
-    from ..sample_images import IMAGENET_MEAN, IMAGENET_STD
+    from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
 
     train = SegmentationFolder(root / "train", size, len(classes), hflip=args.hflip is not False)
     val = SegmentationFolder(root / "val", size, len(classes))

@@ -12,7 +12,7 @@ tasks; the epoch loop (``msvit.train.loop``) does the rest the same way for all 
   save(folder, model, config, point)          writes the checkpoint's weights and config
 """
 
-from . import classify, segment
+from msvit.train import classify, segment
 
 TASKS = {"classification": classify, "segmentation": segment}
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import check_state, read_checkpoint
-from .run_folder import Checkpoint, RunFolderError
+from msvit.io.checkpoint import check_state, read_checkpoint
+from msvit.train.run_folder import Checkpoint, RunFolderError
 
 # --epochs may grow to extend a finished run; the cosine schedule then stretches to the new length
 # from the resumed step on (documented in the README), everything else continues unchanged.

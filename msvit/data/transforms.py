@@ -6,7 +6,7 @@ classes and the data options); the loaders attach it as ``model.pretrained_cfg``
 (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``,
 ``num_classes``, ``label_names``), so ``timm.data.resolve_data_config(model=model)`` reads it as it
 reads a timm model's. ``data`` holds the training data options and ``config`` the whole checkpoint
-config (the recipe ``msvit.checkpoint.build_model`` rebuilds the model from).
+config (the recipe ``msvit.io.checkpoint.build_model`` rebuilds the model from).
 """
 
 from typing import Callable, Union

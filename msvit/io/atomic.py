@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Union
 
-from .faults import crash_point
+from msvit.io.faults import crash_point
 
 TEMP_MARK = ".partial-"
 

@@ -13,9 +13,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .gate import MixedScaleGate
-from .model import MSViT
-from .tokenizer import MixedScaleTokenizer
+from msvit.models.gate import MixedScaleGate
+from msvit.models.mixed_scale_vit import MSViT
+from msvit.models.tokenizer import MixedScaleTokenizer
 
 
 def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .data import ClutteredDigits
-from .sample_images import IMAGENET_MEAN, IMAGENET_STD
+from msvit.data.digits import ClutteredDigits
+from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
 
 CROPS = {"standard": (0.08, 1.0), "light": (0.5, 1.0), "none": None}
 DIGITS = "cluttered-digits"

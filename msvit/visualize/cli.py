@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .sample_images import normalize, to_tensor_image
-from .segmentation import is_segmenter_checkpoint, load_segmenter
-from .visualize import save_grid, save_overlay, save_segmentation
+from msvit.data.sample_images import normalize, to_tensor_image
+from msvit.io import checkpoint
+from msvit.models.segmentation import is_segmenter_checkpoint, load_segmenter
+from msvit.visualize.draw import save_grid, save_overlay, save_segmentation
 
 BATCH = 32  # images per forward: bounds memory for long argument lists
 

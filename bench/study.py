@@ -1,20 +1,21 @@
-"""``msvit bench``: run the repository's benchmark study on this machine and print its summary.
+"""``python bench/study.py``: run the benchmark study on this machine and print its summary.
 
-Runs ``pytest bench/ --benchmark`` (the suites live in the repository, not in the installed
-package), writes ``bench/results/<device>/summary.{json,md}`` and plots, and prints the table.
+Runs ``pytest bench/ --benchmark`` on the chosen suites with the chosen options, writes
+``bench/results/<device>/summary.{json,md}`` and plots, and prints the table. Benchmarks live in
+the repository, not in the installed package.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parent
 SUITES = ["inference", "training", "attention"]  # the default set; "peers" (bench_peers.py) on request
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
-        prog="msvit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python bench/study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="vit_small_patch16_224", help="timm ViT to convert (224px, patch 16)")
     p.add_argument(
@@ -30,8 +31,6 @@ def main(argv=None) -> None:
     )
     p.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
     args = p.parse_args(argv)
-    if not BENCH.is_dir():
-        sys.exit(f"msvit bench runs the suites in the repository's bench/ folder; {BENCH} is missing (use a clone)")
     import pytest
 
     files = [str(BENCH / f"bench_{s}.py") for s in (args.suite or SUITES)]

@@ -7,7 +7,7 @@ verifies before it loads: the weights' sha256 against the config (flipped bytes 
 silently loaded), the rebuilt model's ``architecture`` against the recorded one (an edited
 ``num_heads`` keeps every tensor shape but changes the outputs), and every tensor name and shape.
 
-A training run folder (``msvit.run_folder``) holds one complete checkpoint per epoch folder and a
+A training run folder (``msvit.train.run_folder``) holds one complete checkpoint per epoch folder and a
 manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`` follows it.
 """
 
@@ -20,17 +20,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import architecture
-from .atomic import write_bytes, write_text
-from .config_file import ConfigError, read_json_object, require
-from .model import MSViT
-from .timm_compat import from_timm
-from .transforms import pretrained_cfg
+from msvit.data.transforms import pretrained_cfg
+from msvit.io import architecture
+from msvit.io.atomic import write_bytes, write_text
+from msvit.io.config_file import ConfigError, read_json_object, require
+from msvit.models.mixed_scale_vit import MSViT
+from msvit.models.timm_compat import from_timm
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MANIFEST = "checkpoint.json"
-PRETRAINED = Path(__file__).parent / "pretrained"
+PRETRAINED = Path(__file__).parents[1] / "pretrained"  # msvit/pretrained
 
 
 def sha256(data: bytes) -> str:
@@ -46,9 +46,9 @@ def build_model(config: dict) -> MSViT:
 
 def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
     """Write ``model.safetensors``, then ``config.json`` with the weights' sha256 and the model's
-    architecture, each crash-safe (``msvit.atomic``). A kill between the two files leaves new
+    architecture, each crash-safe (``msvit.io.atomic``). A kill between the two files leaves new
     weights beside the old config, which loading then refuses as corrupt: a folder that must stay
-    loadable at every instant is written fresh and switched by a manifest (``msvit.run_folder``).
+    loadable at every instant is written fresh and switched by a manifest (``msvit.train.run_folder``).
     ``point``: the fault tests' crash-point prefix."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def read_checkpoint(folder, verify: bool = True) -> Tuple[dict, dict, Path]:
 
 def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = True) -> nn.Module:
     """``build(config)`` filled with the checkpoint's weights after every check, its config attached
-    as ``model.pretrained_cfg`` (``msvit.transforms.pretrained_cfg``)."""
+    as ``model.pretrained_cfg`` (``msvit.data.transforms.pretrained_cfg``)."""
     config, state, folder = read_checkpoint(folder, verify)
     try:
         model = build(config)

@@ -11,20 +11,25 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit.models.checks import MODES, check_choice, check_dtype, check_images, check_mask
+from msvit.models.gate import Budget, GateDecision, MixedScaleGate
+from msvit.models.layers import dense_blocks, packed_blocks
+from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.varlen import MixedScaleIndex
 
-from .checks import MODES, check_choice, check_dtype, check_images, check_mask
-from .gate import Budget, GateDecision, MixedScaleGate
-from .layers import dense_blocks, packed_blocks
-from .tokenizer import MixedScaleTokenizer
-
 
 class MSViTOutput(NamedTuple):
-    """logits ``[B, num_classes]``; gate: the batch's ``GateDecision`` (soft outputs for the gate
-    losses); tokens: int64 ``[B]`` tokens per image the transformer processed, prefix included
-    (for ``masked`` and ``trimmed`` this counts the padded/dense tokens actually computed)."""
+    """What every MSViT model returns with ``return_gate=True`` (``MSViT``, ``MSSegmenter``,
+    ``PrunedMSViT``): one type, so code that reads the gate or the token counts works for all.
+
+    logits: ``[B, num_classes]`` (``MSSegmenter``: ``[B, K, H, W]`` at the image size).
+    gate: the batch's ``GateDecision`` (soft outputs for the gate losses).
+    tokens: int64 tokens per image the transformer processed, prefix included: ``[B]``
+        (``masked`` and ``trimmed`` count the padded/dense tokens actually computed);
+        ``PrunedMSViT``: ``[len(layers) + 1, B]``, entering the first block and after each pruning.
+    """
 
     logits: Tensor
     gate: GateDecision

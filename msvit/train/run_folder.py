@@ -7,7 +7,7 @@ Layout::
     OUT/epoch-0003/            model.safetensors, config.json, train_state.pt of that epoch
     OUT/metrics.jsonl, .csv    one row per epoch up to the manifest's epoch
 
-Each epoch is written into a hidden staging folder, every file fsynced (``msvit.atomic``), the
+Each epoch is written into a hidden staging folder, every file fsynced (``msvit.io.atomic``), the
 folder renamed to ``epoch-NNNN``, then the manifest switched to it, then the metrics rewritten from
 the rows the train state carries, then older epoch folders deleted. Whatever a kill interrupts is
 either invisible (staging, an unreferenced epoch folder) or repaired from the manifest's checkpoint
@@ -25,10 +25,10 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from .atomic import remove_temporaries, replace_folder, temporary_name, write_bytes, write_text
-from .checkpoint import CONFIG, MANIFEST, WEIGHTS, resolve, sha256
-from .config_file import read_json_object, require
-from .faults import crash_point
+from msvit.io.atomic import remove_temporaries, replace_folder, temporary_name, write_bytes, write_text
+from msvit.io.checkpoint import CONFIG, MANIFEST, WEIGHTS, resolve, sha256
+from msvit.io.config_file import read_json_object, require
+from msvit.io.faults import crash_point
 
 STATE = "train_state.pt"
 METRICS = ("metrics.jsonl", "metrics.csv")
@@ -42,7 +42,7 @@ class RunFolderError(ValueError):
 
 class Checkpoint(NamedTuple):
     folder: Path  # the epoch folder: model.safetensors, config.json
-    state: dict  # the train state (see msvit.resume_state)
+    state: dict  # the train state (see msvit.train.resume_state)
 
 
 def barrier(world: int) -> None:

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .model import MSViT
+from msvit.models.mixed_scale_vit import MSViT
 
 
 def _linear_macs(module: nn.Module) -> int:

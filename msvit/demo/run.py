@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import msvit
-
-from .checkpoint import load_pretrained
-from .data import ClutteredDigits
-from .evaluate import evaluate
-from .sample_images import normalize, sample_photos
-from .timing import median_time
-from .train_data import materialize
-from .visualize import save_grid, save_overlay
+from msvit.data.digits import ClutteredDigits
+from msvit.data.loaders import materialize
+from msvit.data.sample_images import normalize, sample_photos
+from msvit.io.checkpoint import load_pretrained
+from msvit.timing import median_time
+from msvit.train.evaluate import evaluate
+from msvit.visualize.draw import save_grid, save_overlay
 
 
 def fit_gate_to_detail(model: msvit.MSViT, images: torch.Tensor, steps: int = 150) -> float:

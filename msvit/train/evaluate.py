@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import region_overlap
-from .flops import macs_for_tokens
-from .model import MSViT
-from .sample_images import normalize
+from msvit.data.digits import region_overlap
+from msvit.data.sample_images import normalize
+from msvit.models.flops import macs_for_tokens
+from msvit.models.mixed_scale_vit import MSViT
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ The gate's packed tokens are the input, so mixed-scale tokenization and pruning 
 needs no separate sort-and-prune (E.2), each surviving row carries its own scale; ``origin`` maps
 every row back to the unpruned packed batch.
 
-Placement: blocks run through ``msvit.layers.packed_blocks`` unchanged, so the pruning of block
+Placement: blocks run through ``msvit.models.layers.packed_blocks`` unchanged, so the pruning of block
 ``i`` uses block ``i``'s class attention and applies to its output. EViT prunes between the
 block's attention and its MLP; here block ``i``'s MLP still runs on all of its tokens (one MLP
 pass more per pruning layer than EViT), and every later block runs on the survivors.
@@ -24,11 +24,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit.models.gate import Budget
+from msvit.models.layers import packed_blocks
+from msvit.models.mixed_scale_vit import MSViT, MSViTOutput, PackedFeatures
 from msvit_kernels.varlen import MixedScaleIndex, cu_seqlens_from_lengths
-
-from .gate import Budget, GateDecision
-from .layers import packed_blocks
-from .model import MSViT, PackedFeatures
 
 EPS = 1e-9  # keep_ratio * n within EPS of an integer counts as that integer (0.7 * 10 = 7.000000000000001)
 
@@ -160,13 +159,7 @@ def prune_tokens(
     )
 
 
-class PrunedOutput(NamedTuple):
-    """logits ``[B, num_classes]``; gate: the batch's ``GateDecision``; tokens: int64
-    ``[len(layers) + 1, B]`` tokens per image entering the first block and after each pruning."""
-
-    logits: Tensor
-    gate: GateDecision
-    tokens: Tensor
+PrunedOutput = MSViTOutput  # the old name of the shared output type, kept for one release
 
 
 class PrunedMSViT(nn.Module):
@@ -204,7 +197,7 @@ class PrunedMSViT(nn.Module):
         if not return_gate:
             return logits
         tokens = torch.stack([(cu[1:] - cu[:-1]).long() for cu in counts])
-        return PrunedOutput(logits, features.gate, tokens)
+        return MSViTOutput(logits, features.gate, tokens)
 
     def forward_features(
         self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None

@@ -11,32 +11,24 @@ The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
 """
 
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
+from msvit.io.config_file import read_json_object
+from msvit.models.checks import check_choice, check_images
+from msvit.models.gate import Budget, GateDecision
+from msvit.models.mixed_scale_vit import MSViT, MSViTOutput
 from msvit_kernels.unpack_kernel import unpack_to_grid
-
-from .checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
-from .checks import check_choice, check_images
-from .config_file import read_json_object
-from .gate import Budget, GateDecision
-from .model import MSViT
 
 DECODERS = ("linear", "mask")
 IGNORE_INDEX = 255  # label value that counts nowhere: unlabelled pixels of a label map
 
 
-class SegmenterOutput(NamedTuple):
-    """logits: ``[B, K, H, W]`` at the image size; gate: the batch's ``GateDecision`` (``soft``
-    carries the gate outputs a gate loss constrains when the gate is trainable); tokens: int64
-    ``[B]`` tokens per image the backbone processed, prefix included."""
-
-    logits: Tensor
-    gate: GateDecision
-    tokens: Tensor
+SegmenterOutput = MSViTOutput  # the old name of the shared output type, kept for one release
 
 
 class LinearDecoder(nn.Module):
@@ -169,7 +161,7 @@ class MSSegmenter(nn.Module):
 
         mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-style
         number (int) or fraction (float) of fine regions per image; return_gate: return a
-        ``SegmenterOutput`` instead of the logits ``[B, K, H, W]``.
+        ``MSViTOutput`` instead of the logits ``[B, K, H, W]``.
         """
         frozen = self.decide(images, mask=mask, budget=budget)
         given = frozen.hard if frozen is not None else mask
@@ -180,7 +172,7 @@ class MSSegmenter(nn.Module):
         if not return_gate:
             return logits
         tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
-        return SegmenterOutput(logits, frozen if frozen is not None else features.gate, tokens)
+        return MSViTOutput(logits, frozen if frozen is not None else features.gate, tokens)
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -1,0 +1,3 @@
+from msvit.demo.run import main
+
+main()
