@@ -18,6 +18,7 @@ from msvit_kernels.varlen import MixedScaleIndex
 from .checks import MODES, check_choice, check_dtype, check_images, check_mask
 from .gate import Budget, GateDecision, MixedScaleGate
 from .layers import dense_blocks, packed_blocks
+from .rope import PackedRope, dense_positions, packed_positions
 from .tokenizer import MixedScaleTokenizer
 
 
@@ -75,6 +76,7 @@ class MSViT(nn.Module):
             and the reference elsewhere ("torch" is the deprecated name of "reference"). Masked and
             trimmed modes always tokenize with the reference.
         attention_backend: passed to ``msvit_kernels.packed_attention`` in packed mode.
+        rope: the rotary position embedding of RoPE models (``msvit.rope.PackedRope``), or None.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class MSViT(nn.Module):
         in_chans: int = 3,
         kernels: str = "auto",
         attention_backend: str = "auto",
+        rope: Optional[PackedRope] = None,
     ):
         super().__init__()
         check_choice("global_pool", global_pool, ("token", "avg"))
@@ -111,6 +114,7 @@ class MSViT(nn.Module):
         self.in_chans = in_chans
         self.kernels = kernels
         self.attention_backend = attention_backend
+        self.rope = rope
 
     @property
     def kernels(self) -> str:
@@ -181,9 +185,12 @@ class MSViT(nn.Module):
             tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
         else:
             x, weights = self.tokenizer.dense(images, decision.st)
+            positions = self._dense_positions(images)
             if mode == "trimmed":
-                x, weights = trim_tokens(x, weights, self.tokenizer.num_prefix)
-            x = dense_blocks(self.blocks, self.norm_pre(x), weights)
+                order = trim_order(weights, self.tokenizer.num_prefix)
+                x, weights = take_tokens(x, order), torch.gather(weights, 1, order)
+                positions = positions[order] if positions is not None else None
+            x = dense_blocks(self.blocks, self.norm_pre(x), weights, self._rotary(images, positions))
             logits = self._head(self._pool_dense(x, weights))
             tokens = torch.full((images.shape[0],), x.shape[1], device=images.device)
         return MSViTOutput(logits, decision, tokens) if return_gate else logits
@@ -209,8 +216,19 @@ class MSViT(nn.Module):
 
     def _packed_features(self, images: Tensor, decision: GateDecision) -> PackedFeatures:
         x, index = self.tokenizer.pack(images, decision.hard, decision.st)
-        x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend)
+        rotary = self._rotary(images, packed_positions(index) if self.rope is not None else None)
+        x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend, rotary)
         return PackedFeatures(self.norm(x), index, decision, self.tokenizer.grids(images)[0])
+
+    def _dense_positions(self, images: Tensor) -> Optional[Tensor]:
+        if self.rope is None:
+            return None
+        (h, w), (hc, wc) = self.tokenizer.grids(images)
+        return dense_positions(self.tokenizer.num_prefix, h * w, hc * wc, images.device)
+
+    def _rotary(self, images: Tensor, positions: Optional[Tensor]):
+        """RoPE models: ``rotary(block_index, t)`` for tokens at ``positions`` (see msvit.rope)."""
+        return None if self.rope is None else self.rope.rotary(self.tokenizer.grids(images)[0], positions)
 
     def _head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(self.fc_norm(pooled))
@@ -242,11 +260,20 @@ def trim_tokens(tokens: Tensor, weights: Tensor, num_prefix: int) -> Tuple[Tenso
 
     tokens ``[B, N, C]``, weights ``[B, N]`` -> ``[B, P + k, C]``, ``[B, P + k]``. One host read (k).
     """
+    order = trim_order(weights, num_prefix)
+    return take_tokens(tokens, order), torch.gather(weights, 1, order)
+
+
+def trim_order(weights: Tensor, num_prefix: int) -> Tensor:
+    """int64 ``[B, P + k]``: the tokens ``trim_tokens`` keeps, in its order (RoPE positions follow it)."""
     patch_weights = weights[:, num_prefix:]
     active = patch_weights.detach() > 0.5
     keep = int(active.sum(1).max()) if active.shape[0] else 0  # an empty batch keeps no patch token
-    order = torch.argsort(active.to(torch.uint8), dim=1, descending=True, stable=True)[:, :keep]
-    patch_tokens = torch.gather(tokens[:, num_prefix:], 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
-    tokens = torch.cat([tokens[:, :num_prefix], patch_tokens], 1)
-    weights = torch.cat([weights[:, :num_prefix], torch.gather(patch_weights, 1, order)], 1)
-    return tokens, weights
+    order = torch.argsort(active.to(torch.uint8), dim=1, descending=True, stable=True)[:, :keep] + num_prefix
+    prefix = torch.arange(num_prefix, device=weights.device).expand(weights.shape[0], -1)
+    return torch.cat([prefix, order], 1)
+
+
+def take_tokens(tokens: Tensor, order: Tensor) -> Tensor:
+    """``tokens[b, order[b]]``: ``[B, N, C]`` -> ``[B, K, C]``."""
+    return torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
