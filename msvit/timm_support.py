@@ -23,23 +23,25 @@ REFUSED_MODELS = {
     "VisionTransformerRelPos": "relative position bias",
     "VisionTransformerSAM": "windowed attention with relative position embeddings",
 }
-BLOCKS = {"Block", "EvaBlock"}
+# Blocks and attentions by module and class: BEiT's own ``Block`` shares the name of ViT's.
+BLOCKS = {"timm.models.vision_transformer.Block", "timm.models.eva.EvaBlock"}
 REFUSED_BLOCKS = {
     "ResPostBlock": "res-post norm (the norm after each residual branch)",
     "EvaBlockPostNorm": "res-post norm (the norm after each residual branch)",
-    "ParallelScalingBlock": "parallel blocks (attention and MLP from the same input)",
-    "ParallelThingsBlock": "parallel blocks (several attention and MLP branches)",
+    "ParallelScalingBlock": "parallel blocks (attention and MLP branches side by side)",
+    "ParallelThingsBlock": "parallel blocks (attention and MLP branches side by side)",
     "DiffParallelScalingBlock": "differential attention in parallel blocks",
     "RelPosBlock": "relative position bias",
     "ResPostRelPosBlock": "relative position bias and res-post norm",
 }
-ATTENTION = {"Attention", "EvaAttention", "AttentionRope"}
+ATTENTION = {"timm.layers.attention.Attention", "timm.models.eva.EvaAttention", "timm.layers.attention.AttentionRope"}
 REFUSED_ATTENTION = {
     "DiffAttention": "differential attention (DiffAttention: the difference of two softmax maps)",
     "RelPosAttention": "relative position bias",
 }
 # Modules that act on each token on its own: on packed [T, C] rows they compute what they compute on
-# [B, N, C]. Containers among them (the MLPs) are checked down to their leaves.
+# [B, N, C]. Containers among them (the MLPs) are checked down to their leaves. Only timm's and
+# torch's classes of these names count.
 TOKENWISE = {
     "Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked",  # MLPs
     "LayerNorm", "RmsNorm", "SimpleNorm", "LayerNormFp32", "RmsNormFp32", "SimpleNormFp32",  # norms
@@ -70,7 +72,7 @@ def model_name(model: nn.Module, name: Optional[str] = None) -> str:
 
 
 def refuse(model: str, path: str, module, feature: str) -> Unsupported:
-    where = f"{path} ({type(module).__name__})" if path else type(module).__name__
+    where = f"{path} ({type(module).__name__})"
     return Unsupported(
         f"from_timm cannot convert {model}: {where} uses {feature}, which MSViT does not reproduce exactly"
     )
@@ -82,7 +84,7 @@ def check_model(model: nn.Module, name: Optional[str] = None) -> None:
     label = model_name(model, name)
     cls = type(model).__name__
     if cls in REFUSED_MODELS:
-        raise refuse(label, "", model, REFUSED_MODELS[cls])
+        raise refuse(label, "model", model, REFUSED_MODELS[cls])
     if cls not in MODELS:
         raise TypeError(f"from_timm expects a timm VisionTransformer or Eva (ViT, DeiT, EVA02, DINOv3, ...), got {cls}")
     _check_class(label, "patch_embed", model.patch_embed, PATCH_EMBED, REFUSED_PATCH_EMBED)
@@ -99,17 +101,23 @@ def check_model(model: nn.Module, name: Optional[str] = None) -> None:
         _check_block(label, f"blocks.{i}", block)
 
 
+def _known_name(module) -> str:
+    """The class name of a timm or torch class; the qualified name of any other class."""
+    cls = type(module)
+    return cls.__name__ if cls.__module__.startswith(("timm.", "torch.nn.")) else f"{cls.__module__}.{cls.__name__}"
+
+
 def _check_class(label: str, path: str, module, supported: Iterable[str], refused: Dict[str, str]) -> None:
-    cls = type(module).__name__
-    if cls in refused:
-        raise refuse(label, path, module, refused[cls])
-    if cls not in supported:
-        raise refuse(label, path, module, f"a module class from_timm does not know ({cls})")
+    name = _known_name(module)
+    if name in refused:
+        raise refuse(label, path, module, refused[name])
+    if name not in supported and f"{type(module).__module__}.{name}" not in supported:
+        raise refuse(label, path, module, f"a module class from_timm does not know ({name})")
 
 
 def _check_tokenwise(label: str, path: str, module: nn.Module) -> None:
     for sub_path, sub in module.named_modules(prefix=path):
-        if type(sub).__name__ not in TOKENWISE:
+        if _known_name(sub) not in TOKENWISE:
             raise refuse(label, sub_path, sub, "a module not known to act on each token independently")
 
 
