@@ -142,3 +142,26 @@ def test_unsupported_rope_module_and_pruning_are_refused():
     vit, _ = build("vit_small_patch16_dinov3", global_pool="token")
     with pytest.raises(NotImplementedError, match="RoPE models"):
         msvit.PrunedMSViT(msvit.from_timm(vit), layers=(0,))
+
+
+def test_checkpoint_round_trip_keeps_the_learned_frequencies(tmp_path):
+    """A RoPE MSViT saves and reloads (the architecture record names its RoPE), with the mixed
+    variant's trained frequencies; another rotation layout in the config is refused."""
+    from msvit.checkpoint import CONFIG, build_model, load_checkpoint, save_checkpoint
+
+    kwargs, size = MODELS["vit_base_patch16_rope_mixed_ape_224"]
+    config = {"timm": {"name": "vit_small_patch16_rope_mixed_224", "kwargs": {**kwargs, "depth": 1}}, "msvit": {}}
+    model = redraw_parameters(build_model(config)).eval()
+    save_checkpoint(tmp_path, model, config)
+    loaded = load_checkpoint(tmp_path)
+    images = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    assert torch.equal(loaded.rope.rope.freqs, model.rope.rope.freqs)
+    recorded = (tmp_path / CONFIG).read_text()
+    assert '"RotaryEmbeddingMixed"' in recorded
+    (tmp_path / CONFIG).write_text(
+        recorded.replace('"vit_small_patch16_rope_mixed_224"', '"vit_small_patch16_rope_224"')
+    )
+    with pytest.raises(ValueError, match="no longer matches the weights"):
+        load_checkpoint(tmp_path)
