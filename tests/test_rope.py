@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import msvit
 from msvit.rope import PackedRope
 
-from helpers import redraw_parameters, rel_err
+from helpers import needs_triton, redraw_parameters, rel_err
 
 MODELS = {  # name: (timm kwargs, image size)
     "eva02_tiny_patch14_224": (dict(img_size=112), 112),  # axial RoPE, index grid rescaled to ref_feat_shape
@@ -165,3 +165,32 @@ def test_checkpoint_round_trip_keeps_the_learned_frequencies(tmp_path):
     )
     with pytest.raises(ValueError, match="no longer matches the weights"):
         load_checkpoint(tmp_path)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_pe_core_small_patch16_384"])
+def test_fused_tokenizer_gives_the_same_rotations(name):
+    """The Triton index / pack kernels lay rows out as the reference does, so the rows' positions
+    (read from the index) and their rotations agree (no abs. position for DINOv3, one for PE)."""
+    vit, size = build(name)
+    model = msvit.from_timm(vit, kernels="reference").eval()
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[True, False, False, True], [False, True, True, True]])
+    with torch.no_grad():
+        expected = model(images, mask=mask)
+        model.kernels = "triton"
+        got = model(images, mask=mask)
+    assert rel_err(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_base_patch16_rope_mixed_ape_224"])
+def test_unfused_q_k_v_projections_equal_timm(name):
+    """EvaAttention / AttentionRope with separate q_proj, k_proj, v_proj (qkv_fused=False)."""
+    vit, size = build(name, qkv_fused=False)
+    assert vit.blocks[0].attn.qkv is None
+    model = msvit.from_timm(vit).eval()
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        got = model(images, mask=torch.ones(2, regions(model, size), dtype=torch.bool))
+        expected = vit(images)
+    assert rel_err(got, expected) <= 1e-4
