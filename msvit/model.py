@@ -254,18 +254,13 @@ class MSViT(nn.Module):
         return (x * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
 
 
-def trim_tokens(tokens: Tensor, weights: Tensor, num_prefix: int) -> Tuple[Tensor, Tensor]:
+def trim_order(weights: Tensor, num_prefix: int) -> Tensor:
     """Adaptive trimming (Section 2.3): per image, sort patch tokens by mask value (active first,
     stable) and keep as many as the batch's longest image has active; prefix tokens stay first.
 
-    tokens ``[B, N, C]``, weights ``[B, N]`` -> ``[B, P + k, C]``, ``[B, P + k]``. One host read (k).
+    weights ``[B, N]`` -> int64 ``[B, P + k]``: the kept tokens' indices, in order (``take_tokens``
+    applies them to tokens, ``gather`` to weights and RoPE positions). One host read (k).
     """
-    order = trim_order(weights, num_prefix)
-    return take_tokens(tokens, order), torch.gather(weights, 1, order)
-
-
-def trim_order(weights: Tensor, num_prefix: int) -> Tensor:
-    """int64 ``[B, P + k]``: the tokens ``trim_tokens`` keeps, in its order (RoPE positions follow it)."""
     patch_weights = weights[:, num_prefix:]
     active = patch_weights.detach() > 0.5
     keep = int(active.sum(1).max()) if active.shape[0] else 0  # an empty batch keeps no patch token
