@@ -27,7 +27,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor, nn
 
-ROPE_CLASSES = ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed")
+from .timm_support import ROPE
 
 
 class PackedRope(nn.Module):
@@ -44,12 +44,13 @@ class PackedRope(nn.Module):
 
     def __init__(self, rope: nn.Module, ratio: int, rotate_half: bool):
         super().__init__()
-        if type(rope).__name__ not in ROPE_CLASSES:
-            raise NotImplementedError(f"RoPE module {type(rope).__name__} is not supported (supported: {ROPE_CLASSES})")
+        self.kind = type(rope).__name__
+        if self.kind not in ROPE:
+            raise NotImplementedError(f"RoPE module {self.kind} is not supported (supported: {sorted(ROPE)})")
         self.rope = rope
         self.ratio = ratio
         self.rotate_half = rotate_half
-        self.mixed = type(rope).__name__ == "RotaryEmbeddingMixed"
+        self.mixed = self.kind == "RotaryEmbeddingMixed"
 
     def fine_coords(self, grid: Tuple[int, int]) -> Tensor:
         """float32 ``[h*w, 2]`` coordinates of the fine cells, exactly as timm builds them."""
@@ -59,7 +60,7 @@ class PackedRope(nn.Module):
         if self.mixed:
             t_x, t_y = get_mixed_grid(list(grid), grid_indexing=rope.grid_indexing, device=rope.freqs.device)
             return torch.stack([t_x, t_y], -1)
-        if type(rope).__name__ == "RotaryEmbeddingDinoV3":
+        if self.kind == "RotaryEmbeddingDinoV3":
             kind, ref, device = "centered", None, None  # timm builds DINOv3's grid on the CPU
         else:
             kind, ref, device = rope.grid_type, rope.ref_feat_shape, rope.bands.device
@@ -96,7 +97,7 @@ class PackedRope(nn.Module):
         rope = self.rope
         if self.mixed:
             return get_mixed_freqs(rope.freqs, coords[:, 0], coords[:, 1])
-        if type(rope).__name__ == "RotaryEmbeddingDinoV3":
+        if self.kind == "RotaryEmbeddingDinoV3":
             sin, cos = rope._get_pos_embed_from_coords(coords)
         else:
             angles = (coords.to(rope.bands.device)[..., None] * rope.bands).flatten(-2)

@@ -89,9 +89,11 @@ def check_model(model: nn.Module, name: Optional[str] = None) -> None:
         raise TypeError(f"from_timm expects a timm VisionTransformer or Eva (ViT, DeiT, EVA02, DINOv3, ...), got {cls}")
     _check_class(label, "patch_embed", model.patch_embed, PATCH_EMBED, REFUSED_PATCH_EMBED)
     _check_patch_embed(label, model.patch_embed)
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None or model.global_pool not in POOLS:
         feature = REFUSED_POOLS.get(model.global_pool, f"global_pool={model.global_pool!r}")
-        raise refuse(label, "attn_pool", getattr(model, "attn_pool", None) or model, feature)
+        path, module = ("attn_pool", attn_pool) if attn_pool is not None else ("global_pool", model)
+        raise refuse(label, path, module, feature)
     rope = getattr(model, "rope", None)
     if rope is not None:
         _check_class(label, "rope", rope, ROPE, REFUSED_ROPE)
