@@ -46,3 +46,24 @@ def half_resolution_twin(model: VisionTransformer, img_size, **kwargs) -> Vision
     state["pos_embed"] = torch.cat([pos[:, :n_prefix], small.flatten(2).transpose(1, 2)], 1)
     twin.load_state_dict(state)
     return twin
+
+
+def redraw_parameters(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Re-draw every parameter in place (returns the model): timm's init (LayerScale 1e-5, unit
+    norms, zero tokens and biases) makes the logits nearly independent of most modules, so an
+    equivalence test on it cannot see a wrong attention or norm. LayerScale gammas and norm weights
+    ~U(0.5, 1.5); Linear / Conv weights ~N(0, 1/fan_in); everything else (biases, cls / register /
+    position tokens, RoPE frequencies) ~N(0, 0.3^2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}"
+                if p.ndim == 1 and ("gamma" in full or ("norm" in module_name and name == "weight")):
+                    value = torch.rand(p.shape, generator=g) + 0.5
+                elif name == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    value = torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5
+                else:
+                    value = torch.randn(p.shape, generator=g) * 0.3
+                p.copy_(value.to(p.dtype))
+    return model

@@ -33,13 +33,14 @@ def block(b: nn.Module) -> dict:
         "num_heads": getattr(attn, "num_heads", None),
         "head_dim": getattr(attn, "head_dim", None),
         "scale": getattr(attn, "scale", None),
-        "qkv_bias": None if qkv is None else qkv.bias is not None,
+        # EvaAttention keeps its q / v biases outside the (bias-free) qkv Linear
+        "qkv_bias": None if qkv is None else qkv.bias is not None or getattr(attn, "q_bias", None) is not None,
         "q_norm": layer(getattr(attn, "q_norm", None)),
         "k_norm": layer(getattr(attn, "k_norm", None)),
         "attn_norm": layer(getattr(attn, "norm", None)),
         "norm1": layer(b.norm1),
         "norm2": layer(b.norm2),
-        "layer_scale": type(b.ls1).__name__ != "Identity",
+        "layer_scale": type(b.ls1).__name__ != "Identity" if hasattr(b, "ls1") else b.gamma_1 is not None,
         "mlp": type(mlp).__name__,
         "mlp_hidden": getattr(getattr(mlp, "fc1", None), "out_features", None),
         "act": layer(getattr(mlp, "act", None)),
@@ -80,7 +81,18 @@ def msvit(model) -> dict:
         "pool_include_prefix": model.pool_include_prefix,
         "num_classes": head.out_features if isinstance(head, nn.Linear) else 0,
         "gate": {"hidden": gate.fc1.out_features, "temperature": gate.temperature, "grid": list(gate.grid)},
+        # only RoPE models record it, so the configs of earlier checkpoints still verify
+        **({"rope": rope(model.rope)} if getattr(model, "rope", None) is not None else {}),
     }
+
+
+ROPE_SETTINGS = ("grid_type", "temperature", "ref_feat_shape", "grid_offset", "grid_indexing", "normalize_coords")
+
+
+def rope(packed) -> dict:
+    """The settings that place a RoPE model's rotations (``msvit.models.rope.PackedRope``)."""
+    settings = {k: getattr(packed.rope, k) for k in ROPE_SETTINGS if hasattr(packed.rope, k)}
+    return {"type": type(packed.rope).__name__, "rotate_half": packed.rotate_half, **settings}
 
 
 def describe(model: nn.Module) -> dict:

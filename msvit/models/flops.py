@@ -27,7 +27,7 @@ def macs_for_tokens(model: MSViT, tokens: Tensor, n_regions: int, include_gate: 
     gate = model.gate.macs_per_region() * n_regions if include_gate else 0
     parts["gate"] = torch.full_like(tokens, float(gate))
     linear = sum(_linear_macs(block) for block in model.blocks)
-    attn_dim = sum(block.attn.qkv.out_features // 3 for block in model.blocks)
+    attn_dim = sum(block.attn.num_heads * block.attn.head_dim for block in model.blocks)
     parts["blocks_linear"] = tokens * linear
     parts["attention"] = 2 * tokens.square() * attn_dim
     parts["head"] = torch.full_like(tokens, float(_linear_macs(model.head)))

@@ -1,45 +1,59 @@
 """Pre-norm ViT blocks run on packed ``[T, C]`` tokens or on dense masked ``[B, N, C]`` tokens.
 
-The blocks are timm's own ``Block`` modules (their weights are the model's weights); only the way
-attention sees its neighbours changes. One function runs a block; the two layouts differ in the
-``attend`` function (varlen attention vs masked softmax, Eq. 10) and in how stochastic depth
-picks its samples (per image in both cases).
+The blocks are timm's own ``Block`` / ``EvaBlock`` modules (their weights are the model's weights);
+only the way attention sees its neighbours changes. One function runs a block; the two layouts differ
+in the ``attend`` function (varlen attention vs masked softmax, Eq. 10) and in how stochastic depth
+picks its samples (per image in both cases). RoPE models pass ``rotary(block_index, t)``, which
+rotates q and k by each token's position (``msvit.models.rope``).
 """
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msvit.models.timm_blocks import layer_scale, qkv_heads
 from msvit_kernels import packed_attention
 from msvit_kernels.varlen import MixedScaleIndex
 
 Attend = Callable[[Tensor, Tensor, Tensor, Optional[float]], Tensor]
+Rotary = Callable[[int, Tensor], Tensor]
 
 
-def run_block(block: nn.Module, x: Tensor, attend: Attend, drop_path: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
-    """One timm ``Block`` on tokens ``x [..., C]``; ``attend(q, k, v, scale)`` maps ``[..., H, D]``."""
+def run_block(
+    block: nn.Module,
+    x: Tensor,
+    attend: Attend,
+    drop_path: Callable[[nn.Module, Tensor], Tensor],
+    rotate: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """One timm ``Block`` or ``EvaBlock`` on tokens ``x [..., C]``; ``attend(q, k, v, scale)`` maps
+    ``[..., H, D]``; ``rotate`` (RoPE models) is applied to q and k after their norms, as timm does."""
     attn = block.attn
     h = block.norm1(x)
-    qkv = attn.qkv(h).unflatten(-1, (3, attn.num_heads, attn.qkv.out_features // (3 * attn.num_heads)))
-    q, k, v = qkv.unbind(-3)
+    q, k, v = qkv_heads(attn, h)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if rotate is not None:
+        q, k = rotate(q), rotate(k)
     o = attend(q, k, v, attn.scale).flatten(-2)
     if hasattr(attn, "norm"):  # timm >= 1.0: optional norm before the projection
         o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(h).sigmoid()
     o = attn.proj_drop(attn.proj(o))
-    x = x + drop_path(block.drop_path1, block.ls1(o))
-    return x + drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))))
+    x = x + drop_path(block.drop_path1, layer_scale(block, 1, o))
+    return x + drop_path(block.drop_path2, layer_scale(block, 2, block.mlp(block.norm2(x))))
 
 
 def _drop_path_rate(module: nn.Module) -> float:
     return float(getattr(module, "drop_prob", 0.0)) if module.training else 0.0
 
 
-def packed_blocks(blocks, x: Tensor, index: MixedScaleIndex, backend: str = "auto") -> Tensor:
+def packed_blocks(
+    blocks, x: Tensor, index: MixedScaleIndex, backend: str = "auto", rotary: Optional[Rotary] = None
+) -> Tensor:
     """Run blocks on packed tokens ``[T, C]``; attention is varlen attention per image."""
 
     def attend(q, k, v, scale):
@@ -55,8 +69,13 @@ def packed_blocks(blocks, x: Tensor, index: MixedScaleIndex, backend: str = "aut
         keep = torch.rand(index.cu_seqlens.numel() - 1, device=y.device) >= rate
         return y * (keep.to(y.dtype) / (1 - rate))[index.row_image, None]
 
-    for block in blocks:
-        x = run_block(block, x, attend, drop_path)
+    return _run_blocks(blocks, x, attend, drop_path, rotary)
+
+
+def _run_blocks(blocks, x: Tensor, attend: Attend, drop_path, rotary: Optional[Rotary]) -> Tensor:
+    for i, block in enumerate(blocks):
+        rotate = None if rotary is None else partial(rotary, i)
+        x = run_block(block, x, attend, drop_path, rotate)
     return x
 
 
@@ -82,7 +101,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], we
     return (probs @ v).transpose(1, 2)
 
 
-def dense_blocks(blocks, x: Tensor, weights: Tensor) -> Tensor:
+def dense_blocks(blocks, x: Tensor, weights: Tensor, rotary: Optional[Rotary] = None) -> Tensor:
     """Run blocks on dense tokens ``[B, N, C]`` with masked attention (the paper's baseline)."""
 
     def attend(q, k, v, scale):
@@ -91,6 +110,4 @@ def dense_blocks(blocks, x: Tensor, weights: Tensor) -> Tensor:
     def drop_path(module, y):
         return module(y)  # timm's DropPath already drops per sample of [B, N, C]
 
-    for block in blocks:
-        x = run_block(block, x, attend, drop_path)
-    return x
+    return _run_blocks(blocks, x, attend, drop_path, rotary)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from msvit.models.checks import MODES, check_choice, check_dtype, check_images, check_mask
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
 from msvit.models.layers import dense_blocks, packed_blocks
+from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
@@ -80,6 +81,7 @@ class MSViT(nn.Module):
             and the reference elsewhere ("torch" is the deprecated name of "reference"). Masked and
             trimmed modes always tokenize with the reference.
         attention_backend: passed to ``msvit_kernels.packed_attention`` in packed mode.
+        rope: the rotary position embedding of RoPE models (``msvit.models.rope.PackedRope``), or None.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class MSViT(nn.Module):
         in_chans: int = 3,
         kernels: str = "auto",
         attention_backend: str = "auto",
+        rope: Optional[PackedRope] = None,
     ):
         super().__init__()
         check_choice("global_pool", global_pool, ("token", "avg"))
@@ -116,6 +119,7 @@ class MSViT(nn.Module):
         self.in_chans = in_chans
         self.kernels = kernels
         self.attention_backend = attention_backend
+        self.rope = rope
 
     @property
     def kernels(self) -> str:
@@ -186,9 +190,12 @@ class MSViT(nn.Module):
             tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
         else:
             x, weights = self.tokenizer.dense(images, decision.st)
+            positions = self._dense_positions(images)
             if mode == "trimmed":
-                x, weights = trim_tokens(x, weights, self.tokenizer.num_prefix)
-            x = dense_blocks(self.blocks, self.norm_pre(x), weights)
+                order = trim_order(weights, self.tokenizer.num_prefix)
+                x, weights = take_tokens(x, order), torch.gather(weights, 1, order)
+                positions = positions[order] if positions is not None else None
+            x = dense_blocks(self.blocks, self.norm_pre(x), weights, self._rotary(images, positions))
             logits = self._head(self._pool_dense(x, weights))
             tokens = torch.full((images.shape[0],), x.shape[1], device=images.device)
         return MSViTOutput(logits, decision, tokens) if return_gate else logits
@@ -214,8 +221,19 @@ class MSViT(nn.Module):
 
     def _packed_features(self, images: Tensor, decision: GateDecision) -> PackedFeatures:
         x, index = self.tokenizer.pack(images, decision.hard, decision.st)
-        x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend)
+        rotary = self._rotary(images, packed_positions(index) if self.rope is not None else None)
+        x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend, rotary)
         return PackedFeatures(self.norm(x), index, decision, self.tokenizer.grids(images)[0])
+
+    def _dense_positions(self, images: Tensor) -> Optional[Tensor]:
+        if self.rope is None:
+            return None
+        (h, w), (hc, wc) = self.tokenizer.grids(images)
+        return dense_positions(self.tokenizer.num_prefix, h * w, hc * wc, images.device)
+
+    def _rotary(self, images: Tensor, positions: Optional[Tensor]):
+        """RoPE models: ``rotary(block_index, t)`` for tokens at ``positions`` (see msvit.models.rope)."""
+        return None if self.rope is None else self.rope.rotary(self.tokenizer.grids(images)[0], positions)
 
     def _head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(self.fc_norm(pooled))
@@ -241,17 +259,21 @@ class MSViT(nn.Module):
         return (x * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
 
 
-def trim_tokens(tokens: Tensor, weights: Tensor, num_prefix: int) -> Tuple[Tensor, Tensor]:
+def trim_order(weights: Tensor, num_prefix: int) -> Tensor:
     """Adaptive trimming (Section 2.3): per image, sort patch tokens by mask value (active first,
     stable) and keep as many as the batch's longest image has active; prefix tokens stay first.
 
-    tokens ``[B, N, C]``, weights ``[B, N]`` -> ``[B, P + k, C]``, ``[B, P + k]``. One host read (k).
+    weights ``[B, N]`` -> int64 ``[B, P + k]``: the kept tokens' indices, in order (``take_tokens``
+    applies them to tokens, ``gather`` to weights and RoPE positions). One host read (k).
     """
     patch_weights = weights[:, num_prefix:]
     active = patch_weights.detach() > 0.5
     keep = int(active.sum(1).max()) if active.shape[0] else 0  # an empty batch keeps no patch token
-    order = torch.argsort(active.to(torch.uint8), dim=1, descending=True, stable=True)[:, :keep]
-    patch_tokens = torch.gather(tokens[:, num_prefix:], 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
-    tokens = torch.cat([tokens[:, :num_prefix], patch_tokens], 1)
-    weights = torch.cat([weights[:, :num_prefix], torch.gather(patch_weights, 1, order)], 1)
-    return tokens, weights
+    order = torch.argsort(active.to(torch.uint8), dim=1, descending=True, stable=True)[:, :keep] + num_prefix
+    prefix = torch.arange(num_prefix, device=weights.device).expand(weights.shape[0], -1)
+    return torch.cat([prefix, order], 1)
+
+
+def take_tokens(tokens: Tensor, order: Tensor) -> Tensor:
+    """``tokens[b, order[b]]``: ``[B, N, C]`` -> ``[B, K, C]``."""
+    return torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))

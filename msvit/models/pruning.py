@@ -181,6 +181,9 @@ class PrunedMSViT(nn.Module):
         if not isinstance(model, MSViT):
             raise TypeError(f"model must be an msvit.MSViT, got {type(model).__name__}")
         config = config or PruneConfig(keep_ratio, tuple(layers), fuse)
+        if getattr(model, "rope", None) is not None:
+            # the pruned index does not carry the tokens' positions, so their rotations would be lost
+            raise NotImplementedError("PrunedMSViT does not support RoPE models (rotary position embeddings)")
         if model.tokenizer.num_prefix == 0:
             raise ValueError("EViT ranks tokens by the class token's attention; this model has no class token")
         if config.layers and config.layers[-1] >= len(model.blocks):

@@ -1,5 +1,8 @@
 """Build an MSViT from a timm ``VisionTransformer`` (ViT, DeiT, with or without cls, LayerScale,
-register tokens, any image size).
+register tokens, any image size) or ``Eva`` (EVA02, DINOv3, PE, RoPE-ViT: rotary embeddings, SwiGLU).
+
+Every module is checked first (``msvit.models.timm_support``): a model with a module the packed code does
+not reproduce exactly is refused, naming the module and the missing feature.
 
 The conv patch embedding becomes the shared linear embedding (``weight.reshape(d, C*p*p)``, the
 (C, p, p) flattening order of ``msvit_kernels.reference.patchify``); blocks, norms and head are
@@ -15,12 +18,13 @@ from torch import nn
 
 from msvit.models.gate import MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViT
+from msvit.models.rope import PackedRope
+from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
 
 
 def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
     import timm
-    from timm.models.vision_transformer import Block, VisionTransformer
 
     if isinstance(model_or_name, str):
         model = timm.create_model(model_or_name, **(timm_kwargs or {}))
@@ -28,19 +32,7 @@ def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
         if timm_kwargs:
             raise ValueError("timm_kwargs only apply when from_timm is given a model name")
         model = model_or_name
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"from_timm expects a timm VisionTransformer (ViT, DeiT, ...), got {type(model).__name__}")
-    unsupported = {type(b).__name__ for b in model.blocks if type(b) is not Block}
-    if unsupported:
-        raise TypeError(f"from_timm supports timm's pre-norm Block only, this model uses {sorted(unsupported)}")
-    if model.attn_pool is not None or model.global_pool not in ("token", "avg"):
-        raise NotImplementedError(
-            f"global_pool={model.global_pool!r} is not supported; use a model with 'token' or 'avg'"
-        )
-    if getattr(model.patch_embed, "dynamic_img_pad", False):
-        raise NotImplementedError(
-            "dynamic_img_pad is not supported: MSViT images must be multiples of the coarse patch"
-        )
+    check_model(model, model_or_name if isinstance(model_or_name, str) else None)
     return model
 
 
@@ -56,7 +48,7 @@ def from_timm(
     """MSViT with the weights of a timm ViT.
 
     Args:
-        model_or_name: a timm ``VisionTransformer`` or its name (built with
+        model_or_name: a timm ``VisionTransformer`` or ``Eva``, or its name (built with
             ``timm.create_model(name, **timm_kwargs)``; nothing is downloaded unless you pass
             ``pretrained=True`` in ``timm_kwargs``).
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
@@ -64,11 +56,12 @@ def from_timm(
         **gate_kwargs: ``MixedScaleGate`` options (hidden, init_logit, temperature).
 
     The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
+    RoPE models (``Eva`` with a ``rope``): fine tokens are rotated at timm's own grid positions,
+    coarse tokens at the centre of the fine cells they cover (``msvit.models.rope``, whose docstring says
+    where the all-coarse model equals timm on the pooled image).
     """
     model = _timm_vit(model_or_name, timm_kwargs)
     proj = model.patch_embed.proj
-    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
-        raise NotImplementedError("the patch embedding must be a square, non-overlapping Conv2d")
     fine = proj.kernel_size[0]
     coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
     if coarse < fine or coarse % fine:
@@ -113,10 +106,21 @@ def from_timm(
         in_chans=proj.in_channels,
         kernels=kernels,
         attention_backend=attention_backend,
+        rope=_packed_rope(model, ratio),
     )
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine)
     return msvit.train(model.training)
+
+
+def _packed_rope(model, ratio: int) -> Optional[PackedRope]:
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        return None
+    layouts = {bool(getattr(b.attn, "rotate_half", False)) for b in model.blocks}
+    if len(layouts) > 1:
+        raise NotImplementedError("blocks with different RoPE rotation layouts (rotate_half) are not supported")
+    return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False)
 
 
 def input_cfg(model, patch: int) -> dict:
