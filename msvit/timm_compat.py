@@ -15,6 +15,7 @@ from torch import nn
 
 from .gate import MixedScaleGate
 from .model import MSViT
+from .swin import is_timm_swin, swin_from_timm
 from .tokenizer import MixedScaleTokenizer
 
 
@@ -65,6 +66,15 @@ def from_timm(
 
     The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
     """
+    if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
+        return swin_from_timm(
+            model_or_name,
+            coarse_patch_size=coarse_patch_size,
+            kernels=kernels,
+            attention_backend=attention_backend,
+            timm_kwargs=timm_kwargs,
+            **gate_kwargs,
+        )
     model = _timm_vit(model_or_name, timm_kwargs)
     proj = model.patch_embed.proj
     if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
