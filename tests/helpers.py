@@ -46,3 +46,31 @@ def half_resolution_twin(model: VisionTransformer, img_size, **kwargs) -> Vision
     state["pos_embed"] = torch.cat([pos[:, :n_prefix], small.flatten(2).transpose(1, 2)], 1)
     twin.load_state_dict(state)
     return twin
+
+
+# A depth-reduced swin_tiny_patch4_window7_224: two blocks (one shifted) in the fine stages.
+TINY_SWIN = dict(depths=(2, 2, 2, 1), embed_dim=16, num_heads=(1, 2, 2, 4), num_classes=5)
+
+
+def tiny_swin(**overrides):
+    """A small random-weight timm Swin v1 (swin_tiny_patch4_window7_224 with fewer, narrower blocks)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **{**TINY_SWIN, **overrides}).eval()
+
+
+def redraw_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Re-draw every parameter in place: timm's init (unit norms, zero biases, 0.02-std position
+    tables) makes many mismatches invisible under 1e-4. Norm weights ~U(0.5, 1.5), relative
+    position tables ~N(0, 1) (so they shape attention), everything else ~N(0, 0.3)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif "relative_position" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 0.3)
+    return model
