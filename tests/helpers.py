@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from msvit_kernels import _triton
 
@@ -74,3 +76,11 @@ def redraw_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
             else:
                 p.normal_(0.0, 0.3)
     return model
+
+
+def counted_macs(model, images) -> float:
+    """MACs per image of a forward pass, as FlopCounterMode counts them (attention via SDPA's math
+    backend, whose matrix products it sees)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    return counter.get_total_flops() / 2 / images.shape[0]
