@@ -8,7 +8,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 
 import msvit
 from msvit.swin import MixedScaleSwin
-from msvit.swin.attention import window_attention
+from msvit.swin.attention import window_attention, window_mask
 from msvit.swin.blocks import shift_mask
 from msvit.swin.layout import dense_coords, fine_token_coords, morton_offsets
 from msvit.swin.windows import window_layout
@@ -85,7 +85,8 @@ def test_window_attention_equals_timm_window_attention_with_absent_keys(pair, bl
     coords = type(dense_coords(1, grid))(*(c[rows] for c in dense_coords(batch, grid)))
     with torch.no_grad():
         layout = window_layout(coords, grid, window, shift)
-        ours = window_attention(block.attn, x.flatten(0, 2)[rows], layout, shift_mask(block, x.device, x.dtype))
+        mask = window_mask(layout, shift_mask(block, x.device, x.dtype), x.dtype)
+        ours = window_attention(block.attn, x.flatten(0, 2)[rows], layout, mask)
     n = window[0] * window[1]
     rolled = torch.roll(x, (-shift[0], -shift[1]), (1, 2))
     keys = torch.roll(present, (-shift[0], -shift[1]), (1, 2))

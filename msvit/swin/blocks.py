@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from ..layers import drop_images
-from .attention import window_attention
+from .attention import window_attention, window_mask
 from .layout import TokenCoords
 from .windows import WindowLayout, window_layout
 
@@ -36,14 +36,13 @@ def run_stage_blocks(
     key_active: bool ``[T]`` for the dense-masked baseline (False = not a key), None when every
     row is a present token (packed).
     """
-    layouts: Dict[tuple, WindowLayout] = {}
+    layouts: Dict[tuple, Tuple[WindowLayout, Tensor]] = {}
     for block in blocks:
         window, shift = tuple(block.window_size), tuple(block.shift_size)
         if (window, shift) not in layouts:
-            layouts[window, shift] = window_layout(coords, grid, window, shift, key_active)
-        attended = window_attention(
-            block.attn, block.norm1(x), layouts[window, shift], shift_mask(block, x.device, x.dtype)
-        )
+            layout = window_layout(coords, grid, window, shift, key_active)
+            layouts[window, shift] = layout, window_mask(layout, shift_mask(block, x.device, x.dtype), x.dtype)
+        attended = window_attention(block.attn, block.norm1(x), *layouts[window, shift])
         x = x + drop_images(block.drop_path1, attended, coords.image, batch)
         x = x + drop_images(block.drop_path2, block.mlp(block.norm2(x)), coords.image, batch)
     return x
