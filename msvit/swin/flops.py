@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from ..flops import _linear_macs
 from .layout import fine_token_coords
-from .model import MixedScaleSwin
 from .windows import window_layout, windows_per_image
 
 
@@ -26,9 +25,10 @@ def _merge_macs(stage: nn.Module) -> int:
     return _linear_macs(stage.downsample)
 
 
-def swin_macs(model: MixedScaleSwin, mask: Tensor, include_gate: bool = True) -> Dict[str, Tensor]:
-    """MACs per image (float64 ``[B]``) by part: embed, gate, fine_stages (the stages before the
-    entry stage and its patch merging, on present tokens), dense_stages, head, total."""
+def swin_macs(model: nn.Module, mask: Tensor, include_gate: bool = True) -> Dict[str, Tensor]:
+    """MACs per image (float64 ``[B]``) of a ``MixedScaleSwin`` by part: embed, gate, fine_stages
+    (the stages before the entry stage and its patch merging, on present tokens), dense_stages,
+    head, total."""
     batch, n_regions = mask.shape
     tok = model.tokenizer
     coarse_grid = (model.img_size[0] // tok.coarse_patch, model.img_size[1] // tok.coarse_patch)

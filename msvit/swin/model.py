@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from ..checks import check_choice, check_dtype, check_images, check_mask
 from ..gate import Budget, GateDecision, MixedScaleGate
 from ..model import MSViTOutput
+from .architecture import describe_swin
 from .blocks import run_stage_blocks
+from .flops import swin_macs
 from .layout import TokenCoords, dense_coords, fine_token_coords
 from .merging import merge_packed
 from .tokenizer import SwinTokenizer
@@ -120,14 +122,10 @@ class MixedScaleSwin(nn.Module):
 
     def mac_parts(self, mask: Tensor, include_gate: bool = True) -> Dict[str, Tensor]:
         """MACs per image ``[B]`` (float64) in packed mode, by part (``msvit.swin.flops``)."""
-        from .flops import swin_macs  # flops imports this module
-
         return swin_macs(self, mask, include_gate)
 
     def describe_architecture(self) -> dict:
         """What ``config.json`` records of this architecture (``msvit.architecture.describe``)."""
-        from .architecture import describe_swin
-
         return describe_swin(self)
 
     def forward(
