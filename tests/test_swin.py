@@ -153,6 +153,8 @@ def test_bad_input_is_refused(pair):
         model(torch.randn(1, 3, 224, 224), mask=torch.ones(1, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="token scale of a later stage"):
         msvit.from_timm(tiny_swin(), coarse_patch_size=24)
+    with pytest.raises(ValueError, match="kernels"):
+        msvit.from_timm(tiny_swin(), kernels="cuda")
     with pytest.raises(ValueError, match="attention_backend"):
         msvit.from_timm(tiny_swin(), attention_backend="triton")
     with pytest.raises(NotImplementedError, match="window"):

@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice
+
 from ..checks import check_choice, check_dtype, check_images, check_mask
 from ..gate import Budget, GateDecision, MixedScaleGate
 from ..model import MSViTOutput
@@ -78,7 +80,8 @@ class MixedScaleSwin(nn.Module):
 
     @kernels.setter
     def kernels(self, value: str) -> None:
-        self.gate.kernels = value  # the gate's fused kernel; the Swin path itself is torch
+        # only the gate has a fused kernel; the Swin path itself is torch
+        self.gate.kernels = normalize_choice("kernels", value, IMPLEMENTATIONS, {"torch": "reference"})
 
     @property
     def num_classes(self) -> int:
