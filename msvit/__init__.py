@@ -5,6 +5,7 @@ model = msvit.from_timm("vit_small_patch16_224")       # MSViT-S/16,32
 logits = model(images)                                  # packed mode, the gate decides
 mask = model.gate_mask(images)                          # bool [B, Nc], True = fine
 pruned = msvit.PrunedMSViT(model, keep_ratio=0.7)       # EViT pruning on the packed tokens
+swin = msvit.from_timm("swin_tiny_patch4_window7_224")  # msvit.MixedScaleSwin: coarse regions skip early stages
 seg = msvit.MSSegmenter(msvit.from_timm("vit_small_patch16_224"), num_classes=150)  # [B, 150, H, W]
 digits = msvit.load_pretrained("cluttered-digits")    # the model shipped in the package, eval mode
 transform = msvit.eval_transform(digits)               # its input size, mean, std (digits.pretrained_cfg)
@@ -17,6 +18,7 @@ from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid
 from msvit.models.mixed_scale_vit import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
 from msvit.models.pruning import PruneConfig, PrunedMSViT, PrunedOutput
 from msvit.models.segmentation import MSSegmenter, SegmenterOutput, load_segmenter
+from msvit.models.swin import MixedScaleSwin
 from msvit.models.timm_compat import from_timm
 from msvit.models.tokenizer import MixedScaleTokenizer
 
@@ -26,6 +28,7 @@ __all__ = [
     "load_pretrained",
     "GateDecision",
     "MSViT",
+    "MixedScaleSwin",
     "MSViTOutput",
     "MixedScaleGate",
     "MixedScaleTokenizer",

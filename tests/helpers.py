@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from msvit_kernels import _triton
 
@@ -48,12 +50,24 @@ def half_resolution_twin(model: VisionTransformer, img_size, **kwargs) -> Vision
     return twin
 
 
+# A depth-reduced swin_tiny_patch4_window7_224: two blocks (one shifted) in the fine stages.
+TINY_SWIN = dict(depths=(2, 2, 2, 1), embed_dim=16, num_heads=(1, 2, 2, 4), num_classes=5)
+
+
+def tiny_swin(**overrides):
+    """A small random-weight timm Swin v1 (swin_tiny_patch4_window7_224 with fewer, narrower blocks)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **{**TINY_SWIN, **overrides}).eval()
+
+
 def redraw_parameters(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """Re-draw every parameter in place (returns the model): timm's init (LayerScale 1e-5, unit
     norms, zero tokens and biases) makes the logits nearly independent of most modules, so an
     equivalence test on it cannot see a wrong attention or norm. LayerScale gammas and norm weights
     ~U(0.5, 1.5); Linear / Conv weights ~N(0, 1/fan_in); everything else (biases, cls / register /
-    position tokens, RoPE frequencies) ~N(0, 0.3^2)."""
+    position tokens, RoPE frequencies) ~N(0, 0.3^2); relative position bias tables ~N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module_name, module in model.named_modules():
@@ -61,9 +75,19 @@ def redraw_parameters(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
                 full = f"{module_name}.{name}"
                 if p.ndim == 1 and ("gamma" in full or ("norm" in module_name and name == "weight")):
                     value = torch.rand(p.shape, generator=g) + 0.5
+                elif "relative_position" in name:  # Swin's bias tables: N(0, 1) so they shape attention
+                    value = torch.randn(p.shape, generator=g)
                 elif name == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                     value = torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5
                 else:
                     value = torch.randn(p.shape, generator=g) * 0.3
                 p.copy_(value.to(p.dtype))
     return model
+
+
+def counted_macs(model, images) -> float:
+    """MACs per image of a forward pass, as FlopCounterMode counts them (attention via SDPA's math
+    backend, whose matrix products it sees)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    return counter.get_total_flops() / 2 / images.shape[0]

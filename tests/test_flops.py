@@ -3,19 +3,11 @@
 import pytest
 import timm
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import msvit
 from msvit.models.flops import count_macs
 
-
-def counted_macs(model, images) -> float:
-    """MACs per image of a forward pass, as FlopCounterMode counts them (attention via SDPA's math
-    backend, whose matrix products it sees)."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(images)
-    return counter.get_total_flops() / 2 / images.shape[0]
+from helpers import counted_macs
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,8 @@ def describe(model: nn.Module) -> dict:
             {"num_classes": getattr(model, "num_classes", None), "freeze_gate": getattr(model, "freeze_gate", None)}
         )
         description = {"backbone": msvit(model.backbone), "decoder": found}
+    elif hasattr(model, "describe_architecture"):  # a mixed-scale Swin records its own (msvit.models.swin)
+        description = model.describe_architecture()
     else:
         description = msvit(model)
     return json.loads(json.dumps(description))  # tuples become lists: equal to what config.json reads back

@@ -58,5 +58,8 @@ def count_macs(
         mask = model.gate_mask(images)
     elif images is not None:
         model.decide(images, mask=mask)  # validates the mask against the images' grid
-    parts = macs_for_tokens(model, model.tokens_per_image(mask), mask.shape[1], include_gate)
+    if hasattr(model, "mac_parts"):  # a mixed-scale Swin counts its windows (msvit.models.swin.flops)
+        parts = model.mac_parts(mask, include_gate)
+    else:
+        parts = macs_for_tokens(model, model.tokens_per_image(mask), mask.shape[1], include_gate)
     return parts if breakdown else parts["total"]

@@ -51,6 +51,16 @@ def _drop_path_rate(module: nn.Module) -> float:
     return float(getattr(module, "drop_prob", 0.0)) if module.training else 0.0
 
 
+def drop_images(module: nn.Module, y: Tensor, row_image: Tensor, batch: int) -> Tensor:
+    """Stochastic depth of ``module`` (a timm DropPath or Identity) on packed rows ``y [T, C]``:
+    whole images are dropped, as timm's DropPath does on ``[B, N, C]``; row_image: int64 ``[T]``."""
+    rate = _drop_path_rate(module)
+    if rate == 0.0:
+        return y
+    keep = torch.rand(batch, device=y.device) >= rate
+    return y * (keep.to(y.dtype) / (1 - rate))[row_image, None]
+
+
 def packed_blocks(
     blocks, x: Tensor, index: MixedScaleIndex, backend: str = "auto", rotary: Optional[Rotary] = None
 ) -> Tensor:
@@ -62,12 +72,7 @@ def packed_blocks(
         )
 
     def drop_path(module, y):
-        rate = _drop_path_rate(module)
-        if rate == 0.0:
-            return y
-        # Stochastic depth drops whole images, as timm's DropPath does on [B, N, C].
-        keep = torch.rand(index.cu_seqlens.numel() - 1, device=y.device) >= rate
-        return y * (keep.to(y.dtype) / (1 - rate))[index.row_image, None]
+        return drop_images(module, y, index.row_image, index.cu_seqlens.numel() - 1)
 
     return _run_blocks(blocks, x, attend, drop_path, rotary)
 

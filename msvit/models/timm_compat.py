@@ -19,6 +19,7 @@ from torch import nn
 from msvit.models.gate import MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.rope import PackedRope
+from msvit.models.swin import is_timm_swin, swin_from_timm
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
 
@@ -60,6 +61,15 @@ def from_timm(
     coarse tokens at the centre of the fine cells they cover (``msvit.models.rope``, whose docstring says
     where the all-coarse model equals timm on the pooled image).
     """
+    if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
+        return swin_from_timm(
+            model_or_name,
+            coarse_patch_size=coarse_patch_size,
+            kernels=kernels,
+            attention_backend=attention_backend,
+            timm_kwargs=timm_kwargs,
+            **gate_kwargs,
+        )
     model = _timm_vit(model_or_name, timm_kwargs)
     proj = model.patch_embed.proj
     fine = proj.kernel_size[0]

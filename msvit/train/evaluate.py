@@ -35,7 +35,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct = seen = fine_regions = fine_on_digit = digit_regions = 0
-    tokens = []
+    tokens, masks = [], []
     n_regions = None
     for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False):
         images = normalize(images.to(device), mean, std)
@@ -44,6 +44,7 @@ def evaluate(
         hard = out.gate.hard.cpu()
         n_regions = hard.shape[1]
         tokens.append(model.tokens_per_image(hard))
+        masks.append(hard)
         fine_regions += hard.sum().item()
         if boxes is not None:
             size = tuple(images.shape[-2:])
@@ -61,7 +62,7 @@ def evaluate(
     metrics = {
         "top1": correct / max(seen, 1),
         "tokens_per_image": tokens.double().mean().item(),
-        "gmacs_per_image": macs_for_tokens(model, tokens, n_regions)["total"].mean().item() / 1e9,
+        "gmacs_per_image": macs_of(model, tokens, masks, n_regions).mean().item() / 1e9,
         "fine_rate": fine_regions / max(seen * n_regions, 1),
         "images": seen,
     }
@@ -70,3 +71,11 @@ def evaluate(
         metrics["digit_share"] = digit_regions / max(seen * n_regions, 1)
         metrics["fine_digit_ratio"] = metrics["fine_on_digit"] / max(metrics["digit_share"], 1e-9)
     return metrics
+
+
+def macs_of(model, tokens: Tensor, masks: list, n_regions: int) -> Tensor:
+    """MACs per image: from the token counts (MSViT), or from the masks for a model whose cost
+    depends on where the fine regions are (a mixed-scale Swin fills windows; msvit.models.swin.flops)."""
+    if hasattr(model, "mac_parts"):
+        return model.mac_parts(torch.cat(masks))["total"]
+    return macs_for_tokens(model, tokens, n_regions)["total"]
