@@ -46,3 +46,27 @@ def half_resolution_twin(model: VisionTransformer, img_size, **kwargs) -> Vision
     state["pos_embed"] = torch.cat([pos[:, :n_prefix], small.flatten(2).transpose(1, 2)], 1)
     twin.load_state_dict(state)
     return twin
+
+
+def attention_oracle(q, k, v, cu_seqlens, grad_out, scale=None, cu_seqlens_k=None):
+    """float64 softmax attention, one sequence at a time, and (dq, dk, dv) for ``grad_out``.
+
+    q, grad_out: ``[T, H, D]``; k, v: ``[T_k, H, D]`` in the layout ``cu_seqlens_k`` (default: q's).
+    A query whose key sequence is empty gets zeros (packed_attention's convention, flash-attn's).
+    Returns out ``[T, H, D]``, dq, dk, dv: float64.
+    """
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds_k = (cu_seqlens if cu_seqlens_k is None else cu_seqlens_k).tolist()
+    bounds = cu_seqlens.tolist()
+    pieces = [q[:0]]
+    for (start, end), (start_k, end_k) in zip(zip(bounds, bounds[1:]), zip(bounds_k, bounds_k[1:])):
+        qi, ki, vi = (t.transpose(0, 1) for t in (q[start:end], k[start_k:end_k], v[start_k:end_k]))  # [H, L, D]
+        if end_k == start_k:
+            pieces.append(q[start:end] * 0)
+            continue
+        probs = torch.softmax(qi @ ki.transpose(-1, -2) * scale, dim=-1)
+        pieces.append((probs @ vi).transpose(0, 1))
+    out = torch.cat(pieces)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.double(), allow_unused=True)
+    return (out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), grads)))
