@@ -1,5 +1,5 @@
-"""Build an MSViT from a timm ``VisionTransformer`` (ViT, DeiT, with or without cls, LayerScale,
-register tokens, any image size).
+"""Build an MSViT from a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, SigLIP's ``map``
+pooling, with or without cls, LayerScale, register tokens, any image size).
 
 The conv patch embedding becomes the shared linear embedding (``weight.reshape(d, C*p*p)``, the
 (C, p, p) flattening order of ``msvit_kernels.reference.patchify``); blocks, norms and head are
@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .attention_pool import convert_attention_pool
 from .gate import MixedScaleGate
 from .model import MSViT
 from .tokenizer import MixedScaleTokenizer
@@ -33,9 +34,9 @@ def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
     unsupported = {type(b).__name__ for b in model.blocks if type(b) is not Block}
     if unsupported:
         raise TypeError(f"from_timm supports timm's pre-norm Block only, this model uses {sorted(unsupported)}")
-    if model.attn_pool is not None or model.global_pool not in ("token", "avg"):
+    if model.global_pool not in ("token", "avg", "map"):
         raise NotImplementedError(
-            f"global_pool={model.global_pool!r} is not supported; use a model with 'token' or 'avg'"
+            f"global_pool={model.global_pool!r} is not supported; use a model with 'token', 'avg' or 'map'"
         )
     if getattr(model.patch_embed, "dynamic_img_pad", False):
         raise NotImplementedError(
@@ -85,7 +86,8 @@ def from_timm(
         embed.weight.copy_(proj.weight.reshape(proj.out_channels, -1))
         if proj.bias is not None:
             embed.bias.copy_(proj.bias)
-    prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
+    # timm's prefix order: cls, then a distilled DeiT's dist token, then registers
+    prefix = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
     tokenizer = MixedScaleTokenizer(
         embed,
         fine,
@@ -110,10 +112,13 @@ def from_timm(
         norm_pre=nn.Sequential(copy.deepcopy(model.pos_drop), copy.deepcopy(model.norm_pre)),
         global_pool=model.global_pool,
         pool_include_prefix=getattr(model, "pool_include_prefix", False),
+        attn_pool=convert_attention_pool(model.attn_pool),
+        head_dist=copy.deepcopy(getattr(model, "head_dist", None)),
         in_chans=proj.in_channels,
         kernels=kernels,
         attention_backend=attention_backend,
     )
+    msvit.distilled_training = getattr(model, "distilled_training", False)
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine)
     return msvit.train(model.training)

@@ -70,3 +70,56 @@ def attention_oracle(q, k, v, cu_seqlens, grad_out, scale=None, cu_seqlens_k=Non
     out = torch.cat(pieces)
     grads = torch.autograd.grad(out, (q, k, v), grad_out.double(), allow_unused=True)
     return (out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), grads)))
+
+
+def redraw_parameters(model: torch.nn.Module, seed: int = 1, std: float = 0.3) -> torch.nn.Module:
+    """Re-draw every parameter (in place; returns the model): scales (LayerScale gammas, norm
+    weights) ~ U(0.5, 1.5), everything else (weights, biases, cls/reg/dist tokens, position
+    embeddings, latent queries) ~ N(0, std). timm's default init (LayerScale 1e-5, zero tokens and
+    biases) leaves features nearly independent of the tokens and hides mismatches under 1e-4."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = {
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or type(m).__name__.endswith("RmsNorm")
+    }
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or name in scales:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def check_random_masks(model, images: torch.Tensor, seed: int = 0) -> None:
+    """What every converted family must do on random masks: packed = masked = trimmed logits,
+    finite logits and gradients (weights and, through the straight-through gate, the gate's),
+    ``forward_features`` and ``msvit.unpack_to_grid`` of its output."""
+    import msvit
+
+    coarse = model.coarse_grid(images)
+    batch, n_coarse = images.shape[0], coarse[0] * coarse[1]
+    mask = torch.rand(batch, n_coarse, generator=torch.Generator().manual_seed(seed)) < 0.5
+    with torch.no_grad():
+        logits = model(images, mask=mask)
+        for mode in ("masked", "trimmed"):
+            assert rel_err(model(images, mask=mask, mode=mode), logits) <= 1e-4, mode
+        features = model.forward_features(images, mask=mask)
+        grid = msvit.unpack_to_grid(features)
+    assert torch.isfinite(logits).all() and logits.std() > 0.1
+    assert torch.equal(model.forward_head(features), logits)
+    fine = features.fine_grid
+    assert grid.grid.shape == (batch, fine[0], fine[1], features.tokens.shape[-1])
+    assert grid.prefix.shape == (batch, model.tokenizer.num_prefix, features.tokens.shape[-1])
+    model.train()
+    try:
+        model.zero_grad()
+        out = model(images)  # the gate samples its own mask; its straight-through values carry gradients
+        out = out[0] if isinstance(out, tuple) else out
+        out.square().mean().backward()
+    finally:
+        model.eval()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert model.gate.fc1.weight.grad is not None and model.head.weight.grad is not None
+    assert all(torch.isfinite(g).all() for g in grads)
