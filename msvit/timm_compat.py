@@ -8,7 +8,7 @@ copied, so training the MSViT never changes the timm model it came from.
 
 import copy
 import warnings
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,18 +19,36 @@ from .model import MSViT
 from .tokenizer import MixedScaleTokenizer
 
 
-def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
+class EmbedParts(NamedTuple):
+    """What differs between timm families before the blocks: the patch embedding as MSViT's
+    linear one ((C, p, p) flattening order), the fine patch, the position table's grid and table
+    (``[1, P_pos + h*w, d]`` or None), the prefix tokens ``[1, P, d]`` (or None), whether the
+    position table skips the prefix, the norm after the embedding and the one before the blocks."""
+
+    embed: nn.Linear
+    fine: int
+    grid: Tuple[int, int]
+    pos_embed: Optional[torch.Tensor]
+    prefix: Optional[torch.Tensor]
+    no_embed_class: bool
+    embed_norm: Optional[nn.Module]
+    norm_pre: nn.Module
+
+
+def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
     import timm
-    from timm.models.vision_transformer import Block, VisionTransformer
 
     if isinstance(model_or_name, str):
-        model = timm.create_model(model_or_name, **(timm_kwargs or {}))
-    else:
-        if timm_kwargs:
-            raise ValueError("timm_kwargs only apply when from_timm is given a model name")
-        model = model_or_name
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"from_timm expects a timm VisionTransformer (ViT, DeiT, ...), got {type(model).__name__}")
+        return timm.create_model(model_or_name, **(timm_kwargs or {}))
+    if timm_kwargs:
+        raise ValueError("timm_kwargs only apply when from_timm is given a model name")
+    return model_or_name
+
+
+def check_trunk(model: nn.Module) -> None:
+    """The parts every family shares: timm's pre-norm ``Block``s and a pooling MSViT implements."""
+    from timm.models.vision_transformer import Block
+
     unsupported = {type(b).__name__ for b in model.blocks if type(b) is not Block}
     if unsupported:
         raise TypeError(f"from_timm supports timm's pre-norm Block only, this model uses {sorted(unsupported)}")
@@ -38,11 +56,45 @@ def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
         raise NotImplementedError(
             f"global_pool={model.global_pool!r} is not supported; use a model with 'token', 'avg' or 'map'"
         )
+
+
+def conv_as_linear(proj: nn.Module) -> nn.Linear:
+    """A square non-overlapping conv patch embedding as the equal linear one ((C, p, p) order)."""
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
+        raise NotImplementedError("the patch embedding must be a square, non-overlapping Conv2d")
+    embed = nn.Linear(proj.weight[0].numel(), proj.out_channels, bias=proj.bias is not None)
+    embed = embed.to(device=proj.weight.device, dtype=proj.weight.dtype)
+    with torch.no_grad():
+        embed.weight.copy_(proj.weight.reshape(proj.out_channels, -1))
+        if proj.bias is not None:
+            embed.bias.copy_(proj.bias)
+    return embed
+
+
+def _vit_parts(model: nn.Module) -> EmbedParts:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"from_timm expects a timm VisionTransformer (ViT, DeiT, ...) or NaFlexVit, got {type(model).__name__}"
+        )
     if getattr(model.patch_embed, "dynamic_img_pad", False):
         raise NotImplementedError(
             "dynamic_img_pad is not supported: MSViT images must be multiples of the coarse patch"
         )
-    return model
+    embed = conv_as_linear(model.patch_embed.proj)
+    # timm's prefix order: cls, then a distilled DeiT's dist token, then registers
+    prefix = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
+    return EmbedParts(
+        embed,
+        model.patch_embed.proj.kernel_size[0],
+        tuple(model.patch_embed.grid_size),
+        model.pos_embed.detach().clone() if model.pos_embed is not None else None,
+        torch.cat(prefix, 1).detach().clone() if prefix else None,
+        model.no_embed_class,
+        copy.deepcopy(getattr(model.patch_embed, "norm", None)),
+        nn.Sequential(copy.deepcopy(model.pos_drop), copy.deepcopy(model.norm_pre)),
+    )
 
 
 def from_timm(
@@ -52,55 +104,59 @@ def from_timm(
     kernels: str = "auto",
     attention_backend: str = "auto",
     timm_kwargs: Optional[dict] = None,
+    img_size=None,
     **gate_kwargs,
 ) -> MSViT:
     """MSViT with the weights of a timm ViT.
 
     Args:
-        model_or_name: a timm ``VisionTransformer`` or its name (built with
+        model_or_name: a timm ``VisionTransformer`` or ``NaFlexVit`` or its name (built with
             ``timm.create_model(name, **timm_kwargs)``; nothing is downloaded unless you pass
             ``pretrained=True`` in ``timm_kwargs``).
+        img_size: NaFlexVit only: the image size (int or (h, w)) to convert its position embedding
+            for (timm's resampling, evaluated once; see ``msvit.naflex``). Default:
+            ``timm_kwargs["img_size"]``, else the model's default or pretrained_cfg input size.
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
         kernels, attention_backend: see ``MSViT``.
         **gate_kwargs: ``MixedScaleGate`` options (hidden, init_logit, temperature).
 
     The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
     """
-    model = _timm_vit(model_or_name, timm_kwargs)
-    proj = model.patch_embed.proj
-    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
-        raise NotImplementedError("the patch embedding must be a square, non-overlapping Conv2d")
-    fine = proj.kernel_size[0]
+    from .naflex import is_naflexvit, naflex_parts
+
+    model = _timm_model(model_or_name, timm_kwargs)
+    if is_naflexvit(model):
+        parts = naflex_parts(model, img_size if img_size is not None else (timm_kwargs or {}).get("img_size"))
+    elif img_size is not None:
+        raise ValueError("img_size applies to a NaFlexVit only; a ViT's image size is its patch_embed.img_size")
+    else:
+        parts = _vit_parts(model)
+    check_trunk(model)
+    fine = parts.fine
     coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
     if coarse < fine or coarse % fine:
         raise ValueError(
             f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}"
         )
     ratio = coarse // fine
-    grid = tuple(model.patch_embed.grid_size)
+    grid = parts.grid
     _warn_unsupported_regularisers(model)
 
-    embed = nn.Linear(proj.in_channels * fine * fine, proj.out_channels, bias=proj.bias is not None)
-    embed = embed.to(device=proj.weight.device, dtype=proj.weight.dtype)
-    with torch.no_grad():
-        embed.weight.copy_(proj.weight.reshape(proj.out_channels, -1))
-        if proj.bias is not None:
-            embed.bias.copy_(proj.bias)
-    # timm's prefix order: cls, then a distilled DeiT's dist token, then registers
-    prefix = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
+    weight = parts.embed.weight
+    in_chans = weight.shape[1] // (fine * fine)
     tokenizer = MixedScaleTokenizer(
-        embed,
+        parts.embed,
         fine,
         ratio,
         grid,
-        pos_embed=nn.Parameter(model.pos_embed.detach().clone()) if model.pos_embed is not None else None,
-        prefix_tokens=nn.Parameter(torch.cat(prefix, 1).detach().clone()) if prefix else None,
-        no_embed_class=model.no_embed_class,
-        embed_norm=copy.deepcopy(getattr(model.patch_embed, "norm", None)),
+        pos_embed=nn.Parameter(parts.pos_embed) if parts.pos_embed is not None else None,
+        prefix_tokens=nn.Parameter(parts.prefix) if parts.prefix is not None else None,
+        no_embed_class=parts.no_embed_class,
+        embed_norm=parts.embed_norm,
     )
     coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
-    gate = MixedScaleGate(coarse, coarse_grid, in_chans=proj.in_channels, **gate_kwargs)
-    gate = gate.to(device=proj.weight.device, dtype=proj.weight.dtype)
+    gate = MixedScaleGate(coarse, coarse_grid, in_chans=in_chans, **gate_kwargs)
+    gate = gate.to(device=weight.device, dtype=weight.dtype)
     msvit = MSViT(
         tokenizer,
         gate,
@@ -109,29 +165,29 @@ def from_timm(
         copy.deepcopy(model.head),
         fc_norm=copy.deepcopy(model.fc_norm),
         head_drop=copy.deepcopy(model.head_drop),
-        norm_pre=nn.Sequential(copy.deepcopy(model.pos_drop), copy.deepcopy(model.norm_pre)),
+        norm_pre=parts.norm_pre,
         global_pool=model.global_pool,
         pool_include_prefix=getattr(model, "pool_include_prefix", False),
         attn_pool=convert_attention_pool(model.attn_pool),
         head_dist=copy.deepcopy(getattr(model, "head_dist", None)),
-        in_chans=proj.in_channels,
+        in_chans=in_chans,
         kernels=kernels,
         attention_backend=attention_backend,
     )
     msvit.distilled_training = getattr(model, "distilled_training", False)
     if getattr(model, "pretrained_cfg", None):
-        msvit.pretrained_cfg = input_cfg(model, fine)
+        msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)
 
 
-def input_cfg(model, patch: int) -> dict:
+def input_cfg(model, patch: int, grid: Optional[Tuple[int, int]] = None) -> dict:
     """The timm model's ``pretrained_cfg`` (mean, std, crop, ...) with the input size and class
     count of the model itself: timm keeps those of the architecture's name when ``img_size`` or
     ``num_classes`` are overridden, and ``msvit.eval_transform`` would then resize to the wrong size."""
-    h, w = model.patch_embed.grid_size
+    h, w = model.patch_embed.grid_size if grid is None else grid
     return {
         **model.pretrained_cfg,
-        "input_size": (model.patch_embed.proj.in_channels, h * patch, w * patch),
+        "input_size": (getattr(model, "in_chans", 3), h * patch, w * patch),
         "num_classes": model.num_classes,
     }
 
