@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .timm_compat import EmbedParts, conv_as_linear
+from .timm_parts import EmbedParts, conv_as_linear
 
 
 def is_naflexvit(model: nn.Module) -> bool:

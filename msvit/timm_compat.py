@@ -8,7 +8,7 @@ copied, so training the MSViT never changes the timm model it came from.
 
 import copy
 import warnings
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,23 +16,9 @@ from torch import nn
 from .attention_pool import convert_attention_pool
 from .gate import MixedScaleGate
 from .model import MSViT
+from .naflex import is_naflexvit, naflex_parts
+from .timm_parts import EmbedParts, conv_as_linear
 from .tokenizer import MixedScaleTokenizer
-
-
-class EmbedParts(NamedTuple):
-    """What differs between timm families before the blocks: the patch embedding as MSViT's
-    linear one ((C, p, p) flattening order), the fine patch, the position table's grid and table
-    (``[1, P_pos + h*w, d]`` or None), the prefix tokens ``[1, P, d]`` (or None), whether the
-    position table skips the prefix, the norm after the embedding and the one before the blocks."""
-
-    embed: nn.Linear
-    fine: int
-    grid: Tuple[int, int]
-    pos_embed: Optional[torch.Tensor]
-    prefix: Optional[torch.Tensor]
-    no_embed_class: bool
-    embed_norm: Optional[nn.Module]
-    norm_pre: nn.Module
 
 
 def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
@@ -56,19 +42,6 @@ def check_trunk(model: nn.Module) -> None:
         raise NotImplementedError(
             f"global_pool={model.global_pool!r} is not supported; use a model with 'token', 'avg' or 'map'"
         )
-
-
-def conv_as_linear(proj: nn.Module) -> nn.Linear:
-    """A square non-overlapping conv patch embedding as the equal linear one ((C, p, p) order)."""
-    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
-        raise NotImplementedError("the patch embedding must be a square, non-overlapping Conv2d")
-    embed = nn.Linear(proj.weight[0].numel(), proj.out_channels, bias=proj.bias is not None)
-    embed = embed.to(device=proj.weight.device, dtype=proj.weight.dtype)
-    with torch.no_grad():
-        embed.weight.copy_(proj.weight.reshape(proj.out_channels, -1))
-        if proj.bias is not None:
-            embed.bias.copy_(proj.bias)
-    return embed
 
 
 def _vit_parts(model: nn.Module) -> EmbedParts:
@@ -122,8 +95,6 @@ def from_timm(
 
     The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
     """
-    from .naflex import is_naflexvit, naflex_parts
-
     model = _timm_model(model_or_name, timm_kwargs)
     if is_naflexvit(model):
         parts = naflex_parts(model, img_size if img_size is not None else (timm_kwargs or {}).get("img_size"))
