@@ -241,11 +241,17 @@ def _attn_bwd_dq_kernel(
     start_q = start_q.to(tl.int64)
     start_k = start_k.to(tl.int64)
     if SEPARATE_KV:
-        # the key offset moves into the K, V base pointers, so no separate int64 offset stays live
-        # over the loop: kept there, fp32 with 32x16 tiles spilled 24 B on sm_86/89 (compile report)
+        # both sequence offsets move into the base pointers, so no int64 offset stays live over the
+        # loop: with the two offsets held, fp32 32x16 tiles spilled 8-24 B on sm_70/86/89 (compile report)
         K += start_k * stride_kt
         V += start_k * stride_vt
         start_k = 0
+        Q += start_q * stride_qt
+        DO += start_q * stride_dot
+        DQ += start_q * stride_dqt
+        LSE += start_q
+        DELTA += start_q
+        start_q = 0
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
