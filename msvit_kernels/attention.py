@@ -1,8 +1,11 @@
 """``packed_attention``: non-causal attention over a packed batch of variable-length sequences.
 
 The layout is flash-attn's varlen layout: all tokens of all images stacked in one ``[T, H, D]``
-tensor, and ``cu_seqlens`` (int32 ``[B+1]``) marking where each image starts. Backends register
-themselves in ``BACKENDS``; ``auto`` takes the first one in ``AUTO_ORDER`` that can run the call.
+tensor, and ``cu_seqlens`` (int32 ``[B+1]``) marking where each image starts. Keys and values may
+have a layout of their own (``cu_seqlens_k``, as ``flash_attn_varlen_func``'s ``cu_seqlens_k``):
+query sequence ``b`` then attends to key sequence ``b`` (e.g. one pooling query per image over
+that image's tokens). Backends register themselves in ``BACKENDS``; ``auto`` takes the first one
+in ``AUTO_ORDER`` that can run the call.
 """
 
 import math
@@ -25,15 +28,19 @@ class Backend:
 
     ``support(device, dtype, head_dim)`` returns None when the backend can run such a call, else
     a sentence saying why not and how to get it. ``fn(q, k, v, cu_seqlens, max_seqlen, scale)``
-    computes it. ``auto_support`` (same signature, default ``support``) is the stricter check
-    ``backend="auto"`` uses: a backend can be able to run somewhere without being a good choice
-    there (the Triton interpreter on CPU runs, slowly, for tests).
+    computes self-attention; a backend with ``separate_kv=True`` also takes the keywords
+    ``cu_seqlens_k=, max_seqlen_k=`` (keys in a layout of their own; passed only when the caller
+    gives one, so backends registered before the keywords existed keep working).
+    ``auto_support`` (same signature, default ``support``) is the stricter check ``backend="auto"``
+    uses: a backend can be able to run somewhere without being a good choice there (the Triton
+    interpreter on CPU runs, slowly, for tests).
     """
 
     name: str
     fn: Callable[..., Tensor]
     support: Callable[[torch.device, torch.dtype, int], Optional[str]]
     auto_support: Optional[Callable[[torch.device, torch.dtype, int], Optional[str]]] = None
+    separate_kv: bool = False
 
 
 def _reference_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -41,7 +48,7 @@ def _reference_support(device: torch.device, dtype: torch.dtype, head_dim: int) 
 
 
 BACKENDS: Dict[str, Backend] = {
-    "reference": Backend("reference", packed_attention_reference, _reference_support),
+    "reference": Backend("reference", packed_attention_reference, _reference_support, separate_kv=True),
 }
 
 # Preference for backend="auto", fastest first. Backends from later modules insert themselves
@@ -69,17 +76,25 @@ def available_backends(device=None, dtype: Optional[torch.dtype] = None, head_di
     ]
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
-    """The backend that runs a call: ``name`` itself (or a clear error), or the auto choice."""
+def resolve_backend(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, separate_kv: bool = False
+) -> Backend:
+    """The backend that runs a call: ``name`` itself (or a clear error), or the auto choice.
+
+    ``separate_kv``: the call gives keys a layout of their own (``cu_seqlens_k``)."""
     name = normalize_choice("packed-attention backend", name, ["auto", *BACKENDS], DEPRECATED_BACKENDS)
     if name == "auto":
         for candidate in AUTO_ORDER:
             backend = BACKENDS[candidate]
+            if separate_kv and not backend.separate_kv:
+                continue
             if (backend.auto_support or backend.support)(device, dtype, head_dim) is None:
                 return backend
         raise RuntimeError(f"no packed-attention backend supports {device}, {dtype}")  # unreachable: reference
     backend = BACKENDS[name]
     reason = backend.support(device, dtype, head_dim)
+    if reason is None and separate_kv and not backend.separate_kv:
+        reason = "it does not take a separate key layout (cu_seqlens_k); use backend='reference'"
     if reason is not None:
         raise RuntimeError(f"packed-attention backend {name!r} cannot run here: {reason}")
     return backend
@@ -98,9 +113,7 @@ def _check_scale(scale) -> None:
         )
 
 
-def _check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, check_values: bool, scale=None
-) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, separate_kv: bool) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape [T, H, D], got {type(t).__name__}")
@@ -111,7 +124,6 @@ def _check_inputs(
             f"q must have at least one head and a head dim >= 1, got [T, H, D] = {tuple(q.shape)} "
             "(an attention with no heads or empty heads has no output features)"
         )
-    _check_scale(scale)
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -119,31 +131,78 @@ def _check_inputs(
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share one dtype")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-        if t.shape != q.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; expected equal [T, H, D]")
-    if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor [B+1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; put it on q's device")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with B+1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
-    if not check_values:
+    if not separate_kv:
+        for name, t in (("k", k), ("v", v)):
+            if t.shape != q.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}; expected equal [T, H, D] "
+                    "(pass cu_seqlens_k= and max_seqlen_k= for keys with a layout of their own)"
+                )
         return
-    bounds = cu_seqlens.tolist()  # one host read; callers that built cu_seqlens themselves skip it
-    total = q.shape[0]
+    if k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; expected equal [H, D]")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; expected equal [T_k, H, D]")
+
+
+def _check_layout(cu_name: str, cu: Tensor, max_name: str, max_len, device) -> None:
+    """One varlen layout's types: ``cu`` int32 ``[B+1]`` on q's device, ``max_len`` a Python int."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{cu_name} must be an int32 torch.Tensor [B+1], got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{cu_name} must be int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{cu_name} is on {cu.device} but q is on {device}; put it on q's device")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{cu_name} must be 1-D with B+1 >= 1 entries, got shape {tuple(cu.shape)}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise TypeError(f"{max_name} must be a non-negative Python int, got {max_len!r}")
+
+
+def _check_bounds(cu_name: str, cu: Tensor, max_name: str, max_len: int, total: int, rows: str) -> None:
+    """One varlen layout's values: 0 .. ``total``, non-decreasing, none longer than ``max_len``."""
+    bounds = cu.tolist()  # one host read; callers that built cu_seqlens themselves skip it
     if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+        raise ValueError(f"{cu_name} must start at 0, got {bounds[0]}")
     if bounds[-1] != total:
-        raise ValueError(f"cu_seqlens must end at T={total} (q.shape[0]), got {bounds[-1]}")
+        raise ValueError(f"{cu_name} must end at T={total} ({rows}), got {bounds[-1]}")
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if any(n < 0 for n in lengths):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-    if lengths and max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+        raise ValueError(f"{cu_name} must be non-decreasing, got {bounds}")
+    if lengths and max(lengths) > max_len:
+        raise ValueError(f"{max_name}={max_len} is smaller than the longest sequence ({max(lengths)})")
+
+
+def _check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen,
+    check_values: bool,
+    scale=None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_k=None,
+) -> None:
+    if (cu_seqlens_k is None) != (max_seqlen_k is None):
+        given, missing = ("cu_seqlens_k", "max_seqlen_k") if max_seqlen_k is None else ("max_seqlen_k", "cu_seqlens_k")
+        raise ValueError(f"{given} was given without {missing}: a separate key layout needs both")
+    separate_kv = cu_seqlens_k is not None
+    _check_qkv(q, k, v, separate_kv)
+    _check_scale(scale)
+    _check_layout("cu_seqlens", cu_seqlens, "max_seqlen", max_seqlen, q.device)
+    if separate_kv:
+        _check_layout("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, q.device)
+        if cu_seqlens_k.numel() != cu_seqlens.numel():
+            raise ValueError(
+                f"cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens has {cu_seqlens.numel()}: "
+                "query sequence b attends to key sequence b, so both layouts need the same batch count"
+            )
+    if not check_values:
+        return
+    _check_bounds("cu_seqlens", cu_seqlens, "max_seqlen", max_seqlen, q.shape[0], "q.shape[0]")
+    if separate_kv:
+        _check_bounds("cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, k.shape[0], "k.shape[0]")
 
 
 def packed_attention(
@@ -153,18 +212,26 @@ def packed_attention(
     cu_seqlens: Tensor,
     max_seqlen: int,
     *,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_k: Optional[int] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
     check_values: bool = True,
 ) -> Tensor:
-    """Non-causal self-attention within each sequence of a packed batch.
+    """Non-causal attention within each sequence of a packed batch.
 
     Args:
         q, k, v: ``[T, H, D]``, one float dtype, one device. Strided views (e.g. of a packed
-            ``[T, 3, H, D]`` qkv tensor) are accepted.
+            ``[T, 3, H, D]`` qkv tensor) are accepted. With ``cu_seqlens_k``, k and v are
+            ``[T_k, H, D]`` with their own row count.
         cu_seqlens: int32 ``[B+1]`` on q's device: ``0 = cu[0] <= cu[1] <= ... <= cu[B] = T``.
             Sequence ``b`` is rows ``cu[b]:cu[b+1]``; empty sequences are allowed.
         max_seqlen: the longest sequence length (Python int, computed once per forward).
+        cu_seqlens_k, max_seqlen_k: keys and values in a layout of their own (both or neither;
+            flash-attn's ``cu_seqlens_k`` / ``max_seqlen_k``): int32 ``[B+1]`` over k's rows, same
+            B as ``cu_seqlens``; query sequence ``b`` attends to key sequence ``b``. Default:
+            self-attention, keys in q's layout. A query whose key sequence is empty gets zeros
+            (flash-attn's convention; softmax over no keys is undefined) and a zero gradient.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"auto" | "triton" | "flash_attn" | "torch_varlen" | "reference"`` (``"torch"``: the
             deprecated name of ``"torch_varlen"``).
@@ -172,8 +239,11 @@ def packed_attention(
             them by construction (the model, once per forward) pass False.
 
     Returns:
-        ``[T, H, D]`` in q's dtype; differentiable with respect to q, k and v.
+        ``[T, H, D]`` (q's rows) in q's dtype; differentiable with respect to q, k and v.
     """
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen, check_values, scale)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, check_values, scale, cu_seqlens_k, max_seqlen_k)
+    separate_kv = cu_seqlens_k is not None
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[-1], separate_kv)
+    if not separate_kv:
+        return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
+    return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)

@@ -3,6 +3,11 @@
 Layout (flash-attn's varlen layout): q, k, v are ``[T, H, D]`` with any strides (views of one
 packed ``[T, 3, H, D]`` qkv tensor work without copies), ``cu_seqlens`` int32 ``[B+1]`` marks where
 each sequence starts. Attention is non-causal and runs independently within each sequence.
+Keys and values may have a layout of their own (``cu_seqlens_k`` over ``[T_k, H, D]``; query
+sequence b attends to key sequence b). That is a constexpr switch (``SEPARATE_KV``): the
+self-attention kernels compile exactly as before, with no extra loads; only the separate-layout
+variant reads the second offsets and guards queries whose key sequence is empty (they get zeros,
+as in flash-attn, and a zero gradient).
 
 Read top to bottom: kernels (forward, backward preprocess, dk/dv, dq), launchers, the
 ``torch.library`` ops (autograd and fake registration, so ``torch.compile`` traces them without a
@@ -20,7 +25,7 @@ function. The interpreter runs one program at a time, so it uses 16x16 tiles and
 (autotuning several configs needs a device ``do_bench``).
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -42,34 +47,49 @@ MAX_HEAD_DIM_BEFORE_AMPERE = 128
 
 
 @triton.jit
+def _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV: tl.constexpr):
+    """(query start, query length, key start, key length) of sequence ``seq``; without
+    SEPARATE_KV the keys are the queries' rows and nothing more is loaded."""
+    start_q = tl.load(CU_SEQLENS + seq)
+    len_q = tl.load(CU_SEQLENS + seq + 1) - start_q
+    if SEPARATE_KV:
+        start_k = tl.load(CU_SEQLENS_K + seq)
+        len_k = tl.load(CU_SEQLENS_K + seq + 1) - start_k
+    else:
+        start_k = start_q
+        len_k = len_q
+    return start_q, len_q, start_k, len_k
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS,
+    Q, K, V, O, LSE, CU_SEQLENS, CU_SEQLENS_K,
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_lse_h,
-    SEQ_BUCKET,  # next power of two of max_seqlen: an autotune key only
+    SEQ_BUCKET,  # next power of two of the longest sequence: an autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (sequence, head); online softmax over key blocks."""
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
-    if pid_m * BLOCK_M >= seqlen:
+    start_q, seqlen_q, start_k, seqlen_k = _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV)
+    if pid_m * BLOCK_M >= seqlen_q:
         return
-    start = start.to(tl.int64)  # T * stride_t may pass 2**31 for large batches
+    start_q = start_q.to(tl.int64)  # T * stride_t may pass 2**31 for large batches
+    start_k = start_k.to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen
+    mask_m = offs_m < seqlen_q
     mask_d = offs_d < HEAD_DIM
-    rows_q = start + offs_m
+    rows_q = start_q + offs_m
 
     q = tl.load(
         Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
@@ -79,10 +99,10 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, seqlen, BLOCK_N):
+    for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
-        mask_n = cols < seqlen
-        rows_k = start + cols
+        mask_n = cols < seqlen_k
+        rows_k = start_k + cols
         # k is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain q @ kT
         kt = tl.load(
             K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd,
@@ -94,7 +114,7 @@ def _attn_fwd_kernel(
         )
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
-        # the first block always holds key 0 of a non-empty sequence, so m_new is finite
+        # the first block always holds key 0 of a non-empty key sequence, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -102,6 +122,8 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if SEPARATE_KV:  # no keys: l_i = 0 and acc = 0; write zeros (flash-attn's convention), not 0/0
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_i[:, None]
     tl.store(
         O + rows_q[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
@@ -132,7 +154,7 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, CU_SEQLENS_K,
     sm_scale, qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -143,7 +165,7 @@ def _attn_bwd_dkdv_kernel(
     stride_lse_h,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr,
 ):
     """One program: dk, dv of BLOCK_N keys of one (sequence, head), looping over query blocks.
 
@@ -153,18 +175,18 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
-    if pid_n * BLOCK_N >= seqlen:
+    start_q, seqlen_q, start_k, seqlen_k = _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV)
+    if pid_n * BLOCK_N >= seqlen_k:
         return
-    start = start.to(tl.int64)
+    start_q = start_q.to(tl.int64)
+    start_k = start_k.to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < seqlen
+    mask_n = offs_n < seqlen_k
     mask_d = offs_d < HEAD_DIM
-    rows_k = start + offs_n
+    rows_k = start_k + offs_n
     mask_kd = mask_n[:, None] & mask_d[None, :]
 
     k = tl.load(K + rows_k[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
@@ -172,10 +194,10 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    for start_m in range(0, seqlen, BLOCK_M):
+    for start_m in range(0, seqlen_q, BLOCK_M):  # no queries (seqlen_q = 0): dk = dv = 0
         cols = start_m + offs_m
-        mask_m = cols < seqlen
-        rows_q = start + cols
+        mask_m = cols < seqlen_q
+        rows_q = start_q + cols
         # q and dO loaded transposed, [BLOCK_D, BLOCK_M]
         mask_dm = mask_d[:, None] & mask_m[None, :]
         qt = tl.load(Q + rows_q[None, :] * stride_qt + head * stride_qh + offs_d[:, None] * stride_qd, mask=mask_dm, other=0.0)
@@ -197,7 +219,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, CU_SEQLENS_K,
     sm_scale, qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -207,24 +229,36 @@ def _attn_bwd_dq_kernel(
     stride_lse_h,
     SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr,
 ):
     """One program: dq of BLOCK_M queries of one (sequence, head): dq = sm_scale * dS k."""
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - start
-    if pid_m * BLOCK_M >= seqlen:
+    start_q, seqlen_q, start_k, seqlen_k = _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV)
+    if pid_m * BLOCK_M >= seqlen_q:
         return
-    start = start.to(tl.int64)
+    start_q = start_q.to(tl.int64)
+    start_k = start_k.to(tl.int64)
+    if SEPARATE_KV:
+        # both sequence offsets move into the base pointers, so no int64 offset stays live over the
+        # loop: with the two offsets held, fp32 32x16 tiles spilled 8-24 B on sm_70/86/89 (compile report)
+        K += start_k * stride_kt
+        V += start_k * stride_vt
+        start_k = 0
+        Q += start_q * stride_qt
+        DO += start_q * stride_dot
+        DQ += start_q * stride_dqt
+        LSE += start_q
+        DELTA += start_q
+        start_q = 0
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen
+    mask_m = offs_m < seqlen_q
     mask_d = offs_d < HEAD_DIM
-    rows_q = start + offs_m
+    rows_q = start_q + offs_m
     mask_qd = mask_m[:, None] & mask_d[None, :]
 
     q = tl.load(Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
@@ -233,10 +267,10 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, seqlen, BLOCK_N):
+    for start_n in range(0, seqlen_k, BLOCK_N):  # no keys (seqlen_k = 0): dq = 0, as the output is constant
         cols = start_n + offs_n
-        mask_n = cols < seqlen
-        rows_k = start + cols
+        mask_n = cols < seqlen_k
+        rows_k = start_k + cols
         mask_dn = mask_d[:, None] & mask_n[None, :]
         kt = tl.load(K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
         vt = tl.load(V + rows_k[None, :] * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
@@ -302,7 +336,7 @@ _bwd_dq = TritonKernel(_attn_bwd_dq_kernel, _DQ_CONFIGS, _AUTOTUNE_KEY, _INTERPR
 _bwd_delta = TritonKernel(_attn_bwd_delta_kernel)  # the launcher fixes its tile
 
 
-def _common_meta(q: Tensor, max_seqlen: int) -> dict:
+def _common_meta(q: Tensor, max_seqlen: int, separate_kv: bool) -> dict:
     head_dim = q.shape[-1]
     return dict(
         SEQ_BUCKET=triton.next_power_of_2(max(max_seqlen, 1)),
@@ -310,6 +344,7 @@ def _common_meta(q: Tensor, max_seqlen: int) -> dict:
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
         # fp32 inputs: exact fp32 products (no TF32) so results track the fp32 reference
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SEPARATE_KV=separate_kv,
     )
 
 
@@ -326,12 +361,25 @@ def _check_launchable(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise RuntimeError("triton attention runs on CUDA; on CPU set TRITON_INTERPRET=1 before importing msvit_kernels")
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tuple[Tensor, Tensor]:
+def _key_layout(cu_seqlens: Tensor, max_seqlen: int, cu_seqlens_k, max_seqlen_k):
+    """(cu_seqlens_k, longest sequence of either layout, separate?): self-attention passes its own
+    offsets again (the kernels do not read them) and compiles the SEPARATE_KV=False variant."""
+    if cu_seqlens_k is None:
+        return cu_seqlens, max_seqlen, False
+    return cu_seqlens_k, max(max_seqlen, max_seqlen_k), True
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
+    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
     """Launch the forward kernel.
 
-    q, k, v: ``[T, H, D]`` fp16/bf16/fp32, any strides; cu_seqlens: int32 ``[B+1]``.
+    q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (``T_k = T`` without cu_seqlens_k) fp16/bf16/fp32, any
+    strides; cu_seqlens (cu_seqlens_k): int32 ``[B+1]`` over q's (k's) rows.
     Returns ``out`` ``[T, H, D]`` (contiguous, q's dtype) and ``lse`` fp32 ``[H, T]``, the base-2
-    log-sum-exp of the scaled scores of every query row (what the backward needs).
+    log-sum-exp of the scaled scores of every query row (what the backward needs; -inf for a
+    query without keys, whose output is zeros).
     """
     _check_launchable(q, k, v)
     total, heads, _ = q.shape
@@ -340,30 +388,36 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_s
     batch = cu_seqlens.numel() - 1
     if total == 0 or batch == 0 or max_seqlen == 0:
         return out, lse
+    if k.shape[0] == 0:  # only with a separate key layout: every query has an empty key sequence
+        return out.zero_(), lse.fill_(float("-inf"))
+    cu_k, longest, separate_kv = _key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     _fwd[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q, k, v, out, lse, cu_seqlens, scale * LOG2E,
+        q, k, v, out, lse, cu_seqlens, cu_k, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-        **_common_meta(q, max_seqlen),
+        **_common_meta(q, longest, separate_kv),
     )
     return out, lse
 
 
 def attention_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
+    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels: ``delta`` preprocess, then dk/dv over key blocks, dq over query blocks.
 
-    do, q, k, v, out: ``[T, H, D]`` (any strides); lse: fp32 ``[H, T]`` from the forward.
-    Returns dq, dk, dv: contiguous ``[T, H, D]`` in q's dtype.
+    do, q, out: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any strides); lse: fp32 ``[H, T]`` from the
+    forward. Returns dq ``[T, H, D]``, dk, dv ``[T_k, H, D]``: contiguous, in q's dtype.
     """
     total, heads, head_dim = q.shape
     dq = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    dk = torch.empty((k.shape[0], heads, head_dim), dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(dk)
     batch = cu_seqlens.numel() - 1
-    if total == 0 or batch == 0 or max_seqlen == 0:
-        return dq, dk, dv
-    meta = _common_meta(q, max_seqlen)
+    if total == 0 or k.shape[0] == 0 or batch == 0 or max_seqlen == 0:
+        # no query meets a key: every gradient is zero (empty tensors for self-attention)
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    cu_k, longest, separate_kv = _key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    meta = _common_meta(q, longest, separate_kv)
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     block_t = 16 if INTERPRET else 64
     _bwd_delta[(triton.cdiv(total, block_t), heads)](
@@ -371,12 +425,13 @@ def attention_backward(
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _bwd_dkdv[_grid(max_seqlen, batch, heads, "BLOCK_N")](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, scale, scale * LOG2E,
+    max_seqlen_keys = max_seqlen if cu_seqlens_k is None else max_seqlen_k
+    _bwd_dkdv[_grid(max_seqlen_keys, batch, heads, "BLOCK_N")](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_k, scale, scale * LOG2E,
         *strides, *dk.stride(), *dv.stride(), lse.stride(0), **meta,
     )
     _bwd_dq[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q, k, v, do, lse, delta, dq, cu_seqlens, scale, scale * LOG2E,
+        q, k, v, do, lse, delta, dq, cu_seqlens, cu_k, scale, scale * LOG2E,
         *strides, *dq.stride(), lse.stride(0), **meta,
     )
     return dq, dk, dv
@@ -390,62 +445,72 @@ def attention_backward(
 
 @torch.library.custom_op("msvit::triton_varlen_attention", mutates_args=())
 def triton_varlen_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
+    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Forward op: returns ``(out [T, H, D], lse fp32 [H, T])``; see :func:`attention_forward`."""
-    return attention_forward(q, k, v, cu_seqlens, max_seqlen, scale)
+    return attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k)
 
 
 @triton_varlen_attention.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=None, max_seqlen_k=None):
     total, heads, head_dim = q.shape
     return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
 
 
 @torch.library.custom_op("msvit::triton_varlen_attention_backward", mutates_args=())
 def triton_varlen_attention_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
+    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward op: returns ``(dq, dk, dv)``, each ``[T, H, D]``; see :func:`attention_backward`."""
-    return attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+    """Backward op: returns ``(dq [T, H, D], dk, dv [T_k, H, D])``; see :func:`attention_backward`."""
+    return attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k)
 
 
 @triton_varlen_attention_backward.register_fake
-def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    return tuple(q.new_empty(q.shape) for _ in range(3))
+def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, cu_seqlens_k=None, max_seqlen_k=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k)
     ctx.max_seqlen = max_seqlen
+    ctx.max_seqlen_k = max_seqlen_k
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
     del grad_lse  # lse is a by-product for the backward, not a differentiable output
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = triton_varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = triton_varlen_attention_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, cu_seqlens_k, ctx.max_seqlen_k
+    )
+    return dq, dk, dv, None, None, None, None, None
 
 
 triton_varlen_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None,
+    *, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
 ) -> Tensor:
     """Non-causal attention within each sequence of a packed batch, with the Triton kernels.
 
-    q, k, v: ``[T, H, D]`` float16/bfloat16/float32 on CUDA (CPU only under TRITON_INTERPRET=1),
-    any strides, ``D <= 256``; cu_seqlens: int32 ``[B+1]`` on q's device; max_seqlen: the longest
-    sequence (Python int); scale: softmax scale, default ``D ** -0.5``.
+    q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (``T_k = T`` without cu_seqlens_k) float16/bfloat16/
+    float32 on CUDA (CPU only under TRITON_INTERPRET=1), any strides, ``D <= 256``; cu_seqlens
+    (cu_seqlens_k, default cu_seqlens): int32 ``[B+1]`` on q's device over q's (k's) rows;
+    max_seqlen (max_seqlen_k): the longest query (key) sequence, Python int; scale: softmax
+    scale, default ``D ** -0.5``. Queries with an empty key sequence get zeros.
     Returns ``[T, H, D]`` (contiguous, q's dtype); differentiable w.r.t. q, k and v.
     No input validation beyond launchability: ``msvit_kernels.packed_attention`` validates.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = triton_varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), float(scale))
+    if max_seqlen_k is not None:
+        max_seqlen_k = int(max_seqlen_k)
+    out, _ = triton_varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), float(scale), cu_seqlens_k, max_seqlen_k)
     return out

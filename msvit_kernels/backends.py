@@ -103,8 +103,10 @@ def _triton_auto_support(device: torch.device, dtype: torch.dtype, head_dim: int
     return _triton_support(device, dtype, head_dim)
 
 
-def _triton_fn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None) -> Tensor:
-    return _triton_attention.triton_packed_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+def _triton_fn(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None, **key_layout
+) -> Tensor:
+    return _triton_attention.triton_packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, **key_layout)
 
 
 # ---------------------------------------------------------------------------------------------- flash_attn
@@ -139,15 +141,25 @@ def _flash_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
 
 
 def flash_attn_packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale=None,
+    *,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_k: Optional[int] = None,
 ) -> Tensor:
     """``flash_attn.flash_attn_varlen_func`` on the packed layout.
 
-    q, k, v: ``[T, H, D]`` fp16/bf16 on CUDA (sm_80+), last dim contiguous; cu_seqlens int32 ``[B+1]``.
-    Returns ``[T, H, D]``.
+    q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` fp16/bf16 on CUDA (sm_80+), last dim contiguous;
+    cu_seqlens (cu_seqlens_k, default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``.
     """
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     return _flash_varlen_func()(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=False
+        q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, dropout_p=0.0, softmax_scale=scale, causal=False
     )
 
 
@@ -184,22 +196,36 @@ def _torch_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
 
 
 def torch_varlen_packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale=None,
+    *,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_k: Optional[int] = None,
 ) -> Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` on the packed layout.
 
-    q, k, v: ``[T, H, D]`` fp16/bf16 on CUDA (sm_80+); cu_seqlens int32 ``[B+1]``. Returns ``[T, H, D]``.
+    q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` fp16/bf16 on CUDA (sm_80+); cu_seqlens (cu_seqlens_k,
+    default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``.
     """
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     fn = _torch_varlen_attn()
     if scale is not None and not _torch_varlen_takes_scale():
         # early releases take no scale argument: fold the ratio to the default D**-0.5 into q
         q = q * (scale * math.sqrt(q.shape[-1]))
         scale = None
     kwargs = {} if scale is None else {"scale": scale}
-    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return fn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **kwargs)
 
 
 # auto preference (measured, see the module docstring): flash_attn, torch_varlen, triton, then reference.
-register_backend(Backend("flash_attn", flash_attn_packed_attention, _flash_support), auto_rank=0)
-register_backend(Backend("torch_varlen", torch_varlen_packed_attention, _torch_support), auto_rank=1)
-register_backend(Backend("triton", _triton_fn, _triton_support, auto_support=_triton_auto_support), auto_rank=2)
+# All three take a separate key layout (cu_seqlens_k), as flash_attn_varlen_func and varlen_attn do.
+register_backend(Backend("flash_attn", flash_attn_packed_attention, _flash_support, separate_kv=True), auto_rank=0)
+register_backend(Backend("torch_varlen", torch_varlen_packed_attention, _torch_support, separate_kv=True), auto_rank=1)
+register_backend(
+    Backend("triton", _triton_fn, _triton_support, auto_support=_triton_auto_support, separate_kv=True), auto_rank=2
+)

@@ -50,7 +50,12 @@ def _record(workload: Workload):
 
     dtype = getattr(torch, workload.dtype)
     model = workload.name.split()[0]
-    dim, heads = {"ViT-S/16,32": (384, 6), "ViT-B/16,32": (768, 12), "attention": (workload.head_dim * 6, 6)}[model]
+    dim, heads = {
+        "ViT-S/16,32": (384, 6),
+        "ViT-B/16,32": (768, 12),
+        "attention": (workload.head_dim * 6, 6),
+        "attention-pool": (workload.head_dim * 6, 6),  # keys in their own layout: one query per image
+    }[model]
     head_dim = dim // heads
     batch, fine, coarse, hidden, prefix = 2, 16, 32, 106, 1
     grid, n_fine = (7, 7), 196
@@ -110,17 +115,26 @@ def _record(workload: Workload):
         cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
         out = torch.zeros(total, heads, head_dim, dtype=dtype)
         lse = torch.zeros(heads, total)
-        attention_kernel.attention_forward(q, k, v, cu_seqlens, 246, head_dim**-0.5)
+        if model == "attention-pool":  # the SEPARATE_KV=True variant: B queries over B packed images
+            pooled = (q[:batch], out[:batch], lse[:, :batch], cu_seqlens, 1)
+            key_layout = dict(cu_seqlens_k=cu_seqlens, max_seqlen_k=246)
+        else:
+            pooled, key_layout = (q, out, lse, cu_seqlens, 246), {}
+        queries, outputs, lses, cu_q, max_q = pooled
+        attention_kernel.attention_forward(queries, k, v, cu_q, max_q, head_dim**-0.5, **key_layout)
         if "infer" not in workload.name:
-            attention_kernel.attention_backward(out, q, k, v, out, lse, cu_seqlens, 246, head_dim**-0.5)
+            attention_kernel.attention_backward(
+                outputs, queries, k, v, outputs, lses, cu_q, max_q, head_dim**-0.5, **key_layout
+            )
     return records
 
 
 def workloads(quick: bool) -> List[Workload]:
     """The representative set (``quick``: what `make test` compiles) or the full sweep."""
     first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
+    pool = [Workload("attention-pool train", d, 64, False) for d in ("float16", "bfloat16")]
     if quick:
-        return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")]
+        return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")] + pool
     sweep = first + [Workload("ViT-S/16,32 train", "float32", 64, False)]
     sweep += [
         Workload(f"ViT-{m}/16,32 {mode}", d, 64, False)
@@ -134,6 +148,7 @@ def workloads(quick: bool) -> List[Workload]:
         for hd in (32, 80, 128, 256)
         for d in ("float16", "bfloat16", "float32")
     ]
+    sweep += pool + [Workload("attention-pool train", "float32", 64, False)]
     return sweep
 
 
@@ -269,7 +284,7 @@ def _compile(job: _Job) -> dict:
 
 def _config_text(kwargs: dict, meta: dict) -> str:
     tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
-    flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE") if meta.get(k)]
+    flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV") if meta.get(k)]
     return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
 
 

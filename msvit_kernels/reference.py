@@ -15,23 +15,39 @@ from .varlen import MixedScaleIndex
 
 
 def packed_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: Optional[float] = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: Optional[float] = None,
+    *,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_k: Optional[int] = None,
 ) -> Tensor:
     """Non-causal attention computed independently for every sequence of a packed batch.
 
-    q, k, v: ``[T, H, D]`` (any float dtype, any device); cu_seqlens: int32 ``[B+1]``.
-    Returns ``[T, H, D]`` in q's dtype. Empty sequences produce no rows. One SDPA call per image;
-    reading ``cu_seqlens`` costs one host sync per call (this is the oracle, not the fast path).
+    q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any float dtype, any device); cu_seqlens: int32
+    ``[B+1]`` over q's rows, cu_seqlens_k (default: cu_seqlens) over k's rows. Query sequence ``b``
+    attends to key sequence ``b``. Returns ``[T, H, D]`` in q's dtype. Empty query sequences
+    produce no rows; queries whose key sequence is empty get zeros (flash-attn's convention).
+    One SDPA call per image; reading the lengths costs one host sync per call (this is the oracle,
+    not the fast path).
     """
-    del max_seqlen  # the per-image loop does not need it; kept for signature parity with kernels
+    del max_seqlen, max_seqlen_k  # the per-image loop does not need them; kept for signature parity
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lengths_k = lengths if cu_seqlens_k is None else (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
     # split/cat rather than slicing into a preallocated output: the backward of a split is one
     # concatenation, while per-image slice backwards each materialise a zero [T, H, D] gradient
     # (measured: 10x slower training steps for 128 images on CPU).
     outputs = []
-    for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+    for qi, ki, vi in zip(q.split(lengths), k.split(lengths_k), v.split(lengths_k)):
         if qi.shape[0] == 0:
             outputs.append(qi)
+            continue
+        if ki.shape[0] == 0:  # SDPA over no keys is 0/0 (NaN): zeros and a zero gradient, as flash-attn;
+            # masked_fill keeps the result in q's graph, so the output requires grad like any other
+            outputs.append(qi.masked_fill(torch.ones((), dtype=torch.bool, device=qi.device), 0.0))
             continue
         # [L, H, D] -> [H, L, D], the layout SDPA expects for an unbatched call
         oi = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), scale=scale)

@@ -91,3 +91,60 @@ def counted_macs(model, images) -> float:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images)
     return counter.get_total_flops() / 2 / images.shape[0]
+
+
+def attention_oracle(q, k, v, cu_seqlens, grad_out, scale=None, cu_seqlens_k=None):
+    """float64 softmax attention, one sequence at a time, and (dq, dk, dv) for ``grad_out``.
+
+    q, grad_out: ``[T, H, D]``; k, v: ``[T_k, H, D]`` in the layout ``cu_seqlens_k`` (default: q's).
+    A query whose key sequence is empty gets zeros (packed_attention's convention, flash-attn's).
+    Returns out ``[T, H, D]``, dq, dk, dv: float64.
+    """
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds_k = (cu_seqlens if cu_seqlens_k is None else cu_seqlens_k).tolist()
+    bounds = cu_seqlens.tolist()
+    pieces = [q[:0]]
+    for (start, end), (start_k, end_k) in zip(zip(bounds, bounds[1:]), zip(bounds_k, bounds_k[1:])):
+        qi, ki, vi = (t.transpose(0, 1) for t in (q[start:end], k[start_k:end_k], v[start_k:end_k]))  # [H, L, D]
+        if end_k == start_k:
+            pieces.append(q[start:end] * 0)
+            continue
+        probs = torch.softmax(qi @ ki.transpose(-1, -2) * scale, dim=-1)
+        pieces.append((probs @ vi).transpose(0, 1))
+    out = torch.cat(pieces)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.double(), allow_unused=True)
+    return (out.detach(), *(torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), grads)))
+
+
+def check_random_masks(model, images: torch.Tensor, seed: int = 0) -> None:
+    """What every converted family must do on random masks: packed = masked = trimmed logits,
+    finite logits and gradients (weights and, through the straight-through gate, the gate's),
+    ``forward_features`` and ``msvit.unpack_to_grid`` of its output."""
+    import msvit
+
+    coarse = model.coarse_grid(images)
+    batch, n_coarse = images.shape[0], coarse[0] * coarse[1]
+    mask = torch.rand(batch, n_coarse, generator=torch.Generator().manual_seed(seed)) < 0.5
+    with torch.no_grad():
+        logits = model(images, mask=mask)
+        for mode in ("masked", "trimmed"):
+            assert rel_err(model(images, mask=mask, mode=mode), logits) <= 1e-4, mode
+        features = model.forward_features(images, mask=mask)
+        grid = msvit.unpack_to_grid(features)
+    assert torch.isfinite(logits).all() and logits.std() > 0.1
+    assert torch.equal(model.forward_head(features), logits)
+    fine = features.fine_grid
+    assert grid.grid.shape == (batch, fine[0], fine[1], features.tokens.shape[-1])
+    assert grid.prefix.shape == (batch, model.tokenizer.num_prefix, features.tokens.shape[-1])
+    model.train()
+    try:
+        model.zero_grad()
+        out = model(images)  # the gate samples its own mask; its straight-through values carry gradients
+        out = out[0] if isinstance(out, tuple) else out
+        out.square().mean().backward()
+    finally:
+        model.eval()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert model.gate.fc1.weight.grad is not None and model.head.weight.grad is not None
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -24,9 +24,6 @@ def _p14(*names: str, **kwargs) -> List[Tuple[str, Dict]]:
 
 
 # The features the refusals name (msvit.models.timm_support words them; the test checks the messages).
-MAP = "attention pooling (global_pool='map', AttentionPoolLatent)"
-DISTILLED = "a distillation token and a second (distillation) head"
-NAFLEX = "NaFlex variable-resolution patch and position embeddings"
 DIFF = "differential attention (DiffAttention: the difference of two softmax maps)"
 CONV_STEM = "a conv stem (a CNN backbone before the patch embedding)"
 PARALLEL = "parallel blocks (attention and MLP branches side by side)"
@@ -61,10 +58,10 @@ FAMILIES = [
             "vit_medium_patch16_rope_reg1_gap_256",
         ),
     ),
-    Family("SigLIP / SigLIP2 (attention pooling)", _p16("vit_base_patch16_siglip_224"), MAP),
-    Family("Perception Encoder (core)", _p16("vit_pe_core_small_patch16_384"), MAP),
-    Family("Distilled DeiT", _p16("deit_tiny_distilled_patch16_224"), DISTILLED),
-    Family("NaFlexViT", [("naflexvit_base_patch16_gap", {})], NAFLEX),
+    Family("SigLIP / SigLIP2 (attention pooling)", _p16("vit_base_patch16_siglip_224")),
+    Family("Perception Encoder (core)", _p16("vit_pe_core_small_patch16_384")),
+    Family("Distilled DeiT", _p16("deit_tiny_distilled_patch16_224")),
+    Family("NaFlexViT", [("naflexvit_base_patch16_gap", {})]),  # at 256 px, its position grid
     Family(
         "Differential attention ViT",
         _p16("vit_dwee_patch16_reg1_gap_256") + _p16("vit_small_patch16_224", attn_layer="diff"),

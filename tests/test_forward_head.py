@@ -8,7 +8,7 @@ import torch
 
 import msvit
 
-from helpers import rel_err, tiny_vit
+from helpers import redraw_parameters, rel_err, tiny_vit
 
 POOLS = {
     "token": dict(reg_tokens=1, init_values=1e-5),
@@ -18,12 +18,7 @@ POOLS = {
 
 
 def redrawn_vit(**overrides):
-    vit = tiny_vit(**overrides)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in vit.parameters():
-            p.normal_(0.0, 0.3)
-    return vit
+    return redraw_parameters(tiny_vit(**overrides))
 
 
 @pytest.fixture(scope="module", params=list(POOLS))

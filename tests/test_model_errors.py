@@ -63,7 +63,7 @@ def test_bad_coarse_patch_and_models():
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         msvit.from_timm(nn.Linear(3, 3))
     with pytest.raises(NotImplementedError, match="global_pool"):
-        msvit.from_timm(tiny_vit(global_pool="map"))
+        msvit.from_timm(tiny_vit(global_pool="prr"))
 
 
 def test_from_timm_by_name_builds_without_downloading():

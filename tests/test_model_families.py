@@ -26,7 +26,7 @@ def build(name, kwargs):
 def test_supported_family_all_fine_equals_timm(family, name, kwargs, feature):
     vit = build(name, kwargs)
     model = msvit.from_timm(vit).eval()
-    size = kwargs["img_size"]
+    size = kwargs.get("img_size", model.pretrained_cfg["input_size"][-1])  # NaFlexViT: its position grid
     images = torch.randn(2, 3, size, size)
     h, w = model.coarse_grid(images)
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_refused_family_names_model_module_and_feature(family, name, kwargs, fea
 
 
 def test_not_a_vit_is_a_type_error():
-    with pytest.raises(TypeError, match="timm VisionTransformer or Eva"):
+    with pytest.raises(TypeError, match="timm VisionTransformer, Eva or NaFlexVit"):
         msvit.from_timm("levit_128s", timm_kwargs=dict(pretrained=False))
 
 

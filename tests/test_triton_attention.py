@@ -15,7 +15,7 @@ import msvit_kernels as mk
 from msvit_kernels import attention, backends, cu_seqlens_from_lengths, packed_attention
 from msvit_kernels.reference import packed_attention_reference
 
-from helpers import DEVICE, needs_triton
+from helpers import DEVICE, attention_oracle, needs_triton
 
 RAGGED = [7, 0, 1, 63, 129]
 
@@ -38,20 +38,8 @@ def make_inputs(lengths, heads, dim, dtype, strided, seed=0, device=DEVICE):
 
 
 def oracle(q, k, v, cu_seqlens, grad_out, scale=None):
-    """float64 softmax attention, one sequence at a time, and (dq, dk, dv) for ``grad_out``.
-
-    q, k, v, grad_out: ``[T, H, D]`` any float dtype. Returns out, dq, dk, dv: float64 ``[T, H, D]``.
-    """
-    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    pieces = []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
-        probs = torch.softmax(qi @ ki.transpose(-1, -2) * scale, dim=-1)
-        pieces.append((probs @ vi).transpose(0, 1))
-    out = torch.cat(pieces)
-    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out.double()))
+    """float64 self-attention and (dq, dk, dv) for ``grad_out``: see ``helpers.attention_oracle``."""
+    return attention_oracle(q, k, v, cu_seqlens, grad_out, scale)
 
 
 def run(backend, q, k, v, cu, max_len, leaves, grad_out, scale=None):

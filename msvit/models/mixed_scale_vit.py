@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from msvit.models.checks import MODES, check_choice, check_dtype, check_images, check_mask
+from msvit.models.distilled import check_distilled, distilled_head
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
 from msvit.models.layers import dense_blocks, packed_blocks
 from msvit.models.rope import PackedRope, dense_positions, packed_positions
@@ -73,7 +74,10 @@ class MSViT(nn.Module):
         tokenizer: the shared-embedding ``MixedScaleTokenizer``.
         gate: the ``MixedScaleGate``.
         blocks: timm ``Block`` modules; norm, fc_norm, head_drop, head, norm_pre: timm's modules.
-        global_pool: ``"token"`` (the cls row) or ``"avg"`` (mean of each image's patch tokens).
+        global_pool: ``"token"`` (the cls row), ``"avg"`` (mean of each image's patch tokens) or
+            ``"map"`` (``attn_pool``, a ``msvit.models.attention_pool.PackedAttentionPool``: SigLIP).
+        head_dist: a distilled DeiT's distillation head (``msvit.models.distilled``); the second prefix
+            token is then the dist token and the logits are timm's ``VisionTransformerDistilled``'s.
         kernels: ``"auto" | "triton" | "reference"`` (``msvit_kernels.dispatch``): the gate and
             tokenizer implementation. "triton" runs the fused kernels (``msvit_kernels.gate_kernel``,
             ``index_kernel``, ``pack_kernel``; on CPU only under TRITON_INTERPRET=1, else a
@@ -97,15 +101,20 @@ class MSViT(nn.Module):
         norm_pre: Optional[nn.Module] = None,
         global_pool: str = "token",
         pool_include_prefix: bool = False,
+        attn_pool: Optional[nn.Module] = None,
+        head_dist: Optional[nn.Module] = None,
         in_chans: int = 3,
         kernels: str = "auto",
         attention_backend: str = "auto",
         rope: Optional[PackedRope] = None,
     ):
         super().__init__()
-        check_choice("global_pool", global_pool, ("token", "avg"))
+        check_choice("global_pool", global_pool, ("token", "avg", "map"))
         if global_pool == "token" and tokenizer.num_prefix == 0:
             raise ValueError("global_pool='token' needs a class token; this model has no prefix tokens (use 'avg')")
+        if (global_pool == "map") != (attn_pool is not None):
+            raise ValueError("global_pool='map' goes with an attn_pool module, and attn_pool only with 'map'")
+        check_distilled(global_pool, tokenizer.num_prefix, head_dist)
         self.tokenizer = tokenizer
         self.gate = gate
         self.blocks = blocks
@@ -116,6 +125,9 @@ class MSViT(nn.Module):
         self.head = head
         self.global_pool = global_pool
         self.pool_include_prefix = pool_include_prefix
+        self.attn_pool = attn_pool
+        self.head_dist = head_dist
+        self.distilled_training = False  # timm's switch: training returns (cls, dist) logits when True
         self.in_chans = in_chans
         self.kernels = kernels
         self.attention_backend = attention_backend
@@ -138,6 +150,10 @@ class MSViT(nn.Module):
     def num_classes(self) -> int:
         """Classifier outputs (0 when the head is not a linear layer, as in a segmenter's backbone)."""
         return getattr(self.head, "out_features", 0)
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """timm's switch for distilled DeiTs: training forwards return ``(cls_logits, dist_logits)``."""
+        self.distilled_training = enable
 
     def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
         return self.tokenizer.grids(images)[1]
@@ -237,12 +253,16 @@ class MSViT(nn.Module):
 
     def _head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_drop(self.fc_norm(pooled))
+        if self.head_dist is not None:
+            return distilled_head(self, x, pre_logits)
         return x if pre_logits else self.head(x)
 
     def _pool_packed(self, x: Tensor, index) -> Tensor:
         """Per-image pooling of final-normed packed tokens ``x [T, C]``."""
-        if self.global_pool == "token":
-            return x[index.prefix_rows[:, 0]]
+        if self.attn_pool is not None:
+            return self.attn_pool(x, index, self.pool_include_prefix, self.attention_backend)
+        if self.global_pool == "token":  # a distilled model pools [B, 2, C]: the cls and the dist rows
+            return x[index.prefix_rows[:, 0 if self.head_dist is None else slice(0, 2)]]
         rows = torch.arange(index.total, device=x.device) if self.pool_include_prefix else index.rows
         batch = index.cu_seqlens.numel() - 1
         sums = x.new_zeros(batch, x.shape[-1]).index_add_(0, index.row_image[rows], x[rows])
@@ -251,11 +271,13 @@ class MSViT(nn.Module):
 
     def _pool_dense(self, x: Tensor, weights: Tensor) -> Tensor:
         if self.global_pool == "token":
-            return self.norm(x[:, 0])
+            return self.norm(x[:, 0 if self.head_dist is None else slice(0, 2)])
         x = self.norm(x)
         if not self.pool_include_prefix:
             start = self.tokenizer.num_prefix
             x, weights = x[:, start:], weights[:, start:]
+        if self.attn_pool is not None:
+            return self.attn_pool.dense(x, weights)
         return (x * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
 
 

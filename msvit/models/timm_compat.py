@@ -1,30 +1,34 @@
-"""Build an MSViT from a timm ``VisionTransformer`` (ViT, DeiT, with or without cls, LayerScale,
-register tokens, any image size) or ``Eva`` (EVA02, DINOv3, PE, RoPE-ViT: rotary embeddings, SwiGLU).
+"""Build an MSViT from a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, SigLIP's ``map``
+pooling, with or without cls, LayerScale, register tokens, any image size), ``Eva`` (EVA02, DINOv3,
+PE, RoPE-ViT: rotary embeddings, SwiGLU) or ``NaFlexVit``; a timm Swin v1 goes to
+``msvit.models.swin``.
 
-Every module is checked first (``msvit.models.timm_support``): a model with a module the packed code does
-not reproduce exactly is refused, naming the module and the missing feature.
-
-The conv patch embedding becomes the shared linear embedding (``weight.reshape(d, C*p*p)``, the
-(C, p, p) flattening order of ``msvit_kernels.reference.patchify``); blocks, norms and head are
-copied, so training the MSViT never changes the timm model it came from.
+Every module is checked first (``msvit.models.timm_support``): a model with a module the packed code
+does not reproduce exactly is refused, naming the module and the missing feature. The conv patch
+embedding becomes the shared linear embedding (``weight.reshape(d, C*p*p)``, the (C, p, p)
+flattening order of ``msvit_kernels.reference.patchify``); blocks, norms and head are copied, so
+training the MSViT never changes the timm model it came from.
 """
 
 import copy
 import warnings
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from msvit.models.attention_pool import convert_attention_pool
 from msvit.models.gate import MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViT
+from msvit.models.naflex import is_naflexvit, naflex_parts
 from msvit.models.rope import PackedRope
 from msvit.models.swin import is_timm_swin, swin_from_timm
+from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
 
 
-def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
+def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
     import timm
 
     if isinstance(model_or_name, str):
@@ -37,6 +41,23 @@ def _timm_vit(model_or_name, timm_kwargs: Optional[dict]):
     return model
 
 
+def _vit_parts(model: nn.Module) -> EmbedParts:
+    """The embedding of a ``VisionTransformer`` or ``Eva`` (checked by ``check_model``)."""
+    embed = conv_as_linear(model.patch_embed.proj)
+    # timm's prefix order: cls, then a distilled DeiT's dist token, then registers
+    prefix = [t for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None]
+    return EmbedParts(
+        embed,
+        model.patch_embed.proj.kernel_size[0],
+        tuple(model.patch_embed.grid_size),
+        model.pos_embed.detach().clone() if model.pos_embed is not None else None,
+        torch.cat(prefix, 1).detach().clone() if prefix else None,
+        model.no_embed_class,
+        copy.deepcopy(getattr(model.patch_embed, "norm", None)),
+        nn.Sequential(copy.deepcopy(model.pos_drop), copy.deepcopy(model.norm_pre)),
+    )
+
+
 def from_timm(
     model_or_name: Union[str, nn.Module],
     *,
@@ -44,24 +65,30 @@ def from_timm(
     kernels: str = "auto",
     attention_backend: str = "auto",
     timm_kwargs: Optional[dict] = None,
+    img_size=None,
     **gate_kwargs,
 ) -> MSViT:
     """MSViT with the weights of a timm ViT.
 
     Args:
-        model_or_name: a timm ``VisionTransformer`` or ``Eva``, or its name (built with
+        model_or_name: a timm ``VisionTransformer``, ``Eva``, ``NaFlexVit`` or Swin v1, or its name (built with
             ``timm.create_model(name, **timm_kwargs)``; nothing is downloaded unless you pass
             ``pretrained=True`` in ``timm_kwargs``).
+        img_size: NaFlexVit only: the image size (int or (h, w)) to convert its position embedding
+            for (timm's resampling, evaluated once; see ``msvit.models.naflex``). Default:
+            ``timm_kwargs["img_size"]``, else the model's default or pretrained_cfg input size.
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
         kernels, attention_backend: see ``MSViT``.
         **gate_kwargs: ``MixedScaleGate`` options (hidden, init_logit, temperature).
 
     The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
     RoPE models (``Eva`` with a ``rope``): fine tokens are rotated at timm's own grid positions,
-    coarse tokens at the centre of the fine cells they cover (``msvit.models.rope``, whose docstring says
-    where the all-coarse model equals timm on the pooled image).
+    coarse tokens at the centre of the fine cells they cover (``msvit.models.rope``, whose docstring
+    says where the all-coarse model equals timm on the pooled image).
     """
     if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
+        if img_size is not None:
+            raise ValueError("img_size applies to a NaFlexVit only; a Swin's image size is the one it was built for")
         return swin_from_timm(
             model_or_name,
             coarse_patch_size=coarse_patch_size,
@@ -70,38 +97,38 @@ def from_timm(
             timm_kwargs=timm_kwargs,
             **gate_kwargs,
         )
-    model = _timm_vit(model_or_name, timm_kwargs)
-    proj = model.patch_embed.proj
-    fine = proj.kernel_size[0]
+    model = _timm_model(model_or_name, timm_kwargs)
+    if is_naflexvit(model):
+        parts = naflex_parts(model, img_size if img_size is not None else (timm_kwargs or {}).get("img_size"))
+    elif img_size is not None:
+        raise ValueError("img_size applies to a NaFlexVit only; a ViT's image size is its patch_embed.img_size")
+    else:
+        parts = _vit_parts(model)
+    fine = parts.fine
     coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
     if coarse < fine or coarse % fine:
         raise ValueError(
             f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}"
         )
     ratio = coarse // fine
-    grid = tuple(model.patch_embed.grid_size)
+    grid = parts.grid
     _warn_unsupported_regularisers(model)
 
-    embed = nn.Linear(proj.in_channels * fine * fine, proj.out_channels, bias=proj.bias is not None)
-    embed = embed.to(device=proj.weight.device, dtype=proj.weight.dtype)
-    with torch.no_grad():
-        embed.weight.copy_(proj.weight.reshape(proj.out_channels, -1))
-        if proj.bias is not None:
-            embed.bias.copy_(proj.bias)
-    prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
+    weight = parts.embed.weight
+    in_chans = weight.shape[1] // (fine * fine)
     tokenizer = MixedScaleTokenizer(
-        embed,
+        parts.embed,
         fine,
         ratio,
         grid,
-        pos_embed=nn.Parameter(model.pos_embed.detach().clone()) if model.pos_embed is not None else None,
-        prefix_tokens=nn.Parameter(torch.cat(prefix, 1).detach().clone()) if prefix else None,
-        no_embed_class=model.no_embed_class,
-        embed_norm=copy.deepcopy(getattr(model.patch_embed, "norm", None)),
+        pos_embed=nn.Parameter(parts.pos_embed) if parts.pos_embed is not None else None,
+        prefix_tokens=nn.Parameter(parts.prefix) if parts.prefix is not None else None,
+        no_embed_class=parts.no_embed_class,
+        embed_norm=parts.embed_norm,
     )
     coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
-    gate = MixedScaleGate(coarse, coarse_grid, in_chans=proj.in_channels, **gate_kwargs)
-    gate = gate.to(device=proj.weight.device, dtype=proj.weight.dtype)
+    gate = MixedScaleGate(coarse, coarse_grid, in_chans=in_chans, **gate_kwargs)
+    gate = gate.to(device=weight.device, dtype=weight.dtype)
     msvit = MSViT(
         tokenizer,
         gate,
@@ -110,16 +137,21 @@ def from_timm(
         copy.deepcopy(model.head),
         fc_norm=copy.deepcopy(model.fc_norm),
         head_drop=copy.deepcopy(model.head_drop),
-        norm_pre=nn.Sequential(copy.deepcopy(model.pos_drop), copy.deepcopy(model.norm_pre)),
+        norm_pre=parts.norm_pre,
         global_pool=model.global_pool,
-        pool_include_prefix=getattr(model, "pool_include_prefix", False),
-        in_chans=proj.in_channels,
+        pool_include_prefix=getattr(
+            model, "pool_include_prefix", model.global_pool == "map"
+        ),  # Eva: map pools all tokens
+        attn_pool=convert_attention_pool(getattr(model, "attn_pool", None)),
+        head_dist=copy.deepcopy(getattr(model, "head_dist", None)),
+        in_chans=in_chans,
         kernels=kernels,
         attention_backend=attention_backend,
         rope=_packed_rope(model, ratio),
     )
+    msvit.distilled_training = getattr(model, "distilled_training", False)
     if getattr(model, "pretrained_cfg", None):
-        msvit.pretrained_cfg = input_cfg(model, fine)
+        msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)
 
 
@@ -133,14 +165,14 @@ def _packed_rope(model, ratio: int) -> Optional[PackedRope]:
     return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False)
 
 
-def input_cfg(model, patch: int) -> dict:
+def input_cfg(model, patch: int, grid: Optional[Tuple[int, int]] = None) -> dict:
     """The timm model's ``pretrained_cfg`` (mean, std, crop, ...) with the input size and class
     count of the model itself: timm keeps those of the architecture's name when ``img_size`` or
     ``num_classes`` are overridden, and ``msvit.eval_transform`` would then resize to the wrong size."""
-    h, w = model.patch_embed.grid_size
+    h, w = model.patch_embed.grid_size if grid is None else grid
     return {
         **model.pretrained_cfg,
-        "input_size": (model.patch_embed.proj.in_channels, h * patch, w * patch),
+        "input_size": (getattr(model, "in_chans", 3), h * patch, w * patch),
         "num_classes": model.num_classes,
     }
 

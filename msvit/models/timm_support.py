@@ -15,10 +15,8 @@ from typing import Dict, Iterable, Optional
 
 from torch import nn
 
-MODELS = {"VisionTransformer", "Eva"}
+MODELS = {"VisionTransformer", "VisionTransformerDistilled", "Eva", "NaFlexVit"}
 REFUSED_MODELS = {
-    "VisionTransformerDistilled": "a distillation token and a second (distillation) head",
-    "NaFlexVit": "NaFlex variable-resolution patch and position embeddings",
     "Beit": "relative position bias",
     "VisionTransformerRelPos": "relative position bias",
     "VisionTransformerSAM": "windowed attention with relative position embeddings",
@@ -52,9 +50,9 @@ REFUSED_PATCH_EMBED = {"HybridEmbed": "a conv stem (a CNN backbone before the pa
 PATCH_EMBED = {"PatchEmbed"}
 ROPE = {"RotaryEmbeddingCat", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMixed"}
 REFUSED_ROPE = {"RotaryEmbeddingMRope": "multimodal RoPE (MRoPE)"}
-POOLS = {"token", "avg"}
+POOLS = {"token", "avg", "map"}
+ATTENTION_POOLS = {"AttentionPoolLatent"}  # global_pool="map" (msvit.models.attention_pool)
 REFUSED_POOLS = {
-    "map": "attention pooling (global_pool='map', AttentionPoolLatent)",
     "avgmax": "avg+max pooling (global_pool='avgmax')",
     "max": "max pooling (global_pool='max')",
     "": "no pooling (global_pool='')",
@@ -86,19 +84,26 @@ def check_model(model: nn.Module, name: Optional[str] = None) -> None:
     if cls in REFUSED_MODELS:
         raise refuse(label, "model", model, REFUSED_MODELS[cls])
     if cls not in MODELS:
-        raise TypeError(f"from_timm expects a timm VisionTransformer or Eva (ViT, DeiT, EVA02, DINOv3, ...), got {cls}")
-    _check_class(label, "patch_embed", model.patch_embed, PATCH_EMBED, REFUSED_PATCH_EMBED)
-    _check_patch_embed(label, model.patch_embed)
-    attn_pool = getattr(model, "attn_pool", None)
-    if attn_pool is not None or model.global_pool not in POOLS:
+        raise TypeError(
+            f"from_timm expects a timm VisionTransformer, Eva or NaFlexVit (ViT, DeiT, EVA02, DINOv3, ...), got {cls}"
+        )
+    if cls != "NaFlexVit":  # NaFlexVit's ``embeds`` are checked by msvit.models.naflex.naflex_parts
+        _check_class(label, "patch_embed", model.patch_embed, PATCH_EMBED, REFUSED_PATCH_EMBED)
+        _check_patch_embed(label, model.patch_embed)
+    if model.global_pool not in POOLS:
         feature = REFUSED_POOLS.get(model.global_pool, f"global_pool={model.global_pool!r}")
-        path, module = ("attn_pool", attn_pool) if attn_pool is not None else ("global_pool", model)
-        raise refuse(label, path, module, feature)
+        raise refuse(label, "global_pool", model, feature)
+    attn_pool = getattr(model, "attn_pool", None)
+    if (attn_pool is not None) != (model.global_pool == "map"):
+        raise refuse(label, "attn_pool", attn_pool or model, "an attention pool without global_pool='map'")
+    if attn_pool is not None:  # its own options are checked by msvit.models.attention_pool
+        _check_class(label, "attn_pool", attn_pool, ATTENTION_POOLS, {})
     rope = getattr(model, "rope", None)
     if rope is not None:
         _check_class(label, "rope", rope, ROPE, REFUSED_ROPE)
-    for path in ("norm_pre", "norm", "fc_norm", "head_drop", "pos_drop", "head"):
-        _check_tokenwise(label, path, getattr(model, path))
+    for path in ("norm_pre", "norm", "fc_norm", "head_drop", "pos_drop", "head", "head_dist"):
+        if hasattr(model, path):  # NaFlexVit keeps pos_drop in its embeds; head_dist: distilled DeiT
+            _check_tokenwise(label, path, getattr(model, path))
     for i, block in enumerate(model.blocks):
         _check_block(label, f"blocks.{i}", block)
 
