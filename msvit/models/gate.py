@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msvit.models.checks import check_mask
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.gate_kernel import MAX_HIDDEN, fused_gate
 from msvit_kernels.reference import gate_mlp_reference
@@ -165,6 +166,15 @@ class MixedScaleGate(nn.Module):
         logits = self(images)
         hard = budget_mask(logits, budget) if budget is not None else logits > 0
         return GateDecision(logits, torch.sigmoid(logits), hard, hard.to(logits.dtype))
+
+    def decision(self, images: Tensor, mask: Optional[Tensor], *, sample: bool, budget: Budget = None) -> GateDecision:
+        """The caller's ``mask`` (bool ``[B, Nc]``, checked against this batch's region grid) as a
+        decision without gate outputs, or, when it is None, the gate's own ``decide``."""
+        if mask is None:
+            return self.decide(images, sample=sample, budget=budget)
+        check_mask(mask, images.shape[0], (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size))
+        mask = mask.to(images.device)
+        return GateDecision(None, None, mask, mask.to(images.dtype))
 
     def _weights(self, images: Tensor) -> Tuple[Tensor, ...]:
         """(w1, b1, pos, w2, b2, w3, b3, w4, b4) for this batch's coarse grid."""

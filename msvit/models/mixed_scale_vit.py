@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice, check_dtype, check_images, check_mask
+from msvit.models.checks import MODES, check_choice, check_dtype, check_images
 from msvit.models.distilled import check_distilled, distilled_head
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
 from msvit.models.layers import dense_blocks, packed_blocks
@@ -162,11 +162,7 @@ class MSViT(nn.Module):
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
         check_images(images, self.in_chans, self.tokenizer.coarse_patch)
         check_dtype(images, self.tokenizer.embed.weight.dtype)
-        if mask is None:
-            return self.gate.decide(images, sample=self.training, budget=budget)
-        check_mask(mask, images.shape[0], self.coarse_grid(images))
-        mask = mask.to(images.device)
-        return GateDecision(None, None, mask, mask.to(images.dtype))
+        return self.gate.decision(images, mask, sample=self.training, budget=budget)
 
     @torch.no_grad()
     def gate_mask(self, images: Tensor, *, budget: Budget = None) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import check_choice, check_dtype, check_images, check_mask
+from msvit.models.checks import check_choice, check_dtype, check_images
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViTOutput
 from msvit.models.swin.architecture import describe_swin
@@ -105,11 +105,7 @@ class MixedScaleSwin(nn.Module):
     def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> GateDecision:
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
         self.check_images(images)
-        if mask is None:
-            return self.gate.decide(images, sample=self.training, budget=budget)
-        check_mask(mask, images.shape[0], self.coarse_grid(images))
-        mask = mask.to(images.device)
-        return GateDecision(None, None, mask, mask.to(images.dtype))
+        return self.gate.decision(images, mask, sample=self.training, budget=budget)
 
     @torch.no_grad()
     def gate_mask(self, images: Tensor, *, budget: Budget = None) -> Tensor:
