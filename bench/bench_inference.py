@@ -37,10 +37,10 @@ def spread_masks(batch: int, mean_fine: int, n_regions: int = 49, seed: int = 0)
 
 
 @pytest.fixture(scope="module")
-def msvit_s(device, timed, bench_options):
+def msvit_s(device, timed, bench_options, bench_dtype):
     """(MSViT with random weights, dtype, batch, plain-ViT factory) for this device and mode."""
     cuda = device == "cuda"
-    dtype = bench_options["dtype"] or (torch.bfloat16 if cuda else torch.float32)
+    dtype = bench_dtype
     batch = (bench_options["batch"] or (256 if cuda else 32)) if timed else 2
     name = bench_options["model"]
     torch.manual_seed(0)

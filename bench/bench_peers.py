@@ -25,9 +25,9 @@ FINE = VIT_SIZES[160]  # 17 fine regions of 49: 101 tokens per image on average,
 
 
 @pytest.fixture(scope="module")
-def peers(device, timed, bench_options):
+def peers(device, timed, bench_options, bench_dtype):
     """(MSViT, NaFlexViT, ViT-S at 160px, dtype) with random weights; ViT-S is the converted model."""
-    dtype = bench_options["dtype"] or (torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = bench_dtype
     torch.manual_seed(0)
     model = msvit.from_timm(bench_options["model"], attention_backend=bench_options["backend"]).to(device)
     naflex = naflex_like(model).to(device)

@@ -48,9 +48,9 @@ def profile_table(fn, device: str, rounds: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
-def test_profile_packed_forward(benchmark, timed, device, bench_options):
+def test_profile_packed_forward(benchmark, timed, device, bench_options, bench_dtype):
     cuda = device == "cuda"
-    dtype = bench_options["dtype"] or (torch.bfloat16 if cuda else torch.float32)
+    dtype = bench_dtype
     batch = (bench_options["batch"] or (256 if cuda else 32)) if timed else 2
     rounds = 5 if timed else 1
     torch.manual_seed(0)

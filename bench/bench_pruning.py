@@ -30,9 +30,9 @@ def trunk_macs(model: msvit.MSViT, tokens: torch.Tensor, layers) -> float:
     return total
 
 
-def test_pruned_vs_unpruned_forward(benchmark, timed, summary, device, bench_options):
+def test_pruned_vs_unpruned_forward(benchmark, timed, summary, device, bench_options, bench_dtype):
     cuda = device == "cuda"
-    dtype = bench_options["dtype"] or (torch.bfloat16 if cuda else torch.float32)
+    dtype = bench_dtype
     batch = (bench_options["batch"] or (256 if cuda else 32)) if timed else 2
     repeats = 7 if timed else 1
     torch.manual_seed(0)

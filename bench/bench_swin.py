@@ -25,9 +25,9 @@ FINE_REGIONS = (0, 12, 25, 37, 49)  # of the 7 x 7 regions of 32px: 0, 25, 50, 7
 MASKED_AT = (12, 25)  # the dense-masked baseline costs the same at any mask; timed where the ratios are
 
 
-def test_swin_latency_vs_fine_fraction(benchmark, timed, device, bench_options):
+def test_swin_latency_vs_fine_fraction(benchmark, timed, device, bench_options, bench_dtype):
     cuda = device == "cuda"
-    dtype = bench_options["dtype"] or (torch.bfloat16 if cuda else torch.float32)
+    dtype = bench_dtype
     batch = (bench_options["batch"] or (64 if cuda else 8)) if timed else 1
     repeats = 7 if timed else 1
     torch.manual_seed(0)

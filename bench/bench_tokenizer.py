@@ -30,18 +30,10 @@ from spread import add_ratio, interleaved_times, medians
 SIZES = (224, 384)
 
 
-def _dtype(device: str, bench_options: dict) -> torch.dtype:
-    if bench_options["dtype"] is not None:
-        return bench_options["dtype"]
-    if device != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
-
-
 @pytest.fixture(scope="module")
-def tokenizer_setup(device, timed, bench_options):
+def tokenizer_setup(device, timed, bench_options, bench_dtype):
     """(MSViT-S, timm ViT-S, dtype, image sizes, batches, share batch) for this device and mode."""
-    dtype = _dtype(device, bench_options)
+    dtype = bench_dtype
     torch.manual_seed(0)
     model = msvit.from_timm(bench_options["model"], init_logit=0.0, attention_backend=bench_options["backend"])
     vit = timm.create_model(bench_options["model"], pretrained=False)

@@ -22,7 +22,7 @@ def pytest_addoption(parser):
         "--bench-dtype",
         choices=["float32", "float16", "bfloat16"],
         default=None,
-        help="inference dtype (default: bfloat16 on GPU, float32 on CPU)",
+        help="inference dtype (default: float32 on CPU, bfloat16 on sm_80+, float16 before)",
     )
     parser.addoption("--bench-backend", default="auto", help="packed-attention backend of the MSViT runs")
 
@@ -49,6 +49,17 @@ def bench_options(request) -> dict:
         "dtype": getattr(torch, dtype) if dtype else None,
         "backend": get("--bench-backend"),
     }
+
+
+@pytest.fixture(scope="session")
+def bench_dtype(bench_options, device) -> torch.dtype:
+    """``--bench-dtype``, else float32 on CPU, bfloat16 on sm_80+ and float16 before it (no native
+    bfloat16 there)."""
+    if bench_options["dtype"] is not None:
+        return bench_options["dtype"]
+    if device != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
 
 
 @pytest.fixture(scope="session")
