@@ -9,6 +9,7 @@ swin = msvit.from_timm("swin_tiny_patch4_window7_224")  # msvit.MixedScaleSwin: 
 seg = msvit.MSSegmenter(msvit.from_timm("vit_small_patch16_224"), num_classes=150)  # [B, 150, H, W]
 digits = msvit.load_pretrained("cluttered-digits")    # the model shipped in the package, eval mode
 transform = msvit.eval_transform(digits)               # its input size, mean, std (digits.pretrained_cfg)
+runner = msvit.compile_packed(model.eval(), 256, 224)   # captured packed inference: runner(images) -> logits
 """
 
 from msvit.data.transforms import eval_transform
@@ -16,6 +17,7 @@ from msvit.io.checkpoint import load_checkpoint, load_pretrained
 from msvit.models.flops import count_macs
 from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid
 from msvit.models.mixed_scale_vit import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
+from msvit.models.packed_runner import PackedRunner, compile_packed
 from msvit.models.pruning import PruneConfig, PrunedMSViT, PrunedOutput
 from msvit.models.segmentation import MSSegmenter, SegmenterOutput, load_segmenter
 from msvit.models.swin import MixedScaleSwin
@@ -24,6 +26,8 @@ from msvit.models.tokenizer import MixedScaleTokenizer
 
 __all__ = [
     "count_macs",
+    "compile_packed",
+    "PackedRunner",
     "load_checkpoint",
     "load_pretrained",
     "GateDecision",

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import normalize_choice
+from .padded_attention import padded_sdpa_attention
 from .reference import packed_attention_reference
 
 DEPRECATED_BACKENDS = {"torch": "torch_varlen"}  # old name -> name, accepted for one release
@@ -33,7 +34,9 @@ class Backend:
     gives one, so backends registered before the keywords existed keep working).
     ``auto_support`` (same signature, default ``support``) is the stricter check ``backend="auto"``
     uses: a backend can be able to run somewhere without being a good choice there (the Triton
-    interpreter on CPU runs, slowly, for tests).
+    interpreter on CPU runs, slowly, for tests). ``host_free``: a call reads nothing back to the
+    host (shapes and launches follow ``max_seqlen`` and tensor shapes only), so it can run inside a
+    CUDA graph or a ``torch.compile(fullgraph=True)`` graph; the reference reads the lengths.
     """
 
     name: str
@@ -41,6 +44,7 @@ class Backend:
     support: Callable[[torch.device, torch.dtype, int], Optional[str]]
     auto_support: Optional[Callable[[torch.device, torch.dtype, int], Optional[str]]] = None
     separate_kv: bool = False
+    host_free: bool = True
 
 
 def _reference_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -48,7 +52,10 @@ def _reference_support(device: torch.device, dtype: torch.dtype, head_dim: int) 
 
 
 BACKENDS: Dict[str, Backend] = {
-    "reference": Backend("reference", packed_attention_reference, _reference_support, separate_kv=True),
+    "reference": Backend(
+        "reference", packed_attention_reference, _reference_support, separate_kv=True, host_free=False
+    ),
+    "padded_sdpa": Backend("padded_sdpa", padded_sdpa_attention, _reference_support, separate_kv=True),
 }
 
 # Preference for backend="auto", fastest first. Backends from later modules insert themselves
@@ -98,6 +105,29 @@ def resolve_backend(
     if reason is not None:
         raise RuntimeError(f"packed-attention backend {name!r} cannot run here: {reason}")
     return backend
+
+
+def resolve_host_free_backend(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, separate_kv: bool = False
+) -> Backend:
+    """The backend a static forward (no host read: CUDA graphs, ``torch.compile``) runs: ``auto``
+    takes the first host-free backend of the auto order that can run here, else ``padded_sdpa``;
+    a named backend must be host-free (the reference is not) and able to run."""
+    if normalize_choice("packed-attention backend", name, ["auto", *BACKENDS], DEPRECATED_BACKENDS) != "auto":
+        backend = resolve_backend(name, device, dtype, head_dim, separate_kv)
+        if not backend.host_free:
+            raise ValueError(
+                f"packed-attention backend {name!r} reads sequence lengths on the host, which a static forward "
+                "(CUDA graph, torch.compile) cannot do; use 'auto' or one of: "
+                + ", ".join(repr(n) for n, b in BACKENDS.items() if b.host_free)
+            )
+        return backend
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS[candidate]
+        if backend.host_free and (not separate_kv or backend.separate_kv):
+            if (backend.auto_support or backend.support)(device, dtype, head_dim) is None:
+                return backend
+    return BACKENDS["padded_sdpa"]
 
 
 def _check_scale(scale) -> None:
@@ -233,8 +263,9 @@ def packed_attention(
             self-attention, keys in q's layout. A query whose key sequence is empty gets zeros
             (flash-attn's convention; softmax over no keys is undefined) and a zero gradient.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"auto" | "triton" | "flash_attn" | "torch_varlen" | "reference"`` (``"torch"``: the
-            deprecated name of ``"torch_varlen"``).
+        backend: ``"auto" | "triton" | "flash_attn" | "torch_varlen" | "padded_sdpa" | "reference"``
+            (``"torch"``: the deprecated name of ``"torch_varlen"``). ``padded_sdpa`` is one padded
+            SDPA call with no host read (``msvit_kernels.padded_attention``).
         check_values: verify cu_seqlens' values and max_seqlen (one host read). Callers that built
             them by construction (the model, once per forward) pass False.
 

@@ -47,6 +47,7 @@ def _record(workload: Workload):
 
     from . import attention_kernel, gate_kernel, index_kernel, pack_kernel, unpack_kernel
     from ._triton import record_launches
+    from .varlen import StaticShape
 
     dtype = getattr(torch, workload.dtype)
     model = workload.name.split()[0]
@@ -85,8 +86,7 @@ def _record(workload: Workload):
                 mask,
                 torch.zeros(batch, 49, dtype=torch.int32),
                 torch.zeros(batch + 1, dtype=torch.int32),
-                total,
-                lengths,
+                StaticShape(total, lengths, 0),
                 grid,
                 2,
                 prefix,

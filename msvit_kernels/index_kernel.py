@@ -1,5 +1,5 @@
 """Counts and offsets of a packed mixed-scale batch on the device: ``varlen.mixed_scale_index`` in two
-Triton launches and one host read.
+Triton launches and one host read (none with a ``varlen.StaticShape``).
 
 1. ``_counts_kernel`` (one program; it loops over the batch with a running carry): tokens per region
    (1 coarse, r*r fine), each region's first row inside its image (an in-image prefix sum),
@@ -10,15 +10,18 @@ Triton launches and one host read.
    place: no sort (the torch version enumerates the candidates with a stable argsort of B*Nc*r*r
    keys), and prefix rows are written by the first program of each image.
 
-The oracle is ``varlen.mixed_scale_index``: same ``MixedScaleIndex``, element for element.
+With a static shape the maps are allocated at the capacity and their padding entries are filled
+by torch before the second launch overwrites the real ones (the values the torch version gives
+them: a padding row holds image 0's first coarse token). The oracle is
+``varlen.mixed_scale_index``: same ``MixedScaleIndex``, element for element.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._triton import INTERPRET, TritonKernel, tl, triton
-from .varlen import MixedScaleIndex
+from .varlen import MixedScaleIndex, StaticShape, check_capacity, padded_cu_seqlens
 
 if triton is not None:
 
@@ -102,7 +105,7 @@ _COUNTS = None if triton is None else TritonKernel(_counts_kernel)
 _INDEX = None if triton is None else TritonKernel(_index_kernel)
 
 
-def _counts(mask: Tensor, ratio: int, num_prefix: int) -> Tuple[Tensor, Tensor, int, int]:
+def _counts(mask: Tensor, ratio: int, num_prefix: int, shape: Optional[StaticShape] = None) -> Tuple[Tensor, Tensor, StaticShape]:
     batch, n_coarse = mask.shape
     region_start = torch.empty(batch, n_coarse, dtype=torch.int32, device=mask.device)
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=mask.device)
@@ -111,36 +114,52 @@ def _counts(mask: Tensor, ratio: int, num_prefix: int) -> Tuple[Tensor, Tensor, 
     block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 4096 // block_j))  # a tile of <= 4096 regions
     _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix,
                   *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
+    if shape is not None:
+        check_capacity(stats[0], shape.capacity)
+        return region_start, cu_seqlens, shape
     total, max_seqlen = stats.tolist()  # the forward's one host read
-    return region_start, cu_seqlens, total, max_seqlen
+    return region_start, cu_seqlens, StaticShape(total, max_seqlen, 0)
 
 
-def triton_mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
+def triton_mixed_scale_index(
+    mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int, shape: Optional[StaticShape] = None
+) -> MixedScaleIndex:
     """``varlen.mixed_scale_index`` with the Triton kernels; same arguments, same result.
 
     mask: bool ``[B, Nc]`` (True = fine) on CUDA (CPU only under TRITON_INTERPRET=1);
-    coarse_grid: (h, w) with h * w = Nc; ratio: coarse / fine patch; num_prefix: P.
+    coarse_grid: (h, w) with h * w = Nc; ratio: coarse / fine patch; num_prefix: P; shape: a
+    ``varlen.StaticShape`` (no host read) or None (exact shape, one host read).
     """
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or pip install .[triton])")
     if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != coarse_grid[0] * coarse_grid[1]:
         raise ValueError(f"mask must be bool [B, {coarse_grid[0] * coarse_grid[1]}], got {mask.dtype} {tuple(mask.shape)}")
-    region_start, cu_seqlens, total, max_seqlen = _counts(mask, ratio, num_prefix)
-    return _index_maps(mask, region_start, cu_seqlens, total, max_seqlen, coarse_grid, ratio, num_prefix)
+    static = shape is not None
+    region_start, cu_seqlens, shape = _counts(mask, ratio, num_prefix, shape)
+    return _index_maps(mask, region_start, cu_seqlens, shape, coarse_grid, ratio, num_prefix)._replace(static=static)
 
 
-def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: int, max_seqlen: int,
+def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, shape: StaticShape,
                 coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
     """Every index map of the batch from ``_counts``' offsets (the second launch)."""
     batch, n_coarse = mask.shape
     device = mask.device
+    total = shape.capacity
     n_patch = total - batch * num_prefix
     n_fine = n_coarse * ratio * ratio
-    rows, source, position, region = (torch.empty(n_patch, dtype=torch.int64, device=device) for _ in range(4))
     prefix_rows = torch.empty(batch, num_prefix, dtype=torch.int64, device=device)
-    row_image = torch.empty(total, dtype=torch.int64, device=device)
     fine_to_row = torch.empty(batch, n_fine, dtype=torch.int64, device=device)
-    is_fine = torch.empty(n_patch, dtype=torch.uint8, device=device)  # bytes: no i1 pointers in kernels
+    if shape.padding_sequences:  # padding entries keep these values; the kernel writes the real ones
+        rows = torch.arange(batch * num_prefix, total, device=device)
+        source = torch.full((n_patch,), batch * n_fine, dtype=torch.int64, device=device)
+        position = torch.full((n_patch,), n_fine, dtype=torch.int64, device=device)
+        region = torch.zeros(n_patch, dtype=torch.int64, device=device)
+        row_image = torch.full((total,), batch, dtype=torch.int64, device=device)
+        is_fine = torch.zeros(n_patch, dtype=torch.uint8, device=device)
+    else:
+        rows, source, position, region = (torch.empty(n_patch, dtype=torch.int64, device=device) for _ in range(4))
+        row_image = torch.empty(total, dtype=torch.int64, device=device)
+        is_fine = torch.empty(n_patch, dtype=torch.uint8, device=device)  # bytes: no i1 pointers in kernels
     if batch and n_coarse:
         block_j = min(256 if INTERPRET else 64, triton.next_power_of_2(n_coarse))
         _INDEX[(triton.cdiv(n_coarse, block_j), batch)](
@@ -149,7 +168,7 @@ def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: i
             RATIO=ratio, BLOCK_J=block_j, BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),
         )
     return MixedScaleIndex(
-        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, total=total, rows=rows, source=source, position=position,
-        region=region, is_fine=is_fine.view(torch.bool), prefix_rows=prefix_rows, row_image=row_image,
-        fine_to_row=fine_to_row,
+        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape), max_seqlen=shape.max_seqlen, total=total, rows=rows,
+        source=source, position=position, region=region, is_fine=is_fine.view(torch.bool), prefix_rows=prefix_rows,
+        row_image=row_image, fine_to_row=fine_to_row, padding_sequences=shape.padding_sequences,
     )

@@ -4,10 +4,22 @@ Layout of image ``b`` (rows ``cu_seqlens[b] : cu_seqlens[b+1]``): its ``P`` pref
 registers), then one entry per coarse region in raster order: a coarse region contributes one
 token, a fine region its ``r*r`` fine tokens in raster order inside the region (``r`` = coarse
 patch / fine patch). Every map below is built on the mask's device; building the whole index costs
-exactly one host read (``T`` and ``max_seqlen``), once per forward.
+exactly one host read (``T`` and ``max_seqlen``), once per forward, or none with a static shape.
+
+Static shapes (docs/design.md section 9): a forward whose shapes depend only on the batch, the
+image size and a token *capacity* (a number of packed rows fixed before the mask is known). The
+real rows come first, as above; rows ``T .. capacity`` are padding. Padding rows form their own
+sequences of at most ``max_seqlen`` rows each (a fixed number of them: ``cu_seqlens`` has
+``B + 1 + padding_sequences`` entries, the padding offsets ending at ``capacity``; some may be
+empty), so every attention backend computes them like any row and no real row ever sees them.
+Each padding row holds a copy of a real token's embedding (a coarse patch of image 0: finite,
+well defined) and belongs to image ``B`` in ``row_image``. ``max_seqlen`` is then a static bound
+(the all-fine length of an image, or the exact length when every image keeps the same number of
+fine regions, as with a token budget).
 """
 
-from typing import NamedTuple, Tuple
+import math
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +39,10 @@ class MixedScaleIndex(NamedTuple):
     row_image: int64 ``[T]`` image of every packed row.
     fine_to_row: int64 ``[B, Nf]`` packed row covering each fine cell (fine-grid raster order):
         the fine token itself, or the coarse token of its region. Used to unpack to the grid.
+    padding_sequences: sequences after the B images that hold padding rows (static shapes; 0
+        otherwise). ``batch`` is the number of images.
+    static: the shape was fixed before the mask was known: the layout's consumers must read
+        nothing back to the host (attention then takes a host-free backend).
     """
 
     cu_seqlens: Tensor
@@ -40,6 +56,78 @@ class MixedScaleIndex(NamedTuple):
     prefix_rows: Tensor
     row_image: Tensor
     fine_to_row: Tensor
+    padding_sequences: int = 0
+    static: bool = False
+
+    @property
+    def batch(self) -> int:
+        """Images in the batch (``cu_seqlens`` also lists the padding sequences of a static shape)."""
+        return self.cu_seqlens.numel() - 1 - self.padding_sequences
+
+
+class StaticShape(NamedTuple):
+    """The shape of a packed batch fixed before its mask is known (see the module docstring).
+
+    capacity: packed rows (real + padding); max_seqlen: bound on every sequence, padding ones
+    included; padding_sequences: how many sequences after the images hold the padding rows.
+    """
+
+    capacity: int
+    max_seqlen: int
+    padding_sequences: int
+
+
+def static_shape(
+    batch: int, n_coarse: int, ratio: int, num_prefix: int, capacity: Optional[int] = None, fine_regions=None
+) -> StaticShape:
+    """The ``StaticShape`` of ``batch`` images of ``n_coarse`` regions with room for ``capacity`` rows.
+
+    fine_regions: when every image keeps exactly this many regions fine (a token budget), each image
+    has the same known length and ``capacity`` defaults to the exact total (no padding). Otherwise
+    an image has between ``P + Nc`` (all coarse) and ``P + Nc*r*r`` (all fine) rows, ``capacity``
+    must lie between ``B`` times those, and ``max_seqlen`` is the all-fine length.
+    """
+    shortest, longest = num_prefix + n_coarse, num_prefix + n_coarse * ratio * ratio
+    if fine_regions is not None:
+        if not 0 <= fine_regions <= n_coarse:
+            raise ValueError(f"fine_regions must be between 0 and {n_coarse}, got {fine_regions}")
+        shortest = longest = num_prefix + n_coarse + (ratio * ratio - 1) * fine_regions
+    if capacity is None:
+        if fine_regions is None:
+            raise ValueError("a static shape needs a capacity (packed rows) unless every image has a known length")
+        capacity = batch * shortest
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int number of packed rows, got {capacity!r}")
+    if not batch * shortest <= capacity <= batch * longest:
+        raise ValueError(
+            f"capacity must be between {batch * shortest} and {batch * longest} packed rows for {batch} images "
+            f"of {shortest} to {longest} tokens, got {capacity}"
+        )
+    slack = capacity - batch * shortest  # the most padding rows a batch can leave
+    return StaticShape(capacity, longest, math.ceil(slack / longest) if longest else 0)
+
+
+def padded_cu_seqlens(cu_seqlens: Tensor, shape: StaticShape) -> Tensor:
+    """int32 ``[B + 1 + padding_sequences]``: the images' offsets, then padding sequences of at most
+    ``max_seqlen`` rows each up to ``capacity`` (on the device: no host read)."""
+    if shape.padding_sequences == 0:
+        return cu_seqlens
+    steps = torch.arange(1, shape.padding_sequences + 1, device=cu_seqlens.device, dtype=torch.int32)
+    tail = (cu_seqlens[-1:] + steps * shape.max_seqlen).clamp_max(shape.capacity)
+    return torch.cat([cu_seqlens, tail])
+
+
+def padded_row_image(lengths: Tensor, shape: StaticShape) -> Tensor:
+    """int64 ``[capacity]``: the image of every packed row, ``B`` for padding rows."""
+    batch = lengths.numel()
+    lengths = torch.cat([lengths.reshape(-1).long(), shape.capacity - lengths.sum().reshape(1).long()])
+    images = torch.arange(batch + 1, device=lengths.device)
+    return torch.repeat_interleave(images, lengths, output_size=shape.capacity)
+
+
+def check_capacity(total: Tensor, capacity: int) -> None:
+    """Fail on the device (no host read) when the real rows ``total`` (0-dim) exceed ``capacity``."""
+    torch._assert_async(total <= capacity, "packed tokens exceed the static capacity: choose a larger bucket")
 
 
 def cu_seqlens_from_lengths(lengths: Tensor) -> Tensor:
@@ -61,11 +149,15 @@ def fine_cells_of_regions(coarse_grid: Tuple[int, int], ratio: int, device=None)
     return fine_index.reshape(hc * wc, r * r)
 
 
-def mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
+def mixed_scale_index(
+    mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int, shape: Optional[StaticShape] = None
+) -> MixedScaleIndex:
     """Build the packed layout of a batch from its hard mask.
 
     mask: bool ``[B, Nc]`` (True = fine), ``Nc = coarse_grid[0] * coarse_grid[1]``; ratio: coarse
-    patch / fine patch (integer >= 1); num_prefix: prefix tokens per image.
+    patch / fine patch (integer >= 1); num_prefix: prefix tokens per image; shape: a
+    ``StaticShape`` (no host read; padding rows as the module docstring says), or None for the
+    exact shape (one host read).
     """
     device = mask.device
     batch, n_coarse = mask.shape
@@ -74,8 +166,14 @@ def mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, nu
     per_region = torch.where(mask, r2, 1)  # tokens each region contributes
     lengths = num_prefix + per_region.sum(1)
     cu_seqlens = cu_seqlens_from_lengths(lengths)
-    longest = lengths.amax() if batch else lengths.new_zeros(())  # an empty batch has no longest image
-    total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
+    static = shape is not None
+    if not static:
+        longest = lengths.amax() if batch else lengths.new_zeros(())  # an empty batch has no longest image
+        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
+        shape = StaticShape(total, max_seqlen, 0)
+    else:
+        check_capacity(cu_seqlens[-1], shape.capacity)
+    total = shape.capacity
 
     # Packed row of every candidate token (b, j, k); k > 0 is only real in a fine region.
     region_start = cu_seqlens[:-1, None].long() + num_prefix + (torch.cumsum(per_region, 1) - per_region)
@@ -83,7 +181,9 @@ def mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, nu
     candidate_row = region_start[:, :, None] + sub
     valid = mask[:, :, None] | (sub == 0)
 
-    # Stable sort keeps the enumeration order, which is the packed order, without a host sync.
+    # Stable sort keeps the enumeration order, which is the packed order, without a host sync. With
+    # a static shape the entries past the real tokens are absent candidates: a (b, j, k > 0) of a
+    # coarse region, whose maps name that region's coarse token; they fill the padding rows.
     n_patch = total - batch * num_prefix
     candidate = torch.argsort((~valid).flatten().to(torch.uint8), stable=True)[:n_patch]
     image = candidate // (n_coarse * r2)
@@ -95,15 +195,19 @@ def mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, nu
     position = torch.where(is_fine, fine_cell, n_fine + region_in_image)
 
     prefix_rows = cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device)
-    row_image = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=total)
+    row_image = padded_row_image(lengths, shape)
+    rows = candidate_row.flatten()[candidate]
+    if static:  # padding entry e fills padding row e + B*P (the rows after the real ones, in order)
+        entry = torch.arange(n_patch, device=device)
+        rows = torch.where(entry < cu_seqlens[-1] - batch * num_prefix, rows, entry + batch * num_prefix)
     covering = torch.where(mask[:, :, None], candidate_row, candidate_row[:, :, :1])
     fine_to_row = torch.empty(batch, n_fine, dtype=torch.long, device=device)
     fine_to_row[:, fine_cells.flatten()] = covering.reshape(batch, n_fine)
     return MixedScaleIndex(
-        cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen,
+        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
+        max_seqlen=shape.max_seqlen,
         total=total,
-        rows=candidate_row.flatten()[candidate],
+        rows=rows,
         source=source,
         position=position,
         region=image * n_coarse + region_in_image,
@@ -111,4 +215,6 @@ def mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, nu
         prefix_rows=prefix_rows,
         row_image=row_image,
         fine_to_row=fine_to_row,
+        padding_sequences=shape.padding_sequences,
+        static=static,
     )

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from msvit.models.layers import masked_attention
-from msvit_kernels import cu_seqlens_from_lengths, packed_attention
+from msvit.models.layers import attention_backend_for, masked_attention
+from msvit_kernels import packed_attention
 
 
 class PackedAttentionPool(nn.Module):
@@ -71,19 +71,23 @@ class PackedAttentionPool(nn.Module):
         ``row_image``, optionally ``max_seqlen``); include_prefix: the keys are all of an image's
         rows (timm's ``pool_include_prefix``) or only its patch rows; backend: packed attention's.
         """
-        batch = index.cu_seqlens.numel() - 1
+        batch = getattr(index, "batch", index.cu_seqlens.numel() - 1)
+        # one query sequence per image, then an empty one per padding sequence of a static layout:
+        # both layouts list the same sequences and read nothing back to the host
+        sequence = torch.arange(index.cu_seqlens.numel(), device=x.device, dtype=torch.int32)
+        cu_q = sequence.clamp_max(batch) * self.latent_len
         if include_prefix:
             keys, cu_k = x, index.cu_seqlens
-        else:  # patch rows are contiguous per image in packed order, so their counts give the layout
+        else:  # patch rows are contiguous per image in packed order: drop P rows per image before
             keys = x[index.rows]
-            cu_k = cu_seqlens_from_lengths(torch.bincount(index.row_image[index.rows], minlength=batch))
+            cu_k = index.cu_seqlens - sequence.clamp_max(batch) * index.prefix_rows.shape[1]
         # an upper bound of the longest key sequence is enough (the kernels mask past each end)
         max_k = getattr(index, "max_seqlen", None)
         if max_k is None:
             max_k = int((cu_k[1:] - cu_k[:-1]).max()) if batch else 0
         k, v = self._keys_values(keys)
         q = self._queries().to(k.dtype).repeat(batch, 1, 1)  # [B * latent_len, H, D]
-        cu_q = torch.arange(batch + 1, device=x.device, dtype=torch.int32) * self.latent_len
+        backend = attention_backend_for(backend, q, getattr(index, "static", False))
         o = packed_attention(
             q, k, v, cu_q, self.latent_len, cu_seqlens_k=cu_k, max_seqlen_k=max_k, scale=self.scale,
             backend=backend, check_values=False,

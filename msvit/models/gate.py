@@ -62,12 +62,9 @@ def gumbel_sigmoid(logits: Tensor, temperature: float, noise: Optional[Tensor] =
     return soft, hard, straight_through(soft, hard)
 
 
-def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
-    """bool ``[B, Nc]`` keeping the ``budget`` highest-logit regions of each image fine.
-
-    budget: an int number of fine regions per image, or a float fraction of the regions.
-    """
-    n_regions = logits.shape[1]
+def budget_regions(budget: Budget, n_regions: int) -> int:
+    """The number of fine regions per image a ``budget`` keeps (an int count, or a float fraction
+    of the ``n_regions`` regions, rounded); every image of the batch keeps exactly that many."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be an int (fine regions per image) or a float fraction, got {budget!r}")
     if isinstance(budget, float) and not 0.0 <= budget <= 1.0:  # also refuses NaN, before it reaches int()
@@ -75,6 +72,15 @@ def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
     k = int(round(budget * n_regions)) if isinstance(budget, float) else budget
     if not 0 <= k <= n_regions:
         raise ValueError(f"budget must be between 0 and {n_regions} fine regions per image, got {k}")
+    return k
+
+
+def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
+    """bool ``[B, Nc]`` keeping the ``budget`` highest-logit regions of each image fine.
+
+    budget: an int number of fine regions per image, or a float fraction of the regions.
+    """
+    k = budget_regions(budget, logits.shape[1])
     mask = torch.zeros_like(logits, dtype=torch.bool)
     if k > 0:
         mask.scatter_(1, logits.topk(k, dim=1).indices, True)

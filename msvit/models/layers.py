@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from msvit.models.timm_blocks import layer_scale, qkv_heads
 from msvit_kernels import packed_attention
+from msvit_kernels.attention import resolve_host_free_backend
 from msvit_kernels.varlen import MixedScaleIndex
 
 Attend = Callable[[Tensor, Tensor, Tensor, Optional[float]], Tensor]
@@ -53,28 +54,49 @@ def _drop_path_rate(module: nn.Module) -> float:
 
 def drop_images(module: nn.Module, y: Tensor, row_image: Tensor, batch: int) -> Tensor:
     """Stochastic depth of ``module`` (a timm DropPath or Identity) on packed rows ``y [T, C]``:
-    whole images are dropped, as timm's DropPath does on ``[B, N, C]``; row_image: int64 ``[T]``."""
+    whole images are dropped, as timm's DropPath does on ``[B, N, C]``; row_image: int64 ``[T]``
+    (``batch`` for the padding rows of a static shape, which are kept)."""
     rate = _drop_path_rate(module)
     if rate == 0.0:
         return y
     keep = torch.rand(batch, device=y.device) >= rate
-    return y * (keep.to(y.dtype) / (1 - rate))[row_image, None]
+    scale = torch.cat([keep.to(y.dtype) / (1 - rate), y.new_ones(1)])
+    return y * scale[row_image, None]
 
 
 def packed_blocks(
-    blocks, x: Tensor, index: MixedScaleIndex, backend: str = "auto", rotary: Optional[Rotary] = None
+    blocks,
+    x: Tensor,
+    index: MixedScaleIndex,
+    backend: str = "auto",
+    rotary: Optional[Rotary] = None,
 ) -> Tensor:
-    """Run blocks on packed tokens ``[T, C]``; attention is varlen attention per image."""
+    """Run blocks on packed tokens ``[T, C]``; attention is varlen attention per image.
+
+    A static layout (``index.static``: CUDA graphs, ``torch.compile``) resolves ``backend`` once to
+    a backend that reads nothing back to the host (``padded_sdpa`` where no varlen kernel runs,
+    e.g. on CPU, whose reference backend reads the lengths).
+    """
+    chosen = []
 
     def attend(q, k, v, scale):
+        if not chosen:
+            static = getattr(index, "static", False)
+            chosen.append(attention_backend_for(backend, q, static))
         return packed_attention(
-            q, k, v, index.cu_seqlens, index.max_seqlen, scale=scale, backend=backend, check_values=False
+            q, k, v, index.cu_seqlens, index.max_seqlen, scale=scale, backend=chosen[0], check_values=False
         )
 
     def drop_path(module, y):
-        return drop_images(module, y, index.row_image, index.cu_seqlens.numel() - 1)
+        return drop_images(module, y, index.row_image, index.batch)
 
     return _run_blocks(blocks, x, attend, drop_path, rotary)
+
+
+def attention_backend_for(backend: str, q: Tensor, static: bool) -> str:
+    """``backend``, or for a static layout the host-free backend it resolves to for q's device,
+    dtype and head dim (``msvit_kernels.attention.resolve_host_free_backend``)."""
+    return resolve_host_free_backend(backend, q.device, q.dtype, q.shape[-1]).name if static else backend
 
 
 def _run_blocks(blocks, x: Tensor, attend: Attend, drop_path, rotary: Optional[Rotary]) -> Tensor:

@@ -13,13 +13,13 @@ from torch import Tensor, nn
 
 from msvit.models.checks import MODES, check_choice, check_dtype, check_images
 from msvit.models.distilled import check_distilled, distilled_head
-from msvit.models.gate import Budget, GateDecision, MixedScaleGate
+from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions
 from msvit.models.layers import dense_blocks, packed_blocks
 from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
-from msvit_kernels.varlen import MixedScaleIndex
+from msvit_kernels.varlen import MixedScaleIndex, StaticShape, static_shape
 
 
 class MSViTOutput(NamedTuple):
@@ -171,6 +171,22 @@ class MSViT(nn.Module):
         check_dtype(images, self.tokenizer.embed.weight.dtype)
         return self.gate.decide(images, sample=False, budget=budget).hard
 
+    def static_shape(
+        self, batch_size: int, image_size: Tuple[int, int], *, budget: Budget = None, capacity: Optional[int] = None
+    ) -> Optional[StaticShape]:
+        """The packed shape of a forward known before the gate runs (docs/design.md section 9), or
+        None when it depends on the mask. A budget keeps the same number of regions fine in every
+        image, so the total is known (capacity defaults to it); ``capacity`` pads the packed rows
+        to a fixed count. With either, a packed forward reads nothing back to the host."""
+        coarse = self.tokenizer.coarse_patch
+        n_regions = (image_size[0] // coarse) * (image_size[1] // coarse)
+        fine_regions = None if budget is None else budget_regions(budget, n_regions)
+        if capacity is None and fine_regions is None:
+            return None
+        return static_shape(
+            batch_size, n_regions, self.tokenizer.ratio, self.tokenizer.num_prefix, capacity, fine_regions
+        )
+
     def tokens_per_image(self, mask: Tensor) -> Tensor:
         """int64 ``[B]`` tokens each image gets in packed mode, prefix included."""
         r2 = self.tokenizer.ratio**2
@@ -183,23 +199,30 @@ class MSViT(nn.Module):
         mask: Optional[Tensor] = None,
         mode: str = "packed",
         budget: Budget = None,
+        capacity: Optional[int] = None,
         return_gate: bool = False,
     ):
         """Classify ``images [B, C, H, W]``; returns logits ``[B, num_classes]``.
 
         mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-time number
-        (int) or fraction (float) of regions kept fine per image; return_gate: return an
+        (int) or fraction (float) of regions kept fine per image (packed mode then reads nothing
+        back to the host); capacity: packed mode only, pad the packed rows to this many (a static
+        shape: no host read; a batch with more tokens fails on the device); return_gate: return an
         ``MSViTOutput`` with the gate's decisions and the token counts.
         """
         check_choice("mode", mode, MODES)
+        if capacity is not None and mode != "packed":
+            raise ValueError(f"capacity pads the packed rows and applies to mode='packed' only, got mode={mode!r}")
         decision = self.decide(images, mask=mask, budget=budget)
         if mode == "packed" and images.shape[0] == 0:
             mode = "masked"  # the modes agree; an empty batch has no packed layout, the dense path gives [0, K]
         if mode == "packed":
-            features = self._packed_features(images, decision)
+            budget = budget if mask is None else None  # the caller's mask wins; its lengths are unknown
+            shape = self.static_shape(images.shape[0], images.shape[-2:], budget=budget, capacity=capacity)
+            features = self._packed_features(images, decision, shape)
             logits = self.forward_head(features)
             index = features.index
-            tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
+            tokens = (index.cu_seqlens[1 : index.batch + 1] - index.cu_seqlens[: index.batch]).long()
         else:
             x, weights = self.tokenizer.dense(images, decision.st)
             positions = self._dense_positions(images)
@@ -213,11 +236,15 @@ class MSViT(nn.Module):
         return MSViTOutput(logits, decision, tokens) if return_gate else logits
 
     def forward_features(
-        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None
+        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, capacity: Optional[int] = None
     ) -> PackedFeatures:
         """The packed, final-normed token features of a batch with their varlen metadata (packed
-        mode); ``forward_head`` of them gives the logits ``forward`` returns."""
-        return self._packed_features(images, self.decide(images, mask=mask, budget=budget))
+        mode); ``forward_head`` of them gives the logits ``forward`` returns. ``capacity``: as in
+        ``forward`` (the features then hold padding rows after the real ones)."""
+        decision = self.decide(images, mask=mask, budget=budget)
+        budget = budget if mask is None else None
+        shape = self.static_shape(images.shape[0], images.shape[-2:], budget=budget, capacity=capacity)
+        return self._packed_features(images, decision, shape)
 
     def forward_head(self, features: PackedFeatures, pre_logits: bool = False) -> Tensor:
         """Pool the features of ``forward_features`` per image (``global_pool``), then fc_norm,
@@ -231,8 +258,10 @@ class MSViT(nn.Module):
             raise TypeError(f"forward_head takes the PackedFeatures of forward_features, got {type(features).__name__}")
         return self._head(self._pool_packed(features.tokens, features.index), pre_logits)
 
-    def _packed_features(self, images: Tensor, decision: GateDecision) -> PackedFeatures:
-        x, index = self.tokenizer.pack(images, decision.hard, decision.st)
+    def _packed_features(
+        self, images: Tensor, decision: GateDecision, shape: Optional[StaticShape] = None
+    ) -> PackedFeatures:
+        x, index = self.tokenizer.pack(images, decision.hard, decision.st, shape)
         rotary = self._rotary(images, packed_positions(index) if self.rope is not None else None)
         x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend, rotary)
         return PackedFeatures(self.norm(x), index, decision, self.tokenizer.grids(images)[0])
@@ -259,11 +288,14 @@ class MSViT(nn.Module):
             return self.attn_pool(x, index, self.pool_include_prefix, self.attention_backend)
         if self.global_pool == "token":  # a distilled model pools [B, 2, C]: the cls and the dist rows
             return x[index.prefix_rows[:, 0 if self.head_dist is None else slice(0, 2)]]
-        rows = torch.arange(index.total, device=x.device) if self.pool_include_prefix else index.rows
-        batch = index.cu_seqlens.numel() - 1
-        sums = x.new_zeros(batch, x.shape[-1]).index_add_(0, index.row_image[rows], x[rows])
-        counts = torch.bincount(index.row_image[rows], minlength=batch).clamp_min(1)
-        return sums / counts[:, None].to(x.dtype)
+        batch, cu = index.batch, index.cu_seqlens
+        counts = cu[1 : batch + 1] - cu[:batch]  # from the layout: bincount would read its size on the host
+        row_image = index.row_image
+        if not self.pool_include_prefix:
+            x, row_image, counts = x[index.rows], row_image[index.rows], counts - index.prefix_rows.shape[1]
+        # padding rows belong to image B: summed into an extra row that is dropped
+        sums = x.new_zeros(batch + 1, x.shape[-1]).index_add_(0, row_image, x)[:batch]
+        return sums / counts.clamp_min(1)[:, None].to(x.dtype)
 
     def _pool_dense(self, x: Tensor, weights: Tensor) -> Tensor:
         if self.global_pool == "token":

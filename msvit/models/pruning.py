@@ -49,6 +49,11 @@ class PrunedIndex(NamedTuple):
     row_image: Tensor
     origin: Tensor
 
+    @property
+    def batch(self) -> int:
+        """Images in the batch (a pruned layout has no padding sequences)."""
+        return self.cu_seqlens.numel() - 1
+
     @classmethod
     def from_packed(cls, index: MixedScaleIndex) -> "PrunedIndex":
         origin = torch.arange(index.total, device=index.cu_seqlens.device)

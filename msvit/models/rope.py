@@ -27,6 +27,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit.models.table_cache import TableCache
 from msvit.models.timm_support import ROPE
 
 
@@ -51,6 +52,7 @@ class PackedRope(nn.Module):
         self.ratio = ratio
         self.rotate_half = rotate_half
         self.mixed = self.kind == "RotaryEmbeddingMixed"
+        self._tables = TableCache()
 
     def fine_coords(self, grid: Tuple[int, int]) -> Tensor:
         """float32 ``[h*w, 2]`` coordinates of the fine cells, exactly as timm builds them."""
@@ -115,7 +117,12 @@ class PackedRope(nn.Module):
         """``rotary(block_index, t)``: t ``[..., H, D]`` (tokens at ``positions [...]``) rotated."""
         from timm.layers import apply_rot_embed_cat
 
-        table = self.table(grid)
+        rope = self.rope
+        if rope.training and getattr(rope, "aug_active", False):  # a fresh coordinate augmentation per forward
+            table = self.table(grid)
+        else:  # built once per grid at inference (msvit.models.table_cache)
+            tensors = [*rope.parameters(), *rope.buffers()]
+            table = self._tables.get(tuple(grid), tensors, lambda: self.table(grid))
         shared = None if self.mixed else table[positions].unsqueeze(-2)  # one rotation for all heads
 
         def rotate(block_index: int, t: Tensor) -> Tensor:

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msvit.models.table_cache import TableCache
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
-from msvit_kernels.varlen import MixedScaleIndex, fine_cells_of_regions, mixed_scale_index
+from msvit_kernels.varlen import MixedScaleIndex, StaticShape, fine_cells_of_regions, mixed_scale_index
 
 
 class PositionTables(NamedTuple):
@@ -65,6 +66,7 @@ class MixedScaleTokenizer(nn.Module):
         self.no_embed_class = no_embed_class
         self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
         self.kernels = "auto"
+        self._tables = TableCache()
 
     @property
     def num_prefix(self) -> int:
@@ -81,9 +83,13 @@ class MixedScaleTokenizer(nn.Module):
 
     def position_tables(self, fine_grid: Tuple[int, int]) -> PositionTables:
         """Position embeddings for an image's grids: the fine one (resampled like timm's
-        ``dynamic_img_size`` when the grid differs from the trained one) and the coarse one."""
+        ``dynamic_img_size`` when the grid differs from the trained one) and the coarse one.
+        Built once per grid at inference (``msvit.models.table_cache``)."""
         if self.pos_embed is None:
             return PositionTables(None, None)
+        return self._tables.get(tuple(fine_grid), [self.pos_embed], lambda: self._position_tables(fine_grid))
+
+    def _position_tables(self, fine_grid: Tuple[int, int]) -> PositionTables:
         from timm.layers import resample_abs_pos_embed  # timm is the source of truth for this resampling
 
         n_pos_prefix = 0 if self.no_embed_class else self.num_prefix
@@ -107,17 +113,20 @@ class MixedScaleTokenizer(nn.Module):
         prefix = self.prefix_tokens[0].to(dtype)
         return prefix + positions.prefix if positions.prefix is not None else prefix
 
-    def pack(self, images: Tensor, hard: Tensor, st: Tensor) -> Tuple[Tensor, MixedScaleIndex]:
+    def pack(
+        self, images: Tensor, hard: Tensor, st: Tensor, shape: Optional[StaticShape] = None
+    ) -> Tuple[Tensor, MixedScaleIndex]:
         """Packed tokens ``[T, d]`` of the surviving tokens and their index.
 
         hard: bool ``[B, Nc]`` (True = fine); st: ``[B, Nc]`` straight-through values. Every patch
         token is multiplied by its straight-through value (fine: st, coarse: 1 - st), which is 1 in
         the forward pass and routes the task gradient to the gate (docs/design.md section 2).
+        shape: a ``varlen.StaticShape`` (T = its capacity, padding rows, no host read) or None.
         """
         fine_grid, coarse_grid = self.grids(images)
         fused = use_triton(self.kernels, images, self._fallback(images))
         build_index = triton_mixed_scale_index if fused else mixed_scale_index
-        index = build_index(hard, coarse_grid, self.ratio, self.num_prefix)
+        index = build_index(hard, coarse_grid, self.ratio, self.num_prefix, shape)
         positions = self.position_tables(fine_grid)
         st = st if st.requires_grad else None  # st is 1 in value: scaling only routes the gradient
         if fused:

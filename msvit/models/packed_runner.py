@@ -1,0 +1,234 @@
+"""Packed inference the host cannot slow down: one captured (or compiled) forward per token bucket.
+
+An eager packed forward is a few hundred small launches whose host cost does not shrink with the
+tokens, plus one host read (the batch's token count). On a fast GPU at ViT-S sizes that host
+time is the whole forward (docs/design.md section 9). ``compile_packed`` removes it:
+
+- **Static shapes.** Every forward it runs has a ``varlen.StaticShape``: packed rows padded to a
+  capacity, padding rows in sequences of their own, ``max_seqlen`` a static bound. Shapes then
+  depend on (batch, image size, capacity) only, never on the mask.
+- **Buckets.** Without a budget a batch's token count is known only after the gate: the runner
+  runs the gate (captured too), reads the count (the one host read), and replays the forward of
+  the smallest bucket that holds it (vLLM's ViT encoder graphs do the same). A batch larger than
+  every bucket runs eagerly (``runner.fallbacks`` counts them). With a ``budget`` every image has
+  the same known length: one bucket, no host read at all.
+- **Modes.** ``cuda_graphs``: one CUDA graph per bucket (warm-up and Triton autotuning first, on
+  a side stream, as torch's CUDA-graph notes require; one shared memory pool), replayed after
+  the images are copied into a static buffer. ``torch_compile``: the static forward under
+  ``torch.compile(fullgraph=True, dynamic=False)``, one graph per bucket, on CPU (inductor) too.
+  ``eager``: the static forward without capture (debugging, host-time studies).
+
+Training stays eager: a training step differs per batch in more than the token count (Gumbel
+noise, dropout masks, optimizer state), autograd's saved tensors would have to live in the graph
+pool, and the step's host time is a smaller share of its longer device time.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from msvit.models.gate import Budget
+from msvit.models.mixed_scale_vit import MSViT
+
+MODES = ("cuda_graphs", "torch_compile", "eager")
+DEFAULT_FINE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # bucket i holds batches with up to this share of fine regions
+WARMUP_CALLS = 3  # autotuners time their configs on the first calls; capture must come after
+
+
+def default_buckets(model: MSViT, batch_size: int, image_size: Tuple[int, int]) -> List[int]:
+    """Capacities for batches with up to 25, 50, 75 and 100% of their regions fine."""
+    coarse = model.tokenizer.coarse_patch
+    regions = batch_size * (image_size[0] // coarse) * (image_size[1] // coarse)
+    base = batch_size * model.tokenizer.num_prefix + regions  # every region coarse
+    extra = model.tokenizer.ratio**2 - 1  # rows a region adds when it is fine
+    return sorted({base + extra * math.ceil(f * regions) for f in DEFAULT_FINE_FRACTIONS})
+
+
+class PackedRunner:
+    """``runner(images) -> logits``: the logits of ``model(images, budget=budget)`` from a captured
+    or compiled static forward. Build it with :func:`compile_packed`.
+
+    Attributes: ``buckets`` (capacities, packed rows, ascending), ``batch_size``, ``image_size``,
+    ``budget``, ``mode``; ``replays`` (calls per bucket) and ``fallbacks`` (eager calls of batches
+    larger than every bucket).
+    """
+
+    def __init__(
+        self,
+        model: MSViT,
+        batch_size: int,
+        image_size: Tuple[int, int],
+        budget: Budget,
+        buckets: List[int],
+        mode: str,
+        compile_options: dict,
+    ):
+        self.model, self.batch_size, self.image_size = model, batch_size, image_size
+        self.budget, self.buckets, self.mode = budget, buckets, mode
+        self.replays: Dict[int, int] = {capacity: 0 for capacity in buckets}
+        self.fallbacks = 0
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self._images = torch.zeros(batch_size, model.in_chans, *image_size, device=self.device, dtype=self.dtype)
+        self._decide = self._forwards = None
+        with torch.inference_mode():
+            if mode == "cuda_graphs":
+                self._capture()
+            elif mode == "torch_compile":
+                self._compile(compile_options)
+            else:
+                self._decide, self._forwards = self._decide_fn, {c: self._forward_fn(c) for c in buckets}
+
+    def __call__(self, images: Tensor) -> Tensor:
+        count = self._check(images)
+        with torch.inference_mode():
+            if self.mode == "cuda_graphs":
+                self._images[:count].copy_(images)
+                self._images[count:].zero_()
+                padded = self._images
+            else:
+                padded = self._pad(images, count)
+            if self.budget is not None:
+                capacity, mask = self.buckets[0], None
+            else:
+                mask, total = self._decide(padded)
+                tokens = int(total)  # the forward's one host read: which bucket holds this batch
+                capacity = next((c for c in self.buckets if c >= tokens), None)
+                if capacity is None:
+                    self.fallbacks += 1
+                    return self.model(padded, mask=mask.clone())[:count]
+            self.replays[capacity] += 1
+            logits = self._forwards[capacity](padded, mask)
+            return logits[:count].clone()  # a replay overwrites its output buffer
+
+    # -------------------------------------------------------------------------------- the stages
+
+    def _decide_fn(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        """The gate's hard decisions ``[B, Nc]`` and the batch's packed rows (a 0-dim tensor)."""
+        mask = self.model.gate_mask(images)
+        tokens = self.model.tokens_per_image(mask)
+        return mask, tokens.sum()
+
+    def _forward_fn(self, capacity: int):
+        model, budget = self.model, self.budget
+        if budget is not None:
+            return lambda images, mask: model(images, budget=budget)
+        return lambda images, mask: model(images, mask=mask, capacity=capacity)
+
+    def _pad(self, images: Tensor, count: int) -> Tensor:
+        if count == self.batch_size:
+            return images
+        return torch.cat([images, images.new_zeros(self.batch_size - count, *images.shape[1:])])
+
+    def _compile(self, options: dict) -> None:
+        options = {"fullgraph": True, "dynamic": False, **options}
+        self._decide = torch.compile(self._decide_fn, **options)
+        # the capacity is a constant of each bucket's graph: dynamo guards on it and compiles one
+        # graph per bucket (compile_packed keeps the buckets within dynamo's recompile limit)
+        self._forwards = {c: torch.compile(self._forward_fn(c), **options) for c in self.buckets}
+
+    def _capture(self) -> None:
+        if self.device.type != "cuda":
+            raise RuntimeError(
+                f"mode='cuda_graphs' needs the model on a CUDA device, not {self.device}; use 'torch_compile'"
+            )
+        pool = torch.cuda.graph_pool_handle()
+        mask = None
+        if self.budget is None:
+            self._decide, (mask, _) = self._graph(lambda: self._decide_fn(self._images), pool)
+        self._forwards = {}
+        for capacity in self.buckets:
+            forward = self._forward_fn(capacity)
+            replay, _ = self._graph(lambda: forward(self._images, mask), pool)
+            self._forwards[capacity] = lambda images, mask, replay=replay: replay(images)
+
+    def _graph(self, fn, pool):
+        """Warm ``fn`` up on a side stream, capture it, and return (replay(images) -> outputs, outputs)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_CALLS):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+
+        def replay(images):
+            graph.replay()
+            return outputs
+
+        return replay, outputs
+
+    def _check(self, images: Tensor) -> int:
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+        count = images.shape[0]
+        expected = (self.model.in_chans, *self.image_size)
+        if tuple(images.shape[1:]) != expected or not 0 < count <= self.batch_size:
+            raise ValueError(
+                f"this runner was built for up to {self.batch_size} images of shape {list(expected)}, got "
+                f"{list(images.shape)}; build another with msvit.compile_packed(model, batch_size, image_size)"
+            )
+        if images.device != self.device or images.dtype != self.dtype:
+            raise TypeError(
+                f"images are {images.dtype} on {images.device}; this runner takes {self.dtype} on {self.device}"
+            )
+        return count
+
+
+def compile_packed(
+    model: MSViT,
+    batch_size: int,
+    image_size: Union[int, Sequence[int]],
+    *,
+    budget: Budget = None,
+    buckets: Optional[Sequence[int]] = None,
+    mode: str = "cuda_graphs",
+    compile_options: Optional[dict] = None,
+) -> PackedRunner:
+    """A ``PackedRunner``: ``runner(images)`` gives ``model(images, budget=budget)``'s logits from a
+    static, captured (``cuda_graphs``) or compiled (``torch_compile``) packed forward.
+
+    Args:
+        model: an ``MSViT`` in eval mode (inference only; training stays eager).
+        batch_size: the largest batch the runner takes (smaller ones are padded with zero images).
+        image_size: ``H`` or ``(H, W)`` of every batch.
+        budget: fine regions per image (int) or fraction (float): one bucket, no host read.
+        buckets: capacities in packed rows (default: room for 25/50/75/100% fine regions); a batch
+            runs in the smallest that holds it, eagerly when none does. Not with a budget.
+        mode: ``"cuda_graphs"`` (CUDA only), ``"torch_compile"`` (any device) or ``"eager"``.
+        compile_options: extra keywords for ``torch.compile`` (e.g. ``{"backend": "aot_eager"}``).
+    """
+    if not isinstance(model, MSViT):
+        raise TypeError(f"compile_packed takes an msvit.MSViT, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("compile_packed runs inference: call model.eval() first (training stays eager)")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(map(repr, MODES))}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    coarse = model.tokenizer.coarse_patch
+    if len(size) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % coarse for n in size):
+        raise ValueError(
+            f"image_size must be H or (H, W), positive multiples of the coarse patch {coarse}, got {image_size!r}"
+        )
+    if budget is not None:
+        if buckets is not None:
+            raise ValueError("with a budget every batch has the same token count: leave buckets=None")
+        capacities = [model.static_shape(batch_size, size, budget=budget).capacity]
+    else:
+        requested = default_buckets(model, batch_size, size) if buckets is None else list(buckets)
+        capacities = sorted({model.static_shape(batch_size, size, capacity=c).capacity for c in requested})
+        if not capacities:
+            raise ValueError("buckets must list at least one capacity")
+        limit = torch._dynamo.config.recompile_limit
+        if mode == "torch_compile" and len(capacities) > limit:
+            raise ValueError(
+                f"{len(capacities)} buckets exceed torch.compile's recompile limit ({limit} graphs per function): "
+                "pass fewer buckets or raise torch._dynamo.config.recompile_limit"
+            )
+    return PackedRunner(model, batch_size, size, budget, capacities, mode, dict(compile_options or {}))
