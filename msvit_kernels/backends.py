@@ -28,7 +28,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import KERNEL_DTYPES
+from ._triton import KERNEL_DTYPES, recording
 from .attention import Backend, register_backend
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -81,6 +81,8 @@ def _triton_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
                 f"head_dim {head_dim} needs sm_80 (Ampere) or newer for the Triton kernel (it spills on "
                 f"{_sm(device)}); use head_dim <= {_triton_attention.MAX_HEAD_DIM_BEFORE_AMPERE} or backend='reference'"
             )
+        return None
+    if recording():  # launches are recorded, not run (compile report, host-overhead benchmark)
         return None
     if device.type == "cpu":
         if not _triton_attention.INTERPRET:

@@ -20,8 +20,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, TritonKernel, tl, triton
-from .varlen import MixedScaleIndex, StaticShape, check_capacity, padded_cu_seqlens
+from ._triton import INTERPRET, TritonKernel, recording, tl, triton
+from .varlen import MixedScaleIndex, StaticShape, check_capacity, cu_seqlens_from_lengths, padded_cu_seqlens
 
 if triton is not None:
 
@@ -114,11 +114,23 @@ def _counts(mask: Tensor, ratio: int, num_prefix: int, shape: Optional[StaticSha
     block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 4096 // block_j))  # a tile of <= 4096 regions
     _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix,
                   *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
+    if recording():  # nothing ran: give the counts a launch would have written, so shapes downstream are real
+        _record_stand_in(mask, ratio, num_prefix, region_start, cu_seqlens, stats)
     if shape is not None:
         check_capacity(stats[0], shape.capacity)
         return region_start, cu_seqlens, shape
     total, max_seqlen = stats.tolist()  # the forward's one host read
     return region_start, cu_seqlens, StaticShape(total, max_seqlen, 0)
+
+
+def _record_stand_in(mask, ratio, num_prefix, region_start, cu_seqlens, stats) -> None:
+    """What ``_counts_kernel`` writes, computed by torch (under ``_triton.record_launches`` only:
+    the host-overhead benchmark runs the CUDA code path on CPU with launches recorded)."""
+    per_region = torch.where(mask, ratio * ratio, 1).to(torch.int32)
+    region_start.copy_(torch.cumsum(per_region, 1) - per_region)
+    lengths = num_prefix + per_region.sum(1)
+    cu_seqlens.copy_(cu_seqlens_from_lengths(lengths))
+    stats.copy_(torch.stack([lengths.sum(), lengths.max() if lengths.numel() else lengths.sum()]))
 
 
 def triton_mixed_scale_index(
@@ -147,8 +159,10 @@ def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, shape: S
     total = shape.capacity
     n_patch = total - batch * num_prefix
     n_fine = n_coarse * ratio * ratio
-    prefix_rows = torch.empty(batch, num_prefix, dtype=torch.int64, device=device)
-    fine_to_row = torch.empty(batch, n_fine, dtype=torch.int64, device=device)
+    # under record_launches nothing writes the maps: zeros keep the ops that index with them valid
+    empty = torch.zeros if recording() else torch.empty
+    prefix_rows = empty(batch, num_prefix, dtype=torch.int64, device=device)
+    fine_to_row = empty(batch, n_fine, dtype=torch.int64, device=device)
     if shape.padding_sequences:  # padding entries keep these values; the kernel writes the real ones
         rows = torch.arange(batch * num_prefix, total, device=device)
         source = torch.full((n_patch,), batch * n_fine, dtype=torch.int64, device=device)
@@ -157,9 +171,9 @@ def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, shape: S
         row_image = torch.full((total,), batch, dtype=torch.int64, device=device)
         is_fine = torch.zeros(n_patch, dtype=torch.uint8, device=device)
     else:
-        rows, source, position, region = (torch.empty(n_patch, dtype=torch.int64, device=device) for _ in range(4))
-        row_image = torch.empty(total, dtype=torch.int64, device=device)
-        is_fine = torch.empty(n_patch, dtype=torch.uint8, device=device)  # bytes: no i1 pointers in kernels
+        rows, source, position, region = (empty(n_patch, dtype=torch.int64, device=device) for _ in range(4))
+        row_image = empty(total, dtype=torch.int64, device=device)
+        is_fine = empty(n_patch, dtype=torch.uint8, device=device)  # bytes: no i1 pointers in kernels
     if batch and n_coarse:
         block_j = min(256 if INTERPRET else 64, triton.next_power_of_2(n_coarse))
         _INDEX[(triton.cdiv(n_coarse, block_j), batch)](

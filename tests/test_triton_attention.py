@@ -110,11 +110,11 @@ def test_triton_empty_batches():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU behaviour")
 def test_available_backends_on_cpu():
-    expected = {"reference"} if needs_triton.args[0] else {"reference", "triton"}
+    expected = {"reference", "padded_sdpa"} | (set() if needs_triton.args[0] else {"triton"})
     assert set(mk.available_backends("cpu")) == expected
-    # bf16 is garbage in the interpreter and float64 is reference-only
-    assert mk.available_backends("cpu", dtype=torch.bfloat16) == ["reference"]
-    assert mk.available_backends("cpu", dtype=torch.float64) == ["reference"]
+    # bf16 is garbage in the interpreter and float64 is for the torch backends only
+    assert mk.available_backends("cpu", dtype=torch.bfloat16) == ["reference", "padded_sdpa"]
+    assert mk.available_backends("cpu", dtype=torch.float64) == ["reference", "padded_sdpa"]
 
 
 def test_auto_picks_the_reference_on_cpu_even_under_the_interpreter():
