@@ -67,7 +67,8 @@ def kernels_of(fn) -> dict:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-    attention = sorted({e.key[:60] for e in events if any(w in e.key.lower() for w in ("attn", "flash", "cudnn", "fmha"))})
+    words = ("attn", "flash", "cudnn", "fmha")
+    attention = sorted({e.key[:60] for e in events if any(w in e.key.lower() for w in words)})
     return {"kernel_ms": total / 1e3, "attention_kernels": attention}
 
 
@@ -97,10 +98,10 @@ def study(device: str, dtype, batch: int, repeats: int, profile_kernels: bool) -
             tokens = 1 + 49 + 3 * fine
             vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=size).eval().to(device, dtype)
             small = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-            run(f"vit eager {tokens}", lambda: (lambda: vit(small)))
+            run(f"vit eager {tokens}", lambda: lambda: vit(small))
             if fine == HEADLINE:
                 compiled = torch.compile(vit, mode="reduce-overhead")
-                run(f"vit compiled {tokens}", lambda: (lambda: compiled(small)))
+                run(f"vit compiled {tokens}", lambda: lambda: compiled(small))
             model = msvit.from_timm("vit_small_patch16_224").eval().to(device, dtype)
             run(f"packed captured budget {tokens}", lambda: msvit.compile_packed(model, batch, 224, budget=fine))
             if fine == HEADLINE:
@@ -108,15 +109,15 @@ def study(device: str, dtype, batch: int, repeats: int, profile_kernels: bool) -
                 for backend in ("triton", "torch_varlen", "flash_attn"):
                     if backend in available_backends(device, dtype):
                         model.attention_backend = backend
-                        run(f"packed eager {backend} {tokens}", lambda: (lambda: model(images, mask=mask)))
+                        run(f"packed eager {backend} {tokens}", lambda: lambda: model(images, mask=mask))
                 model.attention_backend = "auto"
-                run(f"masked eager {tokens}", lambda: (lambda: model(images, mask=mask, mode="masked")))
+                run(f"masked eager {tokens}", lambda: lambda: model(images, mask=mask, mode="masked"))
                 run(f"packed captured buckets ~{tokens}", lambda: bucketed_runner(model, images, fine))
         vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval().to(device, dtype)
         one = images[:1]
-        run("batch1 vit eager 197", lambda: (lambda: vit(one)))
+        run("batch1 vit eager 197", lambda: lambda: vit(one))
         model = msvit.from_timm("vit_small_patch16_224").eval().to(device, dtype)
-        run(f"batch1 packed eager {1 + 49 + 3 * HEADLINE}", lambda: (lambda: model(one, budget=HEADLINE)))
+        run(f"batch1 packed eager {1 + 49 + 3 * HEADLINE}", lambda: lambda: model(one, budget=HEADLINE))
         run(f"batch1 packed captured {1 + 49 + 3 * HEADLINE}", lambda: batch1_runner(model, one))
     return rows
 
@@ -182,10 +183,8 @@ def write(rows: dict, measured: dict, dtype) -> None:
     folder = RESULTS / device_slug("cuda")
     folder.mkdir(parents=True, exist_ok=True)
     env = environment("cuda")
-    (folder / "captured_summary.json").write_text(
-        json.dumps({"environment": env, "dtype": str(dtype), "batch": BATCH, "rows": rows, "ratios": measured}, indent=1)
-        + "\n"
-    )
+    record = {"environment": env, "dtype": str(dtype), "batch": BATCH, "rows": rows, "ratios": measured}
+    (folder / "captured_summary.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [
         f"# Whole forwards, host and device time apart ({env['device']}, {dtype}, batch {BATCH})",
         "",

@@ -110,8 +110,6 @@ def test_bad_arguments_are_refused_clearly():
         runner(images[0].double())
 
 
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch_varlen", "flash_attn"])
 def test_cuda_graph_replays_equal_eager_for_each_backend(backend):

@@ -5,13 +5,13 @@ chooses its backend (``resolve_host_free_backend``)."""
 
 import pytest
 import torch
+from test_separate_kv_attention import LENGTHS_K, LENGTHS_Q, check
 
 from msvit.host_reads import count_host_reads
 from msvit_kernels import cu_seqlens_from_lengths, packed_attention
 from msvit_kernels.attention import resolve_host_free_backend
 
 from helpers import attention_oracle
-from test_separate_kv_attention import LENGTHS_K, LENGTHS_Q, check
 
 LENGTHS = [1, 7, 0, 63, 129, 2]
 
