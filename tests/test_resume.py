@@ -7,7 +7,7 @@ import torch
 from test_train import small_run
 
 from msvit.io.checkpoint import load_checkpoint
-from msvit.train import train
+from msvit.train import parse_args, train
 from msvit.train.run_folder import RunFolderError
 
 STEPS_PER_EPOCH = 4  # --train-size 128 / --batch-size 32
@@ -55,6 +55,44 @@ def test_resume_with_a_flag_that_changes_the_run_is_refused_naming_it(tmp_path, 
     train(tiny(tmp_path, "--epochs", "2", "--max-steps", "1"))
     with pytest.raises(RunFolderError, match=f"{flag} was"):
         train(tiny(tmp_path, "--epochs", "2", "--resume", flag, value))
+
+
+def test_resume_with_only_out_continues_the_recorded_run(tmp_path, capsys):
+    """``msvit train --resume --out DIR``: the run's non-default flags (tiny model, data sizes, batch
+    size, optimizer, --epochs 2) are the recorded ones, not the defaults; it ends as a run never stopped."""
+    flags = ("--epochs", "2", "--opt", "sgd", "--lr", "0.01", "--gate-loss", "l0")
+    train(tiny(tmp_path / "straight", *flags))
+    train(tiny(tmp_path / "resumed", *flags, "--max-steps", str(STEPS_PER_EPOCH)))
+    # --device is this command line's (auto: a GPU if present); bit-identical resume is a CPU claim
+    on_cpu = ["--device", "cpu"] if torch.cuda.is_available() else []
+    train(parse_args(["--resume", "--out", str(tmp_path / "resumed"), *on_cpu]))
+    assert epochs_logged(tmp_path / "resumed") == [1, 2]
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert "epoch 2/2: mode=packed train_loss=" in capsys.readouterr().out  # the shared progress line
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--opt", "adamw", "--opt was 'sgd', now 'adamw'"),
+        ("--batch-size", "128", "--batch-size was 32, now 128"),  # typed: the default value counts too
+    ],
+)
+def test_a_typed_flag_that_changes_the_recorded_run_is_refused_by_name(tmp_path, flag, value, message):
+    train(tiny(tmp_path, "--epochs", "2", "--opt", "sgd", "--max-steps", str(STEPS_PER_EPOCH)))
+    with pytest.raises(RunFolderError, match=f"started with other flags \\({message}\\)"):
+        train(parse_args(["--resume", "--out", str(tmp_path), flag, value]))
+    assert epochs_logged(tmp_path) == [1]
+
+
+def test_parse_args_records_the_flags_typed_on_the_command_line():
+    assert parse_args(["--lr", "0.001", "--no-amp", "--digit-scale", "0.2", "0.3"]).typed == (
+        "amp",
+        "digit_scale",
+        "lr",
+    )
+    assert parse_args([]).typed == ()
 
 
 def test_a_new_run_into_a_run_folder_is_refused_unless_overwrite(tmp_path):
