@@ -31,6 +31,9 @@ from msvit.train import parse_args, train
         (["--model-kwargs", "{'depth': 2}"], "--model-kwargs is not valid JSON"),
         (["--model-kwargs", "[2]"], "--model-kwargs must be a JSON object"),
         (["--pretrained", "/nowhere/vit.safetensors"], "--pretrained /nowhere/vit.safetensors: no such file"),
+        (["--model", "resnet18"], "--model resnet18: from_timm expects a timm VisionTransformer"),
+        (["--model", "vit_nowhere"], "--model vit_nowhere: timm has no model of that name"),
+        (["--model-kwargs", '{"depth": "2"}'], "--model-kwargs: 'depth' must be an integer"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):

@@ -66,6 +66,12 @@ def test_bad_coarse_patch_and_models():
         msvit.from_timm(tiny_vit(global_pool="prr"))
 
 
+def test_from_timm_refuses_another_family_by_name_before_passing_it_vit_kwargs():
+    """resnet18 with patch_size/img_size used to fail inside timm ("unexpected keyword argument")."""
+    with pytest.raises(TypeError, match="'resnet18' is a timm resnet model"):
+        msvit.from_timm("resnet18", timm_kwargs={"patch_size": 8, "img_size": 32, "pretrained": False})
+
+
 def test_from_timm_by_name_builds_without_downloading():
     model = msvit.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(num_classes=5, img_size=64))
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
