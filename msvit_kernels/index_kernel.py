@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._triton import INTERPRET, TritonKernel, tl, triton
-from .varlen import MixedScaleIndex
+from .varlen import MixedScaleIndex, _check_index_args
 
 if triton is not None:
 
@@ -121,10 +121,9 @@ def triton_mixed_scale_index(mask: Tensor, coarse_grid: Tuple[int, int], ratio: 
     mask: bool ``[B, Nc]`` (True = fine) on CUDA (CPU only under TRITON_INTERPRET=1);
     coarse_grid: (h, w) with h * w = Nc; ratio: coarse / fine patch; num_prefix: P.
     """
+    _check_index_args(mask, coarse_grid, ratio, num_prefix)
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or pip install .[triton])")
-    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != coarse_grid[0] * coarse_grid[1]:
-        raise ValueError(f"mask must be bool [B, {coarse_grid[0] * coarse_grid[1]}], got {mask.dtype} {tuple(mask.shape)}")
     region_start, cu_seqlens, total, max_seqlen = _counts(mask, ratio, num_prefix)
     return _index_maps(mask, region_start, cu_seqlens, total, max_seqlen, coarse_grid, ratio, num_prefix)
 
