@@ -150,20 +150,36 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     assert epochs_logged(tmp_path) == [1, 2]
 
 
-def test_a_train_state_without_a_task_resumes_as_the_task_its_flags_tell(tmp_path):
-    """Train states that stored no ``task`` flag: classification unless they hold segmentation's ``decoder``."""
+def drop_recorded_flag(out, name):
+    """The train state as an older msvit wrote it, without flag ``name`` (manifest sha256 updated)."""
     from msvit.io.checkpoint import MANIFEST, resolve, sha256
-    from msvit.train.resume_state import with_task
     from msvit.train.run_folder import STATE
 
-    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
-    path = resolve(tmp_path) / STATE
+    path = resolve(out) / STATE
     state = torch.load(path, weights_only=True)
-    del state["args"]["task"]
+    del state["args"][name]
     torch.save(state, path)
-    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     manifest["files"][STATE] = sha256(path.read_bytes())
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_train_state_without_epochs_needs_them_typed(tmp_path):
+    """Older train states recorded only the run-defining flags: the default --epochs 10 would lengthen the run."""
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    drop_recorded_flag(tmp_path, "epochs")
+    with pytest.raises(RunFolderError, match="did not record --epochs; pass --epochs"):
+        train(parse_args(["--resume", "--out", str(tmp_path)]))
+    train(parse_args(["--resume", "--out", str(tmp_path), "--epochs", "2"]))
+    assert epochs_logged(tmp_path) == [1, 2]
+
+
+def test_a_train_state_without_a_task_resumes_as_the_task_its_flags_tell(tmp_path):
+    """Train states that stored no ``task`` flag: classification unless they hold segmentation's ``decoder``."""
+    from msvit.train.resume_state import with_task
+
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    drop_recorded_flag(tmp_path, "task")
     train(tiny(tmp_path, "--epochs", "2", "--resume"))
     assert epochs_logged(tmp_path) == [1, 2]
     assert with_task({"decoder": "linear"})["task"] == "segmentation"

@@ -31,7 +31,7 @@ def train(args) -> dict:
     out = Path(args.out)
     checkpoint = run_folder.prepare(out, args.resume, args.overwrite, rank, world, device)
     if checkpoint is not None:  # the recorded run; a typed flag that changes it stops before the data is generated
-        args = resume_state.resumed_args(checkpoint.state["args"], args)
+        args = resume_state.resumed_args(checkpoint.state["args"], args, out)
         resume_state.check_flags(checkpoint.state["args"], args, world, checkpoint.state["world"], out)
     task = task_of(args.task)
     torch.manual_seed(args.seed + rank)

@@ -53,12 +53,17 @@ def run_flags(flags: dict) -> dict:
     return {k: v for k, v in flags.items() if k not in FREE and k not in INVOCATION}
 
 
-def resumed_args(saved: dict, args) -> argparse.Namespace:
+def resumed_args(saved: dict, args, where) -> argparse.Namespace:
     """``args`` of a resume: the recorded flags, except those typed on this command line
     (``args.typed``, set by ``parse_args``; args built otherwise count as typed in full)."""
     typed = getattr(args, "typed", None)
     if typed is None:
         return args
+    if "epochs" not in saved and "epochs" not in typed:  # the default would silently lengthen the run
+        raise RunFolderError(
+            f"--resume: the run in {where} was saved by an older msvit, which did not record --epochs; "
+            "pass --epochs (the run's total)"
+        )
     recorded = {k: v for k, v in with_task(saved).items() if k not in typed and k not in INVOCATION}
     return argparse.Namespace(**{**vars(args), **recorded})
 
