@@ -75,6 +75,7 @@ def available_backends(device=None, dtype: Optional[torch.dtype] = None, head_di
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    _check_device_here(device)
     dtypes = [dtype] if dtype is not None else list(FLOAT_DTYPES)
     return [
         name
@@ -278,3 +279,21 @@ def packed_attention(
     if not separate_kv:
         return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale)
     return chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+
+
+def _check_device_here(device: torch.device) -> None:
+    """``available_backends`` for a CUDA device this machine does not have raises a RuntimeError
+    saying so, rather than torch's "Found no NVIDIA driver" from a capability query, or an empty
+    list that would read as "CUDA is here but nothing runs on it"."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RuntimeError(
+            f"available_backends({str(device)!r}): no CUDA device is available here "
+            "(torch.cuda.is_available() is False); available_backends('cpu') lists the backends of this machine"
+        )
+    if device.index is not None and device.index >= count:
+        raise RuntimeError(
+            f"available_backends({str(device)!r}): this machine has {count} CUDA device(s), 0 .. {count - 1}"
+        )

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 
 from ._triton import INTERPRET, TritonKernel, recording, tl, triton
-from .varlen import MixedScaleIndex, StaticShape, check_capacity, cu_seqlens_from_lengths, padded_cu_seqlens
+from .varlen import (
+    MixedScaleIndex,
+    StaticShape,
+    _check_index_args,
+    check_capacity,
+    cu_seqlens_from_lengths,
+    padded_cu_seqlens,
+)
 
 if triton is not None:
 
@@ -142,10 +149,9 @@ def triton_mixed_scale_index(
     coarse_grid: (h, w) with h * w = Nc; ratio: coarse / fine patch; num_prefix: P; shape: a
     ``varlen.StaticShape`` (no host read) or None (exact shape, one host read).
     """
+    _check_index_args(mask, coarse_grid, ratio, num_prefix)
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or pip install .[triton])")
-    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != coarse_grid[0] * coarse_grid[1]:
-        raise ValueError(f"mask must be bool [B, {coarse_grid[0] * coarse_grid[1]}], got {mask.dtype} {tuple(mask.shape)}")
     static = shape is not None
     region_start, cu_seqlens, shape = _counts(mask, ratio, num_prefix, shape)
     return _index_maps(mask, region_start, cu_seqlens, shape, coarse_grid, ratio, num_prefix)._replace(static=static)

@@ -19,6 +19,7 @@ fine regions, as with a token budget).
 """
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -155,10 +156,11 @@ def mixed_scale_index(
     """Build the packed layout of a batch from its hard mask.
 
     mask: bool ``[B, Nc]`` (True = fine), ``Nc = coarse_grid[0] * coarse_grid[1]``; ratio: coarse
-    patch / fine patch (integer >= 1); num_prefix: prefix tokens per image; shape: a
+    patch / fine patch (integer >= 1); num_prefix: prefix tokens per image (integer >= 0); shape: a
     ``StaticShape`` (no host read; padding rows as the module docstring says), or None for the
     exact shape (one host read).
     """
+    _check_index_args(mask, coarse_grid, ratio, num_prefix)
     device = mask.device
     batch, n_coarse = mask.shape
     r2 = ratio * ratio
@@ -218,3 +220,30 @@ def mixed_scale_index(
         padding_sequences=shape.padding_sequences,
         static=static,
     )
+
+
+def _check_index_args(mask, coarse_grid, ratio, num_prefix) -> None:
+    """The arguments of ``mixed_scale_index`` (and of ``triton_mixed_scale_index``), with messages
+    that say what was expected: ratio 0 used to return a layout, a long mask, a mask of another
+    region count or num_prefix -1 failed with raw torch errors deep in the index maps. Host-side
+    checks of Python values and tensor metadata only: no device sync."""
+
+    def integer(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    grid_ok = isinstance(coarse_grid, (tuple, list, torch.Size)) and len(coarse_grid) == 2
+    if not grid_ok or not all(integer(n) and n >= 1 for n in coarse_grid):
+        raise ValueError(f"coarse_grid must be (h, w), two integers >= 1, got {coarse_grid!r}")
+    if not integer(ratio) or ratio < 1:
+        raise ValueError(f"ratio (coarse patch / fine patch) must be an integer >= 1, got {ratio!r}")
+    if not integer(num_prefix) or num_prefix < 0:
+        raise ValueError(f"num_prefix (prefix tokens per image) must be an integer >= 0, got {num_prefix!r}")
+    n_regions = coarse_grid[0] * coarse_grid[1]
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor [B, {n_regions}] (True = fine region), got {got}")
+    if mask.dim() != 2 or mask.shape[1] != n_regions:
+        raise ValueError(
+            f"mask must have shape [B, {n_regions}]: one entry per region of the {coarse_grid[0]}x{coarse_grid[1]} "
+            f"coarse grid, raster order; got {tuple(mask.shape)}"
+        )

@@ -91,3 +91,22 @@ def test_a_manifest_naming_a_missing_folder_is_refused(folder):
     (folder / "checkpoint.json").write_text(json.dumps({"epoch": 1, "folder": "epoch-0009", "files": {}}))
     with pytest.raises(ConfigError, match="checkpoint.json: key 'folder' names 'epoch-0009'"):
         load_checkpoint(folder)
+
+
+def test_a_quoted_number_in_the_timm_kwargs_is_refused_naming_key_and_type(folder):
+    """ "embed_dim": "32" used to fail inside timm: "not all arguments converted during string formatting"."""
+    edit_config(folder, lambda c: c["timm"]["kwargs"].update({"embed_dim": "32"}))
+    with pytest.raises(ConfigError, match="key 'timm.kwargs.embed_dim' must be an integer for vit_tiny_patch16_224"):
+        load_checkpoint(folder)
+
+
+def test_load_checkpoint_on_a_segmentation_checkpoint_says_to_use_load_segmenter(tmp_path):
+    """Its backbone built, then failed the architecture check with a message that read like damage."""
+    from msvit.models.segmentation import MSSegmenter, load_segmenter, save_segmenter, segmenter_config
+
+    segmenter = MSSegmenter(build_model(CONFIG_DICT), 3)
+    save_segmenter(tmp_path, segmenter, segmenter_config(CONFIG_DICT, segmenter))
+    with pytest.raises(ConfigError, match="this is a segmentation run: use msvit.load_segmenter") as error:
+        load_checkpoint(tmp_path)
+    assert "no longer matches" not in str(error.value)
+    load_segmenter(tmp_path)

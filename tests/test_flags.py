@@ -31,6 +31,9 @@ from msvit.train import parse_args, train
         (["--model-kwargs", "{'depth': 2}"], "--model-kwargs is not valid JSON"),
         (["--model-kwargs", "[2]"], "--model-kwargs must be a JSON object"),
         (["--pretrained", "/nowhere/vit.safetensors"], "--pretrained /nowhere/vit.safetensors: no such file"),
+        (["--model", "resnet18"], "--model resnet18: from_timm expects a timm VisionTransformer"),
+        (["--model", "vit_nowhere"], "--model vit_nowhere: timm has no model of that name"),
+        (["--model-kwargs", '{"depth": "2"}'], "--model-kwargs: 'depth' must be an integer"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
@@ -71,3 +74,29 @@ def test_a_batch_larger_than_the_training_set_is_refused(tmp_path):
 def test_from_timm_refuses_a_degenerate_gate(option):
     with pytest.raises(ValueError, match="gate (temperature|hidden)"):
         msvit.from_timm("vit_tiny_patch16_224", timm_kwargs={"img_size": 32, "depth": 1}, **option)
+
+
+def option_helps(text: str) -> dict:
+    """{invocation: help text} of every option an argparse help lists (wrapped lines joined)."""
+    helps, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current, _, first = line.strip().partition("  ")
+            helps[current] = first.strip()
+        elif current and line.startswith("   ") and line.strip():
+            helps[current] += " " + line.strip()
+        else:
+            current = None
+    return helps
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_every_option_in_the_help_has_a_help_text_and_one_default(task):
+    from msvit.train.options import build_parser
+
+    parser = build_parser(task)
+    helps = option_helps(parser.format_help())
+    assert len(helps) == sum(bool(a.option_strings) for a in parser._actions)
+    helps.pop("-h, --help")
+    for option, text in helps.items():
+        assert text and text.lower().count("default") == 1, f"{option}: {text!r}"

@@ -48,6 +48,20 @@ def test_bad_masks(model, mask, error, match):
         model(torch.randn(2, 3, 64, 64), mask=mask)
 
 
+def test_tokens_per_image_checks_the_mask_against_the_coarse_grid(model):
+    """A mask of another region count used to give numbers. Without images the grid is the one of
+    the size the model was built for (64 px: 4x4); with images, theirs."""
+    with pytest.raises(ValueError, match=r"\[B, Nc\] = \[2, 16\] \(one entry per coarse region of the 4x4"):
+        model.tokens_per_image(torch.ones(2, 15, dtype=torch.bool))
+    with pytest.raises(TypeError, match="must be bool"):
+        model.tokens_per_image(torch.ones(2, 16))
+    assert model.tokens_per_image(torch.ones(2, 16, dtype=torch.bool)).tolist() == [65, 65]
+    wide = torch.randn(2, 3, 64, 128)  # 4x8 regions
+    assert model.tokens_per_image(torch.zeros(2, 32, dtype=torch.bool), images=wide).tolist() == [33, 33]
+    with pytest.raises(ValueError, match=r"= \[2, 32\] .* 4x8 coarse grid"):
+        model.tokens_per_image(torch.zeros(2, 16, dtype=torch.bool), images=wide)
+
+
 def test_unknown_mode_and_kernels(model):
     with pytest.raises(ValueError, match="unknown mode 'dense'"):
         model(torch.randn(1, 3, 64, 64), mode="dense")
@@ -64,6 +78,12 @@ def test_bad_coarse_patch_and_models():
         msvit.from_timm(nn.Linear(3, 3))
     with pytest.raises(NotImplementedError, match="global_pool"):
         msvit.from_timm(tiny_vit(global_pool="prr"))
+
+
+def test_from_timm_refuses_another_family_by_name_before_passing_it_vit_kwargs():
+    """resnet18 with patch_size/img_size used to fail inside timm ("unexpected keyword argument")."""
+    with pytest.raises(TypeError, match="'resnet18' is a timm resnet model"):
+        msvit.from_timm("resnet18", timm_kwargs={"patch_size": 8, "img_size": 32, "pretrained": False})
 
 
 def test_from_timm_by_name_builds_without_downloading():

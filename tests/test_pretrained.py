@@ -80,3 +80,23 @@ def test_from_timm_keeps_timms_pretrained_cfg_with_the_models_own_input_size():
     assert cfg["input_size"] == (3, 64, 64) and cfg["num_classes"] == 10  # timm's own cfg says 224 and 1000
     assert cfg["mean"] == (0.5,) * 3 and cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"
     assert msvit.eval_transform(model)(torch.rand(3, 100, 120)).shape == (3, 64, 64)
+
+
+def test_eval_transform_reads_rgba_and_greyscale_pngs(model, tmp_path):
+    """PNG files as users have them: RGBA (alpha dropped) and greyscale L / LA (grey repeated) are
+    converted to the model's 3 channels, as ``msvit visualize`` reads files, and classify like RGB."""
+    from PIL import Image
+
+    image, label = ClutteredDigits(4, 64, seed=10_000, split="val")[0]
+    rgb = Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy(), "RGB")
+    transform = msvit.eval_transform(model)
+    batch = {}
+    for mode in ("RGB", "RGBA", "L", "LA"):
+        rgb.convert(mode).save(tmp_path / f"{mode}.png")
+        with Image.open(tmp_path / f"{mode}.png") as file:
+            assert file.mode == mode
+            batch[mode] = transform(file)
+    assert torch.equal(batch["RGBA"], batch["RGB"]) and torch.equal(batch["LA"], batch["L"])
+    with torch.no_grad():
+        predicted = model(torch.stack(list(batch.values()))).argmax(1)
+    assert predicted.tolist() == [label] * 4

@@ -7,7 +7,7 @@ import torch
 from test_train import small_run
 
 from msvit.io.checkpoint import load_checkpoint
-from msvit.train import train
+from msvit.train import parse_args, train
 from msvit.train.run_folder import RunFolderError
 
 STEPS_PER_EPOCH = 4  # --train-size 128 / --batch-size 32
@@ -55,6 +55,44 @@ def test_resume_with_a_flag_that_changes_the_run_is_refused_naming_it(tmp_path, 
     train(tiny(tmp_path, "--epochs", "2", "--max-steps", "1"))
     with pytest.raises(RunFolderError, match=f"{flag} was"):
         train(tiny(tmp_path, "--epochs", "2", "--resume", flag, value))
+
+
+def test_resume_with_only_out_continues_the_recorded_run(tmp_path, capsys):
+    """``msvit train --resume --out DIR``: the run's non-default flags (tiny model, data sizes, batch
+    size, optimizer, --epochs 2) are the recorded ones, not the defaults; it ends as a run never stopped."""
+    flags = ("--epochs", "2", "--opt", "sgd", "--lr", "0.01", "--gate-loss", "l0")
+    train(tiny(tmp_path / "straight", *flags))
+    train(tiny(tmp_path / "resumed", *flags, "--max-steps", str(STEPS_PER_EPOCH)))
+    # --device is this command line's (auto: a GPU if present); bit-identical resume is a CPU claim
+    on_cpu = ["--device", "cpu"] if torch.cuda.is_available() else []
+    train(parse_args(["--resume", "--out", str(tmp_path / "resumed"), *on_cpu]))
+    assert epochs_logged(tmp_path / "resumed") == [1, 2]
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert "epoch 2/2: mode=packed train_loss=" in capsys.readouterr().out  # the shared progress line
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--opt", "adamw", "--opt was 'sgd', now 'adamw'"),
+        ("--batch-size", "128", "--batch-size was 32, now 128"),  # typed: the default value counts too
+    ],
+)
+def test_a_typed_flag_that_changes_the_recorded_run_is_refused_by_name(tmp_path, flag, value, message):
+    train(tiny(tmp_path, "--epochs", "2", "--opt", "sgd", "--max-steps", str(STEPS_PER_EPOCH)))
+    with pytest.raises(RunFolderError, match=f"started with other flags \\({message}\\)"):
+        train(parse_args(["--resume", "--out", str(tmp_path), flag, value]))
+    assert epochs_logged(tmp_path) == [1]
+
+
+def test_parse_args_records_the_flags_typed_on_the_command_line():
+    assert parse_args(["--lr", "0.001", "--no-amp", "--digit-scale", "0.2", "0.3"]).typed == (
+        "amp",
+        "digit_scale",
+        "lr",
+    )
+    assert parse_args([]).typed == ()
 
 
 def test_a_new_run_into_a_run_folder_is_refused_unless_overwrite(tmp_path):
@@ -112,20 +150,36 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     assert epochs_logged(tmp_path) == [1, 2]
 
 
-def test_a_train_state_without_a_task_resumes_as_the_task_its_flags_tell(tmp_path):
-    """Train states that stored no ``task`` flag: classification unless they hold segmentation's ``decoder``."""
+def drop_recorded_flag(out, name):
+    """The train state as an older msvit wrote it, without flag ``name`` (manifest sha256 updated)."""
     from msvit.io.checkpoint import MANIFEST, resolve, sha256
-    from msvit.train.resume_state import with_task
     from msvit.train.run_folder import STATE
 
-    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
-    path = resolve(tmp_path) / STATE
+    path = resolve(out) / STATE
     state = torch.load(path, weights_only=True)
-    del state["args"]["task"]
+    del state["args"][name]
     torch.save(state, path)
-    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     manifest["files"][STATE] = sha256(path.read_bytes())
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_train_state_without_epochs_needs_them_typed(tmp_path):
+    """Older train states recorded only the run-defining flags: the default --epochs 10 would lengthen the run."""
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    drop_recorded_flag(tmp_path, "epochs")
+    with pytest.raises(RunFolderError, match="did not record --epochs; pass --epochs"):
+        train(parse_args(["--resume", "--out", str(tmp_path)]))
+    train(parse_args(["--resume", "--out", str(tmp_path), "--epochs", "2"]))
+    assert epochs_logged(tmp_path) == [1, 2]
+
+
+def test_a_train_state_without_a_task_resumes_as_the_task_its_flags_tell(tmp_path):
+    """Train states that stored no ``task`` flag: classification unless they hold segmentation's ``decoder``."""
+    from msvit.train.resume_state import with_task
+
+    train(tiny(tmp_path, "--epochs", "2", "--max-steps", str(STEPS_PER_EPOCH)))
+    drop_recorded_flag(tmp_path, "task")
     train(tiny(tmp_path, "--epochs", "2", "--resume"))
     assert epochs_logged(tmp_path) == [1, 2]
     assert with_task({"decoder": "linear"})["task"] == "segmentation"

@@ -282,10 +282,12 @@ def test_shift_moves_image_and_label_map_together_keeping_the_digit_inside():
         assert torch.allclose(image[:, digit].sum(), plain_image[:, plain_map > 0].sum(), atol=1e-3)
 
 
-def test_resume_continues_a_segmentation_run_from_its_last_epoch(tmp_path):
+def test_resume_continues_a_segmentation_run_from_its_last_epoch(tmp_path, capsys):
+    """``--resume --out DIR --epochs 2``: the task and its flags are the recorded ones."""
     flags = ["--no-freeze-gate", "--gate-loss-input", "probs", "--gate-loss", "l0", "--shift", "4", "--device", "cpu"]
     train_main(tiny_args(tmp_path, *flags, "--epochs", "1"))
-    train_main(tiny_args(tmp_path, *flags, "--epochs", "2", "--resume"))
+    train_main(["--resume", "--out", str(tmp_path), "--epochs", "2"])
+    assert "epoch 2/2: mode=packed train_loss=" in capsys.readouterr().out  # the classifier's progress format
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 2 * rows[0]["step"]
     straight = tmp_path / "straight"

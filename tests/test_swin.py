@@ -35,6 +35,13 @@ def test_from_timm_dispatches_swin_and_enters_at_the_stage_of_scale_s_c(pair):
     assert msvit.from_timm(tiny_swin(), coarse_patch_size=16).entry == 2
 
 
+def test_tokens_per_image_checks_the_mask_against_the_coarse_grid(pair):
+    _, model = pair
+    assert model.tokens_per_image(torch.zeros(2, 49, dtype=torch.bool)).tolist() == [49, 49]
+    with pytest.raises(ValueError, match=r"\[B, Nc\] = \[2, 49\] \(one entry per coarse region of the 7x7"):
+        model.tokens_per_image(torch.zeros(2, 48, dtype=torch.bool))
+
+
 def test_all_fine_equals_timm_swin(pair):
     swin, model = pair
     images = torch.randn(2, 3, 224, 224)

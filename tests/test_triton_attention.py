@@ -117,6 +117,17 @@ def test_available_backends_on_cpu():
     assert mk.available_backends("cpu", dtype=torch.float64) == ["reference", "padded_sdpa"]
 
 
+def test_available_backends_for_a_cuda_device_this_machine_lacks_says_so(monkeypatch):
+    """Without a GPU it used to raise torch's "Found no NVIDIA driver" from a capability query."""
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device is available here"):
+            mk.available_backends("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"'cuda:1'\): this machine has 1 CUDA device\(s\), 0 .. 0"):
+        mk.available_backends("cuda:1")
+
+
 def test_auto_picks_the_reference_on_cpu_even_under_the_interpreter():
     for dtype in (torch.float16, torch.float32, torch.float64):
         assert attention.resolve_backend("auto", torch.device("cpu"), dtype, 64).name == "reference"

@@ -42,3 +42,31 @@ def test_index_properties_on_random_masks(batch, grid, ratio, prefix):
     fine_rows = ix.rows[ix.is_fine]
     assert fine_rows.unique().numel() == fine_rows.numel()
     assert set(ix.fine_to_row.flatten().tolist()) == set(ix.rows.tolist())
+
+
+GOOD = (torch.zeros(2, 6, dtype=torch.bool), (2, 3), 2, 1)
+
+
+@pytest.mark.parametrize(
+    "position,value,error,match",
+    [
+        (2, 0, ValueError, r"ratio \(coarse patch / fine patch\) must be an integer >= 1, got 0"),
+        (2, 2.0, ValueError, "ratio .* must be an integer >= 1, got 2.0"),
+        (3, -1, ValueError, r"num_prefix \(prefix tokens per image\) must be an integer >= 0, got -1"),
+        (1, (2, 3, 1), ValueError, r"coarse_grid must be \(h, w\), two integers >= 1"),
+        (0, torch.zeros(2, 6, dtype=torch.long), TypeError, r"mask must be a bool tensor \[B, 6\].*got torch.int64"),
+        (0, torch.zeros(2, 7, dtype=torch.bool), ValueError, r"shape \[B, 6\]: one entry per region of the 2x3 coarse"),
+        (0, torch.zeros(12, dtype=torch.bool), ValueError, r"mask must have shape \[B, 6\].*got \(12,\)"),
+    ],
+)
+@pytest.mark.parametrize("build", ["mixed_scale_index", "triton_mixed_scale_index"])
+def test_bad_index_arguments_say_what_was_expected(build, position, value, error, match):
+    """ratio 0 used to return a layout; the others failed with raw torch errors. The Triton twin
+    shares the checks (they run before any kernel, so on CPU too)."""
+    import msvit_kernels
+
+    args = list(GOOD)
+    args[position] = value
+    with pytest.raises(error, match=match):
+        getattr(msvit_kernels, build)(*args)
+    mixed_scale_index(*GOOD)  # the good arguments build

@@ -50,7 +50,9 @@ def eval_transform(model_or_cfg: Union[nn.Module, dict]) -> Callable:
 
     It takes a PIL image or a float tensor ``[C, H, W]`` (or ``[B, C, H, W]``) with values in
     [0, 1], as ``msvit.data.ClutteredDigits`` gives, and returns the normalised float tensor at
-    the model's input size. Pass it as a dataset's ``transform``.
+    the model's input size. A PIL image of another mode (RGBA, greyscale L or LA, palette) is
+    converted to the model's channels first, as ``msvit visualize`` reads files: alpha dropped,
+    grey repeated. Pass it as a dataset's ``transform``.
     """
     cfg = model_or_cfg if isinstance(model_or_cfg, dict) else getattr(model_or_cfg, "pretrained_cfg", None)
     missing = [k for k in INPUT_KEYS if not (cfg or {}).get(k)]
@@ -62,5 +64,29 @@ def eval_transform(model_or_cfg: Union[nn.Module, dict]) -> Callable:
             "{'input_size': (3, H, W), 'mean': (...), 'std': (...)}"
         )
     from timm.data import create_transform, resolve_data_config
+    from torchvision.transforms import Compose
 
-    return create_transform(**resolve_data_config(pretrained_cfg=cfg))
+    mode = PIL_MODES.get(cfg["input_size"][0])
+    timm_transform = create_transform(**resolve_data_config(pretrained_cfg=cfg))
+    return timm_transform if mode is None else Compose([ConvertMode(mode), timm_transform])
+
+
+# The PIL mode of a model's channel count: an RGBA or greyscale file would otherwise reach
+# Normalize with 4 or 1 channels and fail with a raw broadcast error.
+PIL_MODES = {3: "RGB", 1: "L"}
+
+
+class ConvertMode:
+    """PIL images converted to ``mode``; tensors and images already in it pass unchanged. A class,
+    not a lambda: data loader workers pickle the transform."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image):
+        if hasattr(image, "convert") and getattr(image, "mode", self.mode) != self.mode:
+            return image.convert(self.mode)
+        return image
+
+    def __repr__(self) -> str:
+        return f"ConvertMode({self.mode!r})"

@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     masks = model.gate_mask(images, budget=args.budget)
     how = "the gate's own decisions" if args.budget is None else f"a budget of {args.budget:.0%} of regions"
     print(f"masks: {how}; {masks.float().mean():.0%} of regions fine over all photos")
-    tokens = model.tokens_per_image(masks)
+    tokens = model.tokens_per_image(masks, images=images)
 
     rows = []
     with torch.inference_mode():

@@ -26,6 +26,7 @@ from msvit.io.atomic import write_bytes, write_text
 from msvit.io.config_file import ConfigError, read_json_object, require
 from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.timm_compat import from_timm
+from msvit.models.timm_names import misquoted_kwarg
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -120,8 +121,12 @@ def read_config(path: Path, verify: bool = True) -> dict:
     """``config.json`` with every key msvit relies on checked; errors name the file and the key."""
     config = read_json_object(path, "checkpoint config written by msvit")
     timm_cfg = require(config, "timm", dict, path)
-    require(timm_cfg, "name", str, path, where="timm.")
-    require(timm_cfg, "kwargs", dict, path, optional=True, where="timm.")
+    name = require(timm_cfg, "name", str, path, where="timm.")
+    kwargs = require(timm_cfg, "kwargs", dict, path, optional=True, where="timm.") or {}
+    misquoted = misquoted_kwarg(name, kwargs)
+    if misquoted is not None:  # timm would fail with "not all arguments converted during string formatting"
+        key, expected = misquoted
+        raise ConfigError(f"{path}: key 'timm.kwargs.{key}' must be {expected} for {name}, got str {kwargs[key]!r:.60}")
     require(config, "msvit", dict, path, optional=True)
     require(config, "data", dict, path, optional=True)
     if require(config, "task", str, path, optional=True) == "segmentation":
@@ -182,7 +187,15 @@ def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> MSViT:
     ``model.pretrained_cfg`` (input size, mean, std, classes, data options, and ``"config"``: the
     checkpoint's config.json). ``verify=False`` skips the checksum and architecture checks
     (checkpoints of older versions)."""
-    return load_verified(folder, build_model, verify).to(map_location).eval()
+    return load_verified(folder, build_classifier, verify).to(map_location).eval()
+
+
+def build_classifier(config: dict) -> MSViT:
+    """``build_model`` for ``load_checkpoint``. A segmenter's config would build its backbone, which
+    then fails the architecture check with a long message that reads like a damaged config."""
+    if config.get("task") == "segmentation":
+        raise ValueError("this is a segmentation run: use msvit.load_segmenter")
+    return build_model(config)
 
 
 def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> MSViT:

@@ -11,7 +11,8 @@
    ``attention_pool`` (SigLIP / PE ``map`` pooling), ``distilled`` (DeiT's dist head).
 5. Uses of the backbone: ``segmentation`` (Segmenter decoders), ``pruning`` (EViT on packed
    tokens); ``flops`` counts MACs; ``checks`` validates inputs for all of them.
-6. From timm: ``timm_compat.from_timm`` builds an MSViT after ``timm_support`` has checked every
-   module it replaces (``timm_parts``, ``naflex``: the embeddings of each family); a Swin v1 goes
-   to ``swin``, the mixed-scale Swin (coarse regions skip the early stages).
+6. From timm: ``timm_compat.from_timm`` builds an MSViT after ``timm_names`` has checked the
+   name's family and ``timm_support`` every module it replaces (``timm_parts``, ``naflex``: the
+   embeddings of each family); a Swin v1 goes to ``swin``, the mixed-scale Swin (coarse regions
+   skip the early stages).
 """

@@ -51,6 +51,13 @@ def check_mask(mask, batch: int, coarse_grid) -> None:
         )
 
 
+def check_counted_mask(mask, coarse_grid, images=None) -> None:
+    """``check_mask`` for ``tokens_per_image``: B is the images' when given, else the mask's own.
+    A mask of another region count would give token counts of regions that do not exist."""
+    own = mask.shape[0] if isinstance(mask, Tensor) and mask.dim() else "B"
+    check_mask(mask, own if images is None else images.shape[0], coarse_grid)
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(map(repr, choices))}")

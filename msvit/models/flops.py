@@ -61,5 +61,5 @@ def count_macs(
     if hasattr(model, "mac_parts"):  # a mixed-scale Swin counts its windows (msvit.models.swin.flops)
         parts = model.mac_parts(mask, include_gate)
     else:
-        parts = macs_for_tokens(model, model.tokens_per_image(mask), mask.shape[1], include_gate)
+        parts = macs_for_tokens(model, model.tokens_per_image(mask, images=images), mask.shape[1], include_gate)
     return parts if breakdown else parts["total"]

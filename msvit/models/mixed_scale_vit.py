@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice, check_dtype, check_images
+from msvit.models.checks import MODES, check_choice, check_counted_mask, check_dtype, check_images
 from msvit.models.distilled import check_distilled, distilled_head
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions
 from msvit.models.layers import dense_blocks, packed_blocks
@@ -187,8 +187,11 @@ class MSViT(nn.Module):
             batch_size, n_regions, self.tokenizer.ratio, self.tokenizer.num_prefix, capacity, fine_regions
         )
 
-    def tokens_per_image(self, mask: Tensor) -> Tensor:
-        """int64 ``[B]`` tokens each image gets in packed mode, prefix included."""
+    def tokens_per_image(self, mask: Tensor, *, images: Optional[Tensor] = None) -> Tensor:
+        """int64 ``[B]`` tokens each image gets in packed mode, prefix included. ``mask``: bool
+        ``[B, Nc]`` over the coarse grid of ``images`` when given, else of the size the model was
+        built for (``gate.grid``); pass the images for masks of another size."""
+        check_counted_mask(mask, self.gate.grid if images is None else self.coarse_grid(images), images)
         r2 = self.tokenizer.ratio**2
         return self.tokenizer.num_prefix + mask.shape[1] + (r2 - 1) * mask.sum(1)
 

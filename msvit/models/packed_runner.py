@@ -108,7 +108,7 @@ class PackedRunner:
     def _decide_fn(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """The gate's hard decisions ``[B, Nc]`` and the batch's packed rows (a 0-dim tensor)."""
         mask = self.model.gate_mask(images)
-        tokens = self.model.tokens_per_image(mask)
+        tokens = self.model.tokens_per_image(mask, images=images)
         return mask, tokens.sum()
 
     def _forward_fn(self, capacity: int):

@@ -23,6 +23,7 @@ from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.naflex import is_naflexvit, naflex_parts
 from msvit.models.rope import PackedRope
 from msvit.models.swin import is_timm_swin, swin_from_timm
+from msvit.models.timm_names import check_model_name
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
@@ -32,6 +33,7 @@ def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
     import timm
 
     if isinstance(model_or_name, str):
+        check_model_name(model_or_name)  # before timm sees ViT kwargs another family does not take
         model = timm.create_model(model_or_name, **(timm_kwargs or {}))
     else:
         if timm_kwargs:

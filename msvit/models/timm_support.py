@@ -16,6 +16,7 @@ from typing import Dict, Iterable, Optional
 from torch import nn
 
 MODELS = {"VisionTransformer", "VisionTransformerDistilled", "Eva", "NaFlexVit"}
+EXPECTED = "a timm VisionTransformer, Eva or NaFlexVit (ViT, DeiT, EVA02, DINOv3, ...)"  # what MODELS are
 REFUSED_MODELS = {
     "Beit": "relative position bias",
     "VisionTransformerRelPos": "relative position bias",
@@ -84,9 +85,7 @@ def check_model(model: nn.Module, name: Optional[str] = None) -> None:
     if cls in REFUSED_MODELS:
         raise refuse(label, "model", model, REFUSED_MODELS[cls])
     if cls not in MODELS:
-        raise TypeError(
-            f"from_timm expects a timm VisionTransformer, Eva or NaFlexVit (ViT, DeiT, EVA02, DINOv3, ...), got {cls}"
-        )
+        raise TypeError(f"from_timm expects {EXPECTED}, got {cls}")
     if cls != "NaFlexVit":  # NaFlexVit's ``embeds`` are checked by msvit.models.naflex.naflex_parts
         _check_class(label, "patch_embed", model.patch_embed, PATCH_EMBED, REFUSED_PATCH_EMBED)
         _check_patch_embed(label, model.patch_embed)

@@ -10,6 +10,8 @@ DESCRIPTION = """--task classification (default): --data cluttered-digits (10 cl
 with train/<class>/* and val/<class>/* (the same class folders in both)."""
 DEFAULTS = {}
 IGNORE_INDEX = -100  # cross_entropy's default: every label counts
+# The held-out metrics of the progress line (the digits' boxes add the fine-on-digit ratio).
+PROGRESS = ("val_top1", "val_tokens_per_image", "val_gmacs_per_image", "val_fine_rate", "val_fine_digit_ratio")
 save = save_checkpoint
 
 
@@ -55,7 +57,3 @@ def forward(net, images, args, mode: str, mask):
 
 def evaluate(model, loader, bundle, args, device) -> dict:
     return evaluate_classifier(model, loader, bundle.mean, bundle.std, device, boxes=bundle.val_boxes)
-
-
-def summary(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,4 +1,5 @@
-"""Epoch boundaries of a run: the crash-safe checkpoint of each epoch and where an epoch may stop."""
+"""Epoch boundaries of a run: the crash-safe checkpoint of each epoch, where an epoch may stop, and
+the progress line printed after it."""
 
 from msvit.train import resume_state, run_folder
 
@@ -40,3 +41,19 @@ def check_batches(train_loader, batch_size: int, world: int) -> None:
             f"({len(train_loader.dataset)} images{f' over {world} processes' if world > 1 else ''}); "
             "incomplete batches are dropped, so an epoch would have no step"
         )
+
+
+# What every task's progress line shows around the task's own validation metrics (``PROGRESS``).
+TRAIN_PROGRESS = ("mode", "train_loss", "train_task", "train_gate", "train_fine", "train_tokens")
+TIME_PROGRESS = ("epoch_seconds", "wall_seconds")
+
+
+def progress_line(metrics: dict, epochs: int, task_keys) -> str:
+    """The line printed after each epoch, one format for every task: ``epoch 3/10:`` then the
+    training numbers, the task's ``task_keys`` and the times, each ``key=value`` with the key of
+    metrics.jsonl (numbers to 4 significant digits; keys the epoch lacks are left out)."""
+    keys = (*TRAIN_PROGRESS, *task_keys, *TIME_PROGRESS)
+    shown = " ".join(
+        f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys if k in metrics
+    )
+    return f"epoch {metrics['epoch']}/{epochs}: {shown}"

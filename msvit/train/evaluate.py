@@ -43,7 +43,7 @@ def evaluate(
         correct += (out.logits.argmax(1).cpu() == labels).sum().item()
         hard = out.gate.hard.cpu()
         n_regions = hard.shape[1]
-        tokens.append(model.tokens_per_image(hard))
+        tokens.append(model.tokens_per_image(hard, images=images))
         masks.append(hard)
         fine_regions += hard.sum().item()
         if boxes is not None:

@@ -80,5 +80,23 @@ def check_train_flags(parser, args) -> None:
         parser.error(f"--model-kwargs is not valid JSON ({error.msg} at column {error.colno}): {args.model_kwargs}")
     if not isinstance(kwargs, dict):
         parser.error(f"--model-kwargs must be a JSON object of timm.create_model kwargs, got {args.model_kwargs}")
+    check_model_flags(parser, args.model, kwargs)
     if args.pretrained is not None and not Path(args.pretrained).is_file():
         parser.error(f"--pretrained {args.pretrained}: no such file (a local timm weights file is expected)")
+
+
+def check_model_flags(parser, name: str, kwargs: dict) -> None:
+    """--model names a timm model of a family from_timm takes (another family would fail inside
+    timm on the ViT kwargs the run passes, ``patch_size``, ``img_size``), and --model-kwargs has no
+    quoted number. Names with a source (``hf-hub:...``) are left to timm."""
+    from msvit.models.timm_names import check_model_name, misquoted_kwarg, timm_module
+
+    if ":" not in name and timm_module(name) is None:
+        parser.error(f"--model {name}: timm has no model of that name (timm.list_models('vit_*') lists its ViTs)")
+    try:
+        check_model_name(name)
+    except TypeError as error:
+        parser.error(f"--model {name}: {error}")
+    misquoted = misquoted_kwarg(name, kwargs)
+    if misquoted is not None:
+        parser.error(f"--model-kwargs: {misquoted[0]!r} must be {misquoted[1]} for {name}, got a string")

@@ -15,7 +15,7 @@ from msvit.data.loaders import loaders
 from msvit.data.sample_images import normalize
 from msvit.train import resume_state, run_folder
 from msvit.train.distributed import setup_distributed
-from msvit.train.epochs import check_batches, save_epoch, stop_early
+from msvit.train.epochs import check_batches, progress_line, save_epoch, stop_early
 from msvit.train.gate_training import epoch_mode, gate_loss_input, make_gate_loss, random_masks
 from msvit.train.optim import make_optimizer, optimizer_step
 from msvit.train.tasks import task_of
@@ -26,14 +26,15 @@ SUMS = ("loss", "task", "gate", "fine", "tokens")
 def train(args) -> dict:
     """Run the training described by ``args`` (``msvit.train.parse_args``); returns the last epoch's metrics."""
     launched = time.perf_counter()
-    task = task_of(args.task)
     device, rank, world = setup_distributed(args.device)
     main_process = rank == 0
-    torch.manual_seed(args.seed + rank)
     out = Path(args.out)
     checkpoint = run_folder.prepare(out, args.resume, args.overwrite, rank, world, device)
-    if checkpoint is not None:  # a resume with other flags stops before the data is generated
+    if checkpoint is not None:  # the recorded run; a typed flag that changes it stops before the data is generated
+        args = resume_state.resumed_args(checkpoint.state["args"], args, out)
         resume_state.check_flags(checkpoint.state["args"], args, world, checkpoint.state["world"], out)
+    task = task_of(args.task)
+    torch.manual_seed(args.seed + rank)
     bundle = task.build_data(args, main_process)
     model, config = task.build_model(args, bundle)
     model = model.to(device).train()
@@ -111,7 +112,7 @@ def train(args) -> dict:
             evaluation = task.evaluate(model, val_loader, bundle, args, device)
             metrics.update({f"val_{k}": v for k, v in evaluation.items()})
             metrics["wall_seconds"] = time.perf_counter() - launched  # data generation and evaluation included
-            tqdm.write(task.summary(metrics))
+            tqdm.write(progress_line(metrics, args.epochs, task.PROGRESS))
         rows.append(metrics)
         save_epoch(
             out,

@@ -33,7 +33,7 @@ task loss + lambda * gate loss (L0, BaS or GBaS) on the soft gate outputs.
 def add_data_options(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=DIGITS, help=f"'{DIGITS}' or a folder with train/ and val/ (see the task)")
-    g.add_argument("--image-size", type=int, default=64)
+    g.add_argument("--image-size", type=int, default=64, help="training and evaluation image side in pixels")
     g.add_argument("--train-size", type=int, default=20000, help="cluttered digits: training images")
     g.add_argument("--val-size", type=int, default=2000, help="cluttered digits: held-out images")
     g.add_argument(
@@ -42,7 +42,7 @@ def add_data_options(p) -> None:
         nargs=2,
         default=None,
         metavar=("LO", "HI"),
-        help="cluttered digits: digit side as a fraction of the image (default: the dataset's)",
+        help="cluttered digits: digit side as a fraction of the image (default: the dataset's, 0.1875 0.4375)",
     )
     g.add_argument("--crop", choices=sorted(CROPS), default="none", help="crop augmentation (paper: standard/light)")
     g.add_argument(
@@ -63,14 +63,22 @@ def add_data_options(p) -> None:
 
 def add_model_options(p) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name")
+    g.add_argument(
+        "--model", default="vit_tiny_patch16_224", help="timm model name: a ViT, DeiT, EVA, NaFlexViT or Swin v1"
+    )
     g.add_argument("--model-kwargs", default="{}", help="JSON kwargs for timm.create_model (patch_size, depth, ...)")
-    g.add_argument("--pretrained", default=None, help="local timm weights file to start from (no download)")
+    g.add_argument(
+        "--pretrained",
+        default=None,
+        help="local timm weights file to start from, no download (default: none, timm's random initialisation)",
+    )
     g.add_argument(
         "--hub-pretrained", action="store_true", help="timm pretrained weights from the hub (needs internet)"
     )
-    g.add_argument("--coarse-patch", type=int, default=None, help="coarse patch size (default 2x the patch size)")
-    g.add_argument("--gate-hidden", type=int, default=106)
+    g.add_argument(
+        "--coarse-patch", type=int, default=None, help="coarse patch size in pixels (default: 2x the patch size)"
+    )
+    g.add_argument("--gate-hidden", type=int, default=106, help="width of the gate's hidden layers")
     g.add_argument(
         "--gate-init-logit",
         type=float,
@@ -78,7 +86,12 @@ def add_model_options(p) -> None:
         help="initial gate logit (bias of its last layer): > 0 starts all-fine at eval, as in the paper; "
         "3 samples ~95%% of the regions fine in training, 1 about 73%%",
     )
-    g.add_argument("--mode", choices=["packed", "trimmed", "masked"], default="packed")
+    g.add_argument(
+        "--mode",
+        choices=["packed", "trimmed", "masked"],
+        default="packed",
+        help="execution mode: packed tokens, adaptive trimming, or the paper's dense masking (Eq. 10)",
+    )
 
 
 def add_gate_options(p) -> None:
@@ -110,14 +123,14 @@ def add_gate_options(p) -> None:
         help="what the gate loss sees: the Gumbel-Sigmoid samples m (the paper), or the noise-free "
         "probabilities sigmoid(logit), whose gradient does not vanish where the samples saturate",
     )
-    g.add_argument("--gate-lambda", type=float, default=4.0)
+    g.add_argument("--gate-lambda", type=float, default=4.0, help="lambda: weight of the gate loss in Eq. 6")
     g.add_argument("--gate-target", type=float, default=0.25, help="g*: target fraction of fine regions")
-    g.add_argument("--gbas-sigma", type=float, default=0.1)
+    g.add_argument("--gbas-sigma", type=float, default=0.1, help="GBaS: sigma of the priors' Gaussian hyperprior")
     g.add_argument(
         "--gbas-ctr-init",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="initialise the GBaS priors higher at the centre (paper default; off for uncentred data)",
+        help="initialise the GBaS priors higher at the centre, as the paper does (off for uncentred data)",
     )
     g.add_argument(
         "--gate-start-epoch",
@@ -132,33 +145,34 @@ def add_gate_options(p) -> None:
         default=None,
         help="learning rate of the gate and the GBaS priors (default: --lr, as in the paper)",
     )
-    g.add_argument("--gate-warmup-epochs", type=float, default=3.0)
+    g.add_argument("--gate-warmup-epochs", type=float, default=3.0, help="linear warm-up of the gate's learning rate")
 
 
 def add_optimization_options(p) -> None:
     g = p.add_argument_group("optimization")
-    g.add_argument("--opt", choices=["sgd", "adamw"], default="adamw")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--opt", choices=["sgd", "adamw"], default="adamw", help="optimizer (ViT recipe: sgd; DeiT: adamw)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the backbone (cosine schedule)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (--opt sgd)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--warmup-epochs", type=float, default=1.0)
-    g.add_argument("--batch-size", type=int, default=128, help="per process")
+    g.add_argument("--epochs", type=int, default=10, help="epochs of the run (a resume may raise it)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear learning-rate warm-up of the backbone")
+    g.add_argument("--batch-size", type=int, default=128, help="images per batch and process")
 
 
 def add_run_options(p) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=0)
+    g.add_argument("--workers", type=int, default=0, help="data loader worker processes (0: load in this process)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="torch device; auto: CUDA if available, else CPU")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the data order")
     g.add_argument("--out", default="runs/msvit", help="checkpoint and metrics folder")
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last complete checkpoint, exactly as if never stopped",
+        help="continue the run in --out from its last complete checkpoint, exactly as if never stopped; "
+        "flags left off take the run's recorded values",
     )
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one (deletes it)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke runs)")
@@ -186,8 +200,16 @@ def build_parser(task_name: str) -> argparse.ArgumentParser:
     return p
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults listed, and the task descriptions kept as written (they hold folder layouts)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default stated once: a help text that says its default itself (``default:
+    --lr``, the dataset's) keeps its words, any other gets argparse's value appended. The task
+    descriptions are kept as written (they hold folder layouts)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def selected_task(argv) -> str:
@@ -203,12 +225,23 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         refuse_unknown(p, task_name, unknown)
+    args.typed = typed_flags(p, argv)
     check_train_flags(p, args)
     given = [k for k in DIGITS_ONLY if getattr(args, k) != p.get_default(k)]
     if args.data != DIGITS and given:
         p.error(f"--{given[0].replace('_', '-')} needs --data {DIGITS}: {DIGITS_ONLY[given[0]]}")
     task_of(task_name).check(p, args)
     return args
+
+
+def typed_flags(p, argv) -> tuple:
+    """The flags (destinations) the command line sets itself, default values included: a resume
+    keeps the recorded value of every other flag. Parsed into a namespace pre-filled with a
+    sentinel, which argparse leaves in place of the defaults of flags it does not see."""
+    unset = object()
+    dests = {a.dest for a in p._actions if a.dest != argparse.SUPPRESS}
+    seen = p.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset)))[0]
+    return tuple(sorted(k for k, v in vars(seen).items() if v is not unset))
 
 
 def refuse_unknown(p, task_name: str, unknown: list) -> None:

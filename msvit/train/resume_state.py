@@ -7,10 +7,14 @@ order), and each rank's global torch RNG (Gumbel noise, random masks, augmentati
 seed on CPU a killed and resumed run ends with bit-identical weights; on GPU, nondeterministic
 kernels (atomics in backward) make runs differ slightly whether or not they were resumed.
 
-A resume must not change what the run is: the flags that define it are stored and compared, and
-a change (batch size, optimizer, gate loss, model, ...) is refused naming the flag. ``FREE`` are
-the flags that may differ: where the run lives, how long it goes on, how data is loaded.
+Every flag of the run is recorded (but ``INVOCATION``'s): ``msvit train --resume --out DIR``
+continues the recorded run, and only the flags typed on that command line override it
+(``resumed_args``). A typed flag must not change what the run is: the flags that define it are
+compared, and a change (batch size, optimizer, gate loss, model, ...) is refused naming the flag.
+``FREE`` are the flags that may differ: where the run lives, how long it goes on, how data is loaded.
 """
+
+import argparse
 
 import torch
 import torch.distributed as dist
@@ -33,10 +37,35 @@ FREE = {
     "hub_pretrained",
     "init",
 }
+# Flags of one command line, not of the run: never recorded, so a resume takes them from its own
+# command line or their defaults. The machine may differ (--device auto: its GPU, if any);
+# --max-steps bounds a smoke run (inherited, it would stop the resumed run after a step);
+# starting weights are replaced by the checkpoint's; ``typed`` is parse_args' list of typed flags.
+INVOCATION = {"out", "resume", "overwrite", "max_steps", "device", "pretrained", "hub_pretrained", "typed"}
 
 
-def run_flags(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in FREE}
+def recorded_flags(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in INVOCATION}
+
+
+def run_flags(flags: dict) -> dict:
+    """The flags that define the run (older train states recorded only these)."""
+    return {k: v for k, v in flags.items() if k not in FREE and k not in INVOCATION}
+
+
+def resumed_args(saved: dict, args, where) -> argparse.Namespace:
+    """``args`` of a resume: the recorded flags, except those typed on this command line
+    (``args.typed``, set by ``parse_args``; args built otherwise count as typed in full)."""
+    typed = getattr(args, "typed", None)
+    if typed is None:
+        return args
+    if "epochs" not in saved and "epochs" not in typed:  # the default would silently lengthen the run
+        raise RunFolderError(
+            f"--resume: the run in {where} was saved by an older msvit, which did not record --epochs; "
+            "pass --epochs (the run's total)"
+        )
+    recorded = {k: v for k, v in with_task(saved).items() if k not in typed and k not in INVOCATION}
+    return argparse.Namespace(**{**vars(args), **recorded})
 
 
 def with_task(saved: dict) -> dict:
@@ -48,14 +77,14 @@ def with_task(saved: dict) -> dict:
 
 
 def check_flags(saved: dict, args, world: int, saved_world: int, where) -> None:
-    saved, now = with_task(saved), run_flags(args)
+    saved, now = run_flags(with_task(saved)), run_flags(vars(args))
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if changed:
         listed = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
         raise RunFolderError(
             f"--resume: the run in {where} was started with other flags ({listed}); a resumed run "
-            "must keep the flags that define it: pass the original values, or start a new run "
-            "with another --out"
+            "keeps the flags that define it: leave them off (the recorded values apply), or start "
+            "a new run with another --out"
         )
     if world != saved_world:
         raise RunFolderError(
@@ -92,7 +121,7 @@ def train_state(
         "schedule": schedule.state_dict(),
         "rng": rng,
         "rows": rows,
-        "args": run_flags(args),
+        "args": recorded_flags(args),
         "world": world,
         "gate_loss": gate_loss.state_dict() if isinstance(gate_loss, nn.Module) else None,
     }

@@ -39,6 +39,7 @@ gate-training options need --no-freeze-gate. The metric is mIoU (per-class IoU l
 val_iou_<class>); the segmenter is saved like a classifier (load it with
 msvit.models.segmentation.load_segmenter)."""
 DEFAULTS = {"smoothing": 0.0}
+PROGRESS = ("val_miou", "val_pixel_acc", "val_tokens_per_image", "val_fine_rate")  # of the progress line
 RANGES = {
     "decoder_depth": Range(0),
     "decoder_heads": Range(1),
@@ -68,7 +69,7 @@ def add_options(group) -> None:
         "--decoder", choices=DECODERS, default="linear", help="Segmenter decoder: linear or mask transformer"
     )
     group.add_argument("--decoder-depth", type=int, default=2, help="mask decoder: transformer layers")
-    group.add_argument("--decoder-heads", type=int, default=None, help="mask decoder: heads (default width // 64)")
+    group.add_argument("--decoder-heads", type=int, default=None, help="mask decoder: heads (default: its width // 64)")
     group.add_argument("--decoder-dim", type=int, default=None, help="mask decoder: width (default: the backbone's)")
     group.add_argument(
         "--freeze-gate",
@@ -77,11 +78,22 @@ def add_options(group) -> None:
         help="frozen gate with eval decisions (the paper's setting); --no-freeze-gate trains it",
     )
     group.add_argument(
-        "--budget", type=float, default=None, help="frozen gate: fraction of regions kept fine per image"
+        "--budget",
+        type=float,
+        default=None,
+        help="frozen gate: fraction of regions kept fine per image (default: none, the gate's own decisions)",
     )
-    group.add_argument("--init", default=None, help="classification checkpoint folder to start backbone and gate from")
     group.add_argument(
-        "--num-classes", type=int, default=None, help="folder data without classes.txt: number of classes"
+        "--init",
+        default=None,
+        help="classification checkpoint folder to start backbone and gate from (default: none, a new "
+        "backbone from --model)",
+    )
+    group.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="folder data without classes.txt: number of classes (default: the lines of classes.txt)",
     )
 
 
@@ -166,10 +178,3 @@ def evaluate(model: MSSegmenter, loader, bundle, args, device) -> dict:
         "fine_rate": torch.cat(fine).mean().item(),
         **per_class,
     }
-
-
-def summary(metrics: dict) -> str:
-    return (
-        f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.4f}  val mIoU {metrics['val_miou']:.4f}  "
-        f"pixel acc {metrics['val_pixel_acc']:.4f}  tokens/img {metrics['val_tokens_per_image']:.1f}"
-    )

@@ -8,7 +8,8 @@ tasks; the epoch loop (``msvit.train.loop``) does the rest the same way for all 
   coarse_patch(model), gate_trains(args), forward(net, images, args, mode, mask) -> output with
       ``logits``, ``gate`` (GateDecision) and ``tokens``
   IGNORE_INDEX                   target value the loss skips
-  evaluate(model, loader, bundle, args, device) -> metrics; summary(metrics) -> one line
+  evaluate(model, loader, bundle, args, device) -> metrics; PROGRESS: the held-out metrics
+      the progress line shows (``msvit.train.epochs.progress_line``, one format for every task)
   save(folder, model, config, point)          writes the checkpoint's weights and config
 """
 

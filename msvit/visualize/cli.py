@@ -108,7 +108,7 @@ def main(argv=None) -> None:
         chunk = photos[start : start + BATCH]
         images = normalize(chunk.to(args.device), data["mean"], data["std"])
         mask = model.gate_mask(images, budget=args.budget)
-        tokens = model.tokens_per_image(mask).tolist()
+        tokens = model.tokens_per_image(mask, images=images).tolist()
         labels = segmenter(images, mask=mask).argmax(1).cpu() if segmenter is not None else None
         for i, stem in enumerate(unique_stems(paths)[start : start + BATCH]):
             title = f"{stem}: {tokens[i]} tokens, {mask[i].float().mean():.0%} fine"

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import check_choice, check_dtype, check_images
+from msvit.models.checks import check_choice, check_counted_mask, check_dtype, check_images
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViTOutput
 from msvit.models.swin.architecture import describe_swin
@@ -113,9 +113,11 @@ class MixedScaleSwin(nn.Module):
         self.check_images(images)
         return self.gate.decide(images, sample=False, budget=budget).hard
 
-    def tokens_per_image(self, mask: Tensor) -> Tensor:
+    def tokens_per_image(self, mask: Tensor, *, images: Optional[Tensor] = None) -> Tensor:
         """int64 ``[B]`` tokens embedded per image in packed mode: (S_c / p)^2 per fine region, one
-        per coarse region."""
+        per coarse region. ``mask``: bool ``[B, Nc]`` over the model's coarse grid (``images``, of
+        the one size it takes, only set B); as ``MSViT.tokens_per_image``."""
+        check_counted_mask(mask, self.gate.grid, images)
         return mask.shape[1] + (self.tokenizer.ratio**2 - 1) * mask.sum(1)
 
     def mac_parts(self, mask: Tensor, include_gate: bool = True) -> Dict[str, Tensor]:
