@@ -1,19 +1,38 @@
 # `make test` and `make demo` set themselves up on a fresh machine: they create .venv, install the
 # package with its test extras, then run. torch is installed only when .venv has none, so a
 # venv made with `make VENV_ARGS=--system-site-packages ...` keeps the CUDA torch you already have.
+#
+# TORCH=cuda (default): torch from PyPI, whose NVIDIA libraries are 3.2 GB of the 5.9 GB venv even
+# on a machine without a GPU. TORCH=cpu: the CPU build, in its own venv so the two never mix
+# (`make test TORCH=cpu`). The CPU wheels come from PyTorch's CPU index; offline, with the wheels
+# in a local mirror or pip's find-links, pass TORCH_INDEX= to skip it.
+TORCH ?= cuda
+ifeq ($(TORCH),cpu)
+VENV ?= .venv-cpu
+# torchvision 0.28.0 is the release for torch 2.13 (it pins torch==2.13.0); timm imports it. Both
+# must be CPU builds: PyPI's torchvision links torch's CUDA libraries and, next to a CPU torch,
+# fails on import ("operator torchvision::nms does not exist").
+TORCH_SPEC ?= torch==2.13.0+cpu torchvision==0.28.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+else ifeq ($(TORCH),cuda)
 VENV ?= .venv
+# The versions this project is tested with; torchvision is needed by timm.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
+else
+$(error TORCH must be cuda or cpu, not '$(TORCH)')
+endif
 VENV_ARGS ?=
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# The versions this project is tested with; torchvision is needed by timm.
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: test demo bench compile-report pretrained clean
 
 $(VENV)/.installed: setup.py requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import timm"  # a torchvision built for another torch fails here, not in the middle of the tests
 	touch $@
 
 test: $(VENV)/.installed

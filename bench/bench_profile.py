@@ -4,8 +4,8 @@ with the same tokens, and the tile configs the Triton autotuners chose.
 The inference study gives totals; this file says which kernels make them, so a GPU session sees
 at once whether a regression sits in attention, the tokenizer kernels, the linear layers or the
 host (launch overhead shows as CPU time far above CUDA time). Timed runs write
-``bench/results/<device>/profile_packed.txt``; without ``--benchmark`` it runs once, tiny, as a
-smoke test.
+``profile_packed.txt`` into the run's results folder (bench/results_io.py); without ``--benchmark``
+it runs once, tiny, as a smoke test.
 """
 
 import timm
@@ -16,7 +16,6 @@ import msvit
 from msvit_kernels import attention_kernel, gate_kernel, pack_kernel
 
 from bench_inference import spread_masks
-from results_io import RESULTS, device_slug
 
 FINE_REGIONS = 17  # ~101 tokens per image: ViT-S at 160px has the same
 
@@ -48,7 +47,7 @@ def profile_table(fn, device: str, rounds: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=25)
 
 
-def test_profile_packed_forward(benchmark, timed, device, bench_options, bench_dtype):
+def test_profile_packed_forward(benchmark, timed, device, bench_options, bench_dtype, results_folder):
     cuda = device == "cuda"
     dtype = bench_dtype
     batch = (bench_options["batch"] or (256 if cuda else 32)) if timed else 2
@@ -81,7 +80,6 @@ def test_profile_packed_forward(benchmark, timed, device, bench_options, bench_d
             *chosen_configs(),
         ]
     )
-    folder = RESULTS / device_slug(device)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "profile_packed.txt").write_text(text + "\n")
+    results_folder.mkdir(parents=True, exist_ok=True)
+    (results_folder / "profile_packed.txt").write_text(text + "\n")
     print(text)

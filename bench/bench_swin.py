@@ -3,10 +3,11 @@ last stage) against the plain timm Swin-T: latency vs the fraction of fine regio
 dense-masked baseline vs timm, one set of random weights, 224px.
 
 CPU: float32, batch 8. GPU: bfloat16, batch 64. All runs are timed interleaved (bench/spread.py);
-medians and paired spreads go to ``bench/results/<device>/swin_summary.{json,md}`` (their own files:
-this suite is run on its own, ``pytest bench/bench_swin.py --benchmark``, and must not replace the
-main suite's summary.json). The masks are given (the gate is not run; its 0.017 GMACs are reported),
-spread per image around the mean like a gate's (``spread_masks``). 25% fine = 12 of 49 regions,
+medians and paired spreads go to ``swin_summary.{json,md}`` in the run's results folder
+(bench/results_io.py; their own files: this suite is run on its own,
+``pytest bench/bench_swin.py --benchmark``, and must not replace the main suite's summary.json).
+The masks are given (the gate is not run; its 0.017 GMACs are reported), spread per image around
+the mean like a gate's (``spread_masks``). 25% fine = 12 of 49 regions,
 50% = 25 of 49.
 """
 
@@ -18,14 +19,14 @@ import torch
 import msvit
 
 from bench_inference import spread_masks
-from results_io import RESULTS, device_slug, environment
+from results_io import environment
 from spread import add_ratio, interleaved_times, medians
 
 FINE_REGIONS = (0, 12, 25, 37, 49)  # of the 7 x 7 regions of 32px: 0, 25, 50, 75, 100% fine
 MASKED_AT = (12, 25)  # the dense-masked baseline costs the same at any mask; timed where the ratios are
 
 
-def test_swin_latency_vs_fine_fraction(benchmark, timed, device, bench_options, bench_dtype):
+def test_swin_latency_vs_fine_fraction(benchmark, timed, device, bench_options, bench_dtype, results_folder):
     cuda = device == "cuda"
     dtype = bench_dtype
     batch = (bench_options["batch"] or (64 if cuda else 8)) if timed else 1
@@ -71,11 +72,10 @@ def test_swin_latency_vs_fine_fraction(benchmark, timed, device, bench_options, 
         summary["ratios"][f"packed_over_timm_{name}pct_fine_macs"] = gmacs[k] / gmacs[49]
     benchmark.extra_info.update(summary)
     if timed:
-        write_swin_summary(summary, device)
+        write_swin_summary(summary, device, results_folder)
 
 
-def write_swin_summary(summary: dict, device: str) -> None:
-    folder = RESULTS / device_slug(device)
+def write_swin_summary(summary: dict, device: str, folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {**environment(device), **summary}
     (folder / "swin_summary.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")

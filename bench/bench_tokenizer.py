@@ -123,6 +123,7 @@ def test_tokenizer_share_of_msvit_forward(benchmark, timed, summary, device, tok
     model.kernels = "auto"
     benchmark.extra_info["shares"] = {k: medians(t)["tokenizer"] / medians(t)["forward"] for k, t in shares.items()}
     if timed:
+        summary["tokenizer_batch"] = batch
         add_ratio(summary, "tokenizer_share_torch", shares["reference"]["tokenizer"], shares["reference"]["forward"])
         if "triton" in shares and device == "cuda":
             add_ratio(summary, "tokenizer_share", shares["triton"]["tokenizer"], shares["triton"]["forward"])

@@ -2,10 +2,19 @@
 
 The smoke mode is pytest-benchmark's own ``--benchmark-disable`` (the function runs once, untimed),
 so ``make test`` exercises every benchmark cheaply and the timed study needs one flag.
+
+Where a timed run writes (bench/results_io.py): ``bench/results-local/<device>/`` by default, or
+``--bench-out DIR`` (``MSVIT_BENCH_OUT``); only ``--bench-record`` (``MSVIT_BENCH_RECORD=1``) writes
+the committed ``bench/results/<device>/``. A run of some suites merges into the summary already
+in that folder: the ratios and data of the suites that did not run are kept.
 """
+
+import os
 
 import pytest
 import torch
+
+from results_io import OUT_ENV, device_slug, record_from_env, results_root
 
 SUMMARY = {"ratios": {}}
 
@@ -25,11 +34,31 @@ def pytest_addoption(parser):
         help="inference dtype (default: float32 on CPU, bfloat16 on sm_80+, float16 before)",
     )
     parser.addoption("--bench-backend", default="auto", help="packed-attention backend of the MSViT runs")
+    parser.addoption(
+        "--bench-record",
+        action="store_true",
+        default=record_from_env(),
+        help="write the committed bench/results/<device>/ (also MSVIT_BENCH_RECORD=1); default: bench/results-local/",
+    )
+    parser.addoption(
+        "--bench-out",
+        default=os.environ.get(OUT_ENV) or None,
+        help=f"folder for the results of a timed run, not recorded (also {OUT_ENV}; default: bench/results-local/)",
+    )
 
 
 def pytest_configure(config):
     if not config.getoption("--benchmark"):
         config.option.benchmark_disable = True
+    try:
+        results_root(config.getoption("--bench-record"), config.getoption("--bench-out"))
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def output_folder(config, device: str):
+    """``<results root>/<device-slug>/``: where this session's timed results go."""
+    return results_root(config.getoption("--bench-record"), config.getoption("--bench-out")) / device_slug(device)
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +92,16 @@ def bench_dtype(bench_options, device) -> torch.dtype:
 
 
 @pytest.fixture(scope="session")
-def summary() -> dict:
+def summary(bench_dtype) -> dict:
     """The run's summary: benchmarks add ``ratios`` (time a / time b, same run) and data for plots."""
+    SUMMARY["dtype"] = str(bench_dtype).replace("torch.", "")
     return SUMMARY
+
+
+@pytest.fixture(scope="session")
+def results_folder(request, device):
+    """The folder a suite writes its own result files to (not created until written)."""
+    return output_folder(request.config, device)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +110,12 @@ def device() -> str:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if session.config.getoption("--benchmark") and SUMMARY["ratios"]:  # partial runs still report
+    if session.config.getoption("--benchmark") and SUMMARY["ratios"]:  # partial runs merge, see write_summary
         from summary import write_summary
 
-        write_summary(SUMMARY, "cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        folder = output_folder(session.config, device)
+        write_summary(SUMMARY, device, folder)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"benchmark summary: {folder / 'summary.md'}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a machine with a CUDA GPU and torch, triton, timm and
 # pytest-benchmark already installed (no network needed): the GPU tests with compiled Triton
-# kernels, then the timed benchmark study. Results land in bench/results/<device>/ (and are
-# copied to $OUT when it is set, as on the project's device machines); the short table comes last.
+# kernels, then the timed benchmark study. It records: results land in the committed
+# bench/results/<device>/ (--bench-record; a plain timed run writes bench/results-local/) and are
+# copied to $OUT when it is set, as on the project's device machines; the short table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -14,7 +15,7 @@ status=0
 echo "== GPU tests (compiled kernels) =="
 python -m pytest tests -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25; [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== timed benchmark study =="
-python -m pytest bench --benchmark -q -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$LOGS/bench.log" | tail -40; [ "${PIPESTATUS[0]}" = 0 ] || status=1
+python -m pytest bench --benchmark --bench-record -q -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$LOGS/bench.log" | tail -40; [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/bench-results" && cp -r bench/results/cuda-* "$OUT/bench-results/" 2>/dev/null

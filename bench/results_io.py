@@ -1,13 +1,36 @@
-"""Where benchmark results go (``bench/results/<device-slug>/``) and what every result records."""
+"""Where benchmark results go and what every result records.
+
+``bench/results/<device-slug>/`` holds the committed reference results: a timed run writes there
+only when asked to record (``--bench-record`` or ``MSVIT_BENCH_RECORD=1``), so trying one suite
+never replaces them. Otherwise results go to ``--bench-out DIR`` (or ``MSVIT_BENCH_OUT``), by
+default ``bench/results-local/`` (ignored by git), in the same ``<device-slug>/`` layout.
+"""
 
 import datetime
+import os
 import platform
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+LOCAL = Path(__file__).parent / "results-local"
+RECORD_ENV, OUT_ENV = "MSVIT_BENCH_RECORD", "MSVIT_BENCH_OUT"
+
+
+def record_from_env() -> bool:
+    return os.environ.get(RECORD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def results_root(record: bool = False, out: Optional[str] = None) -> Path:
+    """bench/results/ when recording, else ``out``, else bench/results-local/."""
+    if record and out:
+        raise ValueError(f"recording writes {RESULTS}; --bench-out / {OUT_ENV} names another folder: give one")
+    if record:
+        return RESULTS
+    return Path(out) if out else LOCAL
 
 
 def device_name(device: str = "cpu") -> str:

@@ -6,38 +6,13 @@ ratios a_i / b_i, which are paired because a_i and b_i ran back to back in the s
 """
 
 import statistics
-from typing import Callable, Dict, List
+from typing import Dict, List
 
-from msvit.timing import measure
-
-
-def interleaved_times(runs: Dict[str, Callable[[], object]], repeats: int, device: str) -> Dict[str, List[float]]:
-    """Seconds per call of every run, ``repeats`` times, interleaved (drift hits every run alike)."""
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up (and autotuning, on GPU)
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name] += measure(fn, repeats=1, warmup=0, device=device)
-    return times
+from msvit.timing import interleaved_times, quartiles  # noqa: F401  interleaved_times: the suites import it from here
 
 
 def medians(times: Dict[str, List[float]]) -> Dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def quartiles(values: List[float]) -> Dict[str, float]:
-    """min / q1 / median / q3 / max and the count (one value gives a zero spread)."""
-    ordered = sorted(values)
-    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
-    return {
-        "min": ordered[0],
-        "q1": q1,
-        "median": statistics.median(ordered),
-        "q3": q3,
-        "max": ordered[-1],
-        "n": len(ordered),
-    }
 
 
 def add_ratio(summary: dict, key: str, a: List[float], b: List[float]) -> float:

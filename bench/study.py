@@ -1,11 +1,13 @@
 """``python bench/study.py``: run the benchmark study on this machine and print its summary.
 
 Runs ``pytest bench/ --benchmark`` on the chosen suites with the chosen options, writes
-``bench/results/<device>/summary.{json,md}`` and plots, and prints the table. Benchmarks live in
-the repository, not in the installed package.
+``summary.{json,md}`` and plots into ``bench/results-local/<device>/`` (``--out DIR``: DIR/<device>/;
+``--record``: the committed ``bench/results/<device>/``), merged into the summary already there, and
+prints the table. Benchmarks live in the repository, not in the installed package.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +32,8 @@ def main(argv=None) -> None:
         help="run only these suites (repeatable; default: inference, training, attention)",
     )
     p.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
+    p.add_argument("--record", action="store_true", help="write the committed bench/results/<device>/")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results-local/)")
     args = p.parse_args(argv)
     import pytest
 
@@ -47,10 +51,18 @@ def main(argv=None) -> None:
     options += ["--bench-batch", str(args.batch_size)] if args.batch_size else []
     options += ["--bench-dtype", args.dtype] if args.dtype else []
     options += [] if args.smoke else ["--benchmark"]
+    options += ["--bench-record"] if args.record else []
+    options += ["--bench-out", args.out] if args.out else []
     code = pytest.main(files + options)
-    summaries = sorted((BENCH / "results").glob("*/summary.md"), key=lambda f: f.stat().st_mtime)
-    if summaries and not args.smoke:
-        print("\n" + summaries[-1].read_text())
+    import torch
+
+    from results_io import OUT_ENV, device_slug, record_from_env, results_root
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    root = results_root(args.record or record_from_env(), args.out or os.environ.get(OUT_ENV) or None)
+    table = root / device_slug(device) / "summary.md"
+    if table.exists() and not args.smoke:
+        print("\n" + table.read_text())
     sys.exit(int(code))
 
 

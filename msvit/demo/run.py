@@ -2,7 +2,8 @@
 
 Builds MSViT-S/16,32 from timm's ViT-S/16, decides each photo's mixed-scale mask, runs the packed
 model, and prints per photo the tokens kept and the batch-1 latency of packed vs dense-masked MSViT
-vs the plain ViT; writes one PNG overlay of the mask per photo plus a grid of all of them.
+vs the plain ViT (median and range of --repeats interleaved runs, with a warning when the machine
+looks busy); writes one PNG overlay of the mask per photo plus a grid of all of them, with a legend.
 """
 
 import argparse
@@ -16,8 +17,9 @@ import msvit
 from msvit.data.digits import ClutteredDigits
 from msvit.data.loaders import materialize
 from msvit.data.sample_images import normalize, sample_photos
+from msvit.demo.table import latency_table
 from msvit.io.checkpoint import load_pretrained
-from msvit.timing import median_time
+from msvit.timing import interleaved_times
 from msvit.train.evaluate import evaluate
 from msvit.visualize.draw import save_grid, save_overlay
 
@@ -55,7 +57,7 @@ def main(argv=None) -> None:
         default=None,
         help="fraction of regions kept fine per photo (default: the gate's own decisions)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median and range)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--heldout", type=int, default=1000, help="held-out digits to evaluate the shipped model on")
     args = parser.parse_args(argv)
@@ -84,15 +86,13 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         for i in tqdm(range(len(names)), desc="timing (batch 1)", unit="photo"):
             x, m = images[i : i + 1], masks[i : i + 1]
-            rows.append(
-                (
-                    names[i],
-                    int(tokens[i]),
-                    median_time(lambda: model(x, mask=m), args.repeats, device="cpu") * 1e3,
-                    median_time(lambda: model(x, mask=m, mode="masked"), args.repeats, device="cpu") * 1e3,
-                    median_time(lambda: vit(x), args.repeats, device="cpu") * 1e3,
-                )
-            )
+            runs = {
+                "packed": lambda: model(x, mask=m),
+                "masked": lambda: model(x, mask=m, mode="masked"),
+                "vit": lambda: vit(x),
+            }
+            # interleaved: a busy spell slows the ViT of that photo too, which the table then flags
+            rows.append((names[i], int(tokens[i]), interleaved_times(runs, args.repeats, "cpu")))
             save_overlay(
                 out / f"{names[i]}.png",
                 photos[i],
@@ -111,11 +111,7 @@ def main(argv=None) -> None:
     )
 
     dense_tokens = 1 + model.gate_mask(images).shape[1] * 5
-    print(f"\n{'photo':<22}{'tokens':>7}{'packed ms':>11}{'masked ms':>11}{'ViT-224 ms':>12}")
-    for name, n, packed, masked, plain in rows:
-        print(f"{name:<22}{n:>7}{packed:>11.1f}{masked:>11.1f}{plain:>12.1f}")
-    mean = [sum(r[k] for r in rows) / len(rows) for k in (1, 2, 3, 4)]
-    print(f"{'mean':<22}{mean[0]:>7.0f}{mean[1]:>11.1f}{mean[2]:>11.1f}{mean[3]:>12.1f}")
+    print("\n" + "\n".join(latency_table(rows)))
     print(
         f"\npacked runs only the kept tokens; masked computes all {dense_tokens} (N_f + N_c + cls); "
         f"the ViT computes 197. Overlays: {out}/<photo>.png and {out}/all_masks.png"

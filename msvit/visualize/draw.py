@@ -12,6 +12,8 @@ from torch import Tensor  # noqa: E402
 
 FINE_COLOUR = "#ff3b30"
 COARSE_COLOUR = "#34c759"
+COARSE_FILL = (0.2, 0.78, 0.35, 0.18)  # light enough to see the image through
+LEGEND_INCHES = 0.3  # the strip under the pictures that holds the legend
 
 
 def draw_mask(ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None) -> None:
@@ -36,9 +38,7 @@ def draw_mask(ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: in
                 )
         else:
             ax.add_patch(
-                Rectangle(
-                    (x, y), coarse_patch, coarse_patch, fill=True, lw=1.0, ec=COARSE_COLOUR, fc=(0.2, 0.78, 0.35, 0.18)
-                )
+                Rectangle((x, y), coarse_patch, coarse_patch, fill=True, lw=1.0, ec=COARSE_COLOUR, fc=COARSE_FILL)
             )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
@@ -47,16 +47,33 @@ def draw_mask(ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: in
         ax.set_title(title, fontsize=8)
 
 
+def add_mask_legend(fig, coarse_patch: int, fine_patch: int):
+    """One legend under the figure's pictures saying which outline is which token scale."""
+    ratio = coarse_patch // fine_patch
+    handles = [
+        Rectangle((0, 0), 1, 1, fill=False, lw=1.0, ec=FINE_COLOUR),
+        Rectangle((0, 0), 1, 1, fill=True, lw=1.0, ec=COARSE_COLOUR, fc=COARSE_FILL),
+    ]
+    labels = [f"fine region: {ratio * ratio} tokens of {fine_patch}px", f"coarse region: 1 token of {coarse_patch}px"]
+    return fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+
+
+def save_figure(fig, path, coarse_patch: int, fine_patch: int) -> Path:
+    """Add the mask legend below the pictures, lay out, write ``path`` (PNG) and close."""
+    fig.tight_layout(rect=(0, LEGEND_INCHES / fig.get_figheight(), 1, 1))
+    add_mask_legend(fig, coarse_patch, fine_patch)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.05)  # tight_layout alone cut titles by a few pixels
+    plt.close(fig)
+    return Path(path)
+
+
 def save_overlay(
     path, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None
 ) -> Path:
     """Write one image with its mixed-scale mask to ``path`` (PNG)."""
-    fig, ax = plt.subplots(figsize=(4, 4 * image.shape[-2] / image.shape[-1]), dpi=100)
+    fig, ax = plt.subplots(figsize=(4, 4 * image.shape[-2] / image.shape[-1] + LEGEND_INCHES), dpi=100)
     draw_mask(ax, image, mask, coarse_patch, fine_patch, title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, coarse_patch, fine_patch)
 
 
 def save_grid(
@@ -64,15 +81,12 @@ def save_grid(
 ) -> Path:
     """All images with their masks in one figure."""
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows + LEGEND_INCHES), dpi=100, squeeze=False)
     for ax in axes.flat[len(images) :]:
         ax.set_axis_off()
     for ax, image, mask, title in zip(axes.flat, images, masks, titles):
         draw_mask(ax, image, mask, coarse_patch, fine_patch, title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, coarse_patch, fine_patch)
 
 
 def class_colours(num_classes: int):
@@ -126,10 +140,7 @@ def save_segmentation(
     title: Optional[str] = None,
 ) -> Path:
     """Write the mixed-scale mask and the predicted map side by side (as the paper's Fig. 13) to ``path``."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4 * image.shape[-2] / image.shape[-1]), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4 * image.shape[-2] / image.shape[-1] + LEGEND_INCHES), dpi=100)
     draw_mask(axes[0], image, mask, coarse_patch, fine_patch, title)
     draw_segmentation(axes[1], labels, num_classes, image, class_names, "predicted map")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, coarse_patch, fine_patch)
