@@ -14,7 +14,8 @@ flash_attn when installed, and which kernels torch_varlen ran: flash or cuDNN), 
 (``msvit.compile_packed``, CUDA graphs) with a budget at the four token counts and with buckets at
 ~101 tokens, dense-masked at ~101 tokens; batch 1: captured packed vs eager ViT-S. A variant that
 fails is reported with its error and the study goes on. Timed runs on CUDA write
-``bench/results/<device>/captured_summary.{json,md}``; on CPU, or without ``--benchmark``, one
+``captured_summary.{json,md}`` into the run's results folder
+(``bench/results/<device>/`` with ``--bench-record``, as gpu_check.sh runs it); on CPU, or without ``--benchmark``, one
 tiny captured-less pass checks the code path.
 """
 
@@ -30,7 +31,7 @@ import msvit
 from msvit_kernels import available_backends
 
 from bench_inference import VIT_SIZES
-from results_io import RESULTS, device_slug, environment
+from results_io import environment
 
 BATCH, REPEATS = 256, 20
 HEADLINE = 17  # fine regions per image: 101 tokens, ViT-S at 160 px
@@ -166,7 +167,7 @@ TARGETS = {  # docs/design.md section 7
 }
 
 
-def test_captured_forward_study(benchmark, timed, device, bench_dtype):
+def test_captured_forward_study(benchmark, timed, device, bench_dtype, results_folder):
     if device != "cuda":
         model = msvit.from_timm("vit_small_patch16_224", depth=1).eval()
         runner = msvit.compile_packed(model, 2, 64, budget=2, mode="eager")
@@ -176,11 +177,10 @@ def test_captured_forward_study(benchmark, timed, device, bench_dtype):
         pytest.skip("the GPU study runs with --benchmark (bench/gpu_check.sh)")
     rows = study(device, bench_dtype, BATCH, REPEATS, profile_kernels=True)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    write(rows, ratios(rows), bench_dtype)
+    write(rows, ratios(rows), bench_dtype, results_folder)
 
 
-def write(rows: dict, measured: dict, dtype) -> None:
-    folder = RESULTS / device_slug("cuda")
+def write(rows: dict, measured: dict, dtype, folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     env = environment("cuda")
     record = {"environment": env, "dtype": str(dtype), "batch": BATCH, "rows": rows, "ratios": measured}

@@ -16,7 +16,8 @@ Under recording the counts kernel does not run, so torch computes what it would 
 Reported per variant: host ms per forward at batch 1 and 256, aten ops, Triton launches and host
 reads per forward; per component of the packed forward: gate, index + pack, position tables
 (cached vs rebuilt), one attention call through ``packed_attention`` vs its backend function, the
-12 blocks, the head. Timed runs write ``bench/results/<device>/host_overhead.{json,md}``.
+12 blocks, the head. Timed runs write ``host_overhead.{json,md}`` into the run's
+results folder (``bench/results-local/<device>/``; ``bench/results/<device>/`` with ``--bench-record``).
 """
 
 import json
@@ -31,7 +32,7 @@ from msvit.host_reads import count_host_reads
 from msvit_kernels import attention, packed_attention
 from msvit_kernels._triton import record_launches
 
-from results_io import RESULTS, device_slug, environment
+from results_io import environment
 from spread import interleaved_times
 
 WIDTH, IMAGE = 12, 64  # ViT-S's depth and heads; tiny tensors so each op costs its dispatch only
@@ -107,7 +108,7 @@ def components(model, images, mask, repeats: int) -> dict:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def test_host_overhead(benchmark, timed):
+def test_host_overhead(benchmark, timed, results_folder):
     repeats = 30 if timed else 1
     results = {"environment": environment("cpu"), "width": WIDTH, "image": IMAGE, "batches": {}}
     for batch in (1, 256) if timed else (2,):
@@ -127,11 +128,10 @@ def test_host_overhead(benchmark, timed):
     with torch.no_grad(), record_launches():
         benchmark.pedantic(runs["packed eager, triton, budget (static)"], rounds=repeats, iterations=1)
     if timed:
-        write(results)
+        write(results, results_folder)
 
 
-def write(results: dict) -> None:
-    folder = RESULTS / device_slug("cpu")
+def write(results: dict, folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "host_overhead.json").write_text(json.dumps(results, indent=1) + "\n")
     env = results["environment"]

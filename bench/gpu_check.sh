@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a machine with a CUDA GPU and torch, triton, timm and
-# pytest-benchmark already installed (no network needed): the GPU tests with compiled Triton
-# kernels, then the timed benchmark study. It records: results land in the committed
-# bench/results/<device>/ (--bench-record; a plain timed run writes bench/results-local/) and are
-# copied to $OUT when it is set, as on the project's device machines; the short table comes last.
+# pytest-benchmark already installed (no network needed). Every stage has its own time limit so
+# the whole check ends in under 8 minutes on an H200 (the device window is 15 minutes, starts
+# included); a stage cut by its limit keeps what it wrote (partial benchmark runs merge).
+#   1. GPU tests with compiled Triton kernels (capture + replay == eager per attention backend, ...)
+#   2. bench_captured.py: whole forwards, host time and device time apart (docs/design.md section 9)
+#   3. bench_profile.py: where one packed forward spends its time (profile_packed.txt)
+#   4. the rest of the timed study, as long as the budget lasts
+# It records: results land in the committed bench/results/<device>/ (--bench-record) and are copied
+# to $OUT when it is set, as on the project's device machines; the short table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 python -c "import torch, triton, timm; print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, timm {timm.__version__}'); print(torch.cuda.get_device_name())" || exit 1
+python -c "import torch; print('cuDNN', torch.backends.cudnn.version())"
 
 LOGS="${OUT:-$(mktemp -d)}"; mkdir -p "$LOGS"; echo "full logs: $LOGS"
 status=0
-echo "== GPU tests (compiled kernels) =="
-python -m pytest tests -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$LOGS/gpu-tests.log" | tail -25; [ "${PIPESTATUS[0]}" = 0 ] || status=1
-echo "== timed benchmark study =="
-python -m pytest bench --benchmark --bench-record -q -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$LOGS/bench.log" | tail -40; [ "${PIPESTATUS[0]}" = 0 ] || status=1
+BENCH=(python -m pytest -q -p no:cacheprovider --benchmark --bench-record --benchmark-columns=median,rounds)
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit, keep its log, show its tail
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s) =="
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  tail -25 "$LOGS/$name.log"
+  [ "$rc" = 124 ] && echo "!! $name stopped at its ${limit}s limit"
+  [ "$rc" = 0 ] || status=1
+}
+stage gpu-tests 150 python -m pytest tests -m gpu -q -p no:cacheprovider -rs
+stage captured 190 "${BENCH[@]}" bench/bench_captured.py
+stage profile 40 "${BENCH[@]}" bench/bench_profile.py
+stage study 90 "${BENCH[@]}" bench --deselect bench/bench_captured.py --deselect bench/bench_profile.py --deselect bench/bench_host.py
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/bench-results" && cp -r bench/results/cuda-* "$OUT/bench-results/" 2>/dev/null
 fi
 echo
-for f in bench/results/cuda-*/summary.md; do [ -f "$f" ] && cat "$f"; done
+for f in bench/results/cuda-*/summary.md bench/results/cuda-*/captured_summary.md; do [ -f "$f" ] && cat "$f"; done
 exit $status
