@@ -169,7 +169,8 @@ TARGETS = {  # docs/design.md section 7
 
 def test_captured_forward_study(benchmark, timed, device, bench_dtype, results_folder):
     if device != "cuda":
-        model = msvit.from_timm("vit_small_patch16_224", depth=1).eval()
+        model = msvit.from_timm("vit_small_patch16_224", timm_kwargs=dict(pretrained=False, depth=1, img_size=64))
+        model.eval()
         runner = msvit.compile_packed(model, 2, 64, budget=2, mode="eager")
         benchmark.pedantic(lambda: runner(torch.randn(2, 3, 64, 64)), rounds=1, iterations=1)
         return

@@ -25,7 +25,9 @@ from .varlen import (
     MixedScaleIndex,
     StaticShape,
     _check_index_args,
+    border_cells,
     check_capacity,
+    count_border_cells,
     cu_seqlens_from_lengths,
     padded_cu_seqlens,
 )
@@ -66,17 +68,17 @@ if triton is not None:
     def _index_kernel(
         MASK, REGION_START, CU_SEQLENS,
         ROWS, SOURCE, POSITION, REGION, IS_FINE, PREFIX_ROWS, ROW_IMAGE, FINE_TO_ROW,
-        coarse_base, n_coarse, grid_w, num_prefix, stride_mb, stride_mj,
+        coarse_base, n_coarse, grid_w, fine_w, n_fine, num_prefix, stride_mb, stride_mj,
         RATIO: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """One program: BLOCK_J regions of one image; writes the entries of their tokens.
-        coarse_base = B * Nf: the first coarse row of the candidate-pixel table (``source``)."""
+        coarse_base = B * Nf: the first coarse row of the candidate-pixel table (``source``);
+        fine_w, n_fine: the fine grid's width and cell count (border cells included)."""
         image = tl.program_id(1)
         offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
         mask_j = offs_j < n_coarse
         seq_start = tl.load(CU_SEQLENS + image).to(tl.int64)
         image64 = image.to(tl.int64)
-        n_fine = n_coarse * RATIO * RATIO
         fine = tl.load(MASK + image * stride_mb + offs_j * stride_mj, mask=mask_j, other=0) != 0
         first_row = seq_start + num_prefix + tl.load(REGION_START + image * n_coarse + offs_j, mask=mask_j, other=0)
         # patch tokens precede this image's first one in packed order: seq_start - image * P
@@ -85,7 +87,7 @@ if triton is not None:
         cell_x = (offs_j % grid_w) * RATIO
         region = image64 * n_coarse + offs_j
         for k in tl.static_range(RATIO * RATIO):
-            fine_cell = (cell_y + k // RATIO) * (grid_w * RATIO) + cell_x + k % RATIO
+            fine_cell = (cell_y + k // RATIO) * fine_w + cell_x + k % RATIO
             if k == 0:  # every region has a token 0; only fine regions have the others
                 valid = mask_j
             else:
@@ -112,22 +114,43 @@ _COUNTS = None if triton is None else TritonKernel(_counts_kernel)
 _INDEX = None if triton is None else TritonKernel(_index_kernel)
 
 
-def _counts(mask: Tensor, ratio: int, num_prefix: int, shape: Optional[StaticShape] = None) -> Tuple[Tensor, Tensor, StaticShape]:
+def _counts(
+    mask: Tensor, ratio: int, num_prefix: int, shape: Optional[StaticShape] = None, n_border: int = 0
+) -> Tuple[Tensor, Tensor, StaticShape]:
+    """Offsets of every region and image (one launch); ``num_prefix + n_border`` rows of each image
+    are not in a region."""
     batch, n_coarse = mask.shape
     region_start = torch.empty(batch, n_coarse, dtype=torch.int32, device=mask.device)
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=mask.device)
     stats = torch.zeros(2, dtype=torch.int64, device=mask.device)
     block_j = min(1024 if INTERPRET else 256, triton.next_power_of_2(max(n_coarse, 1)))
     block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 4096 // block_j))  # a tile of <= 4096 regions
-    _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix,
+    _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix + n_border,
                   *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
     if recording():  # nothing ran: give the counts a launch would have written, so shapes downstream are real
-        _record_stand_in(mask, ratio, num_prefix, region_start, cu_seqlens, stats)
+        _record_stand_in(mask, ratio, num_prefix + n_border, region_start, cu_seqlens, stats)
     if shape is not None:
         check_capacity(stats[0], shape.capacity)
         return region_start, cu_seqlens, shape
     total, max_seqlen = stats.tolist()  # the forward's one host read
     return region_start, cu_seqlens, StaticShape(total, max_seqlen, 0)
+
+
+def _border_entries(border, cu_seqlens, num_prefix, n_fine, entries, row_image, fine_to_row) -> None:
+    """The entries of every image's border cells (always fine, the last rows of each image, no
+    region): a few scatters on the device, no host read."""
+    rows, source, position, region, is_fine = entries
+    batch = fine_to_row.shape[0]
+    image = torch.arange(batch, device=border.device)[:, None]
+    row = cu_seqlens[1 : batch + 1, None].long() - border.numel() + torch.arange(border.numel(), device=border.device)
+    token = (row - (image + 1) * num_prefix).flatten()
+    rows[token] = row.flatten()
+    source[token] = (image * n_fine + border).flatten()
+    position[token] = border.expand(batch, -1).flatten()
+    region[token] = -1
+    is_fine[token] = 1
+    row_image[row.flatten()] = image.expand_as(row).flatten()
+    fine_to_row[:, border] = row
 
 
 def _record_stand_in(mask, ratio, num_prefix, region_start, cu_seqlens, stats) -> None:
@@ -141,30 +164,42 @@ def _record_stand_in(mask, ratio, num_prefix, region_start, cu_seqlens, stats) -
 
 
 def triton_mixed_scale_index(
-    mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int, shape: Optional[StaticShape] = None
+    mask: Tensor,
+    coarse_grid: Tuple[int, int],
+    ratio: int,
+    num_prefix: int,
+    shape: Optional[StaticShape] = None,
+    fine_grid: Optional[Tuple[int, int]] = None,
 ) -> MixedScaleIndex:
     """``varlen.mixed_scale_index`` with the Triton kernels; same arguments, same result.
 
     mask: bool ``[B, Nc]`` (True = fine) on CUDA (CPU only under TRITON_INTERPRET=1);
     coarse_grid: (h, w) with h * w = Nc; ratio: coarse / fine patch; num_prefix: P; shape: a
-    ``varlen.StaticShape`` (no host read) or None (exact shape, one host read).
+    ``varlen.StaticShape`` (no host read) or None (exact shape, one host read); fine_grid: the
+    fine grid when it has border cells (default: coarse_grid * ratio).
     """
     _check_index_args(mask, coarse_grid, ratio, num_prefix)
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or pip install .[triton])")
     static = shape is not None
-    region_start, cu_seqlens, shape = _counts(mask, ratio, num_prefix, shape)
-    return _index_maps(mask, region_start, cu_seqlens, shape, coarse_grid, ratio, num_prefix)._replace(static=static)
+    fine_grid = (coarse_grid[0] * ratio, coarse_grid[1] * ratio) if fine_grid is None else tuple(fine_grid)
+    n_border = count_border_cells(fine_grid, ratio)
+    region_start, cu_seqlens, shape = _counts(mask, ratio, num_prefix, shape, n_border)
+    index = _index_maps(mask, region_start, cu_seqlens, shape, coarse_grid, ratio, num_prefix, fine_grid)
+    return index._replace(static=static)
 
 
 def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, shape: StaticShape,
-                coarse_grid: Tuple[int, int], ratio: int, num_prefix: int) -> MixedScaleIndex:
-    """Every index map of the batch from ``_counts``' offsets (the second launch)."""
+                coarse_grid: Tuple[int, int], ratio: int, num_prefix: int,
+                fine_grid: Optional[Tuple[int, int]] = None) -> MixedScaleIndex:
+    """Every index map of the batch from ``_counts``' offsets (the second launch; border cells and,
+    without regions, prefix rows are written by torch)."""
     batch, n_coarse = mask.shape
     device = mask.device
     total = shape.capacity
     n_patch = total - batch * num_prefix
-    n_fine = n_coarse * ratio * ratio
+    fine_grid = (coarse_grid[0] * ratio, coarse_grid[1] * ratio) if fine_grid is None else fine_grid
+    n_fine = fine_grid[0] * fine_grid[1]
     # under record_launches nothing writes the maps: zeros keep the ops that index with them valid
     empty = torch.zeros if recording() else torch.empty
     prefix_rows = empty(batch, num_prefix, dtype=torch.int64, device=device)
@@ -184,9 +219,17 @@ def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, shape: S
         block_j = min(256 if INTERPRET else 64, triton.next_power_of_2(n_coarse))
         _INDEX[(triton.cdiv(n_coarse, block_j), batch)](
             mask.view(torch.uint8), region_start, cu_seqlens, rows, source, position, region, is_fine, prefix_rows,
-            row_image, fine_to_row, batch * n_fine, n_coarse, coarse_grid[1], num_prefix, *mask.stride(),
-            RATIO=ratio, BLOCK_J=block_j, BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),
+            row_image, fine_to_row, batch * n_fine, n_coarse, coarse_grid[1], fine_grid[1], n_fine, num_prefix,
+            *mask.stride(), RATIO=ratio, BLOCK_J=block_j, BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),
         )
+    elif batch:  # no whole region: the prefix rows the kernel's first programs would write
+        prefix_rows.copy_(cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device))
+        row_image.index_put_((prefix_rows.flatten(),), torch.arange(batch, device=device).repeat_interleave(
+            num_prefix, output_size=batch * num_prefix))
+    border = border_cells(fine_grid, ratio, device)
+    if batch and border.numel():
+        _border_entries(border, cu_seqlens, num_prefix, n_fine, (rows, source, position, region, is_fine),
+                        row_image, fine_to_row)
     return MixedScaleIndex(
         cu_seqlens=padded_cu_seqlens(cu_seqlens, shape), max_seqlen=shape.max_seqlen, total=total, rows=rows,
         source=source, position=position, region=region, is_fine=is_fine.view(torch.bool), prefix_rows=prefix_rows,

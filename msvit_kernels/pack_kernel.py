@@ -27,7 +27,7 @@ if triton is not None:
 
     @triton.jit
     def _pack_kernel(
-        IMG, ROWS, POSITION, REGION, W, BIAS, POS, ST, OUT,
+        IMG, ROWS, POSITION, REGION, ROW_IMAGE, W, BIAS, POS, ST, OUT,
         n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
         stride_ib, stride_ic, stride_ih, stride_iw, stride_wo, stride_wi,
         stride_pr, stride_pd, stride_ot, stride_od,
@@ -38,7 +38,8 @@ if triton is not None:
         """One program: BLOCK_T patch tokens (packed order) x BLOCK_D embedding channels.
 
         POSITION is the token's position-table row: its fine cell (< n_fine) or n_fine + region
-        cell; REGION is ``image * n_coarse + region cell``.
+        cell; REGION is ``image * n_coarse + region cell`` (-1 for a border cell: no region, its
+        straight-through value is 1); ROW_IMAGE gives the image of the token's packed row.
         """
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -46,8 +47,9 @@ if triton is not None:
         mask_d = offs_d < dim
         position = tl.load(POSITION + offs_t, mask=mask_t, other=0)
         region = tl.load(REGION + offs_t, mask=mask_t, other=0)
-        image = region // n_coarse
-        cell = region % n_coarse
+        rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
+        image = tl.load(ROW_IMAGE + rows, mask=mask_t, other=0)
+        cell = region % n_coarse  # read for coarse tokens only (border cells are fine)
         fine = position < n_fine
         # top-left pixel of the token and the pixel step between its S_f x S_f samples
         y0 = tl.where(fine, (position // fine_w) * PATCH, (cell // coarse_w) * (PATCH * RATIO))
@@ -79,9 +81,8 @@ if triton is not None:
             acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask,
                            other=0.0).to(tl.float32)
         if HAS_ST:
-            st = tl.load(ST + region, mask=mask_t, other=1.0).to(tl.float32)
+            st = tl.load(ST + region, mask=mask_t & (region >= 0), other=1.0).to(tl.float32)
             acc *= tl.where(fine, st, 1.0 - st)[:, None]
-        rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
         tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -98,21 +99,22 @@ _PACK = None if triton is None else TritonKernel(
     _pack_kernel, _CONFIGS, key=["K", "dim", "RATIO"], interpret_meta={"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64})
 
 
-def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
+def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, row_image, prefix_rows, total,
                   fine_patch, ratio) -> Tensor:
     check_launchable(images)
     batch, chans, height, width = images.shape
     fine_w, coarse_w = width // fine_patch, width // (fine_patch * ratio)
     n_fine = (height // fine_patch) * fine_w
+    n_coarse = (height // (fine_patch * ratio)) * coarse_w
     dim = weight.shape[0]
     out = images.new_empty(total, dim)
     n_tokens = rows.numel()
     if n_tokens:
         dummy = weight  # stands in for absent optional tensors; never read (HAS_* is False)
         _PACK[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
-            images, rows, position, region, weight, dummy if bias is None else bias,
+            images, rows, position, region, row_image, weight, dummy if bias is None else bias,
             dummy if pos_table is None else pos_table, dummy if st is None else st, out,
-            n_tokens, n_fine // (ratio * ratio), n_fine, fine_w, coarse_w, dim,
+            n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
             *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
             *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
             HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,
@@ -126,19 +128,21 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
 @torch.library.custom_op("msvit::gather_embed_pack", mutates_args=())
 def _pack_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_table: Optional[Tensor],
              st: Optional[Tensor], prefix: Optional[Tensor], rows: Tensor, source: Tensor, position: Tensor,
-             region: Tensor, prefix_rows: Tensor, total: int, fine_patch: int, ratio: int) -> Tensor:
+             region: Tensor, row_image: Tensor, prefix_rows: Tensor, total: int, fine_patch: int,
+             ratio: int) -> Tensor:
     """Packed tokens ``[total, d]``; see :func:`gather_embed_pack` (``source`` serves the backward)."""
-    return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
-                         fine_patch, ratio)
+    return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, row_image, prefix_rows,
+                         total, fine_patch, ratio)
 
 
 @_pack_op.register_fake
-def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, total, fine_patch, ratio):
+def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, row_image, prefix_rows, total,
+      fine_patch, ratio):
     return images.new_empty(total, weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, *sizes = inputs
+    images, weight, bias, pos_table, st, prefix, rows, source, position, region, _, prefix_rows, *sizes = inputs
     ctx.save_for_backward(images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows)
     ctx.fine_patch, ctx.ratio = sizes[1], sizes[2]
     ctx.has_prefix = prefix is not None
@@ -152,17 +156,19 @@ def _backward(ctx, grad_out):
     pixels = None
     if need[1] or (st is not None and need[4]):
         pixels = gather_patches_reference(images, source, ctx.fine_patch, ctx.ratio).to(weight.dtype)
-    if st is not None:
+    if st is not None and st.numel():
         n_fine = (images.shape[2] // ctx.fine_patch) * (images.shape[3] // ctx.fine_patch)
         fine = position < n_fine
-        value = st.index_select(0, region)
+        in_region = region >= 0  # border cells have no region: value 1, no gradient to the gate
+        value = torch.where(in_region, st.index_select(0, region.clamp_min(0)), 1)
         if need[4]:  # d value = <grad, unscaled token>; fine tokens carry +st, coarse ones -st
             unscaled = F.linear(pixels, weight, bias)
             if pos_table is not None:
                 unscaled = unscaled + pos_table.index_select(0, position)
             d_value = (grad_tokens.float() * unscaled.float()).sum(1)
             d_st = torch.zeros(st.shape, dtype=torch.float32, device=st.device)
-            d_st = d_st.index_add_(0, region, torch.where(fine, d_value, -d_value)).to(st.dtype)
+            d_value = torch.where(in_region, torch.where(fine, d_value, -d_value), 0)
+            d_st = d_st.index_add_(0, region.clamp_min(0), d_value).to(st.dtype)
         grad_tokens = grad_tokens * torch.where(fine, value, 1 - value).to(grad_tokens.dtype)[:, None]
     if need[1]:
         d_weight = (grad_tokens.transpose(0, 1) @ pixels).to(weight.dtype)
@@ -173,7 +179,7 @@ def _backward(ctx, grad_out):
         d_pos = d_pos.index_add_(0, position, grad_tokens.float()).to(pos_table.dtype)
     if ctx.has_prefix and need[5]:
         d_prefix = grad_out[prefix_rows].sum(0)
-    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 8
+    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 9
 
 
 _pack_op.register_autograd(_backward, setup_context=_setup_context)
@@ -195,5 +201,5 @@ def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bi
     if weight.dtype != images.dtype:
         raise TypeError(f"weight ({weight.dtype}) and images ({images.dtype}) must have the same dtype")
     return _pack_op(images, weight, bias, pos_table, None if st is None else st.reshape(-1), prefix, index.rows,
-                    index.source, index.position, index.region, index.prefix_rows, int(index.total),
+                    index.source, index.position, index.region, index.row_image, index.prefix_rows, int(index.total),
                     int(fine_patch), int(ratio))

@@ -74,8 +74,11 @@ def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> 
     """Coarse patches (``fine_patch * ratio`` px) area-averaged down to ``fine_patch`` px (Eq. 5).
 
     For an integer ratio, area averaging is exactly ``avg_pool2d`` with kernel ``ratio``.
-    Returns ``[B, Nc, C * fine_patch**2]`` in coarse-grid raster order.
+    Returns ``[B, Nc, C * fine_patch**2]`` in coarse-grid raster order; pixels outside every whole
+    coarse region (the border of a size that is not a multiple of the coarse patch) are not read.
     """
+    coarse = fine_patch * ratio
+    images = images[..., : images.shape[-2] // coarse * coarse, : images.shape[-1] // coarse * coarse]
     pooled = F.avg_pool2d(images, ratio) if ratio > 1 else images
     return patchify(pooled, fine_patch)
 
@@ -149,9 +152,10 @@ def pack_reference(
         tokens = norm(tokens)
     if pos_table is not None:
         tokens = tokens + pos_table.index_select(0, index.position)
-    if st is not None:
-        value = st.flatten().index_select(0, index.region)
-        tokens = tokens * torch.where(index.is_fine, value, 1 - value)[:, None]
+    if st is not None and st.numel():  # border cells (region -1) have no region: their value is 1
+        in_region = index.region >= 0
+        value = torch.where(in_region, st.flatten().index_select(0, index.region.clamp_min(0)), 1)
+        tokens = tokens * torch.where(index.is_fine | ~in_region, value, 1 - value)[:, None]
     packed = tokens.new_empty(index.total, tokens.shape[-1])
     packed[index.rows] = tokens
     if prefix is not None:

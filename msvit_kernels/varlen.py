@@ -3,7 +3,10 @@
 Layout of image ``b`` (rows ``cu_seqlens[b] : cu_seqlens[b+1]``): its ``P`` prefix tokens (cls,
 registers), then one entry per coarse region in raster order: a coarse region contributes one
 token, a fine region its ``r*r`` fine tokens in raster order inside the region (``r`` = coarse
-patch / fine patch). Every map below is built on the mask's device; building the whole index costs
+patch / fine patch), then its *border cells*: when the fine grid is not a whole number of coarse
+regions (ViT-B/32 at 224 px: 7 x 7 fine cells, 3 x 3 regions of 2 x 2), the fine cells outside
+every whole region are always fine tokens, in fine raster order, with no gate decision
+(``region`` -1, straight-through value 1). Every map below is built on the mask's device; building the whole index costs
 exactly one host read (``T`` and ``max_seqlen``), once per forward, or none with a static shape.
 
 Static shapes (docs/design.md section 9): a forward whose shapes depend only on the batch, the
@@ -12,7 +15,7 @@ real rows come first, as above; rows ``T .. capacity`` are padding. Padding rows
 sequences of at most ``max_seqlen`` rows each (a fixed number of them: ``cu_seqlens`` has
 ``B + 1 + padding_sequences`` entries, the padding offsets ending at ``capacity``; some may be
 empty), so every attention backend computes them like any row and no real row ever sees them.
-Each padding row holds a copy of a real token's embedding (a coarse patch of image 0: finite,
+Each padding row holds a copy of a real token's embedding (image 0's first coarse token: finite,
 well defined) and belongs to image ``B`` in ``row_image``. ``max_seqlen`` is then a static bound
 (the all-fine length of an image, or the exact length when every image keeps the same number of
 fine regions, as with a token budget).
@@ -34,12 +37,14 @@ class MixedScaleIndex(NamedTuple):
     source: int64 ``[Np]`` row of the candidate-pixel table ``cat(fine patches [B*Nf], coarse
         patches [B*Nc])`` that each patch token embeds.
     position: int64 ``[Np]`` row of the position table ``cat(fine pos [Nf], coarse pos [Nc])``.
-    region: int64 ``[Np]`` flat coarse region ``b*Nc + j`` each patch token belongs to.
+    region: int64 ``[Np]`` flat coarse region ``b*Nc + j`` each patch token belongs to (-1: a
+        border cell, in no region).
     is_fine: bool ``[Np]``.
     prefix_rows: int64 ``[B, P]`` packed rows of the prefix tokens.
     row_image: int64 ``[T]`` image of every packed row.
-    fine_to_row: int64 ``[B, Nf]`` packed row covering each fine cell (fine-grid raster order):
-        the fine token itself, or the coarse token of its region. Used to unpack to the grid.
+    fine_to_row: int64 ``[B, Nf]`` packed row covering each fine cell (fine-grid raster order,
+        border cells too): the fine token itself, or the coarse token of its region. Used to
+        unpack to the grid.
     padding_sequences: sequences after the B images that hold padding rows (static shapes; 0
         otherwise). ``batch`` is the number of images.
     static: the shape was fixed before the mask was known: the layout's consumers must read
@@ -79,20 +84,28 @@ class StaticShape(NamedTuple):
 
 
 def static_shape(
-    batch: int, n_coarse: int, ratio: int, num_prefix: int, capacity: Optional[int] = None, fine_regions=None
+    batch: int,
+    n_coarse: int,
+    ratio: int,
+    num_prefix: int,
+    capacity: Optional[int] = None,
+    fine_regions=None,
+    n_border: int = 0,
 ) -> StaticShape:
     """The ``StaticShape`` of ``batch`` images of ``n_coarse`` regions with room for ``capacity`` rows.
 
     fine_regions: when every image keeps exactly this many regions fine (a token budget), each image
     has the same known length and ``capacity`` defaults to the exact total (no padding). Otherwise
-    an image has between ``P + Nc`` (all coarse) and ``P + Nc*r*r`` (all fine) rows, ``capacity``
-    must lie between ``B`` times those, and ``max_seqlen`` is the all-fine length.
+    an image has between ``P + Nc`` (all coarse) and ``P + Nc*r*r`` (all fine) rows, plus its
+    ``n_border`` border cells, ``capacity`` must lie between ``B`` times those, and ``max_seqlen``
+    is the all-fine length.
     """
-    shortest, longest = num_prefix + n_coarse, num_prefix + n_coarse * ratio * ratio
+    fixed = num_prefix + n_border
+    shortest, longest = fixed + n_coarse, fixed + n_coarse * ratio * ratio
     if fine_regions is not None:
         if not 0 <= fine_regions <= n_coarse:
             raise ValueError(f"fine_regions must be between 0 and {n_coarse}, got {fine_regions}")
-        shortest = longest = num_prefix + n_coarse + (ratio * ratio - 1) * fine_regions
+        shortest = longest = fixed + n_coarse + (ratio * ratio - 1) * fine_regions
     if capacity is None:
         if fine_regions is None:
             raise ValueError("a static shape needs a capacity (packed rows) unless every image has a known length")
@@ -138,35 +151,67 @@ def cu_seqlens_from_lengths(lengths: Tensor) -> Tensor:
     return cu
 
 
-def fine_cells_of_regions(coarse_grid: Tuple[int, int], ratio: int, device=None) -> Tensor:
-    """int64 ``[Nc, r*r]``: the fine-grid raster index of each fine cell of each coarse region."""
+def fine_cells_of_regions(
+    coarse_grid: Tuple[int, int], ratio: int, device=None, fine_width: Optional[int] = None
+) -> Tensor:
+    """int64 ``[Nc, r*r]``: the fine-grid raster index of each fine cell of each coarse region.
+    fine_width: the fine grid's width (default ``wc * r``: no border column)."""
     hc, wc = coarse_grid
     r = ratio
+    width = wc * r if fine_width is None else fine_width
     jy = torch.arange(hc, device=device).view(hc, 1, 1, 1)
     jx = torch.arange(wc, device=device).view(1, wc, 1, 1)
     ky = torch.arange(r, device=device).view(1, 1, r, 1)
     kx = torch.arange(r, device=device).view(1, 1, 1, r)
-    fine_index = (jy * r + ky) * (wc * r) + (jx * r + kx)
+    fine_index = (jy * r + ky) * width + (jx * r + kx)
     return fine_index.reshape(hc * wc, r * r)
 
 
+def border_cells(fine_grid: Tuple[int, int], ratio: int, device=None) -> Tensor:
+    """int64 ``[n_border]``: fine cells (raster order) outside every whole coarse region: the last
+    ``h % r`` rows and ``w % r`` columns of the fine grid. They are always fine tokens."""
+    h, w = fine_grid
+    y = torch.arange(h, device=device)[:, None]
+    x = torch.arange(w, device=device)[None, :]
+    outside = (y >= (h // ratio) * ratio) | (x >= (w // ratio) * ratio)
+    # a stable sort puts the border cells first, in raster order: a boolean index would read its size
+    order = torch.argsort((~outside.expand(h, w)).flatten().to(torch.uint8), stable=True)
+    return order[: count_border_cells(fine_grid, ratio)]
+
+
+def count_border_cells(fine_grid: Tuple[int, int], ratio: int) -> int:
+    """How many fine cells lie outside every whole coarse region (no tensor, no host read)."""
+    h, w = fine_grid
+    return h * w - (h // ratio) * (w // ratio) * ratio * ratio
+
+
 def mixed_scale_index(
-    mask: Tensor, coarse_grid: Tuple[int, int], ratio: int, num_prefix: int, shape: Optional[StaticShape] = None
+    mask: Tensor,
+    coarse_grid: Tuple[int, int],
+    ratio: int,
+    num_prefix: int,
+    shape: Optional[StaticShape] = None,
+    fine_grid: Optional[Tuple[int, int]] = None,
 ) -> MixedScaleIndex:
     """Build the packed layout of a batch from its hard mask.
 
     mask: bool ``[B, Nc]`` (True = fine), ``Nc = coarse_grid[0] * coarse_grid[1]``; ratio: coarse
     patch / fine patch (integer >= 1); num_prefix: prefix tokens per image (integer >= 0); shape: a
     ``StaticShape`` (no host read; padding rows as the module docstring says), or None for the
-    exact shape (one host read).
+    exact shape (one host read); fine_grid: (h, w) of the fine grid when it has border cells
+    (default ``coarse_grid * ratio``: none).
     """
     _check_index_args(mask, coarse_grid, ratio, num_prefix)
     device = mask.device
     batch, n_coarse = mask.shape
     r2 = ratio * ratio
-    n_fine = n_coarse * r2
+    fine_grid = (coarse_grid[0] * ratio, coarse_grid[1] * ratio) if fine_grid is None else tuple(fine_grid)
+    n_fine = fine_grid[0] * fine_grid[1]
+    border = border_cells(fine_grid, ratio, device)
+    n_border = border.numel()
     per_region = torch.where(mask, r2, 1)  # tokens each region contributes
-    lengths = num_prefix + per_region.sum(1)
+    region_tokens = per_region.sum(1)
+    lengths = num_prefix + region_tokens + n_border
     cu_seqlens = cu_seqlens_from_lengths(lengths)
     static = shape is not None
     if not static:
@@ -177,34 +222,51 @@ def mixed_scale_index(
         check_capacity(cu_seqlens[-1], shape.capacity)
     total = shape.capacity
 
-    # Packed row of every candidate token (b, j, k); k > 0 is only real in a fine region.
+    # Packed row of every candidate token of an image: (j, k) of every region (k > 0 is only real in
+    # a fine region), then its border cells; candidates enumerate in packed order.
     region_start = cu_seqlens[:-1, None].long() + num_prefix + (torch.cumsum(per_region, 1) - per_region)
     sub = torch.arange(r2, device=device)
-    candidate_row = region_start[:, :, None] + sub
-    valid = mask[:, :, None] | (sub == 0)
+    border_start = cu_seqlens[:-1, None].long() + num_prefix + region_tokens[:, None]
+    candidate_row = torch.cat(
+        [(region_start[:, :, None] + sub).flatten(1), border_start + torch.arange(n_border, device=device)], 1
+    )
+    valid = torch.cat([(mask[:, :, None] | (sub == 0)).flatten(1), mask.new_ones(batch, n_border)], 1)
+    per_image = n_coarse * r2 + n_border
 
     # Stable sort keeps the enumeration order, which is the packed order, without a host sync. With
     # a static shape the entries past the real tokens are absent candidates: a (b, j, k > 0) of a
     # coarse region, whose maps name that region's coarse token; they fill the padding rows.
     n_patch = total - batch * num_prefix
     candidate = torch.argsort((~valid).flatten().to(torch.uint8), stable=True)[:n_patch]
-    image = candidate // (n_coarse * r2)
-    region_in_image = (candidate // r2) % n_coarse
-    is_fine = mask[image, region_in_image]
-    fine_cells = fine_cells_of_regions(coarse_grid, ratio, device)
-    fine_cell = fine_cells.flatten()[candidate % (n_coarse * r2)]
+    image = candidate // per_image
+    local = candidate % per_image
+    in_region = local < n_coarse * r2
+    region_in_image = torch.where(in_region, local // r2, 0)
+    decided = mask.reshape(-1)[image * n_coarse + region_in_image] if n_coarse else torch.zeros_like(in_region)
+    is_fine = ~in_region | decided
+    fine_cells = fine_cells_of_regions(coarse_grid, ratio, device, fine_grid[1])
+    cell_of_candidate = torch.cat([fine_cells.flatten(), border])
+    fine_cell = cell_of_candidate[local] if cell_of_candidate.numel() else local
     source = torch.where(is_fine, image * n_fine + fine_cell, batch * n_fine + image * n_coarse + region_in_image)
     position = torch.where(is_fine, fine_cell, n_fine + region_in_image)
+    region = torch.where(in_region, image * n_coarse + region_in_image, -1)  # border cells: no region
 
     prefix_rows = cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device)
     row_image = padded_row_image(lengths, shape)
     rows = candidate_row.flatten()[candidate]
-    if static:  # padding entry e fills padding row e + B*P (the rows after the real ones, in order)
+    if static:  # padding entry e fills padding row e + B*P with image 0's first coarse token
         entry = torch.arange(n_patch, device=device)
-        rows = torch.where(entry < cu_seqlens[-1] - batch * num_prefix, rows, entry + batch * num_prefix)
-    covering = torch.where(mask[:, :, None], candidate_row, candidate_row[:, :, :1])
+        real = entry < cu_seqlens[-1] - batch * num_prefix
+        rows = torch.where(real, rows, entry + batch * num_prefix)
+        source = torch.where(real, source, batch * n_fine)
+        position = torch.where(real, position, n_fine)
+        region = torch.where(real, region, 0)
+        is_fine = is_fine & real
+    region_rows = candidate_row[:, : n_coarse * r2].view(batch, n_coarse, r2)
+    covering = torch.where(mask[:, :, None], region_rows, region_rows[:, :, :1])
     fine_to_row = torch.empty(batch, n_fine, dtype=torch.long, device=device)
-    fine_to_row[:, fine_cells.flatten()] = covering.reshape(batch, n_fine)
+    fine_to_row[:, fine_cells.flatten()] = covering.reshape(batch, n_coarse * r2)
+    fine_to_row[:, border] = candidate_row[:, n_coarse * r2 :]
     return MixedScaleIndex(
         cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
         max_seqlen=shape.max_seqlen,
@@ -212,7 +274,7 @@ def mixed_scale_index(
         rows=rows,
         source=source,
         position=position,
-        region=image * n_coarse + region_in_image,
+        region=region,
         is_fine=is_fine,
         prefix_rows=prefix_rows,
         row_image=row_image,

@@ -6,7 +6,9 @@ from torch import Tensor
 MODES = ("packed", "masked", "trimmed")
 
 
-def check_images(images, in_chans: int, coarse_patch: int) -> None:
+def check_images(images, in_chans: int, patch: int) -> None:
+    """A float ``[B, C, H, W]`` batch, H and W multiples of the (fine) patch size: regions that are
+    not whole at the border stay fine (docs/design.md section 2)."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor [B, {in_chans}, H, W], got {type(images).__name__}")
     if not images.is_floating_point():
@@ -20,11 +22,11 @@ def check_images(images, in_chans: int, coarse_patch: int) -> None:
     if images.shape[1] != in_chans:
         raise ValueError(f"images must have {in_chans} channels, got {images.shape[1]} (shape {tuple(images.shape)})")
     h, w = images.shape[-2:]
-    if h % coarse_patch or w % coarse_patch or h == 0 or w == 0:
+    if h % patch or w % patch or h == 0 or w == 0:
         raise ValueError(
-            f"image size {h}x{w} must be a positive multiple of the coarse patch size {coarse_patch} "
-            f"in both dimensions; resize or crop, e.g. to {max(1, h // coarse_patch) * coarse_patch}x"
-            f"{max(1, w // coarse_patch) * coarse_patch}"
+            f"image size {h}x{w} must be a positive multiple of the patch size {patch} in both dimensions "
+            f"(as for the timm model); resize or crop, e.g. to {max(1, h // patch) * patch}x"
+            f"{max(1, w // patch) * patch}"
         )
 
 

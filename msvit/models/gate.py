@@ -151,10 +151,16 @@ class MixedScaleGate(nn.Module):
         return pos.flatten(2).transpose(1, 2)[0]
 
     def forward(self, images: Tensor) -> Tensor:
-        """images ``[B, C, H, W]`` (H, W multiples of region_size) -> logits ``[B, Nc]``."""
+        """images ``[B, C, H, W]`` -> logits ``[B, Nc]`` of the whole regions (a border narrower
+        than a region is not gated: its fine cells always stay fine)."""
         if self._fused(images):
             return self._fused_gate(images).logits
-        return gate_mlp_reference(images, self.region_size, *self._weights(images))
+        return gate_mlp_reference(self.whole_regions(images), self.region_size, *self._weights(images))
+
+    def whole_regions(self, images: Tensor) -> Tensor:
+        """The view of ``images`` covered by whole regions (all of it for a multiple of region_size)."""
+        size = self.region_size
+        return images[..., : images.shape[-2] // size * size, : images.shape[-1] // size * size]
 
     def decide(
         self, images: Tensor, sample: bool, budget: Budget = None, noise: Optional[Tensor] = None
@@ -213,7 +219,7 @@ class MixedScaleGate(nn.Module):
             grid = (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size)
             noise = logistic_noise(images.new_empty(images.shape[0], grid[0] * grid[1], dtype=dtype))
         return fused_gate(
-            images.to(dtype),
+            self.whole_regions(images).to(dtype),
             self.region_size,
             *(w.to(dtype) for w in self._weights(images)),
             noise=noise,

@@ -19,7 +19,7 @@ from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
-from msvit_kernels.varlen import MixedScaleIndex, StaticShape, static_shape
+from msvit_kernels.varlen import MixedScaleIndex, StaticShape, count_border_cells, static_shape
 
 
 class MSViTOutput(NamedTuple):
@@ -160,14 +160,14 @@ class MSViT(nn.Module):
 
     def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> GateDecision:
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
-        check_images(images, self.in_chans, self.tokenizer.coarse_patch)
+        check_images(images, self.in_chans, self.tokenizer.fine_patch)
         check_dtype(images, self.tokenizer.embed.weight.dtype)
         return self.gate.decision(images, mask, sample=self.training, budget=budget)
 
     @torch.no_grad()
     def gate_mask(self, images: Tensor, *, budget: Budget = None) -> Tensor:
         """Hard decisions with eval semantics (threshold, or top-k with ``budget``): bool ``[B, Nc]``."""
-        check_images(images, self.in_chans, self.tokenizer.coarse_patch)
+        check_images(images, self.in_chans, self.tokenizer.fine_patch)
         check_dtype(images, self.tokenizer.embed.weight.dtype)
         return self.gate.decide(images, sample=False, budget=budget).hard
 
@@ -178,13 +178,15 @@ class MSViT(nn.Module):
         None when it depends on the mask. A budget keeps the same number of regions fine in every
         image, so the total is known (capacity defaults to it); ``capacity`` pads the packed rows
         to a fixed count. With either, a packed forward reads nothing back to the host."""
-        coarse = self.tokenizer.coarse_patch
-        n_regions = (image_size[0] // coarse) * (image_size[1] // coarse)
+        tokenizer = self.tokenizer
+        fine_grid = (image_size[0] // tokenizer.fine_patch, image_size[1] // tokenizer.fine_patch)
+        n_regions = (fine_grid[0] // tokenizer.ratio) * (fine_grid[1] // tokenizer.ratio)
         fine_regions = None if budget is None else budget_regions(budget, n_regions)
         if capacity is None and fine_regions is None:
             return None
+        n_border = count_border_cells(fine_grid, tokenizer.ratio)
         return static_shape(
-            batch_size, n_regions, self.tokenizer.ratio, self.tokenizer.num_prefix, capacity, fine_regions
+            batch_size, n_regions, tokenizer.ratio, tokenizer.num_prefix, capacity, fine_regions, n_border
         )
 
     def tokens_per_image(self, mask: Tensor, *, images: Optional[Tensor] = None) -> Tensor:
@@ -192,8 +194,10 @@ class MSViT(nn.Module):
         ``[B, Nc]`` over the coarse grid of ``images`` when given, else of the size the model was
         built for (``gate.grid``); pass the images for masks of another size."""
         check_counted_mask(mask, self.gate.grid if images is None else self.coarse_grid(images), images)
-        r2 = self.tokenizer.ratio**2
-        return self.tokenizer.num_prefix + mask.shape[1] + (r2 - 1) * mask.sum(1)
+        ratio = self.tokenizer.ratio
+        fine_grid = self.tokenizer.grid if images is None else self.tokenizer.grids(images)[0]
+        fixed = self.tokenizer.num_prefix + count_border_cells(fine_grid, ratio)  # border cells: always fine
+        return fixed + mask.shape[1] + (ratio**2 - 1) * mask.sum(1)
 
     def forward(
         self,

@@ -84,7 +84,8 @@ class PackedRope(nn.Module):
         h, w = grid
         r = self.ratio
         fine = self.fine_coords(grid)
-        coarse = fine.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2)
+        whole = fine.reshape(h, w, 2)[: h // r * r, : w // r * r]  # border cells belong to no region
+        coarse = whole.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2)
         coords = torch.cat([fine, coarse])
         rope = self.rope
         if rope.training and rope.aug_active:  # an affine map: augmenting then averaging is the same

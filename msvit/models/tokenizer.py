@@ -102,6 +102,9 @@ class MixedScaleTokenizer(nn.Module):
         d = fine.shape[-1]
         fine_map = fine.transpose(0, 1).reshape(1, d, *fine_grid)
         coarse_grid = (fine_grid[0] // self.ratio, fine_grid[1] // self.ratio)
+        # resampled from the whole regions' cells only: border cells (a size that is not a whole
+        # number of regions) are no region's, and a divisible grid is left as it was
+        fine_map = fine_map[:, :, : coarse_grid[0] * self.ratio, : coarse_grid[1] * self.ratio]
         coarse = F.interpolate(fine_map, size=coarse_grid, mode="bilinear", align_corners=False, antialias=False)
         coarse = coarse.reshape(d, -1).transpose(0, 1)
         return PositionTables(prefix if n_pos_prefix else None, torch.cat([fine, coarse]))
@@ -126,7 +129,7 @@ class MixedScaleTokenizer(nn.Module):
         fine_grid, coarse_grid = self.grids(images)
         fused = use_triton(self.kernels, images, self._fallback(images))
         build_index = triton_mixed_scale_index if fused else mixed_scale_index
-        index = build_index(hard, coarse_grid, self.ratio, self.num_prefix, shape)
+        index = build_index(hard, coarse_grid, self.ratio, self.num_prefix, shape, fine_grid)
         positions = self.position_tables(fine_grid)
         st = st if st.requires_grad else None  # st is 1 in value: scaling only routes the gradient
         if fused:
@@ -181,8 +184,9 @@ class MixedScaleTokenizer(nn.Module):
         positions = self.position_tables(fine_grid)
         if positions.patches is not None:
             tokens = tokens + positions.patches
-        fine_region = region_of_fine_cells(coarse_grid, self.ratio, images.device)
-        weights = torch.cat([st[:, fine_region], 1 - st], 1)
+        fine_region = region_of_fine_cells(coarse_grid, self.ratio, images.device, fine_grid)
+        in_region = fine_region >= 0  # border cells are always fine: weight 1
+        weights = torch.cat([torch.where(in_region, st[:, fine_region.clamp_min(0)], 1), 1 - st], 1)
         prefix = self.prefix_rows(positions, tokens.dtype)
         if prefix is not None:
             tokens = torch.cat([prefix.expand(images.shape[0], -1, -1), tokens], 1)
@@ -190,9 +194,13 @@ class MixedScaleTokenizer(nn.Module):
         return tokens, weights
 
 
-def region_of_fine_cells(coarse_grid: Tuple[int, int], ratio: int, device=None) -> Tensor:
-    """int64 ``[Nf]``: the coarse region C(i) of every fine cell, in fine-grid raster order."""
-    cells = fine_cells_of_regions(coarse_grid, ratio, device)
-    region = torch.empty(cells.numel(), dtype=torch.long, device=device)
+def region_of_fine_cells(
+    coarse_grid: Tuple[int, int], ratio: int, device=None, fine_grid: Optional[Tuple[int, int]] = None
+) -> Tensor:
+    """int64 ``[Nf]``: the coarse region C(i) of every fine cell, in fine-grid raster order (-1 for
+    border cells, outside every whole region, when ``fine_grid`` has them)."""
+    fine_grid = (coarse_grid[0] * ratio, coarse_grid[1] * ratio) if fine_grid is None else fine_grid
+    cells = fine_cells_of_regions(coarse_grid, ratio, device, fine_grid[1])
+    region = torch.full((fine_grid[0] * fine_grid[1],), -1, dtype=torch.long, device=device)
     region[cells.flatten()] = torch.arange(cells.shape[0], device=device).repeat_interleave(cells.shape[1])
     return region
