@@ -17,8 +17,8 @@ def model():
 @pytest.mark.parametrize(
     "images,error,match",
     [
-        (torch.randn(1, 3, 64, 72), ValueError, "multiple of the coarse patch size 16"),
-        (torch.randn(1, 3, 40, 64), ValueError, "multiple of the coarse patch size 16"),
+        (torch.randn(1, 3, 64, 70), ValueError, "multiple of the patch size 8"),
+        (torch.randn(1, 3, 36, 64), ValueError, "multiple of the patch size 8"),
         (torch.randn(1, 1, 64, 64), ValueError, "3 channels"),
         (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), TypeError, "float tensor"),
         (torch.randn(3, 64, 64), ValueError, "missing batch dimension"),

@@ -93,9 +93,7 @@ def naflex_parts(model: nn.Module, img_size: Union[int, Sequence[int], None] = N
     if model.rope is not None:
         raise NotImplementedError("NaFlexViT with rotary position embeddings (rope_type) is not supported")
     if embeds.dynamic_img_pad:
-        raise NotImplementedError(
-            "dynamic_img_pad is not supported: MSViT images must be multiples of the coarse patch"
-        )
+        raise NotImplementedError("dynamic_img_pad is not supported: MSViT images must be multiples of the patch size")
     embed = _linear_embedding(embeds)
     patch = embeds.patch_size[0]
     grid = _image_grid(model, patch, img_size)

@@ -211,10 +211,10 @@ def compile_packed(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    coarse = model.tokenizer.coarse_patch
-    if len(size) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % coarse for n in size):
+    patch = model.tokenizer.fine_patch
+    if len(size) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % patch for n in size):
         raise ValueError(
-            f"image_size must be H or (H, W), positive multiples of the coarse patch {coarse}, got {image_size!r}"
+            f"image_size must be H or (H, W), positive multiples of the patch size {patch}, got {image_size!r}"
         )
     if budget is not None:
         if buckets is not None:

@@ -157,7 +157,7 @@ class MSSegmenter(nn.Module):
     def forward(
         self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, return_gate: bool = False
     ):
-        """Segment ``images [B, C, H, W]`` (normalised; H, W multiples of the coarse patch).
+        """Segment ``images [B, C, H, W]`` (normalised; H, W multiples of the patch size).
 
         mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-style
         number (int) or fraction (float) of fine regions per image; return_gate: return a

@@ -132,7 +132,7 @@ def _check_patch_embed(label: str, embed: nn.Module) -> None:
     if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
         raise refuse(label, "patch_embed.proj", proj, "a patch embedding that is not a square, non-overlapping Conv2d")
     if getattr(embed, "dynamic_img_pad", False):
-        feature = "dynamic_img_pad (MSViT images must be multiples of the coarse patch)"
+        feature = "dynamic_img_pad (MSViT images must be multiples of the patch size)"
         raise refuse(label, "patch_embed", embed, feature)
     _check_tokenwise(label, "patch_embed.norm", getattr(embed, "norm", nn.Identity()))
 
