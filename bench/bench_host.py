@@ -16,7 +16,9 @@ Under recording the counts kernel does not run, so torch computes what it would 
 Reported per variant: host ms per forward at batch 1 and 256, aten ops, Triton launches and host
 reads per forward; per component of the packed forward: gate, index + pack, position tables
 (cached vs rebuilt), one attention call through ``packed_attention`` vs its backend function, the
-12 blocks, the head. Timed runs write ``host_overhead.{json,md}`` into the run's
+12 blocks, the head. The reference backend (one SDPA per image, 13 host reads) is timed at batch 1
+only: at 256 its per-image loop is 28,000 ops. One torch thread, as one host thread issues a GPU
+forward. Timed runs write ``host_overhead.{json,md}`` into the run's
 results folder (``bench/results-local/<device>/``; ``bench/results/<device>/`` with ``--bench-record``).
 """
 
@@ -58,7 +60,8 @@ def build(backend: str):
 
 
 def variants(batch: int):
-    """name -> (callable, model, images): the forwards compared, all under no_grad."""
+    """name -> (callable, model, images): the forwards compared, all under no_grad; every packed
+    forward runs its gate (the reference row, whose gate is torch, takes a mask)."""
     vit, fused = build("triton")
     _, padded = build("padded_sdpa")
     _, reference = build("reference")
@@ -67,11 +70,11 @@ def variants(batch: int):
     capacity = fused.static_shape(batch, (IMAGE, IMAGE), budget=1.0).capacity
     return {
         "timm ViT-S eager": lambda: vit(images),
-        "packed eager, triton, dynamic (1 read)": lambda: fused(images, mask=mask),
+        "packed eager, triton, dynamic (1 read)": lambda: fused(images),
         "packed eager, triton, budget (static)": lambda: fused(images, budget=2),
-        "packed eager, triton, capacity (static)": lambda: fused(images, mask=mask, capacity=capacity),
+        "packed eager, triton, capacity (static)": lambda: fused(images, capacity=capacity),
         "packed eager, padded_sdpa, budget (static)": lambda: padded(images, budget=2),
-        "packed eager, reference, dynamic": lambda: reference(images, mask=mask),
+        **({"packed eager, reference, dynamic": lambda: reference(images, mask=mask)} if batch == 1 else {}),
     }, (fused, images, mask)
 
 
@@ -93,7 +96,7 @@ def components(model, images, mask, repeats: int) -> dict:
     fine_grid = tokenizer.grids(images)[0]
     parts = {
         "checks (images, dtype, mask)": lambda: model.decide(images, mask=mask),
-        "gate (fused, 4 launches)": lambda: model.decide(images),
+        "gate (fused, 3 launches)": lambda: model.decide(images),
         "index + pack (2 + 1 launches)": lambda: tokenizer.pack(images, decision.hard, decision.st),
         "position tables, cached": lambda: tokenizer.position_tables(fine_grid),
         "position tables, rebuilt": lambda: tokenizer._position_tables(fine_grid),
@@ -109,7 +112,16 @@ def components(model, images, mask, repeats: int) -> dict:
 
 
 def test_host_overhead(benchmark, timed, results_folder):
-    repeats = 30 if timed else 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one host thread issues a GPU forward; tiny ops gain nothing from more
+    try:
+        measure_host_overhead(benchmark, timed, results_folder)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_host_overhead(benchmark, timed, results_folder):
+    repeats = 60 if timed else 1
     results = {"environment": environment("cpu"), "width": WIDTH, "image": IMAGE, "batches": {}}
     for batch in (1, 256) if timed else (2,):
         runs, (model, images, mask) = variants(batch)
@@ -140,7 +152,11 @@ def write(results: dict, folder) -> None:
         "",
         f"torch {env['torch']}, triton {env['triton']}, {env['threads']} threads, {env['date']}; ViT-S depth and "
         f"heads at width {results['width']}, {results['image']} px images (each op costs its dispatch only).",
-        f"Target: packed eager host time <= {TARGET}x timm ViT-S eager.",
+        f"Target: packed eager host time <= {TARGET}x timm ViT-S eager (batch 1: there every op is dispatch).",
+        "At batch 256 the ViT's own arithmetic (its patch conv and attention run on the CPU, while the",
+        "packed forward's Triton launches are recorded, not run) dominates its row: read that batch for",
+        "its op, launch and read counts, which equal batch 1's (no per-image work on the CUDA path).",
+        "The dynamic rows include the counts kernel's recording stand-in (~8 small ops).",
     ]
     for batch, block in results["batches"].items():
         stats = block["variants"]

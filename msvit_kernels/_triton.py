@@ -201,6 +201,16 @@ def triton_support(tensor: Tensor, what: str = "the Triton tokenizer") -> str:
     )
 
 
+def skips_custom_op(*tensors: Optional[Tensor]) -> bool:
+    """True when a launcher may be called directly instead of through its ``torch.library`` op:
+    eager inference (no tensor needs a gradient, nothing is being traced by ``torch.compile``).
+    The op's Python dispatch costs ~10-20 us per call on CPU (bench/results/<cpu>/host_overhead.md),
+    a quarter of an attention call's host time; the op stays for training and compiled graphs."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands: exact fp32 products ("ieee", no TF32) so results track the fp32 reference."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -131,6 +131,18 @@ def resolve_host_free_backend(
     return BACKENDS["padded_sdpa"]
 
 
+def resolved_attention(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, *, host_free: bool = False
+) -> Callable[..., Tensor]:
+    """``fn(q, k, v, cu_seqlens, max_seqlen, scale)`` of the backend ``name`` resolves to here (the
+    host-free one with ``host_free``), for a caller that resolves once and calls many times with a
+    layout it built itself (the model's blocks): no validation per call, unlike ``packed_attention``,
+    whose checks and backend resolution cost about as much host time as the backend call
+    (bench/results/<cpu>/host_overhead.md)."""
+    resolve = resolve_host_free_backend if host_free else resolve_backend
+    return resolve(name, device, dtype, head_dim).fn
+
+
 def _check_scale(scale) -> None:
     if scale is None:
         return

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import INTERPRET, TritonKernel, half_on_ampere, recording
+from ._triton import INTERPRET, TritonKernel, half_on_ampere, recording, skips_custom_op
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -512,5 +512,7 @@ def triton_packed_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     if max_seqlen_k is not None:
         max_seqlen_k = int(max_seqlen_k)
+    if skips_custom_op(q, k, v):
+        return attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(scale), cu_seqlens_k, max_seqlen_k)[0]
     out, _ = triton_varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), float(scale), cu_seqlens_k, max_seqlen_k)
     return out

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import TritonKernel, check_launchable, dot_precision, patch_features, tl, triton
+from ._triton import TritonKernel, check_launchable, dot_precision, patch_features, skips_custom_op, tl, triton
 from .reference import patchify
 
 MAX_HIDDEN = 128  # one program holds a [BLOCK_R, hidden] accumulator
@@ -232,7 +232,10 @@ def fused_gate(images: Tensor, region_size: int, w1: Tensor, b1: Tensor, pos: Te
     """
     weights = (w1, b1, pos, w2, b2, w3, b3, w4, b4)
     save_a1 = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-    logits, soft, hard, _ = _fused_gate_op(images, *weights, noise, int(region_size), float(temperature), save_a1)
+    if skips_custom_op(*weights):
+        logits, soft, hard, _ = _gate_forward(images, int(region_size), weights, noise, float(temperature), False)
+    else:
+        logits, soft, hard, _ = _fused_gate_op(images, *weights, noise, int(region_size), float(temperature), save_a1)
     if noise is None:
         return FusedGateOutput(logits, None, None)
     return FusedGateOutput(logits, soft, hard)

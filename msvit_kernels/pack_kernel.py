@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import TritonKernel, check_launchable, dot_precision, half_on_ampere, patch_features, tl, triton
+from ._triton import (
+    TritonKernel,
+    check_launchable,
+    dot_precision,
+    half_on_ampere,
+    patch_features,
+    skips_custom_op,
+    tl,
+    triton,
+)
 from .reference import gather_patches_reference
 from .varlen import MixedScaleIndex
 
@@ -200,6 +209,9 @@ def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bi
     """
     if weight.dtype != images.dtype:
         raise TypeError(f"weight ({weight.dtype}) and images ({images.dtype}) must have the same dtype")
-    return _pack_op(images, weight, bias, pos_table, None if st is None else st.reshape(-1), prefix, index.rows,
-                    index.source, index.position, index.region, index.row_image, index.prefix_rows, int(index.total),
-                    int(fine_patch), int(ratio))
+    st = None if st is None else st.reshape(-1)
+    if skips_custom_op(weight, bias, pos_table, st, prefix):
+        return _pack_forward(images, weight, bias, pos_table, st, prefix, index.rows, index.position, index.region,
+                             index.row_image, index.prefix_rows, int(index.total), int(fine_patch), int(ratio))
+    return _pack_op(images, weight, bias, pos_table, st, prefix, index.rows, index.source, index.position,
+                    index.region, index.row_image, index.prefix_rows, int(index.total), int(fine_patch), int(ratio))

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msvit.models.timm_blocks import layer_scale, qkv_heads
-from msvit_kernels import packed_attention
-from msvit_kernels.attention import resolve_host_free_backend
+from msvit_kernels.attention import resolve_host_free_backend, resolved_attention
 from msvit_kernels.varlen import MixedScaleIndex
 
 Attend = Callable[[Tensor, Tensor, Tensor, Optional[float]], Tensor]
@@ -80,12 +79,10 @@ def packed_blocks(
     chosen = []
 
     def attend(q, k, v, scale):
-        if not chosen:
+        if not chosen:  # resolved once per forward: the layout is valid by construction, no checks per block
             static = getattr(index, "static", False)
-            chosen.append(attention_backend_for(backend, q, static))
-        return packed_attention(
-            q, k, v, index.cu_seqlens, index.max_seqlen, scale=scale, backend=chosen[0], check_values=False
-        )
+            chosen.append(resolved_attention(backend, q.device, q.dtype, q.shape[-1], host_free=static))
+        return chosen[0](q, k, v, index.cu_seqlens, index.max_seqlen, scale)
 
     def drop_path(module, y):
         return drop_images(module, y, index.row_image, index.batch)
