@@ -83,44 +83,60 @@ def study(device: str, dtype, batch: int, repeats: int, profile_kernels: bool) -
     rows = {}
 
     def run(name, make):
+        """Time ``make()`` (which returns the zero-argument forward) under inference_mode."""
         try:
-            fn = make()
-            row = time_forward(fn, repeats)
-            if profile_kernels:
-                row.update(kernels_of(fn))
+            with torch.inference_mode():
+                fn = make()
+                row = time_forward(fn, repeats)
+                if profile_kernels:
+                    try:
+                        row.update(kernels_of(fn))
+                    except Exception as error:  # keep the timing when the profiler fails
+                        row["kernels_error"] = f"{type(error).__name__}: {str(error)[:200]}"
         except Exception as error:  # a broken variant must not cost the GPU window the others
             row = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         rows[name] = row
         print(name, row, flush=True)
 
+    def vit_s(**kwargs):  # models are built outside inference_mode, as users build them
+        return timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).eval().to(device, dtype)
+
+    def msvit_s():
+        return msvit.from_timm("vit_small_patch16_224").eval().to(device, dtype)
+
     images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-    with torch.inference_mode():
-        for size, fine in VIT_SIZES.items():
-            tokens = 1 + 49 + 3 * fine
-            vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=size).eval().to(device, dtype)
-            small = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-            run(f"vit eager {tokens}", lambda: lambda: vit(small))
-            if fine == HEADLINE:
-                compiled = torch.compile(vit, mode="reduce-overhead")
-                run(f"vit compiled {tokens}", lambda: lambda: compiled(small))
-            model = msvit.from_timm("vit_small_patch16_224").eval().to(device, dtype)
-            run(f"packed captured budget {tokens}", lambda: msvit.compile_packed(model, batch, 224, budget=fine))
-            if fine == HEADLINE:
-                mask = fine_regions_mask(batch, fine, gen).to(device)
-                for backend in ("triton", "torch_varlen", "flash_attn"):
-                    if backend in available_backends(device, dtype):
-                        model.attention_backend = backend
-                        run(f"packed eager {backend} {tokens}", lambda: lambda: model(images, mask=mask))
-                model.attention_backend = "auto"
-                run(f"masked eager {tokens}", lambda: lambda: model(images, mask=mask, mode="masked"))
-                run(f"packed captured buckets ~{tokens}", lambda: bucketed_runner(model, images, fine))
-        vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval().to(device, dtype)
-        one = images[:1]
-        run("batch1 vit eager 197", lambda: lambda: vit(one))
-        model = msvit.from_timm("vit_small_patch16_224").eval().to(device, dtype)
-        run(f"batch1 packed eager {1 + 49 + 3 * HEADLINE}", lambda: lambda: model(one, budget=HEADLINE))
-        run(f"batch1 packed captured {1 + 49 + 3 * HEADLINE}", lambda: batch1_runner(model, one))
+    for size, fine in VIT_SIZES.items():
+        tokens = 1 + 49 + 3 * fine
+        vit = vit_s(img_size=size)
+        small = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+        run(f"vit eager {tokens}", lambda: lambda: vit(small))
+        if fine == HEADLINE:
+            compiled = torch.compile(vit, mode="reduce-overhead")
+            run(f"vit compiled {tokens}", lambda: lambda: compiled(small))
+        model = msvit_s()
+        run(f"packed captured budget {tokens}", lambda: captured(model, images, budget=fine))
+        if fine == HEADLINE:
+            mask = fine_regions_mask(batch, fine, gen).to(device)
+            for backend in ("triton", "torch_varlen", "flash_attn"):
+                if backend in available_backends(device, dtype):
+                    model.attention_backend = backend
+                    run(f"packed eager {backend} {tokens}", lambda: lambda: model(images, mask=mask))
+            model.attention_backend = "auto"
+            run(f"masked eager {tokens}", lambda: lambda: model(images, mask=mask, mode="masked"))
+            run(f"packed captured buckets ~{tokens}", lambda: bucketed_runner(model, images, fine))
+    vit = vit_s()
+    one = images[:1]
+    run("batch1 vit eager 197", lambda: lambda: vit(one))
+    model = msvit_s()
+    run(f"batch1 packed eager {1 + 49 + 3 * HEADLINE}", lambda: lambda: model(one, budget=HEADLINE))
+    run(f"batch1 packed captured {1 + 49 + 3 * HEADLINE}", lambda: captured(model, one, budget=HEADLINE))
     return rows
+
+
+def captured(model, images, **options):
+    """The zero-argument forward of a captured runner for ``images``' batch."""
+    runner = msvit.compile_packed(model, images.shape[0], 224, **options)
+    return lambda: runner(images)
 
 
 def bucketed_runner(model, images, fine: int):
@@ -129,13 +145,7 @@ def bucketed_runner(model, images, fine: int):
     logits = model.gate(images).float()
     with torch.no_grad():
         model.gate.fc4.bias -= torch.quantile(logits.flatten(), 1 - fine / 49).to(model.gate.fc4.bias.dtype)
-    runner = msvit.compile_packed(model, images.shape[0], 224)
-    return lambda: runner(images)
-
-
-def batch1_runner(model, image):
-    runner = msvit.compile_packed(model, 1, 224, budget=HEADLINE)
-    return lambda: runner(image)
+    return captured(model, images)
 
 
 def ratios(rows: dict) -> dict:

@@ -35,6 +35,8 @@ class TableCache:
             return build()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return build()  # training: the table must carry the gradient graph of this forward
+        if any(p.is_inference() for p in params):
+            return build()  # made under inference_mode: no version counter to notice a change by
         stamp = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         entry = self._entries.get(key)
         if entry is not None and entry[0] == stamp:
