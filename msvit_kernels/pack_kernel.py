@@ -37,7 +37,7 @@ if triton is not None:
     @triton.jit
     def _pack_kernel(
         IMG, ROWS, POSITION, REGION, ROW_IMAGE, W, BIAS, POS, ST, OUT,
-        n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
+        n_tokens, n_images, n_coarse, n_fine, fine_w, coarse_w, dim,
         stride_ib, stride_ic, stride_ih, stride_iw, stride_wo, stride_wi,
         stride_pr, stride_pd, stride_ot, stride_od,
         PATCH: tl.constexpr, RATIO: tl.constexpr, K: tl.constexpr,
@@ -58,6 +58,7 @@ if triton is not None:
         region = tl.load(REGION + offs_t, mask=mask_t, other=0)
         rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
         image = tl.load(ROW_IMAGE + rows, mask=mask_t, other=0)
+        image = tl.where(image < n_images, image, 0)  # a padding row (image B) copies image 0's token
         cell = region % n_coarse  # read for coarse tokens only (border cells are fine)
         fine = position < n_fine
         # top-left pixel of the token and the pixel step between its S_f x S_f samples
@@ -123,7 +124,7 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
         _PACK[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
             images, rows, position, region, row_image, weight, dummy if bias is None else bias,
             dummy if pos_table is None else pos_table, dummy if st is None else st, out,
-            n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
+            n_tokens, batch, n_coarse, n_fine, fine_w, coarse_w, dim,
             *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
             *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
             HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,

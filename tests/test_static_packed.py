@@ -155,3 +155,10 @@ def test_position_tables_are_built_once_per_grid_and_follow_weight_changes():
         assert tokenizer.position_tables((8, 12)) is not first
         assert not torch.allclose(model(images), before)
     assert tokenizer.position_tables((8, 12)).patches.requires_grad  # training: built in the graph
+
+
+def test_a_model_built_under_inference_mode_runs_without_a_table_cache():
+    with torch.inference_mode():  # its parameters are inference tensors: no version counter to watch
+        model, images = converted("vit")
+        first = model(images, budget=2)
+        assert torch.equal(model(images, budget=2), first)
