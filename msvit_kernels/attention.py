@@ -280,7 +280,14 @@ def packed_attention(
             (``"torch"``: the deprecated name of ``"torch_varlen"``). ``padded_sdpa`` is one padded
             SDPA call with no host read (``msvit_kernels.padded_attention``).
         check_values: verify cu_seqlens' values and max_seqlen (one host read). Callers that built
-            them by construction (the model, once per forward) pass False.
+            them by construction (the model, once per forward) pass False. Unchecked values are
+            guarded on the device instead (no host read): reference, padded_sdpa and triton give
+            NaN in every row they cannot compute (each row of a sequence longer than max_seqlen,
+            or whose keys are longer than max_seqlen_k, and each row outside
+            ``cu_seqlens[0]:cu_seqlens[-1]``), never stale memory, and keep the other rows exact;
+            a sequence running past q's (k's) rows is NaN too (the reference raises). flash_attn
+            and torch_varlen: their kernels' behaviour. A static layout's upper bound and padding
+            sequences are valid input. A NaN in a query gives NaN in its row.
 
     Returns:
         ``[T, H, D]`` (q's rows) in q's dtype; differentiable with respect to q, k and v.

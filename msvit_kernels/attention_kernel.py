@@ -42,28 +42,64 @@ MAX_HEAD_DIM_BEFORE_AMPERE = 128
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. Grids are (blocks of max_seqlen, B, H): axis 0 may be large, B and H stay < 65536.
-# Programs whose block starts past their sequence's end exit at once (ragged batches).
+# Programs whose block starts past their sequence's end exit at once (ragged batches). Axis 0
+# has at least one program, which writes NaN where unchecked input leaves rows no program computes.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV: tl.constexpr):
-    """(query start, query length, key start, key length) of sequence ``seq``; without
-    SEPARATE_KV the keys are the queries' rows and nothing more is loaded."""
+def _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr):
+    """(query start, query length, key start, key length, fits) of sequence ``seq``; without
+    SEPARATE_KV the keys are the queries' rows and nothing more is loaded. ``fits``: the sequence
+    is within max_seqlen (keys: max_seqlen_k) and ends within the T (T_K) rows there are; one that
+    does not (unchecked input) is not computed, and its rows get NaN (``_fill_unplaced``)."""
     start_q = tl.load(CU_SEQLENS + seq)
     len_q = tl.load(CU_SEQLENS + seq + 1) - start_q
+    fits = (len_q <= MAX_SEQLEN) & (start_q + len_q <= T)
     if SEPARATE_KV:
         start_k = tl.load(CU_SEQLENS_K + seq)
         len_k = tl.load(CU_SEQLENS_K + seq + 1) - start_k
+        fits = fits & (len_k <= MAX_SEQLEN_K) & (start_k + len_k <= T_K)
     else:
         start_k = start_q
         len_k = len_q
-    return start_q, len_q, start_k, len_k
+    return start_q, len_q, start_k, len_k, fits
 
 
 @triton.jit
+def _fill_nan(X, lo, hi, head, stride_t, stride_h, stride_d, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``X[lo:hi, head, :WIDTH] = NaN``, BLOCK_R rows at a time (no iteration when lo >= hi)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_w = tl.arange(0, BLOCK_W)
+    nan = tl.full([BLOCK_R, BLOCK_W], float("nan"), X.dtype.element_ty)
+    for first in range(lo, hi, BLOCK_R):
+        rows = first + offs_r
+        mask = (rows < hi)[:, None] & (offs_w < WIDTH)[None, :]
+        tl.store(X + rows.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_w[None, :] * stride_d, nan, mask=mask)
+
+
+@triton.jit
+def _fill_unplaced(X, pid, seq, start, length, fits, rows, head, stride_t, stride_h, stride_d,
+                   WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr):
+    """NaN into the rows of ``X[:, head, :WIDTH]`` (``rows`` of them) that program ``(pid, seq)``
+    answers for but cannot compute: its block of a sequence that does not fit (the last block also
+    every row of it past the grid), and the rows in no sequence: those after ``cu_seqlens[-1]``
+    (the last program of the last sequence) and before ``cu_seqlens[0]`` (the first program).
+    Checked input leaves every range empty: a few scalar operations per program."""
+    end = start + length
+    last = pid == tl.num_programs(0) - 1
+    lo = tl.where(fits, end, start + pid * BLOCK_R)
+    hi = tl.where(fits | last, end, tl.minimum(lo + BLOCK_R, end))
+    hi = tl.where(last & (seq == tl.num_programs(1) - 1), rows, hi)
+    _fill_nan(X, lo, tl.minimum(hi, rows), head, stride_t, stride_h, stride_d, WIDTH, BLOCK_W, BLOCK_R)
+    before = tl.where((pid == 0) & (seq == 0), tl.minimum(start, rows), 0)
+    _fill_nan(X, 0, before, head, stride_t, stride_h, stride_d, WIDTH, BLOCK_W, BLOCK_R)
+
+
+@triton.jit(do_not_specialize=["T", "T_K", "MAX_SEQLEN", "MAX_SEQLEN_K"])  # they vary per batch: one compile
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS, CU_SEQLENS_K,
+    T, T_K, MAX_SEQLEN, MAX_SEQLEN_K,  # q's and k's rows, the bounds: for unchecked input (_sequence_bounds)
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -78,8 +114,12 @@ def _attn_fwd_kernel(
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k = _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV)
-    if pid_m * BLOCK_M >= seqlen_q:
+    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
+        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    )
+    _fill_unplaced(O, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
+    _fill_unplaced(LSE, pid_m, seq, start_q, seqlen_q, fits, T, head, 1, stride_lse_h, 0, 1, 1, BLOCK_M)
+    if (pid_m * BLOCK_M >= seqlen_q) | ~fits:
         return
     start_q = start_q.to(tl.int64)  # T * stride_t may pass 2**31 for large batches
     start_k = start_k.to(tl.int64)
@@ -152,9 +192,10 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + head * stride_delta_h + rows, delta, mask=offs_t < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "T_K", "MAX_SEQLEN", "MAX_SEQLEN_K"])  # they vary per batch: one compile
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, CU_SEQLENS_K,
+    T, T_K, MAX_SEQLEN, MAX_SEQLEN_K,
     sm_scale, qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -175,8 +216,12 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k = _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV)
-    if pid_n * BLOCK_N >= seqlen_k:
+    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
+        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    )
+    _fill_unplaced(DK, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dkt, stride_dkh, stride_dkd, HEAD_DIM, BLOCK_D, BLOCK_N)
+    _fill_unplaced(DV, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, BLOCK_D, BLOCK_N)
+    if (pid_n * BLOCK_N >= seqlen_k) | ~fits:
         return
     start_q = start_q.to(tl.int64)
     start_k = start_k.to(tl.int64)
@@ -217,9 +262,10 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + rows_k[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_kd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "T_K", "MAX_SEQLEN", "MAX_SEQLEN_K"])  # they vary per batch: one compile
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, CU_SEQLENS_K,
+    T, T_K, MAX_SEQLEN, MAX_SEQLEN_K,
     sm_scale, qk_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -235,8 +281,11 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k = _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, SEPARATE_KV)
-    if pid_m * BLOCK_M >= seqlen_q:
+    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
+        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    )
+    _fill_unplaced(DQ, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_dqt, stride_dqh, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_M)
+    if (pid_m * BLOCK_M >= seqlen_q) | ~fits:
         return
     start_q = start_q.to(tl.int64)
     start_k = start_k.to(tl.int64)
@@ -349,7 +398,9 @@ def _common_meta(q: Tensor, max_seqlen: int, separate_kv: bool) -> dict:
 
 
 def _grid(max_seqlen: int, batch: int, heads: int, block: str):
-    return lambda meta: (triton.cdiv(max_seqlen, meta[block]), batch, heads)
+    # at least one program per (sequence, head): with max_seqlen = 0 it writes NaN over the rows
+    # of any non-empty sequence (unchecked input; see attention_forward)
+    return lambda meta: (max(triton.cdiv(max_seqlen, meta[block]), 1), batch, heads)
 
 
 def _check_launchable(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -361,12 +412,13 @@ def _check_launchable(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise RuntimeError("triton attention runs on CUDA; on CPU set TRITON_INTERPRET=1 before importing msvit_kernels")
 
 
-def _key_layout(cu_seqlens: Tensor, max_seqlen: int, cu_seqlens_k, max_seqlen_k):
-    """(cu_seqlens_k, longest sequence of either layout, separate?): self-attention passes its own
-    offsets again (the kernels do not read them) and compiles the SEPARATE_KV=False variant."""
+def _key_layout(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, cu_seqlens_k, max_seqlen_k):
+    """(cu_seqlens_k, longest sequence of either layout, separate?, the kernels' ``T, T_K,
+    MAX_SEQLEN, MAX_SEQLEN_K``): self-attention passes its own offsets and bound again (the
+    kernels do not read them) and compiles the SEPARATE_KV=False variant."""
     if cu_seqlens_k is None:
-        return cu_seqlens, max_seqlen, False
-    return cu_seqlens_k, max(max_seqlen, max_seqlen_k), True
+        return cu_seqlens, max_seqlen, False, (q.shape[0], k.shape[0], max_seqlen, max_seqlen)
+    return cu_seqlens_k, max(max_seqlen, max_seqlen_k), True, (q.shape[0], k.shape[0], max_seqlen, max_seqlen_k)
 
 
 def attention_forward(
@@ -380,19 +432,33 @@ def attention_forward(
     Returns ``out`` ``[T, H, D]`` (contiguous, q's dtype) and ``lse`` fp32 ``[H, T]``, the base-2
     log-sum-exp of the scaled scores of every query row (what the backward needs; -inf for a
     query without keys, whose output is zeros).
+
+    Unchecked input (``packed_attention(check_values=False)`` reads nothing back): a row no
+    program can compute gets NaN in ``out`` and ``lse``, never stale memory, and the backward
+    writes NaN into its gradients: every row of a sequence longer than max_seqlen (keys:
+    max_seqlen_k) or ending past the rows there are (grid programs cover max_seqlen rows of a
+    sequence, and those past it are never visited), and every row before cu_seqlens[0] or after
+    cu_seqlens[-1] (in no sequence). The kernel writes these NaN itself (``_fill_unplaced``): for
+    checked input that costs a few scalar operations per program, where allocating ``out`` with
+    ``torch.full(nan)`` would add a fill of all T*H*D elements to every call. The launcher fills
+    ``out`` only when there is no sequence at all (B = 0: no program runs; an int check on the
+    host, no device read). Not guarded: decreasing cu_seqlens, and a call with no key row at all
+    (zeros, as for any query without keys).
     """
     _check_launchable(q, k, v)
     total, heads, _ = q.shape
     out = torch.empty((total, heads, q.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     batch = cu_seqlens.numel() - 1
-    if total == 0 or batch == 0 or max_seqlen == 0:
+    if total == 0:
         return out, lse
+    if batch == 0:  # every row lies in no sequence
+        return out.fill_(float("nan")), lse.fill_(float("nan"))
     if k.shape[0] == 0:  # only with a separate key layout: every query has an empty key sequence
         return out.zero_(), lse.fill_(float("-inf"))
-    cu_k, longest, separate_kv = _key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    cu_k, longest, separate_kv, bounds = _key_layout(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     _fwd[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q, k, v, out, lse, cu_seqlens, cu_k, scale * LOG2E,
+        q, k, v, out, lse, cu_seqlens, cu_k, *bounds, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
         **_common_meta(q, longest, separate_kv),
     )
@@ -406,17 +472,20 @@ def attention_backward(
     """Launch the backward kernels: ``delta`` preprocess, then dk/dv over key blocks, dq over query blocks.
 
     do, q, out: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any strides); lse: fp32 ``[H, T]`` from the
-    forward. Returns dq ``[T, H, D]``, dk, dv ``[T_k, H, D]``: contiguous, in q's dtype.
+    forward. Returns dq ``[T, H, D]``, dk, dv ``[T_k, H, D]``: contiguous, in q's dtype. Rows the
+    forward could not compute (unchecked input, see :func:`attention_forward`) get NaN gradients.
     """
     total, heads, head_dim = q.shape
     dq = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((k.shape[0], heads, head_dim), dtype=q.dtype, device=q.device)
     dv = torch.empty_like(dk)
     batch = cu_seqlens.numel() - 1
-    if total == 0 or k.shape[0] == 0 or batch == 0 or max_seqlen == 0:
+    if total == 0 or k.shape[0] == 0:
         # no query meets a key: every gradient is zero (empty tensors for self-attention)
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cu_k, longest, separate_kv = _key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    if batch == 0:  # every row lies in no sequence
+        return dq.fill_(float("nan")), dk.fill_(float("nan")), dv.fill_(float("nan"))
+    cu_k, longest, separate_kv, bounds = _key_layout(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     meta = _common_meta(q, longest, separate_kv)
     delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
     block_t = 16 if INTERPRET else 64
@@ -427,11 +496,11 @@ def attention_backward(
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     max_seqlen_keys = max_seqlen if cu_seqlens_k is None else max_seqlen_k
     _bwd_dkdv[_grid(max_seqlen_keys, batch, heads, "BLOCK_N")](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_k, scale, scale * LOG2E,
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_k, *bounds, scale, scale * LOG2E,
         *strides, *dk.stride(), *dv.stride(), lse.stride(0), **meta,
     )
     _bwd_dq[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q, k, v, do, lse, delta, dq, cu_seqlens, cu_k, scale, scale * LOG2E,
+        q, k, v, do, lse, delta, dq, cu_seqlens, cu_k, *bounds, scale, scale * LOG2E,
         *strides, *dq.stride(), lse.stride(0), **meta,
     )
     return dq, dk, dv

@@ -10,8 +10,10 @@ runs one SDPA per sequence instead.
 
 Cost: ``S * max_seqlen^2`` scores against the reference's ``sum(L_i^2)``; the static forward of
 ``msvit.compile_packed`` takes it on CPU (where no varlen kernel exists) and on GPUs it is the
-fallback of last resort. ``max_seqlen`` must bound every sequence: a row past ``max_seqlen`` of its
-sequence gets NaN (it could not be computed), never another row's value.
+fallback of last resort. ``max_seqlen`` (``max_seqlen_k``) must bound every query (key) sequence:
+nothing reads the lengths to check it, so a sequence over its bound, which no slot holds whole, gets
+NaN in every row, as does every row outside the sequences (before ``cu_seqlens[0]``, after
+``cu_seqlens[-1]``) or a sequence running past the rows there are; never another row's value.
 """
 
 from typing import Optional
@@ -52,21 +54,39 @@ def padded_sdpa_attention(
     """
     if cu_seqlens_k is None:
         cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
-    if q.shape[0] == 0 or max_seqlen == 0 or max_seqlen_k == 0 or k.shape[0] == 0:
+    if q.shape[0] == 0:
         return q.new_zeros(q.shape)
-    qs, _ = _gather(q, cu_seqlens, max_seqlen)
-    ks, keys = _gather(k, cu_seqlens_k, max_seqlen_k)
-    vs, _ = _gather(v, cu_seqlens_k, max_seqlen_k)
-    # a sequence without keys would softmax over nothing (NaN): give it one zero key, masked output
-    has_keys = keys.any(1)
-    keys = keys | (~has_keys)[:, None] & (torch.arange(keys.shape[1], device=q.device) == 0)
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keys[:, None, None, :], scale=scale)
-    out = out * has_keys[:, None, None, None].to(out.dtype)
     # each packed row reads its slot: sequence = the last start <= row (right: empty sequences skip)
     row = torch.arange(q.shape[0], device=q.device)
     sequence = torch.searchsorted(cu_seqlens.long(), row, right=True) - 1
-    sequence = sequence.clamp(0, cu_seqlens.shape[0] - 2)
-    offset = row - cu_seqlens.long()[sequence]
-    inside = offset < max_seqlen
-    result = out.transpose(1, 2)[sequence, offset.clamp_max(max_seqlen - 1)]  # [T, H, D]
-    return torch.where(inside[:, None, None], result, torch.full_like(result, float("nan")))
+    fits = _fits(cu_seqlens, max_seqlen, q.shape[0]) & _fits(cu_seqlens_k, max_seqlen_k, k.shape[0])
+    count = fits.shape[0]
+    placed = (sequence >= 0) & (sequence < count)  # inside [cu_seqlens[0], cu_seqlens[-1])
+    sequence = sequence.clamp(0, max(count - 1, 0))
+    if count:
+        placed = placed & fits[sequence]
+    if count == 0 or max_seqlen == 0 or max_seqlen_k == 0 or k.shape[0] == 0:  # no query meets a key
+        result = q.new_zeros(q.shape)
+    else:
+        out = _padded_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, scale)
+        offset = (row - cu_seqlens.long()[sequence]).clamp(0, max_seqlen - 1)
+        result = out.transpose(1, 2)[sequence, offset]  # [T, H, D]
+    return torch.where(placed[:, None, None], result, float("nan"))
+
+
+def _fits(cu_seqlens: Tensor, bound: int, rows: int) -> Tensor:
+    """bool ``[S]``: the sequences no longer than ``bound`` that end within the ``rows`` there are."""
+    return (cu_seqlens[1:] - cu_seqlens[:-1] <= bound) & (cu_seqlens[1:] <= rows)
+
+
+def _padded_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, scale) -> Tensor:
+    """``[S, H, max_seqlen, D]``: every sequence's attention in its slot."""
+    qs, _ = _gather(q, cu_seqlens, max_seqlen)
+    ks, keys = _gather(k, cu_seqlens_k, max_seqlen_k)
+    vs, _ = _gather(v, cu_seqlens_k, max_seqlen_k)
+    # a sequence without keys would softmax over nothing (NaN): give it one zero key, zeros out (a
+    # where, not a product: a NaN query without keys gets zeros, as in the other backends)
+    has_keys = keys.any(1)
+    keys = keys | (~has_keys)[:, None] & (torch.arange(keys.shape[1], device=q.device) == 0)
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keys[:, None, None, :], scale=scale)
+    return torch.where(has_keys[:, None, None, None], out, 0.0)

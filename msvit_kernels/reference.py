@@ -33,26 +33,43 @@ def packed_attention_reference(
     produce no rows; queries whose key sequence is empty get zeros (flash-attn's convention).
     One SDPA call per image; reading the lengths costs one host sync per call (this is the oracle,
     not the fast path).
+
+    NaN and infinity in q or k give what textbook softmax gives (a NaN query row: a NaN output
+    row), see ``_softmax_backend``. A layout nobody checked (``packed_attention(check_values=False)``)
+    gets what the host-free backends give it: NaN in every row of a sequence longer than
+    max_seqlen (its keys: max_seqlen_k) and in every row before cu_seqlens[0] or after
+    cu_seqlens[-1]; a layout running past q's (k's) rows raises torch's split error.
     """
-    del max_seqlen, max_seqlen_k  # the per-image loop does not need them; kept for signature parity
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    lengths_k = lengths if cu_seqlens_k is None else (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    sizes, fits = _unchecked_layout(cu_seqlens, max_seqlen, q.shape[0])
+    if cu_seqlens_k is not cu_seqlens:
+        sizes_k, fits_k = _unchecked_layout(cu_seqlens_k, max_seqlen_k, k.shape[0])
+    else:
+        sizes_k, fits_k = sizes, fits
     # split/cat rather than slicing into a preallocated output: the backward of a split is one
     # concatenation, while per-image slice backwards each materialise a zero [T, H, D] gradient
     # (measured: 10x slower training steps for 128 images on CPU).
-    outputs = []
-    for qi, ki, vi in zip(q.split(lengths), k.split(lengths_k), v.split(lengths_k)):
-        if qi.shape[0] == 0:
-            outputs.append(qi)
-            continue
-        if ki.shape[0] == 0:  # SDPA over no keys is 0/0 (NaN): zeros and a zero gradient, as flash-attn;
-            # masked_fill keeps the result in q's graph, so the output requires grad like any other
-            outputs.append(qi.masked_fill(torch.ones((), dtype=torch.bool, device=qi.device), 0.0))
-            continue
-        # [L, H, D] -> [H, L, D], the layout SDPA expects for an unbatched call
-        oi = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), scale=scale)
-        outputs.append(oi.transpose(0, 1))
-    return torch.cat(outputs) if outputs else torch.empty_like(q)
+    q_parts, k_parts, v_parts = q.split(sizes), k.split(sizes_k), v.split(sizes_k)
+    nan = float("nan")
+    outputs = [q_parts[0] * nan]  # rows before cu_seqlens[0] (and below, after cu_seqlens[-1]): no sequence
+    with _softmax_backend(q, k):
+        for qi, ki, vi, fit_q, fit_k in zip(q_parts[1:-1], k_parts[1:-1], v_parts[1:-1], fits, fits_k):
+            if not (fit_q and fit_k):  # longer than its bound: NaN, as the backends that size their work by it
+                outputs.append(qi * nan)
+                continue
+            if qi.shape[0] == 0:
+                outputs.append(qi)
+                continue
+            if ki.shape[0] == 0:  # SDPA over no keys is 0/0 (NaN): zeros and a zero gradient, as flash-attn;
+                # masked_fill keeps the result in q's graph, so the output requires grad like any other
+                outputs.append(qi.masked_fill(torch.ones((), dtype=torch.bool, device=qi.device), 0.0))
+                continue
+            # [L, H, D] -> [H, L, D], the layout SDPA expects for an unbatched call
+            oi = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), scale=scale)
+            outputs.append(oi.transpose(0, 1))
+    outputs.append(q_parts[-1] * nan)
+    return torch.cat(outputs)
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -171,3 +188,30 @@ def unpack_to_grid_reference(tokens: Tensor, fine_to_row: Tensor, fine_grid) -> 
     """
     batch = fine_to_row.shape[0]
     return tokens.index_select(0, fine_to_row.flatten()).view(batch, fine_grid[0], fine_grid[1], tokens.shape[-1])
+
+
+def _unchecked_layout(cu_seqlens: Tensor, bound: int, rows: int) -> "tuple[list[int], list[bool]]":
+    """The split sizes of ``rows`` packed rows (those before ``cu_seqlens[0]``, each sequence's,
+    those after ``cu_seqlens[-1]``) and whether each sequence fits ``bound``: one host read."""
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return [bounds[0], *lengths, rows - bounds[-1]], [n <= bound for n in lengths]
+
+
+def _softmax_backend(q: Tensor, k: Tensor):
+    """The SDPA backend the reference runs in (a context manager): the default one, or the math
+    backend (textbook softmax) when q or k holds a NaN or an infinity.
+
+    CPU's flash SDPA writes zeros for a query whose every score is NaN or -inf (its convention for
+    fully masked rows; torch 2.14), where softmax, the math backend and every other backend give NaN:
+    a NaN in that query, or one in every key. Such scores need a non-finite q or k, and the check is
+    a sum of each (fp32 or wider, so finite fp16 never overflows it) and one host read: 0.6 ms for
+    9.4k tokens of H=6, D=64 against 61 ms of attention on one CPU thread.
+    """
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad():
+        total = sum(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in (q, k))
+    return contextlib.nullcontext() if bool(torch.isfinite(total)) else sdpa_kernel(SDPBackend.MATH)

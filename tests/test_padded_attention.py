@@ -1,7 +1,8 @@
 """``padded_sdpa``, the host-free packed attention (msvit_kernels/padded_attention.py): equal to a
 float64 oracle forward and backward on odd lengths (self and separate key layouts, empty
-sequences), no host read, NaN where a row lies past ``max_seqlen``; and how a static forward
-chooses its backend (``resolve_host_free_backend``)."""
+sequences), no host read; and how a static forward chooses its backend
+(``resolve_host_free_backend``). Unchecked layouts (NaN where a row cannot be computed):
+tests/test_unchecked_attention.py."""
 
 import pytest
 import torch
@@ -43,13 +44,6 @@ def test_a_static_bound_and_padding_sequences_change_nothing_and_read_nothing():
     assert reads.count == 0, reads.report()
     exact = packed_attention(q, q, q, cu, max(LENGTHS), backend="reference")
     torch.testing.assert_close(bound, exact, rtol=1e-5, atol=1e-6)
-
-
-def test_rows_past_max_seqlen_are_nan_not_a_neighbours_value():
-    q = torch.randn(10, 1, 16)
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    out = packed_attention(q, q, q, cu, 5, backend="padded_sdpa", check_values=False)
-    assert torch.isfinite(out[:9]).all() and torch.isnan(out[9]).all()
 
 
 def test_static_forwards_take_a_host_free_backend():
