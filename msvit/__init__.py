@@ -4,6 +4,7 @@ import msvit
 model = msvit.from_timm("vit_small_patch16_224")       # MSViT-S/16,32
 logits = model(images)                                  # packed mode, the gate decides
 mask = model.gate_mask(images)                          # bool [B, Nc], True = fine
+free = msvit.from_timm("vit_small_patch16_224", gate="entropy")  # APT's training-free entropy gate
 pruned = msvit.PrunedMSViT(model, keep_ratio=0.7)       # EViT pruning on the packed tokens
 swin = msvit.from_timm("swin_tiny_patch4_window7_224")  # msvit.MixedScaleSwin: coarse regions skip early stages
 seg = msvit.MSSegmenter(msvit.from_timm("vit_small_patch16_224"), num_classes=150)  # [B, 150, H, W]
@@ -14,6 +15,7 @@ runner = msvit.compile_packed(model.eval(), 256, 224)   # captured packed infere
 
 from msvit.data.transforms import eval_transform
 from msvit.io.checkpoint import load_checkpoint, load_pretrained
+from msvit.models.entropy_gate import EntropyGate
 from msvit.models.flops import count_macs
 from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid
 from msvit.models.mixed_scale_vit import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
@@ -30,6 +32,7 @@ __all__ = [
     "PackedRunner",
     "load_checkpoint",
     "load_pretrained",
+    "EntropyGate",
     "GateDecision",
     "MSViT",
     "MixedScaleSwin",

@@ -45,12 +45,19 @@ def _record(workload: Workload):
     """The launches of one workload, recorded from the real launchers on CPU stand-ins."""
     import torch
 
-    from . import attention_kernel, gate_kernel, index_kernel, pack_kernel, unpack_kernel
+    from . import attention_kernel, entropy_kernel, gate_kernel, index_kernel, pack_kernel, unpack_kernel
     from ._triton import record_launches
     from .varlen import StaticShape
 
     dtype = getattr(torch, workload.dtype)
     model = workload.name.split()[0]
+    if model == "entropy-gate":  # APT's gate, in place of the MLP: default bins, the extremes, grey images
+        images = torch.zeros(2, 3, 224, 224, dtype=dtype)
+        with record_launches() as records:
+            for bins, threshold in ((entropy_kernel.DEFAULT_BINS, 5.5), (entropy_kernel.MIN_BINS, None)):
+                entropy_kernel._launch(images, 32, (0.5,) * 3, (0.5,) * 3, bins, threshold)
+            entropy_kernel._launch(images[:, :1], 32, (0.5,), (0.5,), entropy_kernel.MAX_BINS, 5.5)
+        return records
     dim, heads = {
         "ViT-S/16,32": (384, 6),
         "ViT-B/16,32": (768, 12),
@@ -133,7 +140,8 @@ def _record(workload: Workload):
 def workloads(quick: bool) -> List[Workload]:
     """The representative set (``quick``: what `make test` compiles) or the full sweep."""
     first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
-    pool = [Workload("attention-pool train", d, 64, False) for d in ("float16", "bfloat16")]
+    extras = ("attention-pool train", "entropy-gate infer")  # each kernel variant the ViT workloads do not launch
+    pool = [Workload(m, d, 64, False) for m in extras for d in ("float16", "bfloat16")]
     if quick:
         return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")] + pool
     sweep = first + [Workload("ViT-S/16,32 train", "float32", 64, False)]
@@ -149,7 +157,7 @@ def workloads(quick: bool) -> List[Workload]:
         for hd in (32, 80, 128, 256)
         for d in ("float16", "bfloat16", "float32")
     ]
-    sweep += pool + [Workload("attention-pool train", "float32", 64, False)]
+    sweep += pool + [Workload(m, "float32", 64, False) for m in extras]
     return sweep
 
 
@@ -284,8 +292,8 @@ def _compile(job: _Job) -> dict:
 
 
 def _config_text(kwargs: dict, meta: dict) -> str:
-    tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
-    flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV") if meta.get(k)]
+    tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("BINS", "num_warps", "num_stages")}
+    flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV", "HAS_THRESHOLD") if meta.get(k)]
     return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
 
 

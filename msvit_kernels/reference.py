@@ -215,3 +215,46 @@ def _softmax_backend(q: Tensor, k: Tensor):
     with torch.no_grad():
         total = sum(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in (q, k))
     return contextlib.nullcontext() if bool(torch.isfinite(total)) else sdpa_kernel(SDPBackend.MATH)
+
+
+# The grey-level weights of APT's entropy (ITU-R BT.601 luma, rounded as APT's code and MATLAB's
+# rgb2gray round them); msvit_kernels.entropy_kernel passes these exact values to its kernel.
+ENTROPY_LUMA = (0.2989, 0.587, 0.114)
+
+
+def entropy_bins_reference(images: Tensor, mean=None, std=None, bins: int = 512) -> Tensor:
+    """int64 ``[B, H, W]``: each pixel's grey-level bin, by the formula of
+    ``msvit_kernels.entropy_kernel`` (its docstring), in fp32, one rounding per operation, in the
+    kernel's order: un-normalise ``x = z * std + mean``, grey ``(wr * r + wg * g) + wb * b``, bin
+    ``clamp(floor(grey * (255 * bins / 256)), 0, bins - 1)``. mean, std: one number per channel
+    (None: pixels already in [0, 1]); 3 channels (RGB) or 1 (grey)."""
+    x = images.float()
+    chans = x.shape[1]
+    if mean is not None or std is not None:
+        m = torch.tensor(mean if mean is not None else [0.0] * chans, dtype=torch.float32, device=x.device)
+        s = torch.tensor(std if std is not None else [1.0] * chans, dtype=torch.float32, device=x.device)
+        x = x * s.view(1, -1, 1, 1)  # two operations, as the kernel (no fused multiply-add)
+        x = x + m.view(1, -1, 1, 1)
+    if chans == 3:
+        wr, wg, wb = torch.tensor(ENTROPY_LUMA, dtype=torch.float32, device=x.device)
+        grey = (wr * x[:, 0] + wg * x[:, 1]) + wb * x[:, 2]
+    else:
+        grey = x[:, 0]
+    level = torch.floor(grey * torch.tensor(255.0 * bins / 256.0, dtype=torch.float32, device=x.device))
+    return level.clamp(0, bins - 1).long()
+
+
+def entropy_reference(images: Tensor, patch: int, mean=None, std=None, bins: int = 512) -> Tensor:
+    """float32 ``[B, Nc]``: the Shannon entropy (bits) of the grey-level histogram of every
+    ``patch x patch`` cell of ``images`` ``[B, C, H, W]`` (raster order), over the non-empty bins of
+    :func:`entropy_bins_reference`; computed in float64 from the counts. No host read: the
+    histograms are a scatter-add, not a bincount."""
+    levels = entropy_bins_reference(images, mean, std, bins)
+    b, h, w = levels.shape
+    cells = levels.reshape(b, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4)
+    cells = cells.reshape(b * (h // patch) * (w // patch), patch * patch)
+    counts = torch.zeros(cells.shape[0], bins, dtype=torch.float64, device=images.device)
+    counts.scatter_add_(1, cells, torch.ones_like(cells, dtype=torch.float64))
+    p = counts / (patch * patch)
+    entropy = -(p * torch.log2(torch.where(counts > 0, p, 1.0))).sum(1)
+    return entropy.float().reshape(b, (h // patch) * (w // patch))

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(launch.triton is None, reason="triton is not ins
 
 KERNELS = {
     "_gate_layer_kernel",
+    "_entropy_kernel",
     "_counts_kernel",
     "_index_kernel",
     "_pack_kernel",

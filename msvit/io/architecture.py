@@ -80,10 +80,18 @@ def msvit(model) -> dict:
         "global_pool": model.global_pool,
         "pool_include_prefix": model.pool_include_prefix,
         "num_classes": head.out_features if isinstance(head, nn.Linear) else 0,
-        "gate": {"hidden": gate.fc1.out_features, "temperature": gate.temperature, "grid": list(gate.grid)},
+        "gate": gate_description(gate),
         # only RoPE models record it, so the configs of earlier checkpoints still verify
         **({"rope": rope(model.rope)} if getattr(model, "rope", None) is not None else {}),
     }
+
+
+def gate_description(gate: nn.Module) -> dict:
+    """The learned gate's width, temperature and grid (the record of every checkpoint so far), or
+    what a gate of another kind records of itself (``msvit.models.entropy_gate``)."""
+    if hasattr(gate, "describe_architecture"):
+        return gate.describe_architecture()
+    return {"hidden": gate.fc1.out_features, "temperature": gate.temperature, "grid": list(gate.grid)}
 
 
 ROPE_SETTINGS = ("grid_type", "temperature", "ref_feat_shape", "grid_offset", "grid_indexing", "normalize_coords")

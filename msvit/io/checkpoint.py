@@ -51,6 +51,7 @@ def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> 
     weights beside the old config, which loading then refuses as corrupt: a folder that must stay
     loadable at every instant is written fresh and switched by a manifest (``msvit.train.run_folder``).
     ``point``: the fault tests' crash-point prefix."""
+    check_gate_recipe(model, config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -59,6 +60,17 @@ def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> 
     write_bytes(folder / WEIGHTS, data, point and f"{point}:weights")
     write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n", point and f"{point}:config")
     return folder
+
+
+def check_gate_recipe(model: nn.Module, config: dict) -> None:
+    """A gate without weights (the entropy gate) comes back only through ``config["msvit"]``:
+    refuse, before writing anything, a config that would rebuild the learned gate instead."""
+    gate = getattr(getattr(model, "backbone", model), "gate", None)
+    if hasattr(gate, "from_timm_kwargs") and config.get("msvit", {}).get("gate") != "entropy":
+        raise ValueError(
+            "this model has the entropy gate, which has no weights: config['msvit'] must rebuild it; "
+            f"add model.gate.from_timm_kwargs() to it ({gate.from_timm_kwargs()})"
+        )
 
 
 def check_state(model: nn.Module, state: dict, path) -> None:

@@ -1,6 +1,7 @@
 """The model library, in data-flow order (docs/design.md, section 2):
 
 1. ``gate``: the gate scores each coarse region from its pooled pixels -> a fine/coarse mask.
+   ``entropy_gate``: APT's training-free alternative (grey-level entropy > threshold -> fine).
 2. ``tokenizer``: one shared patch embedding over fine 16 px and coarse 32 px patches, gathered
    and packed into varlen sequences (``cu_seqlens``) by the Triton kernels of ``msvit_kernels``;
    ``rope`` places rotary embeddings at mixed-scale token positions.

@@ -87,6 +87,14 @@ def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
     return mask
 
 
+def mask_decision(images: Tensor, mask: Tensor, region_size: int) -> GateDecision:
+    """A caller's ``mask`` (bool ``[B, Nc]``, checked against the region grid of ``images``) as a
+    decision without gate outputs: every gate's ``decision`` when it is given a mask."""
+    check_mask(mask, images.shape[0], (images.shape[-2] // region_size, images.shape[-1] // region_size))
+    mask = mask.to(images.device)
+    return GateDecision(None, None, mask, mask.to(images.dtype))
+
+
 class MixedScaleGate(nn.Module):
     """Per-region 4-layer MLP with a learned position embedding added after the first layer.
 
@@ -184,9 +192,7 @@ class MixedScaleGate(nn.Module):
         decision without gate outputs, or, when it is None, the gate's own ``decide``."""
         if mask is None:
             return self.decide(images, sample=sample, budget=budget)
-        check_mask(mask, images.shape[0], (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size))
-        mask = mask.to(images.device)
-        return GateDecision(None, None, mask, mask.to(images.dtype))
+        return mask_decision(images, mask, self.region_size)
 
     def _weights(self, images: Tensor) -> Tuple[Tensor, ...]:
         """(w1, b1, pos, w2, b2, w3, b3, w4, b4) for this batch's coarse grid."""

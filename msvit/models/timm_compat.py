@@ -17,7 +17,10 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
 from msvit.models.attention_pool import convert_attention_pool
+from msvit.models.checks import check_choice
+from msvit.models.entropy_gate import APT_THRESHOLD, EntropyGate
 from msvit.models.gate import MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.naflex import is_naflexvit, naflex_parts
@@ -27,6 +30,7 @@ from msvit.models.timm_names import check_model_name
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
+from msvit_kernels.entropy_kernel import DEFAULT_BINS
 
 
 def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
@@ -68,6 +72,7 @@ def from_timm(
     attention_backend: str = "auto",
     timm_kwargs: Optional[dict] = None,
     img_size=None,
+    gate: str = "learned",
     **gate_kwargs,
 ) -> MSViT:
     """MSViT with the weights of a timm ViT.
@@ -81,14 +86,22 @@ def from_timm(
             ``timm_kwargs["img_size"]``, else the model's default or pretrained_cfg input size.
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
         kernels, attention_backend: see ``MSViT``.
-        **gate_kwargs: ``MixedScaleGate`` options (hidden, init_logit, temperature).
+        gate: ``"learned"`` (the paper's ``MixedScaleGate``, to be trained) or ``"entropy"`` (APT's
+            training-free ``EntropyGate``: fine where a region's grey-level entropy exceeds a threshold).
+        **gate_kwargs: the learned gate's options (hidden, init_logit, temperature), or the entropy
+            gate's: ``entropy_thresholds`` (one per scale boundary, default ``(5.5,)``),
+            ``entropy_bins`` (512), ``entropy_mean`` / ``entropy_std`` (the images' normalisation;
+            default: the timm model's ``pretrained_cfg``, else ImageNet's).
 
     The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
     RoPE models (``Eva`` with a ``rope``): fine tokens are rotated at timm's own grid positions,
     coarse tokens at the centre of the fine cells they cover (``msvit.models.rope``, whose docstring
     says where the all-coarse model equals timm on the pooled image).
     """
+    check_choice("gate", gate, GATES)
     if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
+        if gate != "learned":
+            raise NotImplementedError(f"gate={gate!r} is implemented for ViT models; a Swin takes gate='learned'")
         if img_size is not None:
             raise ValueError("img_size applies to a NaFlexVit only; a Swin's image size is the one it was built for")
         return swin_from_timm(
@@ -129,11 +142,11 @@ def from_timm(
         embed_norm=parts.embed_norm,
     )
     coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
-    gate = MixedScaleGate(coarse, coarse_grid, in_chans=in_chans, **gate_kwargs)
-    gate = gate.to(device=weight.device, dtype=weight.dtype)
+    scale_gate = _gate(gate, coarse, coarse_grid, in_chans, getattr(model, "pretrained_cfg", None), gate_kwargs)
+    scale_gate = scale_gate.to(device=weight.device, dtype=weight.dtype)
     msvit = MSViT(
         tokenizer,
-        gate,
+        scale_gate,
         nn.ModuleList(copy.deepcopy(list(model.blocks))),
         copy.deepcopy(model.norm),
         copy.deepcopy(model.head),
@@ -155,6 +168,34 @@ def from_timm(
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)
+
+
+GATES = ("learned", "entropy")
+ENTROPY_OPTIONS = {"entropy_thresholds", "entropy_bins", "entropy_mean", "entropy_std"}
+
+
+def _gate(kind: str, coarse: int, grid, in_chans: int, pretrained_cfg: Optional[dict], options: dict) -> nn.Module:
+    """The scale gate ``from_timm(gate=kind, **options)`` asks for; options of the other gate are refused."""
+    entropy = set(options) & ENTROPY_OPTIONS
+    if kind == "learned":
+        if entropy:
+            raise TypeError(f"{', '.join(sorted(entropy))} apply to gate='entropy', not to the learned gate")
+        return MixedScaleGate(coarse, grid, in_chans=in_chans, **options)
+    learned = sorted(set(options) - ENTROPY_OPTIONS)
+    if learned:
+        raise TypeError(
+            f"gate='entropy' takes {', '.join(sorted(ENTROPY_OPTIONS))}; {', '.join(learned)} are not its options"
+        )
+    cfg = pretrained_cfg or {}
+    return EntropyGate(
+        coarse,
+        grid,
+        options.get("entropy_thresholds", (APT_THRESHOLD,)),
+        mean=options.get("entropy_mean") or cfg.get("mean") or IMAGENET_MEAN,
+        std=options.get("entropy_std") or cfg.get("std") or IMAGENET_STD,
+        bins=options.get("entropy_bins", DEFAULT_BINS),
+        in_chans=in_chans,
+    )
 
 
 def _packed_rope(model, ratio: int) -> Optional[PackedRope]:

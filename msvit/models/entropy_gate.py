@@ -1,0 +1,145 @@
+"""APT's training-free entropy gate (Choudhury et al., *Accelerating Vision Transformers with
+Adaptive Patch Sizes*, ICLR 2026): a region stays fine when its pixels' grey-level entropy is high.
+
+A drop-in for ``MixedScaleGate`` in ``MSViT`` (same ``decide`` / ``decision`` / ``forward`` and
+``region_size``, ``grid``, ``kernels`` attributes), with nothing to learn, so a pretrained ViT runs
+mixed-scale without training: ``msvit.from_timm(name, gate="entropy", entropy_thresholds=(5.5,))``.
+
+- logits: ``entropy - threshold`` in bits; ``> 0`` means fine, as the learned gate's logit.
+  APT keeps a patch coarse when ``H < tau``; here it is fine when ``H > tau``: the two differ only
+  for an entropy exactly equal to the threshold.
+- soft: None. There is no relaxed output, so the gate losses do not apply (the training loop
+  skips them when ``soft`` is None); a threshold on a histogram has no useful gradient.
+- st: the hard decision as a float with no gradient: training the ViT with this gate works, the
+  task loss simply does not reach the gate (it has no parameters).
+- sample is ignored: the decision is the same in training and evaluation.
+- budget: the ``k`` highest-entropy regions of each image stay fine (``budget_mask`` on the logits).
+
+Scales: APT compares one entropy per scale boundary with its own threshold, coarsest scale first.
+With today's two scales (fine S_f, coarse S_c) there is one boundary, so ``thresholds`` holds one
+value (APT's two-scale setting is 5.5), and the entropy is measured on the S_c regions. A third
+scale would add a threshold and one ``patch_entropy`` call at that scale's patch size.
+"""
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
+from msvit.models.gate import Budget, GateDecision, budget_mask, mask_decision
+from msvit_kernels.dispatch import use_triton
+from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args, patch_entropy
+from msvit_kernels.reference import entropy_reference
+
+APT_THRESHOLD = 5.5  # APT's threshold for two scales
+
+
+class EntropyGate(nn.Module):
+    """Fine where the grey-level entropy of a region exceeds the threshold (module docstring).
+
+    Args:
+        region_size: coarse patch size S_c in pixels (the entropy is that of S_c x S_c regions).
+        grid: the coarse grid (h, w) of the size the model was built for (``MSViT.tokens_per_image``).
+        thresholds: one entropy threshold (bits) per scale boundary: one value for two scales.
+        mean, std: the normalisation of the images the model sees (one number per channel); the
+            entropy is that of the un-normalised pixels in [0, 1].
+        bins: grey-level histogram bins, a power of two up to 1024 (default 512, APT's code).
+        in_chans: 3 (RGB, grey = BT.601 luma) or 1.
+
+    Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): the Triton
+    kernel (``msvit_kernels.entropy_kernel``) or the torch reference; auto = Triton on CUDA.
+    """
+
+    def __init__(
+        self,
+        region_size: int,
+        grid: Tuple[int, int],
+        thresholds: Sequence[float] = (APT_THRESHOLD,),
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        bins: int = DEFAULT_BINS,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        if isinstance(thresholds, (int, float)) or len(thresholds) != 1:
+            raise ValueError(
+                f"entropy thresholds: one per scale boundary, and MSViT has two scales (one boundary), "
+                f"so pass one value, e.g. (5.5,); got {thresholds!r}"
+            )
+        if isinstance(thresholds[0], bool) or not isinstance(thresholds[0], (int, float)):
+            raise ValueError(f"an entropy threshold must be a number of bits, got {thresholds[0]!r}")
+        if math.isnan(thresholds[0]):
+            raise ValueError("an entropy threshold must be a number of bits, got NaN")
+        self.region_size = region_size
+        self.grid = tuple(grid)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.bins = bins
+        check_entropy_args(torch.empty(0, in_chans, region_size, region_size), region_size, self.mean, self.std, bins)
+        self.kernels = "auto"
+
+    def macs_per_region(self) -> int:
+        """0: un-normalising, the grey sum and the histogram are elementwise work (about ten
+        operations per pixel), which ``msvit.count_macs`` leaves out as it leaves out norms."""
+        return 0
+
+    def entropy(self, images: Tensor) -> Tensor:
+        """float32 ``[B, Nc]``: the grey-level entropy (bits) of every coarse region."""
+        if use_triton(self.kernels, images):
+            return patch_entropy(images, self.region_size, mean=self.mean, std=self.std, bins=self.bins).entropy
+        return entropy_reference(images.detach(), self.region_size, self.mean, self.std, self.bins)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images ``[B, C, H, W]`` -> logits float32 ``[B, Nc]``: entropy minus the threshold."""
+        return self.entropy(images) - self.thresholds[0]
+
+    def decide(
+        self, images: Tensor, sample: bool = False, budget: Budget = None, noise: Optional[Tensor] = None
+    ) -> GateDecision:
+        """Hard decisions for a batch: ``entropy > threshold``, or with a ``budget`` the top-k
+        entropies of each image. ``sample`` and ``noise`` are accepted for the learned gate's
+        interface and ignored: the decision is deterministic."""
+        del sample, noise
+        if budget is None and use_triton(self.kernels, images):  # the decisions come out of the kernel
+            entropy, hard = patch_entropy(
+                images, self.region_size, mean=self.mean, std=self.std, bins=self.bins, threshold=self.thresholds[0]
+            )
+            logits = entropy - self.thresholds[0]
+        else:
+            logits = self(images)
+            hard = budget_mask(logits, budget) if budget is not None else logits > 0
+        return GateDecision(logits, None, hard, hard.to(images.dtype))
+
+    def decision(self, images: Tensor, mask: Optional[Tensor], *, sample: bool, budget: Budget = None) -> GateDecision:
+        """The caller's ``mask`` (bool ``[B, Nc]``) as a decision, or, when it is None, ``decide``."""
+        if mask is None:
+            return self.decide(images, sample=sample, budget=budget)
+        return mask_decision(images, mask, self.region_size)
+
+    def describe_architecture(self) -> dict:
+        """What a checkpoint's ``config.json`` records of this gate (``msvit.io.architecture``)."""
+        return {
+            "type": "entropy",
+            "thresholds": list(self.thresholds),
+            "bins": self.bins,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "grid": list(self.grid),
+        }
+
+    def from_timm_kwargs(self) -> dict:
+        """The ``msvit.from_timm`` keywords that rebuild this gate (a checkpoint's ``config["msvit"]``)."""
+        return {
+            "gate": "entropy",
+            "entropy_thresholds": list(self.thresholds),
+            "entropy_bins": self.bins,
+            "entropy_mean": list(self.mean),
+            "entropy_std": list(self.std),
+        }
+
+    def extra_repr(self) -> str:
+        return f"region_size={self.region_size}, thresholds={self.thresholds}, bins={self.bins}"

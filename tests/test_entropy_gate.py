@@ -1,0 +1,134 @@
+"""APT's training-free entropy gate in MSViT: decisions equal the reference thresholding, the model
+from ``from_timm(gate="entropy")`` runs packed == masked on real photos, budgets, training, and
+checkpoints that record the gate."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import TINY_MODEL
+
+import msvit
+from msvit.data import IMAGENET_MEAN, IMAGENET_STD, normalize, sample_photos
+from msvit.io.checkpoint import CONFIG, build_model, load_checkpoint, save_checkpoint
+from msvit.models.entropy_gate import EntropyGate
+from msvit_kernels.reference import entropy_reference
+
+from helpers import DEVICE, needs_triton, rel_err, tiny_vit
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """The bundled photos at 64 px, ImageNet-normalised: [8, 3, 64, 64]."""
+    return normalize(sample_photos(64)[1]).to(DEVICE)
+
+
+def entropy_model(threshold=6.0, **kwargs):
+    """A tiny ViT (8 px patches, 16 px regions on a 4x4 grid at 64 px) with the entropy gate."""
+    model = msvit.from_timm(tiny_vit(), gate="entropy", entropy_thresholds=(threshold,), **kwargs)
+    return model.to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_decisions_equal_the_reference_thresholding(kernels):
+    images = normalize(sample_photos((96, 160))[1][[0, 3, 7]]).to(DEVICE)
+    gate = EntropyGate(32, (3, 5), (6.5,))
+    gate.kernels = kernels
+    decision = gate.decide(images, sample=True)  # sample is ignored: nothing is random
+    ref = entropy_reference(images, 32, IMAGENET_MEAN, IMAGENET_STD, 512)
+    assert (decision.logits - (ref - 6.5)).abs().max() <= TOL
+    clear = (ref - 6.5).abs() > TOL
+    assert torch.equal(decision.hard[clear], (ref > 6.5)[clear])
+    assert decision.hard.any() and not decision.hard.all()
+    assert decision.soft is None and not decision.st.requires_grad
+    assert torch.equal(decision.st, decision.hard.float())
+
+
+def test_packed_equals_masked_on_real_photos(photos):
+    model = entropy_model()
+    with torch.no_grad():
+        out = model(photos, return_gate=True)
+        masked = model(photos, mode="masked")
+    assert rel_err(out.logits, masked) <= 1e-5
+    expected = entropy_reference(photos, 16, IMAGENET_MEAN, IMAGENET_STD, 512) > 6.0
+    assert torch.equal(out.gate.hard, expected) and 0 < expected.sum() < expected.numel()
+    assert torch.equal(out.tokens, 1 + 16 + 3 * expected.sum(1))
+    assert torch.equal(model.tokens_per_image(model.gate_mask(photos)), out.tokens)
+
+
+def test_budget_keeps_the_highest_entropy_regions(photos):
+    model = entropy_model()
+    mask = model.gate_mask(photos, budget=5)
+    assert mask.sum(1).tolist() == [5] * photos.shape[0]
+    top = entropy_reference(photos, 16, IMAGENET_MEAN, IMAGENET_STD, 512).topk(5, dim=1).indices
+    assert torch.equal(mask, torch.zeros_like(mask).scatter_(1, top, True))
+    with torch.no_grad():
+        out = model(photos, budget=5, return_gate=True)
+        assert rel_err(out.logits, model(photos, mask=mask, mode="masked")) <= 1e-5
+    assert out.tokens.tolist() == [1 + 16 + 3 * 5] * photos.shape[0]
+    assert msvit.count_macs(model, mask=mask, breakdown=True)["gate"].eq(0).all()  # no MACs: elementwise work
+
+
+def test_training_with_the_entropy_gate_trains_the_vit_only(photos):
+    model = entropy_model().train()
+    assert not list(model.gate.parameters())
+    out = model(photos[:4], return_gate=True)
+    F.cross_entropy(out.logits, torch.arange(4, device=DEVICE)).backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())
+    assert out.gate.soft is None and not out.gate.st.requires_grad
+    assert torch.equal(out.gate.hard, model.eval().gate_mask(photos[:4]))  # training decides as evaluation
+
+
+def test_from_timm_takes_the_normalisation_of_the_timm_model():
+    model = msvit.from_timm("vit_small_patch16_224", timm_kwargs={"depth": 1, "img_size": 64}, gate="entropy")
+    assert model.gate.mean == (0.5, 0.5, 0.5) and model.gate.thresholds == (5.5,) and model.gate.bins == 512
+    assert model.gate.region_size == 32 and model.gate.grid == (2, 2)
+    custom = msvit.from_timm(tiny_vit(), gate="entropy", entropy_mean=(0.1,) * 3, entropy_bins=256)
+    assert custom.gate.mean == (0.1,) * 3 and custom.gate.std == IMAGENET_STD and custom.gate.bins == 256
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"gate": "random"}, ValueError, "unknown gate 'random'; expected one of: 'learned', 'entropy'"),
+        ({"gate": "entropy", "hidden": 32}, TypeError, "gate='entropy' takes entropy_bins.*hidden are not its"),
+        ({"entropy_thresholds": (5.5,)}, TypeError, "entropy_thresholds apply to gate='entropy'"),
+        ({"gate": "entropy", "entropy_thresholds": (5.0, 6.0)}, ValueError, "two scales .one boundary."),
+        ({"gate": "entropy", "entropy_thresholds": 5.5}, ValueError, "one per scale boundary"),
+        ({"gate": "entropy", "entropy_bins": 500}, ValueError, "power of two"),
+    ],
+)
+def test_bad_gate_options_are_refused_clearly(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        msvit.from_timm(tiny_vit(), **kwargs)
+
+
+def test_a_swin_refuses_the_entropy_gate():
+    with pytest.raises(NotImplementedError, match="a Swin takes gate='learned'"):
+        msvit.from_timm("swin_tiny_patch4_window7_224", gate="entropy")
+
+
+def test_a_checkpoint_records_and_rebuilds_the_entropy_gate(tmp_path, photos):
+    gate = {"gate": "entropy", "entropy_thresholds": [6.0], "entropy_bins": 256}
+    config = {
+        "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 64}},
+        "msvit": {"coarse_patch_size": 16, **gate},
+    }
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with pytest.raises(ValueError, match="entropy gate, which has no weights.*'entropy_thresholds': \\[6.0\\]"):
+        save_checkpoint(tmp_path / "lost", model, {**config, "msvit": {"coarse_patch_size": 16}})
+    save_checkpoint(tmp_path, model, config)
+    loaded = load_checkpoint(tmp_path)
+    assert isinstance(loaded.gate, EntropyGate)
+    assert loaded.gate.describe_architecture() == model.gate.describe_architecture()
+    with torch.no_grad():
+        assert torch.equal(loaded(photos.cpu()), model(photos.cpu()))
+    recorded = json.loads((tmp_path / CONFIG).read_text())
+    recorded["msvit"]["entropy_thresholds"] = [4.0]  # an edited threshold changes the outputs: refused
+    (tmp_path / CONFIG).write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="no longer matches.*gate.thresholds"):
+        load_checkpoint(tmp_path)
