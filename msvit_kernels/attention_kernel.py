@@ -358,8 +358,22 @@ def _wide(capability: int, meta: dict) -> bool:
     return meta["BLOCK_D"] > 64
 
 
+# RTX 30xx / 40xx (sm_86 / 89): since the kernels write NaN for rows unchecked input leaves
+# uncomputed (_fill_unplaced), two 8-warp tiles spill there (compile report: dq 64x64 12 B, the
+# separate-key forward 128x64 44 B); sm_80 / 90 compile them clean. Those GPUs take the others.
+CONSUMER = (86, 89)
+
+
+def _big_not_consumer(capability: int, meta: dict) -> bool:
+    return _big(capability, meta) and capability not in CONSUMER
+
+
+def _big_self_on_consumer(capability: int, meta: dict) -> bool:
+    return _big(capability, meta) and not (meta.get("SEPARATE_KV") and capability in CONSUMER)
+
+
 _FWD_CONFIGS = [
-    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), _big),
+    (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), _big_self_on_consumer),
     (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), _big),
     (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1), _narrow),
     (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
@@ -371,7 +385,7 @@ _BWD_CONFIGS = [  # BLOCK_N: keys a dk/dv program owns (queries a dq program own
     (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
 ]
 _DQ_CONFIGS = [
-    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1), _big),
+    (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1), _big_not_consumer),
     (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), _big),
     (triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1), _narrow),
     (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
