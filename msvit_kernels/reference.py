@@ -156,17 +156,21 @@ def pack_reference(
     fine_patch: int,
     ratio: int,
     norm: Optional[Callable[[Tensor], Tensor]] = None,
+    extra: Optional[Tensor] = None,
 ) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch: the torch tokenizer and the pack kernel's oracle.
 
-    Every patch token of ``index`` is embedded (``norm`` applied after the embedding if given), gets
-    its row of ``pos_table`` ``[Nf + Nc, d]`` (fine rows, then coarse) and, with ``st`` ``[B, Nc]``,
-    is multiplied by its straight-through value (fine: st, coarse: 1 - st of its region); prefix
-    ``[P, d]`` fills every image's prefix rows.
+    Every patch token of ``index`` is embedded (``norm`` applied after the embedding if given), plus
+    its row of ``extra`` ``[Np, d]`` if given (the model's coarse-token aggregation; the pack kernel
+    has no such input), gets its row of ``pos_table`` ``[Nf + Nc, d]`` (fine rows, then coarse)
+    and, with ``st`` ``[B, Nc]``, is multiplied by its straight-through value (fine: st, coarse:
+    1 - st of its region); prefix ``[P, d]`` fills every image's prefix rows.
     """
     tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio)
     if norm is not None:
         tokens = norm(tokens)
+    if extra is not None:
+        tokens = tokens + extra
     if pos_table is not None:
         tokens = tokens + pos_table.index_select(0, index.position)
     if st is not None and st.numel():  # border cells (region -1) have no region: their value is 1

@@ -72,6 +72,8 @@ def msvit(model) -> dict:
         "no_embed_class": tok.no_embed_class,
         "pos_embed": tok.pos_embed is not None,
         "embed_norm": layer(tok.embed_norm),
+        # only models with APT's aggregation record it, so the configs of earlier checkpoints still verify
+        **({"aggregate": tok.aggregate} if tok.aggregate != "shared" else {}),
         "depth": len(model.blocks),
         "blocks": blocks(model.blocks),
         "norm_pre": layer(model.norm_pre),
@@ -117,6 +119,16 @@ def describe(model: nn.Module) -> dict:
     else:
         description = msvit(model)
     return json.loads(json.dumps(description))  # tuples become lists: equal to what config.json reads back
+
+
+def from_timm_options(recorded) -> dict:
+    """The ``msvit.from_timm`` keywords a recorded architecture (``describe``'s) implies beyond a
+    checkpoint's ``config["msvit"]``: the coarse-token aggregation, so ``load_checkpoint`` rebuilds
+    it even from a recipe (a training run's flags) that never named it."""
+    backbone = recorded.get("backbone", recorded) if isinstance(recorded, dict) else None
+    if isinstance(backbone, dict) and "aggregate" in backbone:
+        return {"aggregate": backbone["aggregate"]}
+    return {}
 
 
 def differences(recorded, built, prefix: str = "") -> List[str]:

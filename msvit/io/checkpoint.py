@@ -39,10 +39,12 @@ def sha256(data: bytes) -> str:
 
 
 def build_model(config: dict) -> MSViT:
-    """An MSViT with random weights in the architecture ``config`` describes (nothing downloaded)."""
+    """An MSViT with random weights in the architecture ``config`` describes (nothing downloaded):
+    ``config["msvit"]``'s keywords, and the aggregation its recorded architecture names."""
     timm_cfg = config["timm"]
     kwargs = {**timm_cfg.get("kwargs", {}), "pretrained": False}
-    return from_timm(timm_cfg["name"], timm_kwargs=kwargs, **config.get("msvit", {}))
+    options = {**architecture.from_timm_options(config.get("architecture")), **config.get("msvit", {})}
+    return from_timm(timm_cfg["name"], timm_kwargs=kwargs, **options)
 
 
 def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:

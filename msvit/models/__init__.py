@@ -4,7 +4,8 @@
    ``entropy_gate``: APT's training-free alternative (grey-level entropy > threshold -> fine).
 2. ``tokenizer``: one shared patch embedding over fine 16 px and coarse 32 px patches, gathered
    and packed into varlen sequences (``cu_seqlens``) by the Triton kernels of ``msvit_kernels``;
-   ``rope`` places rotary embeddings at mixed-scale token positions.
+   ``rope`` places rotary embeddings at mixed-scale token positions; ``aggregation``: APT's
+   zero-initialised aggregation of sub-patch embeddings into coarse tokens (an option).
 3. ``layers``: transformer blocks on the packed tokens (varlen attention, no padding);
    ``timm_blocks`` reads qkv and LayerScale from timm's ``Block`` and ``EvaBlock``.
 4. ``mixed_scale_vit``: ``MSViT`` = gate -> tokenizer -> blocks -> pooled head, in packed,

@@ -3,7 +3,9 @@
 Counted: the patch embedding per token, the gate per region, every block's linear layers per
 token and its attention's two N^2 matrix products (QK^T and AV), and the head. Not counted
 (as in the paper's DeepSpeed counts and FlopCounterMode): norms, activations, softmax, the
-position-embedding add and the 2x2 average pooling of coarse patches.
+position-embedding add and the 2x2 average pooling of coarse patches. With APT's aggregation
+(``aggregate="zero_conv"``) every coarse token adds its r*r sub-patch embeddings, the r x r conv
+and the linear layer (``aggregation``).
 """
 
 from typing import Dict, Optional
@@ -12,18 +14,32 @@ import torch
 from torch import Tensor, nn
 
 from msvit.models.mixed_scale_vit import MSViT
+from msvit_kernels.varlen import count_border_cells
 
 
 def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def macs_for_tokens(model: MSViT, tokens: Tensor, n_regions: int, include_gate: bool = True) -> Dict[str, Tensor]:
-    """MACs per image, by part, for images with ``tokens`` ``[B]`` tokens each (prefix included)."""
+def macs_for_tokens(
+    model: MSViT, tokens: Tensor, n_regions: int, include_gate: bool = True, coarse: Optional[Tensor] = None
+) -> Dict[str, Tensor]:
+    """MACs per image, by part, for images with ``tokens`` ``[B]`` tokens each (prefix included).
+
+    coarse: coarse tokens per image ``[B]`` (counted only with APT's aggregation); default: from
+    ``tokens``, for images of the size the model was built for (whose border cells it knows)."""
     tokens = tokens.to(torch.float64)
-    patch_tokens = tokens - model.tokenizer.num_prefix
-    embed = model.tokenizer.embed
-    parts = {"embed": patch_tokens * embed.in_features * embed.out_features}
+    tokenizer = model.tokenizer
+    patch_tokens = tokens - tokenizer.num_prefix
+    embed = tokenizer.embed
+    embed_macs = embed.in_features * embed.out_features
+    parts = {"embed": patch_tokens * embed_macs}
+    if tokenizer.aggregation is not None:
+        if coarse is None:  # tokens = P + border + Nc + (r*r - 1) * fine regions
+            fixed = tokenizer.num_prefix + count_border_cells(tokenizer.grid, tokenizer.ratio) + n_regions
+            coarse = n_regions - (tokens - fixed) / max(tokenizer.ratio**2 - 1, 1)
+        per_token = tokenizer.ratio**2 * embed_macs + tokenizer.aggregation.macs_per_token()
+        parts["aggregation"] = coarse.to(torch.float64) * per_token
     gate = model.gate.macs_per_region() * n_regions if include_gate else 0
     parts["gate"] = torch.full_like(tokens, float(gate))
     linear = sum(_linear_macs(block) for block in model.blocks)
@@ -50,7 +66,7 @@ def count_macs(
     grid; mask: bool ``[B, Nc]`` overriding the gate. The gate is counted unless
     ``include_gate=False`` (it runs whenever the model runs without a given mask).
     ``breakdown=True`` returns a dict of per-part tensors (embed, gate, blocks_linear, attention,
-    head, total) instead.
+    head, total; aggregation with ``aggregate="zero_conv"``) instead.
     """
     if mask is None:
         if images is None:
@@ -61,5 +77,6 @@ def count_macs(
     if hasattr(model, "mac_parts"):  # a mixed-scale Swin counts its windows (msvit.models.swin.flops)
         parts = model.mac_parts(mask, include_gate)
     else:
-        parts = macs_for_tokens(model, model.tokens_per_image(mask, images=images), mask.shape[1], include_gate)
+        tokens = model.tokens_per_image(mask, images=images)
+        parts = macs_for_tokens(model, tokens, mask.shape[1], include_gate, coarse=mask.shape[1] - mask.sum(1))
     return parts if breakdown else parts["total"]

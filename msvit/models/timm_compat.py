@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
+from msvit.models.aggregation import AGGREGATIONS, ZeroConvAggregation
 from msvit.models.attention_pool import convert_attention_pool
 from msvit.models.checks import check_choice
 from msvit.models.entropy_gate import APT_THRESHOLD, EntropyGate
@@ -73,6 +74,7 @@ def from_timm(
     timm_kwargs: Optional[dict] = None,
     img_size=None,
     gate: str = "learned",
+    aggregate: str = "shared",
     **gate_kwargs,
 ) -> MSViT:
     """MSViT with the weights of a timm ViT.
@@ -88,6 +90,10 @@ def from_timm(
         kernels, attention_backend: see ``MSViT``.
         gate: ``"learned"`` (the paper's ``MixedScaleGate``, to be trained) or ``"entropy"`` (APT's
             training-free ``EntropyGate``: fine where a region's grey-level entropy exceeds a threshold).
+        aggregate: how a coarse token is embedded: ``"shared"`` (the shared embedding of its
+            area-downsampled patch, Eq. 4-5) or ``"zero_conv"`` (APT's: plus a zero-initialised
+            linear layer over an r x r stride-r conv of its sub-patch embeddings; equal to "shared"
+            until trained; the tokenizer then takes the torch path, ``msvit.models.aggregation``).
         **gate_kwargs: the learned gate's options (hidden, init_logit, temperature), or the entropy
             gate's: ``entropy_thresholds`` (one per scale boundary, default ``(5.5,)``),
             ``entropy_bins`` (512), ``entropy_mean`` / ``entropy_std`` (the images' normalisation;
@@ -99,7 +105,12 @@ def from_timm(
     says where the all-coarse model equals timm on the pooled image).
     """
     check_choice("gate", gate, GATES)
+    check_choice("aggregate", aggregate, AGGREGATIONS)
     if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
+        if aggregate != "shared":
+            raise NotImplementedError(
+                "aggregate='zero_conv' is implemented for ViT models; a Swin embeds coarse regions itself"
+            )
         if gate != "learned":
             raise NotImplementedError(f"gate={gate!r} is implemented for ViT models; a Swin takes gate='learned'")
         if img_size is not None:
@@ -131,6 +142,10 @@ def from_timm(
 
     weight = parts.embed.weight
     in_chans = weight.shape[1] // (fine * fine)
+    coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
+    scale_gate = _gate(gate, coarse, coarse_grid, in_chans, getattr(model, "pretrained_cfg", None), gate_kwargs)
+    scale_gate = scale_gate.to(device=weight.device, dtype=weight.dtype)
+    # the aggregation's random conv init comes after the gate's: both options draw the same gate
     tokenizer = MixedScaleTokenizer(
         parts.embed,
         fine,
@@ -140,10 +155,8 @@ def from_timm(
         prefix_tokens=nn.Parameter(parts.prefix) if parts.prefix is not None else None,
         no_embed_class=parts.no_embed_class,
         embed_norm=parts.embed_norm,
+        aggregation=None if aggregate == "shared" else _aggregation(weight, ratio),
     )
-    coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
-    scale_gate = _gate(gate, coarse, coarse_grid, in_chans, getattr(model, "pretrained_cfg", None), gate_kwargs)
-    scale_gate = scale_gate.to(device=weight.device, dtype=weight.dtype)
     msvit = MSViT(
         tokenizer,
         scale_gate,
@@ -168,6 +181,11 @@ def from_timm(
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)
+
+
+def _aggregation(weight: torch.Tensor, ratio: int) -> ZeroConvAggregation:
+    """APT's aggregation for an embedding of ``weight [d, C*p*p]``, on its device and dtype."""
+    return ZeroConvAggregation(weight.shape[0], ratio).to(device=weight.device, dtype=weight.dtype)
 
 
 GATES = ("learned", "entropy")

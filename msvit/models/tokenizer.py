@@ -3,7 +3,9 @@
 One linear patch embedding and one fine-grid position embedding serve both scales: a coarse
 patch is area-averaged down to the fine patch size before the shared embedding, and the coarse
 position embedding is the fine one resampled bilinearly (``align_corners=False``, no antialias;
-for a factor of 2 this is the 2x2 mean).
+for a factor of 2 this is the 2x2 mean). With an ``aggregation`` module (APT's zero-initialised
+aggregation, ``msvit.models.aggregation``) every coarse token also gets a term computed from the
+embeddings of its fine sub-patches, in every mode.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -12,12 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msvit.models.aggregation import packed_regions, per_entry, sub_patch_pixels
 from msvit.models.table_cache import TableCache
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
-from msvit_kernels.varlen import MixedScaleIndex, StaticShape, fine_cells_of_regions, mixed_scale_index
+from msvit_kernels.varlen import (
+    MixedScaleIndex,
+    StaticShape,
+    count_border_cells,
+    fine_cells_of_regions,
+    mixed_scale_index,
+)
 
 
 class PositionTables(NamedTuple):
@@ -39,10 +48,14 @@ class MixedScaleTokenizer(nn.Module):
         prefix_tokens: ``[1, P, d]`` (cls then registers) or None.
         embed_norm: applied to every patch embedding before the position is added (timm's
             ``patch_embed.norm``; usually Identity).
+        aggregation: None (``aggregate="shared"``: a coarse token is the shared embedding of its
+            downsampled patch) or a ``ZeroConvAggregation`` whose output is added to each coarse
+            token's (normed) embedding before its position (``msvit.models.aggregation``).
 
     Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): ``pack``
     runs the fused Triton kernels (``msvit_kernels.index_kernel`` and ``pack_kernel``) or torch;
-    auto = Triton on CUDA. A non-Identity ``embed_norm`` always takes the torch path.
+    auto = Triton on CUDA. A non-Identity ``embed_norm`` or an ``aggregation`` always takes the
+    torch path (the fused pack kernel does neither; a known cost of ``aggregate="zero_conv"``).
     """
 
     def __init__(
@@ -55,6 +68,7 @@ class MixedScaleTokenizer(nn.Module):
         prefix_tokens: Optional[nn.Parameter],
         no_embed_class: bool = False,
         embed_norm: Optional[nn.Module] = None,
+        aggregation: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.embed = embed
@@ -65,12 +79,18 @@ class MixedScaleTokenizer(nn.Module):
         self.prefix_tokens = prefix_tokens
         self.no_embed_class = no_embed_class
         self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
+        self.aggregation = aggregation
         self.kernels = "auto"
         self._tables = TableCache()
 
     @property
     def num_prefix(self) -> int:
         return 0 if self.prefix_tokens is None else self.prefix_tokens.shape[1]
+
+    @property
+    def aggregate(self) -> str:
+        """The ``from_timm`` name of the coarse-token embedding: "shared" or "zero_conv"."""
+        return "shared" if self.aggregation is None else "zero_conv"
 
     @property
     def coarse_patch(self) -> int:
@@ -132,6 +152,12 @@ class MixedScaleTokenizer(nn.Module):
         index = build_index(hard, coarse_grid, self.ratio, self.num_prefix, shape, fine_grid)
         positions = self.position_tables(fine_grid)
         st = st if st.requires_grad else None  # st is 1 in value: scaling only routes the gradient
+        extra = None
+        if self.aggregation is not None:
+            fixed = self.num_prefix + count_border_cells(fine_grid, self.ratio)
+            regions = packed_regions(hard, index, fixed, self.ratio)
+            if regions.numel():  # an all-fine batch has no coarse token
+                extra = per_entry(self.aggregated(images, regions), regions, index, hard.numel())
         if fused:
             dtype = compute_dtype(images)
             bias = self.embed.bias.to(dtype) if self.embed.bias is not None else None
@@ -158,6 +184,7 @@ class MixedScaleTokenizer(nn.Module):
                 self.fine_patch,
                 self.ratio,
                 norm=self.embed_norm,
+                extra=extra,
             )
         return packed, index
 
@@ -165,6 +192,8 @@ class MixedScaleTokenizer(nn.Module):
         """Why this batch cannot take the fused path ('' when it can)."""
         if not isinstance(self.embed_norm, nn.Identity):
             return f"the fused tokenizer does not apply embed_norm ({type(self.embed_norm).__name__})"
+        if self.aggregation is not None:
+            return "the fused tokenizer does not aggregate sub-patch embeddings (aggregate='zero_conv')"
         if images.requires_grad:
             return "the fused tokenizer gives no gradient to pixels, and these require one"
         return ""
@@ -181,6 +210,11 @@ class MixedScaleTokenizer(nn.Module):
             [patchify(images, self.fine_patch), coarse_patches_at_fine_size(images, self.fine_patch, self.ratio)], 1
         )
         tokens = self.embed_norm(self.embed(pixels))
+        if self.aggregation is not None:  # every region's coarse token exists in the dense layout
+            batch, n_fine, n_coarse = images.shape[0], fine_grid[0] * fine_grid[1], coarse_grid[0] * coarse_grid[1]
+            terms = self.aggregated(images, torch.arange(batch * n_coarse, device=images.device))
+            coarse = tokens[:, n_fine:] + terms.view(batch, n_coarse, tokens.shape[-1])
+            tokens = torch.cat([tokens[:, :n_fine], coarse], 1)
         positions = self.position_tables(fine_grid)
         if positions.patches is not None:
             tokens = tokens + positions.patches
@@ -192,6 +226,14 @@ class MixedScaleTokenizer(nn.Module):
             tokens = torch.cat([prefix.expand(images.shape[0], -1, -1), tokens], 1)
             weights = torch.cat([weights.new_ones(images.shape[0], self.num_prefix), weights], 1)
         return tokens, weights
+
+    def aggregated(self, images: Tensor, regions: Tensor) -> Tensor:
+        """``[K, d]``: the aggregation term of the coarse tokens of the flat regions ``regions``
+        (int64 ``[K]``), from the embeddings (``embed_norm(embed(.))``, as fine tokens) of their
+        fine sub-patches only."""
+        pixels = sub_patch_pixels(images, regions, self.fine_patch, self.ratio)
+        sub = self.embed_norm(self.embed(pixels))
+        return self.aggregation(sub.view(regions.numel(), self.ratio * self.ratio, sub.shape[-1]))
 
 
 def region_of_fine_cells(
