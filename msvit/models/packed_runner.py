@@ -140,6 +140,8 @@ class PackedRunner:
             self._decide, (mask, _) = self._graph(lambda: self._decide_fn(self._images), pool)
         self._forwards = {}
         for capacity in self.buckets:
+            if mask is not None:  # warm-up runs for real: give it a mask every bucket holds (all coarse);
+                mask.zero_()  # replays read whatever the gate's graph wrote there
             forward = self._forward_fn(capacity)
             replay, _ = self._graph(lambda: forward(self._images, mask), pool)
             self._forwards[capacity] = lambda images, mask, replay=replay: replay(images)
