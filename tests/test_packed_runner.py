@@ -140,3 +140,38 @@ def test_cuda_graph_with_a_budget_and_real_host_reads():
         with count_host_reads() as reads:
             model(images[1])
         assert reads.count == 1, reads.report()
+
+
+def test_graph_plumbing_with_a_cpu_stand_in_for_capture(monkeypatch):
+    """The cuda_graphs runner's buffers on CPU: capture is stood in for by running the stage and
+    copying each replay's results into the outputs of the "capture", as a CUDA graph writes into
+    its static outputs. Checks what a GPU run cannot afford to find broken: the images buffer,
+    the gate graph's mask buffer read by every bucket, warm-ups that fit every bucket, padding."""
+    from msvit.models import packed_runner
+
+    def stand_in(self, fn, pool):
+        for _ in range(packed_runner.WARMUP_CALLS):
+            fn()
+        outputs = fn()
+
+        def replay(images):
+            fresh = fn()
+            for static, new in zip(*(t if isinstance(t, tuple) else (t,) for t in (outputs, fresh))):
+                static.copy_(new)
+            return outputs
+
+        return replay, outputs
+
+    monkeypatch.setattr(packed_runner.PackedRunner, "_graph", stand_in)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model, images = model_and_batches()
+    for budget, buckets in ((None, [3 * 25, 3 * 97]), (5, None)):
+        capacities = buckets or [model.static_shape(3, SIZE, budget=budget).capacity]
+        runner = packed_runner.PackedRunner(model, 3, SIZE, budget, capacities, "cuda_graphs", {})
+        for images_i, bias in zip(images, (-50.0, None, None, 50.0, None)):
+            gate_bias(model, bias)
+            with torch.no_grad():
+                expected = model(images_i, budget=budget)
+            assert rel_err(runner(images_i), expected) <= 1e-5
+            assert rel_err(runner(images_i[:2]), expected[:2]) <= 1e-5
+        gate_bias(model, None)

@@ -130,10 +130,6 @@ class PackedRunner:
         self._forwards = {c: torch.compile(self._forward_fn(c), **options) for c in self.buckets}
 
     def _capture(self) -> None:
-        if self.device.type != "cuda":
-            raise RuntimeError(
-                f"mode='cuda_graphs' needs the model on a CUDA device, not {self.device}; use 'torch_compile'"
-            )
         pool = torch.cuda.graph_pool_handle()
         mask = None
         if self.budget is None:
@@ -210,6 +206,9 @@ def compile_packed(
         raise ValueError("compile_packed runs inference: call model.eval() first (training stays eager)")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(map(repr, MODES))}")
+    device = next(model.parameters()).device
+    if mode == "cuda_graphs" and device.type != "cuda":
+        raise RuntimeError(f"mode='cuda_graphs' needs the model on a CUDA device, not {device}; use 'torch_compile'")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
