@@ -132,3 +132,38 @@ def test_a_checkpoint_records_and_rebuilds_the_entropy_gate(tmp_path, photos):
     (tmp_path / CONFIG).write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match="no longer matches.*gate.thresholds"):
         load_checkpoint(tmp_path)
+
+
+ENTROPY = ("--gate", "entropy", "--entropy-threshold", "3.0", "--entropy-bins", "256")
+
+
+def test_msvit_train_with_the_entropy_gate_trains_saves_resumes_and_reloads(tmp_path):
+    """Only the ViT trains; the run records the gate, so --resume and load_checkpoint rebuild it."""
+    from test_train import small_run
+
+    from msvit.train import parse_args, train
+    from msvit.train.run_folder import RunFolderError
+
+    train(small_run(tmp_path, "--train-size", "64", "--epochs", "1", gate=ENTROPY))
+    before = load_checkpoint(tmp_path)
+    train(parse_args(["--resume", "--out", str(tmp_path), "--epochs", "2"]))  # the recorded gate, not the default
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["gate_trains"], r["train_gate"]) for r in rows] == [(1, False, 0.0), (2, False, 0.0)]
+    model = load_checkpoint(tmp_path)
+    assert isinstance(model.gate, EntropyGate) and not list(model.gate.parameters())
+    half = (0.5,) * 3  # the digits' normalisation, which the gate undoes
+    assert (model.gate.thresholds, model.gate.bins, model.gate.mean, model.gate.std) == ((3.0,), 256, half, half)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, before.blocks[0].attn.qkv.weight)  # the ViT trained
+    images = normalize(torch.rand(4, 3, 32, 32), half, half)
+    assert torch.equal(model.gate_mask(images), entropy_reference(images, 16, half, half, 256) > 3.0)
+    with pytest.raises(RunFolderError, match="--gate was 'entropy', now 'learned'"):
+        train(parse_args(["--resume", "--out", str(tmp_path), "--epochs", "3", "--gate", "learned"]))
+
+
+def test_segmentation_trains_behind_the_entropy_gate(tmp_path):
+    from test_train import small_run
+
+    from msvit.train import train
+
+    train(small_run(tmp_path, "--task", "segmentation", "--epochs", "1", "--max-steps", "1", gate=ENTROPY))
+    assert isinstance(msvit.load_segmenter(tmp_path).backbone.gate, EntropyGate)

@@ -34,6 +34,20 @@ from msvit.train import parse_args, train
         (["--model", "resnet18"], "--model resnet18: from_timm expects a timm VisionTransformer"),
         (["--model", "vit_nowhere"], "--model vit_nowhere: timm has no model of that name"),
         (["--model-kwargs", '{"depth": "2"}'], "--model-kwargs: 'depth' must be an integer"),
+        # the flags of the other gate (tests/test_entropy_gate.py trains with the entropy gate)
+        (["--gate", "entropy", "--gate-loss", "l0"], "--gate-loss acts on the learned gate; with --gate entropy"),
+        (["--gate", "entropy", "--gate-lambda", "4"], "--gate-lambda acts on the learned gate"),  # the default, typed
+        (["--gate", "entropy", "--gate-hidden", "8"], "--gate-hidden acts on the learned gate"),
+        (["--gate", "entropy", "--gate-start-epoch", "2"], "--gate-start-epoch acts on the learned gate"),
+        (["--entropy-threshold", "4"], "--entropy-threshold applies to --gate entropy"),
+        (["--entropy-bins", "256"], "--entropy-bins applies to --gate entropy"),
+        (["--gate", "entropy", "--entropy-bins", "500"], "--entropy-bins: invalid choice: 500"),
+        (["--gate", "entropy", "--entropy-threshold", "nan"], "--entropy-threshold must be finite"),
+        (["--gate", "random"], "--gate: invalid choice: 'random'"),
+        (
+            ["--gate", "entropy", "--model", "swin_tiny_patch4_window7_224"],
+            "--model swin_tiny_patch4_window7_224 (a Swin) takes --gate learned",
+        ),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
@@ -50,6 +64,8 @@ def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
         (["--decoder-heads", "0"], "--decoder-heads must be >= 1"),
         (["--budget", "1.5"], r"--budget must be in [0, 1]"),
         (["--init", "/nowhere"], "--init /nowhere: no such folder"),
+        (["--gate", "entropy", "--no-freeze-gate"], "the entropy gate (--gate entropy) has nothing to train"),
+        (["--gate", "entropy", "--init", "runs/x"], "--gate builds a backbone, but --init"),
     ],
 )
 def test_bad_segmentation_flags_are_refused(capsys, flags, message):

@@ -18,13 +18,15 @@ from helpers import TINY_MODEL
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small_run(out, *extra):
+def small_run(out, *extra, gate=("--gate-hidden", "16")):
+    """The flags of a tiny run (seconds on CPU) into ``out``; ``gate``: the flags of its gate."""
     return parse_args(
         [
             *"--train-size 256 --val-size 64 --batch-size 32 --image-size 32 --model-kwargs".split(),
             TINY_MODEL,
-            *"--coarse-patch 16 --gate-hidden 16 --out".split(),
+            *"--coarse-patch 16 --out".split(),
             str(out),
+            *gate,
             *extra,
         ]
     )

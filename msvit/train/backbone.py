@@ -8,14 +8,9 @@ from msvit.io.checkpoint import build_model
 
 def model_config(args, classes, bundle) -> dict:
     kwargs = {**json.loads(args.model_kwargs), "num_classes": len(classes), "img_size": args.image_size}
-    msvit_kwargs = {
-        "coarse_patch_size": args.coarse_patch,
-        "hidden": args.gate_hidden,
-        "init_logit": args.gate_init_logit,
-    }
     return {
         "timm": {"name": args.model, "kwargs": kwargs},
-        "msvit": msvit_kwargs,
+        "msvit": {"coarse_patch_size": args.coarse_patch, **gate_options(args, bundle)},
         "data": {
             "name": args.data,
             "image_size": list(bundle.image_size),
@@ -25,6 +20,21 @@ def model_config(args, classes, bundle) -> dict:
             "digit_scale": args.digit_scale,
             "seed": args.seed,
         },
+    }
+
+
+def gate_options(args, bundle) -> dict:
+    """``from_timm``'s gate keywords for ``--gate``. The entropy gate has no weights: these keywords
+    are all a checkpoint keeps of it, with the data's normalisation, which it undoes to measure the
+    entropy of the pixels themselves (``EntropyGate.from_timm_kwargs`` spells the same keys)."""
+    if args.gate == "learned":
+        return {"hidden": args.gate_hidden, "init_logit": args.gate_init_logit}
+    return {
+        "gate": "entropy",
+        "entropy_thresholds": [args.entropy_threshold],
+        "entropy_bins": args.entropy_bins,
+        "entropy_mean": list(bundle.mean),
+        "entropy_std": list(bundle.std),
     }
 
 

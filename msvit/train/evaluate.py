@@ -1,7 +1,7 @@
 """Evaluation: top-1, tokens and GMACs per image, fine rate, and (with digit boxes) where the fine
 tokens go."""
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -25,12 +25,15 @@ def evaluate(
     budget=None,
     boxes: Optional[Tensor] = None,
     show: bool = False,
+    decide: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> dict:
     """Metrics of ``model`` (eval mode) on ``loader`` (images in [0, 1], not shuffled).
 
     boxes: optional int ``[N, 4]`` pixel boxes aligned with the loader; adds ``fine_on_digit`` (the
     share of fine regions that overlap their image's box), ``digit_share`` (the share of all regions
     that do) and their ratio ``fine_digit_ratio`` (1 = no preference, higher = fine on the digit).
+    decide: optional ``normalised images -> bool [B, Nc]`` (True = fine) used instead of the model's
+    gate (another gate's decisions on the same backbone, ``bench/gate_comparison.py``).
     """
     was_training = model.training
     model.eval()
@@ -39,7 +42,8 @@ def evaluate(
     n_regions = None
     for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False):
         images = normalize(images.to(device), mean, std)
-        out = model(images, mode=mode, budget=budget, return_gate=True)
+        mask = decide(images) if decide is not None else None
+        out = model(images, mode=mode, budget=budget, mask=mask, return_gate=True)
         correct += (out.logits.argmax(1).cpu() == labels).sum().item()
         hard = out.gate.hard.cpu()
         n_regions = hard.shape[1]

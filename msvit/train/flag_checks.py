@@ -58,7 +58,23 @@ TRAIN_RANGES = {
     "workers": NON_NEGATIVE,
     "max_steps": NON_NEGATIVE,
     "seed": NON_NEGATIVE,
+    "entropy_threshold": Range(),
 }
+# The flags that act only while the learned gate trains, and those that also build it: the entropy
+# gate (--gate entropy) has no weights and no gate loss, so none of them means anything for it.
+GATE_TRAINING = (
+    "gate_loss",
+    "gate_loss_input",
+    "gate_lambda",
+    "gate_target",
+    "gbas_sigma",
+    "gbas_ctr_init",
+    "gate_start_epoch",
+    "gate_lr",
+    "gate_warmup_epochs",
+)
+LEARNED_GATE = ("gate_hidden", "gate_init_logit", "gate_mode", "gate_mode_epochs", *GATE_TRAINING)
+ENTROPY_GATE = ("entropy_threshold", "entropy_bins")
 
 
 def check_ranges(parser, args, ranges: dict) -> None:
@@ -100,3 +116,27 @@ def check_model_flags(parser, name: str, kwargs: dict) -> None:
     misquoted = misquoted_kwarg(name, kwargs)
     if misquoted is not None:
         parser.error(f"--model-kwargs: {misquoted[0]!r} must be {misquoted[1]} for {name}, got a string")
+
+
+def check_gate_flags(parser, args) -> None:
+    """Refuse, by name, a typed flag of the other gate than ``--gate``'s: ignoring it would leave the
+    user believing that it acted (a gate loss with the entropy gate, a threshold with the learned one)."""
+    typed = set(getattr(args, "typed", ()))
+    if args.gate == "learned":
+        given = [k for k in ENTROPY_GATE if k in typed]
+        if given:
+            parser.error(
+                f"--{given[0].replace('_', '-')} applies to --gate entropy; the learned gate has no entropy "
+                "threshold or histogram"
+            )
+        return
+    given = [k for k in LEARNED_GATE if k in typed]
+    if given:
+        parser.error(
+            f"--{given[0].replace('_', '-')} acts on the learned gate; with --gate entropy nothing of the gate "
+            "trains (it has no weights and no gate loss): leave it off"
+        )
+    from msvit.models.swin import is_timm_swin
+
+    if is_timm_swin(args.model):
+        parser.error(f"--gate entropy is implemented for ViTs; --model {args.model} (a Swin) takes --gate learned")

@@ -11,8 +11,11 @@ import argparse
 from typing import Optional
 
 from msvit.data.loaders import CROPS, DIGITS
-from msvit.train.flag_checks import check_train_flags
+from msvit.models.entropy_gate import APT_THRESHOLD
+from msvit.models.timm_compat import GATES
+from msvit.train.flag_checks import check_gate_flags, check_train_flags
 from msvit.train.tasks import TASKS, task_of
+from msvit_kernels.entropy_kernel import DEFAULT_BINS, MAX_BINS, MIN_BINS
 
 # What each digits-only flag means for folder data.
 DIGITS_ONLY = {
@@ -85,6 +88,31 @@ def add_model_options(p) -> None:
         default=3.0,
         help="initial gate logit (bias of its last layer): > 0 starts all-fine at eval, as in the paper; "
         "3 samples ~95%% of the regions fine in training, 1 about 73%%",
+    )
+    g.add_argument(
+        "--gate",
+        choices=GATES,
+        default="learned",
+        help="the scale gate: 'learned' (the paper's MLP, trained by the gate loss) or 'entropy' (APT's "
+        "training-free rule: a region is fine when the entropy of its grey levels exceeds "
+        "--entropy-threshold; it has no weights, so the gate-training options do not apply)",
+    )
+    g.add_argument(
+        "--entropy-threshold",
+        type=float,
+        default=APT_THRESHOLD,
+        metavar="BITS",
+        help="--gate entropy: a region stays fine when its grey-level entropy exceeds this many bits "
+        "(APT's two-scale threshold)",
+    )
+    g.add_argument(
+        "--entropy-bins",
+        type=int,
+        choices=[2**i for i in range(MIN_BINS.bit_length() - 1, MAX_BINS.bit_length())],
+        default=DEFAULT_BINS,
+        metavar="N",
+        help=f"--gate entropy: grey-level histogram bins, a power of two from {MIN_BINS} to {MAX_BINS} "
+        "(APT's code: 512, half an 8-bit level each)",
     )
     g.add_argument(
         "--mode",
@@ -227,6 +255,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         refuse_unknown(p, task_name, unknown)
     args.typed = typed_flags(p, argv)
     check_train_flags(p, args)
+    check_gate_flags(p, args)
     given = [k for k in DIGITS_ONLY if getattr(args, k) != p.get_default(k)]
     if args.data != DIGITS and given:
         p.error(f"--{given[0].replace('_', '-')} needs --data {DIGITS}: {DIGITS_ONLY[given[0]]}")

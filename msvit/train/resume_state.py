@@ -21,7 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from msvit.io.checkpoint import check_state, read_checkpoint
+from msvit.models.entropy_gate import APT_THRESHOLD
 from msvit.train.run_folder import Checkpoint, RunFolderError
+from msvit_kernels.entropy_kernel import DEFAULT_BINS
 
 # --epochs may grow to extend a finished run; the cosine schedule then stretches to the new length
 # from the resumed step on (documented in the README), everything else continues unchanged.
@@ -42,6 +44,8 @@ FREE = {
 # --max-steps bounds a smoke run (inherited, it would stop the resumed run after a step);
 # starting weights are replaced by the checkpoint's; ``typed`` is parse_args' list of typed flags.
 INVOCATION = {"out", "resume", "overwrite", "max_steps", "device", "pretrained", "hub_pretrained", "typed"}
+# Flags added after train states were first written, with the value every run before them had.
+ADDED = {"gate": "learned", "entropy_threshold": APT_THRESHOLD, "entropy_bins": DEFAULT_BINS}
 
 
 def recorded_flags(args) -> dict:
@@ -69,8 +73,9 @@ def resumed_args(saved: dict, args, where) -> argparse.Namespace:
 
 
 def with_task(saved: dict) -> dict:
-    """``saved`` with its ``task``: train states that lack the key tell it by their flags (only
-    segmentation has ``decoder``)."""
+    """``saved`` with its ``task`` and the ``ADDED`` flags: train states that lack the task tell it
+    by their flags (only segmentation has ``decoder``)."""
+    saved = {**ADDED, **saved}
     if "task" in saved:
         return saved
     return {**saved, "task": "segmentation" if "decoder" in saved else "classification"}

@@ -18,7 +18,7 @@ from msvit.models.segmentation import (
     segmenter_config,
 )
 from msvit.train.backbone import make_model, model_config
-from msvit.train.flag_checks import Range, check_ranges
+from msvit.train.flag_checks import GATE_TRAINING, Range, check_ranges
 from msvit.train.segment_data import build_segmentation_data as build_data  # noqa: F401  the task's data
 
 DESCRIPTION = """--task segmentation: an MSSegmenter (MSViT backbone + Segmenter decoder). Data (--data):
@@ -47,20 +47,19 @@ RANGES = {
     "budget": Range(0, 1),
     "num_classes": Range(1),
 }
-# Flags that only act while the gate trains: meaningless with the frozen gate.
-GATE_TRAINING = (
-    "gate_loss",
-    "gate_loss_input",
-    "gate_lambda",
-    "gate_target",
-    "gbas_sigma",
-    "gbas_ctr_init",
-    "gate_start_epoch",
-    "gate_lr",
-    "gate_warmup_epochs",
-)
 # Flags that build the backbone: --init brings its own.
-BACKBONE = ("model", "model_kwargs", "pretrained", "hub_pretrained", "coarse_patch", "gate_hidden", "gate_init_logit")
+BACKBONE = (
+    "model",
+    "model_kwargs",
+    "pretrained",
+    "hub_pretrained",
+    "coarse_patch",
+    "gate",
+    "gate_hidden",
+    "gate_init_logit",
+    "entropy_threshold",
+    "entropy_bins",
+)
 save = save_segmenter
 
 
@@ -104,6 +103,8 @@ def check(parser, args) -> None:
             "augmentation (--crop none)"
         )
     check_ranges(parser, args, RANGES)
+    if args.gate == "entropy" and not args.freeze_gate:
+        parser.error("--no-freeze-gate trains the gate, and the entropy gate (--gate entropy) has nothing to train")
     if args.budget is not None and not args.freeze_gate:
         parser.error("--budget applies to a frozen gate only")
     changed = [k for k in GATE_TRAINING if getattr(args, k) != parser.get_default(k)]
