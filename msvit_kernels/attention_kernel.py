@@ -372,6 +372,20 @@ def _big_self_on_consumer(capability: int, meta: dict) -> bool:
     return _big(capability, meta) and not (meta.get("SEPARATE_KV") and capability in CONSUMER)
 
 
+# fp32 backward on sm_75/80: the narrow tiles spill 8 B there since the NaN guards (compile
+# report); those take the 16x16 tile instead.
+def _fp32_spills(capability: int, meta: dict) -> bool:
+    return meta.get("DOT_PRECISION") == "ieee" and capability in (75, 80)
+
+
+def _narrow_backward(capability: int, meta: dict) -> bool:
+    return _narrow(capability, meta) and not _fp32_spills(capability, meta)
+
+
+def _wide_or_small_backward(capability: int, meta: dict) -> bool:
+    return _wide(capability, meta) or _fp32_spills(capability, meta)
+
+
 _FWD_CONFIGS = [
     (triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3), _big_self_on_consumer),
     (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3), _big),
@@ -381,14 +395,14 @@ _FWD_CONFIGS = [
 _BWD_CONFIGS = [  # BLOCK_N: keys a dk/dv program owns (queries a dq program owns: BLOCK_M)
     (triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3), _big),
     (triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1), _big),
-    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1), _narrow),
-    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1), _narrow_backward),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide_or_small_backward),
 ]
 _DQ_CONFIGS = [
     (triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1), _big_not_consumer),
     (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2), _big),
-    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1), _narrow),
-    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide),
+    (triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1), _narrow_backward),
+    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1), _wide_or_small_backward),
 ]
 _AUTOTUNE_KEY = ["HEAD_DIM", "SEQ_BUCKET"]  # the autotuner adds the tensor dtypes itself
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16}  # the interpreter's cost is per tile op, not per FLOP

@@ -109,7 +109,6 @@ def _record(workload: Workload):
                 rows,
                 rows,
                 rows,
-                torch.zeros(total, dtype=torch.int64),
                 torch.zeros(batch, prefix, dtype=torch.int64),
                 total,
                 fine,

@@ -147,7 +147,7 @@ def _border_entries(border, cu_seqlens, num_prefix, n_fine, entries, row_image, 
     rows[token] = row.flatten()
     source[token] = (image * n_fine + border).flatten()
     position[token] = border.expand(batch, -1).flatten()
-    region[token] = -1
+    region[token] = (-1 - image).expand_as(row).flatten()
     is_fine[token] = 1
     row_image[row.flatten()] = image.expand_as(row).flatten()
     fine_to_row[:, border] = row

@@ -36,8 +36,8 @@ if triton is not None:
 
     @triton.jit
     def _pack_kernel(
-        IMG, ROWS, POSITION, REGION, ROW_IMAGE, W, BIAS, POS, ST, OUT,
-        n_tokens, n_images, n_coarse, n_fine, fine_w, coarse_w, dim,
+        IMG, ROWS, POSITION, REGION, W, BIAS, POS, ST, OUT,
+        n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
         stride_ib, stride_ic, stride_ih, stride_iw, stride_wo, stride_wi,
         stride_pr, stride_pd, stride_ot, stride_od,
         PATCH: tl.constexpr, RATIO: tl.constexpr, K: tl.constexpr,
@@ -47,8 +47,8 @@ if triton is not None:
         """One program: BLOCK_T patch tokens (packed order) x BLOCK_D embedding channels.
 
         POSITION is the token's position-table row: its fine cell (< n_fine) or n_fine + region
-        cell; REGION is ``image * n_coarse + region cell`` (-1 for a border cell: no region, its
-        straight-through value is 1); ROW_IMAGE gives the image of the token's packed row.
+        cell; REGION is ``image * n_coarse + region cell``, or ``-1 - image`` for a border cell (no
+        region, straight-through value 1): the token's image comes from it, no other load.
         """
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -56,9 +56,7 @@ if triton is not None:
         mask_d = offs_d < dim
         position = tl.load(POSITION + offs_t, mask=mask_t, other=0)
         region = tl.load(REGION + offs_t, mask=mask_t, other=0)
-        rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
-        image = tl.load(ROW_IMAGE + rows, mask=mask_t, other=0)
-        image = tl.where(image < n_images, image, 0)  # a padding row (image B) copies image 0's token
+        image = tl.where(region >= 0, region // n_coarse, -1 - region)
         cell = region % n_coarse  # read for coarse tokens only (border cells are fine)
         fine = position < n_fine
         # top-left pixel of the token and the pixel step between its S_f x S_f samples
@@ -93,6 +91,7 @@ if triton is not None:
         if HAS_ST:
             st = tl.load(ST + region, mask=mask_t & (region >= 0), other=1.0).to(tl.float32)
             acc *= tl.where(fine, st, 1.0 - st)[:, None]
+        rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
         tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -109,7 +108,7 @@ _PACK = None if triton is None else TritonKernel(
     _pack_kernel, _CONFIGS, key=["K", "dim", "RATIO"], interpret_meta={"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64})
 
 
-def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, row_image, prefix_rows, total,
+def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
                   fine_patch, ratio) -> Tensor:
     check_launchable(images)
     batch, chans, height, width = images.shape
@@ -122,9 +121,9 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
     if n_tokens:
         dummy = weight  # stands in for absent optional tensors; never read (HAS_* is False)
         _PACK[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
-            images, rows, position, region, row_image, weight, dummy if bias is None else bias,
+            images, rows, position, region, weight, dummy if bias is None else bias,
             dummy if pos_table is None else pos_table, dummy if st is None else st, out,
-            n_tokens, batch, n_coarse, n_fine, fine_w, coarse_w, dim,
+            n_tokens, max(n_coarse, 1), n_fine, fine_w, coarse_w, dim,
             *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
             *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
             HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,
@@ -138,21 +137,21 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
 @torch.library.custom_op("msvit::gather_embed_pack", mutates_args=())
 def _pack_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_table: Optional[Tensor],
              st: Optional[Tensor], prefix: Optional[Tensor], rows: Tensor, source: Tensor, position: Tensor,
-             region: Tensor, row_image: Tensor, prefix_rows: Tensor, total: int, fine_patch: int,
+             region: Tensor, prefix_rows: Tensor, total: int, fine_patch: int,
              ratio: int) -> Tensor:
     """Packed tokens ``[total, d]``; see :func:`gather_embed_pack` (``source`` serves the backward)."""
-    return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, row_image, prefix_rows,
+    return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows,
                          total, fine_patch, ratio)
 
 
 @_pack_op.register_fake
-def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, row_image, prefix_rows, total,
+def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, total,
       fine_patch, ratio):
     return images.new_empty(total, weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    images, weight, bias, pos_table, st, prefix, rows, source, position, region, _, prefix_rows, *sizes = inputs
+    images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, *sizes = inputs
     ctx.save_for_backward(images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows)
     ctx.fine_patch, ctx.ratio = sizes[1], sizes[2]
     ctx.has_prefix = prefix is not None
@@ -189,7 +188,7 @@ def _backward(ctx, grad_out):
         d_pos = d_pos.index_add_(0, position, grad_tokens.float()).to(pos_table.dtype)
     if ctx.has_prefix and need[5]:
         d_prefix = grad_out[prefix_rows].sum(0)
-    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 9
+    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 8
 
 
 _pack_op.register_autograd(_backward, setup_context=_setup_context)
@@ -213,6 +212,6 @@ def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bi
     st = None if st is None else st.reshape(-1)
     if skips_custom_op(weight, bias, pos_table, st, prefix):
         return _pack_forward(images, weight, bias, pos_table, st, prefix, index.rows, index.position, index.region,
-                             index.row_image, index.prefix_rows, int(index.total), int(fine_patch), int(ratio))
+                             index.prefix_rows, int(index.total), int(fine_patch), int(ratio))
     return _pack_op(images, weight, bias, pos_table, st, prefix, index.rows, index.source, index.position,
-                    index.region, index.row_image, index.prefix_rows, int(index.total), int(fine_patch), int(ratio))
+                    index.region, index.prefix_rows, int(index.total), int(fine_patch), int(ratio))

@@ -6,8 +6,9 @@ token, a fine region its ``r*r`` fine tokens in raster order inside the region (
 patch / fine patch), then its *border cells*: when the fine grid is not a whole number of coarse
 regions (ViT-B/32 at 224 px: 7 x 7 fine cells, 3 x 3 regions of 2 x 2), the fine cells outside
 every whole region are always fine tokens, in fine raster order, with no gate decision
-(``region`` -1, straight-through value 1). Every map below is built on the mask's device; building the whole index costs
-exactly one host read (``T`` and ``max_seqlen``), once per forward, or none with a static shape.
+(``region`` -1 - b, straight-through value 1). Every map below is built on the mask's device;
+building the whole index costs exactly one host read (``T`` and ``max_seqlen``), once per
+forward, or none with a static shape.
 
 Static shapes (docs/design.md section 9): a forward whose shapes depend only on the batch, the
 image size and a token *capacity* (a number of packed rows fixed before the mask is known). The
@@ -37,8 +38,8 @@ class MixedScaleIndex(NamedTuple):
     source: int64 ``[Np]`` row of the candidate-pixel table ``cat(fine patches [B*Nf], coarse
         patches [B*Nc])`` that each patch token embeds.
     position: int64 ``[Np]`` row of the position table ``cat(fine pos [Nf], coarse pos [Nc])``.
-    region: int64 ``[Np]`` flat coarse region ``b*Nc + j`` each patch token belongs to (-1: a
-        border cell, in no region).
+    region: int64 ``[Np]`` flat coarse region ``b*Nc + j`` each patch token belongs to (``-1 - b``:
+        a border cell of image b, in no region; the pack kernel reads the image from it).
     is_fine: bool ``[Np]``.
     prefix_rows: int64 ``[B, P]`` packed rows of the prefix tokens.
     row_image: int64 ``[T]`` image of every packed row.
@@ -249,7 +250,7 @@ def mixed_scale_index(
     fine_cell = cell_of_candidate[local] if cell_of_candidate.numel() else local
     source = torch.where(is_fine, image * n_fine + fine_cell, batch * n_fine + image * n_coarse + region_in_image)
     position = torch.where(is_fine, fine_cell, n_fine + region_in_image)
-    region = torch.where(in_region, image * n_coarse + region_in_image, -1)  # border cells: no region
+    region = torch.where(in_region, image * n_coarse + region_in_image, -1 - image)  # border cells: no region
 
     prefix_rows = cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device)
     row_image = padded_row_image(lengths, shape)
