@@ -101,23 +101,26 @@ def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> 
 
 
 def gather_embed_reference(
-    images: Tensor, source: Tensor, weight: Tensor, bias: Optional[Tensor], fine_patch: int, ratio: int
+    images: Tensor, source: Tensor, weight: Tensor, bias: Optional[Tensor], fine_patch: int, ratio: int,
+    scales: int = 2,
 ) -> Tensor:
     """Embed only the patches a packed batch keeps.
 
     images: ``[B, C, H, W]``; source: int64 ``[N]`` rows of the candidate table
-    ``cat(fine patches of all images [B*Nf], coarse patches of all images [B*Nc])``;
-    weight ``[d, C*p*p]``; bias ``[d]`` or None. Returns ``[N, d]``.
+    ``cat(fine patches of all images [B*Nf], coarse patches of all images [B*Nc])`` (with more
+    ``scales``, every scale's ``[B*N_s]`` patches, finest first); weight ``[d, C*p*p]``; bias
+    ``[d]`` or None. Returns ``[N, d]``.
     """
-    return F.linear(gather_patches_reference(images, source, fine_patch, ratio), weight, bias)
+    return F.linear(gather_patches_reference(images, source, fine_patch, ratio, scales), weight, bias)
 
 
-def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ratio: int) -> Tensor:
+def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ratio: int, scales: int = 2) -> Tensor:
     """Pixels ``[N, C*p*p]`` ((C, p, p) order) of the candidate-table rows ``source`` (int64 ``[N]``,
-    see :func:`gather_embed_reference`): fine patches as they are, coarse ones area-averaged."""
-    fine = patchify(images, fine_patch).flatten(0, 1)
-    coarse = coarse_patches_at_fine_size(images, fine_patch, ratio).flatten(0, 1)
-    return torch.cat([fine, coarse]).index_select(0, source)
+    see :func:`gather_embed_reference`): fine patches as they are, coarser ones (``p * ratio**s``
+    px) area-averaged down to ``p``."""
+    tables = [patchify(images, fine_patch).flatten(0, 1)]
+    tables += [coarse_patches_at_fine_size(images, fine_patch, ratio**s).flatten(0, 1) for s in range(1, scales)]
+    return torch.cat(tables).index_select(0, source)
 
 
 def gate_mlp_reference(
@@ -157,6 +160,7 @@ def pack_reference(
     ratio: int,
     norm: Optional[Callable[[Tensor], Tensor]] = None,
     extra: Optional[Tensor] = None,
+    scales: int = 2,
 ) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch: the torch tokenizer and the pack kernel's oracle.
 
@@ -165,15 +169,26 @@ def pack_reference(
     has no such input), gets its row of ``pos_table`` ``[Nf + Nc, d]`` (fine rows, then coarse)
     and, with ``st`` ``[B, Nc]``, is multiplied by its straight-through value (fine: st, coarse:
     1 - st of its region); prefix ``[P, d]`` fills every image's prefix rows.
+
+    More ``scales`` (a ``scale_tree.tree_index`` layout): ``pos_table`` has a row per node of
+    every scale (finest first) and ``st`` is the token-weight table ``[B, n_nodes]``
+    (``cat(ScaleTree.token_weights(st_decisions), 1)``): each token is multiplied by the entry
+    of its image (read from its ``region``, as the kernel does) and node (``position``).
     """
-    tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio)
+    tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio, scales)
     if norm is not None:
         tokens = norm(tokens)
     if extra is not None:
         tokens = tokens + extra
     if pos_table is not None:
         tokens = tokens + pos_table.index_select(0, index.position)
-    if st is not None and st.numel():  # border cells (region -1) have no region: their value is 1
+    if st is not None and st.numel() and scales > 2:
+        n_top = (images.shape[-2] // (fine_patch * ratio ** (scales - 1))) * (
+            images.shape[-1] // (fine_patch * ratio ** (scales - 1))
+        )
+        image = torch.where(index.region >= 0, index.region // max(n_top, 1), -1 - index.region)
+        tokens = tokens * st[image, index.position][:, None]
+    elif st is not None and st.numel():  # border cells (region -1) have no region: their value is 1
         in_region = index.region >= 0
         value = torch.where(in_region, st.flatten().index_select(0, index.region.clamp_min(0)), 1)
         tokens = tokens * torch.where(index.is_fine | ~in_region, value, 1 - value)[:, None]

@@ -50,6 +50,9 @@ class MixedScaleIndex(NamedTuple):
         otherwise). ``batch`` is the number of images.
     static: the shape was fixed before the mask was known: the layout's consumers must read
         nothing back to the host (attention then takes a host-free backend).
+    scale: int64 ``[Np]`` each patch token's scale (0 = finest) in a layout of more than two
+        scales (``scale_tree.tree_index``, where ``source`` and ``position`` index tables of every
+        scale); None from the two-scale builders, where it is ``~is_fine``.
     """
 
     cu_seqlens: Tensor
@@ -65,6 +68,7 @@ class MixedScaleIndex(NamedTuple):
     fine_to_row: Tensor
     padding_sequences: int = 0
     static: bool = False
+    scale: Optional[Tensor] = None
 
     @property
     def batch(self) -> int:
