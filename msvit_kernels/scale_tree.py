@@ -55,6 +55,11 @@ class ScaleTree:
         if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 2:
             raise ValueError(f"a tree of scales needs an integer ratio >= 2 between scales, got {ratio!r}")
         h, w = (int(n) for n in fine_grid)
+        if h < ratio ** (scales - 1) or w < ratio ** (scales - 1):
+            raise ValueError(
+                f"a finest grid of {h}x{w} cells has no node of the coarsest of {scales} scales: images need at "
+                f"least {ratio ** (scales - 1)} finest patches per side (one coarsest patch)"
+            )
         return cls(tuple((h // ratio**s, w // ratio**s) for s in range(scales)), ratio)
 
     @property

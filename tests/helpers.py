@@ -34,17 +34,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def half_resolution_twin(model: VisionTransformer, img_size, **kwargs) -> VisionTransformer:
-    """The same ViT for images of half the size, its position embedding resampled bilinearly
-    (align_corners=False, no antialias): what an all-coarse MSViT must equal."""
+def half_resolution_twin(model: VisionTransformer, img_size, factor: int = 2, **kwargs) -> VisionTransformer:
+    """The same ViT for images of 1/factor the size, its position embedding resampled bilinearly
+    (align_corners=False, no antialias): what an all-coarse (all-coarsest) MSViT must equal."""
     h, w = img_size
-    twin = VisionTransformer(img_size=(h // 2, w // 2), **kwargs).eval()
+    twin = VisionTransformer(img_size=(h // factor, w // factor), **kwargs).eval()
     state = model.state_dict()
     pos = state["pos_embed"]
     n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     gh, gw = model.patch_embed.grid_size
     grid = pos[:, n_prefix:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-    small = F.interpolate(grid, size=(gh // 2, gw // 2), mode="bilinear", align_corners=False, antialias=False)
+    small = F.interpolate(grid, size=(gh // factor, gw // factor), mode="bilinear", align_corners=False, antialias=False)
     state["pos_embed"] = torch.cat([pos[:, :n_prefix], small.flatten(2).transpose(1, 2)], 1)
     twin.load_state_dict(state)
     return twin

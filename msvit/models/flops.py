@@ -40,7 +40,7 @@ def macs_for_tokens(
             coarse = n_regions - (tokens - fixed) / max(tokenizer.ratio**2 - 1, 1)
         per_token = tokenizer.ratio**2 * embed_macs + tokenizer.aggregation.macs_per_token()
         parts["aggregation"] = coarse.to(torch.float64) * per_token
-    gate = model.gate.macs_per_region() * n_regions if include_gate else 0
+    gate = gate_macs(model, n_regions) if include_gate else 0
     parts["gate"] = torch.full_like(tokens, float(gate))
     linear = sum(_linear_macs(block) for block in model.blocks)
     attn_dim = sum(block.attn.num_heads * block.attn.head_dim for block in model.blocks)
@@ -49,6 +49,17 @@ def macs_for_tokens(
     parts["head"] = torch.full_like(tokens, float(_linear_macs(model.head)))
     parts["total"] = sum(parts.values())
     return parts
+
+
+def gate_macs(model: MSViT, n_regions: int, fine_grid=None) -> int:
+    """The gate's MACs per image: per region times regions, or, with more than two scales, every
+    level's gate over every node of its scale (``fine_grid``: the images', default the model's)."""
+    tokenizer = model.tokenizer
+    if tokenizer.scales <= 2:
+        return model.gate.macs_per_region() * n_regions
+    tree = tokenizer.tree(tokenizer.grid if fine_grid is None else fine_grid)
+    # levels run coarsest first: level i gates the nodes of scale S - 1 - i
+    return sum(level.macs_per_region() * tree.counts[tree.scales - 1 - i] for i, level in enumerate(model.gate.levels))
 
 
 @torch.no_grad()
@@ -63,7 +74,8 @@ def count_macs(
     """MACs per image ``[B]`` (float64) for the tokens the model would process.
 
     images: ``[B, C, H, W]`` (the gate decides the mask) or None with a ``mask`` of a 224px-like
-    grid; mask: bool ``[B, Nc]`` overriding the gate. The gate is counted unless
+    grid; mask: bool ``[B, Nc]`` overriding the gate (``[B, D]`` split decisions with more than
+    two scales: every token then costs one embedding; the area pooling is not counted). The gate is counted unless
     ``include_gate=False`` (it runs whenever the model runs without a given mask).
     ``breakdown=True`` returns a dict of per-part tensors (embed, gate, blocks_linear, attention,
     head, total; aggregation with ``aggregate="zero_conv"``) instead.
@@ -78,5 +90,12 @@ def count_macs(
         parts = model.mac_parts(mask, include_gate)
     else:
         tokens = model.tokens_per_image(mask, images=images)
-        parts = macs_for_tokens(model, tokens, mask.shape[1], include_gate, coarse=mask.shape[1] - mask.sum(1))
+        if model.tokenizer.scales > 2:  # the gate's MACs come from the tree of the images' size
+            fine_grid = None if images is None else model.tokenizer.grids(images)[0]
+            parts = macs_for_tokens(model, tokens, 0, False)
+            gate = gate_macs(model, 0, fine_grid) if include_gate else 0
+            parts["total"] = parts["total"] + gate
+            parts["gate"] = torch.full_like(parts["gate"], float(gate))
+        else:
+            parts = macs_for_tokens(model, tokens, mask.shape[1], include_gate, coarse=mask.shape[1] - mask.sum(1))
     return parts if breakdown else parts["total"]

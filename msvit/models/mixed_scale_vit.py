@@ -11,14 +11,15 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice, check_counted_mask, check_dtype, check_images
+from msvit.models.checks import MODES, check_choice, check_counted_mask, check_dtype, check_images, check_tree_mask
 from msvit.models.distilled import check_distilled, distilled_head
-from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions
+from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions, budget_splits
 from msvit.models.layers import dense_blocks, packed_blocks
 from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
+from msvit_kernels.scale_tree import tree_static_shape
 from msvit_kernels.varlen import MixedScaleIndex, StaticShape, count_border_cells, static_shape
 
 
@@ -162,6 +163,10 @@ class MSViT(nn.Module):
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
         check_images(images, self.in_chans, self.tokenizer.fine_patch)
         check_dtype(images, self.tokenizer.embed.weight.dtype)
+        if self.tokenizer.scales > 2:  # the tree of this size (refuses one too small) and the mask's shape
+            tree = self.tokenizer.tree(self.tokenizer.grids(images)[0])
+            if mask is not None:
+                check_tree_mask(mask, images.shape[0], tree)
         return self.gate.decision(images, mask, sample=self.training, budget=budget)
 
     @torch.no_grad()
@@ -180,6 +185,12 @@ class MSViT(nn.Module):
         to a fixed count. With either, a packed forward reads nothing back to the host."""
         tokenizer = self.tokenizer
         fine_grid = (image_size[0] // tokenizer.fine_patch, image_size[1] // tokenizer.fine_patch)
+        if tokenizer.scales > 2:  # a budget splits the same number of nodes in every image
+            tree = tokenizer.tree(fine_grid)
+            splits = None if budget is None else budget_splits(budget, tree.decisions)
+            if capacity is None and splits is None:
+                return None
+            return tree_static_shape(batch_size, tree, tokenizer.num_prefix, capacity, splits)
         n_regions = (fine_grid[0] // tokenizer.ratio) * (fine_grid[1] // tokenizer.ratio)
         fine_regions = None if budget is None else budget_regions(budget, n_regions)
         if capacity is None and fine_regions is None:
@@ -193,6 +204,11 @@ class MSViT(nn.Module):
         """int64 ``[B]`` tokens each image gets in packed mode, prefix included. ``mask``: bool
         ``[B, Nc]`` over the coarse grid of ``images`` when given, else of the size the model was
         built for (``gate.grid``); pass the images for masks of another size."""
+        if self.tokenizer.scales > 2:  # a [B, D] split mask: count its tokens on the tree
+            fine_grid = self.tokenizer.grid if images is None else self.tokenizer.grids(images)[0]
+            tree = self.tokenizer.tree(fine_grid)
+            check_tree_mask(mask, mask.shape[0] if images is None else images.shape[0], tree)
+            return self.tokenizer.num_prefix + torch.cat(tree.token_weights(mask), 1).sum(1)
         check_counted_mask(mask, self.gate.grid if images is None else self.coarse_grid(images), images)
         ratio = self.tokenizer.ratio
         fine_grid = self.tokenizer.grid if images is None else self.tokenizer.grids(images)[0]
@@ -277,6 +293,9 @@ class MSViT(nn.Module):
         if self.rope is None:
             return None
         (h, w), (hc, wc) = self.tokenizer.grids(images)
+        if self.tokenizer.scales > 2:  # every node of every scale, as the dense layout
+            nodes = self.tokenizer.tree((h, w)).offsets[-1]
+            return dense_positions(self.tokenizer.num_prefix, h * w, nodes - h * w, images.device)
         return dense_positions(self.tokenizer.num_prefix, h * w, hc * wc, images.device)
 
     def _rotary(self, images: Tensor, positions: Optional[Tensor]):

@@ -40,16 +40,18 @@ class PackedRope(nn.Module):
         rotate_half: the attention's rotation layout (timm's ``attn.rotate_half``).
 
     Position ids (``positions``) index the table of ``table``: 0 is the identity rotation (prefix
-    tokens), ``1 + i`` fine cell ``i``, ``1 + Nf + j`` coarse region ``j`` (raster orders).
+    tokens), ``1 + i`` fine cell ``i``, ``1 + Nf + j`` coarse region ``j`` (raster orders); with
+    more ``scales``, ``1 +`` the node-table entry (``msvit_kernels.scale_tree``).
     """
 
-    def __init__(self, rope: nn.Module, ratio: int, rotate_half: bool):
+    def __init__(self, rope: nn.Module, ratio: int, rotate_half: bool, scales: int = 2):
         super().__init__()
         self.kind = type(rope).__name__
         if self.kind not in ROPE:
             raise NotImplementedError(f"RoPE module {self.kind} is not supported (supported: {sorted(ROPE)})")
         self.rope = rope
         self.ratio = ratio
+        self.scales = scales
         self.rotate_half = rotate_half
         self.mixed = self.kind == "RotaryEmbeddingMixed"
         self._tables = TableCache()
@@ -78,15 +80,18 @@ class PackedRope(nn.Module):
         return coords.flatten(0, -2)
 
     def coords(self, grid: Tuple[int, int]) -> Tensor:
-        """``[Nf + Nc, 2]``: fine cells, then the coarse regions at the mean of their fine cells."""
+        """``[Nf + Nc, 2]``: fine cells, then the coarse regions at the mean of their fine cells
+        (more scales: every scale's nodes in turn, each at the mean of the fine cells it covers)."""
         from timm.layers.pos_embed_sincos import _apply_coord_augs
 
         h, w = grid
-        r = self.ratio
         fine = self.fine_coords(grid)
-        whole = fine.reshape(h, w, 2)[: h // r * r, : w // r * r]  # border cells belong to no region
-        coarse = whole.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2)
-        coords = torch.cat([fine, coarse])
+        tables = [fine]
+        for s in range(1, self.scales):
+            r = self.ratio**s
+            whole = fine.reshape(h, w, 2)[: h // r * r, : w // r * r]  # border cells belong to no region
+            tables.append(whole.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2))
+        coords = torch.cat(tables)
         rope = self.rope
         if rope.training and rope.aug_active:  # an affine map: augmenting then averaging is the same
             coords = _apply_coord_augs(coords, rope.shift_coords, rope.jitter_coords, rope.rescale_coords)

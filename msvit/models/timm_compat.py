@@ -12,7 +12,7 @@ training the MSViT never changes the timm model it came from.
 
 import copy
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -75,6 +75,7 @@ def from_timm(
     img_size=None,
     gate: str = "learned",
     aggregate: str = "shared",
+    scales: Optional[Sequence[int]] = None,
     **gate_kwargs,
 ) -> MSViT:
     """MSViT with the weights of a timm ViT.
@@ -87,15 +88,20 @@ def from_timm(
             for (timm's resampling, evaluated once; see ``msvit.models.naflex``). Default:
             ``timm_kwargs["img_size"]``, else the model's default or pretrained_cfg input size.
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
+        scales: every patch size, finest first, the finest being the model's patch size and each
+            the previous times one integer ratio r >= 2: ``(16, 32)`` is the default two-scale
+            model, ``(16, 32, 64)`` APT's three (a quadtree: docs/design.md section 10).
         kernels, attention_backend: see ``MSViT``.
         gate: ``"learned"`` (the paper's ``MixedScaleGate``, to be trained) or ``"entropy"`` (APT's
             training-free ``EntropyGate``: fine where a region's grey-level entropy exceeds a threshold).
+            With more than two scales, one such gate per splittable scale (``msvit.models.tree_gate``).
         aggregate: how a coarse token is embedded: ``"shared"`` (the shared embedding of its
             area-downsampled patch, Eq. 4-5) or ``"zero_conv"`` (APT's: plus a zero-initialised
             linear layer over an r x r stride-r conv of its sub-patch embeddings; equal to "shared"
             until trained; the tokenizer then takes the torch path, ``msvit.models.aggregation``).
         **gate_kwargs: the learned gate's options (hidden, init_logit, temperature), or the entropy
-            gate's: ``entropy_thresholds`` (one per scale boundary, default ``(5.5,)``),
+            gate's: ``entropy_thresholds`` (one per scale boundary, coarsest first; default ``(5.5,)``
+            for two scales and APT's ``(6.0, 4.0)`` for three),
             ``entropy_bins`` (512), ``entropy_mean`` / ``entropy_std`` (the images' normalisation;
             default: the timm model's ``pretrained_cfg``, else ImageNet's).
 
@@ -107,6 +113,8 @@ def from_timm(
     check_choice("gate", gate, GATES)
     check_choice("aggregate", aggregate, AGGREGATIONS)
     if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
+        if scales is not None and len(scales) != 2:
+            raise NotImplementedError("a mixed-scale Swin has two scales; more are implemented for ViT models")
         if aggregate != "shared":
             raise NotImplementedError(
                 "aggregate='zero_conv' is implemented for ViT models; a Swin embeds coarse regions itself"
@@ -131,6 +139,7 @@ def from_timm(
     else:
         parts = _vit_parts(model)
     fine = parts.fine
+    n_scales, coarse_patch_size = _scales(scales, fine, coarse_patch_size)
     coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
     if coarse < fine or coarse % fine:
         raise ValueError(
@@ -143,7 +152,11 @@ def from_timm(
     weight = parts.embed.weight
     in_chans = weight.shape[1] // (fine * fine)
     coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
-    scale_gate = _gate(gate, coarse, coarse_grid, in_chans, getattr(model, "pretrained_cfg", None), gate_kwargs)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if n_scales > 2:
+        scale_gate = _tree_gate(gate, fine, ratio, n_scales, grid, in_chans, cfg, gate_kwargs)
+    else:
+        scale_gate = _gate(gate, coarse, coarse_grid, in_chans, cfg, gate_kwargs)
     scale_gate = scale_gate.to(device=weight.device, dtype=weight.dtype)
     # the aggregation's random conv init comes after the gate's: both options draw the same gate
     tokenizer = MixedScaleTokenizer(
@@ -156,6 +169,7 @@ def from_timm(
         no_embed_class=parts.no_embed_class,
         embed_norm=parts.embed_norm,
         aggregation=None if aggregate == "shared" else _aggregation(weight, ratio),
+        scales=n_scales,
     )
     msvit = MSViT(
         tokenizer,
@@ -175,7 +189,7 @@ def from_timm(
         in_chans=in_chans,
         kernels=kernels,
         attention_backend=attention_backend,
-        rope=_packed_rope(model, ratio),
+        rope=_packed_rope(model, ratio, n_scales),
     )
     msvit.distilled_training = getattr(model, "distilled_training", False)
     if getattr(model, "pretrained_cfg", None):
@@ -194,16 +208,9 @@ ENTROPY_OPTIONS = {"entropy_thresholds", "entropy_bins", "entropy_mean", "entrop
 
 def _gate(kind: str, coarse: int, grid, in_chans: int, pretrained_cfg: Optional[dict], options: dict) -> nn.Module:
     """The scale gate ``from_timm(gate=kind, **options)`` asks for; options of the other gate are refused."""
-    entropy = set(options) & ENTROPY_OPTIONS
+    _check_gate_options(kind, options)
     if kind == "learned":
-        if entropy:
-            raise TypeError(f"{', '.join(sorted(entropy))} apply to gate='entropy', not to the learned gate")
         return MixedScaleGate(coarse, grid, in_chans=in_chans, **options)
-    learned = sorted(set(options) - ENTROPY_OPTIONS)
-    if learned:
-        raise TypeError(
-            f"gate='entropy' takes {', '.join(sorted(ENTROPY_OPTIONS))}; {', '.join(learned)} are not its options"
-        )
     cfg = pretrained_cfg or {}
     return EntropyGate(
         coarse,
@@ -216,14 +223,70 @@ def _gate(kind: str, coarse: int, grid, in_chans: int, pretrained_cfg: Optional[
     )
 
 
-def _packed_rope(model, ratio: int) -> Optional[PackedRope]:
+def _scales(scales, fine: int, coarse_patch_size) -> Tuple[int, Optional[int]]:
+    """(number of scales, S_c) from ``from_timm``'s ``scales`` and ``coarse_patch_size``."""
+    if scales is None:
+        return 2, coarse_patch_size
+    sizes = tuple(scales) if isinstance(scales, (tuple, list)) else None
+    if not sizes or len(sizes) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        raise ValueError(f"scales must list two or more patch sizes, finest first, e.g. (16, 32, 64); got {scales!r}")
+    ratio = sizes[1] // sizes[0] if sizes[0] > 0 else 0
+    if sizes[0] != fine or ratio < 2 or any(v != fine * ratio**s for s, v in enumerate(sizes)):
+        raise ValueError(
+            f"scales must start at the model's patch size {fine} and grow by one integer ratio >= 2 "
+            f"(e.g. {(fine, 2 * fine, 4 * fine)}), got {sizes}"
+        )
+    if coarse_patch_size is not None and coarse_patch_size != sizes[1]:
+        raise ValueError(f"coarse_patch_size={coarse_patch_size} contradicts scales={sizes}: pass one of them")
+    return len(sizes), sizes[1]
+
+
+def _tree_gate(kind, fine, ratio, scales, grid, in_chans, pretrained_cfg, options) -> nn.Module:
+    """``_gate`` for more than two scales: one gate per splittable scale (``msvit.models.tree_gate``)."""
+    from msvit.models.tree_gate import APT_THREE_SCALE_THRESHOLDS, TreeGate
+
+    _check_gate_options(kind, options)
+    if kind == "learned":
+        return TreeGate.learned(fine, ratio, scales, grid, in_chans=in_chans, **options)
+    thresholds = options.get("entropy_thresholds")
+    if thresholds is None:
+        if scales != 3:
+            raise ValueError(f"gate='entropy' with {scales} scales needs entropy_thresholds: {scales - 1} values")
+        thresholds = APT_THREE_SCALE_THRESHOLDS
+    cfg = pretrained_cfg or {}
+    return TreeGate.entropy(
+        fine,
+        ratio,
+        scales,
+        grid,
+        thresholds,
+        mean=options.get("entropy_mean") or cfg.get("mean") or IMAGENET_MEAN,
+        std=options.get("entropy_std") or cfg.get("std") or IMAGENET_STD,
+        bins=options.get("entropy_bins", DEFAULT_BINS),
+        in_chans=in_chans,
+    )
+
+
+def _check_gate_options(kind: str, options: dict) -> None:
+    """Refuse the options of the other gate kind, by name."""
+    entropy = set(options) & ENTROPY_OPTIONS
+    if kind == "learned" and entropy:
+        raise TypeError(f"{', '.join(sorted(entropy))} apply to gate='entropy', not to the learned gate")
+    learned = sorted(set(options) - ENTROPY_OPTIONS)
+    if kind == "entropy" and learned:
+        raise TypeError(
+            f"gate='entropy' takes {', '.join(sorted(ENTROPY_OPTIONS))}; {', '.join(learned)} are not its options"
+        )
+
+
+def _packed_rope(model, ratio: int, scales: int = 2) -> Optional[PackedRope]:
     rope = getattr(model, "rope", None)
     if rope is None:
         return None
     layouts = {bool(getattr(b.attn, "rotate_half", False)) for b in model.blocks}
     if len(layouts) > 1:
         raise NotImplementedError("blocks with different RoPE rotation layouts (rotate_half) are not supported")
-    return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False)
+    return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False, scales)
 
 
 def input_cfg(model, patch: int, grid: Optional[Tuple[int, int]] = None) -> dict:

@@ -20,6 +20,7 @@ from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
+from msvit_kernels.scale_tree import ScaleTree, tree_index
 from msvit_kernels.varlen import (
     MixedScaleIndex,
     StaticShape,
@@ -69,8 +70,16 @@ class MixedScaleTokenizer(nn.Module):
         no_embed_class: bool = False,
         embed_norm: Optional[nn.Module] = None,
         aggregation: Optional[nn.Module] = None,
+        scales: int = 2,
     ):
         super().__init__()
+        if scales > 2 and aggregation is not None:
+            raise NotImplementedError(
+                "aggregate='zero_conv' is implemented for two scales; with more, coarse tokens take the shared embedding"
+            )
+        if scales > 2 and ratio < 2:
+            raise ValueError(f"more than two scales need a ratio >= 2 between scales, got {ratio}")
+        self.scales = int(scales)
         self.embed = embed
         self.fine_patch = fine_patch
         self.ratio = ratio
@@ -94,7 +103,17 @@ class MixedScaleTokenizer(nn.Module):
 
     @property
     def coarse_patch(self) -> int:
+        """The next patch size up (S_c); the coarsest is ``patch_sizes[-1]``."""
         return self.fine_patch * self.ratio
+
+    @property
+    def patch_sizes(self) -> Tuple[int, ...]:
+        """Every scale's patch size, finest first: ``(p, p*r)``, or ``(p, p*r, p*r*r, ...)``."""
+        return tuple(self.fine_patch * self.ratio**s for s in range(self.scales))
+
+    def tree(self, fine_grid: Tuple[int, int]) -> ScaleTree:
+        """The quadtree of a finest grid (``msvit_kernels.scale_tree``; more than two scales)."""
+        return ScaleTree.of(fine_grid, self.ratio, self.scales)
 
     def grids(self, images: Tensor) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """(fine grid, coarse grid) of a batch of images."""
@@ -121,13 +140,16 @@ class MixedScaleTokenizer(nn.Module):
         prefix, fine = pos[0, :n_pos_prefix], pos[0, n_pos_prefix:]
         d = fine.shape[-1]
         fine_map = fine.transpose(0, 1).reshape(1, d, *fine_grid)
-        coarse_grid = (fine_grid[0] // self.ratio, fine_grid[1] // self.ratio)
-        # resampled from the whole regions' cells only: border cells (a size that is not a whole
-        # number of regions) are no region's, and a divisible grid is left as it was
-        fine_map = fine_map[:, :, : coarse_grid[0] * self.ratio, : coarse_grid[1] * self.ratio]
-        coarse = F.interpolate(fine_map, size=coarse_grid, mode="bilinear", align_corners=False, antialias=False)
-        coarse = coarse.reshape(d, -1).transpose(0, 1)
-        return PositionTables(prefix if n_pos_prefix else None, torch.cat([fine, coarse]))
+        tables = [fine]
+        for s in range(1, self.scales):  # every coarser scale: the fine embedding resampled
+            factor = self.ratio**s
+            grid = (fine_grid[0] // factor, fine_grid[1] // factor)
+            # resampled from the whole cells' fine cells only: border cells (a size that is not a
+            # whole number of cells) are no cell's, and a divisible grid is left as it was
+            cropped = fine_map[:, :, : grid[0] * factor, : grid[1] * factor]
+            coarse = F.interpolate(cropped, size=grid, mode="bilinear", align_corners=False, antialias=False)
+            tables.append(coarse.reshape(d, -1).transpose(0, 1))
+        return PositionTables(prefix if n_pos_prefix else None, torch.cat(tables))
 
     def prefix_rows(self, positions: PositionTables, dtype: torch.dtype) -> Optional[Tensor]:
         """``[P, d]`` prefix tokens with their position (if they have one), or None."""
@@ -145,7 +167,10 @@ class MixedScaleTokenizer(nn.Module):
         token is multiplied by its straight-through value (fine: st, coarse: 1 - st), which is 1 in
         the forward pass and routes the task gradient to the gate (docs/design.md section 2).
         shape: a ``varlen.StaticShape`` (T = its capacity, padding rows, no host read) or None.
+        More than two scales: hard and st are ``[B, D]`` split decisions (``scale_tree``).
         """
+        if self.scales > 2:
+            return self._pack_tree(images, hard, st, shape)
         fine_grid, coarse_grid = self.grids(images)
         fused = use_triton(self.kernels, images, self._fallback(images))
         build_index = triton_mixed_scale_index if fused else mixed_scale_index
@@ -188,6 +213,37 @@ class MixedScaleTokenizer(nn.Module):
             )
         return packed, index
 
+    def _pack_tree(
+        self, images: Tensor, hard: Tensor, st: Tensor, shape: Optional[StaticShape]
+    ) -> Tuple[Tensor, MixedScaleIndex]:
+        """``pack`` for more than two scales (docs/design.md section 10): every token is scaled by
+        its token weight (the product of the split values on its path), 1 in the forward pass."""
+        fine_grid = self.grids(images)[0]
+        tree = self.tree(fine_grid)
+        fused = use_triton(self.kernels, images, self._fallback(images))
+        if fused:
+            from msvit_kernels.tree_index_kernel import triton_tree_index
+
+            index = triton_tree_index(hard, tree, self.num_prefix, shape)
+        else:
+            index = tree_index(hard, tree, self.num_prefix, shape)
+        positions = self.position_tables(fine_grid)
+        weights = torch.cat(tree.token_weights(st), 1) if st.requires_grad else None
+        if fused:
+            dtype = compute_dtype(images)
+            bias = self.embed.bias.to(dtype) if self.embed.bias is not None else None
+            packed = gather_embed_pack(
+                images.to(dtype), index, self.embed.weight.to(dtype), bias, positions.patches, weights,
+                self.prefix_rows(positions, dtype), self.fine_patch, self.ratio, scales=self.scales,
+            )
+        else:
+            packed = pack_reference(
+                images, index, self.embed.weight, self.embed.bias, positions.patches, weights,
+                self.prefix_rows(positions, images.dtype), self.fine_patch, self.ratio, norm=self.embed_norm,
+                scales=self.scales,
+            )
+        return packed, index
+
     def _fallback(self, images: Tensor) -> str:
         """Why this batch cannot take the fused path ('' when it can)."""
         if not isinstance(self.embed_norm, nn.Identity):
@@ -205,6 +261,8 @@ class MixedScaleTokenizer(nn.Module):
         order) and weights ``[B, P + Nf + Nc]``: 1 for prefix tokens, st of the region for fine
         tokens, 1 - st for coarse ones (Eq. 1-3 in this package's convention, True = fine).
         """
+        if self.scales > 2:
+            return self._dense_tree(images, st)
         fine_grid, coarse_grid = self.grids(images)
         pixels = torch.cat(
             [patchify(images, self.fine_patch), coarse_patches_at_fine_size(images, self.fine_patch, self.ratio)], 1
@@ -221,6 +279,27 @@ class MixedScaleTokenizer(nn.Module):
         fine_region = region_of_fine_cells(coarse_grid, self.ratio, images.device, fine_grid)
         in_region = fine_region >= 0  # border cells are always fine: weight 1
         weights = torch.cat([torch.where(in_region, st[:, fine_region.clamp_min(0)], 1), 1 - st], 1)
+        prefix = self.prefix_rows(positions, tokens.dtype)
+        if prefix is not None:
+            tokens = torch.cat([prefix.expand(images.shape[0], -1, -1), tokens], 1)
+            weights = torch.cat([weights.new_ones(images.shape[0], self.num_prefix), weights], 1)
+        return tokens, weights
+
+    def _dense_tree(self, images: Tensor, st: Tensor) -> Tuple[Tensor, Tensor]:
+        """``dense`` for more than two scales: every node of every scale (the node table's order:
+        finest scale first), weighted by its token weight; st: ``[B, D]`` split values."""
+        fine_grid = self.grids(images)[0]
+        tree = self.tree(fine_grid)
+        pixels = torch.cat(
+            [patchify(images, self.fine_patch)]
+            + [coarse_patches_at_fine_size(images, self.fine_patch, self.ratio**s) for s in range(1, self.scales)],
+            1,
+        )
+        tokens = self.embed_norm(self.embed(pixels))
+        positions = self.position_tables(fine_grid)
+        if positions.patches is not None:
+            tokens = tokens + positions.patches
+        weights = torch.cat(tree.token_weights(st), 1)
         prefix = self.prefix_rows(positions, tokens.dtype)
         if prefix is not None:
             tokens = torch.cat([prefix.expand(images.shape[0], -1, -1), tokens], 1)

@@ -1,0 +1,204 @@
+"""More than two scales (docs/design.md section 10): a quadtree of patch sizes p, 2p, 4p (8p).
+
+The layout's consequences, on re-drawn parameters: all-finest equals the timm ViT, all-coarsest
+equals it on the image pooled to the coarsest size, and any split mask gives the same logits
+packed, dense-masked and trimmed; two scales through ``scales=`` are today's model; the task
+gradient reaches the gate decisions of every level; static shapes; MACs.
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import msvit
+from msvit.models.flops import count_macs
+from msvit_kernels.scale_tree import ScaleTree
+
+from helpers import TINY, half_resolution_twin, redraw_parameters, rel_err, tiny_vit
+
+MODES = ("packed", "masked", "trimmed")
+
+
+def converted(size, scales=(8, 16, 32), **kwargs):
+    vit = redraw_parameters(tiny_vit(size))
+    return vit, msvit.from_timm(vit, scales=scales, **kwargs).eval()
+
+
+def split_mask(model, images, kind: str, seed: int = 0) -> torch.Tensor:
+    tree = model.tokenizer.tree(model.tokenizer.grids(images)[0])
+    if kind in ("all", "none"):
+        return torch.full((images.shape[0], tree.decisions), kind == "all")
+    return torch.rand(images.shape[0], tree.decisions, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+@pytest.mark.parametrize(
+    "size, scales",
+    [((64, 64), (8, 16, 32)), ((80, 48), (8, 16, 32)), ((64, 64), (8, 16, 32, 64))],
+    ids=["3-scales", "3-scales-border-roots", "4-scales"],
+)
+def test_all_finest_equals_timm(size, scales):
+    vit, model = converted(size, scales)
+    images = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expected = vit(images)
+        for mode in MODES:
+            assert rel_err(model(images, mask=split_mask(model, images, "all"), mode=mode), expected) <= 1e-4, mode
+
+
+@pytest.mark.parametrize("scales", [(8, 16, 32), (8, 16, 32, 64)])
+def test_all_coarsest_equals_timm_on_the_pooled_image(scales):
+    vit, model = converted((64, 64), scales)
+    factor = scales[-1] // scales[0]
+    twin = half_resolution_twin(vit, (64, 64), factor=factor, **TINY)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = twin(torch.nn.functional.avg_pool2d(images, factor))
+        for mode in MODES:
+            assert rel_err(model(images, mask=split_mask(model, images, "none"), mode=mode), expected) <= 1e-4, mode
+
+
+@pytest.mark.parametrize(
+    "size, scales", [((80, 48), (8, 16, 32)), ((64, 64), (8, 16, 32, 64))], ids=["3-scales", "4-scales"]
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_masks_packed_equals_masked_equals_trimmed(size, scales, seed):
+    _, model = converted(size, scales)
+    images = torch.randn(3, 3, *size)
+    mask = split_mask(model, images, "random", seed)
+    with torch.no_grad():
+        packed = model(images, mask=mask, return_gate=True)
+        for mode in ("masked", "trimmed"):
+            assert rel_err(model(images, mask=mask, mode=mode), packed.logits) <= 1e-4, mode
+    assert torch.equal(packed.tokens, model.tokens_per_image(mask, images=images))
+    assert packed.logits.std() > 0.05
+
+
+def test_two_scales_through_scales_is_todays_model():
+    vit = redraw_parameters(tiny_vit(64))
+    images = torch.randn(2, 3, 64, 64)
+    today = msvit.from_timm(vit).eval()
+    torch.manual_seed(0)
+    via_scales = msvit.from_timm(vit, scales=(8, 16)).eval()
+    via_scales.load_state_dict(today.state_dict())
+    mask = torch.rand(2, 16) < 0.5
+    with torch.no_grad():
+        assert torch.equal(via_scales(images, mask=mask), today(images, mask=mask))
+
+
+def test_tokens_follow_the_tree():
+    _, model = converted((64, 64))
+    images = torch.randn(1, 3, 64, 64)
+    tree = model.tokenizer.tree((8, 8))
+    assert tree.grids == ((8, 8), (4, 4), (2, 2)) and tree.decisions == 4 + 16
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, 0] = True  # split the first 32px region into four 16px tokens
+    mask[0, 4] = True  # and its first 16px node into four 8px tokens
+    mask[0, 4 + 2] = True  # not reached: (0, 2) at 16px belongs to the unsplit second region
+    assert model.tokens_per_image(mask, images=images).tolist() == [1 + 4 + 3 + 3]
+    features = model.forward_features(images, mask=mask)
+    index = features.index
+    # packed order: region 0's subtree in pre-order (its 16px children, the first split into 8px
+    # cells in raster order), then regions 1..3
+    assert index.scale.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    fine_cells = index.position[:4].tolist()
+    assert fine_cells == [0, 1, 8, 9]
+
+
+def test_gradients_reach_every_level():
+    _, model = converted((64, 64))
+    images = torch.randn(2, 3, 64, 64)
+    tree = model.tokenizer.tree((8, 8))
+    hard = split_mask(model, images, "random", 3)
+    hard[:, :4] = True  # every region splits: the 16px level is reached
+    st = hard.to(images.dtype).requires_grad_()
+    x, index = model.tokenizer.pack(images, hard, st)
+    (x * torch.randn_like(x)).sum().backward()
+    levels = tree.per_scale(st.grad)
+    assert levels[2].abs().sum() > 0 and levels[1].abs().sum() > 0
+
+
+def test_static_shapes_equal_the_dynamic_forward():
+    _, model = converted((80, 48))
+    images = torch.randn(3, 3, 80, 48)
+    mask = split_mask(model, images, "random", 5)
+    tree = model.tokenizer.tree((10, 6))
+    with torch.no_grad():
+        dynamic = model(images, mask=mask)
+        capacity = 3 * (1 + tree.counts[0])
+        padded = model(images, mask=mask, capacity=capacity)
+    assert rel_err(padded, dynamic) <= 1e-6
+    shape = model.static_shape(3, (80, 48), budget=2)
+    assert shape.capacity == 3 * (1 + tree.tokens(2)) and shape.padding_sequences == 0
+    with pytest.raises(ValueError, match="capacity must be between"):
+        model(images, mask=mask, capacity=2)
+
+
+def test_mask_of_the_wrong_shape_is_refused_with_the_expected_shape():
+    _, model = converted((64, 64))
+    images = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"\[B, D\] = \[2, 20\]"):
+        model(images, mask=torch.ones(2, 16, dtype=torch.bool))
+
+
+def test_image_smaller_than_the_coarsest_patch_is_refused():
+    _, model = converted((64, 64))
+    with pytest.raises(ValueError, match="coarsest"):
+        model(torch.randn(1, 3, 24, 24), mask=torch.ones(1, 0, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["all", "random", "none"])
+def test_macs_match_the_flop_counter(kind):
+    _, model = converted((64, 64))
+    images = torch.randn(2, 3, 64, 64)
+    mask = split_mask(model, images, kind, 2)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images, mask=mask)
+    counted = counter.get_total_flops() / 2
+    ours = count_macs(model, images, mask=mask, include_gate=False).sum().item()
+    assert abs(ours / counted - 1) < 1e-3
+
+
+def test_scales_argument_errors():
+    vit = tiny_vit(64)
+    with pytest.raises(ValueError, match="start at the model's patch size 8"):
+        msvit.from_timm(vit, scales=(16, 32, 64))
+    with pytest.raises(ValueError, match="one integer ratio"):
+        msvit.from_timm(vit, scales=(8, 16, 48))
+    with pytest.raises(ValueError, match="contradicts"):
+        msvit.from_timm(vit, scales=(8, 16, 32), coarse_patch_size=24)
+    with pytest.raises(NotImplementedError, match="two scales"):
+        msvit.from_timm(vit, scales=(8, 16, 32), aggregate="zero_conv")
+    assert ScaleTree.of((8, 8), 2, 3).roots == 4
+
+
+def _family_cases():
+    from model_families import cases
+
+    return cases(refused=False)
+
+
+@pytest.mark.parametrize("family, name, kwargs, feature", _family_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_supported_family_at_three_scales(family, name, kwargs, feature):
+    """Every family from_timm supports: all-finest equals timm, and a random split mask gives the
+    same logits packed, masked and trimmed."""
+    import re
+
+    import timm
+
+    found = re.search(r"patch(\d+)", name)
+    patch = int(found.group(1)) if found else 16  # flexivit_small: patch 16
+    if "img_size" in kwargs:  # at least one coarsest patch per side (a 4x4 finest grid)
+        kwargs = {**kwargs, "img_size": max(kwargs["img_size"], 4 * patch)}
+    torch.manual_seed(0)
+    vit = redraw_parameters(timm.create_model(name, pretrained=False, depth=2, **kwargs).eval())
+    model = msvit.from_timm(vit, scales=(patch, 2 * patch, 4 * patch)).eval()
+    size = kwargs.get("img_size", model.pretrained_cfg["input_size"][-1])
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = vit(images)
+        assert rel_err(model(images, mask=split_mask(model, images, "all")), expected) <= 1e-4
+        mask = split_mask(model, images, "random", 1)
+        packed = model(images, mask=mask)
+        for mode in ("masked", "trimmed"):
+            assert rel_err(model(images, mask=mask, mode=mode), packed) <= 1e-4, mode
