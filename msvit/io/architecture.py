@@ -74,6 +74,8 @@ def msvit(model) -> dict:
         "embed_norm": layer(tok.embed_norm),
         # only models with APT's aggregation record it, so the configs of earlier checkpoints still verify
         **({"aggregate": tok.aggregate} if tok.aggregate != "shared" else {}),
+        # only models of more than two scales record them, for the same reason
+        **({"scales": list(tok.patch_sizes)} if tok.scales > 2 else {}),
         "depth": len(model.blocks),
         "blocks": blocks(model.blocks),
         "norm_pre": layer(model.norm_pre),
@@ -123,12 +125,13 @@ def describe(model: nn.Module) -> dict:
 
 def from_timm_options(recorded) -> dict:
     """The ``msvit.from_timm`` keywords a recorded architecture (``describe``'s) implies beyond a
-    checkpoint's ``config["msvit"]``: the coarse-token aggregation, so ``load_checkpoint`` rebuilds
-    it even from a recipe (a training run's flags) that never named it."""
+    checkpoint's ``config["msvit"]``: the coarse-token aggregation and the patch sizes of more than
+    two scales, so ``load_checkpoint`` rebuilds them even from a recipe (a training run's flags)
+    that never named them."""
     backbone = recorded.get("backbone", recorded) if isinstance(recorded, dict) else None
-    if isinstance(backbone, dict) and "aggregate" in backbone:
-        return {"aggregate": backbone["aggregate"]}
-    return {}
+    if not isinstance(backbone, dict):
+        return {}
+    return {key: backbone[key] for key in ("aggregate", "scales") if key in backbone}
 
 
 def differences(recorded, built, prefix: str = "") -> List[str]:

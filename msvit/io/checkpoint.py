@@ -68,7 +68,8 @@ def check_gate_recipe(model: nn.Module, config: dict) -> None:
     """A gate without weights (the entropy gate) comes back only through ``config["msvit"]``:
     refuse, before writing anything, a config that would rebuild the learned gate instead."""
     gate = getattr(getattr(model, "backbone", model), "gate", None)
-    if hasattr(gate, "from_timm_kwargs") and config.get("msvit", {}).get("gate") != "entropy":
+    weightless = hasattr(gate, "from_timm_kwargs") and gate.from_timm_kwargs().get("gate") == "entropy"
+    if weightless and config.get("msvit", {}).get("gate") != "entropy":
         raise ValueError(
             "this model has the entropy gate, which has no weights: config['msvit'] must rebuild it; "
             f"add model.gate.from_timm_kwargs() to it ({gate.from_timm_kwargs()})"

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from msvit.models.gate import Budget
 from msvit.models.mixed_scale_vit import MSViT
+from msvit_kernels.varlen import count_border_cells
 
 MODES = ("cuda_graphs", "torch_compile", "eager")
 DEFAULT_FINE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # bucket i holds batches with up to this share of fine regions
@@ -38,11 +39,20 @@ WARMUP_CALLS = 3  # autotuners time their configs on the first calls; capture mu
 
 
 def default_buckets(model: MSViT, batch_size: int, image_size: Tuple[int, int]) -> List[int]:
-    """Capacities for batches with up to 25, 50, 75 and 100% of their regions fine."""
-    coarse = model.tokenizer.coarse_patch
-    regions = batch_size * (image_size[0] // coarse) * (image_size[1] // coarse)
-    base = batch_size * model.tokenizer.num_prefix + regions  # every region coarse
-    extra = model.tokenizer.ratio**2 - 1  # rows a region adds when it is fine
+    """Capacities for batches with up to 25, 50, 75 and 100% of their regions fine (more than two
+    scales: of their splittable nodes split)."""
+    tokenizer = model.tokenizer
+    fine_grid = (image_size[0] // tokenizer.fine_patch, image_size[1] // tokenizer.fine_patch)
+    if tokenizer.scales > 2:
+        tree = tokenizer.tree(fine_grid)
+        regions, unsplit = batch_size * tree.decisions, tree.roots
+    else:
+        coarse = tokenizer.coarse_patch
+        regions = batch_size * (image_size[0] // coarse) * (image_size[1] // coarse)
+        unsplit = count_border_cells(fine_grid, tokenizer.ratio)  # always fine, on top of the regions
+        unsplit += regions // max(batch_size, 1)
+    base = batch_size * (tokenizer.num_prefix + unsplit)  # every region coarse (nothing split)
+    extra = tokenizer.ratio**2 - 1  # rows a region adds when it is fine (a node when it splits)
     return sorted({base + extra * math.ceil(f * regions) for f in DEFAULT_FINE_FRACTIONS})
 
 
@@ -106,7 +116,7 @@ class PackedRunner:
     # -------------------------------------------------------------------------------- the stages
 
     def _decide_fn(self, images: Tensor) -> Tuple[Tensor, Tensor]:
-        """The gate's hard decisions ``[B, Nc]`` and the batch's packed rows (a 0-dim tensor)."""
+        """The gate's hard decisions ``[B, Nc]`` (``[B, D]``) and the batch's packed rows (a 0-dim tensor)."""
         mask = self.model.gate_mask(images)
         tokens = self.model.tokens_per_image(mask, images=images)
         return mask, tokens.sum()
