@@ -34,6 +34,7 @@ from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args, patch
 from msvit_kernels.reference import entropy_reference
 
 APT_THRESHOLD = 5.5  # APT's threshold for two scales
+APT_THREE_SCALE_THRESHOLDS = (6.0, 4.0)  # APT's thresholds for three scales, coarsest boundary first
 
 
 class EntropyGate(nn.Module):

@@ -21,7 +21,7 @@ from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
 from msvit.models.aggregation import AGGREGATIONS, ZeroConvAggregation
 from msvit.models.attention_pool import convert_attention_pool
 from msvit.models.checks import check_choice
-from msvit.models.entropy_gate import APT_THRESHOLD, EntropyGate
+from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD, EntropyGate
 from msvit.models.gate import MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.naflex import is_naflexvit, naflex_parts
@@ -243,7 +243,7 @@ def _scales(scales, fine: int, coarse_patch_size) -> Tuple[int, Optional[int]]:
 
 def _tree_gate(kind, fine, ratio, scales, grid, in_chans, pretrained_cfg, options) -> nn.Module:
     """``_gate`` for more than two scales: one gate per splittable scale (``msvit.models.tree_gate``)."""
-    from msvit.models.tree_gate import APT_THREE_SCALE_THRESHOLDS, TreeGate
+    from msvit.models.tree_gate import TreeGate
 
     _check_gate_options(kind, options)
     if kind == "learned":

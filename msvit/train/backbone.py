@@ -4,13 +4,18 @@ from local or hub timm weights)."""
 import json
 
 from msvit.io.checkpoint import build_model
+from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD
 
 
 def model_config(args, classes, bundle) -> dict:
     kwargs = {**json.loads(args.model_kwargs), "num_classes": len(classes), "img_size": args.image_size}
     return {
         "timm": {"name": args.model, "kwargs": kwargs},
-        "msvit": {"coarse_patch_size": args.coarse_patch, **gate_options(args, bundle)},
+        "msvit": {
+            "coarse_patch_size": args.coarse_patch,
+            **({"scales": list(args.scales)} if getattr(args, "scales", None) else {}),
+            **gate_options(args, bundle),
+        },
         "data": {
             "name": args.data,
             "image_size": list(bundle.image_size),
@@ -31,11 +36,21 @@ def gate_options(args, bundle) -> dict:
         return {"hidden": args.gate_hidden, "init_logit": args.gate_init_logit}
     return {
         "gate": "entropy",
-        "entropy_thresholds": [args.entropy_threshold],
+        "entropy_thresholds": entropy_thresholds(args),
         "entropy_bins": args.entropy_bins,
         "entropy_mean": list(bundle.mean),
         "entropy_std": list(bundle.std),
     }
+
+
+def entropy_thresholds(args) -> list:
+    """--entropy-threshold's values (a run recorded before it took several: one number), or APT's
+    defaults for the run's number of scales."""
+    given = args.entropy_threshold
+    if given is None:
+        scales = len(args.scales) if getattr(args, "scales", None) else 2
+        return [APT_THRESHOLD] if scales == 2 else list(APT_THREE_SCALE_THRESHOLDS)
+    return list(given) if isinstance(given, (list, tuple)) else [given]
 
 
 def make_model(args, config):

@@ -43,8 +43,8 @@ def build_model(args, bundle):
     return make_model(args, config), config
 
 
-def coarse_patch(model) -> int:
-    return model.tokenizer.coarse_patch
+def tokenizer(model):
+    return model.tokenizer
 
 
 def gate_trains(args) -> bool:

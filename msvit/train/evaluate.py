@@ -46,19 +46,15 @@ def evaluate(
         out = model(images, mode=mode, budget=budget, mask=mask, return_gate=True)
         correct += (out.logits.argmax(1).cpu() == labels).sum().item()
         hard = out.gate.hard.cpu()
-        n_regions = hard.shape[1]
         tokens.append(model.tokens_per_image(hard, images=images))
         masks.append(hard)
-        fine_regions += hard.sum().item()
+        fine, cell = fine_cells(model, hard, images)
+        n_regions = fine.shape[1]
+        fine_regions += fine.sum().item()
         if boxes is not None:
             size = tuple(images.shape[-2:])
-            overlap = torch.stack(
-                [
-                    region_overlap(b.tolist(), size, model.tokenizer.coarse_patch)
-                    for b in boxes[seen : seen + len(labels)]
-                ]
-            )
-            fine_on_digit += (hard & overlap).sum().item()
+            overlap = torch.stack([region_overlap(b.tolist(), size, cell) for b in boxes[seen : seen + len(labels)]])
+            fine_on_digit += (fine & overlap).sum().item()
             digit_regions += overlap.sum().item()
         seen += len(labels)
     model.train(was_training)
@@ -66,7 +62,7 @@ def evaluate(
     metrics = {
         "top1": correct / max(seen, 1),
         "tokens_per_image": tokens.double().mean().item(),
-        "gmacs_per_image": macs_of(model, tokens, masks, n_regions).mean().item() / 1e9,
+        "gmacs_per_image": macs_of(model, tokens, masks, masks[0].shape[1] if masks else 0).mean().item() / 1e9,
         "fine_rate": fine_regions / max(seen * n_regions, 1),
         "images": seen,
     }
@@ -75,6 +71,16 @@ def evaluate(
         metrics["digit_share"] = digit_regions / max(seen * n_regions, 1)
         metrics["fine_digit_ratio"] = metrics["fine_on_digit"] / max(metrics["digit_share"], 1e-9)
     return metrics
+
+
+def fine_cells(model, hard: Tensor, images: Tensor):
+    """(bool ``[B, N]`` where the fine tokens are, the cell size in pixels): the fine regions of two
+    scales, or, with more, the finest cells covered by finest tokens (docs/design.md section 10)."""
+    tokenizer = model.tokenizer
+    if getattr(tokenizer, "scales", 2) <= 2:  # a mixed-scale Swin has two
+        return hard, tokenizer.coarse_patch
+    tree = tokenizer.tree(tokenizer.grids(images)[0])
+    return tree.token_weights(hard)[0], tokenizer.fine_patch
 
 
 def macs_of(model, tokens: Tensor, masks: list, n_regions: int) -> Tensor:

@@ -38,6 +38,7 @@ TRAIN_RANGES = {
     "digit_scale": Range(0, 1, low_open=True),
     "shift": NON_NEGATIVE,
     "coarse_patch": POSITIVE,
+    "scales": POSITIVE,
     "gate_hidden": POSITIVE,
     "gate_init_logit": Range(),
     "gate_mode_epochs": NON_NEGATIVE,
@@ -116,6 +117,31 @@ def check_model_flags(parser, name: str, kwargs: dict) -> None:
     misquoted = misquoted_kwarg(name, kwargs)
     if misquoted is not None:
         parser.error(f"--model-kwargs: {misquoted[0]!r} must be {misquoted[1]} for {name}, got a string")
+
+
+def check_scale_flags(parser, args) -> None:
+    """--scales: two or more patch sizes growing by one ratio, not both it and --coarse-patch, and
+    one entropy threshold per scale boundary."""
+    scales = args.scales
+    if scales is not None:
+        ratio = scales[1] // scales[0] if len(scales) > 1 else 0
+        if len(scales) < 2 or ratio < 2 or any(v != scales[0] * ratio**s for s, v in enumerate(scales)):
+            parser.error(f"--scales must list two or more patch sizes growing by one ratio >= 2 (e.g. 16 32 64), got {scales}")
+        if args.coarse_patch is not None:
+            parser.error("--scales names every patch size, --coarse-patch the second: pass one of them")
+    n_scales = 2 if scales is None else len(scales)
+    thresholds = getattr(args, "entropy_threshold", None)
+    if isinstance(thresholds, list) and len(thresholds) != n_scales - 1:
+        parser.error(
+            f"--entropy-threshold takes one value per scale boundary: {n_scales - 1} for {n_scales} scales, "
+            f"got {len(thresholds)}"
+        )
+    if thresholds is None and n_scales > 3 and getattr(args, "gate", "learned") == "entropy":
+        parser.error(f"--gate entropy with {n_scales} scales needs --entropy-threshold ({n_scales - 1} values)")
+    from msvit.models.swin import is_timm_swin
+
+    if n_scales > 2 and is_timm_swin(args.model):
+        parser.error(f"--scales with more than two sizes is implemented for ViTs; --model {args.model} is a Swin")
 
 
 def check_gate_flags(parser, args) -> None:

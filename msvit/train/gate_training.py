@@ -20,15 +20,38 @@ def make_gate_loss(args, grid):
     return None
 
 
+def gate_geometry(tokenizer, image_size: int):
+    """(the grid the gate loss sees, decisions per image, the ``ScaleTree`` or None) of a run's
+    square images: the coarse grid and its regions for two scales; with more, the finest grid
+    (the loss sees the finest share, ``fine_share``) and the splittable nodes."""
+    if getattr(tokenizer, "scales", 2) > 2:  # a mixed-scale Swin has two
+        fine_grid = (image_size // tokenizer.fine_patch,) * 2
+        tree = tokenizer.tree(fine_grid)
+        return fine_grid, tree.decisions, tree
+    grid = (image_size // tokenizer.coarse_patch,) * 2
+    return grid, grid[0] * grid[1], None
+
+
+def fine_share(values: torch.Tensor, tree=None) -> torch.Tensor:
+    """What "fine" means for the gate loss and the logs: the decisions themselves for two scales
+    (``[B, Nc]``, fine regions); with more, each finest cell's token weight ``[B, N_0]`` (1 where a
+    finest token covers it; for soft values the product of the split probabilities on its path),
+    whose mean is the share of the image at the finest scale (docs/design.md section 10)."""
+    return values if tree is None else tree.token_weights(values)[0]
+
+
 def random_masks(batch: int, n_regions: int, target: float, device) -> torch.Tensor:
-    """bool [B, Nc]: each image's regions fine with a probability drawn uniformly in [target, 1]."""
+    """bool [B, Nc]: each image's regions fine with a probability drawn uniformly in [target, 1]
+    (more than two scales: ``n_regions`` = D, each node split with that probability)."""
     rate = torch.empty(batch, 1, device=device).uniform_(target, 1.0)
     return torch.rand(batch, n_regions, device=device) < rate
 
 
-def gate_loss_input(args, decision) -> torch.Tensor:
-    """float32 [B, Nc]: the soft samples m, or sigmoid(logits) with --gate-loss-input probs."""
-    return (torch.sigmoid(decision.logits) if args.gate_loss_input == "probs" else decision.soft).float()
+def gate_loss_input(args, decision, tree=None) -> torch.Tensor:
+    """float32 [B, Nc]: the soft samples m, or sigmoid(logits) with --gate-loss-input probs; with
+    more than two scales, their ``fine_share`` [B, N_0]."""
+    values = torch.sigmoid(decision.logits) if args.gate_loss_input == "probs" else decision.soft
+    return fine_share(values, tree).float()
 
 
 def after_gate_mode(args, epoch: int) -> bool:

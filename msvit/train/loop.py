@@ -16,7 +16,14 @@ from msvit.data.sample_images import normalize
 from msvit.train import resume_state, run_folder
 from msvit.train.distributed import setup_distributed
 from msvit.train.epochs import check_batches, progress_line, save_epoch, stop_early
-from msvit.train.gate_training import epoch_mode, gate_loss_input, make_gate_loss, random_masks
+from msvit.train.gate_training import (
+    epoch_mode,
+    fine_share,
+    gate_geometry,
+    gate_loss_input,
+    make_gate_loss,
+    random_masks,
+)
 from msvit.train.optim import make_optimizer, optimizer_step
 from msvit.train.tasks import task_of
 
@@ -38,10 +45,9 @@ def train(args) -> dict:
     bundle = task.build_data(args, main_process)
     model, config = task.build_model(args, bundle)
     model = model.to(device).train()
-    coarse = task.coarse_patch(model)
-    grid = (args.image_size // coarse, args.image_size // coarse)
+    loss_grid, decisions, tree = gate_geometry(task.tokenizer(model), args.image_size)
     gate_trains = task.gate_trains(args)
-    gate_loss = make_gate_loss(args, grid) if gate_trains else None
+    gate_loss = make_gate_loss(args, loss_grid) if gate_trains else None
     if isinstance(gate_loss, nn.Module):
         gate_loss.to(device)
     train_loader, sampler, val_loader = loaders(bundle, args.batch_size, args.workers, world > 1, args.seed)
@@ -63,21 +69,21 @@ def train(args) -> dict:
         images = normalize(images.to(device, non_blocking=True), bundle.mean, bundle.std)
         targets = targets.to(device, non_blocking=True)
         # before --gate-start-epoch a trainable gate is replaced by random mixed-scale masks
-        mask = random_masks(len(images), grid[0] * grid[1], args.gate_target, device) if pre_gate else None
+        mask = random_masks(len(images), decisions, args.gate_target, device) if pre_gate else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             result = task.forward(net, images, args, mode, mask)
             task_loss = F.cross_entropy(
                 result.logits.float(), targets, ignore_index=task.IGNORE_INDEX, label_smoothing=args.smoothing
             )
         use_gate_loss = gate_loss is not None and result.gate.soft is not None
-        gate = gate_loss(gate_loss_input(args, result.gate)) if use_gate_loss else task_loss.new_zeros(())
+        gate = gate_loss(gate_loss_input(args, result.gate, tree)) if use_gate_loss else task_loss.new_zeros(())
         loss = task_loss + args.gate_lambda * gate
         optimizer_step(loss, model, opt, schedule, args.clip_grad)
         return {
             "loss": loss,
             "task": task_loss,
             "gate": gate,
-            "fine": result.gate.hard.float().mean(),
+            "fine": fine_share(result.gate.hard, tree).float().mean(),
             "tokens": result.tokens.float().mean(),
         }
 

@@ -11,9 +11,9 @@ import argparse
 from typing import Optional
 
 from msvit.data.loaders import CROPS, DIGITS
-from msvit.models.entropy_gate import APT_THRESHOLD
+from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD
 from msvit.models.timm_compat import GATES
-from msvit.train.flag_checks import check_gate_flags, check_train_flags
+from msvit.train.flag_checks import check_gate_flags, check_scale_flags, check_train_flags
 from msvit.train.tasks import TASKS, task_of
 from msvit_kernels.entropy_kernel import DEFAULT_BINS, MAX_BINS, MIN_BINS
 
@@ -81,6 +81,16 @@ def add_model_options(p) -> None:
     g.add_argument(
         "--coarse-patch", type=int, default=None, help="coarse patch size in pixels (default: 2x the patch size)"
     )
+    g.add_argument(
+        "--scales",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PX",
+        help="every patch size, finest first, each the previous times one ratio: '16 32 64' is APT's three "
+        "scales (a quadtree: a 64 px region is one token, or four 32 px nodes that may split again); "
+        "default: two scales, the patch size and --coarse-patch",
+    )
     g.add_argument("--gate-hidden", type=int, default=106, help="width of the gate's hidden layers")
     g.add_argument(
         "--gate-init-logit",
@@ -100,10 +110,12 @@ def add_model_options(p) -> None:
     g.add_argument(
         "--entropy-threshold",
         type=float,
-        default=APT_THRESHOLD,
+        nargs="+",
+        default=None,
         metavar="BITS",
-        help="--gate entropy: a region stays fine when its grey-level entropy exceeds this many bits "
-        "(APT's two-scale threshold)",
+        help="--gate entropy: a region stays fine (a node splits) when its grey-level entropy exceeds this "
+        f"many bits; one value per scale boundary, coarsest first (default: APT's {APT_THRESHOLD} for two "
+        f"scales, {' '.join(map(str, APT_THREE_SCALE_THRESHOLDS))} for three)",
     )
     g.add_argument(
         "--entropy-bins",
@@ -256,6 +268,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     args.typed = typed_flags(p, argv)
     check_train_flags(p, args)
     check_gate_flags(p, args)
+    check_scale_flags(p, args)
     given = [k for k in DIGITS_ONLY if getattr(args, k) != p.get_default(k)]
     if args.data != DIGITS and given:
         p.error(f"--{given[0].replace('_', '-')} needs --data {DIGITS}: {DIGITS_ONLY[given[0]]}")

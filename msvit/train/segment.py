@@ -54,6 +54,7 @@ BACKBONE = (
     "pretrained",
     "hub_pretrained",
     "coarse_patch",
+    "scales",
     "gate",
     "gate_hidden",
     "gate_init_logit",
@@ -144,8 +145,8 @@ def build_model(args, bundle):
     return segmenter, segmenter_config(backbone_config, segmenter, decoder_kwargs)
 
 
-def coarse_patch(model) -> int:
-    return model.backbone.tokenizer.coarse_patch
+def tokenizer(model):
+    return model.backbone.tokenizer
 
 
 def gate_trains(args) -> bool:

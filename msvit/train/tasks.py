@@ -5,7 +5,7 @@ tasks; the epoch loop (``msvit.train.loop``) does the rest the same way for all 
   add_options(group), check(parser, args)   the task's own flags; refusal of meaningless ones
   build_data(args, show)         -> DataBundle (train/val datasets, classes, normalisation)
   build_model(args, bundle)      -> (model, checkpoint config); the model has ``.gate``
-  coarse_patch(model), gate_trains(args), forward(net, images, args, mode, mask) -> output with
+  tokenizer(model), gate_trains(args), forward(net, images, args, mode, mask) -> output with
       ``logits``, ``gate`` (GateDecision) and ``tokens``
   IGNORE_INDEX                   target value the loss skips
   evaluate(model, loader, bundle, args, device) -> metrics; PROGRESS: the held-out metrics
