@@ -89,6 +89,13 @@ def unique_stems(paths):
     return stems
 
 
+def fine_percent(model, mask, images) -> float:
+    """The share of the image at the finest scale (two scales: of the regions kept fine)."""
+    from msvit.train.evaluate import fine_cells
+
+    return fine_cells(model, mask, images)[0].float().mean().item()
+
+
 @torch.no_grad()
 def main(argv=None) -> None:
     args = parse_args(argv)
@@ -100,6 +107,7 @@ def main(argv=None) -> None:
     data = cfg["data"]
     size = tuple(data["image_size"])
     coarse, fine = model.tokenizer.coarse_patch, model.tokenizer.fine_patch
+    scales = getattr(model.tokenizer, "scales", 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     photos = torch.stack([read_image(p, size) for p in paths])
@@ -111,8 +119,8 @@ def main(argv=None) -> None:
         tokens = model.tokens_per_image(mask, images=images).tolist()
         labels = segmenter(images, mask=mask).argmax(1).cpu() if segmenter is not None else None
         for i, stem in enumerate(unique_stems(paths)[start : start + BATCH]):
-            title = f"{stem}: {tokens[i]} tokens, {mask[i].float().mean():.0%} fine"
-            save_overlay(out / f"{stem}_mask.png", chunk[i], mask[i].cpu(), coarse, fine, title)
+            title = f"{stem}: {tokens[i]} tokens, {fine_percent(model, mask[i : i + 1], images[i : i + 1]):.0%} fine"
+            save_overlay(out / f"{stem}_mask.png", chunk[i], mask[i].cpu(), coarse, fine, title, scales)
             if labels is not None:
                 save_segmentation(
                     out / f"{stem}_segmentation.png",
@@ -124,11 +132,14 @@ def main(argv=None) -> None:
                     segmenter.num_classes,
                     data.get("classes"),
                     title,
+                    scales,
                 )
             masks.append(mask[i].cpu())
             titles.append(title)
             print(title)
-    save_grid(out / "all_masks.png", photos, torch.stack(masks), coarse, fine, titles, columns=min(4, len(paths)))
+    save_grid(
+        out / "all_masks.png", photos, torch.stack(masks), coarse, fine, titles, columns=min(4, len(paths)), scales=scales
+    )
     print(f"wrote {len(paths)} overlay(s){' and predicted maps' if segmenter is not None else ''} to {out}")
 
 

@@ -1,4 +1,5 @@
-"""Mask pictures like the paper's Fig. 1: coarse regions outlined large, fine regions as 2x2 cells."""
+"""Mask pictures like the paper's Fig. 1: coarse regions outlined large, fine regions as 2x2 cells
+(more than two scales: every token outlined at its size, one colour per scale)."""
 
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,10 +15,16 @@ FINE_COLOUR = "#ff3b30"
 COARSE_COLOUR = "#34c759"
 COARSE_FILL = (0.2, 0.78, 0.35, 0.18)  # light enough to see the image through
 LEGEND_INCHES = 0.3  # the strip under the pictures that holds the legend
+MIDDLE_COLOURS = ("#ff9500", "#007aff", "#af52de")  # the scales between the finest and the coarsest
 
 
-def draw_mask(ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None) -> None:
-    """image ``[3, H, W]`` in [0, 1]; mask bool ``[Nc]`` (True = fine) over the coarse grid."""
+def draw_mask(
+    ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None, scales: int = 2
+) -> None:
+    """image ``[3, H, W]`` in [0, 1]; mask bool ``[Nc]`` (True = fine) over the coarse grid, or
+    with more ``scales`` the split decisions ``[D]`` (``msvit_kernels.scale_tree``)."""
+    if scales > 2:
+        return draw_tree_mask(ax, image, mask, coarse_patch // fine_patch, fine_patch, scales, title)
     h, w = image.shape[-2:]
     wc = w // coarse_patch
     ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
@@ -47,9 +54,45 @@ def draw_mask(ax, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: in
         ax.set_title(title, fontsize=8)
 
 
-def add_mask_legend(fig, coarse_patch: int, fine_patch: int):
+def draw_tree_mask(ax, image: Tensor, mask: Tensor, ratio: int, fine_patch: int, scales: int, title=None) -> None:
+    """Every token of a quadtree mask outlined at its size: finest red, coarsest green and filled."""
+    from msvit_kernels.scale_tree import ScaleTree
+
+    h, w = image.shape[-2:]
+    tree = ScaleTree.of((h // fine_patch, w // fine_patch), ratio, scales)
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+    for s, tokens in enumerate(tree.token_weights(mask.reshape(1, -1).cpu())):
+        size, width = fine_patch * ratio**s, tree.grids[s][1]
+        colour = scale_colour(s, scales)
+        coarsest = s == scales - 1
+        for cell in tokens[0].nonzero().flatten().tolist():
+            corner = ((cell % width) * size, (cell // width) * size)
+            ax.add_patch(
+                Rectangle(corner, size, size, fill=coarsest, lw=0.6 if s == 0 else 1.0, ec=colour, fc=COARSE_FILL)
+            )
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def scale_colour(s: int, scales: int) -> str:
+    if s == 0:
+        return FINE_COLOUR
+    return COARSE_COLOUR if s == scales - 1 else MIDDLE_COLOURS[(s - 1) % len(MIDDLE_COLOURS)]
+
+
+def add_mask_legend(fig, coarse_patch: int, fine_patch: int, scales: int = 2):
     """One legend under the figure's pictures saying which outline is which token scale."""
     ratio = coarse_patch // fine_patch
+    if scales > 2:
+        handles = [
+            Rectangle((0, 0), 1, 1, fill=s == scales - 1, lw=1.0, ec=scale_colour(s, scales), fc=COARSE_FILL)
+            for s in range(scales)
+        ]
+        labels = [f"token of {fine_patch * ratio**s}px" for s in range(scales)]
+        return fig.legend(handles, labels, loc="lower center", ncol=scales, fontsize=7, frameon=False)
     handles = [
         Rectangle((0, 0), 1, 1, fill=False, lw=1.0, ec=FINE_COLOUR),
         Rectangle((0, 0), 1, 1, fill=True, lw=1.0, ec=COARSE_COLOUR, fc=COARSE_FILL),
@@ -58,26 +101,33 @@ def add_mask_legend(fig, coarse_patch: int, fine_patch: int):
     return fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
 
 
-def save_figure(fig, path, coarse_patch: int, fine_patch: int) -> Path:
+def save_figure(fig, path, coarse_patch: int, fine_patch: int, scales: int = 2) -> Path:
     """Add the mask legend below the pictures, lay out, write ``path`` (PNG) and close."""
     fig.tight_layout(rect=(0, LEGEND_INCHES / fig.get_figheight(), 1, 1))
-    add_mask_legend(fig, coarse_patch, fine_patch)
+    add_mask_legend(fig, coarse_patch, fine_patch, scales)
     fig.savefig(path, bbox_inches="tight", pad_inches=0.05)  # tight_layout alone cut titles by a few pixels
     plt.close(fig)
     return Path(path)
 
 
 def save_overlay(
-    path, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None
+    path, image: Tensor, mask: Tensor, coarse_patch: int, fine_patch: int, title: Optional[str] = None, scales: int = 2
 ) -> Path:
     """Write one image with its mixed-scale mask to ``path`` (PNG)."""
     fig, ax = plt.subplots(figsize=(4, 4 * image.shape[-2] / image.shape[-1] + LEGEND_INCHES), dpi=100)
-    draw_mask(ax, image, mask, coarse_patch, fine_patch, title)
-    return save_figure(fig, path, coarse_patch, fine_patch)
+    draw_mask(ax, image, mask, coarse_patch, fine_patch, title, scales)
+    return save_figure(fig, path, coarse_patch, fine_patch, scales)
 
 
 def save_grid(
-    path, images: Tensor, masks: Tensor, coarse_patch: int, fine_patch: int, titles: Sequence[str], columns: int = 4
+    path,
+    images: Tensor,
+    masks: Tensor,
+    coarse_patch: int,
+    fine_patch: int,
+    titles: Sequence[str],
+    columns: int = 4,
+    scales: int = 2,
 ) -> Path:
     """All images with their masks in one figure."""
     rows = -(-len(images) // columns)
@@ -85,8 +135,8 @@ def save_grid(
     for ax in axes.flat[len(images) :]:
         ax.set_axis_off()
     for ax, image, mask, title in zip(axes.flat, images, masks, titles):
-        draw_mask(ax, image, mask, coarse_patch, fine_patch, title)
-    return save_figure(fig, path, coarse_patch, fine_patch)
+        draw_mask(ax, image, mask, coarse_patch, fine_patch, title, scales)
+    return save_figure(fig, path, coarse_patch, fine_patch, scales)
 
 
 def class_colours(num_classes: int):
@@ -138,9 +188,10 @@ def save_segmentation(
     num_classes: int,
     class_names: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
+    scales: int = 2,
 ) -> Path:
     """Write the mixed-scale mask and the predicted map side by side (as the paper's Fig. 13) to ``path``."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 4 * image.shape[-2] / image.shape[-1] + LEGEND_INCHES), dpi=100)
-    draw_mask(axes[0], image, mask, coarse_patch, fine_patch, title)
+    draw_mask(axes[0], image, mask, coarse_patch, fine_patch, title, scales)
     draw_segmentation(axes[1], labels, num_classes, image, class_names, "predicted map")
-    return save_figure(fig, path, coarse_patch, fine_patch)
+    return save_figure(fig, path, coarse_patch, fine_patch, scales)
