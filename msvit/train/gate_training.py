@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from msvit.losses import GBaSLoss, bas_loss, l0_loss
+from msvit.models.tree_gate import finest_share
 
 
 def make_gate_loss(args, grid):
@@ -26,9 +27,16 @@ def random_masks(batch: int, n_regions: int, target: float, device) -> torch.Ten
     return torch.rand(batch, n_regions, device=device) < rate
 
 
-def gate_loss_input(args, decision) -> torch.Tensor:
-    """float32 [B, Nc]: the soft samples m, or sigmoid(logits) with --gate-loss-input probs."""
-    return (torch.sigmoid(decision.logits) if args.gate_loss_input == "probs" else decision.soft).float()
+def gate_loss_input(args, decision, tree=None) -> torch.Tensor:
+    """float32 [B, Nc]: the soft samples m, or sigmoid(logits) with --gate-loss-input probs.
+
+    tree: the batch's ``ScaleTree`` for a model with more than two scales (``TreeGate``): the input
+    is then ``finest_share`` of those values, float32 [B, N_0] over the finest grid (the losses
+    constrain the fraction of finest tokens). None, or a two-scale tree, changes nothing."""
+    values = torch.sigmoid(decision.logits) if args.gate_loss_input == "probs" else decision.soft
+    if tree is not None and tree.scales > 2:
+        values = finest_share(values, tree)
+    return values.float()
 
 
 def after_gate_mode(args, epoch: int) -> bool:
