@@ -10,6 +10,11 @@ the constant k / (N + 1) (no gradient), and the gradient flows through the prior
 at the sorted values. One distribution's term is the MEAN over its N values of the squared CDF
 difference (a Cramer-von Mises statistic, in [0, 1)); several distributions are averaged.
 Losses are computed in float32 (float64 stays float64) so that AMP does not quantise the CDFs.
+
+Past two scales (``msvit.models.tree_gate.TreeGate``) the losses are applied to
+``tree_gate.finest_share(soft, tree)``: float ``[B, N_0]``, the soft weight of each FINEST cell
+(the product of the split probabilities along its path), so g* is the fraction of the image
+covered by finest tokens and a GBaS grid is the finest grid. With two scales nothing changes.
 """
 
 import math

@@ -101,7 +101,12 @@ def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> 
 
 
 def gather_embed_reference(
-    images: Tensor, source: Tensor, weight: Tensor, bias: Optional[Tensor], fine_patch: int, ratio: int,
+    images: Tensor,
+    source: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    fine_patch: int,
+    ratio: int,
     scales: int = 2,
 ) -> Tensor:
     """Embed only the patches a packed batch keeps.

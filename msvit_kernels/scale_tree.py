@@ -33,8 +33,14 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .varlen import MixedScaleIndex, StaticShape, check_capacity, cu_seqlens_from_lengths, padded_cu_seqlens
-from .varlen import padded_row_image
+from .varlen import (
+    MixedScaleIndex,
+    StaticShape,
+    check_capacity,
+    cu_seqlens_from_lengths,
+    padded_cu_seqlens,
+    padded_row_image,
+)
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,7 @@ class ScaleTree:
         r = self.ratio
         keys, regions = [None] * self.scales, [None] * self.scales
         top = self.scales - 1
+        pre_up = root_up = region_up = None  # the maps of the scale above, set by its iteration
         biggest = max(self.counts) if self.counts else 1
         for s in range(top, -1, -1):
             n = self.counts[s]
@@ -241,9 +248,7 @@ def tree_static_shape(
     return StaticShape(capacity, longest, math.ceil(slack / longest) if longest else 0)
 
 
-def tree_index(
-    mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[StaticShape] = None
-) -> MixedScaleIndex:
+def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[StaticShape] = None) -> MixedScaleIndex:
     """The packed layout of a batch of ``tree``'s images from its hard split mask (bool ``[B, D]``).
 
     The torch builder for any number of scales (the oracle of the Triton one); same contract as
@@ -254,7 +259,9 @@ def tree_index(
     equals ``mixed_scale_index``'s.
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor [B, {tree.decisions}] (True = split), got {getattr(mask, 'dtype', mask)}")
+        raise TypeError(
+            f"mask must be a bool tensor [B, {tree.decisions}] (True = split), got {getattr(mask, 'dtype', mask)}"
+        )
     if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
         raise ValueError(f"num_prefix (prefix tokens per image) must be an integer >= 0, got {num_prefix!r}")
     device = mask.device

@@ -44,7 +44,9 @@ def half_resolution_twin(model: VisionTransformer, img_size, factor: int = 2, **
     n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     gh, gw = model.patch_embed.grid_size
     grid = pos[:, n_prefix:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-    small = F.interpolate(grid, size=(gh // factor, gw // factor), mode="bilinear", align_corners=False, antialias=False)
+    small = F.interpolate(
+        grid, size=(gh // factor, gw // factor), mode="bilinear", align_corners=False, antialias=False
+    )
     state["pos_embed"] = torch.cat([pos[:, :n_prefix], small.flatten(2).transpose(1, 2)], 1)
     twin.load_state_dict(state)
     return twin

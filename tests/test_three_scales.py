@@ -178,7 +178,9 @@ def _family_cases():
     return cases(refused=False)
 
 
-@pytest.mark.parametrize("family, name, kwargs, feature", _family_cases(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "family, name, kwargs, feature", _family_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_every_supported_family_at_three_scales(family, name, kwargs, feature):
     """Every family from_timm supports: all-finest equals timm, and a random split mask gives the
     same logits packed, masked and trimmed."""

@@ -53,20 +53,6 @@ def check_mask(mask, batch: int, coarse_grid) -> None:
         )
 
 
-def check_tree_mask(mask, batch: int, tree) -> None:
-    """A split mask of a model of more than two scales: bool ``[B, D]`` (``msvit_kernels.scale_tree``)."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a bool torch.Tensor [B, D] = [{batch}, {tree.decisions}], got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool (True = split the node), got {mask.dtype}; use mask > 0.5 or mask.bool()")
-    if tuple(mask.shape) != (batch, tree.decisions):
-        grids = ", ".join(f"{h}x{w}" for h, w in reversed(tree.grids[1:]))
-        raise ValueError(
-            f"mask must have shape [B, D] = [{batch}, {tree.decisions}] (one entry per splittable node: the "
-            f"{grids} grids, coarsest first, raster order), got {tuple(mask.shape)}"
-        )
-
-
 def check_counted_mask(mask, coarse_grid, images=None) -> None:
     """``check_mask`` for ``tokens_per_image``: B is the images' when given, else the mask's own.
     A mask of another region count would give token counts of regions that do not exist."""

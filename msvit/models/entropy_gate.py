@@ -15,10 +15,13 @@ mixed-scale without training: ``msvit.from_timm(name, gate="entropy", entropy_th
 - sample is ignored: the decision is the same in training and evaluation.
 - budget: the ``k`` highest-entropy regions of each image stay fine (``budget_mask`` on the logits).
 
-Scales: APT compares one entropy per scale boundary with its own threshold, coarsest scale first.
-With today's two scales (fine S_f, coarse S_c) there is one boundary, so ``thresholds`` holds one
-value (APT's two-scale setting is 5.5), and the entropy is measured on the S_c regions. A third
-scale would add a threshold and one ``patch_entropy`` call at that scale's patch size.
+Scales: APT compares one entropy per scale boundary with its own threshold, listed from the
+finest boundary up (its ``select_patches_by_threshold`` gives the i-th smallest patch size above
+the finest ``thresholds[i - 1]``: with 16/32/64 px and ``[6.0, 4.0]``, 32 px patches use 6.0 and
+64 px ones 4.0). With two scales (fine S_f, coarse S_c) there is one boundary, so ``thresholds``
+holds one value (APT's two-scale setting is 5.5), and the entropy is measured on the S_c regions.
+More scales: ``msvit.models.tree_gate.TreeGate.entropy``, one ``EntropyGate`` (one
+``patch_entropy`` call) per scale, thresholds in APT's order.
 """
 
 import math
@@ -34,7 +37,7 @@ from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args, patch
 from msvit_kernels.reference import entropy_reference
 
 APT_THRESHOLD = 5.5  # APT's threshold for two scales
-APT_THREE_SCALE_THRESHOLDS = (6.0, 4.0)  # APT's thresholds for three scales, coarsest boundary first
+APT_THREE_SCALE_THRESHOLDS = (6.0, 4.0)  # APT's three scales, in its order: 2p px nodes 6.0, 4p px 4.0
 
 
 class EntropyGate(nn.Module):

@@ -57,9 +57,7 @@ def gate_macs(model: MSViT, n_regions: int, fine_grid=None) -> int:
     tokenizer = model.tokenizer
     if tokenizer.scales <= 2:
         return model.gate.macs_per_region() * n_regions
-    tree = tokenizer.tree(tokenizer.grid if fine_grid is None else fine_grid)
-    # levels run coarsest first: level i gates the nodes of scale S - 1 - i
-    return sum(level.macs_per_region() * tree.counts[tree.scales - 1 - i] for i, level in enumerate(model.gate.levels))
+    return model.gate.macs(tokenizer.tree(tokenizer.grid if fine_grid is None else fine_grid))
 
 
 @torch.no_grad()

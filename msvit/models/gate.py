@@ -75,19 +75,6 @@ def budget_regions(budget: Budget, n_regions: int) -> int:
     return k
 
 
-def budget_splits(budget: Budget, decisions: int) -> int:
-    """The number of split nodes per image a ``budget`` keeps in a model of more than two scales
-    (an int count, or a float fraction of the ``decisions`` splittable nodes, rounded)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget must be an int (splits per image) or a float fraction, got {budget!r}")
-    if isinstance(budget, float) and not 0.0 <= budget <= 1.0:
-        raise ValueError(f"a float budget is a fraction of the {decisions} splittable nodes and must be in [0, 1], got {budget}")
-    k = int(round(budget * decisions)) if isinstance(budget, float) else budget
-    if not 0 <= k <= decisions:
-        raise ValueError(f"budget must be between 0 and {decisions} splits per image, got {k}")
-    return k
-
-
 def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
     """bool ``[B, Nc]`` keeping the ``budget`` highest-logit regions of each image fine.
 

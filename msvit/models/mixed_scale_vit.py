@@ -11,15 +11,16 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice, check_counted_mask, check_dtype, check_images, check_tree_mask
+from msvit.models.checks import MODES, check_choice, check_counted_mask, check_dtype, check_images
 from msvit.models.distilled import check_distilled, distilled_head
-from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions, budget_splits
+from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions
 from msvit.models.layers import dense_blocks, packed_blocks
 from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
+from msvit.models.tree_gate import budget_splits, check_tree_mask
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
-from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.scale_tree import tree_static_shape
+from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.varlen import MixedScaleIndex, StaticShape, count_border_cells, static_shape
 
 
@@ -187,7 +188,7 @@ class MSViT(nn.Module):
         fine_grid = (image_size[0] // tokenizer.fine_patch, image_size[1] // tokenizer.fine_patch)
         if tokenizer.scales > 2:  # a budget splits the same number of nodes in every image
             tree = tokenizer.tree(fine_grid)
-            splits = None if budget is None else budget_splits(budget, tree.decisions)
+            splits = None if budget is None else budget_splits(budget, tree)
             if capacity is None and splits is None:
                 return None
             return tree_static_shape(batch_size, tree, tokenizer.num_prefix, capacity, splits)

@@ -100,8 +100,9 @@ def from_timm(
             linear layer over an r x r stride-r conv of its sub-patch embeddings; equal to "shared"
             until trained; the tokenizer then takes the torch path, ``msvit.models.aggregation``).
         **gate_kwargs: the learned gate's options (hidden, init_logit, temperature), or the entropy
-            gate's: ``entropy_thresholds`` (one per scale boundary, coarsest first; default ``(5.5,)``
-            for two scales and APT's ``(6.0, 4.0)`` for three),
+            gate's: ``entropy_thresholds`` (one per scale boundary, the finest boundary first as APT
+            orders them; default ``(5.5,)`` for two scales and APT's ``(6.0, 4.0)`` for three: 6.0
+            bits for the 2p px nodes, 4.0 for the 4p px ones),
             ``entropy_bins`` (512), ``entropy_mean`` / ``entropy_std`` (the images' normalisation;
             default: the timm model's ``pretrained_cfg``, else ImageNet's).
 

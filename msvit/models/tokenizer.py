@@ -75,7 +75,8 @@ class MixedScaleTokenizer(nn.Module):
         super().__init__()
         if scales > 2 and aggregation is not None:
             raise NotImplementedError(
-                "aggregate='zero_conv' is implemented for two scales; with more, coarse tokens take the shared embedding"
+                "aggregate='zero_conv' is implemented for two scales; "
+                "with more, coarse tokens take the shared embedding"
             )
         if scales > 2 and ratio < 2:
             raise ValueError(f"more than two scales need a ratio >= 2 between scales, got {ratio}")
@@ -233,13 +234,29 @@ class MixedScaleTokenizer(nn.Module):
             dtype = compute_dtype(images)
             bias = self.embed.bias.to(dtype) if self.embed.bias is not None else None
             packed = gather_embed_pack(
-                images.to(dtype), index, self.embed.weight.to(dtype), bias, positions.patches, weights,
-                self.prefix_rows(positions, dtype), self.fine_patch, self.ratio, scales=self.scales,
+                images.to(dtype),
+                index,
+                self.embed.weight.to(dtype),
+                bias,
+                positions.patches,
+                weights,
+                self.prefix_rows(positions, dtype),
+                self.fine_patch,
+                self.ratio,
+                scales=self.scales,
             )
         else:
             packed = pack_reference(
-                images, index, self.embed.weight, self.embed.bias, positions.patches, weights,
-                self.prefix_rows(positions, images.dtype), self.fine_patch, self.ratio, norm=self.embed_norm,
+                images,
+                index,
+                self.embed.weight,
+                self.embed.bias,
+                positions.patches,
+                weights,
+                self.prefix_rows(positions, images.dtype),
+                self.fine_patch,
+                self.ratio,
+                norm=self.embed_norm,
                 scales=self.scales,
             )
         return packed, index

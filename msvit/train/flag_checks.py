@@ -126,7 +126,9 @@ def check_scale_flags(parser, args) -> None:
     if scales is not None:
         ratio = scales[1] // scales[0] if len(scales) > 1 else 0
         if len(scales) < 2 or ratio < 2 or any(v != scales[0] * ratio**s for s, v in enumerate(scales)):
-            parser.error(f"--scales must list two or more patch sizes growing by one ratio >= 2 (e.g. 16 32 64), got {scales}")
+            parser.error(
+                f"--scales must list two or more patch sizes growing by one ratio >= 2 (e.g. 16 32 64), got {scales}"
+            )
         if args.coarse_patch is not None:
             parser.error("--scales names every patch size, --coarse-patch the second: pass one of them")
     n_scales = 2 if scales is None else len(scales)

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from msvit.losses import GBaSLoss, bas_loss, l0_loss
+from msvit.models.tree_gate import finest_share
 
 
 def make_gate_loss(args, grid):
@@ -37,7 +38,7 @@ def fine_share(values: torch.Tensor, tree=None) -> torch.Tensor:
     (``[B, Nc]``, fine regions); with more, each finest cell's token weight ``[B, N_0]`` (1 where a
     finest token covers it; for soft values the product of the split probabilities on its path),
     whose mean is the share of the image at the finest scale (docs/design.md section 10)."""
-    return values if tree is None else tree.token_weights(values)[0]
+    return values if tree is None or tree.scales <= 2 else finest_share(values, tree)
 
 
 def random_masks(batch: int, n_regions: int, target: float, device) -> torch.Tensor:

@@ -114,8 +114,8 @@ def add_model_options(p) -> None:
         default=None,
         metavar="BITS",
         help="--gate entropy: a region stays fine (a node splits) when its grey-level entropy exceeds this "
-        f"many bits; one value per scale boundary, coarsest first (default: APT's {APT_THRESHOLD} for two "
-        f"scales, {' '.join(map(str, APT_THREE_SCALE_THRESHOLDS))} for three)",
+        "many bits; one value per scale boundary, the finest first as APT orders them "
+        f"(default: APT's {APT_THRESHOLD} for two scales, {' '.join(map(str, APT_THREE_SCALE_THRESHOLDS))} for three)",
     )
     g.add_argument(
         "--entropy-bins",

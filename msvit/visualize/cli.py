@@ -138,7 +138,14 @@ def main(argv=None) -> None:
             titles.append(title)
             print(title)
     save_grid(
-        out / "all_masks.png", photos, torch.stack(masks), coarse, fine, titles, columns=min(4, len(paths)), scales=scales
+        out / "all_masks.png",
+        photos,
+        torch.stack(masks),
+        coarse,
+        fine,
+        titles,
+        columns=min(4, len(paths)),
+        scales=scales,
     )
     print(f"wrote {len(paths)} overlay(s){' and predicted maps' if segmenter is not None else ''} to {out}")
 
