@@ -74,7 +74,7 @@ def check_against_reference(tree, index, batch, patch, prefix, dim, seed):
         (3, (6, 10), 2, 2, 3, 1, 20),  # grids 6x10, 3x5, 1x2: border roots at scales 0 and 1
         (3, (7, 5), 2, 2, 2, 0, 17),  # 7x5, 3x2, 1x1
         (3, (5, 5), 2, 4, 2, 2, 33),  # 5x5, 2x2, 1x1 with 4 px fine patches (K = 48)
-        (4, (9, 10), 2, 2, 2, 1, 20),  # 9x10, 4x5, 2x2, 1x1: 8 x 8 taps for the 16 px tokens
+        (4, (17, 9), 2, 2, 2, 1, 20),  # 17x9, 8x4, 4x2, 2x1: 8 x 8 taps for the 16 px tokens
         (3, (9, 10), 3, 2, 2, 1, 12),  # ratio 3: 9x10, 3x3, 1x1 (9 x 9 taps)
     ],
 )
