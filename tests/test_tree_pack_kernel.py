@@ -130,8 +130,13 @@ def test_two_scales_through_the_new_signature_is_the_old_call_bit_for_bit():
 
     def leaves():
         g = torch.Generator().manual_seed(5)
-        shapes = dict(weight=(dim, 3 * patch * patch), bias=(dim,), pos_table=(index.fine_to_row.shape[1] + 15, dim),
-                      st=(batch, 15), prefix=(1, dim))
+        shapes = dict(
+            weight=(dim, 3 * patch * patch),
+            bias=(dim,),
+            pos_table=(index.fine_to_row.shape[1] + 15, dim),
+            st=(batch, 15),
+            prefix=(1, dim),
+        )
         return {k: torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for k, s in shapes.items()}
 
     upstream = torch.randn(index.total, dim, generator=gen).to(DEVICE)
