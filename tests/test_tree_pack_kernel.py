@@ -150,3 +150,17 @@ def test_two_scales_through_the_new_signature_is_the_old_call_bit_for_bit():
         results.append([out.detach(), eager, *grads])
     for old, new in zip(*results):
         assert torch.equal(old, new)
+
+
+def test_the_custom_op_with_scales_passes_opcheck():
+    """Schema, fake tensor (register_fake) and autograd registration with the ``scales`` argument."""
+    from msvit_kernels.pack_kernel import _pack_op
+
+    tree = ScaleTree.of((6, 10), 2, 3)
+    index = tree_index(split_mask("random", 2, tree.decisions, seed=1), tree, 1)
+    images, leaves = tree_inputs(tree, 2, 2, 1, 8, seed=1)
+    f32 = {k: v.detach().float().requires_grad_() for k, v in leaves.items()}
+    st = torch.cat(tree.token_weights(f32["decisions"]), 1).detach().flatten().requires_grad_()
+    args = (images.float(), f32["weight"], f32["bias"], f32["pos_table"], st, f32["prefix"], index.rows, index.source)
+    args += (index.position, index.region, index.prefix_rows, index.total, 2, 2, 3)
+    torch.library.opcheck(_pack_op, args)
