@@ -58,6 +58,27 @@ def _record(workload: Workload):
                 entropy_kernel._launch(images, 32, (0.5,) * 3, (0.5,) * 3, bins, threshold)
             entropy_kernel._launch(images[:, :1], 32, (0.5,), (0.5,), entropy_kernel.MAX_BINS, 5.5)
         return records
+    if model == "tree-pack":  # three scales (16/32/64 px, scale_tree.tree_index layouts) at ViT-S/16's width
+        images, (dim, n_nodes, total) = torch.zeros(2, 3, 224, 224, dtype=dtype), (384, 196 + 49 + 9, 300)
+        rows = torch.zeros(total - 2, dtype=torch.int64)
+        with record_launches() as records:
+            pack_kernel._pack_forward(
+                images,
+                torch.zeros(dim, 3 * 16 * 16, dtype=dtype),
+                torch.zeros(dim, dtype=dtype),
+                torch.zeros(n_nodes, dim, dtype=dtype),
+                torch.zeros(2 * n_nodes, dtype=dtype),
+                torch.zeros(1, dim, dtype=dtype),
+                rows,
+                rows,
+                rows,
+                torch.zeros(2, 1, dtype=torch.int64),
+                total,
+                16,
+                2,
+                3,
+            )
+        return records
     dim, heads = {
         "ViT-S/16,32": (384, 6),
         "ViT-B/16,32": (768, 12),
@@ -139,7 +160,11 @@ def _record(workload: Workload):
 def workloads(quick: bool) -> List[Workload]:
     """The representative set (``quick``: what `make test` compiles) or the full sweep."""
     first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
-    extras = ("attention-pool train", "entropy-gate infer")  # each kernel variant the ViT workloads do not launch
+    extras = (
+        "attention-pool train",
+        "entropy-gate infer",
+        "tree-pack infer",
+    )  # each kernel variant the ViT workloads do not launch
     pool = [Workload(m, d, 64, False) for m in extras for d in ("float16", "bfloat16")]
     if quick:
         return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")] + pool
@@ -293,6 +318,7 @@ def _compile(job: _Job) -> dict:
 def _config_text(kwargs: dict, meta: dict) -> str:
     tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("BINS", "num_warps", "num_stages")}
     flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV", "HAS_THRESHOLD") if meta.get(k)]
+    flags += [f"SCALES={meta['SCALES']}"] if meta.get("SCALES", 2) > 2 else []  # the two-scale rows read as before
     return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
 
 

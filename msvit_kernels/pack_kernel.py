@@ -9,6 +9,11 @@ its straight-through value (fine: st, coarse: 1 - st of its region) and writes i
 Programs tile tokens x embedding channels; prefix rows are copied in place after the launch.
 The oracle is ``reference.pack_reference``.
 
+More scales (``scales`` 3 or 4, a ``scale_tree.tree_index`` layout, docs/design.md section 10): a
+token's scale ``s`` and cell come from its node-table row (``position``), its patch is
+``p * r**s`` px averaged over ``r**s x r**s`` taps (raster order, then divided by ``r**(2s)``), and
+``st`` is the token-weight table ``[B, n_nodes]``: the token is multiplied by its image's entry.
+
 Backward (torch, on pixels re-gathered with ``reference.gather_patches_reference``): gradients for
 the embedding weight and bias, the position table, the straight-through values (the gate's path)
 and the prefix tokens; none for the pixels.
@@ -30,17 +35,22 @@ from ._triton import (
     triton,
 )
 from .reference import gather_patches_reference
+from .scale_tree import ScaleTree
 from .varlen import MixedScaleIndex
+
+# Scales the kernel reads a node table of: the tap loop, the scale selects and the
+# node_2 / node_3 / grid_w2 / grid_w3 arguments stop at patch sizes p .. p*r**3 (APT's 16/32/64 px is 3).
+MAX_SCALES = 4
 
 if triton is not None:
 
     @triton.jit
     def _pack_kernel(
         IMG, ROWS, POSITION, REGION, W, BIAS, POS, ST, OUT,
-        n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim,
+        n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim, node_2, node_3, grid_w2, grid_w3, n_nodes,
         stride_ib, stride_ic, stride_ih, stride_iw, stride_wo, stride_wi,
         stride_pr, stride_pd, stride_ot, stride_od,
-        PATCH: tl.constexpr, RATIO: tl.constexpr, K: tl.constexpr,
+        PATCH: tl.constexpr, RATIO: tl.constexpr, K: tl.constexpr, SCALES: tl.constexpr, SIDE: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_ST: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
@@ -49,6 +59,11 @@ if triton is not None:
         POSITION is the token's position-table row: its fine cell (< n_fine) or n_fine + region
         cell; REGION is ``image * n_coarse + region cell``, or ``-1 - image`` for a border cell (no
         region, straight-through value 1): the token's image comes from it, no other load.
+
+        SCALES > 2: n_coarse counts the coarsest scale's nodes (REGION's unit), POSITION is a node-table
+        row; n_fine, node_2, node_3 are the first rows of scales 1, 2, 3, fine_w, coarse_w, grid_w2,
+        grid_w3 the grid widths of scales 0 .. 3; SIDE = RATIO**(SCALES-1), the widest tap grid; ST is
+        ``[B, n_nodes]``. SCALES == 2 compiles exactly the two-scale kernel (the other branches vanish).
         """
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -57,12 +72,26 @@ if triton is not None:
         position = tl.load(POSITION + offs_t, mask=mask_t, other=0)
         region = tl.load(REGION + offs_t, mask=mask_t, other=0)
         image = tl.where(region >= 0, region // n_coarse, -1 - region)
-        cell = region % n_coarse  # read for coarse tokens only (border cells are fine)
-        fine = position < n_fine
-        # top-left pixel of the token and the pixel step between its S_f x S_f samples
-        y0 = tl.where(fine, (position // fine_w) * PATCH, (cell // coarse_w) * (PATCH * RATIO))
-        x0 = tl.where(fine, (position % fine_w) * PATCH, (cell % coarse_w) * (PATCH * RATIO))
-        step = tl.where(fine, 1, RATIO)
+        if SCALES == 2:
+            cell = region % n_coarse  # read for coarse tokens only (border cells are fine)
+            fine = position < n_fine
+            # top-left pixel of the token and the pixel step between its S_f x S_f samples
+            y0 = tl.where(fine, (position // fine_w) * PATCH, (cell // coarse_w) * (PATCH * RATIO))
+            x0 = tl.where(fine, (position % fine_w) * PATCH, (cell % coarse_w) * (PATCH * RATIO))
+            step = tl.where(fine, 1, RATIO)
+        else:  # the node table is scale-major (finest first): the scale is how many first rows it passed
+            above_1, above_2 = position >= n_fine, position >= node_2
+            step = tl.where(above_2, RATIO * RATIO, tl.where(above_1, RATIO, 1))  # r**s
+            first = tl.where(above_2, node_2, tl.where(above_1, n_fine, 0))
+            grid_w = tl.where(above_2, grid_w2, tl.where(above_1, coarse_w, fine_w))
+            if SCALES > 3:
+                above_3 = position >= node_3
+                step = tl.where(above_3, RATIO * RATIO * RATIO, step)
+                first = tl.where(above_3, node_3, first)
+                grid_w = tl.where(above_3, grid_w3, grid_w)
+            cell = position - first
+            y0 = (cell // grid_w) * (PATCH * step)
+            x0 = (cell % grid_w) * (PATCH * step)
         base = IMG + image * stride_ib + y0 * stride_ih + x0 * stride_iw
 
         acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -71,13 +100,24 @@ if triton is not None:
             ptr = (base[:, None] + chan[None, :] * stride_ic + (step[:, None] * py[None, :]) * stride_ih
                    + (step[:, None] * px[None, :]) * stride_iw)
             mask = mask_t[:, None] & mask_k[None, :]
-            pix = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-            if RATIO > 1:  # the other r*r - 1 taps of a coarse pixel; masked off for fine tokens
-                coarse = mask & (position >= n_fine)[:, None]
-                for tap in tl.static_range(1, RATIO * RATIO):
-                    pix += tl.load(ptr + (tap // RATIO) * stride_ih + (tap % RATIO) * stride_iw,
-                                   mask=coarse, other=0.0).to(tl.float32)
-                pix = tl.where(fine[:, None], pix, pix / (RATIO * RATIO))
+            if SCALES == 2:
+                pix = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+                if RATIO > 1:  # the other r*r - 1 taps of a coarse pixel; masked off for fine tokens
+                    coarse = mask & (position >= n_fine)[:, None]
+                    for tap in tl.static_range(1, RATIO * RATIO):
+                        pix += tl.load(ptr + (tap // RATIO) * stride_ih + (tap % RATIO) * stride_iw,
+                                       mask=coarse, other=0.0).to(tl.float32)
+                    pix = tl.where(fine[:, None], pix, pix / (RATIO * RATIO))
+            else:  # r**s x r**s taps in raster order over the widest grid, the token's own unmasked
+                # (masked taps add exact zeros, so each token sums its taps in its own raster order);
+                # one runtime loop (64 taps at S = 4 would unroll into 64 loads per feature block; two
+                # nested loops spilled 664 B in the fp16 64x64x64 tile on sm_90, the compile report)
+                pix = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+                for tap in range(0, SIDE * SIDE):
+                    ty, tx = tap // SIDE, tap % SIDE
+                    pix += tl.load(ptr + ty * stride_ih + tx * stride_iw, mask=mask & ((ty < step) & (tx < step))[:, None],
+                                   other=0.0).to(tl.float32)
+                pix = pix / (step * step).to(tl.float32)[:, None]
             wt = tl.load(W + offs_d[None, :] * stride_wo + offs_k[:, None] * stride_wi,
                          mask=mask_d[None, :] & mask_k[:, None], other=0.0)
             acc += tl.dot(pix.to(wt.dtype), wt, input_precision=DOT_PRECISION)
@@ -89,8 +129,11 @@ if triton is not None:
             acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask,
                            other=0.0).to(tl.float32)
         if HAS_ST:
-            st = tl.load(ST + region, mask=mask_t & (region >= 0), other=1.0).to(tl.float32)
-            acc *= tl.where(fine, st, 1.0 - st)[:, None]
+            if SCALES == 2:
+                st = tl.load(ST + region, mask=mask_t & (region >= 0), other=1.0).to(tl.float32)
+                acc *= tl.where(fine, st, 1.0 - st)[:, None]
+            else:  # the token weight of its (image, node)
+                acc *= tl.load(ST + image * n_nodes + position, mask=mask_t, other=1.0).to(tl.float32)[:, None]
         rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
         tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
 
@@ -105,16 +148,29 @@ _CONFIGS = [] if triton is None else [
     (triton.Config({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1), None),
 ]
 _PACK = None if triton is None else TritonKernel(
-    _pack_kernel, _CONFIGS, key=["K", "dim", "RATIO"], interpret_meta={"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64})
+    _pack_kernel, _CONFIGS, key=["K", "dim", "RATIO", "SCALES"], interpret_meta={"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64})
+
+
+def _geometry(height: int, width: int, fine_patch: int, ratio: int, scales: int):
+    """The kernel's grid arguments (n_coarse, n_fine, fine_w, coarse_w, node_2, node_3, grid_w2,
+    grid_w3, n_nodes), from shapes only (no host read). Two scales: today's values and zeros."""
+    if scales == 2:
+        fine_w, coarse_w = width // fine_patch, width // (fine_patch * ratio)
+        n_fine = (height // fine_patch) * fine_w
+        n_coarse = (height // (fine_patch * ratio)) * coarse_w
+        return max(n_coarse, 1), n_fine, fine_w, coarse_w, 0, 0, 0, 0, 0
+    tree = ScaleTree.of((height // fine_patch, width // fine_patch), ratio, scales)
+    starts, widths = tree.offsets, [w for _, w in tree.grids] + [0]
+    node_3 = starts[3] if scales > 3 else starts[-1]  # never passed at S = 3: scale 3 has no rows
+    return (max(tree.counts[-1], 1), starts[1], widths[0], widths[1], starts[2], node_3, widths[2], widths[3],
+            starts[-1])
 
 
 def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
-                  fine_patch, ratio) -> Tensor:
+                  fine_patch, ratio, scales=2) -> Tensor:
     check_launchable(images)
     batch, chans, height, width = images.shape
-    fine_w, coarse_w = width // fine_patch, width // (fine_patch * ratio)
-    n_fine = (height // fine_patch) * fine_w
-    n_coarse = (height // (fine_patch * ratio)) * coarse_w
+    geometry = _geometry(height, width, fine_patch, ratio, scales)
     dim = weight.shape[0]
     out = images.new_empty(total, dim)
     n_tokens = rows.numel()
@@ -123,9 +179,10 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
         _PACK[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
             images, rows, position, region, weight, dummy if bias is None else bias,
             dummy if pos_table is None else pos_table, dummy if st is None else st, out,
-            n_tokens, max(n_coarse, 1), n_fine, fine_w, coarse_w, dim,
+            n_tokens, *geometry[:4], dim, *geometry[4:],
             *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
             *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
+            SCALES=scales, SIDE=ratio ** (scales - 1),
             HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,
             DOT_PRECISION=dot_precision(weight.dtype),
         )
@@ -138,22 +195,22 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
 def _pack_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_table: Optional[Tensor],
              st: Optional[Tensor], prefix: Optional[Tensor], rows: Tensor, source: Tensor, position: Tensor,
              region: Tensor, prefix_rows: Tensor, total: int, fine_patch: int,
-             ratio: int) -> Tensor:
+             ratio: int, scales: int) -> Tensor:
     """Packed tokens ``[total, d]``; see :func:`gather_embed_pack` (``source`` serves the backward)."""
     return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows,
-                         total, fine_patch, ratio)
+                         total, fine_patch, ratio, scales)
 
 
 @_pack_op.register_fake
 def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, total,
-      fine_patch, ratio):
+      fine_patch, ratio, scales):
     return images.new_empty(total, weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
     images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, *sizes = inputs
     ctx.save_for_backward(images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows)
-    ctx.fine_patch, ctx.ratio = sizes[1], sizes[2]
+    ctx.fine_patch, ctx.ratio, ctx.scales = sizes[1], sizes[2], sizes[3]
     ctx.has_prefix = prefix is not None
 
 
@@ -164,17 +221,22 @@ def _backward(ctx, grad_out):
     d_weight = d_bias = d_pos = d_st = d_prefix = None
     pixels = None
     if need[1] or (st is not None and need[4]):
-        pixels = gather_patches_reference(images, source, ctx.fine_patch, ctx.ratio).to(weight.dtype)
-    if st is not None and st.numel():
+        pixels = gather_patches_reference(images, source, ctx.fine_patch, ctx.ratio, ctx.scales).to(weight.dtype)
+    if st is not None and st.numel() and ctx.scales > 2:  # st: the token weights [B * n_nodes]
+        n_top, n_nodes = (_geometry(*images.shape[2:], ctx.fine_patch, ctx.ratio, ctx.scales)[i] for i in (0, 8))
+        entry = torch.where(region >= 0, region // n_top, -1 - region) * n_nodes + position
+        if need[4]:  # d st[image, node] += <grad, unscaled token>
+            d_value = (grad_tokens.float() * _unscaled(pixels, weight, bias, pos_table, position).float()).sum(1)
+            d_st = torch.zeros(st.shape, dtype=torch.float32, device=st.device)
+            d_st = d_st.index_add_(0, entry, d_value).to(st.dtype)
+        grad_tokens = grad_tokens * st.index_select(0, entry).to(grad_tokens.dtype)[:, None]
+    elif st is not None and st.numel():
         n_fine = (images.shape[2] // ctx.fine_patch) * (images.shape[3] // ctx.fine_patch)
         fine = position < n_fine
         in_region = region >= 0  # border cells have no region: value 1, no gradient to the gate
         value = torch.where(in_region, st.index_select(0, region.clamp_min(0)), 1)
         if need[4]:  # d value = <grad, unscaled token>; fine tokens carry +st, coarse ones -st
-            unscaled = F.linear(pixels, weight, bias)
-            if pos_table is not None:
-                unscaled = unscaled + pos_table.index_select(0, position)
-            d_value = (grad_tokens.float() * unscaled.float()).sum(1)
+            d_value = (grad_tokens.float() * _unscaled(pixels, weight, bias, pos_table, position).float()).sum(1)
             d_st = torch.zeros(st.shape, dtype=torch.float32, device=st.device)
             d_value = torch.where(in_region, torch.where(fine, d_value, -d_value), 0)
             d_st = d_st.index_add_(0, region.clamp_min(0), d_value).to(st.dtype)
@@ -188,7 +250,15 @@ def _backward(ctx, grad_out):
         d_pos = d_pos.index_add_(0, position, grad_tokens.float()).to(pos_table.dtype)
     if ctx.has_prefix and need[5]:
         d_prefix = grad_out[prefix_rows].sum(0)
-    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 8
+    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 9
+
+
+def _unscaled(pixels, weight, bias, pos_table, position):
+    """Tokens before their straight-through scaling (what the gate's gradient multiplies)."""
+    unscaled = F.linear(pixels, weight, bias)
+    if pos_table is not None:
+        unscaled = unscaled + pos_table.index_select(0, position)
+    return unscaled
 
 
 _pack_op.register_autograd(_backward, setup_context=_setup_context)
@@ -196,22 +266,36 @@ _pack_op.register_autograd(_backward, setup_context=_setup_context)
 
 def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bias: Optional[Tensor],
                       pos_table: Optional[Tensor], st: Optional[Tensor], prefix: Optional[Tensor], fine_patch: int,
-                      ratio: int) -> Tensor:
+                      ratio: int, scales: int = 2) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch with the Triton kernel.
 
     images: float16/bfloat16/float32 ``[B, C, H, W]`` on CUDA (CPU only under TRITON_INTERPRET=1),
-    any strides, H and W multiples of ``fine_patch * ratio``; index: its ``MixedScaleIndex``;
-    weight ``[d, C*p*p]`` ((C, p, p) order, images' dtype); bias ``[d]`` or None; pos_table
-    ``[Nf + Nc, d]`` (fine rows, then coarse) or None; st: straight-through values ``[B, Nc]`` or
-    None (no scaling); prefix ``[P, d]`` or None (P = 0). Returns ``[T, d]`` in images' dtype,
-    equal to :func:`reference.pack_reference`; differentiable w.r.t. weight, bias, pos_table, st and
-    prefix, not the images.
+    any strides; index: its ``MixedScaleIndex``; weight ``[d, C*p*p]`` ((C, p, p) order, images'
+    dtype); bias ``[d]`` or None; pos_table ``[Nf + Nc, d]`` (fine rows, then coarse) or None; st:
+    straight-through values ``[B, Nc]`` or None (no scaling); prefix ``[P, d]`` or None (P = 0).
+    Returns ``[T, d]`` in images' dtype, equal to :func:`reference.pack_reference`; differentiable
+    w.r.t. weight, bias, pos_table, st and prefix, not the images.
+
+    scales: 2, or 3 to ``MAX_SCALES`` for a ``scale_tree.tree_index`` layout (ratio >= 2): pos_table
+    then has a row per node of every scale (finest first) and st is the token-weight table
+    ``[B, n_nodes]`` (``cat(ScaleTree.token_weights(decisions), 1)``), see docs/design.md section 10.
     """
     if weight.dtype != images.dtype:
         raise TypeError(f"weight ({weight.dtype}) and images ({images.dtype}) must have the same dtype")
+    if isinstance(scales, bool) or not isinstance(scales, int) or not 2 <= scales <= MAX_SCALES:
+        raise ValueError(
+            f"the pack kernel takes 2 to {MAX_SCALES} scales (patch sizes p .. p*r**{MAX_SCALES - 1}), got {scales!r}"
+        )
+    if scales > 2 and st is not None:  # a shape check (no host read): a [B, Nc] st would read wrong entries
+        n_nodes = _geometry(*images.shape[2:], int(fine_patch), int(ratio), scales)[8]
+        if st.shape != (images.shape[0], n_nodes):
+            raise ValueError(
+                f"with {scales} scales st is the token-weight table [B, n_nodes] = {[images.shape[0], n_nodes]}, "
+                f"got {list(st.shape)}"
+            )
     st = None if st is None else st.reshape(-1)
     if skips_custom_op(weight, bias, pos_table, st, prefix):
         return _pack_forward(images, weight, bias, pos_table, st, prefix, index.rows, index.position, index.region,
-                             index.prefix_rows, int(index.total), int(fine_patch), int(ratio))
+                             index.prefix_rows, int(index.total), int(fine_patch), int(ratio), scales)
     return _pack_op(images, weight, bias, pos_table, st, prefix, index.rows, index.source, index.position,
-                    index.region, index.prefix_rows, int(index.total), int(fine_patch), int(ratio))
+                    index.region, index.prefix_rows, int(index.total), int(fine_patch), int(ratio), scales)
