@@ -204,3 +204,54 @@ def test_every_supported_family_at_three_scales(family, name, kwargs, feature):
         packed = model(images, mask=mask)
         for mode in ("masked", "trimmed"):
             assert rel_err(model(images, mask=mask, mode=mode), packed) <= 1e-4, mode
+
+
+def test_pruning_and_segmentation_take_three_scales():
+    _, model = converted((64, 64))
+    images = torch.randn(2, 3, 64, 64)
+    mask = split_mask(model, images, "random", 4)
+    with torch.no_grad():
+        logits = model(images, mask=mask)
+        kept_all = msvit.PrunedMSViT(model, keep_ratio=1.0, layers=(1,))(images, mask=mask)
+        assert rel_err(kept_all, logits) <= 1e-6
+        features = model.forward_features(images, mask=mask)
+        grid = msvit.unpack_to_grid(features).grid  # [B, 8, 8, C]: every finest cell takes its covering token
+        segmenter = msvit.MSSegmenter(model, num_classes=3).eval()
+        assert segmenter(images, mask=mask).shape == (2, 3, 64, 64)
+    tree = model.tokenizer.tree((8, 8))
+    for b in range(2):  # as many distinct vectors on the grid as the image has patch tokens
+        distinct = torch.unique(grid[b].reshape(64, -1), dim=0).shape[0]
+        assert distinct == model.tokens_per_image(mask[b : b + 1]).item() - 1
+    assert tree.tokens(0) == 4
+
+
+def test_msvit_train_takes_three_scales(tmp_path):
+    from msvit.train import parse_args, train
+
+    from helpers import TINY_MODEL
+
+    flags = [
+        *"--train-size 128 --val-size 32 --batch-size 32 --image-size 32 --scales 8 16 32 --gate-hidden 16".split(),
+        *"--epochs 2 --lr 2e-3 --gate-lr 0.05 --gate-target 0.25 --gate-loss l0 --warmup-epochs 0.5".split(),
+        *"--gate-warmup-epochs 0.5 --model-kwargs".split(),
+        TINY_MODEL,
+        "--out",
+        str(tmp_path / "learned"),
+    ]
+    train(parse_args(flags))
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "learned" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and 0 <= rows[-1]["train_fine"] <= 1
+    model = msvit.load_checkpoint(tmp_path / "learned")
+    assert model.tokenizer.patch_sizes == (8, 16, 32) and len(model.gate.levels) == 2
+    entropy = [*flags[:-1], str(tmp_path / "entropy")]
+    for flag in ("--gate-hidden", "--gate-lr", "--gate-target", "--gate-loss", "--gate-warmup-epochs"):
+        at = entropy.index(flag)
+        del entropy[at : at + 2]
+    entropy += ["--gate", "entropy", "--entropy-threshold", "6.0", "4.0", "--max-steps", "2", "--epochs", "1"]
+    train(parse_args(entropy))
+    rebuilt = msvit.load_checkpoint(tmp_path / "entropy")
+    assert rebuilt.gate.kind == "entropy" and rebuilt.gate.thresholds == (6.0, 4.0)
+    with pytest.raises(SystemExit):
+        parse_args([*entropy[:-6], "--entropy-threshold", "5.5", "--max-steps", "1"])  # one value for 3 scales

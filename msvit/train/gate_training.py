@@ -38,7 +38,9 @@ def fine_share(values: torch.Tensor, tree=None) -> torch.Tensor:
     (``[B, Nc]``, fine regions); with more, each finest cell's token weight ``[B, N_0]`` (1 where a
     finest token covers it; for soft values the product of the split probabilities on its path),
     whose mean is the share of the image at the finest scale (docs/design.md section 10)."""
-    return values if tree is None or tree.scales <= 2 else finest_share(values, tree)
+    if tree is None or tree.scales <= 2:
+        return values
+    return tree.token_weights(values)[0] if values.dtype == torch.bool else finest_share(values, tree)
 
 
 def random_masks(batch: int, n_regions: int, target: float, device) -> torch.Tensor:
