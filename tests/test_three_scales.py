@@ -255,3 +255,26 @@ def test_msvit_train_takes_three_scales(tmp_path):
     assert rebuilt.gate.kind == "entropy" and rebuilt.gate.thresholds == (6.0, 4.0)
     with pytest.raises(SystemExit):
         parse_args([*entropy[:-6], "--entropy-threshold", "5.5", "--max-steps", "1"])  # one value for 3 scales
+
+
+def test_compile_packed_at_three_scales():
+    """torch.compile of the static forward (aot_eager), with the default buckets and with a budget:
+    equal to the eager model whatever the gate decides, no graph break."""
+    import torch._dynamo
+
+    _, model = converted((64, 96))  # 8 x 12 cells: 2 x 3 regions of 32 px
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 3, 64, 96, generator=gen) for _ in range(3)]
+    torch._dynamo.reset()
+    options = {"backend": "aot_eager"}
+    runner = msvit.compile_packed(model, 2, (64, 96), mode="torch_compile", compile_options=options)
+    tree = model.tokenizer.tree((8, 12))
+    assert runner.buckets[-1] == 2 * (1 + tree.counts[0]) and runner.buckets[0] > 2 * (1 + tree.roots)
+    for images in batches:
+        with torch.no_grad():
+            assert rel_err(runner(images), model(images)) <= 1e-5
+    assert runner.fallbacks == 0
+    budget = msvit.compile_packed(model, 2, (64, 96), budget=5, mode="torch_compile", compile_options=options)
+    assert budget.buckets == [2 * (1 + tree.tokens(5))]
+    with torch.no_grad():
+        assert rel_err(budget(batches[0]), model(batches[0], budget=5)) <= 1e-5
