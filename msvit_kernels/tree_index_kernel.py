@@ -247,7 +247,7 @@ if triton is not None:
 _TREE_COUNTS = None if triton is None else TritonKernel(_tree_counts_kernel)
 _TREE_INDEX = None if triton is None else TritonKernel(_tree_index_kernel)
 
-TILE = 1024  # candidates per program on a GPU (roots x padded subtree): no spills on sm_70 .. sm_90
+TILE = 1024  # candidates per program on a GPU (roots x padded subtree): no spills (compile report, sm_70/75/90)
 INTERPRET_TILE = 8192  # the interpreter pays per program, not per element
 LENGTHS_BLOCK = 256  # image lengths summed per step for an image's first row (fixed: no compile per batch size)
 
