@@ -45,8 +45,17 @@ def _record(workload: Workload):
     """The launches of one workload, recorded from the real launchers on CPU stand-ins."""
     import torch
 
-    from . import attention_kernel, entropy_kernel, gate_kernel, index_kernel, pack_kernel, unpack_kernel
+    from . import (
+        attention_kernel,
+        entropy_kernel,
+        gate_kernel,
+        index_kernel,
+        pack_kernel,
+        tree_index_kernel,
+        unpack_kernel,
+    )
     from ._triton import record_launches
+    from .scale_tree import ScaleTree
     from .varlen import StaticShape
 
     dtype = getattr(torch, workload.dtype)
@@ -78,6 +87,12 @@ def _record(workload: Workload):
                 2,
                 3,
             )
+        return records
+    if model == "tree-index":  # the index of a tree of scales at 224 px (14 x 14 patches of 16): S=3, S=4, r=3
+        with record_launches() as records:
+            for ratio, scales in ((2, 3), (2, 4), (3, 3)):
+                tree = ScaleTree.of((14, 14), ratio, scales)
+                tree_index_kernel.triton_tree_index(torch.zeros(2, tree.decisions, dtype=torch.bool), tree, 1)
         return records
     dim, heads = {
         "ViT-S/16,32": (384, 6),
@@ -160,11 +175,8 @@ def _record(workload: Workload):
 def workloads(quick: bool) -> List[Workload]:
     """The representative set (``quick``: what `make test` compiles) or the full sweep."""
     first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
-    extras = (
-        "attention-pool train",
-        "entropy-gate infer",
-        "tree-pack infer",
-    )  # each kernel variant the ViT workloads do not launch
+    # each kernel variant the ViT workloads do not launch (the tree kernels: models of more than two scales)
+    extras = ("attention-pool train", "entropy-gate infer", "tree-pack infer", "tree-index infer")
     pool = [Workload(m, d, 64, False) for m in extras for d in ("float16", "bfloat16")]
     if quick:
         return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")] + pool
