@@ -12,10 +12,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import msvit
+from msvit.host_reads import count_host_reads
 from msvit.models.flops import count_macs
 from msvit_kernels.scale_tree import ScaleTree
 
-from helpers import TINY, half_resolution_twin, redraw_parameters, rel_err, tiny_vit
+from helpers import TINY, half_resolution_twin, needs_triton, redraw_parameters, rel_err, tiny_vit
 
 MODES = ("packed", "masked", "trimmed")
 
@@ -278,3 +279,28 @@ def test_compile_packed_at_three_scales():
     assert budget.buckets == [2 * (1 + tree.tokens(5))]
     with torch.no_grad():
         assert rel_err(budget(batches[0]), model(batches[0], budget=5)) <= 1e-5
+
+
+@needs_triton
+def test_fused_kernels_equal_the_reference_and_read_nothing_back_with_a_budget():
+    """kernels="triton" (entropy gate, tree index, pack; the interpreter on CPU) equals the torch
+    path at three scales, border roots included; a budget or a capacity makes 0 host reads, the
+    dynamic forward exactly 1."""
+    size = (40, 48)  # 5 x 6 cells of 8 px: a 1 x 1 top grid, border roots at 16 px and at 8 px
+    vit = redraw_parameters(tiny_vit(size))
+    kwargs = dict(scales=(8, 16, 32), gate="entropy", entropy_thresholds=(4.0, 3.0), entropy_mean=(0.5,) * 3)
+    reference = msvit.from_timm(vit, kernels="reference", **kwargs).eval()
+    fused = msvit.from_timm(vit, kernels="triton", attention_backend="triton", **kwargs).eval()
+    images = torch.rand(2, 3, *size) * 2 - 1
+    images[0, :, :16, :16] = 0.1  # a flat corner: some nodes stay whole
+    with torch.no_grad():
+        expected = reference(images, return_gate=True)
+        got = fused(images, return_gate=True)
+        assert torch.equal(got.gate.hard, expected.gate.hard) and torch.equal(got.tokens, expected.tokens)
+        assert rel_err(got.logits, expected.logits) <= 1e-4
+        tree = fused.tokenizer.tree((5, 6))
+        for options in ({"budget": 2}, {"capacity": 2 * (1 + tree.counts[0])}, {}):
+            with count_host_reads() as reads:
+                out = fused(images, **options)
+            assert reads.count == (0 if options else 1), (options, reads.report())
+            assert rel_err(out, reference(images, **options)) <= 1e-4
