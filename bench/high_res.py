@@ -408,6 +408,17 @@ def variant_name(row: dict, pair=APT_PAIR) -> str:
     return f"timm ViT at {row['image_size']} px (tokens of MSViT {matches})"
 
 
+def load_note(result: dict) -> str:
+    """The machine's load average (1, 5, 15 min) at the start and the end of the run, when recorded."""
+    if "load_average_start" not in result:
+        return ""
+    start, end = result["load_average_start"], result.get("load_average_end", result["load_average_start"])
+    return (
+        f" Load average (1/5/15 min) at the start {'/'.join(f'{v:.1f}' for v in start)}, at the end "
+        f"{'/'.join(f'{v:.1f}' for v in end)} (machine-wide: above the thread count, other work shared the cores)."
+    )
+
+
 def photo_note(result: dict) -> str:
     """How the batch-1 photo's token counts compare with the mean over the photos (section 1)."""
     photo, tokens = result["photo"], result.get("tokens") or []
@@ -438,7 +449,8 @@ def markdown(result: dict) -> str:
             f"Whole run: {result['seconds']:.0f} s."
             if result["complete"]
             else f"**Partial**: stopped after {result['seconds']:.0f} s; the parts below are what it measured."
-        ),
+        )
+        + load_note(result),
         "",
         "Made by (from the repository root):",
         "",
@@ -591,8 +603,11 @@ def caveats(result: dict) -> str:
         "larger batch, where the kernels dominate."
     )
     tokenizer = (
-        " The CPU tokenizer is the torch reference (the Triton kernels run on CUDA), a correctness path more "
-        "than a timing target."
+        " On CPU every MSViT piece is the torch reference (the Triton kernels run on CUDA), a correctness path "
+        "more than a timing target: the tokenizer, and the packed attention, whose CPU backend "
+        "(msvit_kernels.reference.packed_attention_reference) checks q and k for non-finite values (a sum and a "
+        "host read) and concatenates its per-image outputs in every block; that is part of MSViT's time over "
+        "the ViT at equal tokens."
         if device == "cpu"
         else ""
     )
@@ -641,6 +656,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     result = {"command": command, "device": device, "photo": args.photo, "timm": timm.__version__}
     result["environment"] = environment(device)
+    if hasattr(os, "getloadavg"):  # a shared machine's load says how far to trust the spread
+        result["load_average_start"] = os.getloadavg()
     result["complete"] = False
     seconds = result["seconds_per_part"] = {}
     folder = root / device_slug(device)
@@ -648,6 +665,8 @@ def main(argv=None) -> int:
     def save() -> str:
         """Write what has been measured so far (each part, each latency group)."""
         result["seconds"] = time.perf_counter() - start
+        if hasattr(os, "getloadavg"):
+            result["load_average_end"] = os.getloadavg()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "high_res.json").write_text(json.dumps(result, indent=1) + "\n")
         text = markdown(result)
