@@ -117,6 +117,11 @@ def test_gradients_reach_every_level():
     (x * torch.randn_like(x)).sum().backward()
     levels = tree.per_scale(st.grad)
     assert levels[2].abs().sum() > 0 and levels[1].abs().sum() > 0
+    model.train()  # the learned gate samples: the task loss reaches each level's MLP through the tokens
+    model.zero_grad()
+    model(images).square().mean().backward()
+    for level in model.gate.levels:
+        assert level.fc1.weight.grad is not None and level.fc1.weight.grad.abs().sum() > 0
 
 
 def test_static_shapes_equal_the_dynamic_forward():
@@ -256,6 +261,14 @@ def test_msvit_train_takes_three_scales(tmp_path):
     assert rebuilt.gate.kind == "entropy" and rebuilt.gate.thresholds == (6.0, 4.0)
     with pytest.raises(SystemExit):
         parse_args([*entropy[:-6], "--entropy-threshold", "5.5", "--max-steps", "1"])  # one value for 3 scales
+    from PIL import Image
+
+    from msvit.visualize.cli import main as visualize
+
+    picture = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(picture)
+    visualize([str(picture), "--checkpoint", str(tmp_path / "entropy"), "--out", str(tmp_path / "pictures")])
+    assert (tmp_path / "pictures" / "photo_mask.png").stat().st_size > 0
 
 
 def test_compile_packed_at_three_scales():
