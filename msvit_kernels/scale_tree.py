@@ -26,7 +26,6 @@ raster order. With two scales this is exactly ``varlen.mixed_scale_index``'s lay
 each coarse or its fine cells, then the border cells), which that builder keeps as the fast path.
 """
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -40,6 +39,7 @@ from .varlen import (
     cu_seqlens_from_lengths,
     padded_cu_seqlens,
     padded_row_image,
+    shape_within,
 )
 
 
@@ -233,19 +233,7 @@ def tree_static_shape(
     shortest, longest = num_prefix + tree.roots, num_prefix + tree.counts[0]
     if splits is not None:
         shortest = longest = num_prefix + tree.tokens(splits)
-    if capacity is None:
-        if splits is None:
-            raise ValueError("a static shape needs a capacity (packed rows) unless every image has a known length")
-        capacity = batch * shortest
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise TypeError(f"capacity must be an int number of packed rows, got {capacity!r}")
-    if not batch * shortest <= capacity <= batch * longest:
-        raise ValueError(
-            f"capacity must be between {batch * shortest} and {batch * longest} packed rows for {batch} images "
-            f"of {shortest} to {longest} tokens, got {capacity}"
-        )
-    slack = capacity - batch * shortest
-    return StaticShape(capacity, longest, math.ceil(slack / longest) if longest else 0)
+    return shape_within(batch, shortest, longest, capacity, exact=splits is not None)
 
 
 def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[StaticShape] = None) -> MixedScaleIndex:

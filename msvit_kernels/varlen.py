@@ -111,8 +111,14 @@ def static_shape(
         if not 0 <= fine_regions <= n_coarse:
             raise ValueError(f"fine_regions must be between 0 and {n_coarse}, got {fine_regions}")
         shortest = longest = fixed + n_coarse + (ratio * ratio - 1) * fine_regions
+    return shape_within(batch, shortest, longest, capacity, exact=fine_regions is not None)
+
+
+def shape_within(batch: int, shortest: int, longest: int, capacity: Optional[int], exact: bool) -> StaticShape:
+    """The ``StaticShape`` of ``batch`` images of ``shortest`` to ``longest`` rows each in
+    ``capacity`` rows (default, when every image has the same known length (``exact``): the total)."""
     if capacity is None:
-        if fine_regions is None:
+        if not exact:
             raise ValueError("a static shape needs a capacity (packed rows) unless every image has a known length")
         capacity = batch * shortest
     if isinstance(capacity, bool) or not isinstance(capacity, int):

@@ -184,35 +184,7 @@ class MixedScaleTokenizer(nn.Module):
             regions = packed_regions(hard, index, fixed, self.ratio)
             if regions.numel():  # an all-fine batch has no coarse token
                 extra = per_entry(self.aggregated(images, regions), regions, index, hard.numel())
-        if fused:
-            dtype = compute_dtype(images)
-            bias = self.embed.bias.to(dtype) if self.embed.bias is not None else None
-            packed = gather_embed_pack(
-                images.to(dtype),
-                index,
-                self.embed.weight.to(dtype),
-                bias,
-                positions.patches,
-                st,
-                self.prefix_rows(positions, dtype),
-                self.fine_patch,
-                self.ratio,
-            )
-        else:
-            packed = pack_reference(
-                images,
-                index,
-                self.embed.weight,
-                self.embed.bias,
-                positions.patches,
-                st,
-                self.prefix_rows(positions, images.dtype),
-                self.fine_patch,
-                self.ratio,
-                norm=self.embed_norm,
-                extra=extra,
-            )
-        return packed, index
+        return self._embed_pack(images, index, positions, st, fused, extra), index
 
     def _pack_tree(
         self, images: Tensor, hard: Tensor, st: Tensor, shape: Optional[StaticShape]
@@ -230,36 +202,40 @@ class MixedScaleTokenizer(nn.Module):
             index = tree_index(hard, tree, self.num_prefix, shape)
         positions = self.position_tables(fine_grid)
         weights = torch.cat(tree.token_weights(st), 1) if st.requires_grad else None
+        return self._embed_pack(images, index, positions, weights, fused), index
+
+    def _embed_pack(self, images, index, positions, st, fused: bool, extra=None) -> Tensor:
+        """Packed tokens of ``index``: the fused kernel in the compute dtype, or the torch reference
+        (``st``: the straight-through values of ``pack``, or a tree's token-weight table)."""
         if fused:
             dtype = compute_dtype(images)
             bias = self.embed.bias.to(dtype) if self.embed.bias is not None else None
-            packed = gather_embed_pack(
+            return gather_embed_pack(
                 images.to(dtype),
                 index,
                 self.embed.weight.to(dtype),
                 bias,
                 positions.patches,
-                weights,
+                st,
                 self.prefix_rows(positions, dtype),
                 self.fine_patch,
                 self.ratio,
                 scales=self.scales,
             )
-        else:
-            packed = pack_reference(
-                images,
-                index,
-                self.embed.weight,
-                self.embed.bias,
-                positions.patches,
-                weights,
-                self.prefix_rows(positions, images.dtype),
-                self.fine_patch,
-                self.ratio,
-                norm=self.embed_norm,
-                scales=self.scales,
-            )
-        return packed, index
+        return pack_reference(
+            images,
+            index,
+            self.embed.weight,
+            self.embed.bias,
+            positions.patches,
+            st,
+            self.prefix_rows(positions, images.dtype),
+            self.fine_patch,
+            self.ratio,
+            norm=self.embed_norm,
+            extra=extra,
+            scales=self.scales,
+        )
 
     def _fallback(self, images: Tensor) -> str:
         """Why this batch cannot take the fused path ('' when it can)."""
