@@ -187,8 +187,19 @@ class ScaleTree:
             pre_up, root_up, region_up = pre, root, region
         key = torch.cat(keys)
         order = torch.argsort(key)
-        scale = torch.cat([torch.full((n,), s, dtype=torch.long, device=device) for s, n in enumerate(self.counts)])
-        return TreeLayout(order=order, scale=scale, region=torch.cat(regions))
+
+        def per_node(values):  # one value per scale, spread over that scale's nodes (fills: no H2D copy)
+            return torch.cat(
+                [torch.full((n,), v, dtype=torch.long, device=device) for v, n in zip(values, self.counts)]
+            )
+
+        return TreeLayout(
+            order=order,
+            scale=per_node(range(self.scales)),
+            region=torch.cat(regions),
+            first=per_node(self.offsets[:-1]),
+            count=per_node(self.counts),
+        )
 
     def finest_ancestors(self, device=None) -> Tensor:
         """int64 ``[S, N_0]``: the node-table entry of each finest cell's ancestor at every scale
@@ -206,11 +217,14 @@ class ScaleTree:
 class TreeLayout:
     """order: int64 ``[n_nodes]`` node-table entries in packed order; scale: int64 ``[n_nodes]`` scale
     of each node-table entry; region: int64 ``[n_nodes]`` the coarsest region of each entry's root,
-    or -1 when its root is not a coarsest region."""
+    or -1 when its root is not a coarsest region; first, count: int64 ``[n_nodes]`` the first
+    node-table entry and the node count of each entry's scale."""
 
     order: Tensor
     scale: Tensor
     region: Tensor
+    first: Tensor
+    count: Tensor
 
 
 def _subtree(s: int, r: int) -> int:
@@ -276,10 +290,9 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
     image = candidate // n_nodes
     node = layout.order[candidate % n_nodes]
     scale = layout.scale[node]
-    node_offsets = torch.tensor(tree.offsets[:-1], device=device)
-    node_counts = torch.tensor(tree.counts, device=device)
-    cell = node - node_offsets[scale]
-    source = batch * node_offsets[scale] + image * node_counts[scale] + cell
+    first = layout.first[node]
+    cell = node - first
+    source = batch * first + image * layout.count[node] + cell
     position = node
     root_region = layout.region[node]
     region = torch.where(root_region >= 0, image * tree.counts[-1] + root_region, -1 - image)
