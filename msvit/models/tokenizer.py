@@ -21,6 +21,7 @@ from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
 from msvit_kernels.scale_tree import ScaleTree, tree_index
+from msvit_kernels.tree_index_kernel import triton_tree_index
 from msvit_kernels.varlen import (
     MixedScaleIndex,
     StaticShape,
@@ -194,12 +195,8 @@ class MixedScaleTokenizer(nn.Module):
         fine_grid = self.grids(images)[0]
         tree = self.tree(fine_grid)
         fused = use_triton(self.kernels, images, self._fallback(images))
-        if fused:
-            from msvit_kernels.tree_index_kernel import triton_tree_index
-
-            index = triton_tree_index(hard, tree, self.num_prefix, shape)
-        else:
-            index = tree_index(hard, tree, self.num_prefix, shape)
+        build_index = triton_tree_index if fused else tree_index
+        index = build_index(hard, tree, self.num_prefix, shape)
         positions = self.position_tables(fine_grid)
         weights = torch.cat(tree.token_weights(st), 1) if st.requires_grad else None
         return self._embed_pack(images, index, positions, weights, fused), index
