@@ -50,7 +50,7 @@ bench: $(VENV)/.installed
 compile-report: $(VENV)/.installed
 	$(PY) -m msvit_kernels.compile_report --out bench/results/compile > /dev/null
 
-# Retrain the shipped cluttered-digits model (README: 15 min on 2 CPU cores) and install it.
+# Retrain the shipped cluttered-digits model (docs/training.md: 15 min on 2 CPU cores) and install it.
 pretrained: $(VENV)/.installed
 	$(VENV)/bin/msvit train --train-size 38000 --val-size 2000 --image-size 64 --digit-scale 0.15 0.3 --shift 8 \
 	    --model-kwargs '{"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2}' \

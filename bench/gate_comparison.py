@@ -4,7 +4,7 @@ model, top-1 on its held-out digits at matched tokens per image.
     python bench/gate_comparison.py [--images 2000] [--seeds 5] [--entropy-run DIR] [--out FILE.md]
 
 The backbone is ``msvit.load_pretrained("cluttered-digits")``, trained with its learned gate
-(README, "The shipped cluttered-digits model"); only the gate changes. At a budget of k fine regions
+(docs/training.md, "The shipped cluttered-digits model"); only the gate changes. At a budget of k fine regions
 per image (of 16; 1 + 16 + 3k tokens, the same for every gate and image) each gate keeps the k
 regions it ranks highest: the learned gate its logits, the entropy gate the grey-level entropies of
 the un-normalised pixels (the model's ``pretrained_cfg`` mean and std undone; 512 bins), random

@@ -2,8 +2,8 @@
 
 tests/test_model_families.py builds every case (pretrained=False, depth reduced, small images) and
 checks it: "exact" cases give all-fine logits equal to timm's on re-drawn parameters, "refused"
-cases raise an error naming the model and the feature. The README's model table is generated from
-this list: ``python tests/model_families.py`` prints it (a test checks the README holds it).
+cases raise an error naming the model and the feature. The model table of docs/models.md is generated from
+this list: ``python tests/model_families.py`` prints it (a test checks docs/models.md holds it).
 """
 
 from typing import Dict, List, NamedTuple, Tuple

@@ -3,7 +3,7 @@ every whole region are border cells, always fine tokens, packed after an image's
 (msvit_kernels/varlen.py). ViT-B/32 at 224 px (7 x 7 fine cells, 3 x 3 regions, 13 border cells)
 and DINOv2 at 518 px (37 x 37, 18 x 18, 73): all-fine equals timm, any mask runs packed ==
 masked == trimmed, MACs equal FlopCounterMode; the Triton index and pack kernels equal their
-references; every family of the README table takes the inputs its own eval_transform builds."""
+references; every family of the docs/models.md table takes the inputs its own eval_transform builds."""
 
 import pytest
 import timm

@@ -24,7 +24,7 @@ Entropy thresholds follow APT's order (``select_patches_by_threshold`` in APT's
 entropy is ``< threshold`` (and dropping every smaller patch under a kept one). So
 ``thresholds[0]`` belongs to the finest boundary (the ``p*r`` px nodes) and ``thresholds[-1]`` to
 the coarsest (the ``p*r**(S-1)`` px nodes): APT's ``num_scales=3, thresholds=[6.0, 4.0]`` (its
-README) at 16/32/64 px keeps a 32 px patch whole below 6.0 bits and a 64 px patch below 4.0 bits.
+docs/entropy_gate.md) at 16/32/64 px keeps a 32 px patch whole below 6.0 bits and a 64 px patch below 4.0 bits.
 Here ``thresholds[s - 1]`` is scale ``s``'s, so APT's lists carry over unchanged, and a node splits
 when ``H > tau`` (APT: ``H >= tau``; they differ only for an entropy exactly at the threshold).
 

@@ -26,7 +26,7 @@ from msvit.train.run_folder import Checkpoint, RunFolderError
 from msvit_kernels.entropy_kernel import DEFAULT_BINS
 
 # --epochs may grow to extend a finished run; the cosine schedule then stretches to the new length
-# from the resumed step on (documented in the README), everything else continues unchanged.
+# from the resumed step on (documented in docs/training.md), everything else continues unchanged.
 FREE = {
     "epochs",
     "workers",
