@@ -21,7 +21,8 @@ def train_commands(text: str):
 
 
 # docs/design.md is left out: it names commands in prose (`msvit train --model <timm swin name>`).
-DOCUMENTS = [ROOT / "README.md", ROOT / "Makefile", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "design.md")]
+USER_PAGES = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "design.md")
+DOCUMENTS = [ROOT / "README.md", ROOT / "Makefile", *USER_PAGES]
 COMMANDS = [args for path in DOCUMENTS for args in train_commands(path.read_text())]
 
 
