@@ -1,0 +1,71 @@
+"""``msvit export --out MODEL.pt2 [--checkpoint DIR|NAME | --model TIMM_NAME] --batch-size N``: the
+model's static packed forward as an AOTInductor package (``msvit.export``), which runs without
+msvit: ``torch._inductor.aoti_load_package("MODEL.pt2")(images)`` gives the logits for a batch of
+exactly N images of the exported size (normalised as the model expects: the mean and std are in
+the package's metadata, ``msvit_input``)."""
+
+import argparse
+import json
+import time
+
+import torch
+
+from msvit.predict import loading
+
+PROG = "msvit export"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="FILE.pt2", help="the package to write")
+    loading.add_model_options(p)
+    p.add_argument("--batch-size", type=int, default=1, help="images per call of the package (default 1)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PX",
+        help="H or H W (default: the model's input size)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="fraction of the regions kept fine in every image, "
+        "in [0, 1]: fixed tokens, the fast package (default: the gate decides, rows padded to all-fine)",
+    )
+    p.add_argument("--device", default="cpu", help="where the package runs: cpu or cuda (default cpu)")
+    args = p.parse_args(argv)
+    if not args.out.endswith(".pt2"):
+        p.error(f"--out {args.out}: an AOTInductor package is a .pt2 file")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 1):
+        p.error(f"--image-size takes H or H W in pixels, got {' '.join(map(str, args.image_size))}")
+    if args.budget is not None and not 0 <= args.budget <= 1:
+        p.error(f"--budget is a fraction of the regions in [0, 1], got {args.budget}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    loading.check_model_options(p, args)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    model = loading.load_model(args, PROG, args.device)
+    size = args.image_size or list(model.pretrained_cfg["input_size"][1:])
+    size = (size[0], size[-1])
+    from msvit.models.export import export
+
+    start = time.perf_counter()
+    try:
+        path = export(model, args.out, args.batch_size, size, budget=args.budget)
+    except ValueError as error:
+        raise SystemExit(f"{PROG}: {error}") from None
+    record = json.dumps({"batch_size": args.batch_size, "image_size": list(size), "budget": args.budget})
+    print(f"wrote {path} in {time.perf_counter() - start:.0f} s: takes {record}")
+
+
+if __name__ == "__main__":
+    main()
