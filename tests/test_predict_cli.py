@@ -3,6 +3,7 @@ images, CSV and JSON content, files that cannot be read, folders, globs and bad 
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,23 @@ def test_no_image_at_all_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no image files to predict"):
         cli_main(["predict", str(tmp_path / "missing.png")])
     assert "missing.png: no such file or folder" in capsys.readouterr().err
+
+
+def documented_commands(command: str):
+    """The arguments after ``msvit <command>`` on the command lines of docs/deploy.md."""
+    for line in (ROOT / "docs" / "deploy.md").read_text().splitlines():
+        if line.startswith(f"msvit {command} "):
+            yield shlex.split(line.split("#")[0])[2:]
+
+
+@pytest.mark.parametrize(
+    "command, argv", [(c, a) for c in ("predict", "export") for a in documented_commands(c)], ids=" ".join
+)
+def test_the_documented_commands_parse(command, argv):
+    module = {"predict": "msvit.predict.cli", "export": "msvit.predict.export_cli"}[command]
+    args = __import__(module, fromlist=["parse_args"]).parse_args(argv)
+    assert args.images if command == "predict" else args.out.endswith(".pt2")
+
+
+def test_the_deploy_page_shows_both_commands():
+    assert len(list(documented_commands("predict"))) >= 3 and len(list(documented_commands("export"))) >= 1

@@ -63,6 +63,15 @@ def portable_copy(model: MSViT, device: Optional[Union[str, torch.device]]) -> M
     return exported.eval()
 
 
+def static_capacity(model: MSViT, batch_size: int, size: tuple, budget: Budget, capacity: Optional[int]):
+    """``capacity``, or without a budget and a capacity the rows of an all-fine batch (any decision fits)."""
+    if budget is not None or capacity is not None:
+        return capacity
+    from msvit.models.packed_runner import default_buckets
+
+    return default_buckets(model, batch_size, size)[-1]
+
+
 def export_program(
     model: MSViT,
     batch_size: int,
@@ -85,10 +94,7 @@ def export_program(
         raise ValueError("pass budget (fixed tokens per image) or capacity (padded rows), not both")
     size = image_hw(image_size)
     exported = portable_copy(model, device)
-    if budget is None and capacity is None:
-        from msvit.models.packed_runner import default_buckets
-
-        capacity = default_buckets(exported, batch_size, size)[-1]  # every region fine: any decision fits
+    capacity = static_capacity(exported, batch_size, size, budget, capacity)
     parameter = next(exported.parameters())
     example = torch.zeros(batch_size, exported.in_chans, *size, device=parameter.device, dtype=parameter.dtype)
     exported.static_shape(batch_size, size, budget=budget, capacity=capacity)  # refuses a bad budget by name
@@ -117,8 +123,8 @@ def export(
         device: where the package runs (default: the model's device); the dtype is the model's.
 
     Returns the path. The package records its input in its metadata (``loader.get_metadata()``):
-    ``msvit_input`` is JSON with the batch size, image size, budget, capacity and, when the model has
-    a ``pretrained_cfg``, the mean and std to normalise with.
+    ``msvit_input`` is JSON with the batch size, image size, budget, capacity (packed rows; None
+    with a budget) and, when the model has a ``pretrained_cfg``, the mean and std to normalise with.
     """
     path = Path(path)
     if path.suffix != ".pt2":
@@ -127,7 +133,9 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     from torch._inductor import aoti_compile_and_package
 
-    metadata = {"msvit_input": json.dumps(input_record(model, batch_size, image_hw(image_size), budget, capacity))}
+    size = image_hw(image_size)
+    capacity = static_capacity(model, batch_size, size, budget, capacity)
+    metadata = {"msvit_input": json.dumps(input_record(model, batch_size, size, budget, capacity))}
     return Path(
         aoti_compile_and_package(program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata})
     )

@@ -5,7 +5,6 @@ exactly N images of the exported size (normalised as the model expects: the mean
 the package's metadata, ``msvit_input``)."""
 
 import argparse
-import json
 import time
 
 import torch
@@ -63,8 +62,11 @@ def main(argv=None) -> None:
         path = export(model, args.out, args.batch_size, size, budget=args.budget)
     except ValueError as error:
         raise SystemExit(f"{PROG}: {error}") from None
-    record = json.dumps({"batch_size": args.batch_size, "image_size": list(size), "budget": args.budget})
-    print(f"wrote {path} in {time.perf_counter() - start:.0f} s: takes {record}")
+    budget = "the gate decides" if args.budget is None else f"budget {args.budget:g}"
+    print(
+        f"wrote {path} in {time.perf_counter() - start:.0f} s: input [{args.batch_size}, {model.in_chans}, "
+        f"{size[0]}, {size[1]}] {next(model.parameters()).dtype} on {args.device}, {budget}"
+    )
 
 
 if __name__ == "__main__":
