@@ -84,7 +84,7 @@ def test_shipped_model_rows_equal_the_python_path_on_a_folder(image_folder, tmp_
     assert [r["tokens"] for r in rows] == tokens
     assert len(set(tokens)) > 1, "the gate should give these digits different token counts"
     closing = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "4 images in" in closing and "images/s" in closing
+    assert "4 images in" in closing and "images/s (" in closing and "in the model after the first batch" in closing
     assert f"mean {sum(tokens) / 4:.1f} tokens per image" in closing
 
 
@@ -191,6 +191,7 @@ def test_without_out_every_image_is_printed(image_folder, capsys):
         (["--device", "gpu0"], "--device gpu0: not a device"),
         (["--checkpoint", "cluttered-digits", "--model", "vit_tiny_patch16_224"], "one of --checkpoint and --model"),
         (["--entropy-threshold", "5"], "--entropy-threshold builds a model with --model"),
+        (["--gate", "learned"], "--gate builds a model with --model"),
         (["--model", "vit_nonexistent_model"], "timm has no model of that name"),
         (["--model", "vit_tiny_patch16_224", "--pretrained", "missing.pth"], "--pretrained missing.pth: no such file"),
         (["--model", "vit_tiny_patch16_224", "--scales", "16", "24"], "--scales must list"),

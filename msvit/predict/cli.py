@@ -85,7 +85,10 @@ class Predictor:
             from msvit.models.packed_runner import compile_packed
 
             mode = "cuda_graphs" if args.device.type == "cuda" else "torch_compile"
-            self.runner = compile_packed(model, args.batch_size, image_size, budget=args.budget, mode=mode)
+            try:
+                self.runner = compile_packed(model, args.batch_size, image_size, budget=args.budget, mode=mode)
+            except (TypeError, ValueError) as error:  # a model compile_packed does not take (a Swin)
+                raise SystemExit(f"{PROG}: --compile: {error}") from None
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor):
@@ -118,6 +121,17 @@ def read_batch(paths: List[str], transform, bar, failed: List[str]):
     return read, (torch.stack(images) if images else None)
 
 
+def model_rate(batches) -> str:
+    """Images per second in the model, given (images, seconds) per batch. The first batch pays for
+    lazy initialisation (and with --compile for compilation): it is left out when there are others."""
+    first = batches[0][1]
+    timed = batches[1:] or batches
+    rate = sum(n for n, _ in timed) / max(sum(s for _, s in timed), 1e-9)
+    if len(batches) == 1:
+        return f"{rate:.1f} in the model, one batch, warm-up included"
+    return f"{rate:.1f} in the model after the first batch, which took {first:.2f} s"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
@@ -132,10 +146,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"{PROG}: --top-k {args.top_k} is more than the model's {model.num_classes} classes")
     from msvit.data.transforms import eval_transform
 
-    transform = eval_transform(model)
+    try:
+        transform = eval_transform(model)
+    except ValueError as error:  # a checkpoint that records no input size, mean or std
+        raise SystemExit(f"{PROG}: cannot preprocess images for this model: {error}") from None
     predictor = Predictor(model, args, tuple(model.pretrained_cfg["input_size"][1:]))
     names = loading.label_names(model)
-    predictions, failed, model_seconds = [], [], 0.0
+    predictions, failed, model_seconds = [], [], []  # model seconds per batch
     start = time.perf_counter()
     with progress(len(found.files)) as bar:
         for first in range(0, len(found.files), args.batch_size):
@@ -144,7 +161,7 @@ def main(argv=None) -> None:
                 continue
             tick = time.perf_counter()
             indices, probabilities, tokens = predictor(images.to(args.device))
-            model_seconds += time.perf_counter() - tick
+            model_seconds.append((len(paths), time.perf_counter() - tick))
             for row in zip(paths, tokens, indices, probabilities):
                 predictions.append(results.Prediction(*row))
                 if args.out is None:
@@ -157,7 +174,7 @@ def main(argv=None) -> None:
         mean_tokens = sum(p.tokens for p in predictions) / len(predictions)
         print(
             f"{len(predictions)} images in {seconds:.2f} s: {len(predictions) / seconds:.1f} images/s "
-            f"({len(predictions) / max(model_seconds, 1e-9):.1f} in the model), mean {mean_tokens:.1f} tokens per image"
+            f"({model_rate(model_seconds)}), mean {mean_tokens:.1f} tokens per image"
             + (f"; wrote {args.out}" if args.out else "")
         )
     bad = len(failed) + len(found.problems)

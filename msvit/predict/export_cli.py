@@ -53,14 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     model = loading.load_model(args, PROG, args.device)
-    size = args.image_size or list(model.pretrained_cfg["input_size"][1:])
+    recorded = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if args.image_size is None and not recorded:
+        raise SystemExit(f"{PROG}: this model records no input size: pass --image-size H [W]")
+    size = args.image_size or list(recorded[1:])
     size = (size[0], size[-1])
     from msvit.models.export import export
 
     start = time.perf_counter()
     try:
         path = export(model, args.out, args.batch_size, size, budget=args.budget)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:  # a model export does not take (a Swin), a bad budget
         raise SystemExit(f"{PROG}: {error}") from None
     budget = "the gate decides" if args.budget is None else f"budget {args.budget:g}"
     print(

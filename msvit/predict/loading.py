@@ -30,7 +30,7 @@ def add_model_options(parser, default_checkpoint: str = "cluttered-digits") -> N
     g.add_argument(
         "--gate",
         choices=("learned", "entropy"),
-        default="entropy",
+        default=None,
         help="--model: the scale gate; default entropy (APT's training-free gate: an untrained "
         "learned gate decides nothing useful)",
     )
@@ -64,13 +64,14 @@ def check_model_options(parser, args) -> None:
     timm_only = [
         flag
         for flag, value in (
+            ("--gate", args.gate),
             ("--pretrained", args.pretrained),
             ("--entropy-threshold", args.entropy_threshold),
             ("--scales", args.scales),
         )
         if value is not None
     ]
-    if args.model is None:
+    if args.model is None:  # (--gate's default is None so that a typed one is seen here)
         if timm_only:
             parser.error(f"{timm_only[0]} builds a model with --model TIMM_NAME; a checkpoint brings its own")
         return
@@ -79,6 +80,7 @@ def check_model_options(parser, args) -> None:
     from msvit.train.flag_checks import check_model_flags, check_scale_flags
 
     check_model_flags(parser, args.model, {})
+    args.gate = args.gate or "entropy"
     args.coarse_patch = None  # check_scale_flags compares --scales with train's --coarse-patch
     check_scale_flags(parser, args)
     if args.entropy_threshold is not None and args.gate != "entropy":
