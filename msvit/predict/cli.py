@@ -11,7 +11,6 @@ the command exits with status 1 at the end. ``--out FILE.csv|FILE.json`` writes 
 """
 
 import argparse
-import math
 import sys
 import time
 from typing import List
@@ -34,14 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     loading.add_model_options(p)
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5, at most the model's classes)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward (default 16)")
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="fraction of the regions kept fine in every image, "
-        "in [0, 1] (fixed tokens per image; default: the gate's own decisions)",
+    loading.add_run_options(
+        p, "in [0, 1] (fixed tokens per image; default: the gate's own decisions)", "cpu, cuda or cuda:N (default cpu)"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -54,16 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value is not None and value < 1:
             p.error(f"{flag} must be a positive integer, got {value}")
-    if args.budget is not None and not (math.isfinite(args.budget) and 0 <= args.budget <= 1):
-        p.error(f"--budget is a fraction of the regions in [0, 1], got {args.budget}")
     if args.out is not None and not args.out.lower().endswith(results.FORMATS):
         p.error(f"--out {args.out}: the file name must end in .csv or .json (its format)")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device}: not a device (cpu, cuda or cuda:N)")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    loading.check_run_options(p, args)
     loading.check_model_options(p, args)
     return args
 

@@ -7,8 +7,6 @@ the package's metadata, ``msvit_input``)."""
 import argparse
 import time
 
-import torch
-
 from msvit.predict import loading
 
 PROG = "msvit export"
@@ -27,14 +25,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="PX",
         help="H or H W (default: the model's input size)",
     )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="fraction of the regions kept fine in every image, "
+    loading.add_run_options(
+        p,
         "in [0, 1]: fixed tokens, the fast package (default: the gate decides, rows padded to all-fine)",
+        "where the package runs: cpu, cuda or cuda:N (default cpu)",
     )
-    p.add_argument("--device", default="cpu", help="where the package runs: cpu or cuda (default cpu)")
     args = p.parse_args(argv)
     if not args.out.endswith(".pt2"):
         p.error(f"--out {args.out}: an AOTInductor package is a .pt2 file")
@@ -42,10 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 1):
         p.error(f"--image-size takes H or H W in pixels, got {' '.join(map(str, args.image_size))}")
-    if args.budget is not None and not 0 <= args.budget <= 1:
-        p.error(f"--budget is a fraction of the regions in [0, 1], got {args.budget}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    loading.check_run_options(p, args)
     loading.check_model_options(p, args)
     return args
 

@@ -1,10 +1,13 @@
 """The model ``msvit predict`` and ``msvit export`` run: a checkpoint (a run folder, a checkpoint
 folder or a name shipped in ``msvit/pretrained``) or a timm model built by name with local weights
-or none (nothing is downloaded: ``pretrained=False`` unless ``--pretrained FILE``)."""
+or none (nothing is downloaded: ``pretrained=False`` unless ``--pretrained FILE``); and the options
+both commands take to run it (--budget, --device)."""
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from torch import nn
 
 from msvit.io import checkpoint
@@ -52,6 +55,28 @@ def add_model_options(parser, default_checkpoint: str = "cluttered-digits") -> N
         help="--model: every patch size, finest first ('16 32 64': APT's three scales; default "
         "the patch size and twice it)",
     )
+
+
+def add_run_options(parser, budget_help: str, device_help: str) -> None:
+    """--budget and --device, as both commands take them (checked by ``check_run_options``)."""
+    parser.add_argument(
+        "--budget", type=float, default=None, help=f"fraction of the regions kept fine in every image, {budget_help}"
+    )
+    parser.add_argument("--device", default="cpu", help=device_help)
+
+
+def check_run_options(parser, args) -> None:
+    """--budget in [0, 1]; --device a device torch has here (``args.device`` becomes a torch.device)."""
+    if args.budget is not None and not (math.isfinite(args.budget) and 0 <= args.budget <= 1):
+        parser.error(f"--budget is a fraction of the regions in [0, 1], got {args.budget}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device (cpu, cuda or cuda:N)")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); use --device cpu"
+        )
 
 
 def shipped_names() -> List[str]:
