@@ -173,8 +173,13 @@ def test_globs_and_folders_expand_and_a_glob_matching_nothing_fails(image_folder
     assert len(read_json(out)) == 4  # the folder's images were still predicted
 
 
-def test_without_out_every_image_is_printed(image_folder, capsys):
-    cli_main(["predict", str(image_folder / "digits" / "digit_0.png"), "--top-k", "2"])
+def test_without_out_every_image_is_printed_and_threads_are_set(image_folder, capsys):
+    threads = torch.get_num_threads()
+    try:
+        cli_main(["predict", str(image_folder / "digits" / "digit_0.png"), "--top-k", "2", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"{image_folder / 'digits' / 'digit_0.png'}: ") and first.endswith("tokens)")
 
