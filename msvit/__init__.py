@@ -11,11 +11,13 @@ seg = msvit.MSSegmenter(msvit.from_timm("vit_small_patch16_224"), num_classes=15
 digits = msvit.load_pretrained("cluttered-digits")    # the model shipped in the package, eval mode
 transform = msvit.eval_transform(digits)               # its input size, mean, std (digits.pretrained_cfg)
 runner = msvit.compile_packed(model.eval(), 256, 224)   # captured packed inference: runner(images) -> logits
+msvit.export(model.eval(), "model.pt2", 8, 224, budget=0.5)  # AOTInductor package: runs without msvit
 """
 
 from msvit.data.transforms import eval_transform
 from msvit.io.checkpoint import load_checkpoint, load_pretrained
 from msvit.models.entropy_gate import EntropyGate
+from msvit.models.export import export
 from msvit.models.flops import count_macs
 from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid
 from msvit.models.mixed_scale_vit import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
@@ -51,4 +53,5 @@ __all__ = [
     "PrunedMSViT",
     "PrunedOutput",
     "eval_transform",
+    "export",
 ]

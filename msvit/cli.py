@@ -5,6 +5,8 @@ import sys
 COMMANDS = {
     "train": ("msvit.train", "train or fine-tune an MSViT and its gate"),
     "visualize": ("msvit.visualize.cli", "draw the gate's mixed-scale masks (and predicted maps) for images"),
+    "predict": ("msvit.predict.cli", "top-k classes of image files, folders and globs (CSV or JSON)"),
+    "export": ("msvit.predict.export_cli", "package a static forward with torch.export and AOTInductor (.pt2)"),
 }
 
 
