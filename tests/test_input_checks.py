@@ -100,6 +100,25 @@ def test_tokens_per_image_names_a_mask_that_is_not_one_at_any_scale_count(model,
         model.tokens_per_image(mask)
 
 
+@pytest.mark.parametrize(
+    "img_size,error,match",
+    [
+        (-64, ValueError, "image size -64x-64 must be a positive multiple of the patch size 8"),
+        (0, ValueError, "image size 0x0 must be a positive multiple of the patch size 8"),
+        ("64", TypeError, "img_size must be H or \\(H, W\\) in pixels \\(ints\\), got '64'"),
+        (64.0, TypeError, "img_size must be H or \\(H, W\\) in pixels"),
+    ],
+)
+def test_from_timm_checks_a_naflex_img_size_as_the_forward_checks_sizes(img_size, error, match):
+    import timm
+
+    vit = timm.create_model(
+        "naflexvit_base_patch16_gap", pretrained=False, patch_size=8, embed_dim=48, depth=1, num_heads=3
+    )
+    with pytest.raises(error, match=match):
+        msvit.from_timm(vit, img_size=img_size)
+
+
 # ------------------------------------------------------------ images smaller than one coarse region
 
 

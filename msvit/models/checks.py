@@ -27,17 +27,18 @@ def check_images(images, in_chans: int, patch: int, smallest: int) -> None:
     check_image_size(images.shape[-2:], patch, smallest)
 
 
-def check_image_size(image_size, patch: int, smallest: int) -> Tuple[int, int]:
+def check_image_size(image_size, patch: int, smallest: int, name: str = "image_size") -> Tuple[int, int]:
     """``(H, W)`` of ``image_size`` (``H`` or ``(H, W)`` in pixels): what the forward takes, checked
     with the forward's messages wherever a size is an argument (static shapes, compiled runners).
 
     H and W are positive multiples of the (fine) patch size; regions that are not whole at the
     border stay fine (docs/design.md section 2). Both are at least ``smallest``, the coarsest patch
     size: an image without one whole coarsest region has nothing for the gate to decide (section 3).
+    ``name``: the argument's, for a value that is no size at all.
     """
     size = (image_size, image_size) if is_int(image_size) else image_size
     if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(is_int(n) for n in size):
-        raise TypeError(f"image_size must be H or (H, W) in pixels (ints), got {image_size!r}")
+        raise TypeError(f"{name} must be H or (H, W) in pixels (ints), got {image_size!r}")
     h, w = (int(n) for n in size)
     if h % patch or w % patch or h <= 0 or w <= 0:
         raise ValueError(
