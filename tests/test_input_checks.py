@@ -10,7 +10,7 @@ import msvit
 from msvit.host_reads import count_host_reads
 from msvit.models.packed_runner import default_buckets
 
-from helpers import needs_triton, redraw_parameters, tiny_vit
+from helpers import redraw_parameters, tiny_vit
 
 # patch 8: two scales with 16 px regions, three with 16 and 32 px nodes
 MODELS = {"two": {}, "three": {"scales": (8, 16, 32)}, "entropy": {"gate": "entropy"}}
@@ -122,22 +122,28 @@ def test_from_timm_checks_a_naflex_img_size_as_the_forward_checks_sizes(img_size
 # ------------------------------------------------------------ images smaller than one coarse region
 
 
-def small_models():
-    """(name, model, smallest working side): two and three scales, the entropy gate, a coarse patch
-    larger than the trained images, the segmenter and pruning."""
-    vit = redraw_parameters(tiny_vit())
-    yield "two scales", msvit.from_timm(vit).eval(), 16
-    yield "three scales", msvit.from_timm(vit, scales=(8, 16, 32)).eval(), 32
-    yield "entropy gate", msvit.from_timm(vit, gate="entropy").eval(), 16
-    yield "coarse 128 on 64 px", msvit.from_timm(vit, coarse_patch_size=128).eval(), 128
-    yield "segmenter", msvit.MSSegmenter(msvit.from_timm(vit), num_classes=3).eval(), 16  # frozen gate
-    yield "segmenter, gate trains", msvit.MSSegmenter(msvit.from_timm(vit), num_classes=3, freeze_gate=False), 16
-    yield "pruned", msvit.PrunedMSViT(msvit.from_timm(vit).eval(), keep_ratio=0.5, layers=(1,)), 16
+def tiny_msvit(**kwargs):
+    return msvit.from_timm(redraw_parameters(tiny_vit()), **kwargs)
 
 
-@pytest.mark.parametrize("name,model,smallest", list(small_models()), ids=lambda v: v if isinstance(v, str) else "")
-def test_images_smaller_than_one_coarse_region_are_refused_up_front_naming_the_smallest_size(name, model, smallest):
+# name: (the model, built when its test runs; the smallest side it takes): two and three scales, the
+# entropy gate, a coarse patch larger than the trained images, the segmenter and pruning
+SMALL_IMAGE_MODELS = {
+    "two scales": (lambda: tiny_msvit().eval(), 16),
+    "three scales": (lambda: tiny_msvit(scales=(8, 16, 32)).eval(), 32),
+    "entropy gate": (lambda: tiny_msvit(gate="entropy").eval(), 16),
+    "coarse 128 on 64 px": (lambda: tiny_msvit(coarse_patch_size=128).eval(), 128),
+    "segmenter": (lambda: msvit.MSSegmenter(tiny_msvit(), num_classes=3).eval(), 16),  # frozen gate
+    "segmenter, gate trains": (lambda: msvit.MSSegmenter(tiny_msvit(), num_classes=3, freeze_gate=False), 16),
+    "pruned": (lambda: msvit.PrunedMSViT(tiny_msvit().eval(), keep_ratio=0.5, layers=(1,)), 16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_IMAGE_MODELS))
+def test_images_smaller_than_one_coarse_region_are_refused_up_front_naming_the_smallest_size(name):
     """They used to fail inside F.interpolate ("Input and output sizes should be greater than 0")."""
+    build, smallest = SMALL_IMAGE_MODELS[name]
+    model = build()
     modes = ("packed", "masked", "trimmed") if isinstance(model, msvit.MSViT) else ("packed",)
     for h, w in ((8, 8), (smallest, smallest - 8), (smallest - 8, 2 * smallest)):
         for mode in modes:
@@ -189,14 +195,11 @@ def test_a_captured_runner_returns_empty_logits_for_an_empty_batch():
 
 # ------------------------------------------------------------------------------- host reads, pinned
 
-HOST_FREE = ["padded_sdpa", pytest.param("triton", marks=needs_triton)]
-
-
-@pytest.mark.parametrize("backend", HOST_FREE)
-def test_a_dynamic_forward_on_a_host_free_backend_reads_the_host_once(model, backend):
+def test_a_dynamic_cpu_forward_on_a_host_free_backend_reads_the_host_once(model):
     """The documented rule (docs/design.md section 9): one read (the token count) without a budget
-    or capacity, none with one; on CPU too, where the backend is host-free."""
-    model.attention_backend = backend
+    or capacity, none with one, on a host-free backend, CPU's padded_sdpa too (the Triton one:
+    tests/test_static_packed.py)."""
+    model.attention_backend = "padded_sdpa"
     images = torch.randn(3, 3, 64, 64)
     try:
         with torch.no_grad():
