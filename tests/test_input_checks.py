@@ -195,6 +195,7 @@ def test_a_captured_runner_returns_empty_logits_for_an_empty_batch():
 
 # ------------------------------------------------------------------------------- host reads, pinned
 
+
 def test_a_dynamic_cpu_forward_on_a_host_free_backend_reads_the_host_once(model):
     """The documented rule (docs/design.md section 9): one read (the token count) without a budget
     or capacity, none with one, on a host-free backend, CPU's padded_sdpa too (the Triton one:
