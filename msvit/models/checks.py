@@ -63,7 +63,8 @@ def check_batch_size(batch_size, smallest: int = 0) -> int:
 
 
 def is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An int, numpy int or torch.SymInt (a traced shape, as torch.export passes it), not a bool."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def check_dtype(images: Tensor, model_dtype: torch.dtype) -> None:
