@@ -95,7 +95,7 @@ def test_bad_arguments_are_refused_clearly():
         msvit.compile_packed(model, 3, SIZE, mode="graphs")
     with pytest.raises(RuntimeError, match="CUDA device"):
         msvit.compile_packed(model, 3, SIZE, mode="cuda_graphs")
-    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+    with pytest.raises(ValueError, match="positive multiple of the patch size 8"):
         msvit.compile_packed(model, 3, (64, 90), mode="eager")
     with pytest.raises(ValueError, match="leave buckets=None"):
         msvit.compile_packed(model, 3, SIZE, budget=2, buckets=[100], mode="eager")

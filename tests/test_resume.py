@@ -10,6 +10,8 @@ from msvit.io.checkpoint import load_checkpoint
 from msvit.train import parse_args, train
 from msvit.train.run_folder import RunFolderError
 
+from helpers import TINY_MODEL
+
 STEPS_PER_EPOCH = 4  # --train-size 128 / --batch-size 32
 
 
@@ -184,3 +186,48 @@ def test_a_train_state_without_a_task_resumes_as_the_task_its_flags_tell(tmp_pat
     assert epochs_logged(tmp_path) == [1, 2]
     assert with_task({"decoder": "linear"})["task"] == "segmentation"
     assert with_task({"task": "classification", "decoder": "mask"})["task"] == "classification"
+
+
+def three_scale_entropy_run(out, *extra):
+    """A tiny run of the entropy gate at three scales (8, 16, 32 px; two thresholds), 2 steps an epoch."""
+    return parse_args(
+        [
+            *"--train-size 64 --val-size 32 --batch-size 32 --image-size 32 --device cpu --model-kwargs".split(),
+            TINY_MODEL,
+            *"--scales 8 16 32 --gate entropy --entropy-threshold 5.0 4.0 --out".split(),
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def test_a_resume_checks_flags_against_each_other_after_taking_the_recorded_ones(tmp_path, capsys):
+    """--entropy-threshold is checked against --gate and --scales, the gate-training flags against
+    --gate: with --resume those are the run's recorded values, not the defaults (which refused
+    these resumes with "--entropy-threshold applies to --gate entropy" and "1 for 2 scales, got 2")."""
+    train(three_scale_entropy_run(tmp_path, "--epochs", "1"))
+    resume = ["--resume", "--out", str(tmp_path), "--device", "cpu"]
+    parse_args([*resume, "--entropy-threshold", "5.0", "4.0", "--epochs", "2"])
+    train(parse_args([*resume, "--gate", "entropy", "--entropy-threshold", "5.0", "4.0", "--epochs", "2"]))
+    assert epochs_logged(tmp_path) == [1, 2]
+    with pytest.raises(RunFolderError, match=r"--entropy-threshold was \[5.0, 4.0\], now \[6.0, 4.0\]"):
+        parse_args([*resume, "--entropy-threshold", "6.0", "4.0", "--epochs", "3"])
+    with pytest.raises(SystemExit) as stop:  # the default value, typed: the recorded entropy gate has no gate loss
+        parse_args([*resume, "--gate-lambda", "4", "--epochs", "3"])
+    assert stop.value.code == 2 and "--gate-lambda acts on the learned gate" in capsys.readouterr().err
+
+
+def test_a_resume_takes_the_task_of_the_recorded_run(tmp_path):
+    """A segmentation run resumed with only --out and a segmentation flag (refused before as "an
+    option of --task segmentation, not of --task classification")."""
+    seg = ("--task", "segmentation", "--decoder", "mask", "--train-size", "64", "--val-size", "32", "--device", "cpu")
+    train(small_run(tmp_path, *seg, "--epochs", "1"))
+    args = parse_args(["--resume", "--out", str(tmp_path), "--decoder", "mask", "--epochs", "2", "--device", "cpu"])
+    assert args.task == "segmentation" and args.decoder == "mask"
+    with pytest.raises(RunFolderError, match="--decoder was 'mask', now 'linear'"):
+        parse_args(["--resume", "--out", str(tmp_path), "--decoder", "linear"])
+
+
+def test_a_resume_without_a_run_is_refused_before_its_flags_are_checked(tmp_path):
+    with pytest.raises(RunFolderError, match="holds no run; nothing to resume"):
+        parse_args(["--resume", "--out", str(tmp_path / "none"), "--entropy-threshold", "5"])

@@ -1,14 +1,17 @@
 """Input validation with messages that say what was expected."""
 
+import numbers
+from typing import Tuple
+
 import torch
 from torch import Tensor
 
 MODES = ("packed", "masked", "trimmed")
 
 
-def check_images(images, in_chans: int, patch: int) -> None:
-    """A float ``[B, C, H, W]`` batch, H and W multiples of the (fine) patch size: regions that are
-    not whole at the border stay fine (docs/design.md section 2)."""
+def check_images(images, in_chans: int, patch: int, smallest: int) -> None:
+    """A float ``[B, C, H, W]`` batch of a size ``check_image_size`` takes (``smallest``: one
+    region of the coarsest scale)."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor [B, {in_chans}, H, W], got {type(images).__name__}")
     if not images.is_floating_point():
@@ -21,13 +24,47 @@ def check_images(images, in_chans: int, patch: int) -> None:
         raise ValueError(f"images must have shape [B, {in_chans}, H, W], got {tuple(images.shape)}{hint}")
     if images.shape[1] != in_chans:
         raise ValueError(f"images must have {in_chans} channels, got {images.shape[1]} (shape {tuple(images.shape)})")
-    h, w = images.shape[-2:]
-    if h % patch or w % patch or h == 0 or w == 0:
+    check_image_size(images.shape[-2:], patch, smallest)
+
+
+def check_image_size(image_size, patch: int, smallest: int, name: str = "image_size") -> Tuple[int, int]:
+    """``(H, W)`` of ``image_size`` (``H`` or ``(H, W)`` in pixels): what the forward takes, checked
+    with the forward's messages wherever a size is an argument (static shapes, compiled runners).
+
+    H and W are positive multiples of the (fine) patch size; regions that are not whole at the
+    border stay fine (docs/design.md section 2). Both are at least ``smallest``, the coarsest patch
+    size: an image without one whole coarsest region has nothing for the gate to decide (section 3).
+    ``name``: the argument's, for a value that is no size at all.
+    """
+    size = (image_size, image_size) if is_int(image_size) else image_size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(is_int(n) for n in size):
+        raise TypeError(f"{name} must be H or (H, W) in pixels (ints), got {image_size!r}")
+    h, w = (int(n) for n in size)
+    if h % patch or w % patch or h <= 0 or w <= 0:
         raise ValueError(
             f"image size {h}x{w} must be a positive multiple of the patch size {patch} in both dimensions "
             f"(as for the timm model); resize or crop, e.g. to {max(1, h // patch) * patch}x"
             f"{max(1, w // patch) * patch}"
         )
+    if h < smallest or w < smallest:
+        raise ValueError(
+            f"image size {h}x{w} is smaller than one coarse region ({smallest}x{smallest} pixels, the coarsest "
+            f"patch size): the gate has no region to decide; the smallest size that works here is "
+            f"{max(h, smallest)}x{max(w, smallest)} (resize or pad), or use a smaller coarse patch size"
+        )
+    return h, w
+
+
+def check_batch_size(batch_size, smallest: int = 0) -> int:
+    """A batch size argument: an int of at least ``smallest`` (the forward takes an empty batch)."""
+    if not is_int(batch_size) or batch_size < smallest:
+        raise ValueError(f"batch_size must be an int >= {smallest} (images per batch), got {batch_size!r}")
+    return int(batch_size)
+
+
+def is_int(value) -> bool:
+    """An int, numpy int or torch.SymInt (a traced shape, as torch.export passes it), not a bool."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def check_dtype(images: Tensor, model_dtype: torch.dtype) -> None:
@@ -54,10 +91,17 @@ def check_mask(mask, batch: int, coarse_grid) -> None:
 
 
 def check_counted_mask(mask, coarse_grid, images=None) -> None:
-    """``check_mask`` for ``tokens_per_image``: B is the images' when given, else the mask's own.
-    A mask of another region count would give token counts of regions that do not exist."""
-    own = mask.shape[0] if isinstance(mask, Tensor) and mask.dim() else "B"
-    check_mask(mask, own if images is None else images.shape[0], coarse_grid)
+    """``check_mask`` for ``tokens_per_image``. A mask of another region count would give token
+    counts of regions that do not exist."""
+    check_mask(mask, counted_batch(mask, images), coarse_grid)
+
+
+def counted_batch(mask, images=None):
+    """The B a counted mask must have: the images' when given, else the mask's own ("B" in a
+    message when it has none)."""
+    if images is not None:
+        return images.shape[0]
+    return mask.shape[0] if isinstance(mask, Tensor) and mask.dim() else "B"
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -11,7 +11,16 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice, check_counted_mask, check_dtype, check_images
+from msvit.models.checks import (
+    MODES,
+    check_batch_size,
+    check_choice,
+    check_counted_mask,
+    check_dtype,
+    check_image_size,
+    check_images,
+    counted_batch,
+)
 from msvit.models.distilled import check_distilled, distilled_head
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions
 from msvit.models.layers import dense_blocks, packed_blocks
@@ -160,10 +169,15 @@ class MSViT(nn.Module):
     def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
         return self.tokenizer.grids(images)[1]
 
+    def check_images(self, images: Tensor) -> None:
+        """What every entry point takes (``msvit.models.checks``): a float ``[B, C, H, W]`` batch in
+        the weights' dtype, H and W multiples of the patch size and at least one coarsest region."""
+        check_images(images, self.in_chans, self.tokenizer.fine_patch, self.tokenizer.patch_sizes[-1])
+        check_dtype(images, self.tokenizer.embed.weight.dtype)
+
     def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> GateDecision:
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
-        check_images(images, self.in_chans, self.tokenizer.fine_patch)
-        check_dtype(images, self.tokenizer.embed.weight.dtype)
+        self.check_images(images)
         if self.tokenizer.scales > 2:  # the tree of this size (refuses one too small) and the mask's shape
             tree = self.tokenizer.tree(self.tokenizer.grids(images)[0])
             if mask is not None:
@@ -173,19 +187,21 @@ class MSViT(nn.Module):
     @torch.no_grad()
     def gate_mask(self, images: Tensor, *, budget: Budget = None) -> Tensor:
         """Hard decisions with eval semantics (threshold, or top-k with ``budget``): bool ``[B, Nc]``."""
-        check_images(images, self.in_chans, self.tokenizer.fine_patch)
-        check_dtype(images, self.tokenizer.embed.weight.dtype)
+        self.check_images(images)
         return self.gate.decide(images, sample=False, budget=budget).hard
 
     def static_shape(
-        self, batch_size: int, image_size: Tuple[int, int], *, budget: Budget = None, capacity: Optional[int] = None
+        self, batch_size: int, image_size, *, budget: Budget = None, capacity: Optional[int] = None
     ) -> Optional[StaticShape]:
         """The packed shape of a forward known before the gate runs (docs/design.md section 9), or
         None when it depends on the mask. A budget keeps the same number of regions fine in every
         image, so the total is known (capacity defaults to it); ``capacity`` pads the packed rows
-        to a fixed count. With either, a packed forward reads nothing back to the host."""
+        to a fixed count. With either, a packed forward reads nothing back to the host.
+        ``image_size``: ``H`` or ``(H, W)``; a size or batch the forward refuses is refused alike."""
         tokenizer = self.tokenizer
-        fine_grid = (image_size[0] // tokenizer.fine_patch, image_size[1] // tokenizer.fine_patch)
+        batch_size = check_batch_size(batch_size)
+        h, w = check_image_size(image_size, tokenizer.fine_patch, tokenizer.patch_sizes[-1])
+        fine_grid = (h // tokenizer.fine_patch, w // tokenizer.fine_patch)
         if tokenizer.scales > 2:  # a budget splits the same number of nodes in every image
             tree = tokenizer.tree(fine_grid)
             splits = None if budget is None else budget_splits(budget, tree)
@@ -205,10 +221,12 @@ class MSViT(nn.Module):
         """int64 ``[B]`` tokens each image gets in packed mode, prefix included. ``mask``: bool
         ``[B, Nc]`` over the coarse grid of ``images`` when given, else of the size the model was
         built for (``gate.grid``); pass the images for masks of another size."""
+        if images is not None:
+            self.check_images(images)
         if self.tokenizer.scales > 2:  # a [B, D] split mask: count its tokens on the tree
             fine_grid = self.tokenizer.grid if images is None else self.tokenizer.grids(images)[0]
             tree = self.tokenizer.tree(fine_grid)
-            check_tree_mask(mask, mask.shape[0] if images is None else images.shape[0], tree)
+            check_tree_mask(mask, counted_batch(mask, images), tree)
             return self.tokenizer.num_prefix + torch.cat(tree.token_weights(mask), 1).sum(1)
         check_counted_mask(mask, self.gate.grid if images is None else self.coarse_grid(images), images)
         ratio = self.tokenizer.ratio

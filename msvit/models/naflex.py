@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from msvit.models.checks import check_image_size
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 
 
@@ -79,11 +80,7 @@ def _image_grid(model: nn.Module, patch: int, img_size) -> Tuple[int, int]:
         img_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,) * 3)[1:]
         if None in img_size:
             img_size = [n * patch for n in model.embeds.pos_embed_grid_size]
-    if isinstance(img_size, int):
-        img_size = (img_size, img_size)
-    h, w = img_size
-    if h % patch or w % patch:
-        raise ValueError(f"img_size {tuple(img_size)} must be a multiple of the patch size {patch}")
+    h, w = check_image_size(img_size, patch, patch, "img_size")
     return h // patch, w // patch
 
 

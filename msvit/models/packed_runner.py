@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from msvit.models.checks import check_batch_size, check_image_size
 from msvit.models.gate import Budget
 from msvit.models.mixed_scale_vit import MSViT
 from msvit_kernels.varlen import count_border_cells
@@ -38,10 +39,12 @@ DEFAULT_FINE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # bucket i holds batches with u
 WARMUP_CALLS = 3  # autotuners time their configs on the first calls; capture must come after
 
 
-def default_buckets(model: MSViT, batch_size: int, image_size: Tuple[int, int]) -> List[int]:
+def default_buckets(model: MSViT, batch_size: int, image_size) -> List[int]:
     """Capacities for batches with up to 25, 50, 75 and 100% of their regions fine (more than two
-    scales: of their splittable nodes split)."""
+    scales: of their splittable nodes split); ``image_size``: ``H`` or ``(H, W)``."""
     tokenizer = model.tokenizer
+    batch_size = check_batch_size(batch_size, 1)
+    image_size = check_image_size(image_size, tokenizer.fine_patch, tokenizer.patch_sizes[-1])
     fine_grid = (image_size[0] // tokenizer.fine_patch, image_size[1] // tokenizer.fine_patch)
     if tokenizer.scales > 2:
         tree = tokenizer.tree(fine_grid)
@@ -50,7 +53,7 @@ def default_buckets(model: MSViT, batch_size: int, image_size: Tuple[int, int]) 
         coarse = tokenizer.coarse_patch
         regions = batch_size * (image_size[0] // coarse) * (image_size[1] // coarse)
         unsplit = count_border_cells(fine_grid, tokenizer.ratio)  # always fine, on top of the regions
-        unsplit += regions // max(batch_size, 1)
+        unsplit += regions // batch_size
     base = batch_size * (tokenizer.num_prefix + unsplit)  # every region coarse (nothing split)
     extra = tokenizer.ratio**2 - 1  # rows a region adds when it is fine (a node when it splits)
     return sorted({base + extra * math.ceil(f * regions) for f in DEFAULT_FINE_FRACTIONS})
@@ -94,6 +97,8 @@ class PackedRunner:
     def __call__(self, images: Tensor) -> Tensor:
         count = self._check(images)
         with torch.inference_mode():
+            if count == 0:  # no packed layout to replay: the model's own empty logits, as it gives them
+                return self.model(images, budget=self.budget)
             if self.mode == "cuda_graphs":
                 self._images[:count].copy_(images)
                 self._images[count:].zero_()
@@ -175,7 +180,7 @@ class PackedRunner:
             raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
         count = images.shape[0]
         expected = (self.model.in_chans, *self.image_size)
-        if tuple(images.shape[1:]) != expected or not 0 < count <= self.batch_size:
+        if tuple(images.shape[1:]) != expected or count > self.batch_size:
             raise ValueError(
                 f"this runner was built for up to {self.batch_size} images of shape {list(expected)}, got "
                 f"{list(images.shape)}; build another with msvit.compile_packed(model, batch_size, image_size)"
@@ -219,14 +224,12 @@ def compile_packed(
     device = next(model.parameters()).device
     if mode == "cuda_graphs" and device.type != "cuda":
         raise RuntimeError(f"mode='cuda_graphs' needs the model on a CUDA device, not {device}; use 'torch_compile'")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    patch = model.tokenizer.fine_patch
-    if len(size) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % patch for n in size):
-        raise ValueError(
-            f"image_size must be H or (H, W), positive multiples of the patch size {patch}, got {image_size!r}"
-        )
+    batch_size = check_batch_size(batch_size, 1)
+    size = check_image_size(image_size, model.tokenizer.fine_patch, model.tokenizer.patch_sizes[-1])
+    if buckets is not None and not isinstance(buckets, (list, tuple, range)):
+        raise TypeError(f"buckets must be a list of capacities (packed rows per batch), got {buckets!r}")
+    if compile_options is not None and not isinstance(compile_options, dict):
+        raise TypeError(f"compile_options must be a dict of torch.compile keywords, got {compile_options!r}")
     if budget is not None:
         if buckets is not None:
             raise ValueError("with a budget every batch has the same token count: leave buckets=None")

@@ -150,7 +150,8 @@ class MSSegmenter(nn.Module):
         """The frozen gate's eval decisions (no autograd graph), or None when the backbone decides."""
         if mask is not None or not self.freeze_gate:
             return None  # the backbone validates the images and the mask
-        check_images(images, self.backbone.in_chans, self.backbone.tokenizer.fine_patch)
+        tokenizer = self.backbone.tokenizer
+        check_images(images, self.backbone.in_chans, tokenizer.fine_patch, tokenizer.patch_sizes[-1])
         with torch.no_grad():
             return self.backbone.gate.decide(images, sample=False, budget=budget)
 

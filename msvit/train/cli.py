@@ -7,8 +7,7 @@ from msvit.train.run_folder import RunFolderError
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
     try:
-        train(args)
+        train(parse_args(argv))  # a resume reads its run's flags while parsing
     except (RunFolderError, ConfigError) as error:  # the user's folder or files: a message, no traceback
         raise SystemExit(f"msvit train: {error}") from None

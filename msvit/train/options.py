@@ -8,12 +8,14 @@ meaning for it (``Task.check``).
 """
 
 import argparse
-from typing import Optional
+from typing import Optional, Tuple
 
 from msvit.data.loaders import CROPS, DIGITS
 from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD
 from msvit.models.timm_compat import GATES
 from msvit.train.flag_checks import check_gate_flags, check_scale_flags, check_train_flags
+from msvit.train.resume_state import check_run_flags, resumed_args, with_task
+from msvit.train.run_folder import recorded_flags_of
 from msvit.train.tasks import TASKS, task_of
 from msvit_kernels.entropy_kernel import DEFAULT_BINS, MAX_BINS, MIN_BINS
 
@@ -252,20 +254,35 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def selected_task(argv) -> str:
-    """The ``--task`` value alone (help and every other flag are left to the full parser)."""
+def selected_task(argv) -> Tuple[str, Optional[dict]]:
+    """The task the full parser is built for and, with ``--resume``, the flags the run in ``--out``
+    recorded (help and every other flag are left to the full parser): ``--task`` where typed, else
+    the resumed run's (a resume with only ``--out`` may continue a segmentation run), else the
+    default. A resume without a run to continue is refused here, naming the folder."""
     p = argparse.ArgumentParser(prog="msvit train", add_help=False)
     task_option(p)
-    return p.parse_known_args(argv)[0].task
+    add_run_options(p)
+    p.add_argument("-h", "--help", action="store_true")  # help needs no run: the full parser prints it
+    known = p.parse_known_args(argv)[0]
+    recorded = recorded_flags_of(known.out) if known.resume and not known.help else None
+    if recorded is not None and "task" not in typed_flags(p, argv):
+        return with_task(recorded)["task"], recorded
+    return known.task, recorded
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    task_name = selected_task(argv)
+    """The flags of ``msvit train``. With ``--resume`` every flag left off takes the run's recorded
+    value before any check that relates one flag to another (``--entropy-threshold`` to ``--gate``
+    and ``--scales``, the task's refusals, ...), and a typed flag that changes the run is refused."""
+    task_name, recorded = selected_task(argv)
     p = build_parser(task_name)
     args, unknown = p.parse_known_args(argv)
     if unknown:
         refuse_unknown(p, task_name, unknown)
     args.typed = typed_flags(p, argv)
+    if recorded is not None:
+        args = resumed_args(recorded, args, args.out)
+        check_run_flags(recorded, args, args.out)
     check_train_flags(p, args)
     check_gate_flags(p, args)
     check_scale_flags(p, args)

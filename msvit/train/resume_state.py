@@ -82,6 +82,16 @@ def with_task(saved: dict) -> dict:
 
 
 def check_flags(saved: dict, args, world: int, saved_world: int, where) -> None:
+    check_run_flags(saved, args, where)
+    if world != saved_world:
+        raise RunFolderError(
+            f"--resume: the run in {where} ran on {saved_world} process(es), now {world}; the data "
+            "order and batch statistics depend on it"
+        )
+
+
+def check_run_flags(saved: dict, args, where) -> None:
+    """Refuse a typed flag that changes what the recorded run is (``FREE`` flags may change)."""
     saved, now = run_flags(with_task(saved)), run_flags(vars(args))
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if changed:
@@ -90,11 +100,6 @@ def check_flags(saved: dict, args, world: int, saved_world: int, where) -> None:
             f"--resume: the run in {where} was started with other flags ({listed}); a resumed run "
             "keeps the flags that define it: leave them off (the recorded values apply), or start "
             "a new run with another --out"
-        )
-    if world != saved_world:
-        raise RunFolderError(
-            f"--resume: the run in {where} ran on {saved_world} process(es), now {world}; the data "
-            "order and batch statistics depend on it"
         )
 
 

@@ -18,6 +18,7 @@ rank waits at a barrier before it reads.
 import csv
 import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional
@@ -62,14 +63,44 @@ def run_files(out: Path) -> List[Path]:
     return [out / n for n in names if (out / n).exists()] + epoch_folders(out)
 
 
+def resumed_state_file(out: Path) -> Path:
+    """The train state ``--resume`` continues from: the manifest's checkpoint's, or a refusal that
+    says why there is none."""
+    if not (out / MANIFEST).is_file():
+        what = (
+            "holds no run"
+            if not run_files(out)
+            else f"has no {MANIFEST} (no complete checkpoint, or a run of an older msvit)"
+        )
+        raise RunFolderError(f"--resume: {out} {what}; nothing to resume (start without --resume)")
+    folder = resolve(out)
+    if not (folder / STATE).is_file():
+        raise RunFolderError(f"{folder} has no {STATE}: the checkpoint cannot be resumed")
+    return folder / STATE
+
+
+def recorded_flags_of(out) -> dict:
+    """The flags the run in ``out`` recorded, for ``parse_args`` to merge a resume's command line
+    with before checking flags against each other. Memory-mapped, so only the flags are read (a
+    train state holds the optimizer's); ``prepare`` verifies the whole state before training."""
+    path = resumed_state_file(Path(out))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as error:  # a damaged file
+        raise RunFolderError(f"{path} cannot be read ({type(error).__name__}: {error}); it cannot be resumed") from None
+    flags = state.get("args") if isinstance(state, dict) else None
+    if not isinstance(flags, dict):
+        raise RunFolderError(f"{path} records no flags ('args'): the checkpoint cannot be resumed")
+    return flags
+
+
 def read_checkpoint_state(out: Path, map_location) -> Checkpoint:
     """The manifest's checkpoint; the train state's sha256 must match the manifest's."""
+    path = resumed_state_file(out)
     manifest = read_json_object(out / MANIFEST, "training run's checkpoint manifest")
     files = require(manifest, "files", dict, out / MANIFEST)
-    folder = resolve(out)
-    data = (folder / STATE).read_bytes() if (folder / STATE).is_file() else None
-    if data is None:
-        raise RunFolderError(f"{folder} has no {STATE}: the checkpoint cannot be resumed")
+    folder = path.parent
+    data = path.read_bytes()
     if sha256(data) != files.get(STATE):
         raise RunFolderError(f"{folder / STATE} is corrupt: its sha256 differs from the one in {out / MANIFEST}")
     state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -87,13 +118,6 @@ def prepare(out, resume: bool, overwrite: bool, rank: int, world: int, map_locat
     found = run_files(out)
     checkpoint = None
     if resume:
-        if not (out / MANIFEST).is_file():
-            what = (
-                "holds no run"
-                if not found
-                else f"has no {MANIFEST} (no complete checkpoint, or a run of an older msvit)"
-            )
-            raise RunFolderError(f"--resume: {out} {what}; nothing to resume (start without --resume)")
         checkpoint = read_checkpoint_state(out, map_location)
     elif found and not overwrite:
         names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")

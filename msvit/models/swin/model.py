@@ -94,7 +94,7 @@ class MixedScaleSwin(nn.Module):
         return self.img_size[0] // scale, self.img_size[1] // scale
 
     def check_images(self, images: Tensor) -> None:
-        check_images(images, self.in_chans, self.tokenizer.coarse_patch)
+        check_images(images, self.in_chans, self.tokenizer.coarse_patch, self.tokenizer.coarse_patch)
         check_dtype(images, self.tokenizer.embed.weight.dtype)
         if tuple(images.shape[-2:]) != self.img_size:
             raise ValueError(
