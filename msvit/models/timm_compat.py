@@ -31,7 +31,7 @@ from msvit.models.timm_names import check_model_name
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
-from msvit_kernels.entropy_kernel import DEFAULT_BINS
+from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args
 
 
 def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
@@ -204,7 +204,7 @@ def _aggregation(weight: torch.Tensor, ratio: int) -> ZeroConvAggregation:
 
 
 GATES = ("learned", "entropy")
-ENTROPY_OPTIONS = {"entropy_thresholds", "entropy_bins", "entropy_mean", "entropy_std"}
+ENTROPY_OPTIONS = {"entropy_thresholds", "entropy_bins", "entropy_binning", "entropy_mean", "entropy_std"}
 
 
 def _gate(kind: str, coarse: int, grid, in_chans: int, pretrained_cfg: Optional[dict], options: dict) -> nn.Module:
@@ -212,16 +212,44 @@ def _gate(kind: str, coarse: int, grid, in_chans: int, pretrained_cfg: Optional[
     _check_gate_options(kind, options)
     if kind == "learned":
         return MixedScaleGate(coarse, grid, in_chans=in_chans, **options)
-    cfg = pretrained_cfg or {}
     return EntropyGate(
         coarse,
         grid,
         options.get("entropy_thresholds", (APT_THRESHOLD,)),
-        mean=options.get("entropy_mean") or cfg.get("mean") or IMAGENET_MEAN,
-        std=options.get("entropy_std") or cfg.get("std") or IMAGENET_STD,
-        bins=options.get("entropy_bins", DEFAULT_BINS),
         in_chans=in_chans,
+        **_entropy_options(options, pretrained_cfg, in_chans),
     )
+
+
+def _entropy_options(options: dict, pretrained_cfg: Optional[dict], in_chans: int) -> dict:
+    """The entropy gate's mean, std, bins and binning from ``from_timm``'s ``entropy_*`` keywords,
+    checked under those names. Default normalisation: the timm model's ``pretrained_cfg``, else
+    ImageNet's; a 1-channel model whose default lists 3 equal values (timm's (0.5, 0.5, 0.5))
+    takes that value, and 3 different ones are refused with what to pass (no channel of an RGB
+    normalisation is the grey one's)."""
+    cfg = pretrained_cfg or {}
+    found = {}
+    for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        given = options.get(f"entropy_{key}")
+        if given is not None:
+            found[key] = given
+            continue
+        values = tuple(cfg.get(key) or default)
+        if in_chans == 1 and len(values) == 3:
+            if len(set(values)) != 1:
+                raise ValueError(
+                    f"a 1-channel model's entropy gate needs entropy_mean and entropy_std with one value each, "
+                    f"the normalisation of its grey images (e.g. entropy_mean=(0.5,), entropy_std=(0.5,)); "
+                    f"the default {key} {values} is an RGB one"
+                )
+            values = values[:1]
+        found[key] = values
+    bins, binning = options.get("entropy_bins", DEFAULT_BINS), options.get("entropy_binning", "apt")
+    names = ("entropy_mean", "entropy_std", "entropy_bins", "entropy_binning")
+    probe = torch.empty(0, in_chans, 1, 1) if in_chans in (1, 3) else None
+    if probe is not None:
+        check_entropy_args(probe, 1, found["mean"], found["std"], bins, binning, names)
+    return {**found, "bins": bins, "binning": binning}
 
 
 def _scales(scales, fine: int, coarse_patch_size) -> Tuple[int, Optional[int]]:
@@ -254,17 +282,8 @@ def _tree_gate(kind, fine, ratio, scales, grid, in_chans, pretrained_cfg, option
         if scales != 3:
             raise ValueError(f"gate='entropy' with {scales} scales needs entropy_thresholds: {scales - 1} values")
         thresholds = APT_THREE_SCALE_THRESHOLDS
-    cfg = pretrained_cfg or {}
     return TreeGate.entropy(
-        fine,
-        ratio,
-        scales,
-        grid,
-        thresholds,
-        mean=options.get("entropy_mean") or cfg.get("mean") or IMAGENET_MEAN,
-        std=options.get("entropy_std") or cfg.get("std") or IMAGENET_STD,
-        bins=options.get("entropy_bins", DEFAULT_BINS),
-        in_chans=in_chans,
+        fine, ratio, scales, grid, thresholds, in_chans=in_chans, **_entropy_options(options, pretrained_cfg, in_chans)
     )
 
 
