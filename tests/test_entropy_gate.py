@@ -94,7 +94,11 @@ def test_from_timm_takes_the_normalisation_of_the_timm_model():
     "kwargs, error, match",
     [
         ({"gate": "random"}, ValueError, "unknown gate 'random'; expected one of: 'learned', 'entropy'"),
-        ({"gate": "entropy", "hidden": 32}, TypeError, "gate='entropy' takes entropy_binning, entropy_bins.*hidden are not its"),
+        (
+            {"gate": "entropy", "hidden": 32},
+            TypeError,
+            "gate='entropy' takes entropy_binning, entropy_bins.*hidden are not its",
+        ),
         ({"entropy_thresholds": (5.5,)}, TypeError, "entropy_thresholds apply to gate='entropy'"),
         ({"gate": "entropy", "entropy_thresholds": (5.0, 6.0)}, ValueError, "two scales .one boundary."),
         ({"gate": "entropy", "entropy_thresholds": 5.5}, ValueError, "one per scale boundary"),

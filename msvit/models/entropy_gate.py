@@ -122,8 +122,9 @@ class EntropyGate(nn.Module):
         self, images: Tensor, sample: bool = False, budget: Budget = None, noise: Optional[Tensor] = None
     ) -> GateDecision:
         """Hard decisions for a batch: ``entropy >= threshold`` (``fine``), or with a ``budget`` the
-        top-k entropies of each image (``budget_mask``: ties in raster order). ``sample`` and ``noise`` are accepted for the learned gate's
-        interface and ignored: the decision is deterministic."""
+        top-k entropies of each image (``budget_mask``: ties in raster order). ``sample`` and
+        ``noise`` are accepted for the learned gate's interface and ignored: the decision is
+        deterministic."""
         del sample, noise
         if budget is None and use_triton(self.kernels, images):  # the decisions come out of the kernel
             entropy, hard = patch_entropy(images, self.region_size, threshold=self.thresholds[0], **self._options())
@@ -163,7 +164,9 @@ class EntropyGate(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return f"region_size={self.region_size}, thresholds={self.thresholds}, bins={self.bins}, binning={self.binning!r}"
+        return (
+            f"region_size={self.region_size}, thresholds={self.thresholds}, bins={self.bins}, binning={self.binning!r}"
+        )
 
 
 def binning_record(binning: str) -> dict:
