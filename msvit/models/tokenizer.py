@@ -74,11 +74,6 @@ class MixedScaleTokenizer(nn.Module):
         scales: int = 2,
     ):
         super().__init__()
-        if scales > 2 and aggregation is not None:
-            raise NotImplementedError(
-                "aggregate='zero_conv' is implemented for two scales; "
-                "with more, coarse tokens take the shared embedding"
-            )
         if scales > 2 and ratio < 2:
             raise ValueError(f"more than two scales need a ratio >= 2 between scales, got {ratio}")
         self.scales = int(scales)
@@ -199,7 +194,12 @@ class MixedScaleTokenizer(nn.Module):
         index = build_index(hard, tree, self.num_prefix, shape)
         positions = self.position_tables(fine_grid)
         weights = torch.cat(tree.token_weights(st), 1) if st.requires_grad else None
-        return self._embed_pack(images, index, positions, weights, fused), index
+        extra = None
+        if self.aggregation is not None:  # every node's term; each token reads its own
+            n_top = max(tree.counts[-1], 1)
+            image = torch.where(index.region >= 0, index.region // n_top, -1 - index.region)
+            extra = self.tree_aggregated(images, tree)[image, index.position]
+        return self._embed_pack(images, index, positions, weights, fused, extra), index
 
     def _embed_pack(self, images, index, positions, st, fused: bool, extra=None) -> Tensor:
         """Packed tokens of ``index``: the fused kernel in the compute dtype, or the torch reference
@@ -286,6 +286,8 @@ class MixedScaleTokenizer(nn.Module):
             1,
         )
         tokens = self.embed_norm(self.embed(pixels))
+        if self.aggregation is not None:
+            tokens = tokens + self.tree_aggregated(images, tree)
         positions = self.position_tables(fine_grid)
         if positions.patches is not None:
             tokens = tokens + positions.patches
@@ -303,6 +305,15 @@ class MixedScaleTokenizer(nn.Module):
         pixels = sub_patch_pixels(images, regions, self.fine_patch, self.ratio)
         sub = self.embed_norm(self.embed(pixels))
         return self.aggregation(sub.view(regions.numel(), self.ratio * self.ratio, sub.shape[-1]))
+
+    def tree_aggregated(self, images: Tensor, tree: ScaleTree) -> Tensor:
+        """``[B, n_nodes, d]``: the aggregation term of every node of ``tree`` (node-table order,
+        finest first; 0 on the finest scale), from the embeddings of every finest cell
+        (``ZeroConvAggregation.tree_terms``; host-free, so static shapes keep working)."""
+        fine = self.embed_norm(self.embed(patchify(images, self.fine_patch)))  # [B, N_0, d]
+        batch, n_fine, d = fine.shape
+        terms = self.aggregation.tree_terms(fine.transpose(1, 2).reshape(batch, d, *tree.grids[0]), self.scales)
+        return torch.cat([fine.new_zeros(batch, n_fine, d), terms], 1)
 
 
 def region_of_fine_cells(
