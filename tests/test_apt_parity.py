@@ -284,3 +284,56 @@ def test_a_budget_ranks_nan_last_and_ties_in_raster_order():
     assert budget_mask(logits, 2).tolist() == expected
     tree = ScaleTree.of((4, 4), 2, 2)  # two scales: 4 regions, the same order
     assert torch.equal(tree_budget_mask(logits, tree, 2), budget_mask(logits, 2))
+
+
+# ---- APT's coarse position resampling ------------------------------------------------------------
+
+
+def test_coarse_pos_apt_resamples_as_apts_code():
+    """APT's ``TokenizedZeroConvPatchAttn.forward``: ``resample_abs_pos_embed(base_pos_embed,
+    new_size=(img_size // patch,) * 2, old_size=(base_grid,) * 2, num_prefix_tokens=1)`` for every
+    coarser patch size (timm's defaults: bicubic, antialiased), called here as APT calls it."""
+    from timm.layers import resample_abs_pos_embed
+
+    from helpers import redraw_parameters
+
+    vit = redraw_parameters(VisionTransformer(img_size=64, patch_size=8, embed_dim=24, depth=1, num_heads=2))
+    for scales in ((8, 16), (8, 16, 32)):
+        apt = msvit.from_timm(vit, scales=scales, coarse_pos="apt").eval()
+        ours = msvit.from_timm(vit, scales=scales).eval()
+        table = apt.tokenizer.position_tables((8, 8)).patches
+        offset = 64
+        for ps in scales[1:]:
+            grid = 64 // ps
+            expected = resample_abs_pos_embed(
+                vit.pos_embed, new_size=(grid, grid), old_size=(8, 8), num_prefix_tokens=1
+            )
+            assert torch.equal(table[offset : offset + grid * grid], expected[0, 1:])
+            offset += grid * grid
+        bilinear = ours.tokenizer.position_tables((8, 8)).patches
+        assert torch.equal(table[:64], bilinear[:64]) and not torch.allclose(table[64:], bilinear[64:])
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            mask = apt.gate_mask(x)
+            assert rel_err(apt(x, mask=mask, mode="masked"), apt(x, mask=mask)) <= 1e-5
+
+
+def test_coarse_pos_is_recorded_and_checked(tmp_path):
+    import json
+
+    from helpers import TINY_MODEL
+
+    from msvit.io.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+
+    config = {
+        "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 64}},
+        "msvit": {},
+    }
+    model = msvit.from_timm("vit_tiny_patch16_224", timm_kwargs=config["timm"]["kwargs"], coarse_pos="apt")
+    save_checkpoint(tmp_path, model, config)  # the recipe does not name it: the record does
+    assert json.loads((tmp_path / CONFIG).read_text())["architecture"]["coarse_pos"] == "apt"
+    assert load_checkpoint(tmp_path).tokenizer.coarse_pos == "apt"
+    with pytest.raises(ValueError, match="unknown coarse_pos 'bicubic'; expected one of: 'bilinear', 'apt'"):
+        msvit.from_timm("vit_tiny_patch16_224", timm_kwargs=config["timm"]["kwargs"], coarse_pos="bicubic")
+    with pytest.raises(NotImplementedError, match="coarse_pos applies to ViT models"):
+        msvit.from_timm("swin_tiny_patch4_window7_224", coarse_pos="apt")

@@ -76,6 +76,8 @@ def msvit(model) -> dict:
         **({"aggregate": tok.aggregate} if tok.aggregate != "shared" else {}),
         # only models of more than two scales record them, for the same reason
         **({"scales": list(tok.patch_sizes)} if tok.scales > 2 else {}),
+        # only models with APT's coarse position resampling record it, for the same reason
+        **({"coarse_pos": tok.coarse_pos} if getattr(tok, "coarse_pos", "bilinear") != "bilinear" else {}),
         "depth": len(model.blocks),
         "blocks": blocks(model.blocks),
         "norm_pre": layer(model.norm_pre),

@@ -3,7 +3,8 @@
 One linear patch embedding and one fine-grid position embedding serve both scales: a coarse
 patch is area-averaged down to the fine patch size before the shared embedding, and the coarse
 position embedding is the fine one resampled bilinearly (``align_corners=False``, no antialias;
-for a factor of 2 this is the 2x2 mean). With an ``aggregation`` module (APT's zero-initialised
+for a factor of 2 this is the 2x2 mean), or, with ``coarse_pos="apt"``, as APT's code resamples it
+(timm's ``resample_abs_pos_embed``: bicubic, antialiased; docs/design.md section 15). With an ``aggregation`` module (APT's zero-initialised
 aggregation, ``msvit.models.aggregation``) every coarse token also gets a term computed from the
 embeddings of its fine sub-patches, in every mode.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msvit.models.aggregation import packed_regions, per_entry, sub_patch_pixels
+from msvit.models.checks import check_choice
 from msvit.models.table_cache import TableCache
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
@@ -29,6 +31,12 @@ from msvit_kernels.varlen import (
     fine_cells_of_regions,
     mixed_scale_index,
 )
+
+
+# How a coarser scale's position table comes from the fine one: "bilinear" (the package's, with which
+# the all-coarse model equals timm on the pooled image) or "apt" (APT's code: timm's bicubic,
+# antialiased resample_abs_pos_embed)
+COARSE_POS = ("bilinear", "apt")
 
 
 class PositionTables(NamedTuple):
@@ -53,6 +61,8 @@ class MixedScaleTokenizer(nn.Module):
         aggregation: None (``aggregate="shared"``: a coarse token is the shared embedding of its
             downsampled patch) or a ``ZeroConvAggregation`` whose output is added to each coarse
             token's (normed) embedding before its position (``msvit.models.aggregation``).
+        coarse_pos: ``"bilinear"`` or ``"apt"`` (``COARSE_POS``): how every coarser scale's position
+            table is resampled from the fine one.
 
     Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): ``pack``
     runs the fused Triton kernels (``msvit_kernels.index_kernel`` and ``pack_kernel``) or torch;
@@ -72,8 +82,10 @@ class MixedScaleTokenizer(nn.Module):
         embed_norm: Optional[nn.Module] = None,
         aggregation: Optional[nn.Module] = None,
         scales: int = 2,
+        coarse_pos: str = "bilinear",
     ):
         super().__init__()
+        check_choice("coarse_pos", coarse_pos, COARSE_POS)
         if scales > 2 and ratio < 2:
             raise ValueError(f"more than two scales need a ratio >= 2 between scales, got {ratio}")
         self.scales = int(scales)
@@ -86,6 +98,7 @@ class MixedScaleTokenizer(nn.Module):
         self.no_embed_class = no_embed_class
         self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
         self.aggregation = aggregation
+        self.coarse_pos = coarse_pos
         self.kernels = "auto"
         self._tables = TableCache()
 
@@ -144,6 +157,12 @@ class MixedScaleTokenizer(nn.Module):
             # resampled from the whole cells' fine cells only: border cells (a size that is not a
             # whole number of cells) are no cell's, and a divisible grid is left as it was
             cropped = fine_map[:, :, : grid[0] * factor, : grid[1] * factor]
+            if self.coarse_pos == "apt":  # APT's TokenizedZeroConvPatchAttn.forward: timm's defaults
+                whole = cropped.shape[-2:]
+                rows = cropped.flatten(2).transpose(1, 2)
+                coarse = resample_abs_pos_embed(rows, new_size=list(grid), old_size=list(whole), num_prefix_tokens=0)
+                tables.append(coarse[0])
+                continue
             coarse = F.interpolate(cropped, size=grid, mode="bilinear", align_corners=False, antialias=False)
             tables.append(coarse.reshape(d, -1).transpose(0, 1))
         return PositionTables(prefix if n_pos_prefix else None, torch.cat(tables))
