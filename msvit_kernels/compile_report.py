@@ -333,7 +333,8 @@ def _compile(job: _Job) -> dict:
 
 def _config_text(kwargs: dict, meta: dict) -> str:
     tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("BINS", "num_warps", "num_stages")}
-    flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV", "HAS_THRESHOLD", "APT") if meta.get(k)]
+    names = ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV", "HAS_THRESHOLD", "APT")
+    flags = [k for k in names if meta.get(k)]
     flags += [f"SCALES={meta['SCALES']}"] if meta.get("SCALES", 2) > 2 else []  # the two-scale rows read as before
     return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
 

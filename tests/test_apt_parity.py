@@ -321,9 +321,9 @@ def test_coarse_pos_apt_resamples_as_apts_code():
 def test_coarse_pos_is_recorded_and_checked(tmp_path):
     import json
 
-    from helpers import TINY_MODEL
-
     from msvit.io.checkpoint import CONFIG, load_checkpoint, save_checkpoint
+
+    from helpers import TINY_MODEL
 
     config = {
         "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 64}},

@@ -3,10 +3,10 @@
 One linear patch embedding and one fine-grid position embedding serve both scales: a coarse
 patch is area-averaged down to the fine patch size before the shared embedding, and the coarse
 position embedding is the fine one resampled bilinearly (``align_corners=False``, no antialias;
-for a factor of 2 this is the 2x2 mean), or, with ``coarse_pos="apt"``, as APT's code resamples it
-(timm's ``resample_abs_pos_embed``: bicubic, antialiased; docs/design.md section 15). With an ``aggregation`` module (APT's zero-initialised
-aggregation, ``msvit.models.aggregation``) every coarse token also gets a term computed from the
-embeddings of its fine sub-patches, in every mode.
+for a factor of 2 this is the 2x2 mean), or, with ``coarse_pos="apt"``, as APT's code resamples
+it (timm's ``resample_abs_pos_embed``: bicubic, antialiased; docs/design.md section 15). With an
+``aggregation`` module (APT's zero-initialised aggregation, ``msvit.models.aggregation``) every
+coarse token also gets a term computed from the embeddings of its fine sub-patches, in every mode.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -31,7 +31,6 @@ from msvit_kernels.varlen import (
     fine_cells_of_regions,
     mixed_scale_index,
 )
-
 
 # How a coarser scale's position table comes from the fine one: "bilinear" (the package's, with which
 # the all-coarse model equals timm on the pooled image) or "apt" (APT's code: timm's bicubic,
