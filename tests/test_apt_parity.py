@@ -187,6 +187,30 @@ def test_an_entropy_exactly_at_the_threshold_splits(kernels):
     assert tree.decide(image).hard[0, 0].item() is True
 
 
+@needs_triton
+@pytest.mark.parametrize("binning", ["apt", "continuous"])
+@pytest.mark.parametrize("budget", [None, 4])
+def test_the_kernel_decides_as_the_reference_at_two_and_three_scales(binning, budget):
+    """Odd sizes (96x160 and 80x112: border cells and nodes at every scale), grey and RGB photos."""
+    photos = sample_photos((96, 160))[1][[0, 6, 7]]  # astronaut, coins, camera
+    images = TF.normalize(photos, IMAGENET_MEAN, IMAGENET_STD).to(DEVICE)
+    options = {"binning": binning}
+    for x, gates in (
+        (
+            images,
+            [EntropyGate(32, (3, 5), (6.0,), **options), TreeGate.entropy(16, 2, 3, (6, 10), (6.0, 4.0), **options)],
+        ),
+        (images[..., :80, :112], [TreeGate.entropy(8, 2, 3, (10, 14), (5.0, 4.5), **options)]),
+    ):
+        for gate in gates:
+            gate.kernels = "reference"
+            expected = gate.decide(x, budget=budget)
+            gate.kernels = "triton"
+            got = gate.decide(x, budget=budget)
+            assert (got.logits - expected.logits).abs().max() <= 1e-5
+            assert torch.equal(got.hard, expected.hard)
+
+
 # ---- non-finite pixels (issue 26 item 4) ---------------------------------------------------------
 
 
