@@ -27,7 +27,7 @@ def table(model, names, images, bins: int) -> list:
     """Markdown lines: tokens per photo (rows) at every threshold (columns), and their mean."""
     model.gate.bins = bins
     entropy = model.gate.entropy(images)
-    rows = {t: model.tokens_per_image(entropy > t, images=images) for t in THRESHOLDS}
+    rows = {t: model.tokens_per_image(model.gate.fine(entropy - t), images=images) for t in THRESHOLDS}
     lines = [
         f"### {bins} bins",
         "",
@@ -55,8 +55,9 @@ def main(argv=None) -> int:
         "",
         "`python bench/entropy_tokens.py`. Tokens per image, cls included: 1 + 49 regions + 3 per fine "
         "region (50 all coarse, 197 all fine = ViT-S/16). A region is fine when the entropy (bits) of its "
-        "grey-level histogram exceeds tau (APT's two-scale tau is 5.5); grey = 0.2989 R + 0.587 G + "
-        "0.114 B of the un-normalised pixels in [0, 1], bin = floor(255 grey * bins / 256). "
+        "grey-level histogram reaches tau (H >= tau; APT's two-scale tau is 5.5), binned as APT's released "
+        "code bins it: the 8-bit levels k of the un-normalised pixels, grey = 0.2989 k_R + 0.587 k_G + "
+        "0.114 k_B, bin = trunc(grey * bins / 255) (torch.histc over [0, 255]; docs/design.md section 15). "
         f"torch {torch.__version__}, timm {timm.__version__}; the torch reference computes the entropies.",
         "",
     ]

@@ -60,11 +60,15 @@ def _record(workload: Workload):
 
     dtype = getattr(torch, workload.dtype)
     model = workload.name.split()[0]
-    if model == "entropy-gate":  # APT's gate, in place of the MLP: default bins, the extremes, grey images
+    if model == "entropy-gate":  # APT's gate, in place of the MLP: default bins, both binnings, the extremes, grey
         images = torch.zeros(2, 3, 224, 224, dtype=dtype)
         with record_launches() as records:
-            for bins, threshold in ((entropy_kernel.DEFAULT_BINS, 5.5), (entropy_kernel.MIN_BINS, None)):
-                entropy_kernel._launch(images, 32, (0.5,) * 3, (0.5,) * 3, bins, threshold)
+            for bins, threshold, binning in (
+                (entropy_kernel.DEFAULT_BINS, 5.5, "apt"),
+                (entropy_kernel.DEFAULT_BINS, 5.5, "continuous"),
+                (entropy_kernel.MIN_BINS, None, "apt"),
+            ):
+                entropy_kernel._launch(images, 32, (0.5,) * 3, (0.5,) * 3, bins, threshold, binning)
             entropy_kernel._launch(images[:, :1], 32, (0.5,), (0.5,), entropy_kernel.MAX_BINS, 5.5)
         return records
     if model == "tree-pack":  # three scales (16/32/64 px, scale_tree.tree_index layouts) at ViT-S/16's width
@@ -329,7 +333,8 @@ def _compile(job: _Job) -> dict:
 
 def _config_text(kwargs: dict, meta: dict) -> str:
     tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("BINS", "num_warps", "num_stages")}
-    flags = [k for k in ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV", "HAS_THRESHOLD") if meta.get(k)]
+    names = ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV", "HAS_THRESHOLD", "APT")
+    flags = [k for k in names if meta.get(k)]
     flags += [f"SCALES={meta['SCALES']}"] if meta.get("SCALES", 2) > 2 else []  # the two-scale rows read as before
     return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
 

@@ -246,12 +246,15 @@ def _softmax_backend(q: Tensor, k: Tensor):
 ENTROPY_LUMA = (0.2989, 0.587, 0.114)
 
 
-def entropy_bins_reference(images: Tensor, mean=None, std=None, bins: int = 512) -> Tensor:
+def entropy_bins_reference(images: Tensor, mean=None, std=None, bins: int = 512, binning: str = "apt") -> Tensor:
     """int64 ``[B, H, W]``: each pixel's grey-level bin, by the formula of
     ``msvit_kernels.entropy_kernel`` (its docstring), in fp32, one rounding per operation, in the
-    kernel's order: un-normalise ``x = z * std + mean``, grey ``(wr * r + wg * g) + wb * b``, bin
-    ``clamp(floor(grey * (255 * bins / 256)), 0, bins - 1)``. mean, std: one number per channel
-    (None: pixels already in [0, 1]); 3 channels (RGB) or 1 (grey)."""
+    kernel's order: un-normalise ``x = z * std + mean``; ``binning="apt"``: 8-bit levels
+    ``clamp(floor(255 x + 0.5), 0, 255)``, grey ``(wr * r + wg * g) + wb * b`` of those, bin
+    ``trunc(grey * bins / 255)`` (``torch.histc``'s, ``bins - 1`` at 255); ``"continuous"``: grey of
+    ``x``, bin ``clamp(floor(grey * (255 * bins / 256)), 0, bins - 1)``. -1 marks a pixel whose
+    un-normalised value is not finite in some channel. mean, std: one number per channel (None:
+    pixels already in [0, 1]); 3 channels (RGB) or 1 (grey)."""
     x = images.float()
     chans = x.shape[1]
     if mean is not None or std is not None:
@@ -259,26 +262,36 @@ def entropy_bins_reference(images: Tensor, mean=None, std=None, bins: int = 512)
         s = torch.tensor(std if std is not None else [1.0] * chans, dtype=torch.float32, device=x.device)
         x = x * s.view(1, -1, 1, 1)  # two operations, as the kernel (no fused multiply-add)
         x = x + m.view(1, -1, 1, 1)
+    finite = torch.isfinite(x).all(1)
+    if binning == "apt":
+        x = torch.floor(x * 255.0 + 0.5).clamp(0.0, 255.0)
     if chans == 3:
         wr, wg, wb = torch.tensor(ENTROPY_LUMA, dtype=torch.float32, device=x.device)
         grey = (wr * x[:, 0] + wg * x[:, 1]) + wb * x[:, 2]
     else:
         grey = x[:, 0]
-    level = torch.floor(grey * torch.tensor(255.0 * bins / 256.0, dtype=torch.float32, device=x.device))
-    return level.clamp(0, bins - 1).long()
+    if binning == "apt":
+        # a division by a device tensor: torch on CUDA multiplies by the reciprocal of a Python
+        # scalar divisor, which rounds differently; grey * bins is exact (bins is a power of two)
+        level = torch.floor(grey * float(bins) / torch.tensor(255.0, device=x.device))
+    else:
+        level = torch.floor(grey * torch.tensor(255.0 * bins / 256.0, dtype=torch.float32, device=x.device))
+    return torch.where(finite, level.nan_to_num(0.0).clamp(0, bins - 1).long(), -1)
 
 
-def entropy_reference(images: Tensor, patch: int, mean=None, std=None, bins: int = 512) -> Tensor:
+def entropy_reference(images: Tensor, patch: int, mean=None, std=None, bins: int = 512, binning: str = "apt") -> Tensor:
     """float32 ``[B, Nc]``: the Shannon entropy (bits) of the grey-level histogram of every
     ``patch x patch`` cell of ``images`` ``[B, C, H, W]`` (raster order), over the non-empty bins of
-    :func:`entropy_bins_reference`; computed in float64 from the counts. No host read: the
-    histograms are a scatter-add, not a bincount."""
-    levels = entropy_bins_reference(images, mean, std, bins)
+    :func:`entropy_bins_reference`; computed in float64 from the counts; +inf for a cell with a
+    non-finite pixel (``msvit_kernels.entropy_kernel``). No host read: the histograms are a
+    scatter-add, not a bincount."""
+    levels = entropy_bins_reference(images, mean, std, bins, binning)
     b, h, w = levels.shape
     cells = levels.reshape(b, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4)
     cells = cells.reshape(b * (h // patch) * (w // patch), patch * patch)
     counts = torch.zeros(cells.shape[0], bins, dtype=torch.float64, device=images.device)
-    counts.scatter_add_(1, cells, torch.ones_like(cells, dtype=torch.float64))
+    counts.scatter_add_(1, cells.clamp_min(0), torch.ones_like(cells, dtype=torch.float64))
     p = counts / (patch * patch)
     entropy = -(p * torch.log2(torch.where(counts > 0, p, 1.0))).sum(1)
+    entropy = torch.where((cells < 0).any(1), float("inf"), entropy)
     return entropy.float().reshape(b, (h // patch) * (w // patch))

@@ -94,16 +94,48 @@ def test_from_timm_takes_the_normalisation_of_the_timm_model():
     "kwargs, error, match",
     [
         ({"gate": "random"}, ValueError, "unknown gate 'random'; expected one of: 'learned', 'entropy'"),
-        ({"gate": "entropy", "hidden": 32}, TypeError, "gate='entropy' takes entropy_bins.*hidden are not its"),
+        (
+            {"gate": "entropy", "hidden": 32},
+            TypeError,
+            "gate='entropy' takes entropy_binning, entropy_bins.*hidden are not its",
+        ),
         ({"entropy_thresholds": (5.5,)}, TypeError, "entropy_thresholds apply to gate='entropy'"),
         ({"gate": "entropy", "entropy_thresholds": (5.0, 6.0)}, ValueError, "two scales .one boundary."),
         ({"gate": "entropy", "entropy_thresholds": 5.5}, ValueError, "one per scale boundary"),
-        ({"gate": "entropy", "entropy_bins": 500}, ValueError, "power of two"),
+        ({"gate": "entropy", "entropy_bins": 500}, ValueError, "entropy_bins must be a power of two"),
+        ({"gate": "entropy", "entropy_binning": "histc"}, ValueError, "entropy_binning must be one of 'apt', 'cont"),
+        # issue 26 item 3: a zero std made every region coarse, a negative one was accepted
+        ({"gate": "entropy", "entropy_std": (0.2, 0.0, 0.2)}, ValueError, "entropy_std must be > 0 for every channel"),
+        ({"gate": "entropy", "entropy_std": (0.2, -0.1, 0.2)}, ValueError, "entropy_std must be > 0"),
+        ({"gate": "entropy", "entropy_mean": (0.5,)}, ValueError, "entropy_mean must hold 3 finite numbers"),
+        ({"gate": "entropy", "entropy_mean": "0.5"}, ValueError, "entropy_mean must hold 3 finite numbers"),
+        ({"gate": "entropy", "scales": (8, 16, 32), "entropy_std": (1, 1, 0)}, ValueError, "entropy_std must be > 0"),
     ],
 )
 def test_bad_gate_options_are_refused_clearly(kwargs, error, match):
     with pytest.raises(error, match=match):
         msvit.from_timm(tiny_vit(), **kwargs)
+
+
+def test_the_gate_itself_refuses_a_std_that_is_not_positive():
+    with pytest.raises(ValueError, match="std must be > 0 for every channel"):
+        EntropyGate(32, (2, 2), std=(0.2, 0.2, 0.0))
+
+
+def test_a_one_channel_model_gets_a_normalisation_that_fits_or_is_told_what_to_pass():
+    """Issue 26 item 3: a 1-channel model failed with "mean must hold 1 finite numbers ... got
+    (0.5, 0.5, 0.5)" although no mean was passed. timm's (0.5, 0.5, 0.5) is one value for every
+    channel: the grey model takes it; ImageNet's three differ: refused, naming what to pass."""
+    grey = msvit.from_timm(
+        "vit_small_patch16_224", timm_kwargs={"depth": 1, "img_size": 64, "in_chans": 1}, gate="entropy"
+    )
+    assert grey.gate.mean == (0.5,) and grey.gate.std == (0.5,)
+    images = torch.rand(2, 1, 64, 64)
+    assert grey.gate_mask(images).shape == (2, 4)
+    with pytest.raises(ValueError, match="1-channel model's entropy gate needs entropy_mean and entropy_std"):
+        msvit.from_timm(tiny_vit(in_chans=1), gate="entropy")
+    given = msvit.from_timm(tiny_vit(in_chans=1), gate="entropy", entropy_mean=(0.4,), entropy_std=(0.2,))
+    assert given.gate.mean == (0.4,) and given.gate.std == (0.2,)
 
 
 def test_a_swin_refuses_the_entropy_gate():
@@ -132,6 +164,27 @@ def test_a_checkpoint_records_and_rebuilds_the_entropy_gate(tmp_path, photos):
     (tmp_path / CONFIG).write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match="no longer matches.*gate.thresholds"):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_saved_before_the_binning_was_recorded_keeps_its_binning(tmp_path, photos):
+    """New checkpoints record APT's binning; one without a record was saved with the continuous
+    binning (the only one then) and loads with it, so its tokens do not move."""
+    config = {
+        "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 64}},
+        "msvit": {"coarse_patch_size": 16, "gate": "entropy", "entropy_thresholds": [6.0]},
+    }
+    model = build_model(config).eval()
+    assert model.gate.binning == "apt"
+    save_checkpoint(tmp_path, model, config)
+    recorded = json.loads((tmp_path / CONFIG).read_text())
+    assert recorded["architecture"]["gate"]["binning"] == "apt"
+    assert load_checkpoint(tmp_path).gate.binning == "apt"
+    del recorded["architecture"]["gate"]["binning"]  # what every earlier entropy checkpoint holds
+    (tmp_path / CONFIG).write_text(json.dumps(recorded))
+    old = load_checkpoint(tmp_path)
+    assert old.gate.binning == "continuous"
+    expected = entropy_reference(photos.cpu(), 16, old.gate.mean, old.gate.std, 512, "continuous") > 6.0
+    assert torch.equal(old.gate_mask(photos.cpu()), expected)
 
 
 ENTROPY = ("--gate", "entropy", "--entropy-threshold", "3.0", "--entropy-bins", "256")

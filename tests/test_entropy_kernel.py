@@ -110,7 +110,7 @@ def test_the_op_traces_under_torch_compile_and_passes_opcheck():
     torch.manual_seed(0)
     images = torch.rand(1, 3, 32, 64, device=DEVICE)
     op = torch.ops.msvit.patch_entropy.default
-    torch.library.opcheck(op, (images, 32, [0.0] * 3, [1.0] * 3, 64, 4.0))
+    torch.library.opcheck(op, (images, 32, [0.0] * 3, [1.0] * 3, 64, 4.0, "apt"))
 
     def entropy_and_fine(x):
         return patch_entropy(x, 32, bins=64, threshold=4.0)

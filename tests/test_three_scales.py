@@ -173,8 +173,7 @@ def test_scales_argument_errors():
         msvit.from_timm(vit, scales=(8, 16, 48))
     with pytest.raises(ValueError, match="contradicts"):
         msvit.from_timm(vit, scales=(8, 16, 32), coarse_patch_size=24)
-    with pytest.raises(NotImplementedError, match="two scales"):
-        msvit.from_timm(vit, scales=(8, 16, 32), aggregate="zero_conv")
+    assert msvit.from_timm(vit, scales=(8, 16, 32), aggregate="zero_conv").tokenizer.aggregate == "zero_conv"
     assert ScaleTree.of((8, 8), 2, 3).roots == 4
 
 

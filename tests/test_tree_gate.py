@@ -442,6 +442,7 @@ def test_macs_descriptions_and_kwargs():
         "scales": [16, 32, 64],
         "entropy_thresholds": [6.0, 4.0],
         "entropy_bins": 256,
+        "entropy_binning": "apt",
         "entropy_mean": list(IMAGENET_MEAN),
         "entropy_std": list(IMAGENET_STD),
     }

@@ -76,6 +76,8 @@ def msvit(model) -> dict:
         **({"aggregate": tok.aggregate} if tok.aggregate != "shared" else {}),
         # only models of more than two scales record them, for the same reason
         **({"scales": list(tok.patch_sizes)} if tok.scales > 2 else {}),
+        # only models with APT's coarse position resampling record it, for the same reason
+        **({"coarse_pos": tok.coarse_pos} if getattr(tok, "coarse_pos", "bilinear") != "bilinear" else {}),
         "depth": len(model.blocks),
         "blocks": blocks(model.blocks),
         "norm_pre": layer(model.norm_pre),
@@ -127,11 +129,16 @@ def from_timm_options(recorded) -> dict:
     """The ``msvit.from_timm`` keywords a recorded architecture (``describe``'s) implies beyond a
     checkpoint's ``config["msvit"]``: the coarse-token aggregation and the patch sizes of more than
     two scales, so ``load_checkpoint`` rebuilds them even from a recipe (a training run's flags)
-    that never named them."""
+    that never named them. An entropy gate recorded without a binning was saved before APT's
+    binning became the default: it is rebuilt with the one it was saved with, ``"continuous"``."""
     backbone = recorded.get("backbone", recorded) if isinstance(recorded, dict) else None
     if not isinstance(backbone, dict):
         return {}
-    return {key: backbone[key] for key in ("aggregate", "scales") if key in backbone}
+    options = {key: backbone[key] for key in ("aggregate", "scales", "coarse_pos") if key in backbone}
+    gate = backbone.get("gate")
+    if isinstance(gate, dict) and "entropy" in (gate.get("type"), gate.get("kind")) and "binning" not in gate:
+        options["entropy_binning"] = "continuous"
+    return options
 
 
 def differences(recorded, built, prefix: str = "") -> List[str]:

@@ -5,16 +5,25 @@ Transformers with Adaptive Patch Sizes*, ICLR 2026).
 A coarse token is the shared embedding of its area-downsampled patch (Eq. 4-5, ``aggregate="shared"``)
 plus ``Linear_0(Conv_rxr(E))``, where E ``[d, r, r]`` holds the embeddings of the region's r x r
 fine sub-patches on their grid, the conv has kernel r and stride r (one output per region; for
-r = 2 APT's 2x2 stride-2 conv; the reimplementation named below stacks 2x2 convs for 4x, one
-r x r conv here covers every integer ratio), and the linear layer starts at zero: a pretrained
-ViT starts exactly where it was.
+r = 2 APT's 2x2 stride-2 conv; one r x r conv here covers every integer ratio), and the linear
+layer starts at zero: a pretrained ViT starts exactly where it was.
+
+More than two scales, as APT's ``TokenizedZeroConvPatchAttn.forward`` does it for its 64 px tokens
+("Apply twice for 64s"): a token of scale s takes the embeddings of its ``r**s x r**s`` finest
+sub-patches and applies the same conv s times (``r**s`` -> ``r**(s-1)`` -> ... -> 1), then the
+same zero-initialised linear layer; one conv and one linear layer for every scale, so a
+checkpoint's parameters do not depend on the number of scales. Since the conv's stride is its
+kernel, applying it s times to a node's block is applying it s times to the whole finest
+embedding grid and reading the node's cell: ``tree_terms`` computes every node of every scale
+that way, without a host read (docs/design.md section 15).
 
 Where it enters: after the patch embedding and its ``embed_norm`` (timm's ``patch_embed.norm``),
 before the position embedding and the straight-through scaling. The sub-patch embeddings are the
-fine tokens' embeddings before their position (``embed_norm(embed(pixels))``). APT's own code
-could not be checked here; this placement follows the issue's description of APT and a public
-third-party reimplementation (olmoearth_pretrain's ``AdaptivePatchEmbed``: e = e_resize +
-zero_mlp(conv(sub-patch embeddings)), positions added afterwards).
+fine tokens' embeddings before their position (``embed_norm(embed(pixels))``). As in APT's
+``TokenizedZeroConvPatchAttn.forward`` (src/models/patch_embed.py): ``embed_scale =
+zero_conv(patch_attn(full_patches)) + embed_scale + pos_embed``, where ``full_patches`` are the
+sub-patches through ``patch_embed.forward_patch`` (its projection and its norm), ``patch_attn`` a
+2x2 stride-2 ``nn.Conv2d`` and ``zero_conv`` an ``nn.Linear`` with zeroed weight and bias.
 
 Initialisation: the conv keeps PyTorch's default (Kaiming-uniform weights and bias); the linear
 layer's weight and bias are zero, so its output, and the change to every coarse token, is exactly
@@ -53,9 +62,21 @@ class ZeroConvAggregation(nn.Module):
         grid = sub.transpose(1, 2).reshape(k, d, self.ratio, self.ratio)
         return self.linear(self.conv(grid).flatten(1))
 
+    def tree_terms(self, fine: Tensor, scales: int) -> Tensor:
+        """fine ``[B, d, h0, w0]``: the embeddings of every finest cell on their grid -> ``[B, N_1 +
+        ... + N_{S-1}, d]``: the term of every node of scales 1 .. S-1 (scale by scale, raster order
+        in each; ``ScaleTree``'s node table after its finest rows): the conv applied s times, then
+        the linear layer (module docstring)."""
+        terms, grid = [], fine
+        for _ in range(1, scales):
+            grid = self.conv(grid)
+            terms.append(self.linear(grid.flatten(2).transpose(1, 2)))
+        return torch.cat(terms, 1)
+
     def macs_per_token(self) -> int:
         """MACs of the conv and the linear layer for one coarse token (the sub-patch embeddings are
-        the patch embedding's: ``msvit.models.flops`` counts them with it)."""
+        the patch embedding's: ``msvit.models.flops`` counts them with it); with more than two
+        scales, for every node of a scale >= 1 (``tree_terms``)."""
         return self.conv.weight.numel() + self.linear.weight.numel()
 
 

@@ -5,9 +5,15 @@ A drop-in for ``MixedScaleGate`` in ``MSViT`` (same ``decide`` / ``decision`` / 
 ``region_size``, ``grid``, ``kernels`` attributes), with nothing to learn, so a pretrained ViT runs
 mixed-scale without training: ``msvit.from_timm(name, gate="entropy", entropy_thresholds=(5.5,))``.
 
-- logits: ``entropy - threshold`` in bits; ``> 0`` means fine, as the learned gate's logit.
-  APT keeps a patch coarse when ``H < tau``; here it is fine when ``H > tau``: the two differ only
-  for an entropy exactly equal to the threshold.
+- logits: ``entropy - threshold`` in bits. A region is fine when ``H >= tau`` (``logit >= 0``):
+  APT keeps a patch whole when ``H < tau`` (its ``select_patches_by_threshold``), so an entropy
+  exactly at the threshold splits. With ``binning="continuous"`` (the rule of checkpoints saved
+  before APT's binning was the default) it is fine when ``H > tau``, as the learned gate's logit.
+- binning: ``"apt"`` (default) bins as APT's released code (8-bit levels, ``torch.histc``), so
+  APT's thresholds keep APT's tokens; ``msvit_kernels.entropy_kernel`` says how, docs/design.md
+  section 15 what was checked against APT's code.
+- non-finite pixels: a region with a NaN or infinite pixel has entropy +inf: it is fine (never
+  merged), and first in a budget; the NaN then reaches only that image's tokens.
 - soft: None. There is no relaxed output, so the gate losses do not apply (the training loop
   skips them when ``soft`` is None); a threshold on a histogram has no useful gradient.
 - st: the hard decision as a float with no gradient: training the ViT with this gate works, the
@@ -51,6 +57,7 @@ class EntropyGate(nn.Module):
             entropy is that of the un-normalised pixels in [0, 1].
         bins: grey-level histogram bins, a power of two up to 1024 (default 512, APT's code).
         in_chans: 3 (RGB, grey = BT.601 luma) or 1.
+        binning: ``"apt"`` (default) or ``"continuous"`` (module docstring).
 
     Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): the Triton
     kernel (``msvit_kernels.entropy_kernel``) or the torch reference; auto = Triton on CUDA.
@@ -66,6 +73,7 @@ class EntropyGate(nn.Module):
         std: Sequence[float] = IMAGENET_STD,
         bins: int = DEFAULT_BINS,
         in_chans: int = 3,
+        binning: str = "apt",
     ):
         super().__init__()
         if isinstance(thresholds, (int, float)) or len(thresholds) != 1:
@@ -80,10 +88,11 @@ class EntropyGate(nn.Module):
         self.region_size = region_size
         self.grid = tuple(grid)
         self.thresholds = tuple(float(t) for t in thresholds)
+        self.bins = bins
+        self.binning = binning
+        check_entropy_args(torch.empty(0, in_chans, region_size, region_size), region_size, mean, std, bins, binning)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self.bins = bins
-        check_entropy_args(torch.empty(0, in_chans, region_size, region_size), region_size, self.mean, self.std, bins)
         self.kernels = "auto"
 
     def macs_per_region(self) -> int:
@@ -94,8 +103,16 @@ class EntropyGate(nn.Module):
     def entropy(self, images: Tensor) -> Tensor:
         """float32 ``[B, Nc]``: the grey-level entropy (bits) of every coarse region."""
         if use_triton(self.kernels, images):
-            return patch_entropy(images, self.region_size, mean=self.mean, std=self.std, bins=self.bins).entropy
-        return entropy_reference(images.detach(), self.region_size, self.mean, self.std, self.bins)
+            return patch_entropy(images, self.region_size, **self._options()).entropy
+        return entropy_reference(images.detach(), self.region_size, self.mean, self.std, self.bins, self.binning)
+
+    def _options(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "bins": self.bins, "binning": self.binning}
+
+    def fine(self, logits: Tensor) -> Tensor:
+        """The threshold decision of ``forward``'s logits: ``>= 0`` (APT's tie rule), or ``> 0``
+        with ``binning="continuous"``. +inf (a non-finite region) is always fine."""
+        return logits >= 0 if self.binning == "apt" else logits > 0
 
     def forward(self, images: Tensor) -> Tensor:
         """images ``[B, C, H, W]`` -> logits float32 ``[B, Nc]``: entropy minus the threshold."""
@@ -104,18 +121,17 @@ class EntropyGate(nn.Module):
     def decide(
         self, images: Tensor, sample: bool = False, budget: Budget = None, noise: Optional[Tensor] = None
     ) -> GateDecision:
-        """Hard decisions for a batch: ``entropy > threshold``, or with a ``budget`` the top-k
-        entropies of each image. ``sample`` and ``noise`` are accepted for the learned gate's
-        interface and ignored: the decision is deterministic."""
+        """Hard decisions for a batch: ``entropy >= threshold`` (``fine``), or with a ``budget`` the
+        top-k entropies of each image (``budget_mask``: ties in raster order). ``sample`` and
+        ``noise`` are accepted for the learned gate's interface and ignored: the decision is
+        deterministic."""
         del sample, noise
         if budget is None and use_triton(self.kernels, images):  # the decisions come out of the kernel
-            entropy, hard = patch_entropy(
-                images, self.region_size, mean=self.mean, std=self.std, bins=self.bins, threshold=self.thresholds[0]
-            )
+            entropy, hard = patch_entropy(images, self.region_size, threshold=self.thresholds[0], **self._options())
             logits = entropy - self.thresholds[0]
         else:
             logits = self(images)
-            hard = budget_mask(logits, budget) if budget is not None else logits > 0
+            hard = budget_mask(logits, budget) if budget is not None else self.fine(logits)
         return GateDecision(logits, None, hard, hard.to(images.dtype))
 
     def decision(self, images: Tensor, mask: Optional[Tensor], *, sample: bool, budget: Budget = None) -> GateDecision:
@@ -130,6 +146,7 @@ class EntropyGate(nn.Module):
             "type": "entropy",
             "thresholds": list(self.thresholds),
             "bins": self.bins,
+            **binning_record(self.binning),
             "mean": list(self.mean),
             "std": list(self.std),
             "grid": list(self.grid),
@@ -141,9 +158,19 @@ class EntropyGate(nn.Module):
             "gate": "entropy",
             "entropy_thresholds": list(self.thresholds),
             "entropy_bins": self.bins,
+            "entropy_binning": self.binning,
             "entropy_mean": list(self.mean),
             "entropy_std": list(self.std),
         }
 
     def extra_repr(self) -> str:
-        return f"region_size={self.region_size}, thresholds={self.thresholds}, bins={self.bins}"
+        return (
+            f"region_size={self.region_size}, thresholds={self.thresholds}, bins={self.bins}, binning={self.binning!r}"
+        )
+
+
+def binning_record(binning: str) -> dict:
+    """What an architecture record holds of the binning: nothing for ``"continuous"``, the rule of
+    every entropy-gate checkpoint saved before the binning was recorded (so they still verify, and
+    ``msvit.io.architecture.from_timm_options`` rebuilds them with it), else ``{"binning": ...}``."""
+    return {} if binning == "continuous" else {"binning": binning}

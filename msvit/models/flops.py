@@ -5,7 +5,9 @@ token and its attention's two N^2 matrix products (QK^T and AV), and the head. N
 (as in the paper's DeepSpeed counts and FlopCounterMode): norms, activations, softmax, the
 position-embedding add and the 2x2 average pooling of coarse patches. With APT's aggregation
 (``aggregate="zero_conv"``) every coarse token adds its r*r sub-patch embeddings, the r x r conv
-and the linear layer (``aggregation``).
+and the linear layer (``aggregation``); with more than two scales the package computes the term of
+every node at once (``ZeroConvAggregation.tree_terms``): every finest cell's embedding, and the conv
+and the linear layer once per node of every scale >= 1, whatever the mask.
 """
 
 from typing import Dict, Optional
@@ -22,19 +24,30 @@ def _linear_macs(module: nn.Module) -> int:
 
 
 def macs_for_tokens(
-    model: MSViT, tokens: Tensor, n_regions: int, include_gate: bool = True, coarse: Optional[Tensor] = None
+    model: MSViT,
+    tokens: Tensor,
+    n_regions: int,
+    include_gate: bool = True,
+    coarse: Optional[Tensor] = None,
+    fine_grid=None,
 ) -> Dict[str, Tensor]:
     """MACs per image, by part, for images with ``tokens`` ``[B]`` tokens each (prefix included).
 
     coarse: coarse tokens per image ``[B]`` (counted only with APT's aggregation); default: from
-    ``tokens``, for images of the size the model was built for (whose border cells it knows)."""
+    ``tokens``, for images of the size the model was built for (whose border cells it knows).
+    fine_grid: the images' finest grid (more than two scales with APT's aggregation; default the
+    model's)."""
     tokens = tokens.to(torch.float64)
     tokenizer = model.tokenizer
     patch_tokens = tokens - tokenizer.num_prefix
     embed = tokenizer.embed
     embed_macs = embed.in_features * embed.out_features
     parts = {"embed": patch_tokens * embed_macs}
-    if tokenizer.aggregation is not None:
+    if tokenizer.aggregation is not None and tokenizer.scales > 2:  # every node, every mask (docstring)
+        tree = tokenizer.tree(tokenizer.grid if fine_grid is None else fine_grid)
+        per_image = tree.counts[0] * embed_macs + sum(tree.counts[1:]) * tokenizer.aggregation.macs_per_token()
+        parts["aggregation"] = torch.full_like(tokens, float(per_image))
+    elif tokenizer.aggregation is not None:
         if coarse is None:  # tokens = P + border + Nc + (r*r - 1) * fine regions
             fixed = tokenizer.num_prefix + count_border_cells(tokenizer.grid, tokenizer.ratio) + n_regions
             coarse = n_regions - (tokens - fixed) / max(tokenizer.ratio**2 - 1, 1)
@@ -90,7 +103,7 @@ def count_macs(
         tokens = model.tokens_per_image(mask, images=images)
         if model.tokenizer.scales > 2:  # the gate's MACs come from the tree of the images' size
             fine_grid = None if images is None else model.tokenizer.grids(images)[0]
-            parts = macs_for_tokens(model, tokens, 0, False)
+            parts = macs_for_tokens(model, tokens, 0, False, fine_grid=fine_grid)
             gate = gate_macs(model, 0, fine_grid) if include_gate else 0
             parts["total"] = parts["total"] + gate
             parts["gate"] = torch.full_like(parts["gate"], float(gate))

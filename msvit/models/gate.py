@@ -79,11 +79,18 @@ def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
     """bool ``[B, Nc]`` keeping the ``budget`` highest-logit regions of each image fine.
 
     budget: an int number of fine regions per image, or a float fraction of the regions.
+    Deterministic on every device: equal logits are taken in raster order (a stable sort, where
+    ``topk`` leaves ties to the device), and a NaN logit counts as ``-inf`` (chosen last, as the
+    threshold ``logit > 0`` leaves it coarse, and as ``tree_budget_mask`` ranks it), where
+    ``topk`` would rank it above every number. +inf (the entropy gate's non-finite region) is
+    chosen first. For two scales this is ``tree_budget_mask``'s order.
     """
     k = budget_regions(budget, logits.shape[1])
     mask = torch.zeros_like(logits, dtype=torch.bool)
     if k > 0:
-        mask.scatter_(1, logits.topk(k, dim=1).indices, True)
+        scores = torch.where(torch.isnan(logits), float("-inf"), logits)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        mask.scatter_(1, order[:, :k], True)
     return mask
 
 

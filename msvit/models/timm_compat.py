@@ -30,8 +30,8 @@ from msvit.models.swin import is_timm_swin, swin_from_timm
 from msvit.models.timm_names import check_model_name
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
-from msvit.models.tokenizer import MixedScaleTokenizer
-from msvit_kernels.entropy_kernel import DEFAULT_BINS
+from msvit.models.tokenizer import COARSE_POS, MixedScaleTokenizer
+from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args
 
 
 def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
@@ -76,6 +76,7 @@ def from_timm(
     gate: str = "learned",
     aggregate: str = "shared",
     scales: Optional[Sequence[int]] = None,
+    coarse_pos: str = "bilinear",
     **gate_kwargs,
 ) -> MSViT:
     """MSViT with the weights of a timm ViT.
@@ -99,12 +100,20 @@ def from_timm(
             area-downsampled patch, Eq. 4-5) or ``"zero_conv"`` (APT's: plus a zero-initialised
             linear layer over an r x r stride-r conv of its sub-patch embeddings; equal to "shared"
             until trained; the tokenizer then takes the torch path, ``msvit.models.aggregation``).
+            With more scales, APT's way: the same conv once per scale step.
+        coarse_pos: the position table of every coarser scale, from the fine one: ``"bilinear"``
+            (default: ``align_corners=False``, no antialias; the all-coarse model then equals timm
+            on the pooled image) or ``"apt"`` (APT's code: timm's ``resample_abs_pos_embed``,
+            bicubic and antialiased).
         **gate_kwargs: the learned gate's options (hidden, init_logit, temperature), or the entropy
             gate's: ``entropy_thresholds`` (one per scale boundary, the finest boundary first as APT
             orders them; default ``(5.5,)`` for two scales and APT's ``(6.0, 4.0)`` for three: 6.0
             bits for the 2p px nodes, 4.0 for the 4p px ones),
-            ``entropy_bins`` (512), ``entropy_mean`` / ``entropy_std`` (the images' normalisation;
-            default: the timm model's ``pretrained_cfg``, else ImageNet's).
+            ``entropy_bins`` (512), ``entropy_binning`` (``"apt"``: APT's 8-bit levels, histc bins
+            and ``H >= tau``; ``"continuous"``: the rule before, ``msvit_kernels.entropy_kernel``),
+            ``entropy_mean`` / ``entropy_std`` (the images' normalisation, std > 0; default: the
+            timm model's ``pretrained_cfg``, else ImageNet's; a 1-channel model takes a default
+            of equal values, else is told to pass them).
 
     The MSViT gets the timm model's ``pretrained_cfg`` (see ``input_cfg``), when it has one.
     RoPE models (``Eva`` with a ``rope``): fine tokens are rotated at timm's own grid positions,
@@ -113,6 +122,7 @@ def from_timm(
     """
     check_choice("gate", gate, GATES)
     check_choice("aggregate", aggregate, AGGREGATIONS)
+    check_choice("coarse_pos", coarse_pos, COARSE_POS)
     if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
         if scales is not None and len(scales) != 2:
             raise NotImplementedError("a mixed-scale Swin has two scales; more are implemented for ViT models")
@@ -122,6 +132,8 @@ def from_timm(
             )
         if gate != "learned":
             raise NotImplementedError(f"gate={gate!r} is implemented for ViT models; a Swin takes gate='learned'")
+        if coarse_pos != "bilinear":
+            raise NotImplementedError("coarse_pos applies to ViT models; a Swin has no absolute position table")
         if img_size is not None:
             raise ValueError("img_size applies to a NaFlexVit only; a Swin's image size is the one it was built for")
         return swin_from_timm(
@@ -171,6 +183,7 @@ def from_timm(
         embed_norm=parts.embed_norm,
         aggregation=None if aggregate == "shared" else _aggregation(weight, ratio),
         scales=n_scales,
+        coarse_pos=coarse_pos,
     )
     msvit = MSViT(
         tokenizer,
@@ -204,7 +217,7 @@ def _aggregation(weight: torch.Tensor, ratio: int) -> ZeroConvAggregation:
 
 
 GATES = ("learned", "entropy")
-ENTROPY_OPTIONS = {"entropy_thresholds", "entropy_bins", "entropy_mean", "entropy_std"}
+ENTROPY_OPTIONS = {"entropy_thresholds", "entropy_bins", "entropy_binning", "entropy_mean", "entropy_std"}
 
 
 def _gate(kind: str, coarse: int, grid, in_chans: int, pretrained_cfg: Optional[dict], options: dict) -> nn.Module:
@@ -212,16 +225,44 @@ def _gate(kind: str, coarse: int, grid, in_chans: int, pretrained_cfg: Optional[
     _check_gate_options(kind, options)
     if kind == "learned":
         return MixedScaleGate(coarse, grid, in_chans=in_chans, **options)
-    cfg = pretrained_cfg or {}
     return EntropyGate(
         coarse,
         grid,
         options.get("entropy_thresholds", (APT_THRESHOLD,)),
-        mean=options.get("entropy_mean") or cfg.get("mean") or IMAGENET_MEAN,
-        std=options.get("entropy_std") or cfg.get("std") or IMAGENET_STD,
-        bins=options.get("entropy_bins", DEFAULT_BINS),
         in_chans=in_chans,
+        **_entropy_options(options, pretrained_cfg, in_chans),
     )
+
+
+def _entropy_options(options: dict, pretrained_cfg: Optional[dict], in_chans: int) -> dict:
+    """The entropy gate's mean, std, bins and binning from ``from_timm``'s ``entropy_*`` keywords,
+    checked under those names. Default normalisation: the timm model's ``pretrained_cfg``, else
+    ImageNet's; a 1-channel model whose default lists 3 equal values (timm's (0.5, 0.5, 0.5))
+    takes that value, and 3 different ones are refused with what to pass (no channel of an RGB
+    normalisation is the grey one's)."""
+    cfg = pretrained_cfg or {}
+    found = {}
+    for key, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        given = options.get(f"entropy_{key}")
+        if given is not None:
+            found[key] = given
+            continue
+        values = tuple(cfg.get(key) or default)
+        if in_chans == 1 and len(values) == 3:
+            if len(set(values)) != 1:
+                raise ValueError(
+                    f"a 1-channel model's entropy gate needs entropy_mean and entropy_std with one value each, "
+                    f"the normalisation of its grey images (e.g. entropy_mean=(0.5,), entropy_std=(0.5,)); "
+                    f"the default {key} {values} is an RGB one"
+                )
+            values = values[:1]
+        found[key] = values
+    bins, binning = options.get("entropy_bins", DEFAULT_BINS), options.get("entropy_binning", "apt")
+    names = ("entropy_mean", "entropy_std", "entropy_bins", "entropy_binning")
+    probe = torch.empty(0, in_chans, 1, 1) if in_chans in (1, 3) else None
+    if probe is not None:
+        check_entropy_args(probe, 1, found["mean"], found["std"], bins, binning, names)
+    return {**found, "bins": bins, "binning": binning}
 
 
 def _scales(scales, fine: int, coarse_patch_size) -> Tuple[int, Optional[int]]:
@@ -254,17 +295,8 @@ def _tree_gate(kind, fine, ratio, scales, grid, in_chans, pretrained_cfg, option
         if scales != 3:
             raise ValueError(f"gate='entropy' with {scales} scales needs entropy_thresholds: {scales - 1} values")
         thresholds = APT_THREE_SCALE_THRESHOLDS
-    cfg = pretrained_cfg or {}
     return TreeGate.entropy(
-        fine,
-        ratio,
-        scales,
-        grid,
-        thresholds,
-        mean=options.get("entropy_mean") or cfg.get("mean") or IMAGENET_MEAN,
-        std=options.get("entropy_std") or cfg.get("std") or IMAGENET_STD,
-        bins=options.get("entropy_bins", DEFAULT_BINS),
-        in_chans=in_chans,
+        fine, ratio, scales, grid, thresholds, in_chans=in_chans, **_entropy_options(options, pretrained_cfg, in_chans)
     )
 
 

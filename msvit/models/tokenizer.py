@@ -3,9 +3,10 @@
 One linear patch embedding and one fine-grid position embedding serve both scales: a coarse
 patch is area-averaged down to the fine patch size before the shared embedding, and the coarse
 position embedding is the fine one resampled bilinearly (``align_corners=False``, no antialias;
-for a factor of 2 this is the 2x2 mean). With an ``aggregation`` module (APT's zero-initialised
-aggregation, ``msvit.models.aggregation``) every coarse token also gets a term computed from the
-embeddings of its fine sub-patches, in every mode.
+for a factor of 2 this is the 2x2 mean), or, with ``coarse_pos="apt"``, as APT's code resamples
+it (timm's ``resample_abs_pos_embed``: bicubic, antialiased; docs/design.md section 15). With an
+``aggregation`` module (APT's zero-initialised aggregation, ``msvit.models.aggregation``) every
+coarse token also gets a term computed from the embeddings of its fine sub-patches, in every mode.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msvit.models.aggregation import packed_regions, per_entry, sub_patch_pixels
+from msvit.models.checks import check_choice
 from msvit.models.table_cache import TableCache
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
@@ -29,6 +31,11 @@ from msvit_kernels.varlen import (
     fine_cells_of_regions,
     mixed_scale_index,
 )
+
+# How a coarser scale's position table comes from the fine one: "bilinear" (the package's, with which
+# the all-coarse model equals timm on the pooled image) or "apt" (APT's code: timm's bicubic,
+# antialiased resample_abs_pos_embed)
+COARSE_POS = ("bilinear", "apt")
 
 
 class PositionTables(NamedTuple):
@@ -53,6 +60,8 @@ class MixedScaleTokenizer(nn.Module):
         aggregation: None (``aggregate="shared"``: a coarse token is the shared embedding of its
             downsampled patch) or a ``ZeroConvAggregation`` whose output is added to each coarse
             token's (normed) embedding before its position (``msvit.models.aggregation``).
+        coarse_pos: ``"bilinear"`` or ``"apt"`` (``COARSE_POS``): how every coarser scale's position
+            table is resampled from the fine one.
 
     Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): ``pack``
     runs the fused Triton kernels (``msvit_kernels.index_kernel`` and ``pack_kernel``) or torch;
@@ -72,13 +81,10 @@ class MixedScaleTokenizer(nn.Module):
         embed_norm: Optional[nn.Module] = None,
         aggregation: Optional[nn.Module] = None,
         scales: int = 2,
+        coarse_pos: str = "bilinear",
     ):
         super().__init__()
-        if scales > 2 and aggregation is not None:
-            raise NotImplementedError(
-                "aggregate='zero_conv' is implemented for two scales; "
-                "with more, coarse tokens take the shared embedding"
-            )
+        check_choice("coarse_pos", coarse_pos, COARSE_POS)
         if scales > 2 and ratio < 2:
             raise ValueError(f"more than two scales need a ratio >= 2 between scales, got {ratio}")
         self.scales = int(scales)
@@ -91,6 +97,7 @@ class MixedScaleTokenizer(nn.Module):
         self.no_embed_class = no_embed_class
         self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
         self.aggregation = aggregation
+        self.coarse_pos = coarse_pos
         self.kernels = "auto"
         self._tables = TableCache()
 
@@ -149,6 +156,12 @@ class MixedScaleTokenizer(nn.Module):
             # resampled from the whole cells' fine cells only: border cells (a size that is not a
             # whole number of cells) are no cell's, and a divisible grid is left as it was
             cropped = fine_map[:, :, : grid[0] * factor, : grid[1] * factor]
+            if self.coarse_pos == "apt":  # APT's TokenizedZeroConvPatchAttn.forward: timm's defaults
+                whole = cropped.shape[-2:]
+                rows = cropped.flatten(2).transpose(1, 2)
+                coarse = resample_abs_pos_embed(rows, new_size=list(grid), old_size=list(whole), num_prefix_tokens=0)
+                tables.append(coarse[0])
+                continue
             coarse = F.interpolate(cropped, size=grid, mode="bilinear", align_corners=False, antialias=False)
             tables.append(coarse.reshape(d, -1).transpose(0, 1))
         return PositionTables(prefix if n_pos_prefix else None, torch.cat(tables))
@@ -199,7 +212,12 @@ class MixedScaleTokenizer(nn.Module):
         index = build_index(hard, tree, self.num_prefix, shape)
         positions = self.position_tables(fine_grid)
         weights = torch.cat(tree.token_weights(st), 1) if st.requires_grad else None
-        return self._embed_pack(images, index, positions, weights, fused), index
+        extra = None
+        if self.aggregation is not None:  # every node's term; each token reads its own
+            n_top = max(tree.counts[-1], 1)
+            image = torch.where(index.region >= 0, index.region // n_top, -1 - index.region)
+            extra = self.tree_aggregated(images, tree)[image, index.position]
+        return self._embed_pack(images, index, positions, weights, fused, extra), index
 
     def _embed_pack(self, images, index, positions, st, fused: bool, extra=None) -> Tensor:
         """Packed tokens of ``index``: the fused kernel in the compute dtype, or the torch reference
@@ -286,6 +304,8 @@ class MixedScaleTokenizer(nn.Module):
             1,
         )
         tokens = self.embed_norm(self.embed(pixels))
+        if self.aggregation is not None:
+            tokens = tokens + self.tree_aggregated(images, tree)
         positions = self.position_tables(fine_grid)
         if positions.patches is not None:
             tokens = tokens + positions.patches
@@ -303,6 +323,15 @@ class MixedScaleTokenizer(nn.Module):
         pixels = sub_patch_pixels(images, regions, self.fine_patch, self.ratio)
         sub = self.embed_norm(self.embed(pixels))
         return self.aggregation(sub.view(regions.numel(), self.ratio * self.ratio, sub.shape[-1]))
+
+    def tree_aggregated(self, images: Tensor, tree: ScaleTree) -> Tensor:
+        """``[B, n_nodes, d]``: the aggregation term of every node of ``tree`` (node-table order,
+        finest first; 0 on the finest scale), from the embeddings of every finest cell
+        (``ZeroConvAggregation.tree_terms``; host-free, so static shapes keep working)."""
+        fine = self.embed_norm(self.embed(patchify(images, self.fine_patch)))  # [B, N_0, d]
+        batch, n_fine, d = fine.shape
+        terms = self.aggregation.tree_terms(fine.transpose(1, 2).reshape(batch, d, *tree.grids[0]), self.scales)
+        return torch.cat([fine.new_zeros(batch, n_fine, d), terms], 1)
 
 
 def region_of_fine_cells(

@@ -12,8 +12,10 @@ order in each): a level's logit > 0 means *split*, as a two-scale gate's means *
 - Learned, training: every level samples its own Gumbel-Sigmoid (independent noise, per-node
   straight-through values); evaluation thresholds the logits at 0. ``ScaleTree.token_weights``
   turns the straight-through values into token weights carrying every level's gradient.
-- Entropy: a node splits when the grey-level entropy of its pixels exceeds its scale's threshold.
-  The fused path runs ``patch_entropy`` with the threshold, one launch per level.
+- Entropy: a node splits when the grey-level entropy of its pixels reaches its scale's threshold
+  (``H >= tau``, APT's rule; ``>`` with ``binning="continuous"``). The fused path runs
+  ``patch_entropy`` with the threshold, one launch per level. A node with a non-finite pixel has
+  entropy +inf: it splits at every level down to the finest cells, never merged.
 - Budget (eval, both kinds): every image splits exactly ``k`` nodes (``tree_budget_mask``), so
   every image has ``roots + k * (r*r - 1)`` tokens and the packed shape is known in advance.
 - A caller's mask: bool ``[B, D]``; entries below a node that does not split are ignored.
@@ -26,7 +28,7 @@ entropy is ``< threshold`` (and dropping every smaller patch under a kept one). 
 the coarsest (the ``p*r**(S-1)`` px nodes): APT's ``num_scales=3, thresholds=[6.0, 4.0]`` (its
 docs/entropy_gate.md) at 16/32/64 px keeps a 32 px patch whole below 6.0 bits and a 64 px patch below 4.0 bits.
 Here ``thresholds[s - 1]`` is scale ``s``'s, so APT's lists carry over unchanged, and a node splits
-when ``H > tau`` (APT: ``H >= tau``; they differ only for an entropy exactly at the threshold).
+when ``H >= tau``, as in APT.
 
 Gate losses past two scales: the losses of ``msvit.losses`` take soft values ``m`` in [0, 1];
 with ``S > 2`` they are given :func:`finest_share` (the soft weight of each finest cell), the
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
-from msvit.models.entropy_gate import EntropyGate
+from msvit.models.entropy_gate import EntropyGate, binning_record
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
 from msvit_kernels.entropy_kernel import DEFAULT_BINS
 from msvit_kernels.scale_tree import ScaleTree
@@ -220,6 +222,7 @@ class TreeGate(nn.Module):
         std: Sequence[float] = IMAGENET_STD,
         bins: int = DEFAULT_BINS,
         in_chans: int = 3,
+        binning: str = "apt",
     ) -> "TreeGate":
         """An ``EntropyGate`` per splittable scale. thresholds: ``S - 1`` values in bits, in APT's
         order (module docstring): ``thresholds[s - 1]`` is for the ``p*r**s`` px nodes, the finest
@@ -243,6 +246,7 @@ class TreeGate(nn.Module):
                 std=std,
                 bins=bins,
                 in_chans=in_chans,
+                binning=binning,
             )
             for s in range(scales - 1, 0, -1)
         ]
@@ -375,7 +379,11 @@ class TreeGate(nn.Module):
             description.update(hidden=first.fc1.out_features, temperature=first.temperature)
         else:
             description.update(
-                thresholds=list(self.thresholds), bins=first.bins, mean=list(first.mean), std=list(first.std)
+                thresholds=list(self.thresholds),
+                bins=first.bins,
+                **binning_record(first.binning),
+                mean=list(first.mean),
+                std=list(first.std),
             )
         return description
 
@@ -396,6 +404,7 @@ class TreeGate(nn.Module):
             "scales": [self.patch_size(s) for s in range(self.scales)],
             "entropy_thresholds": list(self.thresholds),
             "entropy_bins": first.bins,
+            "entropy_binning": first.binning,
             "entropy_mean": list(first.mean),
             "entropy_std": list(first.std),
         }

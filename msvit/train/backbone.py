@@ -38,6 +38,7 @@ def gate_options(args, bundle) -> dict:
         "gate": "entropy",
         "entropy_thresholds": entropy_thresholds(args),
         "entropy_bins": args.entropy_bins,
+        "entropy_binning": getattr(args, "entropy_binning", "apt"),
         "entropy_mean": list(bundle.mean),
         "entropy_std": list(bundle.std),
     }

@@ -75,7 +75,7 @@ GATE_TRAINING = (
     "gate_warmup_epochs",
 )
 LEARNED_GATE = ("gate_hidden", "gate_init_logit", "gate_mode", "gate_mode_epochs", *GATE_TRAINING)
-ENTROPY_GATE = ("entropy_threshold", "entropy_bins")
+ENTROPY_GATE = ("entropy_threshold", "entropy_bins", "entropy_binning")
 
 
 def check_ranges(parser, args, ranges: dict) -> None:

@@ -17,7 +17,7 @@ from msvit.train.flag_checks import check_gate_flags, check_scale_flags, check_t
 from msvit.train.resume_state import check_run_flags, resumed_args, with_task
 from msvit.train.run_folder import recorded_flags_of
 from msvit.train.tasks import TASKS, task_of
-from msvit_kernels.entropy_kernel import DEFAULT_BINS, MAX_BINS, MIN_BINS
+from msvit_kernels.entropy_kernel import BINNINGS, DEFAULT_BINS, MAX_BINS, MIN_BINS
 
 # What each digits-only flag means for folder data.
 DIGITS_ONLY = {
@@ -126,7 +126,15 @@ def add_model_options(p) -> None:
         default=DEFAULT_BINS,
         metavar="N",
         help=f"--gate entropy: grey-level histogram bins, a power of two from {MIN_BINS} to {MAX_BINS} "
-        "(APT's code: 512, half an 8-bit level each)",
+        "(APT's code: 512)",
+    )
+    g.add_argument(
+        "--entropy-binning",
+        choices=list(BINNINGS),
+        default="apt",
+        help="--gate entropy: 'apt' bins 8-bit grey levels as APT's released code (torch.histc) and splits "
+        "at entropy >= threshold, so APT's thresholds keep APT's tokens; 'continuous' is the rule of runs "
+        "saved before (no 8-bit rounding, entropy > threshold)",
     )
     g.add_argument(
         "--mode",

@@ -45,7 +45,13 @@ FREE = {
 # starting weights are replaced by the checkpoint's; ``typed`` is parse_args' list of typed flags.
 INVOCATION = {"out", "resume", "overwrite", "max_steps", "device", "pretrained", "hub_pretrained", "typed"}
 # Flags added after train states were first written, with the value every run before them had.
-ADDED = {"gate": "learned", "entropy_threshold": APT_THRESHOLD, "entropy_bins": DEFAULT_BINS, "scales": None}
+ADDED = {
+    "gate": "learned",
+    "entropy_threshold": APT_THRESHOLD,
+    "entropy_bins": DEFAULT_BINS,
+    "entropy_binning": "continuous",  # the entropy gate's rule before APT's binning became the default
+    "scales": None,
+}
 
 
 def recorded_flags(args) -> dict:

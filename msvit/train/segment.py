@@ -60,6 +60,7 @@ BACKBONE = (
     "gate_init_logit",
     "entropy_threshold",
     "entropy_bins",
+    "entropy_binning",
 )
 save = save_segmenter
 
