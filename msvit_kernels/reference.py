@@ -132,6 +132,30 @@ def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ra
     return torch.cat(tables).index_select(0, source)
 
 
+def gather_flat_patches_reference(
+    pixels: Tensor, node_pixels: Tensor, source: Tensor, fine_patch: int, chans: int, side: int
+) -> Tensor:
+    """:func:`gather_patches_reference` for a list of images given as one flat pixel buffer
+    (``pixels``, each ``[C, H_b, W_b]`` flattened in turn) and ``node_pixels`` int64 ``[4, n_nodes]``
+    (each global node's pixel origin, row stride, channel stride and factor r**s,
+    ``scale_tree.TreeBatch.node_pixels``): the ``[N, C*p*p]`` pixels of the nodes ``source``, each
+    output pixel the mean of its factor x factor taps, summed in raster order as the pack kernel
+    sums them (``side``: the largest factor)."""
+    origin, row, area, factor = (v[:, None, None, None] for v in node_pixels[:, source])
+    p = fine_patch
+    chan = torch.arange(chans, device=pixels.device).view(1, chans, 1, 1)
+    y = torch.arange(p, device=pixels.device).view(1, 1, p, 1)
+    x = torch.arange(p, device=pixels.device).view(1, 1, 1, p)
+    start = origin + chan * area + factor * y * row + factor * x
+    total = torch.zeros(source.numel(), chans, p, p, dtype=torch.float32, device=pixels.device)
+    for ty in range(side):
+        for tx in range(side):
+            inside = (ty < factor) & (tx < factor)
+            offset = torch.where(inside, start + ty * row + tx, 0)
+            total = total + torch.where(inside, pixels[offset].float(), 0.0)
+    return (total / (factor * factor)).to(pixels.dtype).flatten(1)
+
+
 def scale_patches(images: Tensor, fine_patch: int, factor: int) -> Tensor:
     """``[B, N, C*p*p]``: the patches of ``fine_patch * factor`` px, area-averaged down to ``fine_patch``."""
     return patchify(images, fine_patch) if factor == 1 else coarse_patches_at_fine_size(images, fine_patch, factor)

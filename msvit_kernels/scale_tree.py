@@ -401,6 +401,18 @@ class TreeBatch:
         device: on the host from the sizes (host metadata), then one copy to ``device``."""
         return _batch_layout(self, torch.device(device) if device is not None else torch.device("cpu"))
 
+    def node_pixels(self, fine_patch: int, chans: int, device=None) -> Tensor:
+        """int64 ``[4, n_nodes]``: every global node's pixel origin in the list's flat pixel buffer
+        (each ``[C, H_b, W_b]`` image flattened in turn), row stride (``W_b``), channel stride
+        (``H_b W_b``) and averaging factor ``r**s``: the pack kernel's geometry of a list. Built on
+        the host from the sizes once per size mix and device (cached), then one copy."""
+        key = (self, int(fine_patch), int(chans), torch.device(device) if device is not None else torch.device("cpu"))
+        cached = _LAYOUTS.get(key)
+        if cached is None:
+            cached = _node_pixels(self, int(fine_patch), int(chans)).to(key[-1], non_blocking=True)
+            _remember(key, cached)
+        return cached
+
     def token_weights(self, decisions: Tensor) -> Tensor:
         """``ScaleTree.token_weights`` of every image at once, in global node order: ``[n_nodes]``
         (bool for a bool flat mask ``[sum D_b]``, float for straight-through values)."""
@@ -509,10 +521,29 @@ def _batch_layout(batch: TreeBatch, device: torch.device) -> BatchLayout:
     order = torch.cat(orders)
     host = BatchLayout(order, image[order], image, scale, region, parent, decision, torch.cat(ancestors, 1))
     layout = BatchLayout(*(t.to(device, non_blocking=True) for t in host.__dict__.values()))
-    _LAYOUTS[key] = layout
+    _remember(key, layout)
+    return layout
+
+
+def _remember(key, value) -> None:
+    _LAYOUTS[key] = value
     while len(_LAYOUTS) > _MAX_LAYOUTS:
         _LAYOUTS.pop(next(iter(_LAYOUTS)))
-    return layout
+
+
+def _node_pixels(batch: TreeBatch, patch: int, chans: int) -> Tensor:
+    parts = [[] for _ in range(batch.scales)]
+    start = 0
+    for tree in batch.trees:  # on the host, once per size mix
+        height, width = tree.grids[0][0] * patch, tree.grids[0][1] * patch
+        for s, (h, w) in enumerate(tree.grids):
+            size = patch * tree.ratio**s
+            cell = torch.arange(h * w)
+            origin = start + (cell // w) * size * width + (cell % w) * size
+            fill = torch.ones_like(cell)
+            parts[s].append(torch.stack([origin, fill * width, fill * height * width, fill * tree.ratio**s]))
+        start += chans * height * width
+    return torch.cat([torch.cat(p, 1) for p in parts], 1)
 
 
 def batch_index(

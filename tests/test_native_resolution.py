@@ -12,6 +12,8 @@ import torch
 
 import msvit
 from msvit.host_reads import count_host_reads
+from msvit_kernels.pack_kernel import gather_embed_pack
+from msvit_kernels.reference import gather_flat_patches_reference, gather_patches_reference, pack_reference
 from msvit_kernels.scale_tree import ScaleTree, TreeBatch, batch_index, tree_index
 
 from helpers import needs_triton, redraw_parameters, rel_err
@@ -284,10 +286,64 @@ def test_features_without_lists_refuse_them_by_name():
     model = converted("vit")
     images = images_of(SIZES_16[:2])
     refusals = {
-        "PrunedMSViT": lambda: msvit.PrunedMSViT(model, keep_ratio=0.7)(images),
+        "PrunedMSViT": lambda: msvit.PrunedMSViT(model, keep_ratio=0.7, layers=(1,))(images),
         "count_macs": lambda: msvit.count_macs(model, images),
         "MSSegmenter": lambda: msvit.MSSegmenter(model, num_classes=3)(images),
     }
     for name, call in refusals.items():
         with pytest.raises(NotImplementedError, match=name):
             call()
+
+
+@pytest.mark.parametrize("scales, sizes", [(2, [(32, 48), (24, 40), (16, 72)]), (3, [(32, 48), (40, 32), (48, 16)])])
+def test_flat_pixel_gather_equals_the_per_image_patches(scales, sizes):
+    """The flat-buffer gather (the pack kernel's backward and geometry) == patchify per image."""
+    p, r, chans = 4, 2, 3
+    images = images_of(sizes)
+    batch = TreeBatch.of([(h // p, w // p) for h, w in sizes], r, scales)
+    nodes = torch.arange(batch.scale_starts[-1])
+    flat = torch.cat([image.reshape(-1) for image in images])
+    expected = gather_patches_reference(images, nodes, p, r, scales)
+    got = gather_flat_patches_reference(flat, batch.node_pixels(p, chans), nodes, p, chans, r ** (scales - 1))
+    assert rel_err(got, expected) <= 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("scales, sizes", [(2, [(32, 48), (24, 40), (16, 72)]), (3, [(32, 48), (40, 32), (48, 16)])])
+def test_pack_kernel_on_a_list_equals_the_reference(scales, sizes):
+    """One launch over the flat pixel buffer == pack_reference over the list, forward and backward,
+    with a static shape's padding rows too."""
+    p, r, chans, d = 4, 2, 3, 20
+    images = images_of(sizes)
+    batch = TreeBatch.of([(h // p, w // p) for h, w in sizes], r, scales)
+    n = batch.scale_starts[-1]
+    generator = torch.Generator().manual_seed(6)
+    mask = torch.rand(sum(batch.decisions), generator=generator) < 0.5
+    weight, bias, pos, prefix = (
+        torch.randn(*s, generator=generator) for s in ((d, chans * p * p), (d,), (n, d), (1, d))
+    )
+    st = torch.rand(n, generator=generator)
+    flat = torch.cat([image.reshape(-1) for image in images])
+    for shape in (None, batch.static_shape(1, capacity=sum(1 + t.counts[0] for t in batch.trees) + 9)):
+        index = batch_index(mask, batch, 1, shape)
+        params = [t.clone().requires_grad_() for t in (weight, bias, pos, st, prefix)]
+        expected = pack_reference(images, index, *params[:4], params[4], p, r, scales=scales)
+        kernel_params = [t.clone().requires_grad_() for t in (weight, bias, pos, st, prefix)]
+        got = gather_embed_pack(
+            flat, index, *kernel_params, p, r, scales=scales, node_pixels=batch.node_pixels(p, chans)
+        )
+        real = torch.cat([index.rows, index.prefix_rows.flatten()])  # padding rows hold copies of a real token
+        assert rel_err(got[real], expected[real]) <= 1e-5
+        grad = torch.randn(expected.shape, generator=generator)
+        for a, b in zip(torch.autograd.grad(expected, params, grad), torch.autograd.grad(got, kernel_params, grad)):
+            assert rel_err(b, a) <= 1e-5
+
+
+@needs_triton
+def test_triton_kernels_on_a_list_equal_the_reference_model():
+    model = converted("vit", scales=(16, 32, 64))
+    images = images_of(SIZES_16_TREE[:3])
+    with torch.no_grad():
+        expected = model(images, budget=0.4)
+        model.kernels = "triton"
+        assert rel_err(model(images, budget=0.4), expected) <= TOL

@@ -227,13 +227,19 @@ class MixedScaleTokenizer(nn.Module):
         """``pack`` of a list of images of different sizes (docs/design.md section 11): hard and st
         are flat ``[sum D_b]`` (``TreeBatch``), every token scaled by its token weight."""
         batch = self.batch_of(images)
-        use_triton(self.kernels, images[0], "a list of images takes the torch tokenizer (docs/design.md section 11)")
+        fused = use_triton(
+            self.kernels, images[0], self._fallback(next((i for i in images if i.requires_grad), images[0]))
+        )
         index = batch_index(hard, batch, self.num_prefix, shape)
         positions = self.batch_position_tables(images, batch)
         weights = batch.token_weights(st) if st.requires_grad else None
+        if fused:  # one launch over the flat pixel buffer; each node carries its pixel geometry
+            pixels = torch.cat([image.reshape(-1) for image in images])
+            node_pixels = batch.node_pixels(self.fine_patch, images[0].shape[0], pixels.device)
+            return self._embed_pack(pixels, index, positions, weights, True, node_pixels=node_pixels), index
         return self._embed_pack(list(images), index, positions, weights, False), index
 
-    def _embed_pack(self, images, index, positions, st, fused: bool, extra=None) -> Tensor:
+    def _embed_pack(self, images, index, positions, st, fused: bool, extra=None, node_pixels=None) -> Tensor:
         """Packed tokens of ``index``: the fused kernel in the compute dtype, or the torch reference
         (``st``: the straight-through values of ``pack``, or a tree's token-weight table)."""
         if fused:
@@ -250,6 +256,7 @@ class MixedScaleTokenizer(nn.Module):
                 self.fine_patch,
                 self.ratio,
                 scales=self.scales,
+                node_pixels=node_pixels,
             )
         return pack_reference(
             images,
