@@ -75,11 +75,6 @@ if triton is not None:
         mask_t = offs_t < n_tokens
         mask_d = offs_d < dim
         position = tl.load(POSITION + offs_t, mask=mask_t, other=0)
-        if LIST:
-            _pack_list_tile(IMG, ROWS, W, BIAS, POS, ST, OUT, NODE_PIXELS, position, offs_t, offs_d, mask_t, mask_d,
-                            dim, n_nodes, stride_wo, stride_wi, stride_pr, stride_pd, stride_ot, stride_od,
-                            PATCH, K, SIDE, HAS_BIAS, HAS_POS, HAS_ST, BLOCK_T, BLOCK_D, BLOCK_K, DOT_PRECISION)
-            return
         region = tl.load(REGION + offs_t, mask=mask_t, other=0)
         image = tl.where(region >= 0, region // n_coarse, -1 - region)
         if SCALES == 2:
@@ -103,6 +98,13 @@ if triton is not None:
             y0 = (cell // grid_w) * (PATCH * step)
             x0 = (cell % grid_w) * (PATCH * step)
         base = IMG + image * stride_ib + y0 * stride_ih + x0 * stride_iw
+        if LIST:  # the token's node carries its pixel origin and its image's strides (the maps above go unused)
+            # a 64-bit origin (a flat buffer of many images); strides within one image fit 32 bits, which
+            # keeps the [BLOCK_T, BLOCK_K] offsets 32-bit (64-bit ones spilled on sm_70/75)
+            base = IMG + tl.load(NODE_PIXELS + position, mask=mask_t, other=0)
+            row = tl.load(NODE_PIXELS + n_nodes + position, mask=mask_t, other=0).to(tl.int32)
+            area = tl.load(NODE_PIXELS + 2 * n_nodes + position, mask=mask_t, other=0).to(tl.int32)
+            step = tl.load(NODE_PIXELS + 3 * n_nodes + position, mask=mask_t, other=1).to(tl.int32)
 
         acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -110,7 +112,9 @@ if triton is not None:
             ptr = (base[:, None] + chan[None, :] * stride_ic + (step[:, None] * py[None, :]) * stride_ih
                    + (step[:, None] * px[None, :]) * stride_iw)
             mask = mask_t[:, None] & mask_k[None, :]
-            if SCALES == 2:
+            if LIST:
+                pix = _list_pixels(base, row, area, step, chan, py, px, mask, SIDE, BLOCK_T, BLOCK_K)
+            elif SCALES == 2:
                 pix = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
                 if RATIO > 1:  # the other r*r - 1 taps of a coarse pixel; masked off for fine tokens
                     coarse = mask & (position >= n_fine)[:, None]
@@ -139,7 +143,9 @@ if triton is not None:
             acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask,
                            other=0.0).to(tl.float32)
         if HAS_ST:
-            if SCALES == 2:
+            if LIST:  # the flat token weight of its global node
+                acc *= tl.load(ST + position, mask=mask_t, other=1.0).to(tl.float32)[:, None]
+            elif SCALES == 2:
                 st = tl.load(ST + region, mask=mask_t & (region >= 0), other=1.0).to(tl.float32)
                 acc *= tl.where(fine, st, 1.0 - st)[:, None]
             else:  # the token weight of its (image, node)
@@ -149,45 +155,24 @@ if triton is not None:
 
 
     @triton.jit
-    def _pack_list_tile(
-        IMG, ROWS, W, BIAS, POS, ST, OUT, NODE_PIXELS, position, offs_t, offs_d, mask_t, mask_d,
-        dim, n_nodes, stride_wo, stride_wi, stride_pr, stride_pd, stride_ot, stride_od,
-        PATCH: tl.constexpr, K: tl.constexpr, SIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-        HAS_ST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-    ):
-        """``_pack_kernel``'s tile for a list of images: the token's pixels come from its node's
-        origin and strides in the flat buffer (each image has its own width and area)."""
-        origin = tl.load(NODE_PIXELS + position, mask=mask_t, other=0)
-        row = tl.load(NODE_PIXELS + n_nodes + position, mask=mask_t, other=0)
-        area = tl.load(NODE_PIXELS + 2 * n_nodes + position, mask=mask_t, other=0)
-        step = tl.load(NODE_PIXELS + 3 * n_nodes + position, mask=mask_t, other=1)
-        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k, mask_k, chan, py, px = patch_features(k0, K, PATCH, BLOCK_K)
-            ptr = (IMG + origin[:, None] + chan[None, :] * area[:, None] + (step[:, None] * py[None, :]) * row[:, None]
-                   + step[:, None] * px[None, :])
-            mask = mask_t[:, None] & mask_k[None, :]
-            # r**s x r**s taps in raster order over the widest grid, the token's own unmasked (as SCALES > 2)
-            pix = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-            for tap in range(0, SIDE * SIDE):
-                ty, tx = tap // SIDE, tap % SIDE
-                pix += tl.load(ptr + ty * row[:, None] + tx, mask=mask & ((ty < step) & (tx < step))[:, None],
-                               other=0.0).to(tl.float32)
-            pix = pix / (step * step).to(tl.float32)[:, None]
-            wt = tl.load(W + offs_d[None, :] * stride_wo + offs_k[:, None] * stride_wi,
-                         mask=mask_d[None, :] & mask_k[:, None], other=0.0)
-            acc += tl.dot(pix.to(wt.dtype), wt, input_precision=DOT_PRECISION)
-        mask = mask_t[:, None] & mask_d[None, :]
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        if HAS_POS:
-            acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask,
+    def _list_pixels(base, row, area, step, chan, py, px, mask, SIDE: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """The ``[BLOCK_T, BLOCK_K]`` pixels of a list's tokens: each token's r**s x r**s taps in raster
+        order (as SCALES > 2), with its own image's row and channel strides."""
+        ptr = base[:, None] + (chan[None, :] * area[:, None] + (step[:, None] * py[None, :]) * row[:, None]
+                               + step[:, None] * px[None, :])
+        pix = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        for tap in range(0, SIDE * SIDE):
+            ty, tx = tap // SIDE, tap % SIDE
+            pix += tl.load(ptr + ty * row[:, None] + tx, mask=mask & ((ty < step) & (tx < step))[:, None],
                            other=0.0).to(tl.float32)
-        if HAS_ST:
-            acc *= tl.load(ST + position, mask=mask_t, other=1.0).to(tl.float32)[:, None]
-        rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
-        tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
+        return pix / (step * step).to(tl.float32)[:, None]
+
+
+def _half_on_ampere_batch(capability: int, meta: dict) -> bool:
+    """``half_on_ampere`` for a ``[B, C, H, W]`` batch: a list's per-token strides spill this tile
+    (104 B on sm_80 in the compile report)."""
+    return half_on_ampere(capability, meta) and not meta.get("LIST")
 
 
 # GPU tiles, autotuned; see launch.TritonKernel for how a GPU generation picks its subset. The
@@ -195,7 +180,7 @@ if triton is not None:
 # the wide tiles spill 1-10 KB per thread in fp32 and on sm_70/75, so they run on sm_80+ in fp16/bf16.
 _CONFIGS = [] if triton is None else [
     (triton.Config({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2), half_on_ampere),
-    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2), half_on_ampere),
+    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2), _half_on_ampere_batch),
     (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), None),
     (triton.Config({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1), None),
 ]
@@ -223,7 +208,7 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
     check_launchable(images)
     if node_pixels is not None:  # a list: the flat pixel buffer; the node table carries the geometry
         chans = weight.shape[1] // (fine_patch * fine_patch)
-        geometry = (1, 0, 0, 0, 0, 0, 0, 0, node_pixels.shape[1])
+        geometry = (1, 0, 1, 1, 0, 0, 1, 1, node_pixels.shape[1])  # unused by LIST; no division by zero
     else:
         batch, chans, height, width = images.shape
         geometry = _geometry(height, width, fine_patch, ratio, scales)
