@@ -180,7 +180,14 @@ def gate_mlp_reference(
     order), w2/w3 ``[hidden, hidden]``, w4 ``[1, hidden]``, biases ``[out]``; pos ``[Nc, hidden]``
     (the gate position embedding at this grid), added after layer 1. GELU is the exact erf form.
     """
-    h = F.gelu(F.linear(patchify(images, region_size), w1, b1) + pos)
+    return gate_mlp_patches(patchify(images, region_size), w1, b1, pos, w2, b2, w3, b3, w4, b4)
+
+
+def gate_mlp_patches(patches: Tensor, w1, b1, pos, w2, b2, w3, b3, w4, b4) -> Tensor:
+    """:func:`gate_mlp_reference` on region pixels ``[..., N, C*S*S]`` ((C, S, S) order) with their
+    position embeddings ``pos [N, hidden]``: logits ``[..., N]`` (a list of images: every region of
+    every image in one call)."""
+    h = F.gelu(F.linear(patches, w1, b1) + pos)
     h = F.gelu(F.linear(h, w2, b2))
     h = F.gelu(F.linear(h, w3, b3))
     return F.linear(h, w4, b4).squeeze(-1)

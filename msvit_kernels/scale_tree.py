@@ -413,6 +413,19 @@ class TreeBatch:
             _remember(key, cached)
         return cached
 
+    def nodes_of_images(self, s: int, device=None) -> Tuple[Tensor, Tensor]:
+        """int64 ``[sum N_s]`` each: the image of every scale-``s`` node (global order) and its
+        index inside its image (cached per size mix, as ``layout``)."""
+        key = (self, "nodes", s, torch.device(device) if device is not None else torch.device("cpu"))
+        cached = _LAYOUTS.get(key)
+        if cached is None:
+            counts = torch.tensor(self.nodes_at(s))
+            image = torch.repeat_interleave(torch.arange(self.batch), counts)
+            local = torch.cat([torch.arange(n) for n in self.nodes_at(s)])
+            cached = (image.to(key[-1], non_blocking=True), local.to(key[-1], non_blocking=True))
+            _remember(key, cached)
+        return cached
+
     def token_weights(self, decisions: Tensor) -> Tensor:
         """``ScaleTree.token_weights`` of every image at once, in global node order: ``[n_nodes]``
         (bool for a bool flat mask ``[sum D_b]``, float for straight-through values)."""

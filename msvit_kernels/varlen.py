@@ -128,7 +128,8 @@ def shape_within(batch: int, shortest: int, longest: int, capacity: Optional[int
             f"capacity must be between {batch * shortest} and {batch * longest} packed rows for {batch} images "
             f"of {shortest} to {longest} tokens, got {capacity}"
         )
-    return lengths_within([shortest] * batch, [longest] * batch, capacity, exact)
+    slack = capacity - batch * shortest  # the most padding rows a batch can leave
+    return StaticShape(capacity, longest, math.ceil(slack / longest) if longest else 0)
 
 
 def lengths_within(shortest, longest, capacity: Optional[int], exact: bool) -> StaticShape:

@@ -347,3 +347,20 @@ def test_triton_kernels_on_a_list_equal_the_reference_model():
         expected = model(images, budget=0.4)
         model.kernels = "triton"
         assert rel_err(model(images, budget=0.4), expected) <= TOL
+
+
+def test_learned_gate_over_a_list_equals_each_images_gate():
+    """One gather and one MLP for the list == the gate of each image; the per-image budget of
+    ``list_budget_mask`` == ``budget_mask`` of each image (ties aside: continuous logits)."""
+    model = converted("vit")
+    images = images_of(SIZES_16)
+    counts = model.batch_of(images).decisions
+    with torch.no_grad():
+        for budget in (None, 0.3, 2):
+            decision = model.decide(images, budget=budget)
+            for b, (image, logits, hard) in enumerate(
+                zip(images, decision.logits.split(counts), decision.hard.split(counts))
+            ):
+                alone = model.gate.decide(image[None], sample=False, budget=budget)
+                assert rel_err(logits, alone.logits[0]) <= TOL
+                assert torch.equal(hard, alone.hard[0]), (budget, b)
