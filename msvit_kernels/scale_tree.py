@@ -274,14 +274,8 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
     valid_nodes = torch.cat(tree.token_weights(mask), 1)  # [B, n_nodes], node-table order
     valid = valid_nodes[:, layout.order]  # packed order
     lengths = num_prefix + valid.sum(1)
-    cu_seqlens = cu_seqlens_from_lengths(lengths)
     static = shape is not None
-    if not static:
-        longest = lengths.amax() if batch else lengths.new_zeros(())
-        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
-        shape = StaticShape(total, max_seqlen, 0)
-    else:
-        check_capacity(cu_seqlens[-1], shape.capacity)
+    cu_seqlens, shape = _sized(lengths, shape)
     total = shape.capacity
     rank = torch.cumsum(valid, 1) - valid.long()
     node_row = cu_seqlens[:-1, None].long() + num_prefix + rank  # [B, n_nodes] packed order
@@ -306,7 +300,6 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
         position = torch.where(real, position, tree.counts[0])
         region = torch.where(real, region, 0)
         scale = torch.where(real, scale, 1)
-    is_fine = scale == 0
 
     rows_by_node = torch.empty_like(node_row)
     rows_by_node[:, layout.order] = node_row
@@ -315,16 +308,33 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
         at = ancestor.clamp_min(0)
         token = valid_nodes[:, at] & (ancestor >= 0)
         fine_to_row = torch.where(token, rows_by_node[:, at], fine_to_row)
+    return _index(cu_seqlens, lengths, shape, static, num_prefix, rows, source, position, region, scale, fine_to_row)
+
+
+def _sized(lengths: Tensor, shape: Optional[StaticShape]) -> Tuple[Tensor, StaticShape]:
+    """``cu_seqlens`` of the images' ``lengths`` and the layout's shape: the exact one (one host read:
+    T and max_seqlen) or the given static one (its capacity checked on the device)."""
+    cu_seqlens = cu_seqlens_from_lengths(lengths)
+    if shape is None:
+        longest = lengths.amax() if lengths.numel() else lengths.new_zeros(())  # an empty batch has no longest
+        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
+        return cu_seqlens, StaticShape(total, max_seqlen, 0)
+    check_capacity(cu_seqlens[-1], shape.capacity)
+    return cu_seqlens, shape
+
+
+def _index(cu_seqlens, lengths, shape, static, num_prefix, rows, source, position, region, scale, fine_to_row):
+    """The ``MixedScaleIndex`` of the tree builders from their maps."""
     return MixedScaleIndex(
         cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
         max_seqlen=shape.max_seqlen,
-        total=total,
+        total=shape.capacity,
         rows=rows,
         source=source,
         position=position,
         region=region,
-        is_fine=is_fine,
-        prefix_rows=cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device),
+        is_fine=scale == 0,
+        prefix_rows=cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=rows.device),
         row_image=padded_row_image(lengths, shape),
         fine_to_row=fine_to_row,
         padding_sequences=shape.padding_sequences,
@@ -582,13 +592,8 @@ def batch_index(
     lengths = num_prefix + torch.zeros(images, dtype=torch.long, device=device).index_add_(
         0, layout.entry_image, valid.long()
     )
-    cu_seqlens = cu_seqlens_from_lengths(lengths)
     static = shape is not None
-    if not static:
-        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), lengths.amax()]).tolist())
-        shape = StaticShape(total, max_seqlen, 0)
-    else:
-        check_capacity(cu_seqlens[-1], shape.capacity)
+    cu_seqlens, shape = _sized(lengths, shape)
     total = shape.capacity
     # a packed-order entry's row: the tokens before it (all images) plus the prefixes up to its image's
     node_row = torch.cumsum(valid, 0) - valid.long() + num_prefix * (layout.entry_image + 1)
@@ -611,19 +616,4 @@ def batch_index(
     for ancestor in layout.ancestors:
         at = ancestor.clamp_min(0)
         fine_to_row = torch.where(valid_nodes[at] & (ancestor >= 0), rows_by_node[at], fine_to_row)
-    return MixedScaleIndex(
-        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
-        max_seqlen=shape.max_seqlen,
-        total=total,
-        rows=rows,
-        source=node,
-        position=node,
-        region=region,
-        is_fine=scale == 0,
-        prefix_rows=cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device),
-        row_image=padded_row_image(lengths, shape),
-        fine_to_row=fine_to_row,
-        padding_sequences=shape.padding_sequences,
-        static=static,
-        scale=scale,
-    )
+    return _index(cu_seqlens, lengths, shape, static, num_prefix, rows, node, node, region, scale, fine_to_row)
