@@ -92,6 +92,33 @@ def _record(workload: Workload):
                 3,
             )
         return records
+    if model == "list-pack":  # a list of images of different sizes (flat pixels, docs/design.md section 11)
+        from .scale_tree import TreeBatch
+
+        dim, total = 384, 500
+        rows = torch.zeros(total - 2, dtype=torch.int64)
+        with record_launches() as records:
+            for scales in (2, 3):
+                batch = TreeBatch.of([(14, 14), (10, 20)], 2, scales)
+                n_nodes = batch.scale_starts[-1]
+                pack_kernel._pack_forward(
+                    torch.zeros(3 * (224 * 224 + 160 * 320), dtype=dtype),
+                    torch.zeros(dim, 3 * 16 * 16, dtype=dtype),
+                    torch.zeros(dim, dtype=dtype),
+                    torch.zeros(n_nodes, dim, dtype=dtype),
+                    torch.zeros(n_nodes, dtype=dtype),
+                    torch.zeros(1, dim, dtype=dtype),
+                    rows,
+                    rows,
+                    rows,
+                    torch.zeros(2, 1, dtype=torch.int64),
+                    total,
+                    16,
+                    2,
+                    scales,
+                    batch.node_pixels(16, 3),
+                )
+        return records
     if model == "tree-index":  # the index of a tree of scales at 224 px (14 x 14 patches of 16): S=3, S=4, r=3
         with record_launches() as records:
             for ratio, scales in ((2, 3), (2, 4), (3, 3)):
@@ -180,7 +207,7 @@ def workloads(quick: bool) -> List[Workload]:
     """The representative set (``quick``: what `make test` compiles) or the full sweep."""
     first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
     # each kernel variant the ViT workloads do not launch (the tree kernels: models of more than two scales)
-    extras = ("attention-pool train", "entropy-gate infer", "tree-pack infer", "tree-index infer")
+    extras = ("attention-pool train", "entropy-gate infer", "tree-pack infer", "tree-index infer", "list-pack infer")
     pool = [Workload(m, d, 64, False) for m in extras for d in ("float16", "bfloat16")]
     if quick:
         return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")] + pool
@@ -336,6 +363,7 @@ def _config_text(kwargs: dict, meta: dict) -> str:
     names = ("GATHER", "HEAD", "HAS_NOISE", "SAVE_PRE", "SEPARATE_KV", "HAS_THRESHOLD", "APT")
     flags = [k for k in names if meta.get(k)]
     flags += [f"SCALES={meta['SCALES']}"] if meta.get("SCALES", 2) > 2 else []  # the two-scale rows read as before
+    flags += ["LIST"] if meta.get("LIST") else []
     return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
 
 

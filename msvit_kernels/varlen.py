@@ -132,6 +132,26 @@ def shape_within(batch: int, shortest: int, longest: int, capacity: Optional[int
     return StaticShape(capacity, longest, math.ceil(slack / longest) if longest else 0)
 
 
+def lengths_within(shortest, longest, capacity: Optional[int], exact: bool) -> StaticShape:
+    """``shape_within`` for images of different sizes: image ``b`` has ``shortest[b]`` to
+    ``longest[b]`` rows (a list of images of different sizes, docs/design.md section 11). Any
+    capacity from the shortest total up serves: a fixed bucket pads whatever mix of sizes it gets."""
+    low = sum(shortest)
+    if capacity is None:
+        if not exact:
+            raise ValueError("a static shape needs a capacity (packed rows) unless every image has a known length")
+        capacity = low
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int number of packed rows, got {capacity!r}")
+    if capacity < low:
+        raise ValueError(
+            f"capacity must be at least {low} packed rows for these {len(shortest)} images, got {capacity!r}"
+        )
+    bound = max(longest, default=0)
+    slack = capacity - low  # the most padding rows a batch can leave
+    return StaticShape(capacity, bound, math.ceil(slack / bound) if bound else 0)
+
+
 def padded_cu_seqlens(cu_seqlens: Tensor, shape: StaticShape) -> Tensor:
     """int32 ``[B + 1 + padding_sequences]``: the images' offsets, then padding sequences of at most
     ``max_seqlen`` rows each up to ``capacity`` (on the device: no host read)."""

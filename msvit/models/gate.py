@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from msvit.models.checks import check_mask
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.gate_kernel import MAX_HIDDEN, fused_gate
-from msvit_kernels.reference import gate_mlp_reference
+from msvit_kernels.reference import gate_mlp_patches, gate_mlp_reference
 
 Budget = Union[int, float, None]
 
@@ -92,6 +92,25 @@ def budget_mask(logits: Tensor, budget: Budget) -> Tensor:
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
         mask.scatter_(1, order[:, :k], True)
     return mask
+
+
+def list_budget_mask(logits: Tensor, image: Tensor, local: Tensor, counts, budget: Budget) -> Tensor:
+    """``budget_mask`` of a list of images at once: logits ``[sum N_b]`` (image after image), image
+    and local: each entry's image and index in it; image b keeps its ``budget_regions(budget, N_b)``
+    highest logits (an int budget larger than an image's N_b is refused naming it). No host read."""
+    keep = []
+    for b, n in enumerate(counts):
+        try:
+            keep.append(budget_regions(budget, n))
+        except ValueError as error:
+            raise ValueError(f"images[{b}]: {error}") from None
+    padded = logits.new_full((len(counts), max(counts)), float("-inf"))
+    padded[image, local] = logits.detach()
+    order = torch.sort(padded, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return (rank < torch.tensor(keep, device=logits.device)[:, None])[image, local]
 
 
 def mask_decision(images: Tensor, mask: Tensor, region_size: int) -> GateDecision:
@@ -172,6 +191,14 @@ class MixedScaleGate(nn.Module):
             return self._fused_gate(images).logits
         return gate_mlp_reference(self.whole_regions(images), self.region_size, *self._weights(images))
 
+    def list_logits(self, region_pixels: Tensor, grids) -> Tensor:
+        """Logits ``[sum Nc_b]`` of a list of images in one MLP call: region_pixels ``[sum Nc_b, C*S*S]``
+        (every image's whole regions in raster order, image after image), grids: each image's coarse
+        grid (its position table is built once per distinct grid)."""
+        tables = {grid: self.position_embedding(grid) for grid in dict.fromkeys(grids)}
+        pos = torch.cat([tables[grid] for grid in grids])
+        return gate_mlp_patches(region_pixels, *self._weights_at(pos))
+
     def whole_regions(self, images: Tensor) -> Tensor:
         """The view of ``images`` covered by whole regions (all of it for a multiple of region_size)."""
         size = self.region_size
@@ -204,10 +231,13 @@ class MixedScaleGate(nn.Module):
     def _weights(self, images: Tensor) -> Tuple[Tensor, ...]:
         """(w1, b1, pos, w2, b2, w3, b3, w4, b4) for this batch's coarse grid."""
         grid = (images.shape[-2] // self.region_size, images.shape[-1] // self.region_size)
+        return self._weights_at(self.position_embedding(grid))
+
+    def _weights_at(self, pos: Tensor) -> Tuple[Tensor, ...]:
         return (
             self.fc1.weight,
             self.fc1.bias,
-            self.position_embedding(grid),
+            pos,
             self.fc2.weight,
             self.fc2.bias,
             self.fc3.weight,
