@@ -34,7 +34,7 @@ from ._triton import (
     tl,
     triton,
 )
-from .reference import gather_patches_reference
+from .reference import gather_flat_patches_reference, gather_patches_reference
 from .scale_tree import ScaleTree
 from .varlen import MixedScaleIndex
 
@@ -46,12 +46,12 @@ if triton is not None:
 
     @triton.jit
     def _pack_kernel(
-        IMG, ROWS, POSITION, REGION, W, BIAS, POS, ST, OUT,
+        IMG, ROWS, POSITION, REGION, W, BIAS, POS, ST, OUT, NODE_PIXELS,
         n_tokens, n_coarse, n_fine, fine_w, coarse_w, dim, node_2, node_3, grid_w2, grid_w3, n_nodes,
         stride_ib, stride_ic, stride_ih, stride_iw, stride_wo, stride_wi,
         stride_pr, stride_pd, stride_ot, stride_od,
         PATCH: tl.constexpr, RATIO: tl.constexpr, K: tl.constexpr, SCALES: tl.constexpr, SIDE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_ST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_ST: tl.constexpr, LIST: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """One program: BLOCK_T patch tokens (packed order) x BLOCK_D embedding channels.
@@ -64,12 +64,22 @@ if triton is not None:
         row; n_fine, node_2, node_3 are the first rows of scales 1, 2, 3, fine_w, coarse_w, grid_w2,
         grid_w3 the grid widths of scales 0 .. 3; SIDE = RATIO**(SCALES-1), the widest tap grid; ST is
         ``[B, n_nodes]``. SCALES == 2 compiles exactly the two-scale kernel (the other branches vanish).
+
+        LIST (a list of images of different sizes, docs/design.md section 11): IMG is one flat pixel
+        buffer, POSITION a global node, NODE_PIXELS ``[4, n_nodes]`` every node's pixel origin, row
+        stride (its image's width), channel stride (its image's area) and averaging factor r**s,
+        ST the flat token weights ``[n_nodes]``; n_nodes is NODE_PIXELS's row length.
         """
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_t = offs_t < n_tokens
         mask_d = offs_d < dim
         position = tl.load(POSITION + offs_t, mask=mask_t, other=0)
+        if LIST:
+            _pack_list_tile(IMG, ROWS, W, BIAS, POS, ST, OUT, NODE_PIXELS, position, offs_t, offs_d, mask_t, mask_d,
+                            dim, n_nodes, stride_wo, stride_wi, stride_pr, stride_pd, stride_ot, stride_od,
+                            PATCH, K, SIDE, HAS_BIAS, HAS_POS, HAS_ST, BLOCK_T, BLOCK_D, BLOCK_K, DOT_PRECISION)
+            return
         region = tl.load(REGION + offs_t, mask=mask_t, other=0)
         image = tl.where(region >= 0, region // n_coarse, -1 - region)
         if SCALES == 2:
@@ -138,6 +148,48 @@ if triton is not None:
         tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _pack_list_tile(
+        IMG, ROWS, W, BIAS, POS, ST, OUT, NODE_PIXELS, position, offs_t, offs_d, mask_t, mask_d,
+        dim, n_nodes, stride_wo, stride_wi, stride_pr, stride_pd, stride_ot, stride_od,
+        PATCH: tl.constexpr, K: tl.constexpr, SIDE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+        HAS_ST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """``_pack_kernel``'s tile for a list of images: the token's pixels come from its node's
+        origin and strides in the flat buffer (each image has its own width and area)."""
+        origin = tl.load(NODE_PIXELS + position, mask=mask_t, other=0)
+        row = tl.load(NODE_PIXELS + n_nodes + position, mask=mask_t, other=0)
+        area = tl.load(NODE_PIXELS + 2 * n_nodes + position, mask=mask_t, other=0)
+        step = tl.load(NODE_PIXELS + 3 * n_nodes + position, mask=mask_t, other=1)
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k, mask_k, chan, py, px = patch_features(k0, K, PATCH, BLOCK_K)
+            ptr = (IMG + origin[:, None] + chan[None, :] * area[:, None] + (step[:, None] * py[None, :]) * row[:, None]
+                   + step[:, None] * px[None, :])
+            mask = mask_t[:, None] & mask_k[None, :]
+            # r**s x r**s taps in raster order over the widest grid, the token's own unmasked (as SCALES > 2)
+            pix = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+            for tap in range(0, SIDE * SIDE):
+                ty, tx = tap // SIDE, tap % SIDE
+                pix += tl.load(ptr + ty * row[:, None] + tx, mask=mask & ((ty < step) & (tx < step))[:, None],
+                               other=0.0).to(tl.float32)
+            pix = pix / (step * step).to(tl.float32)[:, None]
+            wt = tl.load(W + offs_d[None, :] * stride_wo + offs_k[:, None] * stride_wi,
+                         mask=mask_d[None, :] & mask_k[:, None], other=0.0)
+            acc += tl.dot(pix.to(wt.dtype), wt, input_precision=DOT_PRECISION)
+        mask = mask_t[:, None] & mask_d[None, :]
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        if HAS_POS:
+            acc += tl.load(POS + position[:, None] * stride_pr + offs_d[None, :] * stride_pd, mask=mask,
+                           other=0.0).to(tl.float32)
+        if HAS_ST:
+            acc *= tl.load(ST + position, mask=mask_t, other=1.0).to(tl.float32)[:, None]
+        rows = tl.load(ROWS + offs_t, mask=mask_t, other=0)
+        tl.store(OUT + rows[:, None] * stride_ot + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
 # GPU tiles, autotuned; see launch.TritonKernel for how a GPU generation picks its subset. The
 # compile report (bench/results/compile) keeps every listed config at zero spills where it may run:
 # the wide tiles spill 1-10 KB per thread in fp32 and on sm_70/75, so they run on sm_80+ in fp16/bf16.
@@ -167,10 +219,14 @@ def _geometry(height: int, width: int, fine_patch: int, ratio: int, scales: int)
 
 
 def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows, total,
-                  fine_patch, ratio, scales=2) -> Tensor:
+                  fine_patch, ratio, scales=2, node_pixels=None) -> Tensor:
     check_launchable(images)
-    batch, chans, height, width = images.shape
-    geometry = _geometry(height, width, fine_patch, ratio, scales)
+    if node_pixels is not None:  # a list: the flat pixel buffer; the node table carries the geometry
+        chans = weight.shape[1] // (fine_patch * fine_patch)
+        geometry = (1, 0, 0, 0, 0, 0, 0, 0, node_pixels.shape[1])
+    else:
+        batch, chans, height, width = images.shape
+        geometry = _geometry(height, width, fine_patch, ratio, scales)
     dim = weight.shape[0]
     out = images.new_empty(total, dim)
     n_tokens = rows.numel()
@@ -179,12 +235,14 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
         _PACK[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))](
             images, rows, position, region, weight, dummy if bias is None else bias,
             dummy if pos_table is None else pos_table, dummy if st is None else st, out,
+            rows if node_pixels is None else node_pixels,
             n_tokens, *geometry[:4], dim, *geometry[4:],
-            *images.stride(), *weight.stride(), *(pos_table.stride() if pos_table is not None else (0, 0)),
+            *(images.stride() if node_pixels is None else (0, 0, 0, 0)), *weight.stride(),
+            *(pos_table.stride() if pos_table is not None else (0, 0)),
             *out.stride(), PATCH=fine_patch, RATIO=ratio, K=chans * fine_patch * fine_patch,
             SCALES=scales, SIDE=ratio ** (scales - 1),
             HAS_BIAS=bias is not None, HAS_POS=pos_table is not None, HAS_ST=st is not None,
-            DOT_PRECISION=dot_precision(weight.dtype),
+            LIST=node_pixels is not None, DOT_PRECISION=dot_precision(weight.dtype),
         )
     if prefix is not None:
         out[prefix_rows] = prefix.to(out.dtype)
@@ -195,34 +253,48 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
 def _pack_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_table: Optional[Tensor],
              st: Optional[Tensor], prefix: Optional[Tensor], rows: Tensor, source: Tensor, position: Tensor,
              region: Tensor, prefix_rows: Tensor, total: int, fine_patch: int,
-             ratio: int, scales: int) -> Tensor:
+             ratio: int, scales: int, node_pixels: Optional[Tensor] = None) -> Tensor:
     """Packed tokens ``[total, d]``; see :func:`gather_embed_pack` (``source`` serves the backward)."""
     return _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, region, prefix_rows,
-                         total, fine_patch, ratio, scales)
+                         total, fine_patch, ratio, scales, node_pixels)
 
 
 @_pack_op.register_fake
 def _(images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, total,
-      fine_patch, ratio, scales):
+      fine_patch, ratio, scales, node_pixels=None):
     return images.new_empty(total, weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
     images, weight, bias, pos_table, st, prefix, rows, source, position, region, prefix_rows, *sizes = inputs
-    ctx.save_for_backward(images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows)
+    node_pixels = sizes[4] if len(sizes) > 4 else None
+    ctx.save_for_backward(images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows,
+                          node_pixels)
     ctx.fine_patch, ctx.ratio, ctx.scales = sizes[1], sizes[2], sizes[3]
     ctx.has_prefix = prefix is not None
 
 
 def _backward(ctx, grad_out):
-    images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows = ctx.saved_tensors
+    images, weight, bias, pos_table, st, rows, source, position, region, prefix_rows, node_pixels = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_tokens = grad_out.index_select(0, rows)  # [Np, d]
     d_weight = d_bias = d_pos = d_st = d_prefix = None
     pixels = None
     if need[1] or (st is not None and need[4]):
-        pixels = gather_patches_reference(images, source, ctx.fine_patch, ctx.ratio, ctx.scales).to(weight.dtype)
-    if st is not None and st.numel() and ctx.scales > 2:  # st: the token weights [B * n_nodes]
+        if node_pixels is not None:
+            chans = weight.shape[1] // (ctx.fine_patch * ctx.fine_patch)
+            side = ctx.ratio ** (ctx.scales - 1)
+            pixels = gather_flat_patches_reference(images, node_pixels, source, ctx.fine_patch, chans, side)
+        else:
+            pixels = gather_patches_reference(images, source, ctx.fine_patch, ctx.ratio, ctx.scales)
+        pixels = pixels.to(weight.dtype)
+    if st is not None and node_pixels is not None:  # a list: st is the flat token weight of every node
+        if need[4]:
+            d_value = (grad_tokens.float() * _unscaled(pixels, weight, bias, pos_table, position).float()).sum(1)
+            d_st = torch.zeros(st.shape, dtype=torch.float32, device=st.device)
+            d_st = d_st.index_add_(0, position, d_value).to(st.dtype)
+        grad_tokens = grad_tokens * st.index_select(0, position).to(grad_tokens.dtype)[:, None]
+    elif st is not None and st.numel() and ctx.scales > 2:  # st: the token weights [B * n_nodes]
         n_top, n_nodes = (_geometry(*images.shape[2:], ctx.fine_patch, ctx.ratio, ctx.scales)[i] for i in (0, 8))
         entry = torch.where(region >= 0, region // n_top, -1 - region) * n_nodes + position
         if need[4]:  # d st[image, node] += <grad, unscaled token>
@@ -250,7 +322,7 @@ def _backward(ctx, grad_out):
         d_pos = d_pos.index_add_(0, position, grad_tokens.float()).to(pos_table.dtype)
     if ctx.has_prefix and need[5]:
         d_prefix = grad_out[prefix_rows].sum(0)
-    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 9
+    return (None, d_weight, d_bias, d_pos, d_st, d_prefix) + (None,) * 10
 
 
 def _unscaled(pixels, weight, bias, pos_table, position):
@@ -266,7 +338,7 @@ _pack_op.register_autograd(_backward, setup_context=_setup_context)
 
 def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bias: Optional[Tensor],
                       pos_table: Optional[Tensor], st: Optional[Tensor], prefix: Optional[Tensor], fine_patch: int,
-                      ratio: int, scales: int = 2) -> Tensor:
+                      ratio: int, scales: int = 2, node_pixels: Optional[Tensor] = None) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch with the Triton kernel.
 
     images: float16/bfloat16/float32 ``[B, C, H, W]`` on CUDA (CPU only under TRITON_INTERPRET=1),
@@ -279,6 +351,11 @@ def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bi
     scales: 2, or 3 to ``MAX_SCALES`` for a ``scale_tree.tree_index`` layout (ratio >= 2): pos_table
     then has a row per node of every scale (finest first) and st is the token-weight table
     ``[B, n_nodes]`` (``cat(ScaleTree.token_weights(decisions), 1)``), see docs/design.md section 10.
+
+    A list of images of different sizes (a ``scale_tree.batch_index`` layout, docs/design.md
+    section 11): ``images`` is their flat pixel buffer (each image's ``[C, H_b, W_b]`` flattened, in
+    list order), ``node_pixels`` int64 ``[4, n_nodes]`` (``TreeBatch.node_pixels``), pos_table the
+    global node table and st the flat token weights ``[n_nodes]``; one launch for the whole list.
     """
     if weight.dtype != images.dtype:
         raise TypeError(f"weight ({weight.dtype}) and images ({images.dtype}) must have the same dtype")
@@ -286,7 +363,12 @@ def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bi
         raise ValueError(
             f"the pack kernel takes 2 to {MAX_SCALES} scales (patch sizes p .. p*r**{MAX_SCALES - 1}), got {scales!r}"
         )
-    if scales > 2 and st is not None:  # a shape check (no host read): a [B, Nc] st would read wrong entries
+    if node_pixels is not None:
+        if images.dim() != 1 or node_pixels.dim() != 2 or node_pixels.shape[0] != 4:
+            raise ValueError("a list's pack takes the flat pixel buffer (1-D) and node_pixels [4, n_nodes]")
+        if st is not None and st.shape != (node_pixels.shape[1],):
+            raise ValueError(f"a list's st is the flat token weights [{node_pixels.shape[1]}], got {list(st.shape)}")
+    elif scales > 2 and st is not None:  # a shape check (no host read): a [B, Nc] st would read wrong entries
         n_nodes = _geometry(*images.shape[2:], int(fine_patch), int(ratio), scales)[8]
         if st.shape != (images.shape[0], n_nodes):
             raise ValueError(
@@ -296,6 +378,7 @@ def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bi
     st = None if st is None else st.reshape(-1)
     if skips_custom_op(weight, bias, pos_table, st, prefix):
         return _pack_forward(images, weight, bias, pos_table, st, prefix, index.rows, index.position, index.region,
-                             index.prefix_rows, int(index.total), int(fine_patch), int(ratio), scales)
+                             index.prefix_rows, int(index.total), int(fine_patch), int(ratio), scales, node_pixels)
     return _pack_op(images, weight, bias, pos_table, st, prefix, index.rows, index.source, index.position,
-                    index.region, index.prefix_rows, int(index.total), int(fine_patch), int(ratio), scales)
+                    index.region, index.prefix_rows, int(index.total), int(fine_patch), int(ratio), scales,
+                    node_pixels)

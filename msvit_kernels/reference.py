@@ -122,10 +122,43 @@ def gather_embed_reference(
 def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ratio: int, scales: int = 2) -> Tensor:
     """Pixels ``[N, C*p*p]`` ((C, p, p) order) of the candidate-table rows ``source`` (int64 ``[N]``,
     see :func:`gather_embed_reference`): fine patches as they are, coarser ones (``p * ratio**s``
-    px) area-averaged down to ``p``."""
-    tables = [patchify(images, fine_patch).flatten(0, 1)]
-    tables += [coarse_patches_at_fine_size(images, fine_patch, ratio**s).flatten(0, 1) for s in range(1, scales)]
+    px) area-averaged down to ``p``. ``images`` may be a list of ``[C, H_b, W_b]`` images of
+    different sizes: the table is then in ``scale_tree.TreeBatch``'s global node order (scale by
+    scale, image by image)."""
+    if isinstance(images, (list, tuple)):
+        tables = [scale_patches(image[None], fine_patch, ratio**s)[0] for s in range(scales) for image in images]
+    else:
+        tables = [scale_patches(images, fine_patch, ratio**s).flatten(0, 1) for s in range(scales)]
     return torch.cat(tables).index_select(0, source)
+
+
+def gather_flat_patches_reference(
+    pixels: Tensor, node_pixels: Tensor, source: Tensor, fine_patch: int, chans: int, side: int
+) -> Tensor:
+    """:func:`gather_patches_reference` for a list of images given as one flat pixel buffer
+    (``pixels``, each ``[C, H_b, W_b]`` flattened in turn) and ``node_pixels`` int64 ``[4, n_nodes]``
+    (each global node's pixel origin, row stride, channel stride and factor r**s,
+    ``scale_tree.TreeBatch.node_pixels``): the ``[N, C*p*p]`` pixels of the nodes ``source``, each
+    output pixel the mean of its factor x factor taps, summed in raster order as the pack kernel
+    sums them (``side``: the largest factor)."""
+    origin, row, area, factor = (v[:, None, None, None] for v in node_pixels[:, source])
+    p = fine_patch
+    chan = torch.arange(chans, device=pixels.device).view(1, chans, 1, 1)
+    y = torch.arange(p, device=pixels.device).view(1, 1, p, 1)
+    x = torch.arange(p, device=pixels.device).view(1, 1, 1, p)
+    start = origin + chan * area + factor * y * row + factor * x
+    total = torch.zeros(source.numel(), chans, p, p, dtype=torch.float32, device=pixels.device)
+    for ty in range(side):
+        for tx in range(side):
+            inside = (ty < factor) & (tx < factor)
+            offset = torch.where(inside, start + ty * row + tx, 0)
+            total = total + torch.where(inside, pixels[offset].float(), 0.0)
+    return (total / (factor * factor)).to(pixels.dtype).flatten(1)
+
+
+def scale_patches(images: Tensor, fine_patch: int, factor: int) -> Tensor:
+    """``[B, N, C*p*p]``: the patches of ``fine_patch * factor`` px, area-averaged down to ``fine_patch``."""
+    return patchify(images, fine_patch) if factor == 1 else coarse_patches_at_fine_size(images, fine_patch, factor)
 
 
 def gate_mlp_reference(
@@ -179,6 +212,10 @@ def pack_reference(
     every scale (finest first) and ``st`` is the token-weight table ``[B, n_nodes]``
     (``cat(ScaleTree.token_weights(st_decisions), 1)``): each token is multiplied by the entry
     of its image (read from its ``region``, as the kernel does) and node (``position``).
+
+    A list of images of different sizes (``scale_tree.batch_index`` layout): ``images`` is the
+    list, ``pos_table`` the global node table and ``st`` the flat ``[n_nodes]`` token weights
+    (``TreeBatch.token_weights``), read at each token's global node (``position``).
     """
     tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio, scales)
     if norm is not None:
@@ -187,7 +224,9 @@ def pack_reference(
         tokens = tokens + extra
     if pos_table is not None:
         tokens = tokens + pos_table.index_select(0, index.position)
-    if st is not None and st.numel() and scales > 2:
+    if st is not None and st.dim() == 1:  # a list of images: the token weight of every global node
+        tokens = tokens * st.index_select(0, index.position)[:, None]
+    elif st is not None and st.numel() and scales > 2:
         n_top = (images.shape[-2] // (fine_patch * ratio ** (scales - 1))) * (
             images.shape[-1] // (fine_patch * ratio ** (scales - 1))
         )

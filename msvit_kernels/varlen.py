@@ -128,8 +128,27 @@ def shape_within(batch: int, shortest: int, longest: int, capacity: Optional[int
             f"capacity must be between {batch * shortest} and {batch * longest} packed rows for {batch} images "
             f"of {shortest} to {longest} tokens, got {capacity}"
         )
-    slack = capacity - batch * shortest  # the most padding rows a batch can leave
-    return StaticShape(capacity, longest, math.ceil(slack / longest) if longest else 0)
+    return lengths_within([shortest] * batch, [longest] * batch, capacity, exact)
+
+
+def lengths_within(shortest, longest, capacity: Optional[int], exact: bool) -> StaticShape:
+    """``shape_within`` for images of different sizes: image ``b`` has ``shortest[b]`` to
+    ``longest[b]`` rows (a list of images of different sizes, docs/design.md section 11). Any
+    capacity from the shortest total up serves: a fixed bucket pads whatever mix of sizes it gets."""
+    low = sum(shortest)
+    if capacity is None:
+        if not exact:
+            raise ValueError("a static shape needs a capacity (packed rows) unless every image has a known length")
+        capacity = low
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int number of packed rows, got {capacity!r}")
+    if capacity < low:
+        raise ValueError(
+            f"capacity must be at least {low} packed rows for these {len(shortest)} images, got {capacity!r}"
+        )
+    bound = max(longest, default=0)
+    slack = capacity - low  # the most padding rows a batch can leave
+    return StaticShape(capacity, bound, math.ceil(slack / bound) if bound else 0)
 
 
 def padded_cu_seqlens(cu_seqlens: Tensor, shape: StaticShape) -> Tensor:

@@ -63,3 +63,64 @@ def check_counted_mask(mask, coarse_grid, images=None) -> None:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(map(repr, choices))}")
+
+
+def is_image_list(images) -> bool:
+    """A Python list or tuple of images (native resolution, docs/design.md section 11)."""
+    return isinstance(images, (list, tuple))
+
+
+def check_image_list(images, in_chans: int, patch: int) -> None:
+    """A non-empty list of float ``[C, H_b, W_b]`` images of one dtype and device, each size a
+    multiple of the (fine) patch; every message names the image."""
+    if len(images) == 0:
+        raise ValueError(f"images is an empty {type(images).__name__}: pass at least one [{in_chans}, H, W] image")
+    first = images[0]
+    for b, image in enumerate(images):
+        if isinstance(image, Tensor) and image.dim() != 3:
+            hint = " (a list holds single images: drop the batch dimension, e.g. image[0])" if image.dim() == 4 else ""
+            raise ValueError(f"images[{b}] must have shape [{in_chans}, H, W], got {tuple(image.shape)}{hint}")
+        try:
+            check_images(image[None] if isinstance(image, Tensor) else image, in_chans, patch)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"images[{b}]: {error}") from None
+        if image.dtype != first.dtype:
+            raise TypeError(
+                f"images[{b}] is {image.dtype} but images[0] is {first.dtype}: the images of a list share one "
+                f"dtype; cast them (image.to({first.dtype}))"
+            )
+        if image.device != first.device:
+            raise ValueError(
+                f"images[{b}] is on {image.device} but images[0] is on {first.device}: the images of a list share "
+                f"one device; move them (image.to({str(first.device)!r}))"
+            )
+
+
+def check_mask_list(mask, expected) -> list:
+    """Per-image bool masks for a list of images: ``expected`` holds, per image, its entry count
+    and what the entries are (e.g. "the 3x4 coarse regions"). Returns the masks as a list."""
+    if not isinstance(mask, (list, tuple)):
+        raise TypeError(
+            f"for a list of images, mask must be a list of per-image bool masks (one 1-D tensor per image), "
+            f"got {type(mask).__name__}"
+        )
+    if len(mask) != len(expected):
+        raise ValueError(f"mask has {len(mask)} entries for {len(expected)} images: pass one bool mask per image")
+    for b, (m, (count, what)) in enumerate(zip(mask, expected)):
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise TypeError(f"mask[{b}] must be a bool tensor [{count}] (True = fine / split), got {got}")
+        if tuple(m.shape) != (count,):
+            raise ValueError(
+                f"mask[{b}] must have shape [{count}]: one entry per {what} of image {b}, got {tuple(m.shape)}"
+            )
+    return list(mask)
+
+
+def refuse_image_list(images, feature: str) -> None:
+    """The features that do not take a list of images of different sizes yet say so by name."""
+    if is_image_list(images):
+        raise NotImplementedError(
+            f"{feature} does not take a list of images of different sizes yet; pass a [B, C, H, W] batch "
+            "(MSViT's forward, forward_features, gate_mask and tokens_per_image take lists)"
+        )

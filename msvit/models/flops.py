@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from msvit.models.checks import refuse_image_list
 from msvit.models.mixed_scale_vit import MSViT
 from msvit_kernels.varlen import count_border_cells
 
@@ -78,6 +79,7 @@ def count_macs(
     ``breakdown=True`` returns a dict of per-part tensors (embed, gate, blocks_linear, attention,
     head, total; aggregation with ``aggregate="zero_conv"``) instead.
     """
+    refuse_image_list(images, "count_macs")
     if mask is None:
         if images is None:
             raise ValueError("count_macs needs images (the gate decides) or a mask")

@@ -6,12 +6,21 @@ Three execution modes share one set of weights and give the same logits in the f
 ``trimmed`` (adaptive trimming, Section 2.3: tokens sorted by mask, cut to the batch's longest).
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice, check_counted_mask, check_dtype, check_images
+from msvit.models.checks import (
+    MODES,
+    check_choice,
+    check_counted_mask,
+    check_dtype,
+    check_image_list,
+    check_images,
+    check_mask_list,
+    is_image_list,
+)
 from msvit.models.distilled import check_distilled, distilled_head
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions
 from msvit.models.layers import dense_blocks, packed_blocks
@@ -19,9 +28,11 @@ from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit.models.tree_gate import budget_splits, check_tree_mask
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
-from msvit_kernels.scale_tree import tree_static_shape
+from msvit_kernels.scale_tree import TreeBatch, tree_static_shape
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.varlen import MixedScaleIndex, StaticShape, count_border_cells, static_shape
+
+Images = Union[Tensor, Sequence[Tensor]]  # a [B, C, H, W] batch, or a list of [C, H_b, W_b] images
 
 
 class MSViTOutput(NamedTuple):
@@ -42,7 +53,8 @@ class MSViTOutput(NamedTuple):
 
 class PackedFeatures(NamedTuple):
     """tokens: ``[T, C]`` final-normed packed tokens; index: their ``MixedScaleIndex``; gate: the
-    batch's ``GateDecision``; fine_grid: (h, w) of the fine grid (for unpacking)."""
+    batch's ``GateDecision``; fine_grid: (h, w) of the fine grid (for unpacking); for a list of
+    images, a tuple of every image's (h_b, w_b)."""
 
     tokens: Tensor
     index: MixedScaleIndex
@@ -64,6 +76,8 @@ def unpack_to_grid(features: PackedFeatures, *, backend: str = "auto") -> GridFe
     backend: as in ``msvit_kernels.unpack_kernel.unpack_to_grid``: "auto" (the Triton kernel on CUDA, the
     torch reference elsewhere), "triton" or "reference".
     """
+    if isinstance(features.fine_grid[0], tuple):
+        raise NotImplementedError("unpack_to_grid of a list of images of different sizes is not implemented")
     index = features.index
     grid = unpack_tokens_to_grid(features.tokens, index.fine_to_row, features.fine_grid, backend=backend)
     return GridFeatures(grid, features.tokens[index.prefix_rows])
@@ -134,6 +148,7 @@ class MSViT(nn.Module):
         self.kernels = kernels
         self.attention_backend = attention_backend
         self.rope = rope
+        self.native_resolution_refusal: Optional[str] = None  # why this model refuses a list of images, if it does
 
     @property
     def kernels(self) -> str:
@@ -160,8 +175,11 @@ class MSViT(nn.Module):
     def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
         return self.tokenizer.grids(images)[1]
 
-    def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> GateDecision:
-        """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
+    def decide(self, images: Images, *, mask=None, budget: Budget = None) -> GateDecision:
+        """The batch's scale decisions: the caller's mask, or the gate's (sampled when training).
+        A list of images: flat decisions ``[sum D_b]`` (docs/native_resolution.md)."""
+        if is_image_list(images):
+            return self._decide_list(images, mask, budget, self.training)
         check_images(images, self.in_chans, self.tokenizer.fine_patch)
         check_dtype(images, self.tokenizer.embed.weight.dtype)
         if self.tokenizer.scales > 2:  # the tree of this size (refuses one too small) and the mask's shape
@@ -170,9 +188,48 @@ class MSViT(nn.Module):
                 check_tree_mask(mask, images.shape[0], tree)
         return self.gate.decision(images, mask, sample=self.training, budget=budget)
 
+    def batch_of(self, images: Sequence[Tensor]) -> TreeBatch:
+        """The layout geometry of a list of images (``scale_tree.TreeBatch``), after checking the
+        list; ``batch_of(images).decisions`` are the per-image lengths of flat gate outputs."""
+        if self.native_resolution_refusal:
+            raise NotImplementedError(self.native_resolution_refusal)
+        check_image_list(images, self.in_chans, self.tokenizer.fine_patch)
+        check_dtype(images[0], self.tokenizer.embed.weight.dtype)
+        return self.tokenizer.batch_of(images)
+
+    def _decide_list(self, images: Sequence[Tensor], mask, budget: Budget, sample: bool) -> GateDecision:
+        """``decide`` for a list: every image's decisions, concatenated (flat ``[sum D_b]``); the
+        caller's masks (one bool ``[D_b]`` per image) or the gate's, each image with its own budget."""
+        batch = self.batch_of(images)
+        if mask is not None:
+            hard = torch.cat(check_mask_list(mask, self._decision_names(batch))).to(images[0].device)
+            return GateDecision(None, None, hard, hard.to(images[0].dtype))
+        parts = []
+        for b, image in enumerate(images):  # the reference gates, one image at a time
+            try:
+                parts.append(self.gate.decide(image[None], sample=sample, budget=budget))
+            except ValueError as error:
+                raise ValueError(f"images[{b}]: {error}") from None
+        return GateDecision(*(None if f[0] is None else torch.cat([t[0] for t in f]) for f in zip(*parts)))
+
+    def _decision_names(self, batch: TreeBatch) -> List[Tuple[int, str]]:
+        if self.tokenizer.scales > 2:
+            return [
+                (d, f"splittable node of the {tree.scales}-scale tree (coarsest first)")
+                for d, tree in zip(batch.decisions, batch.trees)
+            ]
+        return [
+            (d, f"region of the {t.grids[1][0]}x{t.grids[1][1]} coarse grid (raster order)")
+            for d, t in zip(batch.decisions, batch.trees)
+        ]
+
     @torch.no_grad()
-    def gate_mask(self, images: Tensor, *, budget: Budget = None) -> Tensor:
-        """Hard decisions with eval semantics (threshold, or top-k with ``budget``): bool ``[B, Nc]``."""
+    def gate_mask(self, images: Images, *, budget: Budget = None):
+        """Hard decisions with eval semantics (threshold, or top-k with ``budget``): bool ``[B, Nc]``
+        (a list of images: a list of bool ``[D_b]``, what ``mask=`` takes)."""
+        if is_image_list(images):
+            decision = self._decide_list(images, None, budget, sample=False)
+            return list(decision.hard.split(self.tokenizer.batch_of(images).decisions))
         check_images(images, self.in_chans, self.tokenizer.fine_patch)
         check_dtype(images, self.tokenizer.embed.weight.dtype)
         return self.gate.decide(images, sample=False, budget=budget).hard
@@ -201,10 +258,17 @@ class MSViT(nn.Module):
             batch_size, n_regions, tokenizer.ratio, tokenizer.num_prefix, capacity, fine_regions, n_border
         )
 
-    def tokens_per_image(self, mask: Tensor, *, images: Optional[Tensor] = None) -> Tensor:
+    def tokens_per_image(self, mask, *, images: Optional[Images] = None) -> Tensor:
         """int64 ``[B]`` tokens each image gets in packed mode, prefix included. ``mask``: bool
         ``[B, Nc]`` over the coarse grid of ``images`` when given, else of the size the model was
-        built for (``gate.grid``); pass the images for masks of another size."""
+        built for (``gate.grid``); pass the images for masks of another size. A list of images:
+        ``mask`` is a list of bool ``[D_b]``, one per image (as ``mask=``)."""
+        if is_image_list(images):
+            batch = self.batch_of(images)
+            hard = torch.cat(check_mask_list(mask, self._decision_names(batch)))
+            layout = batch.layout(hard.device)
+            counts = torch.zeros(batch.batch, dtype=torch.long, device=hard.device)
+            return self.tokenizer.num_prefix + counts.index_add_(0, layout.image, batch.token_weights(hard).long())
         if self.tokenizer.scales > 2:  # a [B, D] split mask: count its tokens on the tree
             fine_grid = self.tokenizer.grid if images is None else self.tokenizer.grids(images)[0]
             tree = self.tokenizer.tree(fine_grid)
@@ -238,26 +302,53 @@ class MSViT(nn.Module):
         if capacity is not None and mode != "packed":
             raise ValueError(f"capacity pads the packed rows and applies to mode='packed' only, got mode={mode!r}")
         decision = self.decide(images, mask=mask, budget=budget)
-        if mode == "packed" and images.shape[0] == 0:
+        if mode == "packed" and not is_image_list(images) and images.shape[0] == 0:
             mode = "masked"  # the modes agree; an empty batch has no packed layout, the dense path gives [0, K]
         if mode == "packed":
             budget = budget if mask is None else None  # the caller's mask wins; its lengths are unknown
-            shape = self.static_shape(images.shape[0], images.shape[-2:], budget=budget, capacity=capacity)
+            shape = self._shape_of(images, budget, capacity)
             features = self._packed_features(images, decision, shape)
             logits = self.forward_head(features)
             index = features.index
             tokens = (index.cu_seqlens[1 : index.batch + 1] - index.cu_seqlens[: index.batch]).long()
+        elif is_image_list(images):  # the dense baselines: one image at a time
+            logits, tokens = self._dense_list(images, decision, mode)
         else:
-            x, weights = self.tokenizer.dense(images, decision.st)
-            positions = self._dense_positions(images)
-            if mode == "trimmed":
-                order = trim_order(weights, self.tokenizer.num_prefix)
-                x, weights = take_tokens(x, order), torch.gather(weights, 1, order)
-                positions = positions[order] if positions is not None else None
-            x = dense_blocks(self.blocks, self.norm_pre(x), weights, self._rotary(images, positions))
-            logits = self._head(self._pool_dense(x, weights))
-            tokens = torch.full((images.shape[0],), x.shape[1], device=images.device)
+            logits, tokens = self._dense(images, decision, mode)
         return MSViTOutput(logits, decision, tokens) if return_gate else logits
+
+    def _dense(self, images: Tensor, decision: GateDecision, mode: str) -> Tuple[Tensor, Tensor]:
+        """Logits and token counts of the masked or trimmed mode."""
+        x, weights = self.tokenizer.dense(images, decision.st)
+        positions = self._dense_positions(images)
+        if mode == "trimmed":
+            order = trim_order(weights, self.tokenizer.num_prefix)
+            x, weights = take_tokens(x, order), torch.gather(weights, 1, order)
+            positions = positions[order] if positions is not None else None
+        x = dense_blocks(self.blocks, self.norm_pre(x), weights, self._rotary(images, positions))
+        logits = self._head(self._pool_dense(x, weights))
+        return logits, torch.full((images.shape[0],), x.shape[1], device=images.device)
+
+    def _dense_list(self, images: Sequence[Tensor], decision: GateDecision, mode: str) -> Tuple[Tensor, Tensor]:
+        """The masked / trimmed modes of a list: each image's dense forward with its own decisions
+        (the dense layout has one size; these modes are the baselines, not the fast path)."""
+        counts = self.tokenizer.batch_of(images).decisions
+        hard, st = decision.hard.split(counts), decision.st.split(counts)
+        outs = [
+            self._dense(image[None], GateDecision(None, None, h[None], s[None]), mode)
+            for image, h, s in zip(images, hard, st)
+        ]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def _shape_of(self, images: Images, budget: Budget, capacity: Optional[int]) -> Optional[StaticShape]:
+        """``static_shape`` of a batch or of a list of images (each with its own budget share)."""
+        if not is_image_list(images):
+            return self.static_shape(images.shape[0], images.shape[-2:], budget=budget, capacity=capacity)
+        batch = self.tokenizer.batch_of(images)
+        splits = None if budget is None else [budget_splits(budget, tree) for tree in batch.trees]
+        if capacity is None and splits is None:
+            return None
+        return batch.static_shape(self.tokenizer.num_prefix, capacity, splits)
 
     def forward_features(
         self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, capacity: Optional[int] = None
@@ -267,8 +358,7 @@ class MSViT(nn.Module):
         ``forward`` (the features then hold padding rows after the real ones)."""
         decision = self.decide(images, mask=mask, budget=budget)
         budget = budget if mask is None else None
-        shape = self.static_shape(images.shape[0], images.shape[-2:], budget=budget, capacity=capacity)
-        return self._packed_features(images, decision, shape)
+        return self._packed_features(images, decision, self._shape_of(images, budget, capacity))
 
     def forward_head(self, features: PackedFeatures, pre_logits: bool = False) -> Tensor:
         """Pool the features of ``forward_features`` per image (``global_pool``), then fc_norm,
@@ -288,6 +378,9 @@ class MSViT(nn.Module):
         x, index = self.tokenizer.pack(images, decision.hard, decision.st, shape)
         rotary = self._rotary(images, packed_positions(index) if self.rope is not None else None)
         x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend, rotary)
+        if is_image_list(images):
+            grids = tuple(self.tokenizer.grids(image)[0] for image in images)
+            return PackedFeatures(self.norm(x), index, decision, grids)
         return PackedFeatures(self.norm(x), index, decision, self.tokenizer.grids(images)[0])
 
     def _dense_positions(self, images: Tensor) -> Optional[Tensor]:
@@ -301,6 +394,9 @@ class MSViT(nn.Module):
 
     def _rotary(self, images: Tensor, positions: Optional[Tensor]):
         """RoPE models: ``rotary(block_index, t)`` for tokens at ``positions`` (see msvit.models.rope)."""
+        if self.rope is not None and is_image_list(images):  # every image at its own grid
+            grids = [self.tokenizer.grids(image)[0] for image in images]
+            return self.rope.rotary_of(self.rope.batch_table(self.tokenizer.batch_of(images), grids), positions)
         return None if self.rope is None else self.rope.rotary(self.tokenizer.grids(images)[0], positions)
 
     def _head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit.models.checks import refuse_image_list
 from msvit.models.gate import Budget
 from msvit.models.layers import packed_blocks
 from msvit.models.mixed_scale_vit import MSViT, MSViTOutput, PackedFeatures
@@ -221,6 +222,7 @@ class PrunedMSViT(nn.Module):
     def _pruned_features(self, images: Tensor, mask: Optional[Tensor], budget: Budget) -> Tuple[PackedFeatures, list]:
         """(features, the ``cu_seqlens`` entering the first block and after each pruning)."""
         model, config = self.model, self.config
+        refuse_image_list(images, "PrunedMSViT")
         decision = model.decide(images, mask=mask, budget=budget)
         x, packed = model.tokenizer.pack(images, decision.hard, decision.st)
         x, index = model.norm_pre(x), PrunedIndex.from_packed(packed)

@@ -121,14 +121,28 @@ class PackedRope(nn.Module):
 
     def rotary(self, grid: Tuple[int, int], positions: Tensor) -> Callable[[int, Tensor], Tensor]:
         """``rotary(block_index, t)``: t ``[..., H, D]`` (tokens at ``positions [...]``) rotated."""
-        from timm.layers import apply_rot_embed_cat
+        return self.rotary_of(self.grid_table(grid), positions)
 
+    def grid_table(self, grid: Tuple[int, int]) -> Tensor:
+        """``table(grid)``, built once per grid at inference (``msvit.models.table_cache``)."""
         rope = self.rope
         if rope.training and getattr(rope, "aug_active", False):  # a fresh coordinate augmentation per forward
-            table = self.table(grid)
-        else:  # built once per grid at inference (msvit.models.table_cache)
-            tensors = [*rope.parameters(), *rope.buffers()]
-            table = self._tables.get(tuple(grid), tensors, lambda: self.table(grid))
+            return self.table(grid)
+        tensors = [*rope.parameters(), *rope.buffers()]
+        return self._tables.get(tuple(grid), tensors, lambda: self.table(grid))
+
+    def batch_table(self, batch, grids) -> Tensor:
+        """The table of a list of images of different sizes (docs/design.md section 11): the identity
+        row, then every image's node rows (each from its own grid) in ``batch``'s global node order
+        (``scale_tree.TreeBatch``), so position id ``1 + node`` is the token's global node."""
+        tables = [self.grid_table(grid) for grid in grids]
+        nodes = batch.node_table([t.narrow(-2, 1, t.shape[-2] - 1) for t in tables])
+        return torch.cat([tables[0].narrow(-2, 0, 1), nodes], -2)
+
+    def rotary_of(self, table: Tensor, positions: Tensor) -> Callable[[int, Tensor], Tensor]:
+        """``rotary`` with the table given (``grid_table`` or ``batch_table``)."""
+        from timm.layers import apply_rot_embed_cat
+
         shared = None if self.mixed else table[positions].unsqueeze(-2)  # one rotation for all heads
 
         def rotate(block_index: int, t: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
 from msvit.io.config_file import read_json_object
-from msvit.models.checks import check_choice, check_images
+from msvit.models.checks import check_choice, check_images, refuse_image_list
 from msvit.models.gate import Budget, GateDecision
 from msvit.models.mixed_scale_vit import MSViT, MSViTOutput
 from msvit_kernels.unpack_kernel import unpack_to_grid
@@ -163,6 +163,7 @@ class MSSegmenter(nn.Module):
         number (int) or fraction (float) of fine regions per image; return_gate: return a
         ``MSViTOutput`` instead of the logits ``[B, K, H, W]``.
         """
+        refuse_image_list(images, "MSSegmenter")
         frozen = self.decide(images, mask=mask, budget=budget)
         given = frozen.hard if frozen is not None else mask
         features = self.backbone.forward_features(images, mask=given, budget=None if given is not None else budget)

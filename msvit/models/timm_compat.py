@@ -193,6 +193,12 @@ def from_timm(
         rope=_packed_rope(model, ratio, n_scales),
     )
     msvit.distilled_training = getattr(model, "distilled_training", False)
+    if is_naflexvit(model):
+        msvit.native_resolution_refusal = (
+            "a list of images of different sizes is not implemented for a converted NaFlexViT: its position table "
+            "is converted at one grid and other sizes would not take NaFlexViT's own resampling; pass a "
+            "[B, C, H, W] batch of the converted size"
+        )
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)

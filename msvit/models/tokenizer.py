@@ -8,7 +8,7 @@ aggregation, ``msvit.models.aggregation``) every coarse token also gets a term c
 embeddings of its fine sub-patches, in every mode.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
-from msvit_kernels.scale_tree import ScaleTree, tree_index
+from msvit_kernels.scale_tree import ScaleTree, TreeBatch, batch_index, tree_index
 from msvit_kernels.tree_index_kernel import triton_tree_index
 from msvit_kernels.varlen import (
     MixedScaleIndex,
@@ -117,6 +117,16 @@ class MixedScaleTokenizer(nn.Module):
         """The quadtree of a finest grid (``msvit_kernels.scale_tree``; more than two scales)."""
         return ScaleTree.of(fine_grid, self.ratio, self.scales)
 
+    def batch_of(self, images: Sequence[Tensor]) -> TreeBatch:
+        """The trees of a list of ``[C, H_b, W_b]`` images (docs/design.md section 11); refuses,
+        naming the image, one without a whole coarsest patch."""
+        if self.aggregation is not None:
+            raise NotImplementedError(
+                "a list of images of different sizes with aggregate='zero_conv' is not implemented; "
+                "use aggregate='shared' or a [B, C, H, W] batch"
+            )
+        return TreeBatch.of([self.grids(image)[0] for image in images], self.ratio, self.scales)
+
     def grids(self, images: Tensor) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """(fine grid, coarse grid) of a batch of images."""
         h, w = images.shape[-2:]
@@ -153,6 +163,14 @@ class MixedScaleTokenizer(nn.Module):
             tables.append(coarse.reshape(d, -1).transpose(0, 1))
         return PositionTables(prefix if n_pos_prefix else None, torch.cat(tables))
 
+    def batch_position_tables(self, images: Sequence[Tensor], batch: TreeBatch) -> PositionTables:
+        """``position_tables`` of a list of images: each image's tables at its own grid (resampled as
+        timm's ``dynamic_img_size``, cached per grid), the patch rows in ``batch``'s global node order."""
+        tables = [self.position_tables(self.grids(image)[0]) for image in images]
+        if tables[0].patches is None:
+            return tables[0]
+        return PositionTables(tables[0].prefix, batch.node_table([t.patches for t in tables]))
+
     def prefix_rows(self, positions: PositionTables, dtype: torch.dtype) -> Optional[Tensor]:
         """``[P, d]`` prefix tokens with their position (if they have one), or None."""
         if self.prefix_tokens is None:
@@ -171,6 +189,8 @@ class MixedScaleTokenizer(nn.Module):
         shape: a ``varlen.StaticShape`` (T = its capacity, padding rows, no host read) or None.
         More than two scales: hard and st are ``[B, D]`` split decisions (``scale_tree``).
         """
+        if isinstance(images, (list, tuple)):
+            return self._pack_list(images, hard, st, shape)
         if self.scales > 2:
             return self._pack_tree(images, hard, st, shape)
         fine_grid, coarse_grid = self.grids(images)
@@ -201,7 +221,25 @@ class MixedScaleTokenizer(nn.Module):
         weights = torch.cat(tree.token_weights(st), 1) if st.requires_grad else None
         return self._embed_pack(images, index, positions, weights, fused), index
 
-    def _embed_pack(self, images, index, positions, st, fused: bool, extra=None) -> Tensor:
+    def _pack_list(
+        self, images: Sequence[Tensor], hard: Tensor, st: Tensor, shape: Optional[StaticShape]
+    ) -> Tuple[Tensor, MixedScaleIndex]:
+        """``pack`` of a list of images of different sizes (docs/design.md section 11): hard and st
+        are flat ``[sum D_b]`` (``TreeBatch``), every token scaled by its token weight."""
+        batch = self.batch_of(images)
+        fused = use_triton(
+            self.kernels, images[0], self._fallback(next((i for i in images if i.requires_grad), images[0]))
+        )
+        index = batch_index(hard, batch, self.num_prefix, shape)
+        positions = self.batch_position_tables(images, batch)
+        weights = batch.token_weights(st) if st.requires_grad else None
+        if fused:  # one launch over the flat pixel buffer; each node carries its pixel geometry
+            pixels = torch.cat([image.reshape(-1) for image in images])
+            node_pixels = batch.node_pixels(self.fine_patch, images[0].shape[0], pixels.device)
+            return self._embed_pack(pixels, index, positions, weights, True, node_pixels=node_pixels), index
+        return self._embed_pack(list(images), index, positions, weights, False), index
+
+    def _embed_pack(self, images, index, positions, st, fused: bool, extra=None, node_pixels=None) -> Tensor:
         """Packed tokens of ``index``: the fused kernel in the compute dtype, or the torch reference
         (``st``: the straight-through values of ``pack``, or a tree's token-weight table)."""
         if fused:
@@ -218,6 +256,7 @@ class MixedScaleTokenizer(nn.Module):
                 self.fine_patch,
                 self.ratio,
                 scales=self.scales,
+                node_pixels=node_pixels,
             )
         return pack_reference(
             images,
@@ -226,7 +265,7 @@ class MixedScaleTokenizer(nn.Module):
             self.embed.bias,
             positions.patches,
             st,
-            self.prefix_rows(positions, images.dtype),
+            self.prefix_rows(positions, (images[0] if isinstance(images, list) else images).dtype),
             self.fine_patch,
             self.ratio,
             norm=self.embed_norm,
