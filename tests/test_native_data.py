@@ -150,3 +150,17 @@ def test_variable_size_digits_batch_as_lists_under_a_token_budget():
     assert seen == 12
     with pytest.raises(ValueError, match="image_size must be"):
         ClutteredDigits(4, sizes=[(8, 8)])
+
+
+def test_equal_epochs_keep_the_batch_count_of_the_first_epoch():
+    tokens = _tokens(60, seed=2)
+    sampler = TokenBudgetBatchSampler(tokens, 100, seed=0, equal_epochs=True)
+    counts = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        counts.add(len(batches))
+        assert all(sum(tokens[i] for i in b) <= 100 for b in batches)
+        packed = sampler._pack(epoch)
+        assert len(packed) != sampler.batches_per_epoch or batches == packed
+    assert counts == {sampler.batches_per_epoch} and len(sampler) == sampler.batches_per_epoch

@@ -104,6 +104,9 @@ class TokenBudgetBatchSampler(Sampler[List[int]]):
             initialised; rank r takes batches r, r + R, ... of the epoch's list, which is cut to a
             multiple of R (``drop_last``) or padded by repeating its first batches, so every rank
             runs the same number of steps.
+        equal_epochs: every epoch yields the batch count of epoch 0, so a schedule counted in steps
+            knows an epoch's length: a new order packs into a few batches more or fewer; the surplus
+            is dropped (its images wait for the next epoch), a shortfall repeats the first batches.
 
     Items are packed greedily in order: a batch closes when the next item would exceed the budget.
     """
@@ -119,6 +122,7 @@ class TokenBudgetBatchSampler(Sampler[List[int]]):
         drop_last: bool = False,
         num_replicas: Optional[int] = None,
         rank: Optional[int] = None,
+        equal_epochs: bool = False,
     ):
         self.tokens = [int(t) for t in tokens]
         if not self.tokens:
@@ -142,15 +146,23 @@ class TokenBudgetBatchSampler(Sampler[List[int]]):
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
         self.rank, self.shuffle, self.seed, self.drop_last = rank, shuffle, int(seed), drop_last
         self.epoch = 0
+        self.batches_per_epoch = len(self._pack(0)) if equal_epochs else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def epoch_batches(self) -> List[List[int]]:
         """Every rank's batches of this epoch, before the split between ranks."""
+        batches = self._pack(self.epoch)
+        if self.batches_per_epoch is not None:
+            fixed = self.batches_per_epoch
+            batches = (batches + batches * (fixed // len(batches) + 1))[:fixed]
+        return batches
+
+    def _pack(self, epoch: int) -> List[List[int]]:
         n = len(self.tokens)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         else:
             order = list(range(n))
         batches, batch, total = [], [], 0
