@@ -125,3 +125,20 @@ def test_every_family_takes_what_its_eval_transform_builds(family, name, kwargs,
     x = msvit.eval_transform(model)(Image.new("RGB", (300, 250), (120, 30, 200)))[None]
     with torch.no_grad():
         assert torch.isfinite(model(x)).all(), (name, tuple(x.shape))
+
+
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_the_entropy_gate_reads_whole_regions_only(kernels):
+    """336 x 512 on 32 px regions: a 16 px border row. The two-scale entropy gate used to reshape the
+    whole image into regions and fail; it decides on the whole regions, the border stays fine."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    model = msvit.from_timm(vit, gate="entropy", kernels=kernels).eval()
+    images = torch.rand(2, 3, 336, 512)
+    whole = images[..., :320, :]
+    torch.testing.assert_close(model.gate(images), model.gate(whole))
+    with torch.no_grad():
+        out = model(images, return_gate=True)
+    assert out.gate.hard.shape == (2, 10 * 16)
+    assert torch.equal(out.gate.hard, model.gate_mask(whole))
+    border = 32  # one row of 32 fine cells, always fine
+    assert torch.equal(out.tokens, 1 + border + 160 + 3 * out.gate.hard.sum(1))

@@ -80,6 +80,19 @@ def region_overlap(box: Sequence[int], image_size: Tuple[int, int], patch_size: 
     return (rows[:, None] & cols[None, :]).flatten()
 
 
+def _check_size(size) -> Tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (int(size), int(size))
+    if not (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)
+        and min(size) >= MIN_SIDE
+    ):
+        raise ValueError(f"image_size must be an int or (H, W) of ints >= {MIN_SIDE}, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 class DigitSample(NamedTuple):
     image: Tensor  # float32 [3, H, W] in [0, 1]
     label: int  # 0..9
@@ -102,6 +115,9 @@ class ClutteredDigits(Dataset):
         clutter: (lo, hi) inclusive number of clutter items per image; each is 15-40% of the
             digit's side and placed outside the digit's square.
         transform: optional callable applied to the image tensor in ``__getitem__``.
+        sizes: optional sequence of (H, W) for a native-resolution set: image i is rendered at one
+            of them, drawn by its own RNG (``size_of(i)``), so sizes and aspect ratios vary and a
+            batch of them is a list (``msvit.data.native``); ``image_size`` is then ignored.
 
     ``ds[i]`` -> (image float32 [3, H, W] in [0, 1], label int); ``ds.sample(i)`` -> DigitSample
     with the box, the pixel mask and the source index as well.
@@ -119,18 +135,16 @@ class ClutteredDigits(Dataset):
         digit_scale: Tuple[float, float] = (0.1875, 0.4375),
         clutter: Tuple[int, int] = (1, 4),
         transform: Optional[Callable[[Tensor], Tensor]] = None,
+        sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ):
+        if sizes is not None:
+            sizes = [_check_size(s) for s in sizes]
+            if not sizes:
+                raise ValueError("sizes must hold at least one (H, W)")
+            image_size = min(sizes, key=min)  # the digit_scale check below holds for the smallest side
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n (number of images) must be a positive int, got {n!r}")
-        if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-            image_size = (int(image_size), int(image_size))
-        if not (
-            isinstance(image_size, (tuple, list))
-            and len(image_size) == 2
-            and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in image_size)
-            and min(image_size) >= MIN_SIDE
-        ):
-            raise ValueError(f"image_size must be an int or (H, W) of ints >= {MIN_SIDE}, got {image_size!r}")
+        image_size = _check_size(image_size)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if split not in SPLITS:
@@ -146,7 +160,8 @@ class ClutteredDigits(Dataset):
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         self.n, self.seed, self.split = int(n), int(seed), split
-        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.image_size = image_size
+        self.sizes = None if sizes is None else tuple(sizes)
         self.digit_scale, self.clutter, self.transform = (float(lo), float(hi)), tuple(clutter), transform
         self.pool = _pool(split)
 
@@ -167,7 +182,19 @@ class ClutteredDigits(Dataset):
 
     def box_regions(self, i, patch_size: int) -> Tensor:
         """bool [Nc]: the patch_size regions (raster order) that overlap image i's digit box."""
-        return region_overlap(self.box(i), self.image_size, patch_size)
+        return region_overlap(self.box(i), self.size_of(i), patch_size)
+
+    def size_of(self, i) -> Tuple[int, int]:
+        """(H, W) of image i, known without rendering it (a token-budget sampler reads it)."""
+        return self.image_size if self.sizes is None else self._draw_size(self._rng(self._index(i)))
+
+    def _rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), i])
+
+    def _draw_size(self, rng: np.random.Generator) -> Tuple[int, int]:
+        """A native-resolution set's size: the first draw of the image's RNG (fixed-size sets draw
+        none, so their images are unchanged)."""
+        return self.sizes[int(rng.integers(len(self.sizes)))]
 
     def _index(self, i) -> int:
         if isinstance(i, Tensor) and i.numel() == 1 and not i.is_floating_point():
@@ -180,9 +207,9 @@ class ClutteredDigits(Dataset):
 
     def sample(self, i) -> DigitSample:
         i = self._index(i)
-        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
+        rng = self._rng(i)
         images, labels = _digits()
-        h, w = self.image_size
+        h, w = self.image_size if self.sizes is None else self._draw_size(rng)
         side = min(h, w)
 
         # Background: a linear ramp between two random colours along a random direction; a third

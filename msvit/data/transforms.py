@@ -9,7 +9,7 @@ reads a timm model's. ``data`` holds the training data options and ``config`` th
 config (the recipe ``msvit.io.checkpoint.build_model`` rebuilds the model from).
 """
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 from torch import nn
 
@@ -44,7 +44,9 @@ def pretrained_cfg(config: dict, model: nn.Module) -> dict:
     return cfg
 
 
-def eval_transform(model_or_cfg: Union[nn.Module, dict]) -> Callable:
+def eval_transform(
+    model_or_cfg: Union[nn.Module, dict], *, max_patches: Optional[int] = None, patch: Optional[int] = None
+) -> Callable:
     """The evaluation preprocessing a model expects, from its ``pretrained_cfg`` (or that dict):
     timm's ``create_transform`` of ``resolve_data_config``: resize, centre crop, normalise.
 
@@ -53,6 +55,13 @@ def eval_transform(model_or_cfg: Union[nn.Module, dict]) -> Callable:
     the model's input size. A PIL image of another mode (RGBA, greyscale L or LA, palette) is
     converted to the model's channels first, as ``msvit visualize`` reads files: alpha dropped,
     grey repeated. Pass it as a dataset's ``transform``.
+
+    ``max_patches=N``: native resolution instead (docs/design.md section 11): no crop and no fixed
+    size; each image keeps its aspect ratio, resized to the largest size with at most N fine
+    patches, each side a multiple of the patch (``msvit.data.native.size_for_patches``, timm's
+    NaFlex rule), with the config's interpolation, then normalised. The patch is the model's fine
+    patch (``patch=`` for a dict). Images then differ in size: batch them as a list
+    (``msvit.data.native.collate_images``).
     """
     cfg = model_or_cfg if isinstance(model_or_cfg, dict) else getattr(model_or_cfg, "pretrained_cfg", None)
     missing = [k for k in INPUT_KEYS if not (cfg or {}).get(k)]
@@ -67,8 +76,27 @@ def eval_transform(model_or_cfg: Union[nn.Module, dict]) -> Callable:
     from torchvision.transforms import Compose
 
     mode = PIL_MODES.get(cfg["input_size"][0])
+    if max_patches is not None:
+        return native_transform(model_or_cfg, cfg, mode, max_patches, patch)
     timm_transform = create_transform(**resolve_data_config(pretrained_cfg=cfg))
     return timm_transform if mode is None else Compose([ConvertMode(mode), timm_transform])
+
+
+def native_transform(model_or_cfg, cfg: dict, mode: Optional[str], max_patches: int, patch: Optional[int]):
+    """``eval_transform(..., max_patches=N)``: convert, resize to the patch budget, normalise."""
+    from timm.data.transforms import MaybeToTensor
+    from torchvision.transforms import Compose, Normalize
+
+    from msvit.data.native import ResizeToPatches
+
+    if patch is None:
+        tokenizer = getattr(getattr(model_or_cfg, "backbone", model_or_cfg), "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("eval_transform(cfg, max_patches=...) of a dict needs patch= (the fine patch size)")
+        patch = tokenizer.fine_patch
+    steps = [ResizeToPatches(patch, max_patches, cfg.get("interpolation", "bicubic"))]
+    steps += [MaybeToTensor(), Normalize(cfg["mean"], cfg["std"])]
+    return Compose(([ConvertMode(mode)] if mode else []) + steps)
 
 
 # The PIL mode of a model's channel count: an RGBA or greyscale file would otherwise reach

@@ -100,8 +100,16 @@ class EntropyGate(nn.Module):
         operations per pixel), which ``msvit.count_macs`` leaves out as it leaves out norms."""
         return 0
 
+    def whole_regions(self, images: Tensor) -> Tensor:
+        """The pixels of the whole regions (a view). The gate decides whole regions only: the border
+        cells of a size that is not a whole number of regions are always fine (docs/design.md
+        section 2), so their pixels are cut off before the histograms."""
+        r = self.region_size
+        return images[..., : images.shape[-2] // r * r, : images.shape[-1] // r * r]
+
     def entropy(self, images: Tensor) -> Tensor:
         """float32 ``[B, Nc]``: the grey-level entropy (bits) of every coarse region."""
+        images = self.whole_regions(images)
         if use_triton(self.kernels, images):
             return patch_entropy(images, self.region_size, **self._options()).entropy
         return entropy_reference(images.detach(), self.region_size, self.mean, self.std, self.bins, self.binning)
@@ -126,6 +134,7 @@ class EntropyGate(nn.Module):
         ``noise`` are accepted for the learned gate's interface and ignored: the decision is
         deterministic."""
         del sample, noise
+        images = self.whole_regions(images)
         if budget is None and use_triton(self.kernels, images):  # the decisions come out of the kernel
             entropy, hard = patch_entropy(images, self.region_size, threshold=self.thresholds[0], **self._options())
             logits = entropy - self.thresholds[0]

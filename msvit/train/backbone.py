@@ -54,6 +54,22 @@ def entropy_thresholds(args) -> list:
     return list(given) if isinstance(given, (list, tuple)) else [given]
 
 
+def coarsest_patch(args) -> int:
+    """The run's coarsest patch in pixels, before the model exists (native-resolution data is sized
+    in whole coarsest patches): the last of --scales, --coarse-patch, or twice the timm model's
+    patch, read from the model built on the meta device (no memory, no weights)."""
+    if getattr(args, "scales", None):
+        return int(args.scales[-1])
+    if args.coarse_patch:
+        return int(args.coarse_patch)
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        vit = timm.create_model(args.model, pretrained=False, **json.loads(args.model_kwargs), img_size=args.image_size)
+    return 2 * int(vit.patch_embed.patch_size[0])
+
+
 def make_model(args, config):
     if not (args.pretrained or args.hub_pretrained):
         return build_model(config)

@@ -3,7 +3,7 @@ smoothing, top-1 (and, on the digits, where the fine tokens go) on the held-out 
 
 from msvit.data.loaders import build_data as build_image_data
 from msvit.io.checkpoint import save_checkpoint
-from msvit.train.backbone import make_model, model_config
+from msvit.train.backbone import coarsest_patch, make_model, model_config
 from msvit.train.evaluate import evaluate as evaluate_classifier
 
 DESCRIPTION = """--task classification (default): --data cluttered-digits (10 classes) or an ImageFolder root
@@ -35,7 +35,16 @@ def build_data(args, show: bool):
         show,
         digit_scale=args.digit_scale,
         shift=args.shift,
+        native=native_options(args),
     )
+
+
+def native_options(args):
+    """``build_data``'s ``native`` of ``--max-tokens-per-batch``: images whose sides are whole
+    coarsest patches (no border cells), at ``--aspect-ratios`` for the digits."""
+    if not getattr(args, "max_tokens_per_batch", 0):
+        return None
+    return coarsest_patch(args), args.aspect_ratios or (0.5, 1.0, 2.0)
 
 
 def build_model(args, bundle):

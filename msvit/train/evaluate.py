@@ -40,7 +40,14 @@ def evaluate(
     correct = seen = fine_regions = fine_on_digit = digit_regions = 0
     tokens, masks = [], []
     n_regions = None
+    totals = dict.fromkeys(LIST_TOTALS, 0.0)
     for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not show, leave=False):
+        if isinstance(images, list):  # native resolution: images of their own sizes
+            native = evaluate_list(model, images, labels, mean, std, device, mode, budget, boxes, seen)
+            for key, value in native.items():
+                totals[key] += value
+            seen += len(labels)
+            continue
         images = normalize(images.to(device), mean, std)
         mask = decide(images) if decide is not None else None
         out = model(images, mode=mode, budget=budget, mask=mask, return_gate=True)
@@ -58,6 +65,8 @@ def evaluate(
             digit_regions += overlap.sum().item()
         seen += len(labels)
     model.train(was_training)
+    if totals["images"]:
+        return list_metrics(totals, boxes is not None)
     tokens = torch.cat(tokens)
     metrics = {
         "top1": correct / max(seen, 1),
@@ -89,3 +98,47 @@ def macs_of(model, tokens: Tensor, masks: list, n_regions: int) -> Tensor:
     if hasattr(model, "mac_parts"):
         return model.mac_parts(torch.cat(masks))["total"]
     return macs_for_tokens(model, tokens, n_regions)["total"]
+
+
+LIST_TOTALS = ("images", "correct", "tokens", "macs", "regions", "fine", "fine_on_digit", "digit_regions")
+
+
+def evaluate_list(model, images, labels, mean, std, device, mode, budget, boxes, seen) -> dict:
+    """One native-resolution batch (a list of ``[C, H_b, W_b]``, two scales): its sums of
+    ``LIST_TOTALS``. MACs and regions are counted per image, since each has its own grid."""
+    images = [normalize(image.to(device)[None], mean, std)[0] for image in images]
+    out = model(images, mode=mode, budget=budget, return_gate=True)
+    decisions = model.batch_of(images).decisions
+    sums = dict.fromkeys(LIST_TOTALS, 0.0)
+    sums["images"] = len(images)
+    sums["correct"] = (out.logits.argmax(1).cpu() == labels).sum().item()
+    tokens = out.tokens.cpu()
+    sums["tokens"] = tokens.sum().item()
+    for b, hard in enumerate(out.gate.hard.cpu().split(list(decisions))):
+        sums["macs"] += macs_for_tokens(model, tokens[b : b + 1], int(decisions[b]))["total"].item()
+        sums["regions"] += hard.numel()
+        sums["fine"] += hard.sum().item()
+        if boxes is not None:
+            overlap = region_overlap(
+                boxes[seen + b].tolist(), tuple(images[b].shape[-2:]), model.tokenizer.coarse_patch
+            )
+            sums["fine_on_digit"] += (hard & overlap).sum().item()
+            sums["digit_regions"] += overlap.sum().item()
+    return sums
+
+
+def list_metrics(totals: dict, with_boxes: bool) -> dict:
+    """``evaluate``'s metrics from the sums of native-resolution batches (``evaluate_list``)."""
+    n = totals["images"]
+    metrics = {
+        "top1": totals["correct"] / n,
+        "tokens_per_image": totals["tokens"] / n,
+        "gmacs_per_image": totals["macs"] / n / 1e9,
+        "fine_rate": totals["fine"] / max(totals["regions"], 1),
+        "images": int(n),
+    }
+    if with_boxes:
+        metrics["fine_on_digit"] = totals["fine_on_digit"] / max(totals["fine"], 1)
+        metrics["digit_share"] = totals["digit_regions"] / max(totals["regions"], 1)
+        metrics["fine_digit_ratio"] = metrics["fine_on_digit"] / max(metrics["digit_share"], 1e-9)
+    return metrics

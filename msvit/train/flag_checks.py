@@ -60,6 +60,8 @@ TRAIN_RANGES = {
     "max_steps": NON_NEGATIVE,
     "seed": NON_NEGATIVE,
     "entropy_threshold": Range(),
+    "max_tokens_per_batch": NON_NEGATIVE,
+    "aspect_ratios": Range(0, low_open=True),
 }
 # The flags that act only while the learned gate trains, and those that also build it: the entropy
 # gate (--gate entropy) has no weights and no gate loss, so none of them means anything for it.
@@ -98,8 +100,37 @@ def check_train_flags(parser, args) -> None:
     if not isinstance(kwargs, dict):
         parser.error(f"--model-kwargs must be a JSON object of timm.create_model kwargs, got {args.model_kwargs}")
     check_model_flags(parser, args.model, kwargs)
+    check_native_flags(parser, args)
     if args.pretrained is not None and not Path(args.pretrained).is_file():
         parser.error(f"--pretrained {args.pretrained}: no such file (a local timm weights file is expected)")
+
+
+def check_native_flags(parser, args) -> None:
+    """--max-tokens-per-batch (native resolution, docs/design.md section 11) with what it can take:
+    the gate loss sees every region of a batch as one row, so GBaS's per-position priors (one grid)
+    have no meaning; images keep their own size, so no square crop; two scales, a ViT."""
+    if not getattr(args, "max_tokens_per_batch", 0):
+        if getattr(args, "aspect_ratios", None) is not None:
+            parser.error("--aspect-ratios applies to native-resolution batches: add --max-tokens-per-batch T")
+        return
+    from msvit.models.swin import is_timm_swin
+
+    refusals = [
+        (getattr(args, "task", "classification") != "classification", "--task segmentation"),
+        (
+            args.gate_loss == "gbas" and args.gate == "learned",
+            "--gate-loss gbas, the default (its per-position priors need one grid of regions): "
+            "pass --gate-loss l0, l0-two-sided or bas",
+        ),
+        (args.crop != "none", f"--crop {args.crop} (images keep their own size and aspect ratio)"),
+        (args.scales is not None and len(args.scales) > 2, "--scales with more than two sizes"),
+        (is_timm_swin(args.model), f"--model {args.model} (a Swin takes one image size)"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            parser.error(f"--max-tokens-per-batch (native resolution) does not take {what}")
+    if args.aspect_ratios is not None and args.data != "cluttered-digits":
+        parser.error("--aspect-ratios applies to the cluttered digits; folder images keep their own aspect ratio")
 
 
 def check_model_flags(parser, name: str, kwargs: dict) -> None:

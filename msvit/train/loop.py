@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from msvit.data.loaders import loaders
+from msvit.data.native import image_tokens
 from msvit.data.sample_images import normalize
 from msvit.train import resume_state, run_folder
 from msvit.train.distributed import setup_distributed
@@ -28,6 +29,22 @@ from msvit.train.optim import make_optimizer, optimizer_step
 from msvit.train.tasks import task_of
 
 SUMS = ("loss", "task", "gate", "fine", "tokens")
+
+
+def to_model_input(images, device, mean, std):
+    """A batch on ``device``, normalised: a tensor ``[B, C, H, W]``, or a list of ``[C, H_b, W_b]``
+    (native resolution, ``--max-tokens-per-batch``) normalised image by image."""
+    if isinstance(images, list):
+        return [normalize(image.to(device, non_blocking=True)[None], mean, std)[0] for image in images]
+    return normalize(images.to(device, non_blocking=True), mean, std)
+
+
+def batch_masks(model, images, decisions: int, target: float, device):
+    """Random mixed-scale masks for a batch: bool ``[B, D]``, or for a list one ``[D_b]`` per image
+    (the gate's decisions of each image's own size)."""
+    if isinstance(images, list):
+        return [random_masks(1, d, target, device)[0] for d in model.batch_of(images).decisions]
+    return random_masks(len(images), decisions, target, device)
 
 
 def train(args) -> dict:
@@ -50,7 +67,15 @@ def train(args) -> dict:
     gate_loss = make_gate_loss(args, loss_grid) if gate_trains else None
     if isinstance(gate_loss, nn.Module):
         gate_loss.to(device)
-    train_loader, sampler, val_loader = loaders(bundle, args.batch_size, args.workers, world > 1, args.seed)
+    max_tokens = getattr(args, "max_tokens_per_batch", 0)
+    tokens_of = (
+        (lambda sizes: image_tokens(sizes, model.tokenizer.fine_patch, model.tokenizer.num_prefix))
+        if max_tokens
+        else None
+    )
+    train_loader, sampler, val_loader = loaders(
+        bundle, args.batch_size, args.workers, world > 1, args.seed, max_tokens, tokens_of
+    )
     check_batches(train_loader, args.batch_size, world)
     opt, schedule = make_optimizer(args, model, gate_loss, len(train_loader))
     start_epoch, step, rows = 0, 0, []
@@ -66,17 +91,20 @@ def train(args) -> dict:
         tqdm.write(f"{out} already holds all {start_epoch} epochs; raise --epochs to train on")
 
     def train_step(images, targets, mode: str, pre_gate: bool) -> dict:
-        images = normalize(images.to(device, non_blocking=True), bundle.mean, bundle.std)
+        images = to_model_input(images, device, bundle.mean, bundle.std)
         targets = targets.to(device, non_blocking=True)
         # before --gate-start-epoch a trainable gate is replaced by random mixed-scale masks
-        mask = random_masks(len(images), decisions, args.gate_target, device) if pre_gate else None
+        mask = batch_masks(model, images, decisions, args.gate_target, device) if pre_gate else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             result = task.forward(net, images, args, mode, mask)
             task_loss = F.cross_entropy(
                 result.logits.float(), targets, ignore_index=task.IGNORE_INDEX, label_smoothing=args.smoothing
             )
         use_gate_loss = gate_loss is not None and result.gate.soft is not None
-        gate = gate_loss(gate_loss_input(args, result.gate, tree)) if use_gate_loss else task_loss.new_zeros(())
+        gate_input = gate_loss_input(args, result.gate, tree) if use_gate_loss else None
+        if gate_input is not None and isinstance(images, list):  # flat [sum D_b]: the batch is one row
+            gate_input = gate_input.view(1, -1)
+        gate = gate_loss(gate_input) if use_gate_loss else task_loss.new_zeros(())
         loss = task_loss + args.gate_lambda * gate
         optimizer_step(loss, model, opt, schedule, args.clip_grad)
         return {

@@ -59,6 +59,25 @@ def add_data_options(p) -> None:
         "the digit inside the image (fights memorising the fixed renders)",
     )
     g.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=0,
+        metavar="T",
+        help="native resolution: images keep their own size and aspect ratio and a batch holds as many as "
+        "fit T tokens (all-fine count, prefix included; --batch-size then caps the images of a batch); "
+        "0: square images, --batch-size per batch",
+    )
+    g.add_argument(
+        "--aspect-ratios",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="W/H",
+        help="cluttered digits with --max-tokens-per-batch: each image is rendered at one of these aspect "
+        "ratios (width / height) with about the area of --image-size squared (default: 0.5 1 2); "
+        "folder data keeps each file's own aspect ratio",
+    )
+    g.add_argument(
         "--hflip",
         action=argparse.BooleanOptionalAction,
         default=None,
