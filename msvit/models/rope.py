@@ -84,14 +84,7 @@ class PackedRope(nn.Module):
         (more scales: every scale's nodes in turn, each at the mean of the fine cells it covers)."""
         from timm.layers.pos_embed_sincos import _apply_coord_augs
 
-        h, w = grid
-        fine = self.fine_coords(grid)
-        tables = [fine]
-        for s in range(1, self.scales):
-            r = self.ratio**s
-            whole = fine.reshape(h, w, 2)[: h // r * r, : w // r * r]  # border cells belong to no region
-            tables.append(whole.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2))
-        coords = torch.cat(tables)
+        coords = mixed_scale_coords(self.fine_coords(grid), grid, self.ratio, self.scales)
         rope = self.rope
         if rope.training and rope.aug_active:  # an affine map: augmenting then averaging is the same
             coords = _apply_coord_augs(coords, rope.shift_coords, rope.jitter_coords, rope.rescale_coords)
@@ -136,6 +129,18 @@ class PackedRope(nn.Module):
             return apply_rot_embed_cat(t, emb, half=self.rotate_half)
 
         return rotate
+
+
+def mixed_scale_coords(fine: Tensor, grid: Tuple[int, int], ratio: int, scales: int) -> Tensor:
+    """``[Nf + Nc, 2]`` (more scales: every scale's nodes in turn): the fine cells' coordinates
+    ``fine [h*w, 2]``, then each coarser token at the mean of the fine cells it covers."""
+    h, w = grid
+    tables = [fine]
+    for s in range(1, scales):
+        r = ratio**s
+        whole = fine.reshape(h, w, 2)[: h // r * r, : w // r * r]  # border cells belong to no region
+        tables.append(whole.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2))
+    return torch.cat(tables)
 
 
 def packed_positions(index) -> Tensor:

@@ -27,7 +27,7 @@ from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.naflex import is_naflexvit, naflex_parts
 from msvit.models.rope import PackedRope
 from msvit.models.swin import is_timm_swin, swin_from_timm
-from msvit.models.timm_names import check_model_name
+from msvit.models.timm_names import check_model_name, is_vlm_tower
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
@@ -132,6 +132,21 @@ def from_timm(
             timm_kwargs=timm_kwargs,
             **gate_kwargs,
         )
+    if is_vlm_tower(model_or_name):  # Qwen3-VL, DeepSeek, Gemma 4 towers (docs/design.md section 17)
+        from msvit.models.vlm_families import vlm_from_timm
+
+        return vlm_from_timm(
+            model_or_name,
+            coarse_patch_size=coarse_patch_size,
+            scales=scales,
+            kernels=kernels,
+            attention_backend=attention_backend,
+            timm_kwargs=timm_kwargs,
+            img_size=img_size,
+            gate=gate,
+            aggregate=aggregate,
+            **gate_kwargs,
+        )
     model = _timm_model(model_or_name, timm_kwargs)
     if is_naflexvit(model):
         parts = naflex_parts(model, img_size if img_size is not None else (timm_kwargs or {}).get("img_size"))
@@ -140,25 +155,14 @@ def from_timm(
     else:
         parts = _vit_parts(model)
     fine = parts.fine
-    n_scales, coarse_patch_size = _scales(scales, fine, coarse_patch_size)
-    coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
-    if coarse < fine or coarse % fine:
-        raise ValueError(
-            f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}"
-        )
-    ratio = coarse // fine
+    n_scales, ratio = scale_layout(fine, coarse_patch_size, scales)
     grid = parts.grid
     _warn_unsupported_regularisers(model)
 
     weight = parts.embed.weight
     in_chans = weight.shape[1] // (fine * fine)
-    coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
     cfg = getattr(model, "pretrained_cfg", None)
-    if n_scales > 2:
-        scale_gate = _tree_gate(gate, fine, ratio, n_scales, grid, in_chans, cfg, gate_kwargs)
-    else:
-        scale_gate = _gate(gate, coarse, coarse_grid, in_chans, cfg, gate_kwargs)
-    scale_gate = scale_gate.to(device=weight.device, dtype=weight.dtype)
+    scale_gate = build_gate(gate, parts.embed, fine, ratio, n_scales, grid, cfg, gate_kwargs)
     # the aggregation's random conv init comes after the gate's: both options draw the same gate
     tokenizer = MixedScaleTokenizer(
         parts.embed,
@@ -196,6 +200,29 @@ def from_timm(
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)
+
+
+def scale_layout(fine: int, coarse_patch_size, scales, default_ratio: int = 2) -> Tuple[int, int]:
+    """(number of scales, ratio between scales) from ``from_timm``'s ``coarse_patch_size`` and ``scales``."""
+    n_scales, coarse_patch_size = _scales(scales, fine, coarse_patch_size)
+    coarse = default_ratio * fine if coarse_patch_size is None else int(coarse_patch_size)
+    if coarse < fine or coarse % fine:
+        raise ValueError(
+            f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}"
+        )
+    return n_scales, coarse // fine
+
+
+def build_gate(kind, embed: nn.Linear, fine, ratio, n_scales, grid, pretrained_cfg, options) -> nn.Module:
+    """The scale gate ``from_timm(gate=kind, **options)`` builds, on the embedding's device and dtype."""
+    weight = embed.weight
+    in_chans = weight.shape[1] // (fine * fine)
+    if n_scales > 2:
+        scale_gate = _tree_gate(kind, fine, ratio, n_scales, grid, in_chans, pretrained_cfg, options)
+    else:
+        coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
+        scale_gate = _gate(kind, fine * ratio, coarse_grid, in_chans, pretrained_cfg, options)
+    return scale_gate.to(device=weight.device, dtype=weight.dtype)
 
 
 def _aggregation(weight: torch.Tensor, ratio: int) -> ZeroConvAggregation:

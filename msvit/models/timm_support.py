@@ -23,7 +23,11 @@ REFUSED_MODELS = {
     "VisionTransformerSAM": "windowed attention with relative position embeddings",
 }
 # Blocks and attentions by module and class: BEiT's own ``Block`` shares the name of ViT's.
-BLOCKS = {"timm.models.vision_transformer.Block", "timm.models.eva.EvaBlock"}
+BLOCKS = {
+    "timm.models.vision_transformer.Block",
+    "timm.models.eva.EvaBlock",
+    "timm.models.deepseek_vit.DeepseekVitBlock",  # pre-norm like Eva's; no LayerScale (msvit.models.deepseek_tower)
+}
 REFUSED_BLOCKS = {
     "ResPostBlock": "res-post norm (the norm after each residual branch)",
     "EvaBlockPostNorm": "res-post norm (the norm after each residual branch)",
