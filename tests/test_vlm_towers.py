@@ -10,6 +10,8 @@ import pytest
 import timm
 import torch
 from timm.models import list_models
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import msvit
 from msvit.models.flops import count_macs
@@ -94,6 +96,8 @@ ONE_PER_KIND = [  # a classifier, a classifier with the projector and an encoder
     "deepseek_vit_412m",
     "deepseek_vit_412m_align",
     "deepseek_vit_412m_enc",
+    "gemma4_vit_167m",
+    "gemma4_vit_570m_enc",
 ]
 
 
@@ -103,7 +107,7 @@ def test_packed_equals_masked_and_trimmed_on_random_masks(name, three_scales):
     patch, window, sizes = FAMILY_SIZES[family(name)]
     scales = (patch, patch * window, patch * window**2) if three_scales else None
     size = (patch * window**2, patch * window**2) if three_scales else sizes[1]
-    model = msvit.from_timm(build(name, img_size=size[0]), scales=scales).eval()
+    model = msvit.from_timm(build(name, img_size=size[0]), scales=scales).eval()  # Gemma: a 768 px grid
     x = images(name, size, batch=3)
     shape = model.gate_mask(x).shape
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -114,13 +118,26 @@ def test_packed_equals_masked_and_trimmed_on_random_masks(name, three_scales):
         assert torch.equal(model.forward_head(model.forward_features(x, mask=mask)), packed)
 
 
+# timm ops FlopCounterMode counts that are no multiply-accumulates of the model: Gemma 4 looks its
+# position table up by a one-hot matrix product, builds RoPE angles and pools windows by matmuls
+NOT_MACS = {"patch_embed": -1, "patch_embed.input_proj": +1, "rotary_emb": -1, "pooler": -1}
+
+
 @pytest.mark.parametrize("name", ONE_PER_KIND)
 def test_macs_equal_flop_counter(name):
     tower = build(name)
     model = msvit.from_timm(tower).eval()
     x = images(name, FAMILY_SIZES[family(name)][2][2], batch=1)
     ours = count_macs(model, x, mask=all_fine(model, x), include_gate=False)
-    assert ours.item() == counted_macs(tower, x)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        tower(x)
+    counts = {k.partition(".")[2]: sum(v.values()) / 2 for k, v in counter.get_flop_counts().items()}
+    prefix = "encoder." if hasattr(tower, "encoder") else ""
+    if family(name) == "gemma4":
+        adjust = sum(sign * counts.get(prefix + module, 0) for module, sign in NOT_MACS.items())
+        assert ours.item() == counter.get_total_flops() / 2 + adjust
+    else:
+        assert ours.item() == counted_macs(tower, x)
 
 
 def test_merged_llm_tokens_are_the_replicated_ones_once_per_coarse_token():
@@ -174,3 +191,30 @@ def test_bad_inputs_are_refused_with_the_reason():
         classifier.llm_tokens = "merged"
     with pytest.raises(NotImplementedError, match=re.escape("global_pool (Qwen3VitEncoder) uses no pooling")):
         msvit.from_timm(build("qwen3_vit_88m_enc", global_pool=""))
+
+
+def test_gemma4_classifier_with_the_soft_pool_equals_timm():
+    tower = build("gemma4_vit_167m", encoder_pool="soft", standardize=True)
+    model = msvit.from_timm(tower).eval()
+    x = images("gemma4_vit_167m", (96, 144))
+    with torch.no_grad():
+        assert rel_err(model(x, mask=all_fine(model, x)), tower(x)) <= 1e-4
+        mask = torch.rand(2, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+        assert rel_err(model(x, mask=mask, mode="masked"), model(x, mask=mask)) <= 1e-4
+
+
+def test_gemma4_grouped_query_attention_equals_timm():
+    tower = build("gemma4_vit_167m_enc", num_kv_heads=2)
+    model = msvit.from_timm(tower).eval()
+    x = images("gemma4_vit_167m_enc", (96, 96))
+    with torch.no_grad():
+        assert rel_err(model(x, mask=all_fine(model, x)), tower(x)) <= 1e-4
+
+
+def test_remaining_refusals_name_the_module_and_reason():
+    with pytest.raises(NotImplementedError, match=re.escape("encoder.patch_embed (PatchEmbed) uses dynamic_img_pad")):
+        msvit.from_timm(build("deepseek_vit_412m", dynamic_img_pad=True))
+    with pytest.raises(NotImplementedError, match=re.escape("global_pool (Gemma4VitEncoder) uses no pooling")):
+        msvit.from_timm(build("gemma4_vit_167m_enc", global_pool="none"))
+    with pytest.raises(ValueError, match="position table holds 32 positions per axis; images of 36x36"):
+        msvit.from_timm(build("gemma4_vit_167m")).eval()(images("gemma4_vit_167m", (576, 576), batch=1))

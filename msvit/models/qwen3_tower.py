@@ -55,7 +55,7 @@ def check_tower(label: str, model: nn.Module, encoder: nn.Module, prefix: str) -
     """The checks a Qwen or DeepSeek tower shares: a conv patch embedding, supported blocks, a
     supported rope, and a pooled output (``global_pool='avg'`` or the projector)."""
     _check_class(label, f"{prefix}patch_embed", encoder.patch_embed, PATCH_EMBED, REFUSED_PATCH_EMBED)
-    _check_patch_embed(label, encoder.patch_embed)
+    _check_patch_embed(label, encoder.patch_embed, f"{prefix}patch_embed")
     for i, block in enumerate(encoder.blocks):
         _check_block(label, f"{prefix}blocks.{i}", block)
     if encoder is model and encoder.global_pool == "":
