@@ -218,3 +218,24 @@ def test_remaining_refusals_name_the_module_and_reason():
         msvit.from_timm(build("gemma4_vit_167m_enc", global_pool="none"))
     with pytest.raises(ValueError, match="position table holds 32 positions per axis; images of 36x36"):
         msvit.from_timm(build("gemma4_vit_167m")).eval()(images("gemma4_vit_167m", (576, 576), batch=1))
+
+
+@pytest.mark.parametrize("name", ["qwen3_vit_88m", "gemma4_vit_167m"])
+def test_msvit_train_fine_tunes_a_tower_classifier_with_the_gate(tmp_path, name):
+    """A smoke run of `msvit train` on the digits (tiny tower, learned gate); the checkpoint
+    reloads into the same tower."""
+    import json
+
+    from msvit.train import train
+    from test_train import small_run
+
+    kwargs = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+    if family(name) == "gemma4":
+        kwargs.update(head_dim=16, intermediate_size=64, position_embedding_size=16)
+    args = small_run(tmp_path, "--model", name, "--epochs", "1", "--max-steps", "2")
+    args.model_kwargs = json.dumps(kwargs)
+    train(args)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["train_task"] > 0
+    model = msvit.load_checkpoint(tmp_path).eval()
+    assert type(model).__name__ == "VLMTower" and model.num_classes == 10
