@@ -226,8 +226,9 @@ def test_msvit_train_fine_tunes_a_tower_classifier_with_the_gate(tmp_path, name)
     reloads into the same tower."""
     import json
 
-    from msvit.train import train
     from test_train import small_run
+
+    from msvit.train import train
 
     kwargs = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
     if family(name) == "gemma4":
