@@ -14,7 +14,7 @@ import copy
 from torch import nn
 
 from msvit.models.qwen3_tower import check_tower
-from msvit.models.timm_compat import _packed_rope
+from msvit.models.rope import packed_rope
 from msvit.models.timm_parts import conv_as_linear
 from msvit.models.timm_support import _check_tokenwise
 from msvit.models.vlm_families import classifier_parts
@@ -48,7 +48,7 @@ def tower_parts(model: nn.Module, label: str, img_size=None) -> TowerParts:
         None,  # RoPE only: no absolute position table
         nn.ModuleList(copy.deepcopy(list(encoder.blocks))),
         copy.deepcopy(encoder.norm),
-        lambda ratio, scales: _packed_rope(encoder, ratio, scales),
+        lambda ratio, scales: packed_rope(encoder, ratio, scales),
         projector,
         encoder is model,
         ratio=encoder.downsample_ratio,

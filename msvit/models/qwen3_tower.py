@@ -21,7 +21,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from msvit.models.timm_compat import _packed_rope
+from msvit.models.rope import packed_rope
 from msvit.models.timm_parts import conv_as_linear
 from msvit.models.timm_support import (
     PATCH_EMBED,
@@ -91,7 +91,7 @@ def tower_parts(model: nn.Module, label: str, img_size=None) -> TowerParts:
         Qwen3GridPositions(encoder.pos_embed, encoder.pos_embed_grid_size),
         nn.ModuleList(copy.deepcopy(list(encoder.blocks))),
         nn.Identity(),  # no final norm on Qwen's encoder tokens
-        lambda ratio, scales: _packed_rope(encoder, ratio, scales),
+        lambda ratio, scales: packed_rope(encoder, ratio, scales),
         projector,
         encoder is model,
         ratio=encoder.merge_size,

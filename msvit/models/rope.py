@@ -22,7 +22,8 @@ augmentation (DINOv3's shift / jitter / rescale) draws one transform per forward
 fine and coarse coordinates alike, as timm applies one per forward to its grid.
 """
 
-from typing import Callable, Tuple
+import copy
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -129,6 +130,17 @@ class PackedRope(nn.Module):
             return apply_rot_embed_cat(t, emb, half=self.rotate_half)
 
         return rotate
+
+
+def packed_rope(model, ratio: int, scales: int = 2) -> Optional["PackedRope"]:
+    """The ``PackedRope`` of a timm model with a ``rope`` and RoPE attention in its ``blocks`` (None without one)."""
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        return None
+    layouts = {bool(getattr(b.attn, "rotate_half", False)) for b in model.blocks}
+    if len(layouts) > 1:
+        raise NotImplementedError("blocks with different RoPE rotation layouts (rotate_half) are not supported")
+    return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False, scales)
 
 
 def mixed_scale_coords(fine: Tensor, grid: Tuple[int, int], ratio: int, scales: int) -> Tensor:

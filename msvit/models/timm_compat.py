@@ -25,12 +25,13 @@ from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD,
 from msvit.models.gate import MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.naflex import is_naflexvit, naflex_parts
-from msvit.models.rope import PackedRope
+from msvit.models.rope import packed_rope
 from msvit.models.swin import is_timm_swin, swin_from_timm
 from msvit.models.timm_names import check_model_name, is_vlm_tower
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import MixedScaleTokenizer
+from msvit.models.vlm_families import build_tower, tower_parts
 from msvit_kernels.entropy_kernel import DEFAULT_BINS
 
 
@@ -83,10 +84,13 @@ def from_timm(
     Args:
         model_or_name: a timm ``VisionTransformer``, ``Eva``, ``NaFlexVit`` or Swin v1, or its name (built with
             ``timm.create_model(name, **timm_kwargs)``; nothing is downloaded unless you pass
-            ``pretrained=True`` in ``timm_kwargs``).
+            ``pretrained=True`` in ``timm_kwargs``); or a VLM tower (``qwen3_vit_*``, ``deepseek_vit_*``,
+            ``gemma4_vit_*``), which gives a ``msvit.models.vlm_tower.VLMTower`` whose default coarse
+            patch is its projector's window (docs/design.md section 17).
         img_size: NaFlexVit only: the image size (int or (h, w)) to convert its position embedding
             for (timm's resampling, evaluated once; see ``msvit.models.naflex``). Default:
             ``timm_kwargs["img_size"]``, else the model's default or pretrained_cfg input size.
+            Gemma 4: its nominal image size (default: the pretrained_cfg's).
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
         scales: every patch size, finest first, the finest being the model's patch size and each
             the previous times one integer ratio r >= 2: ``(16, 32)`` is the default two-scale
@@ -133,20 +137,15 @@ def from_timm(
             **gate_kwargs,
         )
     if is_vlm_tower(model_or_name):  # Qwen3-VL, DeepSeek, Gemma 4 towers (docs/design.md section 17)
-        from msvit.models.vlm_families import vlm_from_timm
-
-        return vlm_from_timm(
-            model_or_name,
-            coarse_patch_size=coarse_patch_size,
-            scales=scales,
-            kernels=kernels,
-            attention_backend=attention_backend,
-            timm_kwargs=timm_kwargs,
-            img_size=img_size,
-            gate=gate,
-            aggregate=aggregate,
-            **gate_kwargs,
-        )
+        model, parts = tower_parts(model_or_name, timm_kwargs, img_size)
+        n_scales, ratio = scale_layout(parts.fine, coarse_patch_size, scales, parts.ratio)
+        cfg = getattr(model, "pretrained_cfg", None)
+        scale_gate = build_gate(gate, parts.embed, parts.fine, ratio, n_scales, parts.grid, cfg, gate_kwargs)
+        aggregation = None if aggregate == "shared" else _aggregation(parts.embed.weight, ratio)
+        tower = build_tower(parts, scale_gate, ratio, n_scales, aggregation, kernels, attention_backend)
+        if cfg:
+            tower.pretrained_cfg = input_cfg(model, parts.fine, parts.grid)
+        return tower.train(model.training)
     model = _timm_model(model_or_name, timm_kwargs)
     if is_naflexvit(model):
         parts = naflex_parts(model, img_size if img_size is not None else (timm_kwargs or {}).get("img_size"))
@@ -194,7 +193,7 @@ def from_timm(
         in_chans=in_chans,
         kernels=kernels,
         attention_backend=attention_backend,
-        rope=_packed_rope(model, ratio, n_scales),
+        rope=packed_rope(model, ratio, n_scales),
     )
     msvit.distilled_training = getattr(model, "distilled_training", False)
     if getattr(model, "pretrained_cfg", None):
@@ -305,16 +304,6 @@ def _check_gate_options(kind: str, options: dict) -> None:
         raise TypeError(
             f"gate='entropy' takes {', '.join(sorted(ENTROPY_OPTIONS))}; {', '.join(learned)} are not its options"
         )
-
-
-def _packed_rope(model, ratio: int, scales: int = 2) -> Optional[PackedRope]:
-    rope = getattr(model, "rope", None)
-    if rope is None:
-        return None
-    layouts = {bool(getattr(b.attn, "rotate_half", False)) for b in model.blocks}
-    if len(layouts) > 1:
-        raise NotImplementedError("blocks with different RoPE rotation layouts (rotate_half) are not supported")
-    return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False, scales)
 
 
 def input_cfg(model, patch: int, grid: Optional[Tuple[int, int]] = None) -> dict:

@@ -1,14 +1,12 @@
-"""``from_timm`` for the VLM towers: the timm model is read by its family's adapter
+"""``from_timm``'s VLM towers: the timm model is read by its family's adapter
 (``msvit.models.qwen3_tower``, ``deepseek_tower``, ``gemma4_tower``: one file per family, as timm
 keeps them) and built into a ``msvit.models.vlm_tower.VLMTower`` (docs/design.md section 17)."""
 
 import importlib
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import nn
 
-from msvit.models.aggregation import AGGREGATIONS
-from msvit.models.checks import check_choice
 from msvit.models.timm_names import check_model_name
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit.models.vlm_tower import TowerParts, VLMTower
@@ -20,31 +18,13 @@ ADAPTERS = {
 }
 
 
-def vlm_from_timm(
-    model_or_name,
-    *,
-    coarse_patch_size: Optional[int] = None,
-    scales=None,
-    kernels: str = "auto",
-    attention_backend: str = "auto",
-    timm_kwargs: Optional[dict] = None,
-    img_size=None,
-    gate: str = "learned",
-    aggregate: str = "shared",
-    **gate_kwargs,
-) -> VLMTower:
-    """``msvit.from_timm`` of a ``qwen3_vit_*``, ``deepseek_vit_*`` or ``gemma4_vit_*`` name or model.
-
-    The default coarse patch is the projector's window times the patch (Qwen: 2 x 16 = 32 px,
-    DeepSeek: 3 x 14 = 42 px, Gemma 4: 3 x 16 = 48 px), so a coarse token fills one window.
-    ``img_size``: Gemma 4 only (its nominal image size; default the pretrained_cfg's).
-    """
+def tower_parts(model_or_name, timm_kwargs: Optional[dict], img_size) -> Tuple[nn.Module, TowerParts]:
+    """(the timm tower, its ``TowerParts``): built from a name with ``timm_kwargs``, read by its
+    family's adapter. ``img_size``: Gemma 4 only (its nominal image size; default the pretrained_cfg's)."""
     import timm
 
-    from msvit.models.timm_compat import _aggregation, build_gate, input_cfg, scale_layout
     from msvit.models.timm_support import model_name
 
-    check_choice("aggregate", aggregate, AGGREGATIONS)
     if isinstance(model_or_name, str):
         check_model_name(model_or_name)
         model = timm.create_model(model_or_name, **(timm_kwargs or {}))
@@ -52,13 +32,17 @@ def vlm_from_timm(
         if timm_kwargs:
             raise ValueError("timm_kwargs only apply when from_timm is given a model name")
         model = model_or_name
-    family = type(model).__module__.rpartition(".")[2]
-    adapter = importlib.import_module(ADAPTERS[family])
+    adapter = importlib.import_module(ADAPTERS[type(model).__module__.rpartition(".")[2]])
     label = model_name(model, model_or_name if isinstance(model_or_name, str) else None)
-    parts: TowerParts = adapter.tower_parts(model, label, img_size)
-    n_scales, ratio = scale_layout(parts.fine, coarse_patch_size, scales, parts.ratio)
-    cfg = getattr(model, "pretrained_cfg", None)
-    scale_gate = build_gate(gate, parts.embed, parts.fine, ratio, n_scales, parts.grid, cfg, gate_kwargs)
+    return model, adapter.tower_parts(model, label, img_size)
+
+
+def build_tower(
+    parts: TowerParts, gate: nn.Module, ratio: int, scales: int, aggregation, kernels: str, attention_backend: str
+) -> VLMTower:
+    """The ``VLMTower`` of ``parts`` with ``gate`` (``from_timm`` builds it as for a ViT); the
+    default coarse patch, ``parts.ratio``, is the projector's window (Qwen: 2 x 16 = 32 px,
+    DeepSeek: 3 x 14 = 42 px, Gemma 4: 3 x 16 = 48 px), so a coarse token fills one window."""
     tokenizer = MixedScaleTokenizer(
         parts.embed,
         parts.fine,
@@ -67,13 +51,13 @@ def vlm_from_timm(
         pos_embed=None,
         prefix_tokens=None,
         no_embed_class=True,
-        aggregation=None if aggregate == "shared" else _aggregation(parts.embed.weight, ratio),
-        scales=n_scales,
+        aggregation=aggregation,
+        scales=scales,
         grid_positions=parts.grid_positions,
     )
-    tower = VLMTower(
+    return VLMTower(
         tokenizer,
-        scale_gate,
+        gate,
         parts.blocks,
         parts.norm,
         parts.head,
@@ -83,13 +67,10 @@ def vlm_from_timm(
         in_chans=parts.embed.weight.shape[1] // parts.fine**2,
         kernels=kernels,
         attention_backend=attention_backend,
-        rope=parts.rope(ratio, n_scales),
+        rope=parts.rope(ratio, scales),
         projector=parts.projector,
         encoder=parts.encoder,
     )
-    if cfg:
-        tower.pretrained_cfg = input_cfg(model, parts.fine, parts.grid)
-    return tower.train(model.training)
 
 
 def classifier_parts(model: nn.Module) -> dict:
