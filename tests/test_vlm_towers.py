@@ -240,3 +240,28 @@ def test_msvit_train_fine_tunes_a_tower_classifier_with_the_gate(tmp_path, name)
     assert rows and rows[-1]["train_task"] > 0
     model = msvit.load_checkpoint(tmp_path).eval()
     assert type(model).__name__ == "VLMTower" and model.num_classes == 10
+
+
+def test_committed_bench_table_is_its_json_and_its_counts_are_consistent():
+    """bench/vlm_towers.py's recorded Markdown is what its JSON says; tokens lie between the
+    coarsest layout and timm's, merged LLM tokens never exceed timm's count, fewer tokens cost fewer MACs."""
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    from vlm_towers import markdown
+
+    (folder,) = {p.parent for p in (bench / "results").glob("*/vlm_towers.json")}
+    result = json.loads((folder / "vlm_towers.json").read_text())
+    assert markdown(result) == (folder / "vlm_towers.md").read_text()
+    for row in result["tokens"]:
+        h, w = row["size"]
+        patch = 14 if row["tower"].startswith("deepseek") else 16
+        assert row["timm_tokens"] == (h // patch) * (w // patch)
+        for scales in ("two", "three"):
+            if f"{scales}_tokens" in row:
+                assert row[f"{scales}_tokens"] <= row["timm_tokens"]
+                assert row[f"{scales}_llm_merged"] <= row["llm_replicate"]
+                assert row[f"{scales}_gmacs"] <= row["timm_gmacs"]
