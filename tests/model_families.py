@@ -23,6 +23,15 @@ def _p14(*names: str, **kwargs) -> List[Tuple[str, Dict]]:
     return [(n, dict(img_size=56, **kwargs)) for n in names]
 
 
+def _vlm(base: str, size: int, *suffixes: str) -> List[Tuple[str, Dict]]:
+    """A VLM tower's variants, narrow (the towers are 88M to 570M parameters at full width)."""
+    narrow = dict(img_size=size, embed_dim=64, num_heads=4)
+    if base.startswith("gemma4"):
+        narrow.update(head_dim=16, intermediate_size=96, position_embedding_size=32)
+    projected = {} if base.startswith("gemma4") else dict(out_features=48)  # the projector's LLM width
+    return [(base + s, dict(narrow, **(projected if s else {}))) for s in suffixes]
+
+
 # The features the refusals name (msvit.models.timm_support words them; the test checks the messages).
 DIFF = "differential attention (DiffAttention: the difference of two softmax maps)"
 CONV_STEM = "a conv stem (a CNN backbone before the patch embedding)"
@@ -62,6 +71,10 @@ FAMILIES = [
     Family("Perception Encoder (core)", _p16("vit_pe_core_small_patch16_384")),
     Family("Distilled DeiT", _p16("deit_tiny_distilled_patch16_224")),
     Family("NaFlexViT", [("naflexvit_base_patch16_gap", {})]),  # at 256 px, its position grid
+    # VLM towers (docs/design.md section 17): the _enc / _merge / _align outputs are the projected LLM tokens
+    Family("Qwen3-VL / Qwen3.5 vision tower", _vlm("qwen3_vit_88m", 64, "", "_merge", "_enc")),
+    Family("DeepSeek-V4 vision tower", _vlm("deepseek_vit_412m", 84, "", "_align", "_enc")),
+    Family("Gemma 4 vision tower", _vlm("gemma4_vit_167m", 96, "", "_enc")),
     Family(
         "Differential attention ViT",
         _p16("vit_dwee_patch16_reg1_gap_256") + _p16("vit_small_patch16_224", attn_layer="diff"),
@@ -87,7 +100,8 @@ def readme_table() -> str:
     rows = ["| Family | Examples (timm names) | from_timm |", "|---|---|---|"]
     for f in FAMILIES:
         names = ", ".join(f"`{n}`" + (" (`attn_layer='diff'`)" if kw.get("attn_layer") else "") for n, kw in f.cases)
-        status = f"refused: {f.refused}" if f.refused else "exact (all-fine logits = timm)"
+        output = "logits and projected LLM tokens" if any(n.endswith("_enc") for n, _ in f.cases) else "logits"
+        status = f"refused: {f.refused}" if f.refused else f"exact (all-fine {output} = timm)"
         rows.append(f"| {f.family} | {names} | {status} |")
     return "\n".join(rows)
 

@@ -199,6 +199,7 @@ def test_every_supported_family_at_three_scales(family, name, kwargs, feature):
         kwargs = {**kwargs, "img_size": max(kwargs["img_size"], 4 * patch)}
     torch.manual_seed(0)
     vit = redraw_parameters(timm.create_model(name, pretrained=False, depth=2, **kwargs).eval())
+    patch = msvit.from_timm(vit).tokenizer.fine_patch  # names without "patch<N>": DeepSeek's 14, FlexiViT's 16
     model = msvit.from_timm(vit, scales=(patch, 2 * patch, 4 * patch)).eval()
     size = kwargs.get("img_size", model.pretrained_cfg["input_size"][-1])
     images = torch.randn(2, 3, size, size)

@@ -40,7 +40,9 @@ def block(b: nn.Module) -> dict:
         "attn_norm": layer(getattr(attn, "norm", None)),
         "norm1": layer(b.norm1),
         "norm2": layer(b.norm2),
-        "layer_scale": type(b.ls1).__name__ != "Identity" if hasattr(b, "ls1") else b.gamma_1 is not None,
+        "layer_scale": type(b.ls1).__name__ != "Identity"
+        if hasattr(b, "ls1")
+        else getattr(b, "gamma_1", None) is not None,
         "mlp": type(mlp).__name__,
         "mlp_hidden": getattr(getattr(mlp, "fc1", None), "out_features", None),
         "act": layer(getattr(mlp, "act", None)),

@@ -111,4 +111,9 @@ def count_macs(
             parts["gate"] = torch.full_like(parts["gate"], float(gate))
         else:
             parts = macs_for_tokens(model, tokens, mask.shape[1], include_gate, coarse=mask.shape[1] - mask.sum(1))
+    projector = getattr(model, "projector_macs", None)  # a VLM tower's projector (msvit.models.vlm_tower)
+    if projector is not None:
+        fine_grid = model.tokenizer.grid if images is None else model.tokenizer.grids(images)[0]
+        parts["projector"] = torch.full_like(parts["total"], float(projector(fine_grid)))
+        parts["total"] = parts["total"] + parts["projector"]
     return parts if breakdown else parts["total"]

@@ -30,7 +30,11 @@ def run_block(
     rotate: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """One timm ``Block`` or ``EvaBlock`` on tokens ``x [..., C]``; ``attend(q, k, v, scale)`` maps
-    ``[..., H, D]``; ``rotate`` (RoPE models) is applied to q and k after their norms, as timm does."""
+    ``[..., H, D]``; ``rotate`` (RoPE models) is applied to q and k after their norms, as timm does.
+    A block of another layout (Gemma 4's sandwich norms) brings its own ``run_mixed_scale``."""
+    own = getattr(block, "run_mixed_scale", None)
+    if own is not None:
+        return own(x, attend, drop_path, rotate)
     attn = block.attn
     h = block.norm1(x)
     q, k, v = qkv_heads(attn, h)

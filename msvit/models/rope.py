@@ -22,7 +22,8 @@ augmentation (DINOv3's shift / jitter / rescale) draws one transform per forward
 fine and coarse coordinates alike, as timm applies one per forward to its grid.
 """
 
-from typing import Callable, Tuple
+import copy
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -84,14 +85,7 @@ class PackedRope(nn.Module):
         (more scales: every scale's nodes in turn, each at the mean of the fine cells it covers)."""
         from timm.layers.pos_embed_sincos import _apply_coord_augs
 
-        h, w = grid
-        fine = self.fine_coords(grid)
-        tables = [fine]
-        for s in range(1, self.scales):
-            r = self.ratio**s
-            whole = fine.reshape(h, w, 2)[: h // r * r, : w // r * r]  # border cells belong to no region
-            tables.append(whole.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2))
-        coords = torch.cat(tables)
+        coords = mixed_scale_coords(self.fine_coords(grid), grid, self.ratio, self.scales)
         rope = self.rope
         if rope.training and rope.aug_active:  # an affine map: augmenting then averaging is the same
             coords = _apply_coord_augs(coords, rope.shift_coords, rope.jitter_coords, rope.rescale_coords)
@@ -150,6 +144,29 @@ class PackedRope(nn.Module):
             return apply_rot_embed_cat(t, emb, half=self.rotate_half)
 
         return rotate
+
+
+def packed_rope(model, ratio: int, scales: int = 2) -> Optional["PackedRope"]:
+    """The ``PackedRope`` of a timm model with a ``rope`` and RoPE attention in its ``blocks`` (None without one)."""
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        return None
+    layouts = {bool(getattr(b.attn, "rotate_half", False)) for b in model.blocks}
+    if len(layouts) > 1:
+        raise NotImplementedError("blocks with different RoPE rotation layouts (rotate_half) are not supported")
+    return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False, scales)
+
+
+def mixed_scale_coords(fine: Tensor, grid: Tuple[int, int], ratio: int, scales: int) -> Tensor:
+    """``[Nf + Nc, 2]`` (more scales: every scale's nodes in turn): the fine cells' coordinates
+    ``fine [h*w, 2]``, then each coarser token at the mean of the fine cells it covers."""
+    h, w = grid
+    tables = [fine]
+    for s in range(1, scales):
+        r = ratio**s
+        whole = fine.reshape(h, w, 2)[: h // r * r, : w // r * r]  # border cells belong to no region
+        tables.append(whole.reshape(h // r, r, w // r, r, 2).mean((1, 3)).reshape(-1, 2))
+    return torch.cat(tables)
 
 
 def packed_positions(index) -> Tensor:

@@ -35,5 +35,5 @@ def layer_scale(block: nn.Module, branch: int, y: Tensor) -> Tensor:
     module = getattr(block, f"ls{branch}", None)
     if module is not None:
         return module(y)
-    gamma = getattr(block, f"gamma_{branch}")
+    gamma = getattr(block, f"gamma_{branch}", None)  # DeepSeek's block has neither
     return y if gamma is None else gamma * y

@@ -25,12 +25,13 @@ from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD,
 from msvit.models.gate import MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViT
 from msvit.models.naflex import is_naflexvit, naflex_parts
-from msvit.models.rope import PackedRope
+from msvit.models.rope import packed_rope
 from msvit.models.swin import is_timm_swin, swin_from_timm
-from msvit.models.timm_names import check_model_name
+from msvit.models.timm_names import check_model_name, is_vlm_tower
 from msvit.models.timm_parts import EmbedParts, conv_as_linear
 from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import COARSE_POS, MixedScaleTokenizer
+from msvit.models.vlm_families import build_tower, tower_parts
 from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args
 
 
@@ -84,10 +85,13 @@ def from_timm(
     Args:
         model_or_name: a timm ``VisionTransformer``, ``Eva``, ``NaFlexVit`` or Swin v1, or its name (built with
             ``timm.create_model(name, **timm_kwargs)``; nothing is downloaded unless you pass
-            ``pretrained=True`` in ``timm_kwargs``).
+            ``pretrained=True`` in ``timm_kwargs``); or a VLM tower (``qwen3_vit_*``, ``deepseek_vit_*``,
+            ``gemma4_vit_*``), which gives a ``msvit.models.vlm_tower.VLMTower`` whose default coarse
+            patch is its projector's window (docs/design.md section 17).
         img_size: NaFlexVit only: the image size (int or (h, w)) to convert its position embedding
             for (timm's resampling, evaluated once; see ``msvit.models.naflex``). Default:
             ``timm_kwargs["img_size"]``, else the model's default or pretrained_cfg input size.
+            Gemma 4: its nominal image size (default: the pretrained_cfg's).
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
         scales: every patch size, finest first, the finest being the model's patch size and each
             the previous times one integer ratio r >= 2: ``(16, 32)`` is the default two-scale
@@ -144,6 +148,16 @@ def from_timm(
             timm_kwargs=timm_kwargs,
             **gate_kwargs,
         )
+    if is_vlm_tower(model_or_name):  # Qwen3-VL, DeepSeek, Gemma 4 towers (docs/design.md section 17)
+        model, parts = tower_parts(model_or_name, timm_kwargs, img_size)
+        n_scales, ratio = scale_layout(parts.fine, coarse_patch_size, scales, parts.ratio)
+        cfg = getattr(model, "pretrained_cfg", None)
+        scale_gate = build_gate(gate, parts.embed, parts.fine, ratio, n_scales, parts.grid, cfg, gate_kwargs)
+        aggregation = None if aggregate == "shared" else _aggregation(parts.embed.weight, ratio)
+        tower = build_tower(parts, scale_gate, ratio, n_scales, aggregation, kernels, attention_backend)
+        if cfg:
+            tower.pretrained_cfg = input_cfg(model, parts.fine, parts.grid)
+        return tower.train(model.training)
     model = _timm_model(model_or_name, timm_kwargs)
     if is_naflexvit(model):
         parts = naflex_parts(model, img_size if img_size is not None else (timm_kwargs or {}).get("img_size"))
@@ -152,25 +166,14 @@ def from_timm(
     else:
         parts = _vit_parts(model)
     fine = parts.fine
-    n_scales, coarse_patch_size = _scales(scales, fine, coarse_patch_size)
-    coarse = 2 * fine if coarse_patch_size is None else int(coarse_patch_size)
-    if coarse < fine or coarse % fine:
-        raise ValueError(
-            f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}"
-        )
-    ratio = coarse // fine
+    n_scales, ratio = scale_layout(fine, coarse_patch_size, scales)
     grid = parts.grid
     _warn_unsupported_regularisers(model)
 
     weight = parts.embed.weight
     in_chans = weight.shape[1] // (fine * fine)
-    coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
     cfg = getattr(model, "pretrained_cfg", None)
-    if n_scales > 2:
-        scale_gate = _tree_gate(gate, fine, ratio, n_scales, grid, in_chans, cfg, gate_kwargs)
-    else:
-        scale_gate = _gate(gate, coarse, coarse_grid, in_chans, cfg, gate_kwargs)
-    scale_gate = scale_gate.to(device=weight.device, dtype=weight.dtype)
+    scale_gate = build_gate(gate, parts.embed, fine, ratio, n_scales, grid, cfg, gate_kwargs)
     # the aggregation's random conv init comes after the gate's: both options draw the same gate
     tokenizer = MixedScaleTokenizer(
         parts.embed,
@@ -203,7 +206,7 @@ def from_timm(
         in_chans=in_chans,
         kernels=kernels,
         attention_backend=attention_backend,
-        rope=_packed_rope(model, ratio, n_scales),
+        rope=packed_rope(model, ratio, n_scales),
     )
     msvit.distilled_training = getattr(model, "distilled_training", False)
     if is_naflexvit(model):
@@ -215,6 +218,29 @@ def from_timm(
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)
+
+
+def scale_layout(fine: int, coarse_patch_size, scales, default_ratio: int = 2) -> Tuple[int, int]:
+    """(number of scales, ratio between scales) from ``from_timm``'s ``coarse_patch_size`` and ``scales``."""
+    n_scales, coarse_patch_size = _scales(scales, fine, coarse_patch_size)
+    coarse = default_ratio * fine if coarse_patch_size is None else int(coarse_patch_size)
+    if coarse < fine or coarse % fine:
+        raise ValueError(
+            f"coarse_patch_size must be an integer multiple of the patch size {fine}, got {coarse_patch_size}"
+        )
+    return n_scales, coarse // fine
+
+
+def build_gate(kind, embed: nn.Linear, fine, ratio, n_scales, grid, pretrained_cfg, options) -> nn.Module:
+    """The scale gate ``from_timm(gate=kind, **options)`` builds, on the embedding's device and dtype."""
+    weight = embed.weight
+    in_chans = weight.shape[1] // (fine * fine)
+    if n_scales > 2:
+        scale_gate = _tree_gate(kind, fine, ratio, n_scales, grid, in_chans, pretrained_cfg, options)
+    else:
+        coarse_grid = (max(1, grid[0] // ratio), max(1, grid[1] // ratio))
+        scale_gate = _gate(kind, fine * ratio, coarse_grid, in_chans, pretrained_cfg, options)
+    return scale_gate.to(device=weight.device, dtype=weight.dtype)
 
 
 def _aggregation(weight: torch.Tensor, ratio: int) -> ZeroConvAggregation:
@@ -316,16 +342,6 @@ def _check_gate_options(kind: str, options: dict) -> None:
         raise TypeError(
             f"gate='entropy' takes {', '.join(sorted(ENTROPY_OPTIONS))}; {', '.join(learned)} are not its options"
         )
-
-
-def _packed_rope(model, ratio: int, scales: int = 2) -> Optional[PackedRope]:
-    rope = getattr(model, "rope", None)
-    if rope is None:
-        return None
-    layouts = {bool(getattr(b.attn, "rotate_half", False)) for b in model.blocks}
-    if len(layouts) > 1:
-        raise NotImplementedError("blocks with different RoPE rotation layouts (rotate_half) are not supported")
-    return PackedRope(copy.deepcopy(rope), ratio, layouts.pop() if layouts else False, scales)
 
 
 def input_cfg(model, patch: int, grid: Optional[Tuple[int, int]] = None) -> dict:

@@ -16,6 +16,8 @@ from typing import Dict, Optional, Set, Tuple
 
 from msvit.models.timm_support import EXPECTED, MODELS, REFUSED_MODELS
 
+# The VLM towers' modules: from_timm converts them in msvit.models.vlm_families
+VLM_MODULES = {"qwen3_vit", "deepseek_vit", "gemma4_vit"}
 # The timm modules of the families from_timm takes, or refuses naming the feature it lacks once
 # built (their classes take the ViT keyword arguments). Any other module is another family.
 VIT_MODULES = {
@@ -29,7 +31,7 @@ VIT_MODULES = {
     "vision_transformer_relpos",
     "vision_transformer_sam",
     "vision_transformer_hybrid",
-}
+} | VLM_MODULES
 # NaFlexVitCfg: the dataclass NaFlexVit takes its architecture kwargs into
 CLASSES = sorted(MODELS | set(REFUSED_MODELS) | {"NaFlexVitCfg", "SwinTransformer", "SwinTransformerV2"})
 JSON_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
@@ -41,6 +43,17 @@ def timm_module(name: str):
     from timm.models import is_model, model_entrypoint
 
     return sys.modules[model_entrypoint(name).__module__] if is_model(name) else None
+
+
+def is_vlm_tower(model_or_name) -> bool:
+    """A timm VLM vision tower (``qwen3_vit_*``, ``deepseek_vit_*``, ``gemma4_vit_*``): its name, or
+    a model of one of those modules' classes."""
+    if isinstance(model_or_name, str):
+        module = timm_module(model_or_name)
+        return module is not None and module.__name__.rpartition(".")[2] in VLM_MODULES
+    return type(model_or_name).__module__.rpartition(".")[2] in VLM_MODULES and type(
+        model_or_name
+    ).__module__.startswith("timm.")
 
 
 def check_model_name(name: str) -> None:

@@ -23,7 +23,11 @@ REFUSED_MODELS = {
     "VisionTransformerSAM": "windowed attention with relative position embeddings",
 }
 # Blocks and attentions by module and class: BEiT's own ``Block`` shares the name of ViT's.
-BLOCKS = {"timm.models.vision_transformer.Block", "timm.models.eva.EvaBlock"}
+BLOCKS = {
+    "timm.models.vision_transformer.Block",
+    "timm.models.eva.EvaBlock",
+    "timm.models.deepseek_vit.DeepseekVitBlock",  # pre-norm like Eva's; no LayerScale (msvit.models.deepseek_tower)
+}
 REFUSED_BLOCKS = {
     "ResPostBlock": "res-post norm (the norm after each residual branch)",
     "EvaBlockPostNorm": "res-post norm (the norm after each residual branch)",
@@ -127,14 +131,14 @@ def _check_tokenwise(label: str, path: str, module: nn.Module) -> None:
             raise refuse(label, sub_path, sub, "a module not known to act on each token independently")
 
 
-def _check_patch_embed(label: str, embed: nn.Module) -> None:
+def _check_patch_embed(label: str, embed: nn.Module, path: str = "patch_embed") -> None:
     proj = embed.proj
     if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.kernel_size[0] != proj.kernel_size[1]:
-        raise refuse(label, "patch_embed.proj", proj, "a patch embedding that is not a square, non-overlapping Conv2d")
+        raise refuse(label, f"{path}.proj", proj, "a patch embedding that is not a square, non-overlapping Conv2d")
     if getattr(embed, "dynamic_img_pad", False):
         feature = "dynamic_img_pad (MSViT images must be multiples of the patch size)"
-        raise refuse(label, "patch_embed", embed, feature)
-    _check_tokenwise(label, "patch_embed.norm", getattr(embed, "norm", nn.Identity()))
+        raise refuse(label, path, embed, feature)
+    _check_tokenwise(label, f"{path}.norm", getattr(embed, "norm", nn.Identity()))
 
 
 def _check_block(label: str, path: str, block: nn.Module) -> None:

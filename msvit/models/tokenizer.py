@@ -62,6 +62,10 @@ class MixedScaleTokenizer(nn.Module):
             token's (normed) embedding before its position (``msvit.models.aggregation``).
         coarse_pos: ``"bilinear"`` or ``"apt"`` (``COARSE_POS``): how every coarser scale's position
             table is resampled from the fine one.
+        grid_positions: instead of ``pos_embed``, a module whose ``forward(fine_grid)`` gives the
+            fine table ``[h*w, d]`` of any grid by the model's own rule (the VLM towers: Qwen's
+            align_corners=True resampling, Gemma 4's factorised lookup); coarser scales are then
+            resampled from it as from ``pos_embed``'s.
 
     Attribute ``kernels`` (``"auto" | "triton" | "reference"``, set by ``MSViT.kernels``): ``pack``
     runs the fused Triton kernels (``msvit_kernels.index_kernel`` and ``pack_kernel``) or torch;
@@ -82,9 +86,12 @@ class MixedScaleTokenizer(nn.Module):
         aggregation: Optional[nn.Module] = None,
         scales: int = 2,
         coarse_pos: str = "bilinear",
+        grid_positions: Optional[nn.Module] = None,
     ):
         super().__init__()
         check_choice("coarse_pos", coarse_pos, COARSE_POS)
+        if grid_positions is not None and pos_embed is not None:
+            raise ValueError("pass pos_embed or grid_positions, not both")
         if scales > 2 and ratio < 2:
             raise ValueError(f"more than two scales need a ratio >= 2 between scales, got {ratio}")
         self.scales = int(scales)
@@ -98,6 +105,7 @@ class MixedScaleTokenizer(nn.Module):
         self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
         self.aggregation = aggregation
         self.coarse_pos = coarse_pos
+        self.grid_positions = grid_positions
         self.kernels = "auto"
         self._tables = TableCache()
 
@@ -143,20 +151,27 @@ class MixedScaleTokenizer(nn.Module):
         """Position embeddings for an image's grids: the fine one (resampled like timm's
         ``dynamic_img_size`` when the grid differs from the trained one) and the coarse one.
         Built once per grid at inference (``msvit.models.table_cache``)."""
-        if self.pos_embed is None:
+        if self.grid_positions is not None:
+            params = list(self.grid_positions.parameters())
+        elif self.pos_embed is not None:
+            params = [self.pos_embed]
+        else:
             return PositionTables(None, None)
-        return self._tables.get(tuple(fine_grid), [self.pos_embed], lambda: self._position_tables(fine_grid))
+        return self._tables.get(tuple(fine_grid), params, lambda: self._position_tables(fine_grid))
 
     def _position_tables(self, fine_grid: Tuple[int, int]) -> PositionTables:
         from timm.layers import resample_abs_pos_embed  # timm is the source of truth for this resampling
 
-        n_pos_prefix = 0 if self.no_embed_class else self.num_prefix
-        pos = self.pos_embed
-        if tuple(fine_grid) != self.grid:
-            pos = resample_abs_pos_embed(
-                pos, new_size=list(fine_grid), old_size=list(self.grid), num_prefix_tokens=n_pos_prefix
-            )
-        prefix, fine = pos[0, :n_pos_prefix], pos[0, n_pos_prefix:]
+        n_pos_prefix = 0 if self.no_embed_class or self.grid_positions is not None else self.num_prefix
+        if self.grid_positions is not None:
+            prefix, fine = None, self.grid_positions(tuple(fine_grid))
+        else:
+            pos = self.pos_embed
+            if tuple(fine_grid) != self.grid:
+                pos = resample_abs_pos_embed(
+                    pos, new_size=list(fine_grid), old_size=list(self.grid), num_prefix_tokens=n_pos_prefix
+                )
+            prefix, fine = pos[0, :n_pos_prefix], pos[0, n_pos_prefix:]
         d = fine.shape[-1]
         fine_map = fine.transpose(0, 1).reshape(1, d, *fine_grid)
         tables = [fine]
