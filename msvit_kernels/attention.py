@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import normalize_choice
+from .grouped_attention import grouped_sdpa_attention, grouped_sdpa_auto_support, grouped_sdpa_support
 from .padded_attention import padded_sdpa_attention
 from .reference import packed_attention_reference
 
@@ -56,11 +57,20 @@ BACKENDS: Dict[str, Backend] = {
         "reference", packed_attention_reference, _reference_support, separate_kv=True, host_free=False
     ),
     "padded_sdpa": Backend("padded_sdpa", padded_sdpa_attention, _reference_support, separate_kv=True),
+    "grouped_sdpa": Backend(
+        "grouped_sdpa",
+        grouped_sdpa_attention,
+        grouped_sdpa_support,
+        auto_support=grouped_sdpa_auto_support,
+        separate_kv=True,
+        host_free=False,
+    ),
 }
 
 # Preference for backend="auto", fastest first. Backends from later modules insert themselves
-# by measured speed (see bench/results/); the reference runs anywhere and closes the list.
-AUTO_ORDER: List[str] = ["reference"]
+# by measured speed (see bench/results/); grouped_sdpa is the CPU's (docs/design.md section 13);
+# the reference runs anywhere and closes the list.
+AUTO_ORDER: List[str] = ["grouped_sdpa", "reference"]
 
 
 def register_backend(backend: Backend, auto_rank: Optional[int] = None) -> None:

@@ -37,6 +37,7 @@ from .varlen import (
     StaticShape,
     check_capacity,
     cu_seqlens_from_lengths,
+    host_total_and_longest,
     padded_cu_seqlens,
     padded_row_image,
     shape_within,
@@ -276,8 +277,7 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
     cu_seqlens = cu_seqlens_from_lengths(lengths)
     static = shape is not None
     if not static:
-        longest = lengths.amax() if batch else lengths.new_zeros(())
-        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
+        total, max_seqlen = host_total_and_longest(cu_seqlens)
         shape = StaticShape(total, max_seqlen, 0)
     else:
         check_capacity(cu_seqlens[-1], shape.capacity)
