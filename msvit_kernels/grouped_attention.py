@@ -15,9 +15,10 @@ math backend (an unfused softmax, a split with a host read per call). The refere
 adds a sum and a host read per call to detect non-finite values, and a copy of every output.
 
 Non-finite values: torch's CPU flash kernel writes zeros for a query whose scores are all NaN (a
-NaN in the query), where textbook softmax gives NaN; this backend restores NaN in such a row from
-the sum of the query row (a reduction on the device, no host read), so a NaN query gives a NaN
-row, as in the reference. NaN in a key or value gives NaN in its sequence's rows; runs are
+NaN in the query), where textbook softmax gives NaN; ``packed_attention`` restores NaN in such a
+row from the sum of the query row (a reduction on the device, no host read), so a NaN query gives
+a NaN row, as in the reference. A model's blocks skip that pass (``grouped_sdpa_block_attention``
+says why). NaN in a key or value gives NaN in its sequence's rows; runs are
 separate batch entries of the kernel, so a NaN never reaches another sequence. A layout nobody
 checked (a sequence over its bound, rows outside ``cu_seqlens[0]:cu_seqlens[-1]``) goes to the
 reference, which gives NaN in the rows it cannot compute.
@@ -76,8 +77,24 @@ def grouped_sdpa_attention(
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any float dtype and device; views of a fused qkv
     projection are fine); cu_seqlens (cu_seqlens_k, default cu_seqlens): int32 ``[S+1]``;
     max_seqlen (max_seqlen_k): Python ints. Returns ``[T, H, D]`` in q's dtype, differentiable. A
-    query whose key sequence is empty gets zeros (flash-attn's convention).
+    query whose key sequence is empty gets zeros (flash-attn's convention); a query holding a NaN
+    or an infinity gets NaN in its row (the module docstring).
     """
+    return _grouped(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k, restore_nan=True)
+
+
+def grouped_sdpa_block_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: Optional[float] = None
+) -> Tensor:
+    """``grouped_sdpa_attention`` for a model's blocks (``attention.resolved_attention``): without
+    restoring NaN in the rows of non-finite queries, which costs a pass over q and one over the
+    output in every block. A block needs none: a query row is non-finite only when its token is
+    (the residual stream then carries it to the output) or when a weight is, and then the block
+    computes what timm's own block computes with the same CPU kernel (``F.scaled_dot_product_attention``)."""
+    return _grouped(q, k, v, cu_seqlens, max_seqlen, scale, None, None, restore_nan=False)
+
+
+def _grouped(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k, restore_nan: bool) -> Tensor:
     bounds = tuple(host_offsets(cu_seqlens))
     if cu_seqlens_k is None:
         bounds_k, max_seqlen_k = bounds, max_seqlen
@@ -103,6 +120,8 @@ def grouped_sdpa_attention(
             outputs.append(out.transpose(1, 2).reshape(n * length, heads, dim))  # a view of the kernel's output
     if not outputs:  # no sequence, so no row (T = 0): an empty result in q's graph
         return q * 0
+    if not restore_nan:
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     if len(outputs) > 1:
         return _nan_where_query_is_not_finite(q, torch.cat(outputs), in_place=True)
     # one run: the kernel's own output, which its backward saves (no in-place write while recording)

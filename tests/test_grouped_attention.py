@@ -10,7 +10,8 @@ from test_separate_kv_attention import LENGTHS_K, LENGTHS_Q, check
 import msvit
 from msvit.host_reads import count_host_reads
 from msvit_kernels import cu_seqlens_from_lengths, packed_attention
-from msvit_kernels.attention import resolve_backend, resolve_host_free_backend
+from msvit_kernels.attention import resolve_backend, resolve_host_free_backend, resolved_attention
+from msvit_kernels.grouped_attention import grouped_sdpa_block_attention
 from msvit_kernels.varlen import host_offsets
 
 from helpers import attention_oracle, redraw_parameters, tiny_vit
@@ -98,6 +99,7 @@ def test_auto_takes_it_on_cpu_and_static_forwards_stay_host_free():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         assert resolve_backend("auto", cpu, dtype, 64).name == "grouped_sdpa"
         assert resolve_backend("auto", cpu, dtype, 64, separate_kv=True).name == "grouped_sdpa"
+    assert resolved_attention("auto", cpu, torch.float32, 64) is grouped_sdpa_block_attention
     assert resolve_host_free_backend("auto", cpu, torch.float32, 64).name == "padded_sdpa"
     with pytest.raises(ValueError, match="reads sequence lengths on the host"):
         resolve_host_free_backend("grouped_sdpa", cpu, torch.float32, 64)
