@@ -406,12 +406,20 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="the larger batch on CUDA")
     parser.add_argument("--cpu-batch", type=int, default=4, help="the larger batch on CPU (0: batch 1 only)")
     parser.add_argument("--photo", default=PHOTO, help="the scikit-image photo of the batch-1 latency rows")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch threads (default all cores; 1 on a machine shared with other work, where threads "
+        "that wait on each other at every op make ratios measure the load)",
+    )
     args = parser.parse_args(argv)
     root = results_root(args.record, args.out)
     device = args.device
     cuda = torch.device(device).type == "cuda"
     if not cuda:
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(args.threads or cores)
     dtype = torch.bfloat16 if cuda else torch.float32
     batches = (1, args.batch) if cuda else ((1, args.cpu_batch) if args.cpu_batch > 1 else (1,))
     command = shlex.join(["PYTHONPATH=.", "python", "bench/high_res.py", *(sys.argv[1:] if argv is None else argv)])
