@@ -223,8 +223,9 @@ def _met(met: bool) -> str:
 def caveats(result: dict) -> str:
     device = result["device"]
     where = (
-        "These are CPU numbers in fp32 at batch 1 and a small batch (torch threads = all cores of a small, "
-        "possibly shared machine: the load average is in the JSON), where the matrix products dominate; on a "
+        "These are CPU numbers in fp32 at batch 1 and a small batch (torch threads as the header says: all "
+        "cores by default, 1 with --threads 1 on a machine shared with other work, whose load the header gives), "
+        "where the matrix products dominate; on a "
         "GPU host time and launches weigh more at batch 1, and the GPU stage of bench/gpu_check.sh runs this "
         "script there."
         if device == "cpu"
@@ -248,8 +249,8 @@ def caveats(result: dict) -> str:
         + " Does not show: accuracy. The weights are random, so nothing here says how well a mixed-scale model "
         "classifies (the entropy gate itself needs no weights, so its token counts are those a pretrained model "
         "would get on these photos). Eight scikit-image photos are not a dataset: token counts vary a lot per "
-        "photo (the JSON lists them), and the latency rows use one photo. The ViT baselines at equal tokens see "
-        "a smaller image (less detail everywhere), whereas MSViT sees the full image with fine tokens only where "
-        "the entropy is high: they compare cost at equal tokens, not quality. Timings with a wide quartile range "
-        "(a busy machine) deserve a rerun."
+        "photo (the JSON lists them), and the batch-1 latency rows use one photo. The ViT baselines at equal "
+        "tokens see a smaller image (less detail everywhere), whereas MSViT sees the full image with fine tokens "
+        "only where the entropy is high: they compare cost at equal tokens, not quality. Timings with a wide "
+        "quartile range (a busy machine) deserve a rerun."
     )
