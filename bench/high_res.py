@@ -7,13 +7,14 @@ with APT's training-free entropy gate at 384, 512 and 1024 px, against the timm 
    size) for ViT-B/16 geometry at 384, 512 and 1024 px: two scales (16/32 px) at tau in
    ``TAUS``; three scales (16/32/64 px) at the threshold pairs ``PAIRS`` (APT's and a sweep
    around it); the mean over photos, with the all-fine (= the ViT's) and all-coarse counts.
-2. latency: whole forwards of ViT-B/16 and ViT-L/16 at 384 and 512 px, random weights: timm ViT
+2. latency: whole forwards of ViT-S/16, ViT-B/16 and ViT-L/16 at 384 and 512 px, random weights: timm ViT
    at full tokens, MSViT packed with the entropy gate (two scales, tau 5.5; three scales, APT's
    thresholds) on one real photo with the gate inside the timed call, and the timm ViT at the
-   MSViT's token count (the nearest square grid, so a smaller image). CPU: fp32, batch 1, torch
-   threads = all cores. GPU: bf16, batch 1 and ``--batch`` (the photos repeated).
+   MSViT's token count (the nearest square grid, so a smaller image). CPU: fp32, batch 1 and
+   ``--cpu-batch`` (default 4: the first photos), torch threads = all cores. GPU: bf16, batch 1 and
+   ``--batch`` (the photos repeated).
 3. tokenizer: at 1024 px (ViT-B/16 geometry) the entropy gate, and gate + index + pack of the
-   three- and two-scale models, against timm's patch_embed + pos_embed at full tokens.
+   three- and two-scale models, against timm's patch_embed + pos_embed at full tokens (CPU: batch 1).
 
 Timing: ``msvit.timing.interleaved_times`` (one warm-up call of every run, then interleaved
 repetitions), medians and quartiles; a speed-up's spread comes from the per-repetition ratios.
@@ -58,12 +59,12 @@ TAUS = (4.5, 5.0, 5.5, 6.0, 6.5)  # two scales: fine where the 32 px region's en
 # when its entropy exceeds its scale's tau. APT's (6.0, 4.0), each tau moved by 0.5, and the
 # swapped pair (4.0, 6.0) (coarsest boundary first, the other reading of APT's list).
 PAIRS = ((5.5, 3.5), (5.5, 4.0), (6.0, 3.5), APT_PAIR, (6.0, 4.5), (6.5, 4.0), (6.5, 4.5), (4.0, 6.0))
-LATENCY_MODELS = ("vit_base_patch16_384", "vit_large_patch16_384")
+LATENCY_MODELS = ("vit_small_patch16_384", "vit_base_patch16_384", "vit_large_patch16_384")
 LATENCY_SIZES = (384, 512)
 TOKENIZER_SIZE = 1024
 PHOTO = "astronaut"
 # CPU repetitions per model: on a 2-core CPU ViT-L/16 at 512 px takes seconds per forward
-CPU_REPEATS = {"vit_base_patch16_384": 7, "vit_large_patch16_384": 5}
+CPU_REPEATS = {"vit_small_patch16_384": 9, "vit_base_patch16_384": 7, "vit_large_patch16_384": 5}
 GPU_REPEATS = 20
 TOKENIZER_REPEATS = {"cpu": 10, "cuda": 50}
 
@@ -402,16 +403,25 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS), help="latency: timm model names")
     parser.add_argument("--sizes", nargs="+", type=int, default=list(LATENCY_SIZES), help="latency: image sizes")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: per model and device)")
-    parser.add_argument("--batch", type=int, default=32, help="the larger batch on CUDA (CPU runs batch 1 only)")
+    parser.add_argument("--batch", type=int, default=32, help="the larger batch on CUDA")
+    parser.add_argument("--cpu-batch", type=int, default=4, help="the larger batch on CPU (0: batch 1 only)")
     parser.add_argument("--photo", default=PHOTO, help="the scikit-image photo of the batch-1 latency rows")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch threads (default all cores; 1 on a machine shared with other work, where threads "
+        "that wait on each other at every op make ratios measure the load)",
+    )
     args = parser.parse_args(argv)
     root = results_root(args.record, args.out)
     device = args.device
     cuda = torch.device(device).type == "cuda"
     if not cuda:
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(args.threads or cores)
     dtype = torch.bfloat16 if cuda else torch.float32
-    batches = (1, args.batch) if cuda else (1,)
+    batches = (1, args.batch) if cuda else ((1, args.cpu_batch) if args.cpu_batch > 1 else (1,))
     command = shlex.join(["PYTHONPATH=.", "python", "bench/high_res.py", *(sys.argv[1:] if argv is None else argv)])
     start = time.perf_counter()
     result = {"command": command, "device": device, "photo": args.photo, "timm": timm.__version__}
@@ -451,7 +461,7 @@ def main(argv=None) -> int:
         else:
             repeats = args.repeats or TOKENIZER_REPEATS["cuda" if cuda else "cpu"]
             result["tokenizer"] = tokenizer_rows(
-                TOKEN_MODEL, TOKENIZER_SIZE, device, dtype, batches, repeats, args.photo
+                TOKEN_MODEL, TOKENIZER_SIZE, device, dtype, batches if cuda else (1,), repeats, args.photo
             )
         seconds[part] = time.perf_counter() - t
         print(f"{part}: {seconds[part]:.0f} s", flush=True)

@@ -186,13 +186,8 @@ def headline(result: dict) -> List[str]:
     latency = result.get("latency") or []
     for key in dict.fromkeys((r["model"], r["size"], r["batch"]) for r in latency):
         rows = {r["variant"]: r for r in latency if (r["model"], r["size"], r["batch"]) == key}
-        parts = [
-            f"{label[-1]} scales {r['speedup']:.2f}x ({r['tokens']:.0f} tokens; {r['over_equal_tokens_vit']:.2f}x the "
-            "time of the ViT at equal tokens)"
-            for label, r in rows.items()
-            if label.startswith("msvit_")
-        ]
         full = rows["vit_full"]
+        parts = [_speedup_part(label, r, full) for label, r in rows.items() if label.startswith("msvit_")]
         lines.append(
             f"- {key[0]} at {key[1]} px, batch {key[2]}: the full ViT takes {full['ms']:.1f} ms; MSViT speed-up "
             + ", ".join(parts)
@@ -204,27 +199,44 @@ def headline(result: dict) -> List[str]:
         lines.append(
             f"- Tokenizer at {three['size']} px, batch {batch}: timm's patch_embed + pos_embed {timm_row['ms']:.2f} ms "
             f"({timm_row['tokens']:.0f} tokens); the three-scale gate + index + pack {three['ms']:.2f} ms "
-            f"({three['tokens']:.0f} tokens), of which the gate {tok[(batch, 'gate_3')]['ms']:.2f} ms."
+            f"({three['tokens']:.0f} tokens), of which the gate {tok[(batch, 'gate_3')]['ms']:.2f} ms: "
+            f"{three['ms'] / timm_row['ms']:.2f}x timm's, target <= 2 {_met(three['ms'] <= 2 * timm_row['ms'])}."
         )
     return lines
+
+
+def _speedup_part(label: str, r: dict, full: dict) -> str:
+    """One MSViT's speed-up against its targets: >= 0.9x the MAC ratio, <= 1.05x the ViT at equal tokens."""
+    macs = full["gmacs"] / r["gmacs"]
+    equal = r["over_equal_tokens_vit"]
+    return (
+        f"{label[-1]} scales {r['speedup']:.2f}x ({r['tokens']:.0f} tokens; MAC ratio {macs:.2f}x, target >= "
+        f"{0.9 * macs:.2f}x {_met(r['speedup'] >= 0.9 * macs)}; {equal:.2f}x the time of the ViT at equal tokens, "
+        f"target <= 1.05 {_met(equal <= 1.05)})"
+    )
+
+
+def _met(met: bool) -> str:
+    return "(met)" if met else "(missed)"
 
 
 def caveats(result: dict) -> str:
     device = result["device"]
     where = (
-        "These are CPU numbers in fp32 at batch 1 (torch threads = all cores of a small, possibly shared "
-        "machine), where the matrix products dominate even at batch 1; on a GPU host time and launches weigh "
-        "more at batch 1, and the GPU stage of bench/gpu_check.sh runs this script there."
+        "These are CPU numbers in fp32 at batch 1 and a small batch (torch threads as the header says: all "
+        "cores by default, 1 with --threads 1 on a machine shared with other work, whose load the header gives), "
+        "where the matrix products dominate; on a "
+        "GPU host time and launches weigh more at batch 1, and the GPU stage of bench/gpu_check.sh runs this "
+        "script there."
         if device == "cpu"
         else "These are GPU numbers in bf16 at batch 1, where host time and launches weigh heavily, and at a "
         "larger batch, where the kernels dominate."
     )
     tokenizer = (
-        " On CPU every MSViT piece is the torch reference (the Triton kernels run on CUDA), a correctness path "
-        "more than a timing target: the tokenizer, and the packed attention, whose CPU backend "
-        "(msvit_kernels.reference.packed_attention_reference) checks q and k for non-finite values (a sum and a "
-        "host read) and concatenates its per-image outputs in every block; that is part of MSViT's time over "
-        "the ViT at equal tokens."
+        " On CPU the tokenizer is the torch path (the Triton kernels run on CUDA) and the packed attention is "
+        "the grouped_sdpa backend (msvit_kernels/grouped_attention.py: one fused SDPA call per run of "
+        "equal-length images, docs/design.md section 13); both are part of MSViT's time over the ViT at equal "
+        "tokens."
         if device == "cpu"
         else ""
     )
@@ -237,8 +249,8 @@ def caveats(result: dict) -> str:
         + " Does not show: accuracy. The weights are random, so nothing here says how well a mixed-scale model "
         "classifies (the entropy gate itself needs no weights, so its token counts are those a pretrained model "
         "would get on these photos). Eight scikit-image photos are not a dataset: token counts vary a lot per "
-        "photo (the JSON lists them), and the latency rows use one photo. The ViT baselines at equal tokens see "
-        "a smaller image (less detail everywhere), whereas MSViT sees the full image with fine tokens only where "
-        "the entropy is high: they compare cost at equal tokens, not quality. Timings with a wide quartile range "
-        "(a busy machine) deserve a rerun."
+        "photo (the JSON lists them), and the batch-1 latency rows use one photo. The ViT baselines at equal "
+        "tokens see a smaller image (less detail everywhere), whereas MSViT sees the full image with fine tokens "
+        "only where the entropy is high: they compare cost at equal tokens, not quality. Timings with a wide "
+        "quartile range (a busy machine) deserve a rerun."
     )

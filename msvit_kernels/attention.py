@@ -16,6 +16,12 @@ import torch
 from torch import Tensor
 
 from .dispatch import normalize_choice
+from .grouped_attention import (
+    grouped_sdpa_attention,
+    grouped_sdpa_auto_support,
+    grouped_sdpa_block_attention,
+    grouped_sdpa_support,
+)
 from .padded_attention import padded_sdpa_attention
 from .reference import packed_attention_reference
 
@@ -37,6 +43,8 @@ class Backend:
     interpreter on CPU runs, slowly, for tests). ``host_free``: a call reads nothing back to the
     host (shapes and launches follow ``max_seqlen`` and tensor shapes only), so it can run inside a
     CUDA graph or a ``torch.compile(fullgraph=True)`` graph; the reference reads the lengths.
+    ``block_fn`` (default ``fn``, self-attention signature) is what a model's blocks call through
+    ``resolved_attention``, where a backend may skip work a block does not need.
     """
 
     name: str
@@ -45,6 +53,7 @@ class Backend:
     auto_support: Optional[Callable[[torch.device, torch.dtype, int], Optional[str]]] = None
     separate_kv: bool = False
     host_free: bool = True
+    block_fn: Optional[Callable[..., Tensor]] = None
 
 
 def _reference_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -56,11 +65,21 @@ BACKENDS: Dict[str, Backend] = {
         "reference", packed_attention_reference, _reference_support, separate_kv=True, host_free=False
     ),
     "padded_sdpa": Backend("padded_sdpa", padded_sdpa_attention, _reference_support, separate_kv=True),
+    "grouped_sdpa": Backend(
+        "grouped_sdpa",
+        grouped_sdpa_attention,
+        grouped_sdpa_support,
+        auto_support=grouped_sdpa_auto_support,
+        separate_kv=True,
+        host_free=False,
+        block_fn=grouped_sdpa_block_attention,
+    ),
 }
 
 # Preference for backend="auto", fastest first. Backends from later modules insert themselves
-# by measured speed (see bench/results/); the reference runs anywhere and closes the list.
-AUTO_ORDER: List[str] = ["reference"]
+# by measured speed (see bench/results/); grouped_sdpa is the CPU's (docs/design.md section 13);
+# the reference runs anywhere and closes the list.
+AUTO_ORDER: List[str] = ["grouped_sdpa", "reference"]
 
 
 def register_backend(backend: Backend, auto_rank: Optional[int] = None) -> None:
@@ -140,7 +159,8 @@ def resolved_attention(
     whose checks and backend resolution cost about as much host time as the backend call
     (bench/results/<cpu>/host_overhead.md)."""
     resolve = resolve_host_free_backend if host_free else resolve_backend
-    return resolve(name, device, dtype, head_dim).fn
+    backend = resolve(name, device, dtype, head_dim)
+    return backend.block_fn or backend.fn
 
 
 def _check_scale(scale) -> None:

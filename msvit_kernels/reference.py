@@ -5,7 +5,7 @@ These are the oracles the tests compare the fused kernels against, and the imple
 They favour clarity over speed, but avoid Python loops over tokens: the only loop is over images.
 """
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -331,13 +331,35 @@ def entropy_reference(images: Tensor, patch: int, mean=None, std=None, bins: int
     :func:`entropy_bins_reference`; computed in float64 from the counts; +inf for a cell with a
     non-finite pixel (``msvit_kernels.entropy_kernel``). No host read: the histograms are a
     scatter-add, not a bincount."""
+    return entropy_levels_reference(images, (patch,), mean, std, bins, binning)[0]
+
+
+def entropy_levels_reference(
+    images: Tensor, patches: Sequence[int], mean=None, std=None, bins: int = 512, binning: str = "apt"
+) -> List[Tensor]:
+    """:func:`entropy_reference` at several cell sizes (``patches`` ascending, each a multiple of
+    the first), each over the cells that fit whole in the image, equal to separate calls value for
+    value: the pixels are binned once (the costly part: about ten operations per pixel) and a
+    coarser cell's histogram is the sum of its finer cells' (exact: integer counts in float64), as
+    is its count of non-finite pixels (a cell with one has entropy +inf)."""
     levels = entropy_bins_reference(images, mean, std, bins, binning)
     b, h, w = levels.shape
-    cells = levels.reshape(b, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4)
-    cells = cells.reshape(b * (h // patch) * (w // patch), patch * patch)
+    first = patches[0]
+    cells = levels[:, : h // first * first, : w // first * first]
+    cells = cells.reshape(b, h // first, first, w // first, first).permute(0, 1, 3, 2, 4).reshape(-1, first * first)
     counts = torch.zeros(cells.shape[0], bins, dtype=torch.float64, device=images.device)
-    counts.scatter_add_(1, cells.clamp_min(0), torch.ones_like(cells, dtype=torch.float64))
-    p = counts / (patch * patch)
-    entropy = -(p * torch.log2(torch.where(counts > 0, p, 1.0))).sum(1)
-    entropy = torch.where((cells < 0).any(1), float("inf"), entropy)
-    return entropy.float().reshape(b, (h // patch) * (w // patch))
+    counts.scatter_add_(
+        1, cells.clamp_min(0), torch.ones((), dtype=torch.float64, device=images.device).expand(cells.shape)
+    )
+    nonfinite = (cells < 0).sum(1).view(b, h // first, w // first)  # pixels without a bin (NaN, inf)
+    counts = counts.view(b, h // first, w // first, bins)
+    entropies = []
+    for patch in patches:
+        factor, grid = patch // first, (h // patch, w // patch)
+        merged = counts[:, : grid[0] * factor, : grid[1] * factor].reshape(b, grid[0], factor, grid[1], factor, bins)
+        p = merged.sum((2, 4)).reshape(-1, bins) / (patch * patch)
+        entropy = -(p * torch.log2(torch.where(p > 0, p, 1.0))).sum(1)
+        bad = nonfinite[:, : grid[0] * factor, : grid[1] * factor].reshape(b, grid[0], factor, grid[1], factor)
+        entropy = torch.where(bad.sum((2, 4)).reshape(-1) > 0, float("inf"), entropy)
+        entropies.append(entropy.float().reshape(b, grid[0] * grid[1]))
+    return entropies

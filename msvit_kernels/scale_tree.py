@@ -26,6 +26,7 @@ raster order. With two scales this is exactly ``varlen.mixed_scale_index``'s lay
 each coarse or its fine cells, then the border cells), which that builder keeps as the fast path.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -37,6 +38,7 @@ from .varlen import (
     StaticShape,
     check_capacity,
     cu_seqlens_from_lengths,
+    host_total_and_longest,
     lengths_within,
     padded_cu_seqlens,
     padded_row_image,
@@ -162,7 +164,14 @@ class ScaleTree:
     # ---- the packed order --------------------------------------------------------------------
 
     def layout(self, device=None) -> "TreeLayout":
-        """The mask-independent maps of the packed order (built on ``device``; no host read)."""
+        """The mask-independent maps of the packed order (built on ``device``; no host read). On the
+        CPU they are built once per tree (``_cpu_layout``): an argsort and a dozen maps over every
+        node, which the torch path used to rebuild in every forward."""
+        if device is None or torch.device(device).type == "cpu":
+            return _cpu_layout(self)
+        return self._build_layout(device)
+
+    def _build_layout(self, device=None) -> "TreeLayout":
         r = self.ratio
         keys, regions = [None] * self.scales, [None] * self.scales
         top = self.scales - 1
@@ -212,6 +221,16 @@ class ScaleTree:
             up = torch.where(below >= 0, parent[below.clamp_min(0)] if parent.numel() else below, -1)
             rows.append(up)
         return torch.stack([torch.where(a >= 0, a + self.offsets[s], -1) for s, a in enumerate(rows)])
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_layout(tree: ScaleTree) -> "TreeLayout":
+    """``tree.layout("cpu")``, kept per tree: a few image sizes per process. Not on CUDA, where
+    a layout first built during a CUDA graph capture or a ``torch.compile`` trace would hold values
+    never computed. Built outside inference mode: an inference tensor could not be saved for a later
+    training step's backward."""
+    with torch.inference_mode(False):
+        return tree._build_layout(torch.device("cpu"))
 
 
 @dataclass(frozen=True)
@@ -315,9 +334,8 @@ def _sized(lengths: Tensor, shape: Optional[StaticShape]) -> Tuple[Tensor, Stati
     """``cu_seqlens`` of the images' ``lengths`` and the layout's shape: the exact one (one host read:
     T and max_seqlen) or the given static one (its capacity checked on the device)."""
     cu_seqlens = cu_seqlens_from_lengths(lengths)
-    if shape is None:
-        longest = lengths.amax() if lengths.numel() else lengths.new_zeros(())  # an empty batch has no longest
-        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
+    if shape is None:  # the forward's one host read, remembered for the attention (varlen.host_offsets)
+        total, max_seqlen = host_total_and_longest(cu_seqlens)
         return cu_seqlens, StaticShape(total, max_seqlen, 0)
     check_capacity(cu_seqlens[-1], shape.capacity)
     return cu_seqlens, shape

@@ -24,7 +24,8 @@ fine regions, as with a token budget).
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Tuple
+import weakref
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -175,6 +176,31 @@ def check_capacity(total: Tensor, capacity: int) -> None:
     torch._assert_async(total <= capacity, "packed tokens exceed the static capacity: choose a larger bucket")
 
 
+_HOST_OFFSETS: list = []  # [(weak reference to a cu_seqlens, its version, its values)], newest first
+_HOST_OFFSETS_KEPT = 8  # a forward's layouts: images, keys of an attention pool, each pruning stage
+
+
+def host_offsets(cu_seqlens: Tensor) -> List[int]:
+    """``cu_seqlens.tolist()``, read once per tensor: the values are remembered by the tensor's
+    identity (and version, where it has one: an in-place write is a new layout), so the index
+    builders' one host read of a forward also serves every attention call that needs the lengths
+    on the host (``grouped_attention``'s plan), with no read per block."""
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
+    for ref, seen_version, values in _HOST_OFFSETS:
+        if ref() is cu_seqlens and seen_version == version:
+            return values
+    values = cu_seqlens.tolist()
+    _HOST_OFFSETS.insert(0, (weakref.ref(cu_seqlens), version, values))
+    del _HOST_OFFSETS[_HOST_OFFSETS_KEPT:]
+    return values
+
+
+def host_total_and_longest(cu_seqlens: Tensor) -> Tuple[int, int]:
+    """T and the longest sequence of an exact layout: the forward's one host read (``host_offsets``)."""
+    bounds = host_offsets(cu_seqlens)
+    return bounds[-1], max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+
+
 def cu_seqlens_from_lengths(lengths: Tensor) -> Tensor:
     """int32 ``[B+1]`` cumulative lengths (starting at 0) from per-sequence lengths ``[B]``."""
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
@@ -246,8 +272,7 @@ def mixed_scale_index(
     cu_seqlens = cu_seqlens_from_lengths(lengths)
     static = shape is not None
     if not static:
-        longest = lengths.amax() if batch else lengths.new_zeros(())  # an empty batch has no longest image
-        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
+        total, max_seqlen = host_total_and_longest(cu_seqlens)
         shape = StaticShape(total, max_seqlen, 0)
     else:
         check_capacity(cu_seqlens[-1], shape.capacity)

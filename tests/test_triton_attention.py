@@ -110,11 +110,12 @@ def test_triton_empty_batches():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU behaviour")
 def test_available_backends_on_cpu():
-    expected = {"reference", "padded_sdpa"} | (set() if needs_triton.args[0] else {"triton"})
+    torch_backends = ["reference", "padded_sdpa", "grouped_sdpa"]
+    expected = set(torch_backends) | (set() if needs_triton.args[0] else {"triton"})
     assert set(mk.available_backends("cpu")) == expected
     # bf16 is garbage in the interpreter and float64 is for the torch backends only
-    assert mk.available_backends("cpu", dtype=torch.bfloat16) == ["reference", "padded_sdpa"]
-    assert mk.available_backends("cpu", dtype=torch.float64) == ["reference", "padded_sdpa"]
+    assert mk.available_backends("cpu", dtype=torch.bfloat16) == torch_backends
+    assert mk.available_backends("cpu", dtype=torch.float64) == torch_backends
 
 
 def test_available_backends_for_a_cuda_device_this_machine_lacks_says_so(monkeypatch):
@@ -128,9 +129,9 @@ def test_available_backends_for_a_cuda_device_this_machine_lacks_says_so(monkeyp
         mk.available_backends("cuda:1")
 
 
-def test_auto_picks_the_reference_on_cpu_even_under_the_interpreter():
+def test_auto_picks_grouped_sdpa_on_cpu_never_the_interpreter():
     for dtype in (torch.float16, torch.float32, torch.float64):
-        assert attention.resolve_backend("auto", torch.device("cpu"), dtype, 64).name == "reference"
+        assert attention.resolve_backend("auto", torch.device("cpu"), dtype, 64).name == "grouped_sdpa"
 
 
 @pytest.mark.parametrize(

@@ -122,24 +122,30 @@ class EntropyGate(nn.Module):
         with ``binning="continuous"``. +inf (a non-finite region) is always fine."""
         return logits >= 0 if self.binning == "apt" else logits > 0
 
-    def forward(self, images: Tensor) -> Tensor:
-        """images ``[B, C, H, W]`` -> logits float32 ``[B, Nc]``: entropy minus the threshold."""
-        return self.entropy(images) - self.thresholds[0]
+    def forward(self, images: Tensor, entropy: Optional[Tensor] = None) -> Tensor:
+        """images ``[B, C, H, W]`` -> logits float32 ``[B, Nc]``: entropy minus the threshold
+        (``entropy``: this gate's entropies when the caller computed them, e.g. ``TreeGate``)."""
+        return (self.entropy(images) if entropy is None else entropy) - self.thresholds[0]
 
     def decide(
-        self, images: Tensor, sample: bool = False, budget: Budget = None, noise: Optional[Tensor] = None
+        self,
+        images: Tensor,
+        sample: bool = False,
+        budget: Budget = None,
+        noise: Optional[Tensor] = None,
+        entropy: Optional[Tensor] = None,
     ) -> GateDecision:
         """Hard decisions for a batch: ``entropy >= threshold`` (``fine``), or with a ``budget`` the
         top-k entropies of each image (``budget_mask``: ties in raster order). ``sample`` and
         ``noise`` are accepted for the learned gate's interface and ignored: the decision is
-        deterministic."""
+        deterministic. ``entropy``: as in ``forward``."""
         del sample, noise
         images = self.whole_regions(images)
-        if budget is None and use_triton(self.kernels, images):  # the decisions come out of the kernel
+        if entropy is None and budget is None and use_triton(self.kernels, images):  # decisions from the kernel
             entropy, hard = patch_entropy(images, self.region_size, threshold=self.thresholds[0], **self._options())
             logits = entropy - self.thresholds[0]
         else:
-            logits = self(images)
+            logits = self(images, entropy)
             hard = budget_mask(logits, budget) if budget is not None else self.fine(logits)
         return GateDecision(logits, None, hard, hard.to(images.dtype))
 

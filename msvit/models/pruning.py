@@ -28,7 +28,7 @@ from msvit.models.checks import refuse_image_list
 from msvit.models.gate import Budget
 from msvit.models.layers import packed_blocks
 from msvit.models.mixed_scale_vit import MSViT, MSViTOutput, PackedFeatures
-from msvit_kernels.varlen import MixedScaleIndex, cu_seqlens_from_lengths
+from msvit_kernels.varlen import MixedScaleIndex, cu_seqlens_from_lengths, host_total_and_longest
 
 EPS = 1e-9  # keep_ratio * n within EPS of an integer counts as that integer (0.7 * 10 = 7.000000000000001)
 
@@ -140,7 +140,7 @@ def prune_tokens(
     fused_rows = (kept < n) & fuse
     lengths = n_prefix + kept + fused_rows.long()
     cu_seqlens = cu_seqlens_from_lengths(lengths)
-    new_total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), lengths.max()]).tolist())
+    new_total, max_seqlen = host_total_and_longest(cu_seqlens)
 
     # Candidates: every row, then one fused row per image. Sorting by (image, offset) with the
     # fused row at offset T puts it last in its image; dropped candidates sort past the end.

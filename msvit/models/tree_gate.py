@@ -43,7 +43,9 @@ from torch import Tensor, nn
 from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
 from msvit.models.entropy_gate import EntropyGate, binning_record
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
+from msvit_kernels.dispatch import use_triton
 from msvit_kernels.entropy_kernel import DEFAULT_BINS
+from msvit_kernels.reference import entropy_levels_reference
 from msvit_kernels.scale_tree import ScaleTree
 
 KINDS = ("learned", "entropy")
@@ -311,7 +313,26 @@ class TreeGate(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images ``[B, C, H, W]`` -> logits ``[B, D]`` (> 0: split), coarsest scale first."""
-        return torch.cat([level(self._crop(images, s)) for level, s in zip(self.levels, self.level_scales)], 1)
+        entropies = self._level_entropies(images)
+        return torch.cat(
+            [level(self._crop(images, s), *e) for level, s, e in zip(self.levels, self.level_scales, entropies)], 1
+        )
+
+    def _level_entropies(self, images: Tensor) -> List[Tuple[Tensor, ...]]:
+        """Per level, ``()`` (the level computes its own input) or ``(entropy,)``: on the torch path
+        of an entropy gate whose levels bin alike, every level's entropies from one binning of the
+        pixels (``entropy_levels_reference``; binning twice was a third of the gate's time)."""
+        none = [()] * len(self.levels)
+        if self.kind != "entropy" or use_triton(self.kernels, images):
+            return none
+        first = self.levels[0]
+        options = lambda level: (level.mean, level.std, level.bins, level.binning)  # noqa: E731
+        if any(options(level) != options(first) for level in self.levels):
+            return none
+        sizes = sorted(level.region_size for level in self.levels)
+        levels = entropy_levels_reference(images.detach(), sizes, first.mean, first.std, first.bins, first.binning)
+        by_size = dict(zip(sizes, levels))
+        return [(by_size[level.region_size],) for level in self.levels]
 
     def decide(
         self, images: Tensor, sample: bool = False, budget: Budget = None, noise: Optional[Tensor] = None
@@ -336,9 +357,10 @@ class TreeGate(nn.Module):
                 raise ValueError(f"noise must have shape [B, D] = [{images.shape[0]}, {tree.decisions}], got {shape}")
             per_scale = tree.per_scale(noise)
             noises = [per_scale[s] for s in self.level_scales]
+        entropies = self._level_entropies(images)
         parts = [
-            level.decide(self._crop(images, s), sample=sample, noise=n)
-            for level, s, n in zip(self.levels, self.level_scales, noises)
+            level.decide(self._crop(images, s), sample=sample, noise=n, **({"entropy": e[0]} if e else {}))
+            for level, s, n, e in zip(self.levels, self.level_scales, noises, entropies)
         ]
         soft = None if parts[0].soft is None else torch.cat([p.soft for p in parts], 1)
         return GateDecision(
