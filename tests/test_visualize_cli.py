@@ -9,7 +9,7 @@ import skimage.io
 
 import msvit.io.checkpoint
 from msvit.cli import main as cli_main
-from msvit.io.checkpoint import build_model, save_checkpoint
+from msvit.io.checkpoint import build_model, write_checkpoint
 from msvit.models.segmentation import MSSegmenter, save_segmenter, segmenter_config
 
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "mlp_ratio": 2}
@@ -47,7 +47,7 @@ def check_png(path):
 
 
 def test_classification_checkpoint_writes_one_mask_overlay_per_image(tmp_path, images, capsys):
-    save_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
+    write_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
     cli_main(
         [
             "visualize",
@@ -83,7 +83,7 @@ def test_clear_failures(tmp_path, images, monkeypatch):
     monkeypatch.setattr(msvit.io.checkpoint, "PRETRAINED", tmp_path / "nothing-shipped")
     with pytest.raises(SystemExit, match="no --checkpoint given and no pretrained model 'cluttered-digits'"):
         cli_main(["visualize", *images, "--out", str(tmp_path / "out")])
-    save_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
+    write_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
     with pytest.raises(SystemExit, match="--segmentation needs a segmentation checkpoint"):
         cli_main(
             [

@@ -14,17 +14,19 @@ manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from msvit.data.transforms import pretrained_cfg
-from msvit.io import architecture
+from msvit.io import architecture, recipe
 from msvit.io.atomic import write_bytes, write_text
 from msvit.io.config_file import ConfigError, read_json_object, require
+from msvit.models.build_recipe import RECIPE
 from msvit.models.mixed_scale_vit import MSViT
+from msvit.models.pruning import PruneConfig, PrunedMSViT
 from msvit.models.timm_compat import from_timm
 from msvit.models.timm_names import misquoted_kwarg
 
@@ -47,21 +49,53 @@ def build_model(config: dict) -> MSViT:
     return from_timm(timm_cfg["name"], timm_kwargs=kwargs, **options)
 
 
-def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
-    """Write ``model.safetensors``, then ``config.json`` with the weights' sha256 and the model's
-    architecture, each crash-safe (``msvit.io.atomic``). A kill between the two files leaves new
+def save_checkpoint(model: nn.Module, folder, config: Optional[dict] = None) -> Path:
+    """Save ``model`` (an MSViT, MixedScaleSwin, MSSegmenter or PrunedMSViT from ``msvit.from_timm``
+    or ``msvit.load_checkpoint``) so that ``msvit.load_checkpoint(folder)`` (``load_segmenter``
+    for a segmenter) rebuilds it with the same outputs and ``msvit.eval_transform`` gives the same
+    preprocessing: ``model.safetensors`` and a ``config.json`` derived from the model
+    (``msvit.io.recipe``: the timm name and keywords, the MSViT options, timm's pretrained_cfg).
+
+    ``config``: optional top-level keys that replace the derived ones (``"timm": {"name": ...,
+    "kwargs": {...}}`` for a model whose timm keywords cannot be recovered; ``"data"``: what it
+    was trained on). A config that would not rebuild the model is refused here, naming what differs,
+    before anything is written. Returns the folder."""
+    if isinstance(model, (str, Path)) and isinstance(folder, nn.Module):
+        raise TypeError("save_checkpoint(model, folder, config=None): the model comes first")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_checkpoint: model must be an nn.Module, got {type(model).__name__}")
+    derived = recipe.recipe(model)
+    config = recipe.complete(model, {**derived, **(config or {})}, builder(derived))
+    return write_checkpoint(folder, model, config)
+
+
+def write_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
+    """Write ``model.safetensors``, then ``config.json`` (``config`` plus the weights' sha256 and the
+    model's architecture), each crash-safe (``msvit.io.atomic``), after checking that ``config``
+    rebuilds the model (``msvit.io.recipe.check_rebuilds``). A kill between the two files leaves new
     weights beside the old config, which loading then refuses as corrupt: a folder that must stay
     loadable at every instant is written fresh and switched by a manifest (``msvit.train.run_folder``).
     ``point``: the fault tests' crash-point prefix."""
     check_gate_recipe(model, config)
+    config = recipe.json_ready({**config, "architecture": architecture.describe(model)})
+    recipe.check_rebuilds(model, config, builder(config))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     data = save_safetensors(state)
-    config = {**config, "architecture": architecture.describe(model), "weights_sha256": sha256(data)}
+    config = {**config, "weights_sha256": sha256(data)}
     write_bytes(folder / WEIGHTS, data, point and f"{point}:weights")
     write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n", point and f"{point}:config")
     return folder
+
+
+def builder(config: dict) -> Callable[[dict], nn.Module]:
+    """What loads a checkpoint of this config: ``load_segmenter``'s builder or ``load_checkpoint``'s."""
+    if config.get("task") == "segmentation":
+        from msvit.models.segmentation import build_segmenter  # it imports this module
+
+        return build_segmenter
+    return build_classifier
 
 
 def check_gate_recipe(model: nn.Module, config: dict) -> None:
@@ -194,10 +228,11 @@ def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = Tru
     check_state(model, state, folder / WEIGHTS)
     model.load_state_dict(state)
     model.pretrained_cfg = pretrained_cfg(config, model)
+    setattr(model, RECIPE, config)  # saving it again writes the same recipe (msvit.io.recipe)
     return model
 
 
-def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> MSViT:
+def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> nn.Module:
     """The model in eval mode from a folder written by ``save_checkpoint`` or a training run, with
     ``model.pretrained_cfg`` (input size, mean, std, classes, data options, and ``"config"``: the
     checkpoint's config.json). ``verify=False`` skips the checksum and architecture checks
@@ -205,12 +240,16 @@ def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> MSViT:
     return load_verified(folder, build_classifier, verify).to(map_location).eval()
 
 
-def build_classifier(config: dict) -> MSViT:
-    """``build_model`` for ``load_checkpoint``. A segmenter's config would build its backbone, which
-    then fails the architecture check with a long message that reads like a damaged config."""
+def build_classifier(config: dict) -> nn.Module:
+    """``build_model`` for ``load_checkpoint``, wrapped in ``PrunedMSViT`` when the config records
+    pruning. A segmenter's config would build its backbone, which then fails the architecture check
+    with a long message that reads like a damaged config."""
     if config.get("task") == "segmentation":
         raise ValueError("this is a segmentation run: use msvit.load_segmenter")
-    return build_model(config)
+    model = build_model(config)
+    if "pruning" in config:
+        return PrunedMSViT(model, config=PruneConfig(**config["pruning"]))
+    return model
 
 
 def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> MSViT:

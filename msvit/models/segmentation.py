@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
+from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, write_checkpoint
 from msvit.io.config_file import read_json_object
 from msvit.models.checks import check_choice, check_images
 from msvit.models.gate import Budget, GateDecision
@@ -131,6 +131,7 @@ class MSSegmenter(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.decoder_name = decoder
+        self.decoder_kwargs = dict(decoder_kwargs or {})  # what a checkpoint records to rebuild it
         dim = backbone.tokenizer.embed.out_features
         self.decoder = (
             LinearDecoder(dim, num_classes)
@@ -221,7 +222,7 @@ def save_segmenter(folder, segmenter: MSSegmenter, config: dict, point: str = ""
     """``model.safetensors`` (the segmenter's state dict) and ``config.json`` (from ``segmenter_config``)."""
     if config.get("task") != "segmentation":
         raise ValueError("config must come from segmenter_config (it has no 'segmentation' section)")
-    return save_checkpoint(folder, segmenter, config, point)
+    return write_checkpoint(folder, segmenter, config, point)
 
 
 def is_segmenter_checkpoint(folder) -> bool:
