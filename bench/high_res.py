@@ -11,7 +11,8 @@ with APT's training-free entropy gate at 384, 512 and 1024 px, against the timm 
    at full tokens, MSViT packed with the entropy gate (two scales, tau 5.5; three scales, APT's
    thresholds) on one real photo with the gate inside the timed call, and the timm ViT at the
    MSViT's token count (the nearest square grid, so a smaller image). CPU: fp32, batch 1, torch
-   threads = all cores. GPU: bf16, batch 1 and ``--batch`` (the photos repeated).
+   threads = torch's default, or ``--threads N`` (the results recorded before it used every core).
+   GPU: bf16, batch 1 and ``--batch`` (the photos repeated).
 3. tokenizer: at 1024 px (ViT-B/16 geometry) the entropy gate, and gate + index + pack of the
    three- and two-scale models, against timm's patch_embed + pos_embed at full tokens.
 
@@ -46,9 +47,11 @@ from high_res_report import APT_PAIR, TWO_SCALE_TAU, markdown  # noqa: E402
 import msvit  # noqa: E402
 from msvit.data import normalize, sample_photos  # noqa: E402
 from msvit.models.flops import macs_for_tokens  # noqa: E402
-from msvit.timing import interleaved_times, quartiles  # noqa: E402
+from msvit.threads import add_threads_argument, use_threads  # noqa: E402
+from msvit.timing import quartiles  # noqa: E402
 
 from results_io import device_slug, environment, results_root  # noqa: E402
+from spread import busy_report, interleaved_times  # noqa: E402
 
 TOKEN_MODEL = "vit_base_patch16_384"  # the geometry (patch 16) and normalisation of the token table
 TOKEN_SIZES = (384, 512, 1024)
@@ -404,12 +407,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: per model and device)")
     parser.add_argument("--batch", type=int, default=32, help="the larger batch on CUDA (CPU runs batch 1 only)")
     parser.add_argument("--photo", default=PHOTO, help="the scikit-image photo of the batch-1 latency rows")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     root = results_root(args.record, args.out)
     device = args.device
     cuda = torch.device(device).type == "cuda"
-    if not cuda:
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    use_threads(args.threads)
     dtype = torch.bfloat16 if cuda else torch.float32
     batches = (1, args.batch) if cuda else (1,)
     command = shlex.join(["PYTHONPATH=.", "python", "bench/high_res.py", *(sys.argv[1:] if argv is None else argv)])
@@ -458,6 +461,7 @@ def main(argv=None) -> int:
         save()
     result["complete"] = True
     print(save())
+    print("\n".join(busy_report()))
     print(f"wrote {folder / 'high_res.md'} and high_res.json")
     return 0
 

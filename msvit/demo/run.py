@@ -19,7 +19,8 @@ from msvit.data.loaders import materialize
 from msvit.data.sample_images import normalize, sample_photos
 from msvit.demo.table import latency_table
 from msvit.io.checkpoint import load_pretrained
-from msvit.timing import interleaved_times
+from msvit.threads import add_threads_argument, use_threads
+from msvit.timing import interleaved_times, load_warning
 from msvit.train.evaluate import evaluate
 from msvit.visualize.draw import save_grid, save_overlay
 
@@ -58,11 +59,10 @@ def main(argv=None) -> None:
         help="fraction of regions kept fine per photo (default: the gate's own decisions)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median and range)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(parser)
     parser.add_argument("--heldout", type=int, default=1000, help="held-out digits to evaluate the shipped model on")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = use_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -112,6 +112,10 @@ def main(argv=None) -> None:
 
     dense_tokens = 1 + model.gate_mask(images).shape[1] * 5
     print("\n" + "\n".join(latency_table(rows)))
+    print(f"{threads} torch threads")
+    busy = load_warning()
+    if busy:
+        print(busy)
     print(
         f"\npacked runs only the kept tokens; masked computes all {dense_tokens} (N_f + N_c + cls); "
         f"the ViT computes 197. Overlays: {out}/<photo>.png and {out}/all_masks.png"
