@@ -1,8 +1,8 @@
-"""``python bench/study.py``: run the benchmark study on this machine and print its summary.
+"""python bench/study.py: run the benchmark study on this machine and print its summary.
 
-Runs ``pytest bench/ --benchmark`` on the chosen suites with the chosen options, writes
-``summary.{json,md}`` and plots into ``bench/results-local/<device>/`` (``--out DIR``: DIR/<device>/;
-``--record``: the committed ``bench/results/<device>/``), merged into the summary already there, and
+Runs pytest bench/ --benchmark on the chosen suites with the chosen options, writes
+summary.{json,md} and plots into bench/results-local/<device>/ (--out DIR: DIR/<device>/;
+--record: the committed bench/results/<device>/), merged into the summary already there, and
 prints the table. Benchmarks live in the repository, not in the installed package.
 """
 

@@ -69,7 +69,7 @@ def test_medians_far_above_minima_are_flagged_with_advice():
     assert spread_warning(quiet) is None
     busy = {"packed": [0.30, 3.1, 2.9, 3.0], "vit": [0.40, 0.41, 0.40, 0.42]}
     warning = spread_warning(busy)
-    assert "packed 10.0x" in warning and "vit" not in warning
+    assert "packed 9.8x" in warning and "vit" not in warning  # median 2.95 over minimum 0.30
     assert "--threads" in warning and "uptime" in warning
 
 

@@ -2,7 +2,11 @@
 comes back with equal logits (parameters re-drawn first) and timm's preprocessing; a model that
 config.json would not rebuild is refused when it is saved, naming what differs."""
 
+import contextlib
+import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -167,3 +171,14 @@ def test_arguments_in_the_internal_order_are_refused(tmp_path):
     model = msvit.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(img_size=64, depth=1))
     with pytest.raises(TypeError, match="the model comes first"):
         msvit.save_checkpoint(tmp_path, model)
+
+
+DOCS = (Path(__file__).resolve().parents[1] / "docs" / "save_load.md").read_text()
+
+
+@pytest.mark.parametrize("code", re.findall(r"^```python\n(.*?)^```", DOCS, flags=re.M | re.S))
+def test_the_docs_page_runs_as_written(code):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "docs/save_load.md", "exec"), {"__name__": "docs"})
+    assert printed.getvalue().strip()

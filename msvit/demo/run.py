@@ -1,4 +1,4 @@
-"""`make demo`: MSViT-S/16,32 on scikit-image's bundled photos.
+"""make demo: MSViT-S/16,32 on scikit-image's bundled photos.
 
 Builds MSViT-S/16,32 from timm's ViT-S/16, decides each photo's mixed-scale mask, runs the packed
 model, and prints per photo the tokens kept and the batch-1 latency of packed vs dense-masked MSViT
