@@ -16,7 +16,8 @@ runner = msvit.compile_packed(model.eval(), 256, 224)   # captured packed infere
 """
 
 from msvit.data.transforms import eval_transform
-from msvit.io.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from msvit.io.checkpoint import load_checkpoint, load_pretrained
+from msvit.io.save import save_checkpoint
 from msvit.models.entropy_gate import EntropyGate
 from msvit.models.flops import count_macs
 from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid

@@ -115,8 +115,8 @@ def test_swin(tmp_path):
     same_transform(model, loaded)
 
 
-def test_segmenter(tmp_path):
-    backbone = msvit.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(img_size=64, depth=1))
+def test_segmenter_of_a_timm_module(tmp_path):
+    backbone = msvit.from_timm(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1))
     segmenter = msvit.MSSegmenter(backbone, 5, decoder="mask", decoder_kwargs={"depth": 1})
     images = torch.randn(1, 3, 64, 64)
     _, loaded = round_trip(segmenter, tmp_path, images, load=msvit.load_segmenter)
@@ -125,8 +125,15 @@ def test_segmenter(tmp_path):
         msvit.load_checkpoint(tmp_path)
 
 
-def test_pruned_model(tmp_path):
-    model = msvit.from_timm("deit_tiny_patch16_224", timm_kwargs=dict(img_size=64, depth=3))
+@pytest.mark.parametrize("built_from", ["name", "module"])
+def test_pruned_model(tmp_path, built_from):
+    kwargs = dict(img_size=64, depth=3)
+    name = "deit_tiny_patch16_224"
+    model = (
+        msvit.from_timm(name, timm_kwargs=kwargs)
+        if built_from == "name"
+        else msvit.from_timm(timm.create_model(name, **kwargs))
+    )
     pruned = msvit.PrunedMSViT(model, keep_ratio=0.5, layers=(0, 1), fuse=False)
     images = torch.randn(2, 3, 64, 64)
     _, loaded = round_trip(pruned, tmp_path, images)

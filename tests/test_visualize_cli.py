@@ -132,7 +132,8 @@ def test_timm_model_with_the_entropy_gate_keeps_each_photos_aspect_ratio(tmp_pat
 @pytest.mark.parametrize(
     "height, width, limits, expected",
     [
-        (300, 1000, (1024, 4096), (288, 992)),  # each side to its nearest step, no limit reached
+        (300, 1000, (1024, 4096), (288, 992)),  # aspect 3.44, the closest of 288 or 320 by 992 or 1024
+        (300, 1000, (256, 4096), (64, 256)),  # 4.0 is closer to 3.33 than 96 x 256's 2.67
         (3000, 4000, (1024, 4096), (768, 1024)),  # a phone photo: the longest side limited
         (3000, 4000, (4096, 1200), (480, 640)),  # the token limit: (480/16) * (640/16) = 1200
         (10, 10, (1024, 4096), (32, 32)),  # at least one coarse region

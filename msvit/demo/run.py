@@ -81,6 +81,7 @@ def main(argv=None) -> None:
     how = "the gate's own decisions" if args.budget is None else f"a budget of {args.budget:.0%} of regions"
     print(f"masks: {how}; {masks.float().mean():.0%} of regions fine over all photos")
     tokens = model.tokens_per_image(masks, images=images)
+    every = model.tokens_per_image(torch.ones_like(masks[:1]), images=images[:1]).item()  # all fine: the ViT's
 
     rows = []
     with torch.inference_mode():
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
                 masks[i],
                 model.tokenizer.coarse_patch,
                 model.tokenizer.fine_patch,
-                f"{names[i]}: {int(tokens[i])} tokens",
+                f"{names[i]}: {int(tokens[i])} of {every} tokens",
             )
     save_grid(
         out / "all_masks.png",
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
         masks,
         model.tokenizer.coarse_patch,
         model.tokenizer.fine_patch,
-        [f"{n} ({t} tok)" for n, t in zip(names, tokens.tolist())],
+        [f"{n} ({t} of {every} tokens)" for n, t in zip(names, tokens.tolist())],
     )
 
     dense_tokens = 1 + model.gate_mask(images).shape[1] * 5

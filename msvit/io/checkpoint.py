@@ -1,7 +1,9 @@
 """Checkpoints: weights in safetensors, the recipe to rebuild the model in JSON.
 
 ``config.json`` holds ``{"timm": {"name": ..., "kwargs": {...}}, "msvit": {...from_timm kwargs},
-"data": {...}, "architecture": {...}, "weights_sha256": ...}``; ``model.safetensors`` the state dict.
+"pretrained_cfg": {...}, "data": {...}, "architecture": {...}, "weights_sha256": ...}``;
+``model.safetensors`` the state dict. ``write_checkpoint`` writes a given config (msvit train);
+``msvit.save_checkpoint`` (``msvit.io.save``) derives it from the model (``msvit.io.recipe``).
 ``build_model(config)`` rebuilds the architecture without downloading anything. ``load_checkpoint``
 verifies before it loads: the weights' sha256 against the config (flipped bytes are refused, not
 silently loaded), the rebuilt model's ``architecture`` against the recorded one (an edited
@@ -49,36 +51,19 @@ def build_model(config: dict) -> MSViT:
     return from_timm(timm_cfg["name"], timm_kwargs=kwargs, **options)
 
 
-def save_checkpoint(model: nn.Module, folder, config: Optional[dict] = None) -> Path:
-    """Save ``model`` (an MSViT, MixedScaleSwin, MSSegmenter or PrunedMSViT from ``msvit.from_timm``
-    or ``msvit.load_checkpoint``) so that ``msvit.load_checkpoint(folder)`` (``load_segmenter``
-    for a segmenter) rebuilds it with the same outputs and ``msvit.eval_transform`` gives the same
-    preprocessing: ``model.safetensors`` and a ``config.json`` derived from the model
-    (``msvit.io.recipe``: the timm name and keywords, the MSViT options, timm's pretrained_cfg).
-
-    ``config``: optional top-level keys that replace the derived ones (``"timm": {"name": ...,
-    "kwargs": {...}}`` for a model whose timm keywords cannot be recovered; ``"data"``: what it
-    was trained on). A config that would not rebuild the model is refused here, naming what differs,
-    before anything is written. Returns the folder."""
-    if isinstance(model, (str, Path)) and isinstance(folder, nn.Module):
-        raise TypeError("save_checkpoint(model, folder, config=None): the model comes first")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"save_checkpoint: model must be an nn.Module, got {type(model).__name__}")
-    derived = recipe.recipe(model)
-    config = recipe.complete(model, {**derived, **(config or {})}, builder(derived))
-    return write_checkpoint(folder, model, config)
-
-
-def write_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
+def write_checkpoint(
+    folder, model: nn.Module, config: dict, point: str = "", build: Optional[Callable[[dict], nn.Module]] = None
+) -> Path:
     """Write ``model.safetensors``, then ``config.json`` (``config`` plus the weights' sha256 and the
     model's architecture), each crash-safe (``msvit.io.atomic``), after checking that ``config``
     rebuilds the model (``msvit.io.recipe.check_rebuilds``). A kill between the two files leaves new
     weights beside the old config, which loading then refuses as corrupt: a folder that must stay
     loadable at every instant is written fresh and switched by a manifest (``msvit.train.run_folder``).
-    ``point``: the fault tests' crash-point prefix."""
+    ``point``: the fault tests' crash-point prefix. ``build``: what loads it (default
+    ``build_classifier``, ``load_checkpoint``'s; ``save_segmenter`` passes ``build_segmenter``)."""
     check_gate_recipe(model, config)
     config = recipe.json_ready({**config, "architecture": architecture.describe(model)})
-    recipe.check_rebuilds(model, config, builder(config))
+    recipe.check_rebuilds(model, config, build or build_classifier)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -87,15 +72,6 @@ def write_checkpoint(folder, model: nn.Module, config: dict, point: str = "") ->
     write_bytes(folder / WEIGHTS, data, point and f"{point}:weights")
     write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n", point and f"{point}:config")
     return folder
-
-
-def builder(config: dict) -> Callable[[dict], nn.Module]:
-    """What loads a checkpoint of this config: ``load_segmenter``'s builder or ``load_checkpoint``'s."""
-    if config.get("task") == "segmentation":
-        from msvit.models.segmentation import build_segmenter  # it imports this module
-
-        return build_segmenter
-    return build_classifier
 
 
 def check_gate_recipe(model: nn.Module, config: dict) -> None:
@@ -184,7 +160,7 @@ def read_config(path: Path, verify: bool = True) -> dict:
         if "architecture" not in config and "weights_sha256" not in config:
             raise ConfigError(
                 f"{path} has no 'architecture' and no 'weights_sha256' (a checkpoint of an older msvit): "
-                "load it with msvit.load_checkpoint(folder, verify=False) and save_checkpoint it again"
+                "load it with msvit.load_checkpoint(folder, verify=False) and msvit.save_checkpoint it again"
             )
         require(config, "architecture", dict, path)
         digest = require(config, "weights_sha256", str, path)

@@ -72,11 +72,9 @@ def recipe(model: nn.Module) -> dict:
     """The config that rebuilds ``model``: an MSViT, a MixedScaleSwin, an ``MSSegmenter`` or a
     ``PrunedMSViT``; a model loaded from a checkpoint gives back that checkpoint's config."""
     stored = getattr(model, RECIPE, None)
-    if stored and "architecture" in stored:  # the whole config of a loaded checkpoint
+    if stored and set(stored) - {"timm", "msvit"}:  # the whole config of a loaded checkpoint (data, task, ...)
         config = {k: copy.deepcopy(v) for k, v in stored.items() if k not in WRITTEN_KEYS}
     elif hasattr(model, "backbone"):
-        from msvit.models.segmentation import segmenter_config
-
         config = segmenter_config(recipe(model.backbone), model, model.decoder_kwargs)
     elif hasattr(model, "model") and hasattr(model, "config"):  # PrunedMSViT
         from msvit.models.pruning import prune_options
@@ -90,12 +88,43 @@ def recipe(model: nn.Module) -> dict:
     return config
 
 
-def infer_timm_kwargs(model: nn.Module, config: dict, build: Callable[[dict], nn.Module]) -> dict:
+def segmenter_config(backbone_config: dict, segmenter: nn.Module, decoder_kwargs: Optional[dict] = None) -> dict:
+    """Checkpoint config of an ``MSSegmenter``: the backbone's recipe (its timm head dropped) plus ours."""
+    timm_cfg = backbone_config["timm"]
+    return {
+        **backbone_config,
+        "task": "segmentation",
+        # None: the keywords are inferred at save time (``complete``), the head's 0 classes included
+        "timm": {
+            **timm_cfg,
+            "kwargs": None if timm_cfg.get("kwargs") is None else {**timm_cfg["kwargs"], "num_classes": 0},
+        },
+        "segmentation": {
+            "num_classes": segmenter.num_classes,
+            "decoder": segmenter.decoder_name,
+            "decoder_kwargs": decoder_kwargs or {},
+            "freeze_gate": segmenter.freeze_gate,
+        },
+    }
+
+
+def core(model: nn.Module) -> nn.Module:
+    """The MSViT (or MixedScaleSwin) inside a segmenter or a ``PrunedMSViT``, else the model."""
+    if hasattr(model, "backbone"):
+        return model.backbone
+    return model.model if hasattr(model, "model") and hasattr(model, "config") else model
+
+
+def infer_timm_kwargs(model: nn.Module, config: dict) -> dict:
     """For a timm model that was passed to ``from_timm`` as a module (its keywords unknown): the
     keywords its description shows differ from the registry default (classes, depth, image size,
-    width, heads), from a meta-device build of the bare name."""
-    described = architecture.describe(model)
-    default = architecture.describe(meta_build(build, {**config, "timm": {**config["timm"], "kwargs": {}}}))
+    width, heads), against a meta-device ``from_timm`` of the bare name with the same options."""
+    from msvit.models.timm_compat import from_timm
+
+    described = architecture.describe(core(model))
+    with torch.device("meta"):
+        bare = from_timm(config["timm"]["name"], timm_kwargs={"pretrained": False}, **config.get("msvit", {}))
+    default = architecture.describe(bare)
     found = {}
     for key in ("num_classes", "depth", "embed_dim", "img_size"):
         if key in described and described[key] != default.get(key):
@@ -108,12 +137,7 @@ def infer_timm_kwargs(model: nn.Module, config: dict, build: Callable[[dict], nn
     return found
 
 
-def meta_build(build: Callable[[dict], nn.Module], config: dict) -> nn.Module:
-    with torch.device("meta"):
-        return build(config)
-
-
-def complete(model: nn.Module, config: dict, build: Callable[[dict], nn.Module]) -> dict:
+def complete(model: nn.Module, config: dict) -> dict:
     """``config`` with the timm keywords filled in where the model did not record them."""
     timm_cfg = config.get("timm") or {}
     if not timm_cfg.get("name"):
@@ -124,8 +148,7 @@ def complete(model: nn.Module, config: dict, build: Callable[[dict], nn.Module])
             "architecture and the keywords that give this model's shapes"
         )
     if timm_cfg.get("kwargs") is None:
-        kwargs = infer_timm_kwargs(model, {**config, "timm": {**timm_cfg, "kwargs": {}}}, build)
-        config = {**config, "timm": {**timm_cfg, "kwargs": kwargs}}
+        config = {**config, "timm": {**timm_cfg, "kwargs": infer_timm_kwargs(model, config)}}
     return config
 
 
@@ -158,7 +181,8 @@ def check_rebuilds(model: nn.Module, config: dict, build: Callable[[dict], nn.Mo
     """Refuse (ValueError naming what differs) a ``config`` (with its ``architecture``) from
     which ``build`` would not rebuild ``model``'s architecture and tensor shapes."""
     try:
-        rebuilt = meta_build(build, config)
+        with torch.device("meta"):
+            rebuilt = build(config)
     except Exception as error:  # timm and from_timm raise many types for a config they cannot build
         raise ValueError(
             f"cannot save: load_checkpoint could not rebuild this model from its config "

@@ -23,17 +23,22 @@ MAX_TOKENS = 4096  # finest-scale tokens of the resized photo: bounds the forwar
 
 
 def fitted_size(height: int, width: int, step: int, max_side: int, max_tokens: int, fine: int) -> Tuple[int, int]:
-    """(h, w): multiples of ``step`` nearest ``height`` x ``width`` scaled down (never up) to fit
-    ``max_side`` and ``max_tokens`` tokens of ``fine`` px; at least one step each."""
+    """(h, w): multiples of ``step`` near ``height`` x ``width`` scaled down (never up) to fit
+    ``max_side`` and ``max_tokens`` tokens of ``fine`` px, at least one step each; of the sides
+    rounded down or up, the pair within the limits whose aspect ratio is closest to the photo's."""
     scale = min(1.0, max_side / max(height, width), math.sqrt(max_tokens * fine * fine / (height * width)))
-    h = max(step, round(height * scale / step) * step)
-    w = max(step, round(width * scale / step) * step)
-    while (max(h, w) > max_side or (h // fine) * (w // fine) > max_tokens) and max(h, w) > step:
-        if h >= w:
-            h -= step
-        else:
-            w -= step
-    return h, w
+
+    def sides(length: float) -> List[int]:
+        return sorted({max(step, math.floor(length / step) * step), max(step, math.ceil(length / step) * step)})
+
+    def fits(h: int, w: int) -> bool:
+        return max(h, w) <= max_side and (h // fine) * (w // fine) <= max_tokens
+
+    aspect = width / height
+    candidates = [(h, w) for h in sides(height * scale) for w in sides(width * scale) if fits(h, w)]
+    if not candidates:  # limits below one step: the smallest size there is
+        return step, step
+    return min(candidates, key=lambda hw: (abs(math.log(hw[1] / hw[0] / aspect)), -hw[0] * hw[1]))
 
 
 def how_resized(name: str, height: int, width: int, size: Tuple[int, int], step: int, limited: bool) -> str:
