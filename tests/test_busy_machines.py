@@ -61,7 +61,13 @@ def test_every_timed_command_takes_threads(command):
     result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--threads N" in result.stdout
-    assert "``" not in result.stdout, "help texts are plain text, not RST"
+    assert "`" not in result.stdout, "help texts are plain text, not RST"
+
+
+def test_help_texts_are_plain_text():
+    for module in ("msvit_kernels.compile_report", "msvit"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0 and "`" not in result.stdout, result.stdout
 
 
 def test_medians_far_above_minima_are_flagged_with_advice():

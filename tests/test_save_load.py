@@ -189,3 +189,14 @@ def test_the_docs_page_runs_as_written(code):
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "docs/save_load.md", "exec"), {"__name__": "docs"})
     assert printed.getvalue().strip()
+
+
+def test_the_internal_writer_keeps_its_old_name_and_refuses_the_public_order(tmp_path):
+    from msvit.io.checkpoint import save_checkpoint as old_name
+    from msvit.io.recipe import recipe
+
+    model = msvit.from_timm("vit_tiny_patch16_224", timm_kwargs=dict(img_size=64, depth=1))
+    old_name(tmp_path, model, recipe(model))  # callers written before msvit.save_checkpoint
+    msvit.load_checkpoint(tmp_path)
+    with pytest.raises(TypeError, match="the folder comes first"):
+        old_name(model, tmp_path, {})

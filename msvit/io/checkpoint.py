@@ -61,6 +61,10 @@ def write_checkpoint(
     loadable at every instant is written fresh and switched by a manifest (``msvit.train.run_folder``).
     ``point``: the fault tests' crash-point prefix. ``build``: what loads it (default
     ``build_classifier``, ``load_checkpoint``'s; ``save_segmenter`` passes ``build_segmenter``)."""
+    if isinstance(folder, nn.Module):
+        raise TypeError(
+            "write_checkpoint(folder, model, config): the folder comes first; msvit.save_checkpoint(model, folder)"
+        )
     check_gate_recipe(model, config)
     config = recipe.json_ready({**config, "architecture": architecture.describe(model)})
     recipe.check_rebuilds(model, config, build or build_classifier)
@@ -72,6 +76,13 @@ def write_checkpoint(
     write_bytes(folder / WEIGHTS, data, point and f"{point}:weights")
     write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n", point and f"{point}:config")
     return folder
+
+
+def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
+    """The old name of ``write_checkpoint`` (same arguments, folder first), kept for callers written
+    before the public ``msvit.save_checkpoint(model, folder)`` (``msvit.io.save``), which takes the
+    model first and derives the config; new code calls one of those two."""
+    return write_checkpoint(folder, model, config, point)
 
 
 def check_gate_recipe(model: nn.Module, config: dict) -> None:
