@@ -46,9 +46,14 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pytest bench/ --benchmark -q
 
-# Ahead-of-time compile of every Triton kernel config for sm_70 .. sm_90 (no GPU needed).
+# Ahead-of-time compile of every Triton kernel config for sm_70 .. sm_90 (no GPU needed). It writes
+# bench/results-local/compile/ (ignored by git); `make compile-report RECORD=1` the committed
+# bench/results/compile/.
+RECORD ?=
+COMPILE_OUT := $(if $(RECORD),bench/results/compile,bench/results-local/compile)
 compile-report: $(VENV)/.installed
-	$(PY) -m msvit_kernels.compile_report --out bench/results/compile > /dev/null
+	$(PY) -m msvit_kernels.compile_report --out $(COMPILE_OUT) > /dev/null
+	@echo "compile report: $(COMPILE_OUT)/summary.md"
 
 # Retrain the shipped cluttered-digits model (docs/training.md: 15 min on 2 CPU cores) and install it.
 pretrained: $(VENV)/.installed

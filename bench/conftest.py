@@ -14,7 +14,11 @@ import os
 import pytest
 import torch
 
+from msvit.threads import HELP as THREADS_HELP
+from msvit.threads import positive_int, use_threads
+
 from results_io import OUT_ENV, device_slug, record_from_env, results_root
+from spread import busy_report
 
 SUMMARY = {"ratios": {}}
 
@@ -34,6 +38,7 @@ def pytest_addoption(parser):
         help="inference dtype (default: float32 on CPU, bfloat16 on sm_80+, float16 before)",
     )
     parser.addoption("--bench-backend", default="auto", help="packed-attention backend of the MSViT runs")
+    parser.addoption("--bench-threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
     parser.addoption(
         "--bench-record",
         action="store_true",
@@ -50,6 +55,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if not config.getoption("--benchmark"):
         config.option.benchmark_disable = True
+    use_threads(config.getoption("--bench-threads"))
     try:
         results_root(config.getoption("--bench-record"), config.getoption("--bench-out"))
     except ValueError as error:
@@ -119,3 +125,5 @@ def pytest_sessionfinish(session, exitstatus):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"benchmark summary: {folder / 'summary.md'}")
+            for line in busy_report():
+                reporter.write_line(line)

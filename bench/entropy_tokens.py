@@ -1,6 +1,6 @@
 """Tokens per image the training-free entropy gate (APT) gives on scikit-image's photos, per threshold.
 
-    python bench/entropy_tokens.py [--out bench/results/entropy_tokens.md]
+    python bench/entropy_tokens.py [--record | --out FILE.md] [--threads N]
 
 MSViT-S/16,32 geometry at 224 px (49 regions of 32 px; a fine region gives 4 tokens, a coarse one 1;
 cls included: 50 .. 197 tokens), the photos normalised as ``vit_small_patch16_224`` expects. The
@@ -17,10 +17,13 @@ import torch
 
 import msvit
 from msvit.data import normalize, sample_photos
+from msvit.threads import add_threads_argument, use_threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_io is a module of bench/
+from results_io import add_output_arguments, output_file  # noqa: E402
 
 THRESHOLDS = (3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0)
 BINS = (512, 256)  # APT's code's bins (the default), and one bin per 8-bit level
-OUT = Path(__file__).parent / "results" / "entropy_tokens.md"
 
 
 def table(model, names, images, bins: int) -> list:
@@ -44,8 +47,14 @@ def table(model, names, images, bins: int) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(OUT), help="the Markdown file to write (default: %(default)s)")
+    add_output_arguments(parser, "entropy_tokens.md")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    try:
+        out = output_file("entropy_tokens.md", args.record, args.out)
+    except ValueError as error:
+        parser.error(str(error))
+    use_threads(args.threads)
     vit = timm.create_model("vit_small_patch16_224", pretrained=False)  # geometry and normalisation only
     model = msvit.from_timm(vit, gate="entropy", kernels="reference").eval()
     names, photos = sample_photos(224)
@@ -63,9 +72,10 @@ def main(argv=None) -> int:
     ]
     for bins in BINS:
         lines += table(model, names, images, bins)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
     print("\n".join(lines))
+    print(f"wrote {out}" + ("" if args.record else " (not the committed bench/results/: --record writes that)"))
     return 0
 
 

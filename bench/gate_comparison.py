@@ -1,7 +1,7 @@
 """Learned gate vs entropy gate (APT) vs random regions on one backbone: the shipped cluttered-digits
 model, top-1 on its held-out digits at matched tokens per image.
 
-    python bench/gate_comparison.py [--images 2000] [--seeds 5] [--entropy-run DIR] [--out FILE.md]
+    python bench/gate_comparison.py [--images 2000] [--seeds 5] [--entropy-run DIR] [--record | --out FILE.md]
 
 The backbone is ``msvit.load_pretrained("cluttered-digits")``, trained with its learned gate
 (docs/training.md, "The shipped cluttered-digits model"); only the gate changes. At a budget of k fine regions
@@ -13,7 +13,8 @@ runs each gate's own rule (a logit above 0; an entropy above a threshold), where
 image. The held-out set is the training run's (val split, its seed + 1 and digit scale, rendered
 at 64 px as training rendered it), so the learned gate's own rule reproduces its metrics.jsonl
 top-1. ``--entropy-run DIR``: the same tables for a run trained with ``msvit train --gate entropy``
-on the same data. About three minutes on 2 CPU cores (four with ``--entropy-run``).
+on the same data. About three minutes on 2 CPU cores (four with ``--entropy-run``). Writes
+bench/results-local/gate_comparison.md; ``--record`` the committed bench/results/gate_comparison.md.
 """
 
 import argparse
@@ -30,10 +31,13 @@ from msvit.data.digits import ClutteredDigits
 from msvit.data.loaders import materialize
 from msvit.models.entropy_gate import APT_THRESHOLD, EntropyGate
 from msvit.models.gate import budget_mask
+from msvit.threads import add_threads_argument, use_threads
 from msvit.train.evaluate import evaluate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_io is a module of bench/
+from results_io import add_output_arguments, output_file  # noqa: E402
+
 BUDGETS = (0, 1, 2, 4, 8, 16)  # fine regions per image, of 16: 0%, 6%, 12.5%, 25%, 50%, 100%
-OUT = Path(__file__).parent / "results" / "gate_comparison.md"
 
 
 def held_out(model, images: int):
@@ -192,8 +196,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--entropy-run", default=None, help="a run of msvit train --gate entropy on the digits (default: none)"
     )
-    parser.add_argument("--out", default=str(OUT), help="the Markdown file to write (default: %(default)s)")
+    add_output_arguments(parser, "gate_comparison.md")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    try:
+        out = output_file("gate_comparison.md", args.record, args.out)
+    except ValueError as error:
+        parser.error(str(error))
+    use_threads(args.threads)
     command = " ".join(["python bench/gate_comparison.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -222,9 +232,9 @@ def main(argv=None) -> int:
             parser.error(f"--entropy-run {args.entropy_run}: not an entropy-gate run on the shipped model's data")
         lines += entropy_run_tables(Bench(trained, bench.val, args.seeds, started), args.entropy_run)
     lines += ["", f"Run time {time.perf_counter() - started:.0f} s.", ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}" + ("" if args.record else " (not the committed bench/results/: --record writes that)"))
     return 0
 
 

@@ -11,8 +11,9 @@ with APT's training-free entropy gate at 384, 512 and 1024 px, against the timm 
    at full tokens, MSViT packed with the entropy gate (two scales, tau 5.5; three scales, APT's
    thresholds) on one real photo with the gate inside the timed call, and the timm ViT at the
    MSViT's token count (the nearest square grid, so a smaller image). CPU: fp32, batch 1 and
-   ``--cpu-batch`` (default 4: the first photos), torch threads = all cores. GPU: bf16, batch 1 and
-   ``--batch`` (the photos repeated).
+   ``--cpu-batch`` (default 4: the first photos), torch threads = torch's default, or ``--threads N``
+   (1 on a machine shared with other work, where threads that wait on each other at every op make
+   ratios measure the load). GPU: bf16, batch 1 and ``--batch`` (the photos repeated).
 3. tokenizer: at 1024 px (ViT-B/16 geometry) the entropy gate, and gate + index + pack of the
    three- and two-scale models, against timm's patch_embed + pos_embed at full tokens (CPU: batch 1).
 
@@ -47,9 +48,11 @@ from high_res_report import APT_PAIR, TWO_SCALE_TAU, markdown  # noqa: E402
 import msvit  # noqa: E402
 from msvit.data import normalize, sample_photos  # noqa: E402
 from msvit.models.flops import macs_for_tokens  # noqa: E402
-from msvit.timing import interleaved_times, quartiles  # noqa: E402
+from msvit.threads import add_threads_argument, use_threads  # noqa: E402
+from msvit.timing import quartiles  # noqa: E402
 
 from results_io import device_slug, environment, results_root  # noqa: E402
+from spread import busy_report, interleaved_times  # noqa: E402
 
 TOKEN_MODEL = "vit_base_patch16_384"  # the geometry (patch 16) and normalisation of the token table
 TOKEN_SIZES = (384, 512, 1024)
@@ -392,7 +395,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", action="store_true", help="write into the committed bench/results/")
     parser.add_argument("--out", default=None, help="results root when not recording (default bench/results-local)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     parser.add_argument(
         "--parts",
         nargs="+",
@@ -406,20 +413,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="the larger batch on CUDA")
     parser.add_argument("--cpu-batch", type=int, default=4, help="the larger batch on CPU (0: batch 1 only)")
     parser.add_argument("--photo", default=PHOTO, help="the scikit-image photo of the batch-1 latency rows")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU: torch threads (default all cores; 1 on a machine shared with other work, where threads "
-        "that wait on each other at every op make ratios measure the load)",
-    )
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     root = results_root(args.record, args.out)
     device = args.device
     cuda = torch.device(device).type == "cuda"
     if not cuda:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(args.threads or cores)
+        use_threads(args.threads)
     dtype = torch.bfloat16 if cuda else torch.float32
     batches = (1, args.batch) if cuda else ((1, args.cpu_batch) if args.cpu_batch > 1 else (1,))
     command = shlex.join(["PYTHONPATH=.", "python", "bench/high_res.py", *(sys.argv[1:] if argv is None else argv)])
@@ -468,6 +468,7 @@ def main(argv=None) -> int:
         save()
     result["complete"] = True
     print(save())
+    print("\n".join(busy_report()))
     print(f"wrote {folder / 'high_res.md'} and high_res.json")
     return 0
 

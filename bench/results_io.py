@@ -33,6 +33,22 @@ def results_root(record: bool = False, out: Optional[str] = None) -> Path:
     return Path(out) if out else LOCAL
 
 
+def add_output_arguments(parser, name: str) -> None:
+    """``--record`` and ``--out FILE`` of a script that writes one results file ``name``."""
+    parser.add_argument("--record", action="store_true", help=f"write the committed bench/results/{name}")
+    parser.add_argument("--out", default=None, help=f"the file to write (default: bench/results-local/{name})")
+
+
+def output_file(name: str, record: bool, out: Optional[str]) -> Path:
+    """Where a script's results file goes: ``out``, else bench/results/ when recording, else
+    bench/results-local/ (ignored by git): trying a README command never rewrites a committed file."""
+    if record and out:
+        raise ValueError(f"--record writes {RESULTS / name}; --out names another file: give one")
+    if out:
+        return Path(out)
+    return (RESULTS if record else LOCAL) / name
+
+
 def device_name(device: str = "cpu") -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))

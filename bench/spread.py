@@ -6,9 +6,28 @@ ratios a_i / b_i, which are paired because a_i and b_i ran back to back in the s
 """
 
 import statistics
-from typing import Dict, List
+from typing import Callable, Dict, List
 
-from msvit.timing import interleaved_times, quartiles  # noqa: F401  interleaved_times: the suites import it from here
+import torch
+
+from msvit import timing
+from msvit.timing import quartiles
+
+# Every run timed in this process, for ``busy_report`` at the end of a bench script or session.
+TIMED: Dict[str, List[float]] = {}
+
+
+def interleaved_times(runs: Dict[str, Callable[[], object]], repeats: int, device: str) -> Dict[str, List[float]]:
+    """``msvit.timing.interleaved_times``, its times also kept in ``TIMED`` (the suites import it from here)."""
+    times = timing.interleaved_times(runs, repeats, device)
+    call = len({key.rsplit(" #", 1)[1] for key in TIMED}) + 1
+    TIMED.update({f"{name} #{call}": t for name, t in times.items()})
+    return times
+
+
+def busy_report() -> List[str]:
+    """The threads used, and the warnings (``msvit.timing.busy_warnings``) for everything timed so far."""
+    return [f"{torch.get_num_threads()} torch threads", *timing.busy_warnings(TIMED)]
 
 
 def medians(times: Dict[str, List[float]]) -> Dict[str, float]:

@@ -1,8 +1,8 @@
-"""``python bench/study.py``: run the benchmark study on this machine and print its summary.
+"""python bench/study.py: run the benchmark study on this machine and print its summary.
 
-Runs ``pytest bench/ --benchmark`` on the chosen suites with the chosen options, writes
-``summary.{json,md}`` and plots into ``bench/results-local/<device>/`` (``--out DIR``: DIR/<device>/;
-``--record``: the committed ``bench/results/<device>/``), merged into the summary already there, and
+Runs pytest bench/ --benchmark on the chosen suites with the chosen options, writes
+summary.{json,md} and plots into bench/results-local/<device>/ (--out DIR: DIR/<device>/;
+--record: the committed bench/results/<device>/), merged into the summary already there, and
 prints the table. Benchmarks live in the repository, not in the installed package.
 """
 
@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from msvit.threads import add_threads_argument
 
 BENCH = Path(__file__).resolve().parent
 SUITES = ["inference", "training", "attention"]  # the default set; "peers" (bench_peers.py) on request
@@ -32,6 +34,7 @@ def main(argv=None) -> None:
         help="run only these suites (repeatable; default: inference, training, attention)",
     )
     p.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
+    add_threads_argument(p)
     p.add_argument("--record", action="store_true", help="write the committed bench/results/<device>/")
     p.add_argument("--out", default=None, help="results folder (default: bench/results-local/)")
     args = p.parse_args(argv)
@@ -53,6 +56,7 @@ def main(argv=None) -> None:
     options += [] if args.smoke else ["--benchmark"]
     options += ["--bench-record"] if args.record else []
     options += ["--bench-out", args.out] if args.out else []
+    options += ["--bench-threads", str(args.threads)] if args.threads else []
     code = pytest.main(files + options)
     import torch
 

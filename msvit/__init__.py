@@ -8,6 +8,8 @@ free = msvit.from_timm("vit_small_patch16_224", gate="entropy")  # APT's trainin
 pruned = msvit.PrunedMSViT(model, keep_ratio=0.7)       # EViT pruning on the packed tokens
 swin = msvit.from_timm("swin_tiny_patch4_window7_224")  # msvit.MixedScaleSwin: coarse regions skip early stages
 seg = msvit.MSSegmenter(msvit.from_timm("vit_small_patch16_224"), num_classes=150)  # [B, 150, H, W]
+msvit.save_checkpoint(model, "my_model")              # weights + the recipe from_timm needs to rebuild it
+model = msvit.load_checkpoint("my_model")              # equal logits; msvit.eval_transform(model) = timm's
 digits = msvit.load_pretrained("cluttered-digits")    # the model shipped in the package, eval mode
 transform = msvit.eval_transform(digits)               # its input size, mean, std (digits.pretrained_cfg)
 runner = msvit.compile_packed(model.eval(), 256, 224)   # captured packed inference: runner(images) -> logits
@@ -16,6 +18,7 @@ msvit.export(model.eval(), "model.pt2", 8, 224, budget=0.5)  # AOTInductor packa
 
 from msvit.data.transforms import eval_transform
 from msvit.io.checkpoint import load_checkpoint, load_pretrained
+from msvit.io.save import save_checkpoint
 from msvit.models.entropy_gate import EntropyGate
 from msvit.models.export import export
 from msvit.models.flops import count_macs
@@ -33,6 +36,7 @@ __all__ = [
     "compile_packed",
     "PackedRunner",
     "load_checkpoint",
+    "save_checkpoint",
     "load_pretrained",
     "EntropyGate",
     "GateDecision",

@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--out", help="also write summary.json and summary.md into this folder")
-    parser.add_argument("--quick", action="store_true", help="the representative set `make test` compiles")
+    parser.add_argument("--quick", action="store_true", help="the representative set make test compiles")
     parser.add_argument(
         "--unfiltered",
         action="store_true",

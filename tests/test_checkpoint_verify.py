@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_train import TINY_MODEL
 
-from msvit.io.checkpoint import CONFIG, WEIGHTS, build_model, load_checkpoint, save_checkpoint
+from msvit.io.checkpoint import CONFIG, WEIGHTS, build_model, load_checkpoint, write_checkpoint
 from msvit.io.config_file import ConfigError
 
 CONFIG_DICT = {
@@ -19,7 +19,7 @@ CONFIG_DICT = {
 @pytest.fixture
 def folder(tmp_path):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path, build_model(CONFIG_DICT), CONFIG_DICT)
+    write_checkpoint(tmp_path, build_model(CONFIG_DICT), CONFIG_DICT)
     return tmp_path
 
 

@@ -63,3 +63,31 @@ def test_saved_overlays_carry_the_legend(tmp_path, monkeypatch, save):
     assert (tmp_path / "a.png").stat().st_size > 0
     (fig,) = closed
     assert [t.get_text() for t in fig.legends[0].get_texts()][0].startswith("fine region")
+
+
+def test_outlines_carry_a_dark_halo_so_they_show_on_any_photo():
+    fig, ax = draw.plt.subplots()
+    red = torch.zeros(3, 64, 64)
+    red[0] = 1.0  # a red photo: a red outline alone vanished on it (issue 29)
+    draw.draw_mask(ax, red, torch.tensor([True, False, False, True]), 32, 16)
+    for patch in ax.patches:
+        (halo,) = patch.get_path_effects()
+        assert halo._gc["foreground"] == draw.HALO and halo._gc["linewidth"] > patch.get_linewidth()
+    draw.plt.close(fig)
+
+
+def test_grid_titles_wrap_and_do_not_overlap_the_pictures_above(tmp_path, monkeypatch):
+    closed = []
+    monkeypatch.setattr(draw.plt, "close", closed.append)
+    images, masks = torch.rand(6, 3, 64, 64), torch.rand(6, 4) < 0.5
+    title = "a photo with a long file name: 120 of 197 tokens, 61% fine"
+    draw.save_grid(tmp_path / "g.png", images, masks, 32, 16, [title] * 6, columns=3)
+    (fig,) = closed
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    assert "\n" in axes[0].get_title()  # wrapped to the picture's width
+    for top, below in zip(axes[:3], axes[3:6]):
+        picture = top.get_window_extent(renderer)
+        heading = below.title.get_window_extent(renderer)
+        assert heading.y1 <= picture.y0, "a second-row title overlaps the picture above it"
+    draw.plt.close(fig)

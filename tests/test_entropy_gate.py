@@ -11,7 +11,7 @@ from test_train import TINY_MODEL
 
 import msvit
 from msvit.data import IMAGENET_MEAN, IMAGENET_STD, normalize, sample_photos
-from msvit.io.checkpoint import CONFIG, build_model, load_checkpoint, save_checkpoint
+from msvit.io.checkpoint import CONFIG, build_model, load_checkpoint, write_checkpoint
 from msvit.models.entropy_gate import EntropyGate
 from msvit_kernels.reference import entropy_reference
 
@@ -152,8 +152,8 @@ def test_a_checkpoint_records_and_rebuilds_the_entropy_gate(tmp_path, photos):
     torch.manual_seed(0)
     model = build_model(config).eval()
     with pytest.raises(ValueError, match="entropy gate, which has no weights.*'entropy_thresholds': \\[6.0\\]"):
-        save_checkpoint(tmp_path / "lost", model, {**config, "msvit": {"coarse_patch_size": 16}})
-    save_checkpoint(tmp_path, model, config)
+        write_checkpoint(tmp_path / "lost", model, {**config, "msvit": {"coarse_patch_size": 16}})
+    write_checkpoint(tmp_path, model, config)
     loaded = load_checkpoint(tmp_path)
     assert isinstance(loaded.gate, EntropyGate)
     assert loaded.gate.describe_architecture() == model.gate.describe_architecture()
@@ -175,7 +175,7 @@ def test_a_checkpoint_saved_before_the_binning_was_recorded_keeps_its_binning(tm
     }
     model = build_model(config).eval()
     assert model.gate.binning == "apt"
-    save_checkpoint(tmp_path, model, config)
+    write_checkpoint(tmp_path, model, config)
     recorded = json.loads((tmp_path / CONFIG).read_text())
     assert recorded["architecture"]["gate"]["binning"] == "apt"
     assert load_checkpoint(tmp_path).gate.binning == "apt"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.io.checkpoint import build_model, save_checkpoint
+from msvit.io.checkpoint import build_model, write_checkpoint
 
 from helpers import redraw_parameters
 
@@ -21,7 +21,7 @@ def test_save_load_round_trip(tmp_path, family):
     name, kwargs = FAMILIES[family]
     config = {"timm": {"name": name, "kwargs": dict(img_size=64, patch_size=8, depth=1, num_classes=5, **kwargs)}}
     model = redraw_parameters(build_model(config)).eval()
-    save_checkpoint(tmp_path, model, config)
+    write_checkpoint(tmp_path, model, config)
     loaded = msvit.load_checkpoint(tmp_path)
     images, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.5
     with torch.no_grad():

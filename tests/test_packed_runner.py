@@ -175,3 +175,13 @@ def test_graph_plumbing_with_a_cpu_stand_in_for_capture(monkeypatch):
             assert rel_err(runner(images_i), expected) <= 1e-5
             assert rel_err(runner(images_i[:2]), expected[:2]) <= 1e-5
         gate_bias(model, None)
+
+
+def test_torch_compile_says_before_the_wait_that_the_first_calls_compile_and_how_long():
+    from msvit.models.packed_runner import CompileNotice
+
+    model, _ = model_and_batches(batches=0)
+    with pytest.warns(CompileNotice, match=r"each of 3 graphs .* about 40-55 s each on a 2-core CPU .* 120-165 s"):
+        msvit.compile_packed(model, 3, SIZE, buckets=[120, 240], mode="torch_compile")
+    with pytest.warns(CompileNotice, match=r"each of 1 graphs .*\(aot_eager\): from seconds"):
+        msvit.compile_packed(model, 3, SIZE, budget=0.5, mode="torch_compile", compile_options={"backend": "aot_eager"})

@@ -147,12 +147,12 @@ def test_unsupported_rope_module_and_pruning_are_refused():
 def test_checkpoint_round_trip_keeps_the_learned_frequencies(tmp_path):
     """A RoPE MSViT saves and reloads (the architecture record names its RoPE), with the mixed
     variant's trained frequencies; another rotation layout in the config is refused."""
-    from msvit.io.checkpoint import CONFIG, build_model, load_checkpoint, save_checkpoint
+    from msvit.io.checkpoint import CONFIG, build_model, load_checkpoint, write_checkpoint
 
     kwargs, size = MODELS["vit_base_patch16_rope_mixed_ape_224"]
     config = {"timm": {"name": "vit_small_patch16_rope_mixed_224", "kwargs": {**kwargs, "depth": 1}}, "msvit": {}}
     model = redraw_parameters(build_model(config)).eval()
-    save_checkpoint(tmp_path, model, config)
+    write_checkpoint(tmp_path, model, config)
     loaded = load_checkpoint(tmp_path)
     images = torch.randn(1, 3, size, size)
     with torch.no_grad():

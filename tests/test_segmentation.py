@@ -10,7 +10,7 @@ import torch
 
 import msvit
 from msvit.data import DenseClutteredDigits
-from msvit.io.checkpoint import build_model, save_checkpoint
+from msvit.io.checkpoint import build_model, write_checkpoint
 from msvit.models.segmentation import MSSegmenter, confusion_matrix, iou_metrics, load_segmenter
 from msvit.train import main as train_main
 from msvit.train import parse_args, train
@@ -169,7 +169,7 @@ def test_init_from_a_classification_checkpoint_keeps_its_backbone(tmp_path):
         "msvit": {"coarse_patch_size": 16, "hidden": 16},
     }
     classifier = build_model(config)
-    save_checkpoint(tmp_path / "cls", classifier, config)
+    write_checkpoint(tmp_path / "cls", classifier, config)
     with pytest.raises(SystemExit):  # the backbone comes from --init: its flags would be ignored
         parse_args(tiny_args(tmp_path / "seg", "--init", str(tmp_path / "cls")))
     train_main(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import msvit
-from msvit.io.checkpoint import build_model, load_checkpoint, load_weights, resolve, save_checkpoint
+from msvit.io.checkpoint import build_model, load_checkpoint, load_weights, resolve, write_checkpoint
 from msvit.train import parse_args, train
 
 from helpers import TINY_MODEL
@@ -98,7 +98,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
         "msvit": {"coarse_patch_size": 16, "hidden": 16},
     }
     model = build_model(config).eval()
-    save_checkpoint(tmp_path, model, config)
+    write_checkpoint(tmp_path, model, config)
     loaded = load_checkpoint(tmp_path)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_loading_into_a_mismatched_config_fails_clearly(tmp_path):
         "timm": {"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(TINY_MODEL), "img_size": 32}},
         "msvit": {"hidden": 16},
     }
-    save_checkpoint(tmp_path, build_model(config), config)
+    write_checkpoint(tmp_path, build_model(config), config)
     other = build_model({**config, "msvit": {"hidden": 24}})
     with pytest.raises(ValueError, match="does not match this model's configuration.*gate"):
         load_weights(other, tmp_path / "model.safetensors")

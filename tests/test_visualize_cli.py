@@ -9,7 +9,7 @@ import skimage.io
 
 import msvit.io.checkpoint
 from msvit.cli import main as cli_main
-from msvit.io.checkpoint import build_model, save_checkpoint
+from msvit.io.checkpoint import build_model, write_checkpoint
 from msvit.models.segmentation import MSSegmenter, save_segmenter, segmenter_config
 
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "mlp_ratio": 2}
@@ -47,7 +47,7 @@ def check_png(path):
 
 
 def test_classification_checkpoint_writes_one_mask_overlay_per_image(tmp_path, images, capsys):
-    save_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
+    write_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
     cli_main(
         [
             "visualize",
@@ -63,7 +63,9 @@ def test_classification_checkpoint_writes_one_mask_overlay_per_image(tmp_path, i
     for name in ("rgb", "grey", "rgba"):
         check_png(tmp_path / "out" / f"{name}_mask.png")
     check_png(tmp_path / "out" / "all_masks.png")
-    assert capsys.readouterr().out.count("11 tokens, 50% fine") == 3  # cls + 2 fine regions * 4 + 2 coarse
+    said = capsys.readouterr().out
+    assert said.count("11 of 17 tokens, 50% fine") == 3  # cls + 2 fine regions * 4 + 2 coarse, of cls + 16 fine
+    assert "rgb.png: 60x40 px centre-cropped to 40x40 and resized to 32x32 px" in said  # no silent crop
     assert not list((tmp_path / "out").glob("*_segmentation.png"))
 
 
@@ -83,7 +85,7 @@ def test_clear_failures(tmp_path, images, monkeypatch):
     monkeypatch.setattr(msvit.io.checkpoint, "PRETRAINED", tmp_path / "nothing-shipped")
     with pytest.raises(SystemExit, match="no --checkpoint given and no pretrained model 'cluttered-digits'"):
         cli_main(["visualize", *images, "--out", str(tmp_path / "out")])
-    save_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
+    write_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
     with pytest.raises(SystemExit, match="--segmentation needs a segmentation checkpoint"):
         cli_main(
             [
@@ -107,3 +109,53 @@ def test_clear_failures(tmp_path, images, monkeypatch):
                 str(tmp_path / "o"),
             ]
         )
+
+
+def test_timm_model_with_the_entropy_gate_keeps_each_photos_aspect_ratio(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    wide = tmp_path / "wide.png"
+    skimage.io.imsave(wide, rng.integers(0, 256, (30, 100, 3), dtype=np.uint8), check_contrast=False)
+    square = tmp_path / "square.png"
+    skimage.io.imsave(square, rng.integers(0, 256, (64, 64), dtype=np.uint8), check_contrast=False)
+    argv = ["visualize", str(wide), str(square), "--model", "vit_tiny_patch16_224", "--out", str(tmp_path / "out")]
+    cli_main([*argv, "--entropy-threshold", "4.5", "--threads", "1"])
+    said = capsys.readouterr().out
+    assert "random weights" in said and "entropy gate [4.5] bits" in said
+    assert "wide.png: 100x30 px resized to 96x32 px (sides rounded to multiples of 32 px" in said
+    assert "nothing cropped" in said
+    assert "square.png: 64x64 px, used as it is" in said
+    assert "wide: " in said and " of 13 tokens" in said  # cls + 2 x 6 cells of 16 px
+    for name in ("wide_mask.png", "square_mask.png", "all_masks.png"):
+        check_png(tmp_path / "out" / name)
+
+
+@pytest.mark.parametrize(
+    "height, width, limits, expected",
+    [
+        (300, 1000, (1024, 4096), (288, 992)),  # aspect 3.44, the closest of 288 or 320 by 992 or 1024
+        (300, 1000, (256, 4096), (64, 256)),  # 4.0 is closer to 3.33 than 96 x 256's 2.67
+        (3000, 4000, (1024, 4096), (768, 1024)),  # a phone photo: the longest side limited
+        (3000, 4000, (4096, 1200), (480, 640)),  # the token limit: (480/16) * (640/16) = 1200
+        (10, 10, (1024, 4096), (32, 32)),  # at least one coarse region
+    ],
+)
+def test_fitted_size(height, width, limits, expected):
+    from msvit.visualize.timm_photos import fitted_size
+
+    h, w = fitted_size(height, width, 32, *limits, 16)
+    assert (h, w) == expected and h % 32 == 0 and w % 32 == 0
+    assert max(h, w) <= limits[0] and (h // 16) * (w // 16) <= limits[1]
+
+
+def test_timm_flags_without_model_and_bad_files_are_refused(tmp_path, images, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["visualize", *images, "--out", str(tmp_path), "--pretrained", "w.safetensors"])
+    assert "--pretrained apply to --model TIMM_NAME" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["visualize", *images, "--out", str(tmp_path), "--model", "vit_tiny_patch16_224", "--checkpoint", "x"])
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--pretrained .*missing.safetensors: no such file"):
+        argv = ["--model", "vit_tiny_patch16_224", "--pretrained", str(tmp_path / "missing.safetensors")]
+        cli_main(["visualize", *images, "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit, match="--model vit_nonexistent_model: cannot build it"):
+        cli_main(["visualize", *images, "--out", str(tmp_path), "--model", "vit_nonexistent_model"])

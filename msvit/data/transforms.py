@@ -2,9 +2,10 @@
 evaluation transform built from it.
 
 A checkpoint's ``config.json`` records the data the model was trained on (image size, mean, std,
-classes and the data options); the loaders attach it as ``model.pretrained_cfg`` with timm's keys
-(``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``,
-``num_classes``, ``label_names``), so ``timm.data.resolve_data_config(model=model)`` reads it as it
+classes and the data options), and a model saved with ``msvit.save_checkpoint`` also timm's own
+``pretrained_cfg`` (interpolation, crop, ...: it wins over the data's); the loaders attach it as
+``model.pretrained_cfg`` with timm's keys (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
+``crop_mode``, ``num_classes``, ``label_names``), so ``timm.data.resolve_data_config(model=model)`` reads it as it
 reads a timm model's. ``data`` holds the training data options and ``config`` the whole checkpoint
 config (the recipe ``msvit.io.checkpoint.build_model`` rebuilds the model from).
 """
@@ -41,7 +42,14 @@ def pretrained_cfg(config: dict, model: nn.Module) -> dict:
             cfg[key] = tuple(float(v) for v in data[key])
     if data.get("classes"):
         cfg["label_names"] = list(data["classes"])
+    cfg.update(recorded_cfg(config.get("pretrained_cfg") or {}))
     return cfg
+
+
+def recorded_cfg(recorded: dict) -> dict:
+    """timm's pretrained_cfg as ``msvit.save_checkpoint`` recorded it (``msvit.io.recipe``), with
+    the tuples timm uses where JSON gave lists."""
+    return {k: tuple(v) if isinstance(v, list) and k != "label_names" else v for k, v in recorded.items()}
 
 
 def eval_transform(

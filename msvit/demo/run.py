@@ -1,4 +1,4 @@
-"""`make demo`: MSViT-S/16,32 on scikit-image's bundled photos.
+"""make demo: MSViT-S/16,32 on scikit-image's bundled photos.
 
 Builds MSViT-S/16,32 from timm's ViT-S/16, decides each photo's mixed-scale mask, runs the packed
 model, and prints per photo the tokens kept and the batch-1 latency of packed vs dense-masked MSViT
@@ -19,7 +19,8 @@ from msvit.data.loaders import materialize
 from msvit.data.sample_images import normalize, sample_photos
 from msvit.demo.table import latency_table
 from msvit.io.checkpoint import load_pretrained
-from msvit.timing import interleaved_times
+from msvit.threads import add_threads_argument, use_threads
+from msvit.timing import interleaved_times, load_warning
 from msvit.train.evaluate import evaluate
 from msvit.visualize.draw import save_grid, save_overlay
 
@@ -58,11 +59,10 @@ def main(argv=None) -> None:
         help="fraction of regions kept fine per photo (default: the gate's own decisions)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median and range)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(parser)
     parser.add_argument("--heldout", type=int, default=1000, help="held-out digits to evaluate the shipped model on")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = use_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -81,6 +81,7 @@ def main(argv=None) -> None:
     how = "the gate's own decisions" if args.budget is None else f"a budget of {args.budget:.0%} of regions"
     print(f"masks: {how}; {masks.float().mean():.0%} of regions fine over all photos")
     tokens = model.tokens_per_image(masks, images=images)
+    every = model.tokens_per_image(torch.ones_like(masks[:1]), images=images[:1]).item()  # all fine: the ViT's
 
     rows = []
     with torch.inference_mode():
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
                 masks[i],
                 model.tokenizer.coarse_patch,
                 model.tokenizer.fine_patch,
-                f"{names[i]}: {int(tokens[i])} tokens",
+                f"{names[i]}: {int(tokens[i])} of {every} tokens",
             )
     save_grid(
         out / "all_masks.png",
@@ -107,11 +108,15 @@ def main(argv=None) -> None:
         masks,
         model.tokenizer.coarse_patch,
         model.tokenizer.fine_patch,
-        [f"{n} ({t} tok)" for n, t in zip(names, tokens.tolist())],
+        [f"{n} ({t} of {every} tokens)" for n, t in zip(names, tokens.tolist())],
     )
 
     dense_tokens = 1 + model.gate_mask(images).shape[1] * 5
     print("\n" + "\n".join(latency_table(rows)))
+    print(f"{threads} torch threads")
+    busy = load_warning()
+    if busy:
+        print(busy)
     print(
         f"\npacked runs only the kept tokens; masked computes all {dense_tokens} (N_f + N_c + cls); "
         f"the ViT computes 197. Overlays: {out}/<photo>.png and {out}/all_masks.png"

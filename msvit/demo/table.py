@@ -4,7 +4,7 @@ warning when the spread says the machine was busy rather than the model slow."""
 import statistics
 from typing import Dict, List, Sequence, Tuple
 
-from msvit.timing import BUSY_FACTOR, looks_busy, quartiles
+from msvit.timing import BUSY_FACTOR, looks_busy, quartiles, spread_warning
 
 COLUMNS = {"packed": "packed ms", "masked": "masked ms", "vit": "ViT-224 ms"}
 Row = Tuple[str, int, Dict[str, List[float]]]  # photo, tokens kept, seconds of each run per column
@@ -36,6 +36,9 @@ def latency_table(rows: Sequence[Row]) -> List[str]:
             f"! the slowest run took over {BUSY_FACTOR:g}x the median for {', '.join(busy)}: machine busy? "
             "Rerun on a quiet machine or with more --repeats."
         )
+    spread = spread_warning({f"{name} {COLUMNS[k]}": times[k] for name, _, times in rows for k in COLUMNS})
+    if spread:
+        lines.append(spread)
     if len(rows) > 1 and looks_busy(medians["vit"]):
         lines.append(
             f"! the ViT's median on one photo is over {BUSY_FACTOR:g}x its median over all photos, for the "

@@ -1,7 +1,9 @@
 """Checkpoints: weights in safetensors, the recipe to rebuild the model in JSON.
 
 ``config.json`` holds ``{"timm": {"name": ..., "kwargs": {...}}, "msvit": {...from_timm kwargs},
-"data": {...}, "architecture": {...}, "weights_sha256": ...}``; ``model.safetensors`` the state dict.
+"pretrained_cfg": {...}, "data": {...}, "architecture": {...}, "weights_sha256": ...}``;
+``model.safetensors`` the state dict. ``write_checkpoint`` writes a given config (msvit train);
+``msvit.save_checkpoint`` (``msvit.io.save``) derives it from the model (``msvit.io.recipe``).
 ``build_model(config)`` rebuilds the architecture without downloading anything. ``load_checkpoint``
 verifies before it loads: the weights' sha256 against the config (flipped bytes are refused, not
 silently loaded), the rebuilt model's ``architecture`` against the recorded one (an edited
@@ -14,17 +16,19 @@ manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from msvit.data.transforms import pretrained_cfg
-from msvit.io import architecture
+from msvit.io import architecture, recipe
 from msvit.io.atomic import write_bytes, write_text
 from msvit.io.config_file import ConfigError, read_json_object, require
+from msvit.models.build_recipe import RECIPE
 from msvit.models.mixed_scale_vit import MSViT
+from msvit.models.pruning import PruneConfig, PrunedMSViT
 from msvit.models.timm_compat import from_timm
 from msvit.models.timm_names import misquoted_kwarg
 
@@ -47,21 +51,38 @@ def build_model(config: dict) -> MSViT:
     return from_timm(timm_cfg["name"], timm_kwargs=kwargs, **options)
 
 
-def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
-    """Write ``model.safetensors``, then ``config.json`` with the weights' sha256 and the model's
-    architecture, each crash-safe (``msvit.io.atomic``). A kill between the two files leaves new
+def write_checkpoint(
+    folder, model: nn.Module, config: dict, point: str = "", build: Optional[Callable[[dict], nn.Module]] = None
+) -> Path:
+    """Write ``model.safetensors``, then ``config.json`` (``config`` plus the weights' sha256 and the
+    model's architecture), each crash-safe (``msvit.io.atomic``), after checking that ``config``
+    rebuilds the model (``msvit.io.recipe.check_rebuilds``). A kill between the two files leaves new
     weights beside the old config, which loading then refuses as corrupt: a folder that must stay
     loadable at every instant is written fresh and switched by a manifest (``msvit.train.run_folder``).
-    ``point``: the fault tests' crash-point prefix."""
+    ``point``: the fault tests' crash-point prefix. ``build``: what loads it (default
+    ``build_classifier``, ``load_checkpoint``'s; ``save_segmenter`` passes ``build_segmenter``)."""
+    if isinstance(folder, nn.Module):
+        raise TypeError(
+            "write_checkpoint(folder, model, config): the folder comes first; msvit.save_checkpoint(model, folder)"
+        )
     check_gate_recipe(model, config)
+    config = recipe.json_ready({**config, "architecture": architecture.describe(model)})
+    recipe.check_rebuilds(model, config, build or build_classifier)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     data = save_safetensors(state)
-    config = {**config, "architecture": architecture.describe(model), "weights_sha256": sha256(data)}
+    config = {**config, "weights_sha256": sha256(data)}
     write_bytes(folder / WEIGHTS, data, point and f"{point}:weights")
     write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n", point and f"{point}:config")
     return folder
+
+
+def save_checkpoint(folder, model: nn.Module, config: dict, point: str = "") -> Path:
+    """The old name of ``write_checkpoint`` (same arguments, folder first), kept for callers written
+    before the public ``msvit.save_checkpoint(model, folder)`` (``msvit.io.save``), which takes the
+    model first and derives the config; new code calls one of those two."""
+    return write_checkpoint(folder, model, config, point)
 
 
 def check_gate_recipe(model: nn.Module, config: dict) -> None:
@@ -150,7 +171,7 @@ def read_config(path: Path, verify: bool = True) -> dict:
         if "architecture" not in config and "weights_sha256" not in config:
             raise ConfigError(
                 f"{path} has no 'architecture' and no 'weights_sha256' (a checkpoint of an older msvit): "
-                "load it with msvit.load_checkpoint(folder, verify=False) and save_checkpoint it again"
+                "load it with msvit.load_checkpoint(folder, verify=False) and msvit.save_checkpoint it again"
             )
         require(config, "architecture", dict, path)
         digest = require(config, "weights_sha256", str, path)
@@ -194,10 +215,11 @@ def load_verified(folder, build: Callable[[dict], nn.Module], verify: bool = Tru
     check_state(model, state, folder / WEIGHTS)
     model.load_state_dict(state)
     model.pretrained_cfg = pretrained_cfg(config, model)
+    setattr(model, RECIPE, config)  # saving it again writes the same recipe (msvit.io.recipe)
     return model
 
 
-def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> MSViT:
+def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> nn.Module:
     """The model in eval mode from a folder written by ``save_checkpoint`` or a training run, with
     ``model.pretrained_cfg`` (input size, mean, std, classes, data options, and ``"config"``: the
     checkpoint's config.json). ``verify=False`` skips the checksum and architecture checks
@@ -205,12 +227,16 @@ def load_checkpoint(folder, map_location="cpu", verify: bool = True) -> MSViT:
     return load_verified(folder, build_classifier, verify).to(map_location).eval()
 
 
-def build_classifier(config: dict) -> MSViT:
-    """``build_model`` for ``load_checkpoint``. A segmenter's config would build its backbone, which
-    then fails the architecture check with a long message that reads like a damaged config."""
+def build_classifier(config: dict) -> nn.Module:
+    """``build_model`` for ``load_checkpoint``, wrapped in ``PrunedMSViT`` when the config records
+    pruning. A segmenter's config would build its backbone, which then fails the architecture check
+    with a long message that reads like a damaged config."""
     if config.get("task") == "segmentation":
         raise ValueError("this is a segmentation run: use msvit.load_segmenter")
-    return build_model(config)
+    model = build_model(config)
+    if "pruning" in config:
+        return PrunedMSViT(model, config=PruneConfig(**config["pruning"]))
+    return model
 
 
 def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> MSViT:

@@ -24,6 +24,7 @@ pool, and the step's host time is a smaller share of its longer device time.
 """
 
 import math
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -138,6 +139,10 @@ class PackedRunner:
         return torch.cat([images, images.new_zeros(self.batch_size - count, *images.shape[1:])])
 
     def _compile(self, options: dict) -> None:
+        graphs = len(self.buckets) + (self.budget is None)
+        warnings.warn(
+            compile_notice(graphs, self.device, options.get("backend", "inductor")), CompileNotice, stacklevel=4
+        )
         options = {"fullgraph": True, "dynamic": False, **options}
         self._decide = torch.compile(self._decide_fn, **options)
         # the capacity is a constant of each bucket's graph: dynamo guards on it and compiles one
@@ -190,6 +195,28 @@ class PackedRunner:
                 f"images are {images.dtype} on {images.device}; this runner takes {self.dtype} on {self.device}"
             )
         return count
+
+
+class CompileNotice(UserWarning):
+    """What ``mode="torch_compile"`` is about to cost: said once per runner, before the wait."""
+
+
+# Measured for MSViT-S at batch 32 on 2 shared CPU cores with inductor (issue 29): 40-55 s per graph.
+CPU_SECONDS_PER_GRAPH = (40, 55)
+
+
+def compile_notice(graphs: int, device: torch.device, backend: str) -> str:
+    """One line: torch.compile traces and compiles ``graphs`` graphs on their first calls, and roughly how long."""
+    if device.type == "cpu" and backend == "inductor":
+        low, high = CPU_SECONDS_PER_GRAPH
+        cost = f"about {low}-{high} s each on a 2-core CPU (MSViT-S), so {graphs * low}-{graphs * high} s in all"
+    else:
+        cost = "from seconds to about a minute each, depending on the model, device and backend"
+    return (
+        f"compile_packed(mode='torch_compile'): the first call of each of {graphs} graphs (the gate's, when "
+        f"there is no budget, and one per token bucket) compiles it with torch.compile ({backend}): {cost}; "
+        "later calls run the compiled graphs"
+    )
 
 
 def compile_packed(

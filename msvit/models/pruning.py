@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from msvit.io.architecture import msvit as describe_msvit
 from msvit.models.checks import refuse_image_list
 from msvit.models.gate import Budget
 from msvit.models.layers import packed_blocks
@@ -86,6 +87,11 @@ class PruneConfig:
         ) != len(layers):
             raise ValueError(f"layers must be distinct non-negative block indices, got {self.layers!r}")
         object.__setattr__(self, "layers", tuple(sorted(layers)))
+
+
+def prune_options(config: PruneConfig) -> dict:
+    """``PrunedMSViT``'s keywords as a checkpoint's ``config["pruning"]`` records them."""
+    return {"keep_ratio": config.keep_ratio, "layers": list(config.layers), "fuse": config.fuse}
 
 
 def cls_attention(q: Tensor, k: Tensor, scale: float, index: PrunedIndex) -> Tensor:
@@ -196,6 +202,24 @@ class PrunedMSViT(nn.Module):
             raise ValueError(f"pruning layers {config.layers} must be below the model's depth {len(model.blocks)}")
         self.model = model
         self.config = config
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self.model.in_chans
+
+    @property
+    def gate(self) -> nn.Module:
+        """The wrapped model's gate."""
+        return self.model.gate
+
+    def describe_architecture(self) -> dict:
+        """What ``config.json`` records: the wrapped model's architecture and the pruning
+        (``msvit.io.architecture.describe``)."""
+        return {**describe_msvit(self.model), "pruning": prune_options(self.config)}
 
     def forward(
         self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, return_gate: bool = False

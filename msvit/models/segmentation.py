@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, save_checkpoint
+from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, write_checkpoint
 from msvit.io.config_file import read_json_object
+from msvit.io.recipe import segmenter_config  # noqa: F401  (re-exported: msvit train and the tests use it from here)
 from msvit.models.checks import check_choice, check_images, refuse_image_list
 from msvit.models.gate import Budget, GateDecision
 from msvit.models.mixed_scale_vit import MSViT, MSViTOutput
@@ -131,6 +132,7 @@ class MSSegmenter(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         self.decoder_name = decoder
+        self.decoder_kwargs = dict(decoder_kwargs or {})  # what a checkpoint records to rebuild it
         dim = backbone.tokenizer.embed.out_features
         self.decoder = (
             LinearDecoder(dim, num_classes)
@@ -203,27 +205,11 @@ def iou_metrics(confusion: Tensor) -> dict:
     }
 
 
-def segmenter_config(backbone_config: dict, segmenter: MSSegmenter, decoder_kwargs: Optional[dict] = None) -> dict:
-    """Checkpoint config of a segmenter: the backbone's recipe (its timm head dropped) plus ours."""
-    timm_cfg = backbone_config["timm"]
-    return {
-        **backbone_config,
-        "task": "segmentation",
-        "timm": {**timm_cfg, "kwargs": {**timm_cfg.get("kwargs", {}), "num_classes": 0}},
-        "segmentation": {
-            "num_classes": segmenter.num_classes,
-            "decoder": segmenter.decoder_name,
-            "decoder_kwargs": decoder_kwargs or {},
-            "freeze_gate": segmenter.freeze_gate,
-        },
-    }
-
-
 def save_segmenter(folder, segmenter: MSSegmenter, config: dict, point: str = "") -> Path:
     """``model.safetensors`` (the segmenter's state dict) and ``config.json`` (from ``segmenter_config``)."""
     if config.get("task") != "segmentation":
         raise ValueError("config must come from segmenter_config (it has no 'segmentation' section)")
-    return save_checkpoint(folder, segmenter, config, point)
+    return write_checkpoint(folder, segmenter, config, point, build=build_segmenter)
 
 
 def is_segmenter_checkpoint(folder) -> bool:

@@ -20,6 +20,7 @@ from torch import nn
 from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
 from msvit.models.aggregation import AGGREGATIONS, ZeroConvAggregation
 from msvit.models.attention_pool import convert_attention_pool
+from msvit.models.build_recipe import record_recipe
 from msvit.models.checks import check_choice
 from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD, EntropyGate
 from msvit.models.gate import MixedScaleGate
@@ -127,6 +128,23 @@ def from_timm(
     check_choice("gate", gate, GATES)
     check_choice("aggregate", aggregate, AGGREGATIONS)
     check_choice("coarse_pos", coarse_pos, COARSE_POS)
+    options = dict(
+        coarse_patch_size=coarse_patch_size,
+        img_size=img_size,
+        gate=gate,
+        aggregate=aggregate,
+        scales=scales,
+        coarse_pos=coarse_pos,
+    )
+    built = _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, gate_kwargs)
+    record_recipe(built, model_or_name, timm_kwargs, {**options, **gate_kwargs})
+    return built
+
+
+def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, gate_kwargs) -> nn.Module:
+    """``from_timm`` after its choices are checked."""
+    coarse_patch_size, img_size, gate = options["coarse_patch_size"], options["img_size"], options["gate"]
+    aggregate, scales, coarse_pos = options["aggregate"], options["scales"], options["coarse_pos"]
     if is_timm_swin(model_or_name):  # Swin v1: coarse tokens skip the early stages (docs/design.md section 8)
         if scales is not None and len(scales) != 2:
             raise NotImplementedError("a mixed-scale Swin has two scales; more are implemented for ViT models")

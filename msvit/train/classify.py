@@ -2,7 +2,7 @@
 smoothing, top-1 (and, on the digits, where the fine tokens go) on the held-out set."""
 
 from msvit.data.loaders import build_data as build_image_data
-from msvit.io.checkpoint import save_checkpoint
+from msvit.io.checkpoint import write_checkpoint
 from msvit.train.backbone import coarsest_patch, make_model, model_config
 from msvit.train.evaluate import evaluate as evaluate_classifier
 
@@ -12,7 +12,7 @@ DEFAULTS = {}
 IGNORE_INDEX = -100  # cross_entropy's default: every label counts
 # The held-out metrics of the progress line (the digits' boxes add the fine-on-digit ratio).
 PROGRESS = ("val_top1", "val_tokens_per_image", "val_gmacs_per_image", "val_fine_rate", "val_fine_digit_ratio")
-save = save_checkpoint
+save = write_checkpoint
 
 
 def add_options(group) -> None:

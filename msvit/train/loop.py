@@ -14,6 +14,8 @@ from tqdm import tqdm
 from msvit.data.loaders import loaders
 from msvit.data.native import image_tokens
 from msvit.data.sample_images import normalize
+from msvit.io.checkpoint import resolve
+from msvit.threads import use_threads
 from msvit.train import resume_state, run_folder
 from msvit.train.distributed import setup_distributed
 from msvit.train.epochs import check_batches, progress_line, save_epoch, stop_early
@@ -57,7 +59,16 @@ def train(args) -> dict:
     if checkpoint is not None:  # the recorded run; a typed flag that changes it stops before the data is generated
         args = resume_state.resumed_args(checkpoint.state["args"], args, out)
         resume_state.check_flags(checkpoint.state["args"], args, world, checkpoint.state["world"], out)
+    use_threads(getattr(args, "threads", None))
     task = task_of(args.task)
+    if main_process:
+        tqdm.write(start_line(out, checkpoint, args.epochs))
+    if checkpoint is not None and checkpoint.state["epoch"] >= args.epochs:  # said before any data is built
+        if main_process:
+            tqdm.write(load_line(out, args.task))
+        if world > 1:
+            dist.destroy_process_group()
+        return checkpoint.state["rows"][-1] if checkpoint.state["rows"] else {}
     torch.manual_seed(args.seed + rank)
     bundle = task.build_data(args, main_process)
     model, config = task.build_model(args, bundle)
@@ -87,8 +98,6 @@ def train(args) -> dict:
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = args.amp and device.type == "cuda"
     metrics = rows[-1] if rows else {}
-    if start_epoch >= args.epochs and main_process:
-        tqdm.write(f"{out} already holds all {start_epoch} epochs; raise --epochs to train on")
 
     def train_step(images, targets, mode: str, pre_gate: bool) -> dict:
         images = to_model_input(images, device, bundle.mean, bundle.std)
@@ -167,6 +176,27 @@ def train(args) -> dict:
         )
         if args.max_steps and step >= args.max_steps:
             break
+    if main_process:
+        tqdm.write(load_line(out, args.task))
     if world > 1:
         dist.destroy_process_group()
     return metrics
+
+
+def start_line(out: Path, checkpoint, epochs: int) -> str:
+    """Where the run goes and, for a resume, where it continues (or that it is finished)."""
+    if checkpoint is None:
+        return f"msvit train: a new run of {epochs} epochs in {out}/ (checkpoint per epoch, metrics.jsonl)"
+    done = checkpoint.state["epoch"]
+    if done >= epochs:
+        return f"msvit train: {out}/ already holds all {done} epochs of the run; raise --epochs to train on"
+    return f"msvit train: resuming {out}/ from epoch {done} of {epochs}"
+
+
+def load_line(out: Path, task_name: str) -> str:
+    """Where the last checkpoint is and the one Python line that loads it."""
+    loader = "load_segmenter" if task_name == "segmentation" else "load_checkpoint"
+    return (
+        f"checkpoint: {resolve(out)}/ (the latest; the run folder {out}/ names it); load it with:\n"
+        f'  python -c "import msvit; model = msvit.{loader}({str(out)!r})"'
+    )

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 from msvit.data.loaders import CROPS, DIGITS
 from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD
 from msvit.models.timm_compat import GATES
+from msvit.threads import add_threads_argument
 from msvit.train.flag_checks import check_gate_flags, check_scale_flags, check_train_flags
 from msvit.train.resume_state import check_run_flags, resumed_args, with_task
 from msvit.train.run_folder import recorded_flags_of
@@ -235,6 +236,7 @@ def add_run_options(p) -> None:
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes (0: load in this process)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     g.add_argument("--device", default="auto", help="torch device; auto: CUDA if available, else CPU")
+    add_threads_argument(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and the data order")
     g.add_argument("--out", default="runs/msvit", help="checkpoint and metrics folder")
     g.add_argument(

@@ -42,8 +42,9 @@ FREE = {
 # Flags of one command line, not of the run: never recorded, so a resume takes them from its own
 # command line or their defaults. The machine may differ (--device auto: its GPU, if any);
 # --max-steps bounds a smoke run (inherited, it would stop the resumed run after a step);
-# starting weights are replaced by the checkpoint's; ``typed`` is parse_args' list of typed flags.
-INVOCATION = {"out", "resume", "overwrite", "max_steps", "device", "pretrained", "hub_pretrained", "typed"}
+# starting weights are replaced by the checkpoint's; ``typed`` is parse_args' list of typed flags;
+# --threads suits the machine of this command line.
+INVOCATION = {"out", "resume", "overwrite", "max_steps", "device", "threads", "pretrained", "hub_pretrained", "typed"}
 # Flags added after train states were first written, with the value every run before them had.
 ADDED = {
     "gate": "learned",

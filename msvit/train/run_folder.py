@@ -155,7 +155,7 @@ def write_metrics(out: Path, rows: List[dict]) -> None:
 def save_epoch(out: Path, epoch: int, save: Callable, model, config: dict, state: dict) -> Path:
     """Rank 0: the checkpoint of ``epoch`` (1-based) as a new epoch folder, the manifest switched to
     it, the metrics rewritten from ``state["rows"]``, older epoch folders removed.
-    ``save(folder, model, config, point)`` writes the weights and config (save_checkpoint)."""
+    ``save(folder, model, config, point)`` writes the weights and config (msvit.io.checkpoint.write_checkpoint)."""
     out = Path(out)
     name = f"{EPOCH_PREFIX}{epoch:04d}"
     staging = temporary_name(out / name)

@@ -1,14 +1,21 @@
-"""``msvit visualize IMAGE... --out DIR``: the gate's mixed-scale mask over each image (Fig. 1).
+"""msvit visualize IMAGE... --out DIR: the gate's mixed-scale mask over each image (Fig. 1).
 
-Loads a checkpoint folder (``msvit train``: classification; ``msvit train --task segmentation``:
-a segmenter), or without ``--checkpoint`` the model shipped in the package
-(``msvit/pretrained/cluttered-digits``). Each image is centre-cropped to the checkpoint's aspect
-ratio, resized to its image size and normalised with its mean/std; then per image it writes
-``<stem>_mask.png`` (fine regions as r x r cells, coarse ones filled) and, with ``--segmentation``,
-``<stem>_segmentation.png`` (mask and predicted map side by side), plus ``all_masks.png``.
+With --model TIMM_NAME: a timm ViT with APT's training-free entropy gate on your own photos, each
+at its own aspect ratio (resized, never cropped, to multiples of the coarsest patch within
+--max-side and --max-tokens; a line per photo says how). Random weights unless --pretrained FILE;
+nothing is downloaded.
+
+Otherwise it loads a checkpoint folder (msvit train: classification; msvit train --task
+segmentation: a segmenter), or without --checkpoint the model shipped in the package
+(msvit/pretrained/cluttered-digits). Each image is centre-cropped to the checkpoint's aspect ratio
+(a line per image says so), resized to its image size and normalised with its mean/std.
+
+Per image it writes <stem>_mask.png (fine regions as r x r cells, coarse ones filled) and, with
+--segmentation, <stem>_segmentation.png (mask and predicted map side by side), plus all_masks.png.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +23,10 @@ import torch
 from msvit.data.sample_images import normalize, to_tensor_image
 from msvit.io import checkpoint
 from msvit.models.segmentation import is_segmenter_checkpoint, load_segmenter
+from msvit.threads import add_threads_argument, use_threads
+from msvit.visualize import timm_photos
 from msvit.visualize.draw import save_grid, save_overlay, save_segmentation
+from msvit.visualize.timm_photos import MAX_SIDE, MAX_TOKENS
 
 BATCH = 32  # images per forward: bounds memory for long argument lists
 
@@ -35,11 +45,58 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fraction of regions kept fine per image (default: the gate's own decisions)",
     )
     p.add_argument("--segmentation", action="store_true", help="also write the predicted map (segmenter checkpoint)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of the forward: cpu (default), cuda, cuda:1, ...")
+    add_threads_argument(p)
+    timm_group = p.add_argument_group("a timm ViT with the entropy gate (instead of --checkpoint)")
+    timm_group.add_argument(
+        "--model", default=None, metavar="TIMM_NAME", help="timm ViT name, e.g. vit_base_patch16_224"
+    )
+    timm_group.add_argument("--pretrained", default=None, metavar="FILE", help="its weights (default: random weights)")
+    timm_group.add_argument("--gate", choices=["entropy"], default="entropy", help="the gate (training-free: entropy)")
+    timm_group.add_argument(
+        "--entropy-threshold",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="BITS",
+        help="fine where a region's grey-level entropy exceeds it; one per scale boundary (default: APT's)",
+    )
+    timm_group.add_argument(
+        "--scales", type=int, nargs="+", default=None, metavar="PX", help="patch sizes, finest first, e.g. 16 32 64"
+    )
+    timm_group.add_argument(
+        "--max-side", type=int, default=MAX_SIDE, help="longest side after resizing, px (default: %(default)s)"
+    )
+    timm_group.add_argument(
+        "--max-tokens",
+        type=int,
+        default=MAX_TOKENS,
+        help="finest-scale tokens per photo at most (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     if args.budget is not None and not 0 <= args.budget <= 1:
         p.error(f"--budget is a fraction of the regions in [0, 1], got {args.budget}")
+    check_model_flags(p, args, sys.argv[1:] if argv is None else argv)
     return args
+
+
+def check_model_flags(p, args, argv) -> None:
+    """--model and --checkpoint exclude each other; the timm flags need --model."""
+    if args.model is None:
+        typed = [
+            f
+            for f in ("--pretrained", "--gate", "--entropy-threshold", "--scales")
+            if any(a.startswith(f) for a in argv)
+        ]
+        if typed:
+            p.error(f"{', '.join(typed)} apply to --model TIMM_NAME (a timm ViT with the entropy gate)")
+        return
+    if args.checkpoint is not None:
+        p.error("give --model TIMM_NAME or --checkpoint DIR, not both")
+    if args.segmentation:
+        p.error("--segmentation needs a segmenter checkpoint (--checkpoint DIR), not --model")
+    if args.max_side < 1 or args.max_tokens < 1:
+        p.error("--max-side and --max-tokens must be positive")
 
 
 def load_model(folder, segmentation: bool, device):
@@ -66,8 +123,8 @@ def load_model(folder, segmentation: bool, device):
     return model, None, model.pretrained_cfg
 
 
-def read_image(path: Path, size) -> torch.Tensor:
-    """float ``[3, H, W]`` in [0, 1] at ``size`` from an image file (grey, RGB or RGBA)."""
+def read_array(path: Path):
+    """uint8 (or bool) ``HxW`` / ``HxWxC`` array of an image file (grey, RGB or RGBA)."""
     import skimage.io
     import skimage.util
 
@@ -77,6 +134,19 @@ def read_image(path: Path, size) -> torch.Tensor:
         raise SystemExit(f"msvit visualize: cannot read {path} as an image ({type(exc).__name__}: {exc})") from None
     if array.dtype != "uint8" and array.dtype != bool:
         array = skimage.util.img_as_ubyte(array)
+    return array
+
+
+def read_image(path: Path, size) -> torch.Tensor:
+    """float ``[3, H, W]`` in [0, 1] at ``size`` from an image file, centre-cropped to its aspect
+    ratio; prints how."""
+    array = read_array(path)
+    height, width = array.shape[:2]
+    target = size[0] / size[1]
+    crop = (height, round(height / target)) if height / width <= target else (round(width * target), width)
+    crop = (min(crop[0], height), min(crop[1], width))
+    cropped = f"centre-cropped to {crop[1]}x{crop[0]} and " if crop != (height, width) else ""
+    print(f"{path.name}: {width}x{height} px {cropped}resized to {size[1]}x{size[0]} px (the model's input size)")
     return to_tensor_image(array, size)
 
 
@@ -99,19 +169,31 @@ def fine_percent(model, mask, images) -> float:
 @torch.no_grad()
 def main(argv=None) -> None:
     args = parse_args(argv)
+    use_threads(args.threads)
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"msvit visualize: no such file: {', '.join(missing)}")
+    out = Path(args.out)
+    if args.model is not None:
+        photos, masks, titles, model = timm_photos.run(args, paths, unique_stems(paths), read_array, fine_percent)
+        out.mkdir(parents=True, exist_ok=True)
+        coarse, fine = model.tokenizer.coarse_patch, model.tokenizer.fine_patch
+        scales = model.tokenizer.scales
+        for stem, photo, mask, title in zip(unique_stems(paths), photos, masks, titles):
+            save_overlay(out / f"{stem}_mask.png", photo, mask, coarse, fine, title, scales)
+        save_grid(out / "all_masks.png", photos, masks, coarse, fine, titles, min(4, len(paths)), scales)
+        print(f"wrote {len(paths)} overlay(s) and all_masks.png to {out}")
+        return
     model, segmenter, cfg = load_model(args.checkpoint, args.segmentation, args.device)
     data = cfg["data"]
     size = tuple(data["image_size"])
     coarse, fine = model.tokenizer.coarse_patch, model.tokenizer.fine_patch
     scales = getattr(model.tokenizer, "scales", 2)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     photos = torch.stack([read_image(p, size) for p in paths])
     masks, titles = [], []
+    every = model.tokenizer.num_prefix + (size[0] // fine) * (size[1] // fine)  # all at the finest scale
     for start in range(0, len(paths), BATCH):
         chunk = photos[start : start + BATCH]
         images = normalize(chunk.to(args.device), data["mean"], data["std"])
@@ -119,7 +201,8 @@ def main(argv=None) -> None:
         tokens = model.tokens_per_image(mask, images=images).tolist()
         labels = segmenter(images, mask=mask).argmax(1).cpu() if segmenter is not None else None
         for i, stem in enumerate(unique_stems(paths)[start : start + BATCH]):
-            title = f"{stem}: {tokens[i]} tokens, {fine_percent(model, mask[i : i + 1], images[i : i + 1]):.0%} fine"
+            share = fine_percent(model, mask[i : i + 1], images[i : i + 1])
+            title = f"{stem}: {tokens[i]} of {every} tokens, {share:.0%} fine"
             save_overlay(out / f"{stem}_mask.png", chunk[i], mask[i].cpu(), coarse, fine, title, scales)
             if labels is not None:
                 save_segmentation(

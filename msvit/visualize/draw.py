@@ -1,6 +1,7 @@
 """Mask pictures like the paper's Fig. 1: coarse regions outlined large, fine regions as 2x2 cells
 (more than two scales: every token outlined at its size, one colour per scale)."""
 
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -9,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.patheffects import withStroke  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 FINE_COLOUR = "#ff3b30"
@@ -16,6 +18,21 @@ COARSE_COLOUR = "#34c759"
 COARSE_FILL = (0.2, 0.78, 0.35, 0.18)  # light enough to see the image through
 LEGEND_INCHES = 0.3  # the strip under the pictures that holds the legend
 MIDDLE_COLOURS = ("#ff9500", "#007aff", "#af52de")  # the scales between the finest and the coarsest
+# Every outline is drawn over a slightly wider dark stroke: a red line alone vanished on a red photo
+# (issue 29), a dark one on a dark photo; the pair shows on any.
+HALO = "#101010"
+TITLE_CHARS = 44  # characters per title line in a 3-inch column at 8 pt: longer titles wrap
+
+
+def outline(lw: float) -> dict:
+    """Rectangle keywords for a line of width ``lw`` over its dark halo."""
+    return {"lw": lw, "path_effects": [withStroke(linewidth=lw + 0.7, foreground=HALO, alpha=0.6)]}
+
+
+def set_title(ax, title: Optional[str]) -> None:
+    """An 8 pt title wrapped to the picture's width (long ones overlapped their neighbours)."""
+    if title:
+        ax.set_title("\n".join(textwrap.wrap(title, TITLE_CHARS)), fontsize=8)
 
 
 def draw_mask(
@@ -39,19 +56,20 @@ def draw_mask(
                         fine_patch,
                         fine_patch,
                         fill=False,
-                        lw=0.6,
                         ec=FINE_COLOUR,
+                        **outline(0.6),
                     )
                 )
         else:
             ax.add_patch(
-                Rectangle((x, y), coarse_patch, coarse_patch, fill=True, lw=1.0, ec=COARSE_COLOUR, fc=COARSE_FILL)
+                Rectangle(
+                    (x, y), coarse_patch, coarse_patch, fill=True, ec=COARSE_COLOUR, fc=COARSE_FILL, **outline(1.0)
+                )
             )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=8)
+    set_title(ax, title)
 
 
 def draw_tree_mask(ax, image: Tensor, mask: Tensor, ratio: int, fine_patch: int, scales: int, title=None) -> None:
@@ -68,13 +86,14 @@ def draw_tree_mask(ax, image: Tensor, mask: Tensor, ratio: int, fine_patch: int,
         for cell in tokens[0].nonzero().flatten().tolist():
             corner = ((cell % width) * size, (cell // width) * size)
             ax.add_patch(
-                Rectangle(corner, size, size, fill=coarsest, lw=0.6 if s == 0 else 1.0, ec=colour, fc=COARSE_FILL)
+                Rectangle(
+                    corner, size, size, fill=coarsest, ec=colour, fc=COARSE_FILL, **outline(0.6 if s == 0 else 1.0)
+                )
             )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=8)
+    set_title(ax, title)
 
 
 def scale_colour(s: int, scales: int) -> str:
@@ -103,7 +122,7 @@ def add_mask_legend(fig, coarse_patch: int, fine_patch: int, scales: int = 2):
 
 def save_figure(fig, path, coarse_patch: int, fine_patch: int, scales: int = 2) -> Path:
     """Add the mask legend below the pictures, lay out, write ``path`` (PNG) and close."""
-    fig.tight_layout(rect=(0, LEGEND_INCHES / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, LEGEND_INCHES / fig.get_figheight(), 1, 1), h_pad=1.2)
     add_mask_legend(fig, coarse_patch, fine_patch, scales)
     fig.savefig(path, bbox_inches="tight", pad_inches=0.05)  # tight_layout alone cut titles by a few pixels
     plt.close(fig)
@@ -174,8 +193,7 @@ def draw_segmentation(
         framealpha=0.7,
     )
     ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=8)
+    set_title(ax, title)
 
 
 def save_segmentation(
