@@ -30,7 +30,9 @@ def _gather(x: Tensor, cu_seqlens: Tensor, max_seqlen: int):
     valid = offset < (cu_seqlens[1:].long() - start)[:, None]
     rows = (start[:, None] + offset).clamp(0, max(x.shape[0] - 1, 0))
     slots = x.index_select(0, rows.flatten()).unflatten(0, rows.shape)  # [S, L, H, D]
-    slots = slots * valid[:, :, None, None].to(x.dtype)  # zeros, not a neighbour's values
+    # zeros, not a neighbour's values: a where, not a product with the mask (NaN * 0 is NaN, and a
+    # slot's tail reads the next sequence's rows, so a product let one image's NaN into the one before)
+    slots = torch.where(valid[:, :, None, None], slots, 0.0)
     return slots.transpose(1, 2), valid
 
 
