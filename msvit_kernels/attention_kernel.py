@@ -48,18 +48,36 @@ MAX_HEAD_DIM_BEFORE_AMPERE = 128
 
 
 @triton.jit
+def _decreases(CU_SEQLENS, count):
+    """Whether ``CU_SEQLENS[0..count]`` decreases anywhere (unchecked input). Then some rows lie in
+    two sequences, and no program can tell which of its rows are its own without this scan: a
+    local check misses a sequence overlapping one far before it. For checked input the cost is
+    ``count / 128`` pairs of vector loads of cu_seqlens (cached) per program."""
+    decreasing = 0
+    for first in range(0, count, 128):
+        offs = first + tl.arange(0, 128)
+        inside = offs < count
+        lower = tl.load(CU_SEQLENS + offs, mask=inside, other=0)
+        upper = tl.load(CU_SEQLENS + offs + 1, mask=inside, other=0)
+        decreasing += tl.sum((upper < lower).to(tl.int32), 0)
+    return decreasing > 0
+
+
+@triton.jit
 def _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr):
     """(query start, query length, key start, key length, fits) of sequence ``seq``; without
     SEPARATE_KV the keys are the queries' rows and nothing more is loaded. ``fits``: the sequence
-    is within max_seqlen (keys: max_seqlen_k) and ends within the T (T_K) rows there are; one that
-    does not (unchecked input) is not computed, and its rows get NaN (``_fill_unplaced``)."""
+    is within max_seqlen (keys: max_seqlen_k) and ends within the T (T_K) rows there are, and
+    cu_seqlens (cu_seqlens_k) decreases nowhere; one that does not (unchecked input) is not
+    computed, and its rows get NaN (``_fill_unplaced``): with decreasing offsets, every row."""
+    count = tl.num_programs(1)
     start_q = tl.load(CU_SEQLENS + seq)
     len_q = tl.load(CU_SEQLENS + seq + 1) - start_q
-    fits = (len_q <= MAX_SEQLEN) & (start_q + len_q <= T)
+    fits = (len_q <= MAX_SEQLEN) & (start_q + len_q <= T) & ~_decreases(CU_SEQLENS, count)
     if SEPARATE_KV:
         start_k = tl.load(CU_SEQLENS_K + seq)
         len_k = tl.load(CU_SEQLENS_K + seq + 1) - start_k
-        fits = fits & (len_k <= MAX_SEQLEN_K) & (start_k + len_k <= T_K)
+        fits = fits & (len_k <= MAX_SEQLEN_K) & (start_k + len_k <= T_K) & ~_decreases(CU_SEQLENS_K, count)
     else:
         start_k = start_q
         len_k = len_q
@@ -173,6 +191,23 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _probabilities(scores, lse, one_key):
+    """Softmax probabilities ``exp2(scores - lse)`` recomputed in the backward. Over one key the
+    probability is exactly 1 (NaN for a non-finite score, as in the forward), but a recomputed score
+    may differ from the forward's by a rounding (another product order): ``lse - lse`` is 0 exactly
+    where the forward's score was finite."""
+    return tl.exp2(tl.where(one_key, lse, scores) - lse)
+
+
+@triton.jit
+def _score_gradients(p, dp, delta, one_key):
+    """dS = P * (dP - delta) with delta = rowsum(dO * O). Over one key O = v, so delta = dP and
+    dS = 0 exactly (dq = dk = 0): the delta of the preprocess sums dO * O in another order, and
+    its rounding would leave a gradient of ~1e-7 where there is none."""
+    return p * (dp - tl.where(one_key, dp, delta))
+
+
+@triton.jit
 def _attn_bwd_delta_kernel(
     O, DO, DELTA, T,
     stride_ot, stride_oh, stride_od,
@@ -250,11 +285,11 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
 
-        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        pt = _probabilities(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale, lse[None, :], seqlen_k == 1)
         pt = tl.where(mask_m[None, :], pt, 0.0)
         dv += tl.dot(pt.to(v.dtype), tl.trans(dot_t), input_precision=DOT_PRECISION)
         dpt = tl.dot(v, dot_t, input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
+        dst = _score_gradients(pt, dpt, delta[None, :], seqlen_k == 1)
         dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
@@ -323,10 +358,10 @@ def _attn_bwd_dq_kernel(
         mask_dn = mask_d[:, None] & mask_n[None, :]
         kt = tl.load(K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
         vt = tl.load(V + rows_k[None, :] * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
-        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        p = _probabilities(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale, lse[:, None], seqlen_k == 1)
         p = tl.where(mask_n[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = _score_gradients(p, dp, delta[:, None], seqlen_k == 1)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
@@ -470,8 +505,9 @@ def attention_forward(
     checked input that costs a few scalar operations per program, where allocating ``out`` with
     ``torch.full(nan)`` would add a fill of all T*H*D elements to every call. The launcher fills
     ``out`` only when there is no sequence at all (B = 0: no program runs; an int check on the
-    host, no device read). Not guarded: decreasing cu_seqlens, and a call with no key row at all
-    (zeros, as for any query without keys).
+    host, no device read). Decreasing cu_seqlens (cu_seqlens_k) put rows in two sequences: every
+    row gets NaN (the kernels scan the offsets, ``_decreases``). A call with no key row at all
+    gives zeros, as for any query without keys.
     """
     _check_launchable(q, k, v)
     total, heads, _ = q.shape

@@ -157,6 +157,12 @@ def flash_attn_packed_attention(
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` fp16/bf16 on CUDA (sm_80+), last dim contiguous;
     cu_seqlens (cu_seqlens_k, default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``.
+
+    Unchecked layouts (``packed_attention(check_values=False)``): flash-attn validates nothing on
+    the device. A row no program computes (a sequence over max_seqlen, rows outside
+    ``cu_seqlens[0]:cu_seqlens[-1]``, a negative length from decreasing offsets) keeps whatever
+    its new output buffer held, rows two sequences claim (decreasing offsets) are written by both
+    in no set order, and offsets past the rows read out of bounds (docs/design.md section 3).
     """
     if cu_seqlens_k is None:
         cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
@@ -211,7 +217,8 @@ def torch_varlen_packed_attention(
     """``torch.nn.attention.varlen.varlen_attn`` on the packed layout.
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` fp16/bf16 on CUDA (sm_80+); cu_seqlens (cu_seqlens_k,
-    default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``.
+    default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``. Unchecked layouts: what
+    :func:`flash_attn_packed_attention` says (varlen_attn runs aten's copy of the flash-attn 2 kernels).
     """
     if cu_seqlens_k is None:
         cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen

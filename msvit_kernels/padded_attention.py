@@ -13,7 +13,9 @@ Cost: ``S * max_seqlen^2`` scores against the reference's ``sum(L_i^2)``; the st
 fallback of last resort. ``max_seqlen`` (``max_seqlen_k``) must bound every query (key) sequence:
 nothing reads the lengths to check it, so a sequence over its bound, which no slot holds whole, gets
 NaN in every row, as does every row outside the sequences (before ``cu_seqlens[0]``, after
-``cu_seqlens[-1]``) or a sequence running past the rows there are; never another row's value.
+``cu_seqlens[-1]``) or a sequence running past the rows there are, and every row of a layout whose
+offsets decrease; never another row's value. A non-finite value in one sequence stays in it: slot
+rows past a sequence's end are zeroed with a ``where`` (docs/design.md section 3).
 """
 
 from typing import Optional
@@ -77,8 +79,10 @@ def padded_sdpa_attention(
 
 
 def _fits(cu_seqlens: Tensor, bound: int, rows: int) -> Tensor:
-    """bool ``[S]``: the sequences no longer than ``bound`` that end within the ``rows`` there are."""
-    return (cu_seqlens[1:] - cu_seqlens[:-1] <= bound) & (cu_seqlens[1:] <= rows)
+    """bool ``[S]``: the sequences no longer than ``bound`` that end within the ``rows`` there are,
+    none if ``cu_seqlens`` decreases anywhere (rows in two sequences: no row's sequence is known)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return (lengths <= bound) & (cu_seqlens[1:] <= rows) & (lengths >= 0).all()
 
 
 def _padded_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, scale) -> Tensor:

@@ -116,15 +116,15 @@ def with_bad_pixels(images, image, value):
     return bad
 
 
-def check_contained(run, model, images, value, budget=None):
-    """For a bad image at each position: every other image's logits equal the finite batch's under
-    the same path, and the dynamic forward's."""
+def check_contained(run, model, images, value, budget=None, bad_images=range(BATCH)):
+    """For a bad image at each of ``bad_images``: every other image's logits equal the finite
+    batch's under the same path, and the dynamic forward's."""
     with torch.no_grad():
         finite = run(images)
         dynamic = model(images, budget=budget)
     assert torch.isfinite(finite).all()
     assert rel_err(finite, dynamic) <= 1e-5
-    for image in range(BATCH):
+    for image in bad_images:
         with torch.no_grad():
             got = run(with_bad_pixels(images, image, value))
         others = [i for i in range(BATCH) if i != image]
@@ -152,12 +152,14 @@ def test_an_infinite_pixel(path):
 
 
 @needs_triton
-@pytest.mark.parametrize("path", ["dynamic", "capacity"])
-@pytest.mark.parametrize("scales", SCALES)
+@pytest.mark.parametrize(
+    "scales, path", [((8, 16), "capacity"), ((8, 16, 32), "dynamic")], ids=["two-capacity", "three-dynamic"]
+)
 def test_model_paths_on_the_triton_backend(scales, path):
+    """The interpreter is slow: the middle image only (in padded_sdpa it was the one that poisoned)."""
     model, images = model_for(scales, "triton")
     kwargs = {"capacity": BATCH * ALL_FINE} if path == "capacity" else {}
-    check_contained(lambda x: model(x, **kwargs), model, images, float("nan"))
+    check_contained(lambda x: model(x, **kwargs), model, images, float("nan"), bad_images=[1])
 
 
 @pytest.mark.parametrize("budget", [None, 0.5], ids=["buckets", "budget"])
