@@ -36,7 +36,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 if importlib.util.find_spec("triton") is not None:
     # Installed: import now, so the torch.library op exists before torch.compile traces a call.
     # A broken triton install fails loudly here rather than hiding behind a "not available".
-    from . import attention_kernel as _triton_attention
+    from . import attention_launch as _triton_attention
 else:
     _triton_attention = None
 

@@ -46,7 +46,7 @@ def _record(workload: Workload):
     import torch
 
     from . import (
-        attention_kernel,
+        attention_launch,
         entropy_kernel,
         gate_kernel,
         index_kernel,
@@ -164,9 +164,9 @@ def _record(workload: Workload):
         else:
             pooled, key_layout = (q, out, lse, cu_seqlens, 246), {}
         queries, outputs, lses, cu_q, max_q = pooled
-        attention_kernel.attention_forward(queries, k, v, cu_q, max_q, head_dim**-0.5, **key_layout)
+        attention_launch.attention_forward(queries, k, v, cu_q, max_q, head_dim**-0.5, **key_layout)
         if "infer" not in workload.name:
-            attention_kernel.attention_backward(
+            attention_launch.attention_backward(
                 outputs, queries, k, v, outputs, lses, cu_q, max_q, head_dim**-0.5, **key_layout
             )
     return records

@@ -293,7 +293,7 @@ def test_gpu_torch_compile_fullgraph_triton_op_bf16():
     q, k, v, cu, max_len, leaves, grad_out = make_inputs(
         [77, 0, 201, 3], heads=6, dim=64, dtype=torch.bfloat16, strided=True
     )
-    from msvit_kernels.attention_kernel import triton_packed_attention
+    from msvit_kernels.attention_launch import triton_packed_attention
 
     fn = torch.compile(lambda qkv: triton_packed_attention(*qkv.unbind(1), cu, max_len), fullgraph=True)
     out = fn(leaves[0])
