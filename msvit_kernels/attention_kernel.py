@@ -59,12 +59,14 @@ def _decreases(CU_SEQLENS, count):
 
 
 @triton.jit
-def _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr):
-    """(query start, query length, key start, key length, fits) of sequence ``seq``; without
-    SEPARATE_KV the keys are the queries' rows and nothing more is loaded. ``fits``: the sequence
+def _program_sequence(CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr):
+    """This program's (block, sequence, head) and its sequence's (query start, query length, key
+    start, key length, fits); without SEPARATE_KV the keys are the queries' rows and nothing more
+    is loaded. ``fits``: the sequence
     is within max_seqlen (keys: max_seqlen_k) and ends within the T (T_K) rows there are, and
     cu_seqlens (cu_seqlens_k) decreases nowhere; one that does not (unchecked input) is not
     computed, and its rows get NaN (``_fill_unplaced``): with decreasing offsets, every row."""
+    seq = tl.program_id(1)
     count = tl.num_programs(1)
     start_q = tl.load(CU_SEQLENS + seq)
     len_q = tl.load(CU_SEQLENS + seq + 1) - start_q
@@ -76,7 +78,44 @@ def _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQL
     else:
         start_k = start_q
         len_k = len_q
-    return start_q, len_q, start_k, len_k, fits
+    return tl.program_id(0), seq, tl.program_id(2), start_q, len_q, start_k, len_k, fits
+
+
+@triton.jit
+def _block(first, start, length, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """BLOCK rows from offset ``first`` of the sequence at packed row ``start`` of ``length`` rows:
+    (packed rows [BLOCK] in int64, as T * stride_t may pass 2**31, row mask, head-dim offsets
+    [BLOCK_D], head-dim mask)."""
+    offs = first + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return start + offs.to(tl.int64), offs < length, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
+def _tile(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, TRANSPOSED: tl.constexpr):
+    """Pointers into ``X[rows, head, offs_d]`` and their mask: a ``[rows, D]`` tile, or with
+    TRANSPOSED a ``[D, rows]`` one (the operand a dot takes on its right)."""
+    if TRANSPOSED:
+        ptrs = X + rows[None, :] * stride_t + head * stride_h + offs_d[:, None] * stride_d
+        mask = mask_r[None, :] & mask_d[:, None]
+    else:
+        ptrs = X + rows[:, None] * stride_t + head * stride_h + offs_d[None, :] * stride_d
+        mask = mask_r[:, None] & mask_d[None, :]
+    return ptrs, mask
+
+
+@triton.jit
+def _load(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, TRANSPOSED: tl.constexpr):
+    """The ``_tile`` of X, zeros where masked (no value past a sequence's end enters a dot)."""
+    ptrs, mask = _tile(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, TRANSPOSED)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(X, value, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d):
+    """``X[rows, head, offs_d] = value`` (a [rows, D] tile, cast to X's dtype) within the masks."""
+    ptrs, mask = _tile(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, False)
+    tl.store(ptrs, value.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -112,7 +151,7 @@ def _fill_unplaced(X, pid, seq, start, length, fits, rows, head, stride_t, strid
 @triton.jit(do_not_specialize=["T", "T_K", "MAX_SEQLEN", "MAX_SEQLEN_K"])  # they vary per batch: one compile
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS, CU_SEQLENS_K,
-    T, T_K, MAX_SEQLEN, MAX_SEQLEN_K,  # q's and k's rows, the bounds: for unchecked input (_sequence_bounds)
+    T, T_K, MAX_SEQLEN, MAX_SEQLEN_K,  # q's and k's rows, the bounds: for unchecked input (_program_sequence)
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -124,47 +163,25 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (sequence, head); online softmax over key blocks."""
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
-        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    pid_m, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
     )
     _fill_unplaced(O, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
     _fill_unplaced(LSE, pid_m, seq, start_q, seqlen_q, fits, T, head, 1, stride_lse_h, 0, 1, 1, BLOCK_M)
     if (pid_m * BLOCK_M >= seqlen_q) | ~fits:
         return
-    start_q = start_q.to(tl.int64)  # T * stride_t may pass 2**31 for large batches
-    start_k = start_k.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen_q
-    mask_d = offs_d < HEAD_DIM
-    rows_q = start_q + offs_m
-
-    q = tl.load(
-        Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-    )
+    rows_q, mask_m, offs_d, mask_d = _block(pid_m * BLOCK_M, start_q, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = _load(Q, rows_q, offs_d, mask_m, mask_d, head, stride_qt, stride_qh, stride_qd, False)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, seqlen_k, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seqlen_k
-        rows_k = start_k + cols
+        rows_k, mask_n, offs_d, mask_d = _block(start_n, start_k, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
         # k is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain q @ kT
-        kt = tl.load(
-            K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd,
-            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-        )
-        v = tl.load(
-            V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        )
+        kt = _load(K, rows_k, offs_d, mask_n, mask_d, head, stride_kt, stride_kh, stride_kd, True)
+        v = _load(V, rows_k, offs_d, mask_n, mask_d, head, stride_vt, stride_vh, stride_vd, False)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # the first block always holds key 0 of a non-empty key sequence, so m_new is finite
@@ -177,11 +194,7 @@ def _attn_fwd_kernel(
 
     if SEPARATE_KV:  # no keys: l_i = 0 and acc = 0; write zeros (flash-attn's convention), not 0/0
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
-    acc = acc / l_i[:, None]
-    tl.store(
-        O + rows_q[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
-        acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
-    )
+    _store(O, acc / l_i[:, None], rows_q, offs_d, mask_m, mask_d, head, stride_ot, stride_oh, stride_od)
     tl.store(LSE + head * stride_lse_h + rows_q, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -243,40 +256,25 @@ def _attn_bwd_dkdv_kernel(
     With P^T = exp2(k q^T * qk_scale - lse): dv = P^T dO, dS^T = P^T * (v dO^T - delta),
     dk = sm_scale * dS^T q. Each program owns its key rows, so no atomics are needed.
     """
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
-        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    pid_n, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
     )
     _fill_unplaced(DK, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dkt, stride_dkh, stride_dkd, HEAD_DIM, BLOCK_D, BLOCK_N)
     _fill_unplaced(DV, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, BLOCK_D, BLOCK_N)
     if (pid_n * BLOCK_N >= seqlen_k) | ~fits:
         return
-    start_q = start_q.to(tl.int64)
-    start_k = start_k.to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < seqlen_k
-    mask_d = offs_d < HEAD_DIM
-    rows_k = start_k + offs_n
-    mask_kd = mask_n[:, None] & mask_d[None, :]
-
-    k = tl.load(K + rows_k[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
-    v = tl.load(V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
+    rows_k, mask_n, offs_d, mask_d = _block(pid_n * BLOCK_N, start_k, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
+    k = _load(K, rows_k, offs_d, mask_n, mask_d, head, stride_kt, stride_kh, stride_kd, False)
+    v = _load(V, rows_k, offs_d, mask_n, mask_d, head, stride_vt, stride_vh, stride_vd, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     for start_m in range(0, seqlen_q, BLOCK_M):  # no queries (seqlen_q = 0): dk = dv = 0
-        cols = start_m + offs_m
-        mask_m = cols < seqlen_q
-        rows_q = start_q + cols
+        rows_q, mask_m, offs_d, mask_d = _block(start_m, start_q, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
         # q and dO loaded transposed, [BLOCK_D, BLOCK_M]
-        mask_dm = mask_d[:, None] & mask_m[None, :]
-        qt = tl.load(Q + rows_q[None, :] * stride_qt + head * stride_qh + offs_d[:, None] * stride_qd, mask=mask_dm, other=0.0)
-        dot_t = tl.load(DO + rows_q[None, :] * stride_dot + head * stride_doh + offs_d[:, None] * stride_dod, mask=mask_dm, other=0.0)
+        qt = _load(Q, rows_q, offs_d, mask_m, mask_d, head, stride_qt, stride_qh, stride_qd, True)
+        dot_t = _load(DO, rows_q, offs_d, mask_m, mask_d, head, stride_dot, stride_doh, stride_dod, True)
         lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
 
@@ -287,9 +285,8 @@ def _attn_bwd_dkdv_kernel(
         dst = _score_gradients(pt, dpt, delta[None, :], seqlen_k == 1)
         dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
-    dk = dk * sm_scale
-    tl.store(DK + rows_k[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_kd)
-    tl.store(DV + rows_k[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_kd)
+    _store(DK, dk * sm_scale, rows_k, offs_d, mask_n, mask_d, head, stride_dkt, stride_dkh, stride_dkd)
+    _store(DV, dv, rows_k, offs_d, mask_n, mask_d, head, stride_dvt, stride_dvh, stride_dvd)
 
 
 @triton.jit(do_not_specialize=["T", "T_K", "MAX_SEQLEN", "MAX_SEQLEN_K"])  # they vary per batch: one compile
@@ -308,59 +305,43 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr,
 ):
     """One program: dq of BLOCK_M queries of one (sequence, head): dq = sm_scale * dS k."""
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
-        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    pid_m, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
     )
     _fill_unplaced(DQ, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_dqt, stride_dqh, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_M)
     if (pid_m * BLOCK_M >= seqlen_q) | ~fits:
         return
-    start_q = start_q.to(tl.int64)
-    start_k = start_k.to(tl.int64)
     if SEPARATE_KV:
         # both sequence offsets move into the base pointers, so no int64 offset stays live over the
         # loop: with the two offsets held, fp32 32x16 tiles spilled 8-24 B on sm_70/86/89 (compile report)
-        K += start_k * stride_kt
-        V += start_k * stride_vt
+        K += start_k.to(tl.int64) * stride_kt
+        V += start_k.to(tl.int64) * stride_vt
         start_k = 0
-        Q += start_q * stride_qt
-        DO += start_q * stride_dot
-        DQ += start_q * stride_dqt
+        Q += start_q.to(tl.int64) * stride_qt
+        DO += start_q.to(tl.int64) * stride_dot
+        DQ += start_q.to(tl.int64) * stride_dqt
         LSE += start_q
         DELTA += start_q
         start_q = 0
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen_q
-    mask_d = offs_d < HEAD_DIM
-    rows_q = start_q + offs_m
-    mask_qd = mask_m[:, None] & mask_d[None, :]
-
-    q = tl.load(Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
-    do = tl.load(DO + rows_q[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0)
+    rows_q, mask_m, offs_d, mask_d = _block(pid_m * BLOCK_M, start_q, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = _load(Q, rows_q, offs_d, mask_m, mask_d, head, stride_qt, stride_qh, stride_qd, False)
+    do = _load(DO, rows_q, offs_d, mask_m, mask_d, head, stride_dot, stride_doh, stride_dod, False)
     lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, seqlen_k, BLOCK_N):  # no keys (seqlen_k = 0): dq = 0, as the output is constant
-        cols = start_n + offs_n
-        mask_n = cols < seqlen_k
-        rows_k = start_k + cols
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        kt = tl.load(K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
-        vt = tl.load(V + rows_k[None, :] * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
+        rows_k, mask_n, offs_d, mask_d = _block(start_n, start_k, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
+        kt = _load(K, rows_k, offs_d, mask_n, mask_d, head, stride_kt, stride_kh, stride_kd, True)
+        vt = _load(V, rows_k, offs_d, mask_n, mask_d, head, stride_vt, stride_vh, stride_vd, True)
         p = _probabilities(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale, lse[:, None], seqlen_k == 1)
         p = tl.where(mask_n[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = _score_gradients(p, dp, delta[:, None], seqlen_k == 1)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
-    dq = dq * sm_scale
-    tl.store(DQ + rows_q[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
+    _store(DQ, dq * sm_scale, rows_q, offs_d, mask_m, mask_d, head, stride_dqt, stride_dqh, stride_dqd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ offsets decrease; never another row's value. A non-finite value in one sequence 
 rows past a sequence's end are zeroed with a ``where`` (docs/design.md section 3).
 """
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .dispatch import packed_attention_signature
 
 
 def _gather(x: Tensor, cu_seqlens: Tensor, max_seqlen: int):
@@ -38,17 +38,8 @@ def _gather(x: Tensor, cu_seqlens: Tensor, max_seqlen: int):
     return slots.transpose(1, 2), valid
 
 
-def padded_sdpa_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: Optional[float] = None,
-    *,
-    cu_seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None,
-) -> Tensor:
+@packed_attention_signature
+def padded_sdpa_attention(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k) -> Tensor:
     """Non-causal attention within each sequence of a packed batch, as one padded SDPA call.
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any float dtype and device); cu_seqlens (cu_seqlens_k,
@@ -56,8 +47,6 @@ def padded_sdpa_attention(
     query (key) sequence. Returns ``[T, H, D]`` in q's dtype, differentiable. A query whose key
     sequence is empty gets zeros (flash-attn's convention).
     """
-    if cu_seqlens_k is None:
-        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
     # each packed row reads its slot: sequence = the last start <= row (right: empty sequences skip)

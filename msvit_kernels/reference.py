@@ -11,20 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import packed_attention_signature
 from .varlen import MixedScaleIndex
 
 
-def packed_attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: Optional[float] = None,
-    *,
-    cu_seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None,
-) -> Tensor:
+@packed_attention_signature
+def packed_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k) -> Tensor:
     """Non-causal attention computed independently for every sequence of a packed batch.
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any float dtype, any device); cu_seqlens: int32
@@ -41,8 +33,6 @@ def packed_attention_reference(
     cu_seqlens[-1], and in every row if the offsets decrease; a layout running past q's (k's)
     rows raises torch's split error. A key sequence of length 1 is exact: see :func:`_one_key`.
     """
-    if cu_seqlens_k is None:
-        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     sizes, fits = _unchecked_layout(cu_seqlens, max_seqlen, q.shape[0])
     if cu_seqlens_k is not cu_seqlens:
         sizes_k, fits_k = _unchecked_layout(cu_seqlens_k, max_seqlen_k, k.shape[0])

@@ -35,10 +35,9 @@ from torch import Tensor
 from .varlen import (
     MixedScaleIndex,
     StaticShape,
-    check_capacity,
     cu_seqlens_from_lengths,
-    padded_cu_seqlens,
-    padded_row_image,
+    layout_index,
+    layout_shape,
     shape_within,
 )
 
@@ -275,12 +274,7 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
     lengths = num_prefix + valid.sum(1)
     cu_seqlens = cu_seqlens_from_lengths(lengths)
     static = shape is not None
-    if not static:
-        longest = lengths.amax() if batch else lengths.new_zeros(())
-        total, max_seqlen = (int(v) for v in torch.stack([cu_seqlens[-1].long(), longest.long()]).tolist())
-        shape = StaticShape(total, max_seqlen, 0)
-    else:
-        check_capacity(cu_seqlens[-1], shape.capacity)
+    shape = layout_shape(cu_seqlens, lengths, shape)
     total = shape.capacity
     rank = torch.cumsum(valid, 1) - valid.long()
     node_row = cu_seqlens[:-1, None].long() + num_prefix + rank  # [B, n_nodes] packed order
@@ -314,19 +308,5 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
         at = ancestor.clamp_min(0)
         token = valid_nodes[:, at] & (ancestor >= 0)
         fine_to_row = torch.where(token, rows_by_node[:, at], fine_to_row)
-    return MixedScaleIndex(
-        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
-        max_seqlen=shape.max_seqlen,
-        total=total,
-        rows=rows,
-        source=source,
-        position=position,
-        region=region,
-        is_fine=is_fine,
-        prefix_rows=cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device),
-        row_image=padded_row_image(lengths, shape),
-        fine_to_row=fine_to_row,
-        padding_sequences=shape.padding_sequences,
-        static=static,
-        scale=scale,
-    )
+    maps = dict(rows=rows, source=source, position=position, region=region, is_fine=is_fine, fine_to_row=fine_to_row)
+    return layout_index(cu_seqlens, lengths, shape, num_prefix, static, scale=scale, **maps)
