@@ -62,10 +62,10 @@ def _decreases(CU_SEQLENS, count):
 def _program_sequence(CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr):
     """This program's (block, sequence, head) and its sequence's (query start, query length, key
     start, key length, fits); without SEPARATE_KV the keys are the queries' rows and nothing more
-    is loaded. ``fits``: the sequence
-    is within max_seqlen (keys: max_seqlen_k) and ends within the T (T_K) rows there are, and
-    cu_seqlens (cu_seqlens_k) decreases nowhere; one that does not (unchecked input) is not
-    computed, and its rows get NaN (``_fill_unplaced``): with decreasing offsets, every row."""
+    is loaded. ``fits``: the sequence is within max_seqlen (keys: max_seqlen_k) and ends within the
+    T (T_K) rows there are, and cu_seqlens (cu_seqlens_k) decreases nowhere; one that does not
+    (unchecked input) is not computed, and its rows get NaN (``_fill_unplaced``): with decreasing
+    offsets, every row."""
     seq = tl.program_id(1)
     count = tl.num_programs(1)
     start_q = tl.load(CU_SEQLENS + seq)
@@ -140,9 +140,13 @@ def _fill_unplaced(X, pid, seq, start, length, fits, rows, head, stride_t, strid
     Checked input leaves every range empty: a few scalar operations per program."""
     end = start + length
     last = pid == tl.num_programs(0) - 1
+    final = last & (seq == tl.num_programs(1) - 1)
     lo = tl.where(fits, end, start + pid * BLOCK_R)
+    # the very last program of an unfit sequence fills from its start (or end, when the offsets
+    # decrease there): rows past every offset are then NaN however far its block starts
+    lo = tl.where(final & ~fits, tl.minimum(start, end), lo)
     hi = tl.where(fits | last, end, tl.minimum(lo + BLOCK_R, end))
-    hi = tl.where(last & (seq == tl.num_programs(1) - 1), rows, hi)
+    hi = tl.where(final, rows, hi)
     _fill_nan(X, lo, tl.minimum(hi, rows), head, stride_t, stride_h, stride_d, WIDTH, BLOCK_W, BLOCK_R)
     before = tl.where((pid == 0) & (seq == 0), tl.minimum(start, rows), 0)
     _fill_nan(X, 0, before, head, stride_t, stride_h, stride_d, WIDTH, BLOCK_W, BLOCK_R)

@@ -29,6 +29,7 @@ CASES = {
     # decreases far from sequence 3 (rows 3:4), which overlaps sequence 0 (rows 0:20) all the same
     "decreasing": ([0, 5, 3, 10], 10, 7, []),
     "decreasing_far_before": ([0, 20, 2, 3, 4, 24], 24, 20, []),
+    "decreasing_at_the_end": ([0, 10, 4], 12, 40, []),  # rows 10, 11 lie past every offset; 3 blocks each
 }
 
 
