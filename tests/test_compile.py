@@ -83,7 +83,6 @@ def test_bfloat16_before_ampere_is_a_clear_error():
     assert "Tesla V100" in message and "sm_70" in message and "float16" in message
 
 
-
 def test_the_kernels_filter_plans_only_the_kernels_it_names():
     """``--kernels _attn_bwd_dq``: a kernel change compiles its own kernel, not the whole sweep (in a
     subprocess, as the report: planning binds the real jit functions, not interpreted ones)."""
