@@ -87,8 +87,8 @@ BATCH = 3
 ALL_FINE = 1 + 8 * 12  # the longest image: cls + every fine cell
 
 
-def model_for(scales, backend):
-    vit = redraw_parameters(tiny_vit(img_size=SIZE))
+def model_for(scales, backend, **vit_kwargs):
+    vit = redraw_parameters(tiny_vit(img_size=SIZE, **vit_kwargs))
     model = msvit.from_timm(vit, scales=scales, attention_backend=backend).eval()
     images = torch.randn(BATCH, 3, *SIZE, generator=torch.Generator().manual_seed(0))
     _center_gate(model, images)
@@ -149,6 +149,14 @@ def test_model_paths(backend, scales, path, value=float("nan")):
 @pytest.mark.parametrize("path", ["dynamic", "capacity"])
 def test_an_infinite_pixel(path):
     test_model_paths("auto", (8, 16), path, float("inf"))
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_pooled_heads(pool):
+    """Mean pooling sums padding rows into a dropped row; SigLIP's attention pool attends with a key
+    layout of its own (one query per image): both on the static path, where padded_sdpa runs."""
+    model, images = model_for((8, 16), "auto", global_pool=pool, class_token=False)
+    check_contained(lambda x: model(x, capacity=BATCH * (ALL_FINE - 1)), model, images, float("nan"))
 
 
 @needs_triton
