@@ -216,7 +216,8 @@ def _one_key(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     ~1e-7 off zero); ``exp(s - s)`` is 1 for a finite score s, NaN for a non-finite one (as softmax),
     and its gradient (g - g) is exactly 0."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() * k.float()).sum(-1, keepdim=True) * scale  # fp32: a finite fp16 score stays finite
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32 or wider: a finite fp16 score stays finite
+    scores = (q.to(wide) * k.to(wide)).sum(-1, keepdim=True) * scale
     return torch.exp(scores - scores).to(v.dtype) * v
 
 
