@@ -47,10 +47,13 @@ def _decreases(CU_SEQLENS, count):
     """Whether ``CU_SEQLENS[0..count]`` decreases anywhere (unchecked input). Then some rows lie in
     two sequences, and no program can tell which of its rows are its own without this scan: a
     local check misses a sequence overlapping one far before it. For checked input the cost is
-    ``count / 128`` pairs of vector loads of cu_seqlens (cached) per program."""
+    ``count / 64`` pairs of 64-wide loads of cu_seqlens (cached) per forward program (compile
+    report: 128-wide and 32-wide scans made fp32 16x16 tiles spill 8-20 B on sm_80/86/89). The
+    backward does not scan: the forward wrote NaN into every row's lse, so every gradient it
+    computes is NaN, and rows two sequences claim get NaN from both."""
     decreasing = 0
-    for first in range(0, count, 128):
-        offs = first + tl.arange(0, 128)
+    for first in range(0, count, 64):
+        offs = first + tl.arange(0, 64)
         inside = offs < count
         lower = tl.load(CU_SEQLENS + offs, mask=inside, other=0)
         upper = tl.load(CU_SEQLENS + offs + 1, mask=inside, other=0)
@@ -59,22 +62,27 @@ def _decreases(CU_SEQLENS, count):
 
 
 @triton.jit
-def _program_sequence(CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr):
+def _program_sequence(CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr,
+                      SCAN: tl.constexpr):
     """This program's (block, sequence, head) and its sequence's (query start, query length, key
     start, key length, fits); without SEPARATE_KV the keys are the queries' rows and nothing more
-    is loaded. ``fits``: the sequence is within max_seqlen (keys: max_seqlen_k) and ends within the
-    T (T_K) rows there are, and cu_seqlens (cu_seqlens_k) decreases nowhere; one that does not
-    (unchecked input) is not computed, and its rows get NaN (``_fill_unplaced``): with decreasing
-    offsets, every row."""
+    is loaded. ``fits``: the sequence is within max_seqlen (keys: max_seqlen_k) and ends within
+    the T (T_K) rows there are, and (SCAN, the forward) cu_seqlens (cu_seqlens_k) decreases
+    nowhere; one that does not (unchecked input) is not computed, and its rows get NaN
+    (``_fill_unplaced``): with decreasing offsets, every row."""
     seq = tl.program_id(1)
     count = tl.num_programs(1)
     start_q = tl.load(CU_SEQLENS + seq)
     len_q = tl.load(CU_SEQLENS + seq + 1) - start_q
-    fits = (len_q <= MAX_SEQLEN) & (start_q + len_q <= T) & ~_decreases(CU_SEQLENS, count)
+    fits = (len_q <= MAX_SEQLEN) & (start_q + len_q <= T)
+    if SCAN:
+        fits = fits & ~_decreases(CU_SEQLENS, count)
     if SEPARATE_KV:
         start_k = tl.load(CU_SEQLENS_K + seq)
         len_k = tl.load(CU_SEQLENS_K + seq + 1) - start_k
-        fits = fits & (len_k <= MAX_SEQLEN_K) & (start_k + len_k <= T_K) & ~_decreases(CU_SEQLENS_K, count)
+        fits = fits & (len_k <= MAX_SEQLEN_K) & (start_k + len_k <= T_K)
+        if SCAN:
+            fits = fits & ~_decreases(CU_SEQLENS_K, count)
     else:
         start_k = start_q
         len_k = len_q
@@ -168,7 +176,7 @@ def _attn_fwd_kernel(
 ):
     """One program: BLOCK_M queries of one (sequence, head); online softmax over key blocks."""
     pid_m, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
-        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV, True
     )
     _fill_unplaced(O, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
     _fill_unplaced(LSE, pid_m, seq, start_q, seqlen_q, fits, T, head, 1, stride_lse_h, 0, 1, 1, BLOCK_M)
@@ -212,11 +220,12 @@ def _probabilities(scores, lse, one_key):
 
 
 @triton.jit
-def _score_gradients(p, dp, delta, one_key):
-    """dS = P * (dP - delta) with delta = rowsum(dO * O). Over one key O = v, so delta = dP and
-    dS = 0 exactly (dq = dk = 0): the delta of the preprocess sums dO * O in another order, and
-    its rounding would leave a gradient of ~1e-7 where there is none."""
-    return p * (dp - tl.where(one_key, dp, delta))
+def _zero_over_one_key(grad, one_key):
+    """dq or dk accumulated over a sequence of one key: exactly 0 (dS = P * (dP - delta) with P = 1
+    and delta = dP), where the sum holds only the rounding of dP - delta (~1e-7: delta sums dO * O
+    in another order). ``grad * 0`` keeps a NaN (a non-finite score), as softmax's gradient does.
+    After the loop, once per tile: a select inside it made fp32 16x16 tiles spill on sm_75."""
+    return tl.where(one_key, grad * 0.0, grad)
 
 
 @triton.jit
@@ -261,7 +270,7 @@ def _attn_bwd_dkdv_kernel(
     dk = sm_scale * dS^T q. Each program owns its key rows, so no atomics are needed.
     """
     pid_n, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
-        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV, False
     )
     _fill_unplaced(DK, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dkt, stride_dkh, stride_dkd, HEAD_DIM, BLOCK_D, BLOCK_N)
     _fill_unplaced(DV, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, BLOCK_D, BLOCK_N)
@@ -286,10 +295,10 @@ def _attn_bwd_dkdv_kernel(
         pt = tl.where(mask_m[None, :], pt, 0.0)
         dv += tl.dot(pt.to(v.dtype), tl.trans(dot_t), input_precision=DOT_PRECISION)
         dpt = tl.dot(v, dot_t, input_precision=DOT_PRECISION)
-        dst = _score_gradients(pt, dpt, delta[None, :], seqlen_k == 1)
+        dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
-    _store(DK, dk * sm_scale, rows_k, offs_d, mask_n, mask_d, head, stride_dkt, stride_dkh, stride_dkd)
+    _store(DK, _zero_over_one_key(dk, seqlen_k == 1) * sm_scale, rows_k, offs_d, mask_n, mask_d, head, stride_dkt, stride_dkh, stride_dkd)
     _store(DV, dv, rows_k, offs_d, mask_n, mask_d, head, stride_dvt, stride_dvh, stride_dvd)
 
 
@@ -310,7 +319,7 @@ def _attn_bwd_dq_kernel(
 ):
     """One program: dq of BLOCK_M queries of one (sequence, head): dq = sm_scale * dS k."""
     pid_m, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
-        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV, False
     )
     _fill_unplaced(DQ, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_dqt, stride_dqh, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_M)
     if (pid_m * BLOCK_M >= seqlen_q) | ~fits:
@@ -342,10 +351,10 @@ def _attn_bwd_dq_kernel(
         p = _probabilities(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale, lse[:, None], seqlen_k == 1)
         p = tl.where(mask_n[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = _score_gradients(p, dp, delta[:, None], seqlen_k == 1)
+        ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
-    _store(DQ, dq * sm_scale, rows_q, offs_d, mask_m, mask_d, head, stride_dqt, stride_dqh, stride_dqd)
+    _store(DQ, _zero_over_one_key(dq, seqlen_k == 1) * sm_scale, rows_q, offs_d, mask_m, mask_d, head, stride_dqt, stride_dqh, stride_dqd)
 
 
 # ----------------------------------------------------------------------------------------------
