@@ -305,9 +305,11 @@ def packed_attention(
             NaN in every row they cannot compute (each row of a sequence longer than max_seqlen,
             or whose keys are longer than max_seqlen_k, and each row outside
             ``cu_seqlens[0]:cu_seqlens[-1]``), never stale memory, and keep the other rows exact;
-            a sequence running past q's (k's) rows is NaN too (the reference raises). flash_attn
-            and torch_varlen: their kernels' behaviour. A static layout's upper bound and padding
-            sequences are valid input. A NaN in a query gives NaN in its row.
+            a sequence running past q's (k's) rows is NaN too (the reference raises), and every
+            row is NaN if the offsets decrease anywhere. flash_attn and torch_varlen check nothing
+            (rows they do not compute keep stale memory; docs/design.md section 3). A static
+            layout's upper bound and padding sequences are valid input. A NaN in a query gives
+            NaN in its row; a non-finite value in one sequence never reaches another's rows.
 
     Returns:
         ``[T, H, D]`` (q's rows) in q's dtype; differentiable with respect to q, k and v.

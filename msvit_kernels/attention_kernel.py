@@ -9,9 +9,9 @@ self-attention kernels compile exactly as before, with no extra loads; only the 
 variant reads the second offsets and guards queries whose key sequence is empty (they get zeros,
 as in flash-attn, and a zero gradient).
 
-Read top to bottom: kernels (forward, backward preprocess, dk/dv, dq), launchers, the
-``torch.library`` ops (autograd and fake registration, so ``torch.compile`` traces them without a
-graph break), and the functional entry point :func:`triton_packed_attention`.
+This file holds the kernels, read top to bottom (forward, backward preprocess, dk/dv, dq), and
+their launch configurations; ``attention_launch.py`` the launchers, the ``torch.library`` ops and
+the functional entry point ``triton_packed_attention`` (one op: read this file, then that one).
 
 Portability (Triton 3.6 to 3.9, sm_70+): plain pointer arithmetic and masks (no
 ``tl.make_block_ptr``, removed in 3.9), ``tl.exp2``/``tl.log2`` (no libdevice), no inline asm.
@@ -24,15 +24,10 @@ module is imported: ``triton.jit`` decides at decoration time whether it builds 
 function. The interpreter runs one program at a time, so it uses 16x16 tiles and no autotuning
 (autotuning several configs needs a device ``do_bench``).
 """
-import math
-from typing import Optional, Tuple
-
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from ._triton import INTERPRET, TritonKernel, half_on_ampere, recording, skips_custom_op
+from ._triton import TritonKernel, half_on_ampere
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -48,22 +43,87 @@ MAX_HEAD_DIM_BEFORE_AMPERE = 128
 
 
 @triton.jit
-def _sequence_bounds(CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr):
-    """(query start, query length, key start, key length, fits) of sequence ``seq``; without
-    SEPARATE_KV the keys are the queries' rows and nothing more is loaded. ``fits``: the sequence
-    is within max_seqlen (keys: max_seqlen_k) and ends within the T (T_K) rows there are; one that
-    does not (unchecked input) is not computed, and its rows get NaN (``_fill_unplaced``)."""
+def _decreases(CU_SEQLENS, count):
+    """Whether ``CU_SEQLENS[0..count]`` decreases anywhere (unchecked input). Then some rows lie in
+    two sequences, and no program can tell which of its rows are its own without this scan: a
+    local check misses a sequence overlapping one far before it. For checked input the cost is
+    ``count / 64`` pairs of 64-wide loads of cu_seqlens (cached) per forward program (compile
+    report: 128-wide and 32-wide scans made fp32 16x16 tiles spill 8-20 B on sm_80/86/89). The
+    backward does not scan: the forward wrote NaN into every row's lse, so every gradient it
+    computes is NaN, and rows two sequences claim get NaN from both."""
+    decreasing = 0
+    for first in range(0, count, 64):
+        offs = first + tl.arange(0, 64)
+        inside = offs < count
+        lower = tl.load(CU_SEQLENS + offs, mask=inside, other=0)
+        upper = tl.load(CU_SEQLENS + offs + 1, mask=inside, other=0)
+        decreasing += tl.sum((upper < lower).to(tl.int32), 0)
+    return decreasing > 0
+
+
+@triton.jit
+def _program_sequence(CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV: tl.constexpr,
+                      SCAN: tl.constexpr):
+    """This program's (block, sequence, head) and its sequence's (query start, query length, key
+    start, key length, fits); without SEPARATE_KV the keys are the queries' rows and nothing more
+    is loaded. ``fits``: the sequence is within max_seqlen (keys: max_seqlen_k) and ends within
+    the T (T_K) rows there are, and (SCAN, the forward) cu_seqlens (cu_seqlens_k) decreases
+    nowhere; one that does not (unchecked input) is not computed, and its rows get NaN
+    (``_fill_unplaced``): with decreasing offsets, every row."""
+    seq = tl.program_id(1)
+    count = tl.num_programs(1)
     start_q = tl.load(CU_SEQLENS + seq)
     len_q = tl.load(CU_SEQLENS + seq + 1) - start_q
     fits = (len_q <= MAX_SEQLEN) & (start_q + len_q <= T)
+    if SCAN:
+        fits = fits & ~_decreases(CU_SEQLENS, count)
     if SEPARATE_KV:
         start_k = tl.load(CU_SEQLENS_K + seq)
         len_k = tl.load(CU_SEQLENS_K + seq + 1) - start_k
         fits = fits & (len_k <= MAX_SEQLEN_K) & (start_k + len_k <= T_K)
+        if SCAN:
+            fits = fits & ~_decreases(CU_SEQLENS_K, count)
     else:
         start_k = start_q
         len_k = len_q
-    return start_q, len_q, start_k, len_k, fits
+    return tl.program_id(0), seq, tl.program_id(2), start_q, len_q, start_k, len_k, fits
+
+
+@triton.jit
+def _block(first, start, length, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """BLOCK rows from offset ``first`` of the sequence at packed row ``start`` of ``length`` rows:
+    (packed rows [BLOCK] in int64, as T * stride_t may pass 2**31, row mask, head-dim offsets
+    [BLOCK_D], head-dim mask)."""
+    offs = first + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    return start + offs.to(tl.int64), offs < length, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
+def _tile(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, TRANSPOSED: tl.constexpr):
+    """Pointers into ``X[rows, head, offs_d]`` and their mask: a ``[rows, D]`` tile, or with
+    TRANSPOSED a ``[D, rows]`` one (the operand a dot takes on its right)."""
+    if TRANSPOSED:
+        ptrs = X + rows[None, :] * stride_t + head * stride_h + offs_d[:, None] * stride_d
+        mask = mask_r[None, :] & mask_d[:, None]
+    else:
+        ptrs = X + rows[:, None] * stride_t + head * stride_h + offs_d[None, :] * stride_d
+        mask = mask_r[:, None] & mask_d[None, :]
+    return ptrs, mask
+
+
+@triton.jit
+def _load(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, TRANSPOSED: tl.constexpr):
+    """The ``_tile`` of X, zeros where masked (no value past a sequence's end enters a dot)."""
+    ptrs, mask = _tile(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, TRANSPOSED)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(X, value, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d):
+    """``X[rows, head, offs_d] = value`` (a [rows, D] tile, cast to X's dtype) within the masks."""
+    ptrs, mask = _tile(X, rows, offs_d, mask_r, mask_d, head, stride_t, stride_h, stride_d, False)
+    tl.store(ptrs, value.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -88,9 +148,13 @@ def _fill_unplaced(X, pid, seq, start, length, fits, rows, head, stride_t, strid
     Checked input leaves every range empty: a few scalar operations per program."""
     end = start + length
     last = pid == tl.num_programs(0) - 1
+    final = last & (seq == tl.num_programs(1) - 1)
     lo = tl.where(fits, end, start + pid * BLOCK_R)
+    # the very last program of an unfit sequence fills from its start (or end, when the offsets
+    # decrease there): rows past every offset are then NaN however far its block starts
+    lo = tl.where(final & ~fits, tl.minimum(start, end), lo)
     hi = tl.where(fits | last, end, tl.minimum(lo + BLOCK_R, end))
-    hi = tl.where(last & (seq == tl.num_programs(1) - 1), rows, hi)
+    hi = tl.where(final, rows, hi)
     _fill_nan(X, lo, tl.minimum(hi, rows), head, stride_t, stride_h, stride_d, WIDTH, BLOCK_W, BLOCK_R)
     before = tl.where((pid == 0) & (seq == 0), tl.minimum(start, rows), 0)
     _fill_nan(X, 0, before, head, stride_t, stride_h, stride_d, WIDTH, BLOCK_W, BLOCK_R)
@@ -99,7 +163,7 @@ def _fill_unplaced(X, pid, seq, start, length, fits, rows, head, stride_t, strid
 @triton.jit(do_not_specialize=["T", "T_K", "MAX_SEQLEN", "MAX_SEQLEN_K"])  # they vary per batch: one compile
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS, CU_SEQLENS_K,
-    T, T_K, MAX_SEQLEN, MAX_SEQLEN_K,  # q's and k's rows, the bounds: for unchecked input (_sequence_bounds)
+    T, T_K, MAX_SEQLEN, MAX_SEQLEN_K,  # q's and k's rows, the bounds: for unchecked input (_program_sequence)
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -111,47 +175,25 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (sequence, head); online softmax over key blocks."""
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
-        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    pid_m, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV, True
     )
     _fill_unplaced(O, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_ot, stride_oh, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
     _fill_unplaced(LSE, pid_m, seq, start_q, seqlen_q, fits, T, head, 1, stride_lse_h, 0, 1, 1, BLOCK_M)
     if (pid_m * BLOCK_M >= seqlen_q) | ~fits:
         return
-    start_q = start_q.to(tl.int64)  # T * stride_t may pass 2**31 for large batches
-    start_k = start_k.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen_q
-    mask_d = offs_d < HEAD_DIM
-    rows_q = start_q + offs_m
-
-    q = tl.load(
-        Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-    )
+    rows_q, mask_m, offs_d, mask_d = _block(pid_m * BLOCK_M, start_q, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = _load(Q, rows_q, offs_d, mask_m, mask_d, head, stride_qt, stride_qh, stride_qd, False)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, seqlen_k, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seqlen_k
-        rows_k = start_k + cols
+        rows_k, mask_n, offs_d, mask_d = _block(start_n, start_k, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
         # k is loaded transposed, [BLOCK_D, BLOCK_N], so the score tile is a plain q @ kT
-        kt = tl.load(
-            K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd,
-            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-        )
-        v = tl.load(
-            V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        )
+        kt = _load(K, rows_k, offs_d, mask_n, mask_d, head, stride_kt, stride_kh, stride_kd, True)
+        v = _load(V, rows_k, offs_d, mask_n, mask_d, head, stride_vt, stride_vh, stride_vd, False)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # the first block always holds key 0 of a non-empty key sequence, so m_new is finite
@@ -164,12 +206,26 @@ def _attn_fwd_kernel(
 
     if SEPARATE_KV:  # no keys: l_i = 0 and acc = 0; write zeros (flash-attn's convention), not 0/0
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
-    acc = acc / l_i[:, None]
-    tl.store(
-        O + rows_q[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
-        acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
-    )
+    _store(O, acc / l_i[:, None], rows_q, offs_d, mask_m, mask_d, head, stride_ot, stride_oh, stride_od)
     tl.store(LSE + head * stride_lse_h + rows_q, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _probabilities(scores, lse, one_key):
+    """Softmax probabilities ``exp2(scores - lse)`` recomputed in the backward. Over one key the
+    probability is exactly 1 (NaN for a non-finite score, as in the forward), but a recomputed score
+    may differ from the forward's by a rounding (another product order): ``lse - lse`` is 0 exactly
+    where the forward's score was finite."""
+    return tl.exp2(tl.where(one_key, lse, scores) - lse)
+
+
+@triton.jit
+def _zero_over_one_key(grad, one_key):
+    """dq or dk accumulated over a sequence of one key: exactly 0 (dS = P * (dP - delta) with P = 1
+    and delta = dP), where the sum holds only the rounding of dP - delta (~1e-7: delta sums dO * O
+    in another order). ``grad * 0`` keeps a NaN (a non-finite score), as softmax's gradient does.
+    After the loop, once per tile: a select inside it made fp32 16x16 tiles spill on sm_75."""
+    return tl.where(one_key, grad * 0.0, grad)
 
 
 @triton.jit
@@ -213,53 +269,37 @@ def _attn_bwd_dkdv_kernel(
     With P^T = exp2(k q^T * qk_scale - lse): dv = P^T dO, dS^T = P^T * (v dO^T - delta),
     dk = sm_scale * dS^T q. Each program owns its key rows, so no atomics are needed.
     """
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
-        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    pid_n, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV, False
     )
     _fill_unplaced(DK, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dkt, stride_dkh, stride_dkd, HEAD_DIM, BLOCK_D, BLOCK_N)
     _fill_unplaced(DV, pid_n, seq, start_k, seqlen_k, fits, T_K, head, stride_dvt, stride_dvh, stride_dvd, HEAD_DIM, BLOCK_D, BLOCK_N)
     if (pid_n * BLOCK_N >= seqlen_k) | ~fits:
         return
-    start_q = start_q.to(tl.int64)
-    start_k = start_k.to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < seqlen_k
-    mask_d = offs_d < HEAD_DIM
-    rows_k = start_k + offs_n
-    mask_kd = mask_n[:, None] & mask_d[None, :]
-
-    k = tl.load(K + rows_k[:, None] * stride_kt + head * stride_kh + offs_d[None, :] * stride_kd, mask=mask_kd, other=0.0)
-    v = tl.load(V + rows_k[:, None] * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd, mask=mask_kd, other=0.0)
+    rows_k, mask_n, offs_d, mask_d = _block(pid_n * BLOCK_N, start_k, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
+    k = _load(K, rows_k, offs_d, mask_n, mask_d, head, stride_kt, stride_kh, stride_kd, False)
+    v = _load(V, rows_k, offs_d, mask_n, mask_d, head, stride_vt, stride_vh, stride_vd, False)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     for start_m in range(0, seqlen_q, BLOCK_M):  # no queries (seqlen_q = 0): dk = dv = 0
-        cols = start_m + offs_m
-        mask_m = cols < seqlen_q
-        rows_q = start_q + cols
+        rows_q, mask_m, offs_d, mask_d = _block(start_m, start_q, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
         # q and dO loaded transposed, [BLOCK_D, BLOCK_M]
-        mask_dm = mask_d[:, None] & mask_m[None, :]
-        qt = tl.load(Q + rows_q[None, :] * stride_qt + head * stride_qh + offs_d[:, None] * stride_qd, mask=mask_dm, other=0.0)
-        dot_t = tl.load(DO + rows_q[None, :] * stride_dot + head * stride_doh + offs_d[:, None] * stride_dod, mask=mask_dm, other=0.0)
+        qt = _load(Q, rows_q, offs_d, mask_m, mask_d, head, stride_qt, stride_qh, stride_qd, True)
+        dot_t = _load(DO, rows_q, offs_d, mask_m, mask_d, head, stride_dot, stride_doh, stride_dod, True)
         lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
 
-        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        pt = _probabilities(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale, lse[None, :], seqlen_k == 1)
         pt = tl.where(mask_m[None, :], pt, 0.0)
         dv += tl.dot(pt.to(v.dtype), tl.trans(dot_t), input_precision=DOT_PRECISION)
         dpt = tl.dot(v, dot_t, input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
-    dk = dk * sm_scale
-    tl.store(DK + rows_k[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=mask_kd)
-    tl.store(DV + rows_k[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=mask_kd)
+    _store(DK, _zero_over_one_key(dk, seqlen_k == 1) * sm_scale, rows_k, offs_d, mask_n, mask_d, head, stride_dkt, stride_dkh, stride_dkd)
+    _store(DV, dv, rows_k, offs_d, mask_n, mask_d, head, stride_dvt, stride_dvh, stride_dvd)
 
 
 @triton.jit(do_not_specialize=["T", "T_K", "MAX_SEQLEN", "MAX_SEQLEN_K"])  # they vary per batch: one compile
@@ -278,59 +318,43 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SEPARATE_KV: tl.constexpr,
 ):
     """One program: dq of BLOCK_M queries of one (sequence, head): dq = sm_scale * dS k."""
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-    start_q, seqlen_q, start_k, seqlen_k, fits = _sequence_bounds(
-        CU_SEQLENS, CU_SEQLENS_K, seq, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV
+    pid_m, seq, head, start_q, seqlen_q, start_k, seqlen_k, fits = _program_sequence(
+        CU_SEQLENS, CU_SEQLENS_K, T, T_K, MAX_SEQLEN, MAX_SEQLEN_K, SEPARATE_KV, False
     )
     _fill_unplaced(DQ, pid_m, seq, start_q, seqlen_q, fits, T, head, stride_dqt, stride_dqh, stride_dqd, HEAD_DIM, BLOCK_D, BLOCK_M)
     if (pid_m * BLOCK_M >= seqlen_q) | ~fits:
         return
-    start_q = start_q.to(tl.int64)
-    start_k = start_k.to(tl.int64)
     if SEPARATE_KV:
         # both sequence offsets move into the base pointers, so no int64 offset stays live over the
         # loop: with the two offsets held, fp32 32x16 tiles spilled 8-24 B on sm_70/86/89 (compile report)
-        K += start_k * stride_kt
-        V += start_k * stride_vt
+        K += start_k.to(tl.int64) * stride_kt
+        V += start_k.to(tl.int64) * stride_vt
         start_k = 0
-        Q += start_q * stride_qt
-        DO += start_q * stride_dot
-        DQ += start_q * stride_dqt
+        Q += start_q.to(tl.int64) * stride_qt
+        DO += start_q.to(tl.int64) * stride_dot
+        DQ += start_q.to(tl.int64) * stride_dqt
         LSE += start_q
         DELTA += start_q
         start_q = 0
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seqlen_q
-    mask_d = offs_d < HEAD_DIM
-    rows_q = start_q + offs_m
-    mask_qd = mask_m[:, None] & mask_d[None, :]
-
-    q = tl.load(Q + rows_q[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd, mask=mask_qd, other=0.0)
-    do = tl.load(DO + rows_q[:, None] * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod, mask=mask_qd, other=0.0)
+    rows_q, mask_m, offs_d, mask_d = _block(pid_m * BLOCK_M, start_q, seqlen_q, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = _load(Q, rows_q, offs_d, mask_m, mask_d, head, stride_qt, stride_qh, stride_qd, False)
+    do = _load(DO, rows_q, offs_d, mask_m, mask_d, head, stride_dot, stride_doh, stride_dod, False)
     lse = tl.load(LSE + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + head * stride_lse_h + rows_q, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for start_n in range(0, seqlen_k, BLOCK_N):  # no keys (seqlen_k = 0): dq = 0, as the output is constant
-        cols = start_n + offs_n
-        mask_n = cols < seqlen_k
-        rows_k = start_k + cols
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        kt = tl.load(K + rows_k[None, :] * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd, mask=mask_dn, other=0.0)
-        vt = tl.load(V + rows_k[None, :] * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd, mask=mask_dn, other=0.0)
-        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        rows_k, mask_n, offs_d, mask_d = _block(start_n, start_k, seqlen_k, BLOCK_N, BLOCK_D, HEAD_DIM)
+        kt = _load(K, rows_k, offs_d, mask_n, mask_d, head, stride_kt, stride_kh, stride_kd, True)
+        vt = _load(V, rows_k, offs_d, mask_n, mask_d, head, stride_vt, stride_vh, stride_vd, True)
+        p = _probabilities(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale, lse[:, None], seqlen_k == 1)
         p = tl.where(mask_n[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
-    dq = dq * sm_scale
-    tl.store(DQ + rows_q[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=mask_qd)
+    _store(DQ, _zero_over_one_key(dq, seqlen_k == 1) * sm_scale, rows_q, offs_d, mask_m, mask_d, head, stride_dqt, stride_dqh, stride_dqd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,203 +437,10 @@ _bwd_dq = TritonKernel(_attn_bwd_dq_kernel, _DQ_CONFIGS, _AUTOTUNE_KEY, _INTERPR
 _bwd_delta = TritonKernel(_attn_bwd_delta_kernel)  # the launcher fixes its tile
 
 
-def _common_meta(q: Tensor, max_seqlen: int, separate_kv: bool) -> dict:
-    head_dim = q.shape[-1]
-    return dict(
-        SEQ_BUCKET=triton.next_power_of_2(max(max_seqlen, 1)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
-        # fp32 inputs: exact fp32 products (no TF32) so results track the fp32 reference
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        SEPARATE_KV=separate_kv,
-    )
+def __getattr__(name: str):
+    """The launchers and the op moved to ``attention_launch``; imports of them from here still work."""
+    if name in ("attention_forward", "attention_backward", "triton_packed_attention", "triton_varlen_attention"):
+        from . import attention_launch
 
-
-def _grid(max_seqlen: int, batch: int, heads: int, block: str):
-    # at least one program per (sequence, head): with max_seqlen = 0 it writes NaN over the rows
-    # of any non-empty sequence (unchecked input; see attention_forward)
-    return lambda meta: (max(triton.cdiv(max_seqlen, meta[block]), 1), batch, heads)
-
-
-def _check_launchable(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"triton attention supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"triton attention takes float16, bfloat16 or float32, got {q.dtype}")
-    if q.device.type != "cuda" and not INTERPRET and not recording():
-        raise RuntimeError("triton attention runs on CUDA; on CPU set TRITON_INTERPRET=1 before importing msvit_kernels")
-
-
-def _key_layout(q: Tensor, k: Tensor, cu_seqlens: Tensor, max_seqlen: int, cu_seqlens_k, max_seqlen_k):
-    """(cu_seqlens_k, longest sequence of either layout, separate?, the kernels' ``T, T_K,
-    MAX_SEQLEN, MAX_SEQLEN_K``): self-attention passes its own offsets and bound again (the
-    kernels do not read them) and compiles the SEPARATE_KV=False variant."""
-    if cu_seqlens_k is None:
-        return cu_seqlens, max_seqlen, False, (q.shape[0], k.shape[0], max_seqlen, max_seqlen)
-    return cu_seqlens_k, max(max_seqlen, max_seqlen_k), True, (q.shape[0], k.shape[0], max_seqlen, max_seqlen_k)
-
-
-def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
-    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
-) -> Tuple[Tensor, Tensor]:
-    """Launch the forward kernel.
-
-    q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (``T_k = T`` without cu_seqlens_k) fp16/bf16/fp32, any
-    strides; cu_seqlens (cu_seqlens_k): int32 ``[B+1]`` over q's (k's) rows.
-    Returns ``out`` ``[T, H, D]`` (contiguous, q's dtype) and ``lse`` fp32 ``[H, T]``, the base-2
-    log-sum-exp of the scaled scores of every query row (what the backward needs; -inf for a
-    query without keys, whose output is zeros).
-
-    Unchecked input (``packed_attention(check_values=False)`` reads nothing back): a row no
-    program can compute gets NaN in ``out`` and ``lse``, never stale memory, and the backward
-    writes NaN into its gradients: every row of a sequence longer than max_seqlen (keys:
-    max_seqlen_k) or ending past the rows there are (grid programs cover max_seqlen rows of a
-    sequence, and those past it are never visited), and every row before cu_seqlens[0] or after
-    cu_seqlens[-1] (in no sequence). The kernel writes these NaN itself (``_fill_unplaced``): for
-    checked input that costs a few scalar operations per program, where allocating ``out`` with
-    ``torch.full(nan)`` would add a fill of all T*H*D elements to every call. The launcher fills
-    ``out`` only when there is no sequence at all (B = 0: no program runs; an int check on the
-    host, no device read). Not guarded: decreasing cu_seqlens, and a call with no key row at all
-    (zeros, as for any query without keys).
-    """
-    _check_launchable(q, k, v)
-    total, heads, _ = q.shape
-    out = torch.empty((total, heads, q.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    batch = cu_seqlens.numel() - 1
-    if total == 0:
-        return out, lse
-    if batch == 0:  # every row lies in no sequence
-        return out.fill_(float("nan")), lse.fill_(float("nan"))
-    if k.shape[0] == 0:  # only with a separate key layout: every query has an empty key sequence
-        return out.zero_(), lse.fill_(float("-inf"))
-    cu_k, longest, separate_kv, bounds = _key_layout(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
-    _fwd[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q, k, v, out, lse, cu_seqlens, cu_k, *bounds, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-        **_common_meta(q, longest, separate_kv),
-    )
-    return out, lse
-
-
-def attention_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
-    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward kernels: ``delta`` preprocess, then dk/dv over key blocks, dq over query blocks.
-
-    do, q, out: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any strides); lse: fp32 ``[H, T]`` from the
-    forward. Returns dq ``[T, H, D]``, dk, dv ``[T_k, H, D]``: contiguous, in q's dtype. Rows the
-    forward could not compute (unchecked input, see :func:`attention_forward`) get NaN gradients.
-    """
-    total, heads, head_dim = q.shape
-    dq = torch.empty((total, heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((k.shape[0], heads, head_dim), dtype=q.dtype, device=q.device)
-    dv = torch.empty_like(dk)
-    batch = cu_seqlens.numel() - 1
-    if total == 0 or k.shape[0] == 0:
-        # no query meets a key: every gradient is zero (empty tensors for self-attention)
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    if batch == 0:  # every row lies in no sequence
-        return dq.fill_(float("nan")), dk.fill_(float("nan")), dv.fill_(float("nan"))
-    cu_k, longest, separate_kv, bounds = _key_layout(q, k, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
-    meta = _common_meta(q, longest, separate_kv)
-    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    block_t = 16 if INTERPRET else 64
-    _bwd_delta[(triton.cdiv(total, block_t), heads)](
-        out, do, delta, total, *out.stride(), *do.stride(), delta.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
-    )
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    max_seqlen_keys = max_seqlen if cu_seqlens_k is None else max_seqlen_k
-    _bwd_dkdv[_grid(max_seqlen_keys, batch, heads, "BLOCK_N")](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_k, *bounds, scale, scale * LOG2E,
-        *strides, *dk.stride(), *dv.stride(), lse.stride(0), **meta,
-    )
-    _bwd_dq[_grid(max_seqlen, batch, heads, "BLOCK_M")](
-        q, k, v, do, lse, delta, dq, cu_seqlens, cu_k, *bounds, scale, scale * LOG2E,
-        *strides, *dq.stride(), lse.stride(0), **meta,
-    )
-    return dq, dk, dv
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library ops: opaque to torch.compile (no graph break), differentiable via register_autograd
-# (which plays the role of a torch.autograd.Function: save q, k, v, out, lse; call the backward op).
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("msvit::triton_varlen_attention", mutates_args=())
-def triton_varlen_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
-    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
-) -> Tuple[Tensor, Tensor]:
-    """Forward op: returns ``(out [T, H, D], lse fp32 [H, T])``; see :func:`attention_forward`."""
-    return attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k)
-
-
-@triton_varlen_attention.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=None, max_seqlen_k=None):
-    total, heads, head_dim = q.shape
-    return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
-
-
-@torch.library.custom_op("msvit::triton_varlen_attention_backward", mutates_args=())
-def triton_varlen_attention_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
-    cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward op: returns ``(dq [T, H, D], dk, dv [T_k, H, D])``; see :func:`attention_backward`."""
-    return attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k)
-
-
-@triton_varlen_attention_backward.register_fake
-def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, cu_seqlens_k=None, max_seqlen_k=None):
-    return q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k)
-    ctx.max_seqlen = max_seqlen
-    ctx.max_seqlen_k = max_seqlen_k
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    del grad_lse  # lse is a by-product for the backward, not a differentiable output
-    q, k, v, out, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = triton_varlen_attention_backward(
-        grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, cu_seqlens_k, ctx.max_seqlen_k
-    )
-    return dq, dk, dv, None, None, None, None, None
-
-
-triton_varlen_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def triton_packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale=None,
-    *, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
-) -> Tensor:
-    """Non-causal attention within each sequence of a packed batch, with the Triton kernels.
-
-    q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (``T_k = T`` without cu_seqlens_k) float16/bfloat16/
-    float32 on CUDA (CPU only under TRITON_INTERPRET=1), any strides, ``D <= 256``; cu_seqlens
-    (cu_seqlens_k, default cu_seqlens): int32 ``[B+1]`` on q's device over q's (k's) rows;
-    max_seqlen (max_seqlen_k): the longest query (key) sequence, Python int; scale: softmax
-    scale, default ``D ** -0.5``. Queries with an empty key sequence get zeros.
-    Returns ``[T, H, D]`` (contiguous, q's dtype); differentiable w.r.t. q, k and v.
-    No input validation beyond launchability: ``msvit_kernels.packed_attention`` validates.
-    """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if max_seqlen_k is not None:
-        max_seqlen_k = int(max_seqlen_k)
-    if skips_custom_op(q, k, v):
-        return attention_forward(q, k, v, cu_seqlens, int(max_seqlen), float(scale), cu_seqlens_k, max_seqlen_k)[0]
-    out, _ = triton_varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), float(scale), cu_seqlens_k, max_seqlen_k)
-    return out
+        return getattr(attention_launch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

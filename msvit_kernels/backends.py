@@ -30,13 +30,14 @@ from torch import Tensor
 
 from ._triton import KERNEL_DTYPES, recording
 from .attention import Backend, register_backend
+from .dispatch import packed_attention_signature
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 if importlib.util.find_spec("triton") is not None:
     # Installed: import now, so the torch.library op exists before torch.compile traces a call.
     # A broken triton install fails loudly here rather than hiding behind a "not available".
-    from . import attention_kernel as _triton_attention
+    from . import attention_launch as _triton_attention
 else:
     _triton_attention = None
 
@@ -142,24 +143,19 @@ def _flash_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
     return _head_dim_reason(head_dim)
 
 
-def flash_attn_packed_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale=None,
-    *,
-    cu_seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None,
-) -> Tensor:
+@packed_attention_signature
+def flash_attn_packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k) -> Tensor:
     """``flash_attn.flash_attn_varlen_func`` on the packed layout.
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` fp16/bf16 on CUDA (sm_80+), last dim contiguous;
     cu_seqlens (cu_seqlens_k, default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``.
+
+    Unchecked layouts (``packed_attention(check_values=False)``): flash-attn validates nothing on
+    the device. A row no program computes (a sequence over max_seqlen, rows outside
+    ``cu_seqlens[0]:cu_seqlens[-1]``, a negative length from decreasing offsets) keeps whatever
+    its new output buffer held, rows two sequences claim (decreasing offsets) are written by both
+    in no set order, and offsets past the rows read out of bounds (docs/design.md section 3).
     """
-    if cu_seqlens_k is None:
-        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     return _flash_varlen_func()(
         q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, dropout_p=0.0, softmax_scale=scale, causal=False
     )
@@ -197,24 +193,14 @@ def _torch_support(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
     return _head_dim_reason(head_dim)
 
 
-def torch_varlen_packed_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale=None,
-    *,
-    cu_seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None,
-) -> Tensor:
+@packed_attention_signature
+def torch_varlen_packed_attention(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k) -> Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` on the packed layout.
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` fp16/bf16 on CUDA (sm_80+); cu_seqlens (cu_seqlens_k,
-    default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``.
+    default cu_seqlens) int32 ``[B+1]``. Returns ``[T, H, D]``. Unchecked layouts: what
+    :func:`flash_attn_packed_attention` says (varlen_attn runs aten's copy of the flash-attn 2 kernels).
     """
-    if cu_seqlens_k is None:
-        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     fn = _torch_varlen_attn()
     if scale is not None and not _torch_varlen_takes_scale():
         # early releases take no scale argument: fold the ratio to the default D**-0.5 into q

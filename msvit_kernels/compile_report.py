@@ -46,7 +46,7 @@ def _record(workload: Workload):
     import torch
 
     from . import (
-        attention_kernel,
+        attention_launch,
         entropy_kernel,
         gate_kernel,
         index_kernel,
@@ -195,9 +195,9 @@ def _record(workload: Workload):
         else:
             pooled, key_layout = (q, out, lse, cu_seqlens, 246), {}
         queries, outputs, lses, cu_q, max_q = pooled
-        attention_kernel.attention_forward(queries, k, v, cu_q, max_q, head_dim**-0.5, **key_layout)
+        attention_launch.attention_forward(queries, k, v, cu_q, max_q, head_dim**-0.5, **key_layout)
         if "infer" not in workload.name:
-            attention_kernel.attention_backward(
+            attention_launch.attention_backward(
                 outputs, queries, k, v, outputs, lses, cu_q, max_q, head_dim**-0.5, **key_layout
             )
     return records
@@ -252,6 +252,7 @@ class _Job(NamedTuple):
 _JOBS: List[_Job] = []
 _RECORDS: Dict[Workload, list] = {}
 _UNFILTERED = [False]  # --unfiltered: every config of every kernel on every target (to derive the fits rules)
+_KERNELS: List[str] = []  # --kernels: only the kernels whose name contains one of these (none: every kernel)
 
 
 def _configs(record, target: int) -> list:
@@ -271,6 +272,8 @@ def _plan(quick: bool, targets) -> List[_Job]:
             if not _runs_on(target, workload):
                 continue
             for i, record in enumerate(records):
+                if _KERNELS and not any(part in record.kernel.name for part in _KERNELS):
+                    continue
                 for j, _ in enumerate(_configs(record, target)):
                     job = _Job(workload, i, target, j)
                     key = _bind(job)[-1]
@@ -367,8 +370,9 @@ def _config_text(kwargs: dict, meta: dict) -> str:
     return " ".join([f"{k}={v}" for k, v in tiles.items()] + flags)
 
 
-def _init_worker(quick: bool, targets, unfiltered: bool) -> None:
+def _init_worker(quick: bool, targets, unfiltered: bool, kernels) -> None:
     _UNFILTERED[0] = unfiltered
+    _KERNELS[:] = kernels
     _JOBS[:] = _plan(quick, targets)
 
 
@@ -376,13 +380,16 @@ def _run_job(i: int) -> dict:
     return _compile(_JOBS[i])
 
 
-def run_report(targets=TARGETS, quick: bool = False, jobs: int = 0, progress=None, unfiltered: bool = False) -> dict:
+def run_report(
+    targets=TARGETS, quick: bool = False, jobs: int = 0, progress=None, unfiltered: bool = False, kernels=()
+) -> dict:
     """Compile everything; returns {"rows": [...], "first_call_seconds": {target: s}, "triton": version}."""
     import triton
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the compile report needs real launch configs: run it without TRITON_INTERPRET")
     _UNFILTERED[0] = unfiltered
+    _KERNELS[:] = kernels
     plan = _plan(quick, targets)
     workers = jobs or min(len(os.sched_getaffinity(0)), 8)
     rows = []
@@ -390,9 +397,8 @@ def run_report(targets=TARGETS, quick: bool = False, jobs: int = 0, progress=Non
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(quick, tuple(targets), unfiltered)
-        ) as pool:
+        initargs = (quick, tuple(targets), unfiltered, tuple(kernels))
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs) as pool:
             for row in pool.map(_run_job, range(len(plan))):
                 rows.append(row)
                 if progress:
@@ -451,6 +457,12 @@ def main(argv=None) -> int:
         help="compile every config on every target, ignoring the per-GPU rules (an audit of the rules)",
     )
     parser.add_argument(
+        "--kernels",
+        default="",
+        help="only the kernels whose name contains one of these comma-separated parts (e.g. _attn after a change "
+        "to the attention kernels; default: every kernel)",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=0, help="parallel compile processes (default: one per core, up to 8)"
     )
     args = parser.parse_args(argv)
@@ -467,7 +479,10 @@ def main(argv=None) -> int:
     def progress(done, total):
         print(f"\rcompiled {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    report = run_report(targets, quick=args.quick, jobs=args.jobs, progress=progress, unfiltered=args.unfiltered)
+    kernels = [part for part in args.kernels.split(",") if part]
+    report = run_report(
+        targets, quick=args.quick, jobs=args.jobs, progress=progress, unfiltered=args.unfiltered, kernels=kernels
+    )
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "summary.json"), "w") as f:

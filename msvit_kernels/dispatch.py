@@ -8,8 +8,9 @@ for the tokenizer's reference and for torch's varlen attention) keep working for
 a DeprecationWarning.
 """
 
+import functools
 import warnings
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 from torch import Tensor
@@ -64,3 +65,19 @@ def triton_installed() -> bool:
     from . import _triton
 
     return _triton.triton is not None
+
+
+def packed_attention_signature(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k)`` as a packed-attention
+    backend function (``attention.Backend.fn``): ``(q, k, v, cu_seqlens, max_seqlen, scale=None, *,
+    cu_seqlens_k=None, max_seqlen_k=None)``, the keys in q's layout (the very same tensor) unless a
+    layout of their own is given. One signature and one default for the backends that take both."""
+
+    @functools.wraps(fn)
+    def backend(q, k, v, cu_seqlens, max_seqlen, scale=None, *, cu_seqlens_k=None, max_seqlen_k=None):
+        if cu_seqlens_k is None:
+            cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+        return fn(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k)
+
+    del backend.__wrapped__  # help() and inspect.signature show the backend's signature, not fn's
+    return backend

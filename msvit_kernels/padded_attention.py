@@ -13,14 +13,16 @@ Cost: ``S * max_seqlen^2`` scores against the reference's ``sum(L_i^2)``; the st
 fallback of last resort. ``max_seqlen`` (``max_seqlen_k``) must bound every query (key) sequence:
 nothing reads the lengths to check it, so a sequence over its bound, which no slot holds whole, gets
 NaN in every row, as does every row outside the sequences (before ``cu_seqlens[0]``, after
-``cu_seqlens[-1]``) or a sequence running past the rows there are; never another row's value.
+``cu_seqlens[-1]``) or a sequence running past the rows there are, and every row of a layout whose
+offsets decrease; never another row's value. A non-finite value in one sequence stays in it: slot
+rows past a sequence's end are zeroed with a ``where`` (docs/design.md section 3).
 """
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .dispatch import packed_attention_signature
 
 
 def _gather(x: Tensor, cu_seqlens: Tensor, max_seqlen: int):
@@ -30,21 +32,14 @@ def _gather(x: Tensor, cu_seqlens: Tensor, max_seqlen: int):
     valid = offset < (cu_seqlens[1:].long() - start)[:, None]
     rows = (start[:, None] + offset).clamp(0, max(x.shape[0] - 1, 0))
     slots = x.index_select(0, rows.flatten()).unflatten(0, rows.shape)  # [S, L, H, D]
-    slots = slots * valid[:, :, None, None].to(x.dtype)  # zeros, not a neighbour's values
+    # zeros, not a neighbour's values: a where, not a product with the mask (NaN * 0 is NaN, and a
+    # slot's tail reads the next sequence's rows, so a product let one image's NaN into the one before)
+    slots = torch.where(valid[:, :, None, None], slots, 0.0)
     return slots.transpose(1, 2), valid
 
 
-def padded_sdpa_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: Optional[float] = None,
-    *,
-    cu_seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None,
-) -> Tensor:
+@packed_attention_signature
+def padded_sdpa_attention(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k) -> Tensor:
     """Non-causal attention within each sequence of a packed batch, as one padded SDPA call.
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any float dtype and device); cu_seqlens (cu_seqlens_k,
@@ -52,8 +47,6 @@ def padded_sdpa_attention(
     query (key) sequence. Returns ``[T, H, D]`` in q's dtype, differentiable. A query whose key
     sequence is empty gets zeros (flash-attn's convention).
     """
-    if cu_seqlens_k is None:
-        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
     # each packed row reads its slot: sequence = the last start <= row (right: empty sequences skip)
@@ -75,8 +68,10 @@ def padded_sdpa_attention(
 
 
 def _fits(cu_seqlens: Tensor, bound: int, rows: int) -> Tensor:
-    """bool ``[S]``: the sequences no longer than ``bound`` that end within the ``rows`` there are."""
-    return (cu_seqlens[1:] - cu_seqlens[:-1] <= bound) & (cu_seqlens[1:] <= rows)
+    """bool ``[S]``: the sequences no longer than ``bound`` that end within the ``rows`` there are,
+    none if ``cu_seqlens`` decreases anywhere (rows in two sequences: no row's sequence is known)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return (lengths <= bound) & (cu_seqlens[1:] <= rows) & (lengths >= 0).all()
 
 
 def _padded_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, scale) -> Tensor:

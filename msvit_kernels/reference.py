@@ -11,20 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import packed_attention_signature
 from .varlen import MixedScaleIndex
 
 
-def packed_attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: Optional[float] = None,
-    *,
-    cu_seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None,
-) -> Tensor:
+@packed_attention_signature
+def packed_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k) -> Tensor:
     """Non-causal attention computed independently for every sequence of a packed batch.
 
     q: ``[T, H, D]``, k, v: ``[T_k, H, D]`` (any float dtype, any device); cu_seqlens: int32
@@ -38,15 +30,16 @@ def packed_attention_reference(
     row), see ``_softmax_backend``. A layout nobody checked (``packed_attention(check_values=False)``)
     gets what the host-free backends give it: NaN in every row of a sequence longer than
     max_seqlen (its keys: max_seqlen_k) and in every row before cu_seqlens[0] or after
-    cu_seqlens[-1]; a layout running past q's (k's) rows raises torch's split error.
+    cu_seqlens[-1], and in every row if the offsets decrease; a layout running past q's (k's)
+    rows raises torch's split error. A key sequence of length 1 is exact: see :func:`_one_key`.
     """
-    if cu_seqlens_k is None:
-        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     sizes, fits = _unchecked_layout(cu_seqlens, max_seqlen, q.shape[0])
     if cu_seqlens_k is not cu_seqlens:
         sizes_k, fits_k = _unchecked_layout(cu_seqlens_k, max_seqlen_k, k.shape[0])
     else:
         sizes_k, fits_k = sizes, fits
+    if min(sizes[1:-1] + sizes_k[1:-1], default=0) < 0:  # decreasing offsets: rows in two sequences
+        return q * float("nan")
     # split/cat rather than slicing into a preallocated output: the backward of a split is one
     # concatenation, while per-image slice backwards each materialise a zero [T, H, D] gradient
     # (measured: 10x slower training steps for 128 images on CPU).
@@ -64,6 +57,9 @@ def packed_attention_reference(
             if ki.shape[0] == 0:  # SDPA over no keys is 0/0 (NaN): zeros and a zero gradient, as flash-attn;
                 # masked_fill keeps the result in q's graph, so the output requires grad like any other
                 outputs.append(qi.masked_fill(torch.ones((), dtype=torch.bool, device=qi.device), 0.0))
+                continue
+            if ki.shape[0] == 1:
+                outputs.append(_one_key(qi, ki, vi, scale))
                 continue
             # [L, H, D] -> [H, L, D], the layout SDPA expects for an unbatched call
             oi = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), scale=scale)
@@ -258,6 +254,17 @@ def unpack_to_grid_reference(tokens: Tensor, fine_to_row: Tensor, fine_grid) -> 
     """
     batch = fine_to_row.shape[0]
     return tokens.index_select(0, fine_to_row.flatten()).view(batch, fine_grid[0], fine_grid[1], tokens.shape[-1])
+
+
+def _one_key(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    """Attention of queries ``[L, H, D]`` over one key ``[1, H, D]``: softmax over one key is
+    exactly 1, so the output is v and dq = dk = 0 exactly. SDPA rounds both (its fp16 gradients were
+    ~1e-7 off zero); ``exp(s - s)`` is 1 for a finite score s, NaN for a non-finite one (as softmax),
+    and its gradient (g - g) is exactly 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32 or wider: a finite fp16 score stays finite
+    scores = (q.to(wide) * k.to(wide)).sum(-1, keepdim=True) * scale
+    return torch.exp(scores - scores).to(v.dtype) * v
 
 
 def _unchecked_layout(cu_seqlens: Tensor, bound: int, rows: int) -> "tuple[list[int], list[bool]]":

@@ -36,12 +36,10 @@ from torch import Tensor
 from .varlen import (
     MixedScaleIndex,
     StaticShape,
-    check_capacity,
     cu_seqlens_from_lengths,
-    host_total_and_longest,
+    layout_index,
+    layout_shape,
     lengths_within,
-    padded_cu_seqlens,
-    padded_row_image,
     shape_within,
 )
 
@@ -331,34 +329,15 @@ def tree_index(mask: Tensor, tree: ScaleTree, num_prefix: int, shape: Optional[S
 
 
 def _sized(lengths: Tensor, shape: Optional[StaticShape]) -> Tuple[Tensor, StaticShape]:
-    """``cu_seqlens`` of the images' ``lengths`` and the layout's shape: the exact one (one host read:
-    T and max_seqlen) or the given static one (its capacity checked on the device)."""
+    """``cu_seqlens`` of the images' ``lengths`` and the layout's shape (``varlen.layout_shape``)."""
     cu_seqlens = cu_seqlens_from_lengths(lengths)
-    if shape is None:  # the forward's one host read, remembered for the attention (varlen.host_offsets)
-        total, max_seqlen = host_total_and_longest(cu_seqlens)
-        return cu_seqlens, StaticShape(total, max_seqlen, 0)
-    check_capacity(cu_seqlens[-1], shape.capacity)
-    return cu_seqlens, shape
+    return cu_seqlens, layout_shape(cu_seqlens, lengths, shape)
 
 
 def _index(cu_seqlens, lengths, shape, static, num_prefix, rows, source, position, region, scale, fine_to_row):
-    """The ``MixedScaleIndex`` of the tree builders from their maps."""
-    return MixedScaleIndex(
-        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
-        max_seqlen=shape.max_seqlen,
-        total=shape.capacity,
-        rows=rows,
-        source=source,
-        position=position,
-        region=region,
-        is_fine=scale == 0,
-        prefix_rows=cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=rows.device),
-        row_image=padded_row_image(lengths, shape),
-        fine_to_row=fine_to_row,
-        padding_sequences=shape.padding_sequences,
-        static=static,
-        scale=scale,
-    )
+    """The ``MixedScaleIndex`` of the tree builders from their maps (``varlen.layout_index``)."""
+    maps = dict(rows=rows, source=source, position=position, region=region, is_fine=scale == 0, fine_to_row=fine_to_row)
+    return layout_index(cu_seqlens, lengths, shape, num_prefix, static, scale=scale, **maps)
 
 
 # ---- a list of images of different sizes (native resolution, docs/design.md section 11) ----------

@@ -171,6 +171,32 @@ def padded_row_image(lengths: Tensor, shape: StaticShape) -> Tensor:
     return torch.repeat_interleave(images, lengths, output_size=shape.capacity)
 
 
+def layout_shape(cu_seqlens: Tensor, lengths: Tensor, shape: Optional[StaticShape]) -> StaticShape:
+    """The shape a builder lays ``lengths`` (int ``[B]``, offsets ``cu_seqlens``) out in: ``shape``,
+    its capacity checked on the device, or (None) the exact shape, read back in one host read."""
+    if shape is not None:
+        check_capacity(cu_seqlens[-1], shape.capacity)
+        return shape
+    total, max_seqlen = host_total_and_longest(cu_seqlens)  # remembered for the attention's plan
+    return StaticShape(total, max_seqlen, 0)
+
+
+def layout_index(cu_seqlens: Tensor, lengths: Tensor, shape: StaticShape, num_prefix: int, static: bool, **maps):
+    """The ``MixedScaleIndex`` of a batch laid out in ``shape`` (``layout_shape``): the fields that
+    follow from the offsets (padding sequences, each row's image, the prefix rows), and the
+    builder's token ``maps`` (rows, source, position, region, is_fine, fine_to_row, scale)."""
+    return MixedScaleIndex(
+        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
+        max_seqlen=shape.max_seqlen,
+        total=shape.capacity,
+        prefix_rows=cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=cu_seqlens.device),
+        row_image=padded_row_image(lengths, shape),
+        padding_sequences=shape.padding_sequences,
+        static=static,
+        **maps,
+    )
+
+
 def check_capacity(total: Tensor, capacity: int) -> None:
     """Fail on the device (no host read) when the real rows ``total`` (0-dim) exceed ``capacity``."""
     torch._assert_async(total <= capacity, "packed tokens exceed the static capacity: choose a larger bucket")
@@ -271,11 +297,7 @@ def mixed_scale_index(
     lengths = num_prefix + region_tokens + n_border
     cu_seqlens = cu_seqlens_from_lengths(lengths)
     static = shape is not None
-    if not static:
-        total, max_seqlen = host_total_and_longest(cu_seqlens)
-        shape = StaticShape(total, max_seqlen, 0)
-    else:
-        check_capacity(cu_seqlens[-1], shape.capacity)
+    shape = layout_shape(cu_seqlens, lengths, shape)
     total = shape.capacity
 
     # Packed row of every candidate token of an image: (j, k) of every region (k > 0 is only real in
@@ -307,8 +329,6 @@ def mixed_scale_index(
     position = torch.where(is_fine, fine_cell, n_fine + region_in_image)
     region = torch.where(in_region, image * n_coarse + region_in_image, -1 - image)  # border cells: no region
 
-    prefix_rows = cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device)
-    row_image = padded_row_image(lengths, shape)
     rows = candidate_row.flatten()[candidate]
     if static:  # padding entry e fills padding row e + B*P with image 0's first coarse token
         entry = torch.arange(n_patch, device=device)
@@ -323,21 +343,8 @@ def mixed_scale_index(
     fine_to_row = torch.empty(batch, n_fine, dtype=torch.long, device=device)
     fine_to_row[:, fine_cells.flatten()] = covering.reshape(batch, n_coarse * r2)
     fine_to_row[:, border] = candidate_row[:, n_coarse * r2 :]
-    return MixedScaleIndex(
-        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape),
-        max_seqlen=shape.max_seqlen,
-        total=total,
-        rows=rows,
-        source=source,
-        position=position,
-        region=region,
-        is_fine=is_fine,
-        prefix_rows=prefix_rows,
-        row_image=row_image,
-        fine_to_row=fine_to_row,
-        padding_sequences=shape.padding_sequences,
-        static=static,
-    )
+    maps = dict(rows=rows, source=source, position=position, region=region, is_fine=is_fine, fine_to_row=fine_to_row)
+    return layout_index(cu_seqlens, lengths, shape, num_prefix, static, **maps)
 
 
 def _check_index_args(mask, coarse_grid, ratio, num_prefix) -> None:

@@ -150,3 +150,26 @@ def check_random_masks(model, images: torch.Tensor, seed: int = 0) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert model.gate.fc1.weight.grad is not None and model.head.weight.grad is not None
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def cpu_graph_stand_in(monkeypatch) -> None:
+    """Stand in for CUDA graph capture in ``msvit.models.packed_runner`` on CPU: "capture" runs the
+    stage (after the runner's warm-up calls) and each replay copies a fresh run's results into the
+    outputs of the capture, as a CUDA graph writes into its static outputs."""
+    from msvit.models import packed_runner
+
+    def stand_in(self, fn, pool):
+        for _ in range(packed_runner.WARMUP_CALLS):
+            fn()
+        outputs = fn()
+
+        def replay(images):
+            fresh = fn()
+            for static, new in zip(*(t if isinstance(t, tuple) else (t,) for t in (outputs, fresh))):
+                static.copy_(new)
+            return outputs
+
+        return replay, outputs
+
+    monkeypatch.setattr(packed_runner.PackedRunner, "_graph", stand_in)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)

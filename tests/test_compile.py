@@ -81,3 +81,15 @@ def test_bfloat16_before_ampere_is_a_clear_error():
     assert launch.bfloat16_gpu_reason(90, "NVIDIA H100") == ""
     message = launch.bfloat16_gpu_reason(70, "Tesla V100-SXM2-16GB")
     assert "Tesla V100" in message and "sm_70" in message and "float16" in message
+
+
+def test_the_kernels_filter_plans_only_the_kernels_it_names():
+    """``--kernels _attn_bwd_dq``: a kernel change compiles its own kernel, not the whole sweep (in a
+    subprocess, as the report: planning binds the real jit functions, not interpreted ones)."""
+    code = (
+        "from msvit_kernels import compile_report as c; c._KERNELS[:] = ['_attn_bwd_dq']; "
+        "print(sorted({c._RECORDS[j.workload][j.launch].kernel.name for j in c._plan(True, (80,))}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.stdout.strip() == "['_attn_bwd_dq_kernel']", proc.stderr[-3000:]

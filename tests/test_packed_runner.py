@@ -9,7 +9,7 @@ import torch._dynamo
 import msvit
 from msvit_kernels import available_backends
 
-from helpers import redraw_parameters, rel_err, tiny_vit
+from helpers import cpu_graph_stand_in, redraw_parameters, rel_err, tiny_vit
 
 SIZE = (64, 96)  # patch 8, coarse 16: 4 x 6 regions, 25 to 97 tokens per image
 
@@ -149,21 +149,7 @@ def test_graph_plumbing_with_a_cpu_stand_in_for_capture(monkeypatch):
     the gate graph's mask buffer read by every bucket, warm-ups that fit every bucket, padding."""
     from msvit.models import packed_runner
 
-    def stand_in(self, fn, pool):
-        for _ in range(packed_runner.WARMUP_CALLS):
-            fn()
-        outputs = fn()
-
-        def replay(images):
-            fresh = fn()
-            for static, new in zip(*(t if isinstance(t, tuple) else (t,) for t in (outputs, fresh))):
-                static.copy_(new)
-            return outputs
-
-        return replay, outputs
-
-    monkeypatch.setattr(packed_runner.PackedRunner, "_graph", stand_in)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    cpu_graph_stand_in(monkeypatch)
     model, images = model_and_batches()
     for budget, buckets in ((None, [3 * 25, 3 * 97]), (5, None)):
         capacities = buckets or [model.static_shape(3, SIZE, budget=budget).capacity]

@@ -105,6 +105,38 @@ def test_triton_empty_batches():
         assert q.grad.shape == q.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_a_key_of_length_one_is_exact(backend, dtype):
+    """Softmax over one key is exactly 1: out == v, dq == dk == 0 to the bit, and dv == the sum of dO
+    (flash-attn's varlen tests at seqlen_k = 1 found ~1e-7 gradients in fp16; issue 26). Self-attention
+    on sequences of one row, and queries of 5, 0 and 3 rows over one key each; a NaN query stays NaN."""
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(rows):
+        return torch.randn(rows, 3, 24, generator=gen).to(DEVICE, dtype).requires_grad_()
+
+    single = dict(cu_seqlens=[0, 1, 2, 3], rows_k=3, each_key=[1, 1, 1], layout={})
+    separate = dict(cu_seqlens=[0, 5, 5, 8], rows_k=3, each_key=[5, 0, 3])
+    separate["layout"] = dict(cu_seqlens_k=torch.arange(4, dtype=torch.int32, device=DEVICE), max_seqlen_k=1)
+    for case in (single, separate):
+        q, k, v = leaf(case["cu_seqlens"][-1]), leaf(3), leaf(3)
+        cu = torch.tensor(case["cu_seqlens"], dtype=torch.int32, device=DEVICE)
+        out = packed_attention(q, k, v, cu, max(case["each_key"]), backend=backend, **case["layout"])
+        grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+        each_key = torch.tensor(case["each_key"], device=DEVICE)
+        key_of_row = torch.repeat_interleave(torch.arange(3, device=DEVICE), each_key)
+        assert torch.equal(out, v[key_of_row])
+        assert torch.all(dq == 0) and torch.all(dk == 0)
+        want_dv = torch.zeros(3, 3, 24, dtype=torch.float64, device=DEVICE).index_add_(0, key_of_row, grad_out.double())
+        torch.testing.assert_close(dv, want_dv.to(dtype))  # a sum: exact up to its order
+    with torch.no_grad():
+        q[1, 0, 0] = float("nan")
+    out = packed_attention(q, k, v, cu, 5, backend=backend, **separate["layout"])
+    assert torch.isnan(out[1, 0]).all() and torch.isfinite(out[torch.arange(8) != 1]).all()
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
@@ -262,7 +294,7 @@ def test_gpu_torch_compile_fullgraph_triton_op_bf16():
     q, k, v, cu, max_len, leaves, grad_out = make_inputs(
         [77, 0, 201, 3], heads=6, dim=64, dtype=torch.bfloat16, strided=True
     )
-    from msvit_kernels.attention_kernel import triton_packed_attention
+    from msvit_kernels.attention_launch import triton_packed_attention
 
     fn = torch.compile(lambda qkv: triton_packed_attention(*qkv.unbind(1), cu, max_len), fullgraph=True)
     out = fn(leaves[0])

@@ -1,7 +1,8 @@
 """packed_attention on input nobody checked (``check_values=False``, what the model passes to skip a
 host read): every backend answers a row it cannot compute with NaN, never stale memory or attention
 over a truncated sequence, and keeps every other row exact, forward and backward; a static layout
-(an upper bound, padding sequences) stays exact. NaN in a query gives NaN in its row (issue 21)."""
+(an upper bound, padding sequences) stays exact. NaN in a query gives NaN in its row (issue 21).
+Decreasing offsets make every row NaN (issue 26)."""
 
 import contextlib
 
@@ -24,6 +25,11 @@ CASES = {
     "cu_seqlens_starts_after_0": ([2, 5, 9], 9, 4, [(2, 5), (5, 9)]),
     "no_sequence": ([0], 4, 0, []),
     "static_bound_and_padding_sequences": ([0, 3, 10, 10, 14], 14, 40, [(0, 3), (3, 10), (10, 14)]),
+    # rows in two sequences (issue 26): no row's sequence is known, every row is NaN; the second
+    # decreases far from sequence 3 (rows 3:4), which overlaps sequence 0 (rows 0:20) all the same
+    "decreasing": ([0, 5, 3, 10], 10, 7, []),
+    "decreasing_far_before": ([0, 20, 2, 3, 4, 24], 24, 20, []),
+    "decreasing_at_the_end": ([0, 10, 4], 12, 40, []),  # rows 10, 11 lie past every offset; 3 blocks each
 }
 
 
@@ -138,3 +144,22 @@ def test_the_reference_keeps_its_fast_sdpa_for_finite_half_precision_input():
     assert isinstance(reference._softmax_backend(q, q), contextlib.nullcontext)
     q[7, 0, 0] = float("inf")
     assert not isinstance(reference._softmax_backend(q, q), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("backend", HOST_FREE)
+def test_decreasing_offsets_give_nan_gradients_or_none_through_nan_rows(backend):
+    """The Triton backward writes NaN for every row (as for the forward's); padded_sdpa's rows are a
+    where over NaN, so no gradient reaches q, k or v through them."""
+    q, k, v = leaves(24)
+    grads = torch.autograd.grad(unchecked(backend, q, k, v, [0, 20, 2, 3, 4, 24], 20), (q, k, v), torch.ones(24, 2, 16))
+    if backend == "triton":
+        assert all(torch.isnan(g).all() for g in grads)
+    else:
+        assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decreasing_key_offsets_make_every_query_nan(backend):
+    q, (k, v) = leaves(3)[0], leaves(10, seed=1)[:2]
+    out = unchecked(backend, q, k, v, [0, 1, 2, 3], 6, cu_seqlens_k=int32([0, 6, 4, 10]), max_seqlen_k=6)
+    assert torch.isnan(out).all()
