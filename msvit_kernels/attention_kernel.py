@@ -435,12 +435,3 @@ _fwd = TritonKernel(_attn_fwd_kernel, _FWD_CONFIGS, _AUTOTUNE_KEY, _INTERPRET_ME
 _bwd_dkdv = TritonKernel(_attn_bwd_dkdv_kernel, _BWD_CONFIGS, _AUTOTUNE_KEY, _INTERPRET_META)
 _bwd_dq = TritonKernel(_attn_bwd_dq_kernel, _DQ_CONFIGS, _AUTOTUNE_KEY, _INTERPRET_META)
 _bwd_delta = TritonKernel(_attn_bwd_delta_kernel)  # the launcher fixes its tile
-
-
-def __getattr__(name: str):
-    """The launchers and the op moved to ``attention_launch``; imports of them from here still work."""
-    if name in ("attention_forward", "attention_backward", "triton_packed_attention", "triton_varlen_attention"):
-        from . import attention_launch
-
-        return getattr(attention_launch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

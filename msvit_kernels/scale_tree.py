@@ -165,7 +165,7 @@ class ScaleTree:
         """The mask-independent maps of the packed order (built on ``device``; no host read). On the
         CPU they are built once per tree (``_cpu_layout``): an argsort and a dozen maps over every
         node, which the torch path used to rebuild in every forward."""
-        if device is None or torch.device(device).type == "cpu":
+        if (device is None or torch.device(device).type == "cpu") and not tracing():
             return _cpu_layout(self)
         return self._build_layout(device)
 
@@ -545,7 +545,15 @@ def _batch_layout(batch: TreeBatch, device: torch.device) -> BatchLayout:
     return layout
 
 
+def tracing() -> bool:
+    """True inside ``torch.compile``, ``torch.export`` or any fake-tensor trace: a layout built there
+    holds fake tensors, which a later eager forward would read as symbols, so it is never cached."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
 def _remember(key, value) -> None:
+    if tracing():
+        return
     _LAYOUTS[key] = value
     while len(_LAYOUTS) > _MAX_LAYOUTS:
         _LAYOUTS.pop(next(iter(_LAYOUTS)))

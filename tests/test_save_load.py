@@ -47,8 +47,17 @@ def test_every_family_round_trips_from_a_timm_module(tmp_path, family, name, kwa
     """The timm model is passed as a module: its keywords (depth 1, the small image) are not
     recorded anywhere and must be recovered from the model at save time."""
     torch.manual_seed(0)
-    model = msvit.from_timm(timm.create_model(name, pretrained=False, depth=1, **kwargs))
-    size = model.pretrained_cfg["input_size"][-1]
+    if name.startswith("gemma4_vit"):  # its head and MLP widths are not recovered from a module
+        module = timm.create_model(name, pretrained=False, depth=1, **kwargs)
+        refused = msvit.from_timm(module)
+        with pytest.raises(ValueError, match="cannot save: config.json would rebuild a different model"):
+            msvit.save_checkpoint(refused, tmp_path / "refused")  # at save time, naming it
+        assert not (tmp_path / "refused" / "checkpoint.json").exists()
+        size = 240  # 15 x 15 patches of 16 px: within its 32-per-axis position table, 5 x 5 regions of 48 px
+        model = msvit.from_timm(name, timm_kwargs=dict(depth=1, **kwargs))  # by name: its keywords recorded
+    else:
+        model = msvit.from_timm(timm.create_model(name, pretrained=False, depth=1, **kwargs))
+        size = model.pretrained_cfg["input_size"][-1]
     images = torch.randn(2, 3, size, size)
     model, loaded = round_trip(model, tmp_path, images, mask=random_mask(model, images))
     same_transform(model, loaded)
