@@ -37,6 +37,7 @@ stage captured 160 "${BENCH[@]}" bench/bench_captured.py
 stage profile 40 "${BENCH[@]}" bench/bench_profile.py
 stage study 15 "${BENCH[@]}" bench --deselect bench/bench_captured.py --deselect bench/bench_profile.py --deselect bench/bench_host.py
 stage high-res 70 python bench/high_res.py --record --parts tokenizer latency
+stage native 40 python bench/native_resolution.py --record --device cuda --repeats 5  # untested on a GPU so far
 stage export 45 python bench/export_check.py --device cuda
 
 if [ -n "${OUT:-}" ]; then

@@ -23,8 +23,7 @@ every method, and every method runs the whole set per timed call:
 
 Targets (docs/design.md section 7): all-fine packed >= 1.2x NaFlexViT's images per second, and
 within 1.05x of the one-by-one ViT's time. Peak memory: on CUDA ``max_memory_allocated`` per
-method; on CPU the growth of the process's peak resident set while one method runs, each method
-in a fresh process (``--peak METHOD``). Writes ``native_resolution.{md,json}`` into
+method (on CPU not measured: see ``peak_memory``). Writes ``native_resolution.{md,json}`` into
 ``<results root>/<device slug>/`` (``--record``: bench/results/, else ``--out`` or
 bench/results-local/).
 """
@@ -33,10 +32,8 @@ import argparse
 import json
 import math
 import os
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +49,7 @@ import msvit  # noqa: E402
 from msvit.data import normalize  # noqa: E402
 from msvit.data.native import TokenBudgetBatchSampler, image_tokens  # noqa: E402
 from msvit.data.sample_images import SAMPLE_PHOTOS  # noqa: E402
+from msvit.threads import add_threads_argument, use_threads  # noqa: E402
 from msvit.timing import interleaved_times, quartiles  # noqa: E402
 
 from naflex import naflex_like  # noqa: E402
@@ -61,7 +59,6 @@ MODEL, PATCH = "vit_small_patch16_224", 16
 PHOTO_SIDES = (256, 384, 512)  # longer side of the photos at their own aspect ratios, in turn
 # (aspect ratio W/H, longer side): panoramas and portraits cut from the photos
 CROPS = ((3.0, 768), (2.0, 512), (1.5, 384), (1 / 3, 384), (0.5, 256), (1 / 1.5, 512), (3.0, 384), (1.0, 128))
-METHODS = ("msvit_all_fine", "msvit_entropy_2", "msvit_entropy_3", "naflexvit_padded", "vit_one_by_one", "vit_square")
 APT_TWO, APT_THREE = (5.5,), (6.0, 4.0)
 
 
@@ -172,30 +169,26 @@ def build(device: str, dtype: torch.dtype, max_tokens: int):
     return runs, facts
 
 
-def peak_rss_mib(method: str, device: str, max_tokens: int) -> float:
-    """CPU: how far one call of ``method`` raises this process's peak resident set (MiB)."""
-    runs, _ = build(device, torch.float32, max_tokens)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    runs[method]()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-
-
-def peak_memory(runs, device: str, max_tokens: int) -> Dict[str, float]:
+def peak_memory(runs, device: str) -> Dict[str, float]:
+    """CUDA: ``max_memory_allocated`` above the allocated memory before each method's call (MiB).
+    Not on CPU: a process's peak resident set there is set by building the models, not by the
+    forwards (measured: zero growth for every method), so it would say nothing."""
     out = {}
+    if not device.startswith("cuda"):
+        return out
     for method in runs:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            runs[method]()
-            torch.cuda.synchronize()
-            out[method] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:  # a fresh process per method: a process's peak resident set only grows
-            cmd = [sys.executable, __file__, "--peak", method, "--max-tokens", str(max_tokens)]
-            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-            out[method] = float(done.stdout.strip().splitlines()[-1])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        runs[method]()
+        torch.cuda.synchronize()
+        out[method] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return out
+
+
+def memory(result: dict, method: str) -> str:
+    mib = result["peak_mib"].get(method)
+    return "CUDA only" if mib is None else f"{mib:.0f}"
 
 
 def markdown(result: dict) -> str:
@@ -206,7 +199,7 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`; torch {env.get('torch')}, {result['dtype']}, {f['images']} images "
         f"({min(min(s) for s in f['sizes'])} to {max(max(s) for s in f['sizes'])} px, aspect 1:3 to 3:1), "
         f"batches of at most {f['max_tokens']} tokens ({len(f['batches'])} batches: {f['batches']} images), "
-        f"{result['repeats']} interleaved repetitions of the whole set; load average "
+        f"{result['repeats']} interleaved repetitions of the whole set, {result['threads']} threads; load average "
         f"{result['load_before']} before, {result['load_after']} after.",
         "",
         "| method | tokens (rows) | images/s | time per set (median, q1-q3) | peak memory MiB |",
@@ -224,7 +217,7 @@ def markdown(result: dict) -> str:
         q = quartiles(t)
         lines.append(
             f"| {method} | {rows[method]} | {f['images'] / q['median']:.2f} | {q['median'] * 1e3:.0f} ms "
-            f"({q['q1'] * 1e3:.0f}-{q['q3'] * 1e3:.0f}) | {result['peak_mib'].get(method, float('nan')):.0f} |"
+            f"({q['q1'] * 1e3:.0f}-{q['q3'] * 1e3:.0f}) | {memory(result, method)} |"
         )
     r = result["ratios"]
     lines += [
@@ -256,11 +249,9 @@ def main(argv=None) -> dict:
     p.add_argument("--record", action="store_true", help="write bench/results/<device>/ (committed)")
     p.add_argument("--out", default=None, help="results root instead of bench/results-local/")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--peak", choices=METHODS, help=argparse.SUPPRESS)  # the CPU memory pass of one method
+    add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.peak:
-        print(peak_rss_mib(args.peak, args.device, args.max_tokens))
-        return {}
+    use_threads(args.threads)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -272,6 +263,7 @@ def main(argv=None) -> dict:
         "device": args.device,
         "dtype": str(dtype).replace("torch.", ""),
         "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "environment": environment(args.device),
         "facts": facts,
         "times": times,
@@ -281,7 +273,7 @@ def main(argv=None) -> dict:
             "entropy_2_over_all_fine": pair("msvit_entropy_2", "msvit_all_fine"),
             "entropy_3_over_all_fine": pair("msvit_entropy_3", "msvit_all_fine"),
         },
-        "peak_mib": {} if args.no_memory else peak_memory(runs, args.device, args.max_tokens),
+        "peak_mib": {} if args.no_memory else peak_memory(runs, args.device),
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
         "seconds": round(time.perf_counter() - started, 1),
