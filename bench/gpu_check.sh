@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, for a machine with a CUDA GPU and torch, triton, timm and
 # pytest-benchmark already installed (no network needed). Every stage has its own time limit so
-# the whole check ends in under 8 minutes on an H200 (the device window is 15 minutes, starts
+# the whole check ends in under 9 minutes on an H200 (the device window is 15 minutes, starts
 # included); a stage cut by its limit keeps what it wrote (partial benchmark runs merge).
 #   1. GPU tests with compiled Triton kernels (capture + replay == eager per attention backend, ...)
 #   2. bench_captured.py: whole forwards, host time and device time apart (docs/design.md section 9)
