@@ -22,7 +22,8 @@ def test_the_readme_has_python_examples():
 
 
 @pytest.mark.parametrize(("page", "code"), BLOCKS, ids=[f"{page}-block{i + 1}" for i, (page, _) in enumerate(BLOCKS)])
-def test_a_documented_block_runs(page, code):
+def test_a_documented_block_runs(page, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what a block writes (an export package, pictures) stays out of the checkout
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, page, "exec"), {"__name__": "readme"})
