@@ -93,7 +93,7 @@ def _record(workload: Workload):
             )
         return records
     if model == "list-pack":  # a list of images of different sizes (flat pixels, docs/design.md section 11)
-        from .scale_tree import TreeBatch
+        from .tree_batch import TreeBatch
 
         dim, total = 384, 500
         rows = torch.zeros(total - 2, dtype=torch.int64)

@@ -337,7 +337,7 @@ def gather_embed_pack(images: Tensor, index: MixedScaleIndex, weight: Tensor, bi
     then has a row per node of every scale (finest first) and st is the token-weight table
     ``[B, n_nodes]`` (``cat(ScaleTree.token_weights(decisions), 1)``), see docs/design.md section 10.
 
-    A list of images of different sizes (a ``scale_tree.batch_index`` layout, docs/design.md
+    A list of images of different sizes (a ``tree_batch.batch_index`` layout, docs/design.md
     section 11): ``images`` is their flat pixel buffer (each image's ``[C, H_b, W_b]`` flattened, in
     list order), ``node_pixels`` int64 ``[4, n_nodes]`` (``TreeBatch.node_pixels``), pos_table the
     global node table and st the flat token weights ``[n_nodes]``; one launch for the whole list.

@@ -119,7 +119,7 @@ def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ra
     """Pixels ``[N, C*p*p]`` ((C, p, p) order) of the candidate-table rows ``source`` (int64 ``[N]``,
     see :func:`gather_embed_reference`): fine patches as they are, coarser ones (``p * ratio**s``
     px) area-averaged down to ``p``. ``images`` may be a list of ``[C, H_b, W_b]`` images of
-    different sizes: the table is then in ``scale_tree.TreeBatch``'s global node order (scale by
+    different sizes: the table is then in ``tree_batch.TreeBatch``'s global node order (scale by
     scale, image by image)."""
     if isinstance(images, (list, tuple)):
         tables = [scale_patches(image[None], fine_patch, ratio**s)[0] for s in range(scales) for image in images]
@@ -134,7 +134,7 @@ def gather_flat_patches_reference(
     """:func:`gather_patches_reference` for a list of images given as one flat pixel buffer
     (``pixels``, each ``[C, H_b, W_b]`` flattened in turn) and ``node_pixels`` int64 ``[4, n_nodes]``
     (each global node's pixel origin, row stride, channel stride and factor r**s,
-    ``scale_tree.TreeBatch.node_pixels``): the ``[N, C*p*p]`` pixels of the nodes ``source``, each
+    ``tree_batch.TreeBatch.node_pixels``): the ``[N, C*p*p]`` pixels of the nodes ``source``, each
     output pixel the mean of its factor x factor taps, summed in raster order as the pack kernel
     sums them (``side``: the largest factor)."""
     origin, row, area, factor = (v[:, None, None, None] for v in node_pixels[:, source])
@@ -216,7 +216,7 @@ def pack_reference(
     (``cat(ScaleTree.token_weights(st_decisions), 1)``): each token is multiplied by the entry
     of its image (read from its ``region``, as the kernel does) and node (``position``).
 
-    A list of images of different sizes (``scale_tree.batch_index`` layout): ``images`` is the
+    A list of images of different sizes (``tree_batch.batch_index`` layout): ``images`` is the
     list, ``pos_table`` the global node table and ``st`` the flat ``[n_nodes]`` token weights
     (``TreeBatch.token_weights``), read at each token's global node (``position``).
     """

@@ -164,3 +164,25 @@ def test_equal_epochs_keep_the_batch_count_of_the_first_epoch():
         packed = sampler._pack(epoch)
         assert len(packed) != sampler.batches_per_epoch or batches == packed
     assert counts == {sampler.batches_per_epoch} and len(sampler) == sampler.batches_per_epoch
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tokens": [], "max_tokens": 10}, "tokens is empty"),
+        ({"tokens": [3], "max_tokens": 0}, "max_tokens must be a positive int"),
+        ({"tokens": [3], "max_tokens": 10, "max_images": 0}, "max_images must be a positive int"),
+        ({"tokens": [3, -1], "max_tokens": 10}, "item 1 has -1 tokens"),
+    ],
+)
+def test_bad_sampler_arguments_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TokenBudgetBatchSampler(**kwargs)
+
+
+def test_a_bad_patch_budget_in_the_transform_is_refused_by_name():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    with pytest.raises(ValueError, match="max_patches must be a positive int"):
+        msvit.eval_transform(msvit.from_timm(vit), max_patches=0)
+    with pytest.raises(ValueError, match="interpolation must be"):
+        ResizeToPatches(16, 4, "lanczos")

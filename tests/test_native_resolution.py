@@ -14,7 +14,8 @@ import msvit
 from msvit.host_reads import count_host_reads
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import gather_flat_patches_reference, gather_patches_reference, pack_reference
-from msvit_kernels.scale_tree import ScaleTree, TreeBatch, batch_index, tree_index
+from msvit_kernels.scale_tree import ScaleTree, tree_index
+from msvit_kernels.tree_batch import TreeBatch, batch_index
 
 from helpers import needs_triton, redraw_parameters, rel_err
 
@@ -364,3 +365,17 @@ def test_learned_gate_over_a_list_equals_each_images_gate():
                 alone = model.gate.decide(image[None], sample=False, budget=budget)
                 assert rel_err(logits, alone.logits[0]) <= TOL
                 assert torch.equal(hard, alone.hard[0]), (budget, b)
+
+
+def test_a_nan_image_in_a_list_changes_no_other_image():
+    """The rule of tests/test_nan_containment.py for lists: each other image keeps its logits alone."""
+    torch.manual_seed(0)
+    vit = redraw_parameters(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2).eval())
+    model = msvit.from_timm(vit, gate="entropy").eval()
+    images = [torch.rand(3, 64, 96), torch.rand(3, 96, 32), torch.rand(3, 32, 32)]
+    images[1][:, 5, 7] = float("nan")
+    with torch.no_grad():
+        out = model(images)
+        for b in (0, 2):
+            torch.testing.assert_close(out[b], model(images[b][None])[0], rtol=1e-5, atol=1e-6)
+    assert torch.isnan(out[1]).any()

@@ -39,7 +39,8 @@ from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit.models.tree_gate import budget_splits, check_tree_mask
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
 from msvit_kernels.reference import gather_flat_patches_reference
-from msvit_kernels.scale_tree import TreeBatch, tree_static_shape
+from msvit_kernels.scale_tree import tree_static_shape
+from msvit_kernels.tree_batch import TreeBatch
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
 from msvit_kernels.varlen import MixedScaleIndex, StaticShape, count_border_cells, static_shape
 
@@ -205,7 +206,7 @@ class MSViT(nn.Module):
         return self.gate.decision(images, mask, sample=self.training, budget=budget)
 
     def batch_of(self, images: Sequence[Tensor]) -> TreeBatch:
-        """The layout geometry of a list of images (``scale_tree.TreeBatch``), after checking the
+        """The layout geometry of a list of images (``tree_batch.TreeBatch``), after checking the
         list; ``batch_of(images).decisions`` are the per-image lengths of flat gate outputs."""
         if self.native_resolution_refusal:
             raise NotImplementedError(self.native_resolution_refusal)

@@ -128,7 +128,7 @@ class PackedRope(nn.Module):
     def batch_table(self, batch, grids) -> Tensor:
         """The table of a list of images of different sizes (docs/design.md section 11): the identity
         row, then every image's node rows (each from its own grid) in ``batch``'s global node order
-        (``scale_tree.TreeBatch``), so position id ``1 + node`` is the token's global node."""
+        (``tree_batch.TreeBatch``), so position id ``1 + node`` is the token's global node."""
         tables = [self.grid_table(grid) for grid in grids]
         nodes = batch.node_table([t.narrow(-2, 1, t.shape[-2] - 1) for t in tables])
         return torch.cat([tables[0].narrow(-2, 0, 1), nodes], -2)

@@ -22,7 +22,8 @@ from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
 from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
-from msvit_kernels.scale_tree import ScaleTree, TreeBatch, batch_index, tree_index
+from msvit_kernels.scale_tree import ScaleTree, tree_index
+from msvit_kernels.tree_batch import TreeBatch, batch_index
 from msvit_kernels.tree_index_kernel import triton_tree_index
 from msvit_kernels.varlen import (
     MixedScaleIndex,

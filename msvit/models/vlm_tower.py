@@ -29,6 +29,7 @@ from msvit.models.gate import Budget
 from msvit.models.layers import dense_blocks
 from msvit.models.mixed_scale_vit import MSViT, MSViTOutput, PackedFeatures, take_tokens, trim_order, unpack_to_grid
 from msvit.models.tokenizer import MixedScaleTokenizer, region_of_fine_cells
+from msvit_kernels.varlen import host_offsets
 
 LLM_TOKENS = ("replicate", "merged")
 
@@ -147,7 +148,10 @@ class VLMTower(MSViT):
             if mode != "packed" or capacity is not None or return_gate:
                 raise ValueError("llm_tokens='merged' runs packed, without capacity or return_gate; use encode()")
             out = self.encode(images, mask=mask, budget=budget)
-            return list(out.tokens.split(torch.diff(out.cu_seqlens).tolist()))
+            # a list of [N_b, D]: its lengths are host values, a second host read after the index's
+            # (the merged layout is new); encode() returns the packed tokens and cu_seqlens without it
+            offsets = host_offsets(out.cu_seqlens)
+            return list(out.tokens.split([b - a for a, b in zip(offsets, offsets[1:])]))
         if self.projector is None or (mode == "packed" and images.shape[0] > 0):
             return super().forward(
                 images, mask=mask, mode=mode, budget=budget, capacity=capacity, return_gate=return_gate
