@@ -189,7 +189,7 @@ def test_without_out_every_image_is_printed_and_threads_are_set(image_folder, ca
     [
         (["--top-k", "0"], "--top-k must be a positive integer"),
         (["--batch-size", "-1"], "--batch-size must be a positive integer"),
-        (["--threads", "0"], "--threads must be a positive integer"),
+        (["--threads", "0"], "argument --threads: expected a whole number of threads >= 1"),
         (["--budget", "1.5"], "--budget is a fraction"),
         (["--budget", "nan"], "--budget is a fraction"),
         (["--out", "rows.txt"], "must end in .csv or .json"),

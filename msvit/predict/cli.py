@@ -18,6 +18,7 @@ from typing import List
 import torch
 
 from msvit.predict import inputs, loading, results
+from msvit.threads import add_threads_argument, use_threads
 
 PROG = "msvit predict"
 
@@ -42,10 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="run the packed forward captured (CUDA graphs) or "
         "compiled (torch.compile on CPU): msvit.compile_packed; pays off over many batches",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads torch uses (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--out", default=None, metavar="FILE", help="write the rows to FILE.csv or FILE.json")
     args = p.parse_args(argv)
-    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             p.error(f"{flag} must be a positive integer, got {value}")
     if args.out is not None and not args.out.lower().endswith(results.FORMATS):
@@ -121,8 +122,7 @@ def model_rate(batches) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     found = inputs.expand(args.images)
     for problem in found.problems:
         print(f"{PROG}: {problem}", file=sys.stderr)
