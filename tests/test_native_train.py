@@ -73,3 +73,23 @@ def test_aspect_ratios_need_native_batches(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--aspect-ratios", "0.5", "2"])
     assert "add --max-tokens-per-batch" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_native_run_from_a_square_checkpoint(tmp_path):
+    """--init-from: every weight of a saved run (gate included) is the new run's start; a model the
+    flags build differently is refused naming the first tensor that does not fit."""
+    from msvit.io.checkpoint import build_model
+    from msvit.train.backbone import init_from
+
+    train(small_run(tmp_path / "square", *"--train-size 32 --val-size 8 --epochs 1 --device cpu".split()))
+    square = load_checkpoint(tmp_path / "square")
+    fresh = build_model(square.pretrained_cfg["config"])
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), square.state_dict().values()))
+    started = init_from(fresh, str(tmp_path / "square")).state_dict()
+    assert all(torch.equal(v, started[k]) for k, v in square.state_dict().items())
+    args = native_run(tmp_path / "native", "--epochs", "1", "--max-steps", "1", "--init-from", str(tmp_path / "square"))
+    train(args)  # a native-resolution run takes the square run's weights
+    assert rows(tmp_path / "native")[0]["step"] == 1
+    wrong = small_run(tmp_path / "wrong", "--init-from", str(tmp_path / "square"), gate=("--gate-hidden", "8"))
+    with pytest.raises(SystemExit, match=r"--init-from .*gate\..* there and .* here"):
+        train(wrong)

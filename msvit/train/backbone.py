@@ -2,6 +2,7 @@
 from local or hub timm weights)."""
 
 import json
+from pathlib import Path
 
 from msvit.io.checkpoint import build_model
 from msvit.models.entropy_gate import APT_THREE_SCALE_THRESHOLDS, APT_THRESHOLD
@@ -71,6 +72,8 @@ def coarsest_patch(args) -> int:
 
 
 def make_model(args, config):
+    if getattr(args, "init_from", None):
+        return init_from(build_model(config), args.init_from)
     if not (args.pretrained or args.hub_pretrained):
         return build_model(config)
     from msvit.models.timm_compat import from_timm
@@ -86,3 +89,37 @@ def make_model(args, config):
             f"msvit train: --pretrained {args.pretrained}: cannot load it as {config['timm']['name']} "
             f"weights ({type(error).__name__}: {str(error)[:300]})"
         ) from error
+
+
+def init_from(model, source: str):
+    """``--init-from``: ``model`` (built from this run's flags) with the weights of an MSViT
+    checkpoint: a run or checkpoint folder, or a shipped name. Fine-tuning a saved model under other
+    data options (native resolution, another gate loss) starts here. Every tensor must match by name
+    and shape: a checkpoint of another architecture is refused naming the first difference."""
+    from msvit.io import checkpoint
+
+    try:
+        if Path(source).is_dir():
+            state = checkpoint.load_checkpoint(source).state_dict()
+        else:
+            state = checkpoint.load_pretrained(source).state_dict()
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"msvit train: --init-from {source}: {error}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        first = (
+            f"{wrong[0]} is {tuple(state[wrong[0]].shape)} there and {tuple(own[wrong[0]].shape)} here"
+            if wrong
+            else f"missing there: {missing[:3]}"
+            if missing
+            else f"not in this model: {unexpected[:3]}"
+        )
+        raise SystemExit(
+            f"msvit train: --init-from {source}: its weights do not fit the model these flags build ({first}); "
+            "pass the flags the checkpoint was trained with (--model, --model-kwargs, --coarse-patch, --scales, "
+            "--gate-hidden, ...)"
+        )
+    model.load_state_dict(state)
+    return model

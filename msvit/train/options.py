@@ -101,6 +101,14 @@ def add_model_options(p) -> None:
         "--hub-pretrained", action="store_true", help="timm pretrained weights from the hub (needs internet)"
     )
     g.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from every weight (gate included) of an msvit checkpoint: a run or checkpoint folder, or "
+        "a shipped name such as cluttered-digits; the flags must build the same architecture (fine-tuning, "
+        "e.g. a square-trained model at native resolution)",
+    )
+    g.add_argument(
         "--coarse-patch", type=int, default=None, help="coarse patch size in pixels (default: 2x the patch size)"
     )
     g.add_argument(

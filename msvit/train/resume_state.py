@@ -44,7 +44,18 @@ FREE = {
 # --max-steps bounds a smoke run (inherited, it would stop the resumed run after a step);
 # starting weights are replaced by the checkpoint's; ``typed`` is parse_args' list of typed flags;
 # --threads suits the machine of this command line.
-INVOCATION = {"out", "resume", "overwrite", "max_steps", "device", "threads", "pretrained", "hub_pretrained", "typed"}
+INVOCATION = {
+    "out",
+    "resume",
+    "overwrite",
+    "max_steps",
+    "device",
+    "threads",
+    "pretrained",
+    "hub_pretrained",
+    "init_from",
+    "typed",
+}
 # Flags added after train states were first written, with the value every run before them had.
 ADDED = {
     "gate": "learned",
