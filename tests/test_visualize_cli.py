@@ -114,31 +114,11 @@ def test_clear_failures(tmp_path, images, monkeypatch):
     with pytest.raises(SystemExit, match="no --checkpoint given and no pretrained model 'cluttered-digits'"):
         cli_main(["visualize", *images, "--out", str(tmp_path / "out")])
     write_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
+    with_checkpoint = ["visualize", *images, "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="--segmentation needs a segmentation checkpoint"):
-        cli_main(
-            [
-                "visualize",
-                *images,
-                "--checkpoint",
-                str(tmp_path / "ckpt"),
-                "--out",
-                str(tmp_path / "o"),
-                "--segmentation",
-            ]
-        )
+        cli_main([*with_checkpoint, "--segmentation"])
     with pytest.raises(SystemExit, match="--max-patches 3 is below one 16 px region"):
-        cli_main(
-            [
-                "visualize",
-                *images,
-                "--checkpoint",
-                str(tmp_path / "ckpt"),
-                "--out",
-                str(tmp_path / "o"),
-                "--max-patches",
-                "3",
-            ]
-        )
+        cli_main([*with_checkpoint, "--max-patches", "3"])
     with pytest.raises(SystemExit, match="no such file"):
         cli_main(
             [
