@@ -148,6 +148,11 @@ def test_timm_model_with_the_entropy_gate_keeps_each_photos_aspect_ratio(tmp_pat
     assert "wide: " in said and " of 13 tokens" in said  # cls + 2 x 6 cells of 16 px
     for name in ("wide_mask.png", "square_mask.png", "all_masks.png"):
         check_png(tmp_path / "out" / name)
+    titles = [line.strip() for line in said.splitlines() if " tokens, " in line]
+    assert len(titles) == 2
+    for photo, title in zip((wide, square), titles):  # one list forward: each photo as it is alone
+        cli_main(["visualize", str(photo), *argv[3:], "--entropy-threshold", "4.5", "--threads", "1"])
+        assert title in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
