@@ -51,7 +51,8 @@ class MSViTOutput(NamedTuple):
     """What every MSViT model returns with ``return_gate=True`` (``MSViT``, ``MSSegmenter``,
     ``PrunedMSViT``): one type, so code that reads the gate or the token counts works for all.
 
-    logits: ``[B, num_classes]`` (``MSSegmenter``: ``[B, K, H, W]`` at the image size).
+    logits: ``[B, num_classes]`` (``MSSegmenter``: ``[B, K, H, W]`` at the image size; for a list
+        of images, a list of ``[K, H_b, W_b]``).
     gate: the batch's ``GateDecision`` (soft outputs for the gate losses).
     tokens: int64 tokens per image the transformer processed, prefix included: ``[B]``
         (``masked`` and ``trimmed`` count the padded/dense tokens actually computed);
