@@ -176,8 +176,6 @@ def test_list_api_outputs():
         features = model.forward_features(images)
         assert torch.equal(model.forward_head(features), out.logits)
         assert features.fine_grid == tuple((h // 16, w // 16) for h, w in SIZES_16)
-        with pytest.raises(NotImplementedError, match="unpack_to_grid"):
-            msvit.models.mixed_scale_vit.unpack_to_grid(features)
         # a budget fraction: k_b = round(fraction * regions_b) per image, a known (static) length
         budgeted = model(images, budget=0.5, return_gate=True)
         for b, part in enumerate(budgeted.gate.hard.split(batch.decisions)):
@@ -258,13 +256,6 @@ def test_bad_lists_are_refused_naming_the_image():
         model(images, capacity=8, mask=[torch.ones(2, dtype=torch.bool), torch.ones(4, dtype=torch.bool)])
 
 
-def test_naflexvit_refuses_a_list_by_name():
-    vit = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=1, embed_dim=48, num_heads=3)
-    model = msvit.from_timm(vit, img_size=64, kernels="reference").eval()
-    with pytest.raises(NotImplementedError, match="NaFlexViT"):
-        model([torch.randn(3, 64, 64), torch.randn(3, 32, 64)])
-
-
 @needs_triton
 def test_list_host_reads():
     """0 host reads with a budget or a capacity, 1 without (the layout's T and max_seqlen)."""
@@ -281,19 +272,6 @@ def test_list_host_reads():
         with count_host_reads() as reads:
             model(images)
         assert reads.count == 1, reads.report()
-
-
-def test_features_without_lists_refuse_them_by_name():
-    model = converted("vit")
-    images = images_of(SIZES_16[:2])
-    refusals = {
-        "PrunedMSViT": lambda: msvit.PrunedMSViT(model, keep_ratio=0.7, layers=(1,))(images),
-        "count_macs": lambda: msvit.count_macs(model, images),
-        "MSSegmenter": lambda: msvit.MSSegmenter(model, num_classes=3)(images),
-    }
-    for name, call in refusals.items():
-        with pytest.raises(NotImplementedError, match=name):
-            call()
 
 
 @pytest.mark.parametrize("scales, sizes", [(2, [(32, 48), (24, 40), (16, 72)]), (3, [(32, 48), (40, 32), (48, 16)])])

@@ -81,23 +81,44 @@ def test_segmenter_checkpoint_writes_the_predicted_map_too(tmp_path, images):
     assert json.loads((tmp_path / "seg" / "config.json").read_text())["task"] == "segmentation"
 
 
+@pytest.mark.parametrize("kind", ["classification", "segmenter"])
+def test_max_patches_keeps_each_images_size_in_one_list(tmp_path, images, capsys, kind):
+    if kind == "segmenter":
+        segmenter = MSSegmenter(build_model(config(0)), 3, decoder="mask", decoder_kwargs={"depth": 1})
+        save_segmenter(tmp_path / "ckpt", segmenter, segmenter_config(config(0), segmenter, {"depth": 1}))
+    else:
+        write_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--max-patches", "64", "--budget", "0.5"]
+    argv += ["--segmentation"] if kind == "segmenter" else []
+    cli_main(["visualize", *images, "--out", str(tmp_path / "out"), *argv])
+    said = capsys.readouterr().out
+    # 16 px regions (4 patches of 8 px): at most 16 regions each, aspect kept, nothing cropped
+    assert "rgb.png: 60x40 px resized to 80x48 px (aspect kept" in said
+    assert "grey.png: 30x30 px resized to 64x64 px" in said and "rgba.png: 20x50 px resized to 32x80 px" in said
+    assert "cropped to" not in said
+    titles = [line for line in said.splitlines() if " tokens, " in line]
+    assert [t.split(":")[0] for t in titles] == ["rgb", "grey", "rgba"]
+    assert " of 61 tokens" in titles[0] and " of 65 tokens" in titles[1] and " of 41 tokens" in titles[2]
+    for b, image in enumerate(images):  # each image visualized alone says what it says in the list
+        cli_main(["visualize", image, "--out", str(tmp_path / f"alone{b}"), *argv])
+        assert titles[b] in capsys.readouterr().out.splitlines()
+    for name in ("rgb", "grey", "rgba"):
+        check_png(tmp_path / "out" / f"{name}_mask.png")
+        if kind == "segmenter":
+            check_png(tmp_path / "out" / f"{name}_segmentation.png")
+    check_png(tmp_path / "out" / "all_masks.png")
+
+
 def test_clear_failures(tmp_path, images, monkeypatch):
     monkeypatch.setattr(msvit.io.checkpoint, "PRETRAINED", tmp_path / "nothing-shipped")
     with pytest.raises(SystemExit, match="no --checkpoint given and no pretrained model 'cluttered-digits'"):
         cli_main(["visualize", *images, "--out", str(tmp_path / "out")])
     write_checkpoint(tmp_path / "ckpt", build_model(config(3)), config(3))
+    with_checkpoint = ["visualize", *images, "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="--segmentation needs a segmentation checkpoint"):
-        cli_main(
-            [
-                "visualize",
-                *images,
-                "--checkpoint",
-                str(tmp_path / "ckpt"),
-                "--out",
-                str(tmp_path / "o"),
-                "--segmentation",
-            ]
-        )
+        cli_main([*with_checkpoint, "--segmentation"])
+    with pytest.raises(SystemExit, match="--max-patches 3 is below one 16 px region"):
+        cli_main([*with_checkpoint, "--max-patches", "3"])
     with pytest.raises(SystemExit, match="no such file"):
         cli_main(
             [
@@ -127,6 +148,11 @@ def test_timm_model_with_the_entropy_gate_keeps_each_photos_aspect_ratio(tmp_pat
     assert "wide: " in said and " of 13 tokens" in said  # cls + 2 x 6 cells of 16 px
     for name in ("wide_mask.png", "square_mask.png", "all_masks.png"):
         check_png(tmp_path / "out" / name)
+    titles = [line.strip() for line in said.splitlines() if " tokens, " in line]
+    assert len(titles) == 2
+    for photo, title in zip((wide, square), titles):  # one list forward: each photo as it is alone
+        cli_main(["visualize", str(photo), *argv[3:], "--entropy-threshold", "4.5", "--threads", "1"])
+        assert title in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -157,5 +183,13 @@ def test_timm_flags_without_model_and_bad_files_are_refused(tmp_path, images, ca
     with pytest.raises(SystemExit, match="--pretrained .*missing.safetensors: no such file"):
         argv = ["--model", "vit_tiny_patch16_224", "--pretrained", str(tmp_path / "missing.safetensors")]
         cli_main(["visualize", *images, "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit):
+        cli_main(
+            ["visualize", *images, "--out", str(tmp_path), "--model", "vit_tiny_patch16_224", "--max-patches", "9"]
+        )
+    assert "--max-patches applies to checkpoint models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["visualize", *images, "--out", str(tmp_path), "--max-patches", "0"])
+    assert "--max-patches must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--model vit_nonexistent_model: cannot build it"):
         cli_main(["visualize", *images, "--out", str(tmp_path), "--model", "vit_nonexistent_model"])

@@ -160,12 +160,3 @@ def check_mask_list(mask, expected) -> list:
                 f"mask[{b}] must have shape [{count}]: one entry per {what} of image {b}, got {tuple(m.shape)}"
             )
     return list(mask)
-
-
-def refuse_image_list(images, feature: str) -> None:
-    """The features that do not take a list of images of different sizes yet say so by name."""
-    if is_image_list(images):
-        raise NotImplementedError(
-            f"{feature} does not take a list of images of different sizes yet; pass a [B, C, H, W] batch "
-            "(MSViT's forward, forward_features, gate_mask and tokens_per_image take lists)"
-        )

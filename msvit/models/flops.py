@@ -8,6 +8,9 @@ position-embedding add and the 2x2 average pooling of coarse patches. With APT's
 and the linear layer (``aggregation``); with more than two scales the package computes the term of
 every node at once (``ZeroConvAggregation.tree_terms``): every finest cell's embedding, and the conv
 and the linear layer once per node of every scale >= 1, whatever the mask.
+
+A list of images of different sizes is counted per image (``count_macs``): each image's MACs are
+those it costs alone, since a packed forward's attention stays within each image's sequence.
 """
 
 from typing import Dict, Optional
@@ -15,8 +18,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import refuse_image_list
-from msvit.models.mixed_scale_vit import MSViT
+from msvit.models.checks import is_image_list
+from msvit.models.mixed_scale_vit import Images, MSViT
 from msvit_kernels.varlen import count_border_cells
 
 
@@ -77,9 +80,9 @@ def gate_macs(model: MSViT, n_regions: int, fine_grid=None) -> int:
 @torch.no_grad()
 def count_macs(
     model: MSViT,
-    images: Optional[Tensor] = None,
+    images: Optional[Images] = None,
     *,
-    mask: Optional[Tensor] = None,
+    mask=None,
     include_gate: bool = True,
     breakdown: bool = False,
 ):
@@ -91,8 +94,13 @@ def count_macs(
     ``include_gate=False`` (it runs whenever the model runs without a given mask).
     ``breakdown=True`` returns a dict of per-part tensors (embed, gate, blocks_linear, attention,
     head, total; aggregation with ``aggregate="zero_conv"``) instead.
+
+    images may be a list of ``[C, H_b, W_b]`` images of different sizes (``mask``: then a list of
+    bool ``[D_b]``, as ``MSViT.forward`` takes it): ``[B]`` MACs per image, each equal to that
+    image counted alone (the gate decides the whole list at once).
     """
-    refuse_image_list(images, "count_macs")
+    if is_image_list(images):
+        return _count_list(model, images, mask, include_gate, breakdown)
     if mask is None:
         if images is None:
             raise ValueError("count_macs needs images (the gate decides) or a mask")
@@ -116,4 +124,19 @@ def count_macs(
         fine_grid = model.tokenizer.grid if images is None else model.tokenizer.grids(images)[0]
         parts["projector"] = torch.full_like(parts["total"], float(projector(fine_grid)))
         parts["total"] = parts["total"] + parts["projector"]
+    return parts if breakdown else parts["total"]
+
+
+def _count_list(model: MSViT, images, mask, include_gate: bool, breakdown: bool):
+    """``count_macs`` of a list: the list's masks (checked against it, or the gate's), then every
+    image counted alone with its own mask, parts concatenated."""
+    if mask is None:
+        mask = model.gate_mask(images)
+    else:
+        model.decide(images, mask=mask)  # names the mask entry that does not fit its image
+    per_image = [
+        count_macs(model, image[None], mask=entry[None], include_gate=include_gate, breakdown=True)
+        for image, entry in zip(images, mask)
+    ]
+    parts = {name: torch.cat([part[name] for part in per_image]) for name in per_image[0]}
     return parts if breakdown else parts["total"]

@@ -51,7 +51,8 @@ class MSViTOutput(NamedTuple):
     """What every MSViT model returns with ``return_gate=True`` (``MSViT``, ``MSSegmenter``,
     ``PrunedMSViT``): one type, so code that reads the gate or the token counts works for all.
 
-    logits: ``[B, num_classes]`` (``MSSegmenter``: ``[B, K, H, W]`` at the image size).
+    logits: ``[B, num_classes]`` (``MSSegmenter``: ``[B, K, H, W]`` at the image size; for a list
+        of images, a list of ``[K, H_b, W_b]``).
     gate: the batch's ``GateDecision`` (soft outputs for the gate losses).
     tokens: int64 tokens per image the transformer processed, prefix included: ``[B]``
         (``masked`` and ``trimmed`` count the padded/dense tokens actually computed);
@@ -75,10 +76,11 @@ class PackedFeatures(NamedTuple):
 
 
 class GridFeatures(NamedTuple):
-    """grid: ``[B, h, w, C]`` features on the fine grid (coarse tokens replicated over their cells);
+    """grid: ``[B, h, w, C]`` features on the fine grid (coarse tokens replicated over their cells),
+    or, for a list of images, a list of ``[h_b, w_b, C]``, one per image in list order;
     prefix: ``[B, P, C]`` prefix-token features (cls, registers)."""
 
-    grid: Tensor
+    grid: Union[Tensor, List[Tensor]]
     prefix: Tensor
 
 
@@ -86,13 +88,20 @@ def unpack_to_grid(features: PackedFeatures, *, backend: str = "auto") -> GridFe
     """Packed features -> fine-grid features for dense heads (Appendix E.1); differentiable.
 
     backend: as in ``msvit_kernels.unpack_kernel.unpack_to_grid``: "auto" (the Triton kernel on CUDA, the
-    torch reference elsewhere), "triton" or "reference".
+    torch reference elsewhere), "triton" or "reference". Features of a list of images give a list
+    of grids ``[h_b, w_b, C]`` (each image's own fine grid), gathered in one call.
     """
-    if isinstance(features.fine_grid[0], tuple):
-        raise NotImplementedError("unpack_to_grid of a list of images of different sizes is not implemented")
     index = features.index
+    prefix = features.tokens[index.prefix_rows]
+    if isinstance(features.fine_grid[0], tuple):
+        # a list's fine_to_row is flat over every image's fine cells, image after image (docs/design.md
+        # section 11): one gather as a single [1, sum h_b*w_b] grid, then a view per image
+        cells = [h * w for h, w in features.fine_grid]
+        flat = unpack_tokens_to_grid(features.tokens, index.fine_to_row[None], (1, sum(cells)), backend=backend)
+        grids = [part.view(h, w, -1) for part, (h, w) in zip(flat[0, 0].split(cells), features.fine_grid)]
+        return GridFeatures(grids, prefix)
     grid = unpack_tokens_to_grid(features.tokens, index.fine_to_row, features.fine_grid, backend=backend)
-    return GridFeatures(grid, features.tokens[index.prefix_rows])
+    return GridFeatures(grid, prefix)
 
 
 class MSViT(nn.Module):
@@ -186,6 +195,13 @@ class MSViT(nn.Module):
 
     def coarse_grid(self, images: Tensor) -> Tuple[int, int]:
         return self.tokenizer.grids(images)[1]
+
+    def fine_grid(self, images: Images):
+        """The fine grid (h, w) of a batch, or the tuple of every image's of a list (what
+        ``PackedFeatures.fine_grid`` holds)."""
+        if is_image_list(images):
+            return tuple(self.tokenizer.grids(image)[0] for image in images)
+        return self.tokenizer.grids(images)[0]
 
     def check_images(self, images: Tensor) -> None:
         """What every entry point takes (``msvit.models.checks``): a float ``[B, C, H, W]`` batch in
@@ -424,10 +440,7 @@ class MSViT(nn.Module):
         x, index = self.tokenizer.pack(images, decision.hard, decision.st, shape)
         rotary = self._rotary(images, packed_positions(index) if self.rope is not None else None)
         x = packed_blocks(self.blocks, self.norm_pre(x), index, self.attention_backend, rotary)
-        if is_image_list(images):
-            grids = tuple(self.tokenizer.grids(image)[0] for image in images)
-            return PackedFeatures(self.norm(x), index, decision, grids)
-        return PackedFeatures(self.norm(x), index, decision, self.tokenizer.grids(images)[0])
+        return PackedFeatures(self.norm(x), index, decision, self.fine_grid(images))
 
     def _dense_positions(self, images: Tensor) -> Optional[Tensor]:
         if self.rope is None:

@@ -1,19 +1,21 @@
-"""timm's ``NaFlexVit`` as an MSViT: its embedding module (``embeds``) converted for fixed-size images.
+"""timm's ``NaFlexVit`` as an MSViT: its embedding module (``embeds``) converted.
 
 NaFlexViT's patch embedding is a linear layer on patches flattened in (ph, pw, C) order (its
 ``patchify_channels_last``) or in (C, ph, pw) order, or a conv; MSViT's shared embedding takes
 (C, p, p), so the weight's columns are permuted. Its position embedding (``learned``: a
 ``[1, gh, gw, d]`` grid; ``factorized``: per-row and per-column tables) is stored at its own grid
 and resampled by timm at every forward to the image's grid (bicubic with antialias by default).
-MSViT keeps one table at one fine grid, so the conversion evaluates timm's own resampling once, at
-the grid of the image size the model is converted for; the prefix tokens (cls, registers) take no
-position (``no_embed_class``). At that image size the all-fine MSViT equals NaFlexViT's output
-on the same images; other sizes resample the converted table (MSViT's bilinear rule), not timm's.
-The trunk (blocks, norms, head, ``map`` pooling) is converted as for a ViT.
+The converted tokenizer keeps timm's tables and timm's rule (``NaFlexGridPositions``, the
+tokenizer's ``grid_positions``): the fine table of every image grid is timm's own resampling
+(cached per grid), so the all-fine MSViT equals NaFlexViT at every image size, for a batch and for
+each image of a list of images of different sizes. The prefix tokens (cls, registers) take no
+position (``no_embed_class``). ``img_size`` only sets the grid the model is built for (the
+gate's grid and the default input size). The trunk (blocks, norms, head, ``map`` pooling) is
+converted as for a ViT.
 """
 
 import copy
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -53,22 +55,40 @@ def _linear_embedding(embeds: nn.Module) -> nn.Linear:
     return embed
 
 
-def naflex_position_table(embeds: nn.Module, grid: Tuple[int, int]) -> Optional[torch.Tensor]:
-    """``[1, h*w, d]``: the position embedding NaFlexViT adds to the patches of an image whose
-    patch grid is ``grid``, computed by timm's own code (``_apply_*_pos_embed``); None without one."""
-    kind = embeds.pos_embed_type
-    if kind == "none":
-        return None
-    weight = embeds.proj.weight
-    table = torch.zeros(1, grid[0] * grid[1], embeds.embed_dim, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():  # the methods add in place; the table becomes the MSViT's own parameter
-        if kind == "learned":
-            embeds._apply_learned_pos_embed(table, grid_size=list(grid))
-        elif kind == "factorized":
-            embeds._apply_factorized_pos_embed(table, grid_size=list(grid))
-        else:
-            raise NotImplementedError(f"NaFlexViT pos_embed={kind!r} is not supported")
-    return table
+# what timm's position methods read besides the tables
+POSITION_SETTINGS = (
+    "pos_embed_interp_mode",
+    "pos_embed_ar_preserving",
+    "pos_embed_antialias",
+    "pos_embed_align_corners",
+)
+
+
+class NaFlexGridPositions(nn.Module):
+    """The fine position table ``[h*w, d]`` of any patch grid, by NaFlexViT's own code: its
+    ``_apply_learned_pos_embed`` / ``_apply_factorized_pos_embed`` (what it adds to a
+    ``[B, C, H, W]`` batch at that grid) run on a copy of its tables and interpolation settings."""
+
+    def __init__(self, embeds: nn.Module):
+        super().__init__()
+        self.kind = embeds.pos_embed_type
+        if self.kind not in ("learned", "factorized"):
+            raise NotImplementedError(f"NaFlexViT pos_embed={self.kind!r} is not supported")
+        self.embed_dim = embeds.embed_dim
+        for name in POSITION_SETTINGS:
+            setattr(self, name, getattr(embeds, name))
+        for name in ("pos_embed",) if self.kind == "learned" else ("pos_embed_y", "pos_embed_x"):
+            self.register_parameter(name, nn.Parameter(getattr(embeds, name).detach().clone()))
+
+    def forward(self, fine_grid: Tuple[int, int]) -> torch.Tensor:
+        from timm.models.naflexvit import NaFlexEmbeds
+
+        ref = self.pos_embed if self.kind == "learned" else self.pos_embed_y
+        table = ref.new_zeros(1, fine_grid[0] * fine_grid[1], self.embed_dim)
+        learned = self.kind == "learned"
+        apply = NaFlexEmbeds._apply_learned_pos_embed if learned else NaFlexEmbeds._apply_factorized_pos_embed
+        apply(self, table, grid_size=list(fine_grid))  # timm's method reads only the attributes copied here
+        return table[0]
 
 
 def _image_grid(model: nn.Module, patch: int, img_size) -> Tuple[int, int]:
@@ -99,9 +119,10 @@ def naflex_parts(model: nn.Module, img_size: Union[int, Sequence[int], None] = N
         embed,
         patch,
         grid,
-        naflex_position_table(embeds, grid),
+        None,
         torch.cat(prefix, 1).detach().clone() if prefix else None,
         True,  # NaFlexViT's position embedding covers the patches only
         copy.deepcopy(embeds.norm),
         nn.Sequential(copy.deepcopy(embeds.pos_drop), copy.deepcopy(model.norm_pre)),
+        None if embeds.pos_embed_type == "none" else NaFlexGridPositions(embeds),
     )

@@ -25,10 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from msvit.io.architecture import msvit as describe_msvit
-from msvit.models.checks import refuse_image_list
 from msvit.models.gate import Budget
 from msvit.models.layers import packed_blocks
-from msvit.models.mixed_scale_vit import MSViT, MSViTOutput, PackedFeatures
+from msvit.models.mixed_scale_vit import Images, MSViT, MSViTOutput, PackedFeatures
 from msvit_kernels.varlen import MixedScaleIndex, cu_seqlens_from_lengths, host_total_and_longest
 
 EPS = 1e-9  # keep_ratio * n within EPS of an integer counts as that integer (0.7 * 10 = 7.000000000000001)
@@ -221,10 +220,10 @@ class PrunedMSViT(nn.Module):
         (``msvit.io.architecture.describe``)."""
         return {**describe_msvit(self.model), "pruning": prune_options(self.config)}
 
-    def forward(
-        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, return_gate: bool = False
-    ):
-        """Classify ``images [B, C, H, W]`` with pruning; arguments as ``MSViT.forward`` (packed)."""
+    def forward(self, images: Images, *, mask=None, budget: Budget = None, return_gate: bool = False):
+        """Classify ``images [B, C, H, W]``, or a list of ``[C, H_b, W_b]`` images of different sizes
+        (one packed forward; each image pruned within its own sequence, as alone), with pruning;
+        arguments as ``MSViT.forward`` (packed)."""
         features, counts = self._pruned_features(images, mask, budget)
         logits = self.forward_head(features)
         if not return_gate:
@@ -232,9 +231,7 @@ class PrunedMSViT(nn.Module):
         tokens = torch.stack([(cu[1:] - cu[:-1]).long() for cu in counts])
         return MSViTOutput(logits, features.gate, tokens)
 
-    def forward_features(
-        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None
-    ) -> PackedFeatures:
+    def forward_features(self, images: Images, *, mask=None, budget: Budget = None) -> PackedFeatures:
         """The final-normed packed tokens that survive pruning; their ``index`` is a ``PrunedIndex``
         (it has no ``fine_to_row``: pruned tokens cannot be unpacked to the fine grid)."""
         return self._pruned_features(images, mask, budget)[0]
@@ -243,10 +240,9 @@ class PrunedMSViT(nn.Module):
         """The wrapped model's ``forward_head``: pooling, fc_norm and classifier."""
         return self.model.forward_head(features, pre_logits)
 
-    def _pruned_features(self, images: Tensor, mask: Optional[Tensor], budget: Budget) -> Tuple[PackedFeatures, list]:
+    def _pruned_features(self, images: Images, mask, budget: Budget) -> Tuple[PackedFeatures, list]:
         """(features, the ``cu_seqlens`` entering the first block and after each pruning)."""
         model, config = self.model, self.config
-        refuse_image_list(images, "PrunedMSViT")
         decision = model.decide(images, mask=mask, budget=budget)
         x, packed = model.tokenizer.pack(images, decision.hard, decision.st)
         x, index = model.norm_pre(x), PrunedIndex.from_packed(packed)
@@ -260,7 +256,7 @@ class PrunedMSViT(nn.Module):
             counts.append(index.cu_seqlens)
             start = layer + 1
         x = packed_blocks(model.blocks[start:], x, index, model.attention_backend)
-        return PackedFeatures(model.norm(x), index, decision, model.tokenizer.grids(images)[0]), counts
+        return PackedFeatures(model.norm(x), index, decision, model.fine_grid(images)), counts
 
     def _run_capturing_qk(
         self, block: nn.Module, x: Tensor, index: PrunedIndex

@@ -7,11 +7,13 @@ onto the fine grid, each coarse token replicated over the r x r fine cells it co
 and K learned class embeddings. Logits are upsampled bilinearly to the image size.
 
 The unpack runs the Triton kernel on CUDA and the torch reference elsewhere
-(``msvit_kernels.unpack_kernel.unpack_to_grid``).
+(``msvit_kernels.unpack_kernel.unpack_to_grid``). A list of images of different sizes runs one
+packed backbone forward and gives a list of maps, each at its image's own size
+(docs/dense_tasks.md).
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,9 @@ from torch import Tensor, nn
 from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, write_checkpoint
 from msvit.io.config_file import read_json_object
 from msvit.io.recipe import segmenter_config  # noqa: F401  (re-exported: msvit train and the tests use it from here)
-from msvit.models.checks import check_choice, check_images, refuse_image_list
+from msvit.models.checks import check_choice, check_images, is_image_list
 from msvit.models.gate import Budget, GateDecision
-from msvit.models.mixed_scale_vit import MSViT, MSViTOutput
-from msvit_kernels.unpack_kernel import unpack_to_grid
+from msvit.models.mixed_scale_vit import Images, MSViT, MSViTOutput, unpack_to_grid
 
 DECODERS = ("linear", "mask")
 IGNORE_INDEX = 255  # label value that counts nowhere: unlabelled pixels of a label map
@@ -148,35 +149,50 @@ class MSSegmenter(nn.Module):
         """The backbone's gate (so optimizer helpers can give it its own parameter group)."""
         return self.backbone.gate
 
-    def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> Optional[GateDecision]:
-        """The frozen gate's eval decisions (no autograd graph), or None when the backbone decides."""
+    def decide(self, images: Images, *, mask=None, budget: Budget = None) -> Optional[GateDecision]:
+        """The frozen gate's eval decisions (no autograd graph), or None when the backbone decides.
+        A list of images: flat decisions ``[sum D_b]``, as ``MSViT.decide`` gives them."""
         if mask is not None or not self.freeze_gate:
             return None  # the backbone validates the images and the mask
-        tokenizer = self.backbone.tokenizer
-        check_images(images, self.backbone.in_chans, tokenizer.fine_patch, tokenizer.patch_sizes[-1])
         with torch.no_grad():
+            if is_image_list(images):  # the backbone checks the list
+                return self.backbone._decide_list(images, None, budget, sample=False)
+            tokenizer = self.backbone.tokenizer
+            check_images(images, self.backbone.in_chans, tokenizer.fine_patch, tokenizer.patch_sizes[-1])
             return self.backbone.gate.decide(images, sample=False, budget=budget)
 
-    def forward(
-        self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None, return_gate: bool = False
-    ):
-        """Segment ``images [B, C, H, W]`` (normalised; H, W multiples of the patch size).
+    def forward(self, images: Images, *, mask=None, budget: Budget = None, return_gate: bool = False):
+        """Segment ``images [B, C, H, W]`` (normalised; H, W multiples of the patch size) into logits
+        ``[B, K, H, W]``, or a list of ``[C, H_b, W_b]`` images of different sizes into a list of
+        ``[K, H_b, W_b]`` maps, each at its image's size and equal to that image segmented alone.
 
-        mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-style
-        number (int) or fraction (float) of fine regions per image; return_gate: return a
-        ``MSViTOutput`` instead of the logits ``[B, K, H, W]``.
+        mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate (a list of images: a list
+        of bool ``[D_b]``, as ``MSViT.forward``); budget: eval-style number (int) or fraction
+        (float) of fine regions per image; return_gate: return a ``MSViTOutput`` instead of the logits.
         """
-        refuse_image_list(images, "MSSegmenter")
         frozen = self.decide(images, mask=mask, budget=budget)
-        given = frozen.hard if frozen is not None else mask
+        given = mask if frozen is None else self._as_mask(frozen, images)
         features = self.backbone.forward_features(images, mask=given, budget=None if given is not None else budget)
-        index = features.index
-        grid = unpack_to_grid(features.tokens, index.fine_to_row, features.fine_grid, backend=self.unpack_backend)
-        logits = F.interpolate(self.decoder(grid), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        grid = unpack_to_grid(features, backend=self.unpack_backend).grid
+        if is_image_list(images):  # the decoder sees one image's grid at a time: its own size
+            logits = [self._decode(part[None], image.shape[-2:])[0] for part, image in zip(grid, images)]
+        else:
+            logits = self._decode(grid, images.shape[-2:])
         if not return_gate:
             return logits
-        tokens = (index.cu_seqlens[1:] - index.cu_seqlens[:-1]).long()
+        index = features.index
+        tokens = (index.cu_seqlens[1 : index.batch + 1] - index.cu_seqlens[: index.batch]).long()
         return MSViTOutput(logits, frozen if frozen is not None else features.gate, tokens)
+
+    def _as_mask(self, decision: GateDecision, images: Images) -> Union[Tensor, List[Tensor]]:
+        """The frozen decisions as the ``mask=`` the backbone takes (a list's: one entry per image)."""
+        if is_image_list(images):
+            return list(decision.hard.split(self.backbone.batch_of(images).decisions))
+        return decision.hard
+
+    def _decode(self, grid: Tensor, size: Sequence[int]) -> Tensor:
+        """Fine-grid features ``[B, h, w, C]`` -> logits ``[B, K, H, W]`` at the image size."""
+        return F.interpolate(self.decoder(grid), size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:

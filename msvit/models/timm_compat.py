@@ -89,8 +89,8 @@ def from_timm(
             ``pretrained=True`` in ``timm_kwargs``); or a VLM tower (``qwen3_vit_*``, ``deepseek_vit_*``,
             ``gemma4_vit_*``), which gives a ``msvit.models.vlm_tower.VLMTower`` whose default coarse
             patch is its projector's window (docs/design.md section 17).
-        img_size: NaFlexVit only: the image size (int or (h, w)) to convert its position embedding
-            for (timm's resampling, evaluated once; see ``msvit.models.naflex``). Default:
+        img_size: NaFlexVit only: the image size (int or (h, w)) the model is built for (the gate's
+            grid; every image size takes timm's own position resampling, ``msvit.models.naflex``). Default:
             ``timm_kwargs["img_size"]``, else the model's default or pretrained_cfg input size.
             Gemma 4: its nominal image size (default: the pretrained_cfg's).
         coarse_patch_size: S_c, an integer multiple of the model's patch size (default 2x).
@@ -205,6 +205,7 @@ def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, 
         aggregation=None if aggregate == "shared" else _aggregation(weight, ratio),
         scales=n_scales,
         coarse_pos=coarse_pos,
+        grid_positions=parts.grid_positions,
     )
     msvit = MSViT(
         tokenizer,
@@ -227,12 +228,6 @@ def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, 
         rope=packed_rope(model, ratio, n_scales),
     )
     msvit.distilled_training = getattr(model, "distilled_training", False)
-    if is_naflexvit(model):
-        msvit.native_resolution_refusal = (
-            "a list of images of different sizes is not implemented for a converted NaFlexViT: its position table "
-            "is converted at one grid and other sizes would not take NaFlexViT's own resampling; pass a "
-            "[B, C, H, W] batch of the converted size"
-        )
     if getattr(model, "pretrained_cfg", None):
         msvit.pretrained_cfg = input_cfg(model, fine, grid)
     return msvit.train(model.training)

@@ -12,7 +12,9 @@ class EmbedParts(NamedTuple):
     """What differs between timm families before the blocks: the patch embedding as MSViT's
     linear one ((C, p, p) flattening order), the fine patch, the position table's grid and table
     (``[1, P_pos + h*w, d]`` or None), the prefix tokens ``[1, P, d]`` (or None), whether the
-    position table skips the prefix, the norm after the embedding and the one before the blocks."""
+    position table skips the prefix, the norm after the embedding and the one before the blocks;
+    grid_positions: instead of a table, a module giving the fine table of any grid by the family's
+    own rule (the tokenizer's ``grid_positions``; NaFlexViT)."""
 
     embed: nn.Linear
     fine: int
@@ -22,6 +24,7 @@ class EmbedParts(NamedTuple):
     no_embed_class: bool
     embed_norm: Optional[nn.Module]
     norm_pre: nn.Module
+    grid_positions: Optional[nn.Module] = None
 
 
 def conv_as_linear(proj: nn.Module) -> nn.Linear:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice
+from msvit.models.checks import MODES, check_choice, is_image_list
 from msvit.models.gate import Budget
 from msvit.models.layers import dense_blocks
 from msvit.models.mixed_scale_vit import MSViT, MSViTOutput, PackedFeatures, take_tokens, trim_order, unpack_to_grid
@@ -121,6 +121,11 @@ class VLMTower(MSViT):
         self.projector = projector
         self.encoder = encoder
         self.llm_tokens = "replicate"
+        if projector is not None:  # batch_of, so every entry point that takes a list, refuses one
+            self.native_resolution_refusal = (
+                "a VLM tower with a projector does not take a list of images of different sizes yet; "
+                "pass a [B, C, H, W] batch (or one image at a time)"
+            )
 
     @property
     def llm_tokens(self) -> str:
@@ -152,6 +157,8 @@ class VLMTower(MSViT):
             # (the merged layout is new); encode() returns the packed tokens and cu_seqlens without it
             offsets = host_offsets(out.cu_seqlens)
             return list(out.tokens.split([b - a for a, b in zip(offsets, offsets[1:])]))
+        if is_image_list(images):
+            self.batch_of(images)  # checks the list; refuses it with a projector (native_resolution_refusal)
         if self.projector is None or (mode == "packed" and images.shape[0] > 0):
             return super().forward(
                 images, mask=mask, mode=mode, budget=budget, capacity=capacity, return_gate=return_gate

@@ -8,7 +8,10 @@ nothing is downloaded.
 Otherwise it loads a checkpoint folder (msvit train: classification; msvit train --task
 segmentation: a segmenter), or without --checkpoint the model shipped in the package
 (msvit/pretrained/cluttered-digits). Each image is centre-cropped to the checkpoint's aspect ratio
-(a line per image says so), resized to its image size and normalised with its mean/std.
+(a line per image says so), resized to its image size and normalised with its mean/std; with
+--max-patches N each image keeps its own aspect ratio instead (no crop, no common size: the largest
+size with at most N fine patches whose sides are multiples of the coarsest patch) and the images
+run as one list of different sizes (native resolution, docs/native_resolution.md).
 
 Per image it writes <stem>_mask.png (fine regions as r x r cells, coarse ones filled) and, with
 --segmentation, <stem>_segmentation.png (mask and predicted map side by side), plus all_masks.png.
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from msvit.data.native import ResizeToPatches
 from msvit.data.sample_images import normalize, to_tensor_image
 from msvit.io import checkpoint
 from msvit.models.segmentation import is_segmenter_checkpoint, load_segmenter
@@ -45,6 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fraction of regions kept fine per image (default: the gate's own decisions)",
     )
     p.add_argument("--segmentation", action="store_true", help="also write the predicted map (segmenter checkpoint)")
+    p.add_argument(
+        "--max-patches",
+        type=int,
+        default=None,
+        metavar="N",
+        help="checkpoint models: keep each image's aspect ratio, at most N fine patches, no crop "
+        "(default: centre-crop to the checkpoint's image size)",
+    )
     p.add_argument("--device", default="cpu", help="torch device of the forward: cpu (default), cuda, cuda:1, ...")
     add_threads_argument(p)
     timm_group = p.add_argument_group("a timm ViT with the entropy gate (instead of --checkpoint)")
@@ -76,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.budget is not None and not 0 <= args.budget <= 1:
         p.error(f"--budget is a fraction of the regions in [0, 1], got {args.budget}")
+    if args.max_patches is not None and args.max_patches < 1:
+        p.error(f"--max-patches must be positive, got {args.max_patches}")
     check_model_flags(p, args, sys.argv[1:] if argv is None else argv)
     return args
 
@@ -93,6 +107,8 @@ def check_model_flags(p, args, argv) -> None:
         return
     if args.checkpoint is not None:
         p.error("give --model TIMM_NAME or --checkpoint DIR, not both")
+    if args.max_patches is not None:
+        p.error("--max-patches applies to checkpoint models; --model keeps each photo's aspect (see --max-tokens)")
     if args.segmentation:
         p.error("--segmentation needs a segmenter checkpoint (--checkpoint DIR), not --model")
     if args.max_side < 1 or args.max_tokens < 1:
@@ -150,6 +166,22 @@ def read_image(path: Path, size) -> torch.Tensor:
     return to_tensor_image(array, size)
 
 
+def read_native(path: Path, tokenizer, max_patches: int) -> torch.Tensor:
+    """float ``[3, H, W]`` in [0, 1] from an image file at its own aspect ratio: the largest size with
+    at most ``max_patches`` fine patches whose sides are multiples of the coarsest patch (every region
+    whole, as the masks are drawn); prints how."""
+    photo = timm_photos.read_photo(path, read_array)
+    fine, step = tokenizer.fine_patch, tokenizer.patch_sizes[-1]
+    per_step = (step // fine) ** 2
+    if max_patches < per_step:
+        raise SystemExit(f"msvit visualize: --max-patches {max_patches} is below one {step} px region ({per_step})")
+    resized = ResizeToPatches(step, max_patches // per_step, "bilinear")(photo)
+    (height, width), (h, w) = photo.shape[-2:], resized.shape[-2:]
+    how = f"aspect kept, at most {max_patches} patches of {fine} px, sides multiples of {step} px; nothing cropped"
+    print(f"{path.name}: {width}x{height} px resized to {w}x{h} px ({how})")
+    return resized
+
+
 def unique_stems(paths):
     """Output name stems, with ``_2``, ``_3``... where two inputs share a file name."""
     seen, stems = {}, []
@@ -191,17 +223,25 @@ def main(argv=None) -> None:
     coarse, fine = model.tokenizer.coarse_patch, model.tokenizer.fine_patch
     scales = getattr(model.tokenizer, "scales", 2)
     out.mkdir(parents=True, exist_ok=True)
-    photos = torch.stack([read_image(p, size) for p in paths])
+    native = args.max_patches is not None  # a list of images of different sizes, else one batch
+    if native:
+        photos = [read_native(p, model.tokenizer, args.max_patches) for p in paths]
+    else:
+        photos = [read_image(p, size) for p in paths]
     masks, titles = [], []
-    every = model.tokenizer.num_prefix + (size[0] // fine) * (size[1] // fine)  # all at the finest scale
     for start in range(0, len(paths), BATCH):
         chunk = photos[start : start + BATCH]
-        images = normalize(chunk.to(args.device), data["mean"], data["std"])
-        mask = model.gate_mask(images, budget=args.budget)
+        if native:
+            images = [normalize(photo[None].to(args.device), data["mean"], data["std"])[0] for photo in chunk]
+        else:
+            images = normalize(torch.stack(chunk).to(args.device), data["mean"], data["std"])
+        mask = model.gate_mask(images, budget=args.budget)  # a list of masks for a list of images
         tokens = model.tokens_per_image(mask, images=images).tolist()
-        labels = segmenter(images, mask=mask).argmax(1).cpu() if segmenter is not None else None
+        labels = [m.argmax(0).cpu() for m in segmenter(images, mask=mask)] if segmenter is not None else None
         for i, stem in enumerate(unique_stems(paths)[start : start + BATCH]):
-            share = fine_percent(model, mask[i : i + 1], images[i : i + 1])
+            height, width = chunk[i].shape[-2:]
+            every = model.tokenizer.num_prefix + (height // fine) * (width // fine)  # all at the finest scale
+            share = fine_percent(model, mask[i][None], images[i][None])
             title = f"{stem}: {tokens[i]} of {every} tokens, {share:.0%} fine"
             save_overlay(out / f"{stem}_mask.png", chunk[i], mask[i].cpu(), coarse, fine, title, scales)
             if labels is not None:
@@ -223,7 +263,7 @@ def main(argv=None) -> None:
     save_grid(
         out / "all_masks.png",
         photos,
-        torch.stack(masks),
+        masks,
         coarse,
         fine,
         titles,

@@ -3,10 +3,12 @@ your own photos, each at its own aspect ratio.
 
 The timm model is built with ``pretrained=False`` (random weights: nothing is downloaded) unless
 ``--pretrained FILE`` names its weights; the entropy gate has no weights, so its masks are the real
-ones either way. Until native resolution lands, each photo is resized (never cropped) to the
-nearest size whose sides are multiples of the coarsest patch (every region whole: the entropy gate
-measures whole regions), keeping its aspect ratio, within ``--max-side`` and ``--max-tokens``; one
-forward per photo, and a line per photo saying how it was resized.
+ones either way. Each photo is resized (never cropped) to the nearest size whose sides are
+multiples of the coarsest patch (every region whole: the entropy gate measures whole regions),
+keeping its aspect ratio, within ``--max-side`` and ``--max-tokens``, with a line per photo saying
+how. The photos then run as lists of different sizes (native resolution,
+docs/native_resolution.md): one packed forward per group of photos of at most ``LIST_TOKENS``
+finest-scale tokens (greedy in argument order, ``TokenBudgetBatchSampler``).
 """
 
 import math
@@ -16,10 +18,12 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
+from msvit.data.native import TokenBudgetBatchSampler, image_tokens
 from msvit.data.sample_images import normalize
 
 MAX_SIDE = 1024  # px: a 4000x3000 phone photo becomes 1024x768 (3072 tokens of 16 px)
 MAX_TOKENS = 4096  # finest-scale tokens of the resized photo: bounds the forward's memory and time
+LIST_TOKENS = 4 * MAX_TOKENS  # finest-scale tokens of one packed forward (a photo over it runs alone)
 
 
 def fitted_size(height: int, width: int, step: int, max_side: int, max_tokens: int, fine: int) -> Tuple[int, int]:
@@ -115,7 +119,7 @@ def top_class(model, logits: torch.Tensor) -> str:
 
 @torch.no_grad()
 def run(args, paths: List[Path], stems: List[str], read_array, fine_percent) -> Tuple[list, list, list, object]:
-    """(photos, masks, titles, model): one forward per photo at its own size."""
+    """(photos, masks, titles, model): every photo at its own size, in lists of different sizes."""
     model = build_model(args)
     cfg = model.pretrained_cfg
     tok = model.tokenizer
@@ -126,22 +130,26 @@ def run(args, paths: List[Path], stems: List[str], read_array, fine_percent) -> 
         f"entropy gate {model.gate.from_timm_kwargs()['entropy_thresholds']} bits, patch sizes "
         f"{list(tok.patch_sizes) if tok.scales > 2 else [fine, tok.coarse_patch]}"
     )
-    photos, masks, titles = [], [], []
-    for path, stem in zip(paths, stems):
+    photos = []
+    for path in paths:
         photo = read_photo(path, read_array)
         height, width = photo.shape[-2:]
         size = fitted_size(height, width, step, args.max_side, args.max_tokens, fine)
         unlimited = fitted_size(height, width, step, 10**9, 10**12, fine)
         print(how_resized(path.name, height, width, size, step, size != unlimited))
-        photo = resize(photo, size)
-        images = normalize(photo[None].to(args.device), cfg["mean"], cfg["std"])
+        photos.append(resize(photo, size))
+    tokens = image_tokens([photo.shape[-2:] for photo in photos], fine)
+    groups = TokenBudgetBatchSampler(tokens, max(LIST_TOKENS, *tokens), shuffle=False, num_replicas=1, rank=0)
+    masks, titles = [], []
+    for group in groups:
+        images = [normalize(photos[i][None].to(args.device), cfg["mean"], cfg["std"])[0] for i in group]
         output = model(images, budget=args.budget, return_gate=True)  # the gate decides inside the forward
-        mask = output.gate.hard
-        tokens = int(output.tokens[0])
-        every = tok.num_prefix + (size[0] // fine) * (size[1] // fine)
-        title = f"{stem}: {tokens} of {every} tokens, {fine_percent(model, mask, images):.0%} fine"
-        print(f"  {title}" + (f"; {top_class(model, output.logits[0])}" if args.pretrained else ""))
-        photos.append(photo)
-        masks.append(mask[0].cpu())
-        titles.append(title)
+        decisions = output.gate.hard.split(model.batch_of(images).decisions)
+        for b, i in enumerate(group):
+            every = tok.num_prefix + tokens[i]
+            share = fine_percent(model, decisions[b][None], images[b][None])
+            title = f"{stems[i]}: {int(output.tokens[b])} of {every} tokens, {share:.0%} fine"
+            print(f"  {title}" + (f"; {top_class(model, output.logits[b])}" if args.pretrained else ""))
+            masks.append(decisions[b].cpu())
+            titles.append(title)
     return photos, masks, titles, model
