@@ -41,6 +41,13 @@ One program per patch: it streams the patch's pixels in ``BLOCK_P`` slices and a
 nothing goes through global memory but the pixels and one fp32 entropy (and one decision byte) per
 patch. The entropy is a hard threshold's input, not differentiable: the op has no autograd formula
 and detaches its input.
+
+A list of images of different sizes (``list_patch_entropy``, the kernel's ``LIST`` mode,
+docs/design.md section 11): one launch over a range of global nodes of the list's
+``tree_batch.TreeBatch``, each program a node whose pixel origin, row and channel strides and
+factor ``r**s`` come from ``TreeBatch.node_pixels`` over the flat pixel buffer (the pack kernel's
+geometry). A node is a ``fine_patch * r**s`` px cell and the slice loop runs to its own pixel
+count, so every scale of every image shares one launch; the binning is the one above, op for op.
 """
 
 import math

@@ -27,7 +27,8 @@ the finest ``thresholds[i - 1]``: with 16/32/64 px and ``[6.0, 4.0]``, 32 px pat
 64 px ones 4.0). With two scales (fine S_f, coarse S_c) there is one boundary, so ``thresholds``
 holds one value (APT's two-scale setting is 5.5), and the entropy is measured on the S_c regions.
 More scales: ``msvit.models.tree_gate.TreeGate.entropy``, one ``EntropyGate`` (one
-``patch_entropy`` call) per scale, thresholds in APT's order.
+``patch_entropy`` call) per scale, thresholds in APT's order. A list of images of different sizes:
+:func:`list_entropies` (one launch for every scale of the list, ``msvit.models.list_gates``).
 """
 
 import math

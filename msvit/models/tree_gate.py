@@ -19,6 +19,8 @@ order in each): a level's logit > 0 means *split*, as a two-scale gate's means *
 - Budget (eval, both kinds): every image splits exactly ``k`` nodes (``tree_budget_mask``), so
   every image has ``roots + k * (r*r - 1)`` tokens and the packed shape is known in advance.
 - A caller's mask: bool ``[B, D]``; entries below a node that does not split are ignored.
+- A list of images of different sizes: ``msvit.models.list_gates`` (every level over the whole
+  list at once, flat ``[sum D_b]`` decisions; budgets by :func:`list_tree_budget_mask`).
 
 Entropy thresholds follow APT's order (``select_patches_by_threshold`` in APT's
 ``src/models/entropy_utils.py``): APT sorts the patch sizes ascending and gives patch size
