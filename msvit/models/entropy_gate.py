@@ -224,7 +224,15 @@ def list_entropies(
             ]
             cells = torch.arange(starts[low], starts[low + 1], device=pixels.device)
             out += entropy_flat_reference(
-                pixels, node_pixels, cells, fine_patch * ratio**low, chans, merges=merges, ratio=ratio, **options
+                pixels,
+                node_pixels,
+                cells,
+                fine_patch * ratio**low,
+                chans,
+                merges=merges,
+                ratio=ratio,
+                segment=fine_patch,
+                **options,
             )
     return out
 

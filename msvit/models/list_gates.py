@@ -6,9 +6,9 @@ first), equal entry by entry to the gate's decisions for each image alone.
 
 - Pixels: one flat buffer (each ``[C, H_b, W_b]`` image flattened in turn) read through
   ``TreeBatch.node_pixels``, as the pack kernel reads it.
-- Learned levels (``MixedScaleGate``): per scale, one gather of the nodes' full-resolution pixels
-  and one MLP call with each image's position table at its own grid (``list_logits``); training
-  samples one Gumbel-Sigmoid per scale.
+- Learned levels (``MixedScaleGate``): per scale, one gather of the nodes' pixels
+  (``reference.flat_cells``: rows of fine-patch width) and one MLP call with each image's position
+  table at its own grid (``list_logits``); training samples one Gumbel-Sigmoid per scale.
 - Entropy levels (``EntropyGate``): ``entropy_gate.list_entropies``, one Triton launch for every
   scale (or the torch reference binning the pixels once).
 - Global node order -> flat decisions: one gather (``TreeBatch.decision_nodes``).
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from msvit.models.entropy_gate import EntropyGate, list_entropies
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate, gumbel_sigmoid, list_budget_mask
 from msvit.models.tree_gate import TreeGate, list_tree_budget_mask
-from msvit_kernels.reference import gather_flat_patches_reference
+from msvit_kernels.reference import flat_cells
 from msvit_kernels.tree_batch import TreeBatch
 
 
@@ -76,12 +76,9 @@ def _learned_logits(
     gate: MixedScaleGate, s: int, pixels: Tensor, batch: TreeBatch, fine_patch: int, chans: int
 ) -> Tensor:
     """Logits ``[N_s]`` of the scale-``s`` nodes in global order: their full-resolution pixels
-    gathered from the flat buffer (factor 1), one MLP call over every image."""
+    gathered from the flat buffer (``flat_cells``), one MLP call over every image."""
     starts = batch.scale_starts
-    nodes = batch.node_pixels(fine_patch, chans, pixels.device)[:, starts[s] : starts[s + 1]]
-    nodes = torch.cat([nodes[:3], torch.ones_like(nodes[3:])])
-    count = starts[s + 1] - starts[s]
-    region_pixels = gather_flat_patches_reference(
-        pixels, nodes, torch.arange(count, device=pixels.device), gate.region_size, chans, 1
-    )
+    node_pixels = batch.node_pixels(fine_patch, chans, pixels.device)
+    nodes = torch.arange(starts[s], starts[s + 1], device=pixels.device)
+    region_pixels = flat_cells(pixels, node_pixels, nodes, gate.region_size, chans, fine_patch).flatten(1)
     return gate.list_logits(region_pixels, [tree.grids[s] for tree in batch.trees])
