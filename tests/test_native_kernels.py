@@ -245,3 +245,18 @@ def test_an_unknown_gate_is_refused_by_name():
     batch = TreeBatch.of([(8, 8)], R, 2)
     with pytest.raises(NotImplementedError, match="Identity gate"):
         list_decision(torch.nn.Identity(), [torch.rand(3, 32, 32)], batch, P, False, None)
+
+
+@needs_triton
+def test_the_list_op_traces_under_torch_compile():
+    sizes = SIZES[3]
+    images = list_images(sizes, nan=False)
+    batch = TreeBatch.of([(h // P, w // P) for h, w in sizes], R, 3)
+    flat, nodes = torch.cat([image.reshape(-1) for image in images]), batch.node_pixels(P, 3)
+    starts = batch.scale_starts
+
+    def entropies(pixels):
+        return list_patch_entropy(pixels, nodes, range(starts[1], starts[-1]), P, 3, largest=R * R, bins=64)
+
+    compiled = torch.compile(entropies, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(flat), entropies(flat))
