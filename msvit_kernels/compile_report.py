@@ -71,6 +71,34 @@ def _record(workload: Workload):
                 entropy_kernel._launch(images, 32, (0.5,) * 3, (0.5,) * 3, bins, threshold, binning)
             entropy_kernel._launch(images[:, :1], 32, (0.5,), (0.5,), entropy_kernel.MAX_BINS, 5.5)
         return records
+    if model == "list-entropy":  # APT's gate over a list of sizes (flat pixels): 2 and 3 scales, both binnings, grey
+        from .tree_batch import TreeBatch
+
+        pixels = torch.zeros(3 * (224 * 224 + 160 * 320), dtype=dtype)
+        with record_launches() as records:
+            for scales, bins, binning, chans in (
+                (2, entropy_kernel.DEFAULT_BINS, "apt", 3),
+                (3, entropy_kernel.DEFAULT_BINS, "apt", 3),
+                (3, entropy_kernel.DEFAULT_BINS, "continuous", 3),
+                (3, entropy_kernel.MIN_BINS, "apt", 3),
+                (3, entropy_kernel.MAX_BINS, "apt", 1),
+            ):
+                batch = TreeBatch.of([(14, 14), (10, 20)], 2, scales)
+                starts, norm = batch.scale_starts, (0.5,) * chans
+                entropy_kernel._launch_list(
+                    pixels,
+                    batch.node_pixels(16, chans),
+                    starts[1],
+                    starts[-1] - starts[1],
+                    16,
+                    chans,
+                    2 ** (scales - 1),
+                    norm,
+                    norm,
+                    bins,
+                    binning,
+                )
+        return records
     if model == "tree-pack":  # three scales (16/32/64 px, scale_tree.tree_index layouts) at ViT-S/16's width
         images, (dim, n_nodes, total) = torch.zeros(2, 3, 224, 224, dtype=dtype), (384, 196 + 49 + 9, 300)
         rows = torch.zeros(total - 2, dtype=torch.int64)
@@ -207,7 +235,14 @@ def workloads(quick: bool) -> List[Workload]:
     """The representative set (``quick``: what `make test` compiles) or the full sweep."""
     first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
     # each kernel variant the ViT workloads do not launch (the tree kernels: models of more than two scales)
-    extras = ("attention-pool train", "entropy-gate infer", "tree-pack infer", "tree-index infer", "list-pack infer")
+    extras = (
+        "attention-pool train",
+        "entropy-gate infer",
+        "tree-pack infer",
+        "tree-index infer",
+        "list-pack infer",
+        "list-entropy infer",
+    )
     pool = [Workload(m, d, 64, False) for m in extras for d in ("float16", "bfloat16")]
     if quick:
         return first + [Workload("ViT-B/16,32 train", d, 64, False) for d in ("float16", "bfloat16")] + pool

@@ -41,6 +41,13 @@ One program per patch: it streams the patch's pixels in ``BLOCK_P`` slices and a
 nothing goes through global memory but the pixels and one fp32 entropy (and one decision byte) per
 patch. The entropy is a hard threshold's input, not differentiable: the op has no autograd formula
 and detaches its input.
+
+A list of images of different sizes (``list_patch_entropy``, the kernel's ``LIST`` mode,
+docs/design.md section 11): one launch over a range of global nodes of the list's
+``tree_batch.TreeBatch``, each program a node whose pixel origin, row and channel strides and
+factor ``r**s`` come from ``TreeBatch.node_pixels`` over the flat pixel buffer (the pack kernel's
+geometry). A node is a ``fine_patch * r**s`` px cell and the slice loop runs to its own pixel
+count, so every scale of every image shares one launch; the binning is the one above, op for op.
 """
 
 import math
@@ -74,25 +81,40 @@ if triton is not None:
         IMG, ENTROPY, FINE,
         n_coarse, grid_w, threshold, level_scale,
         mean_r, mean_g, mean_b, std_r, std_g, std_b, luma_r, luma_g, luma_b,
-        stride_ib, stride_ic, stride_ih, stride_iw,
+        stride_ib, stride_ic, stride_ih, stride_iw, NODE_PIXELS, first_node, n_nodes,
         PATCH: tl.constexpr, CHANNELS: tl.constexpr, BINS: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
-        APT: tl.constexpr, BLOCK_P: tl.constexpr,
+        APT: tl.constexpr, LIST: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """One program: the entropy of patch ``program_id`` (image pid // n_coarse, raster cell
         pid % n_coarse) and, with HAS_THRESHOLD, the decision (APT: ``entropy >= threshold``, else
-        ``entropy > threshold``). A patch with a non-finite pixel has entropy +inf."""
+        ``entropy > threshold``). A patch with a non-finite pixel has entropy +inf.
+
+        LIST (a list of images of different sizes, docs/design.md section 11): IMG is the list's flat
+        pixel buffer and the program's patch is the global node ``first_node + pid`` of
+        NODE_PIXELS ``[4, n_nodes]`` (pixel origin, row stride, channel stride, factor r**s: a
+        ``PATCH * r**s`` px cell, so nodes of several scales share the launch); no threshold."""
         pid = tl.program_id(0)
-        cell = pid % n_coarse
-        y0 = (cell // grid_w) * PATCH
-        x0 = (cell % grid_w) * PATCH
-        base = IMG + (pid // n_coarse).to(tl.int64) * stride_ib + y0 * stride_ih + x0 * stride_iw
+        if LIST:  # a 64-bit origin in a buffer of many images; strides inside one image fit 32 bits
+            node = first_node + pid
+            base = IMG + tl.load(NODE_PIXELS + node)
+            stride_ih = tl.load(NODE_PIXELS + n_nodes + node).to(tl.int32)
+            stride_ic = tl.load(NODE_PIXELS + 2 * n_nodes + node).to(tl.int32)
+            stride_iw = 1
+            side = PATCH * tl.load(NODE_PIXELS + 3 * n_nodes + node).to(tl.int32)
+        else:
+            cell = pid % n_coarse
+            y0 = (cell // grid_w) * PATCH
+            x0 = (cell % grid_w) * PATCH
+            base = IMG + (pid // n_coarse).to(tl.int64) * stride_ib + y0 * stride_ih + x0 * stride_iw
+            side = PATCH
+        n_pixels = side * side
 
         hist = tl.zeros([BINS], dtype=tl.int32)
         nonfinite = 0
-        for k0 in range(0, PATCH * PATCH, BLOCK_P):
+        for k0 in range(0, n_pixels, BLOCK_P):
             offs = k0 + tl.arange(0, BLOCK_P)
-            valid = offs < PATCH * PATCH
-            ptr = base + (offs // PATCH) * stride_ih + (offs % PATCH) * stride_iw
+            valid = offs < n_pixels
+            ptr = base + (offs // side) * stride_ih + (offs % side) * stride_iw
             grey, finite = _channel(ptr, valid, std_r, mean_r, APT)
             if CHANNELS == 3:
                 green, finite_g = _channel(ptr + stride_ic, valid, std_g, mean_g, APT)
@@ -109,10 +131,10 @@ if triton is not None:
             # the padding lanes are taken out below (a histogram mask is not in every Triton this
             # package supports), a non-finite pixel makes the entropy +inf whatever the counts
             hist += tl.histogram(tl.where(valid & finite, level.to(tl.int32), 0), BINS)
-        padding = tl.cdiv(PATCH * PATCH, BLOCK_P) * BLOCK_P - PATCH * PATCH
+        padding = tl.cdiv(n_pixels, BLOCK_P) * BLOCK_P - n_pixels
         hist -= tl.where(tl.arange(0, BINS) == 0, padding, 0)
 
-        p = hist.to(tl.float32) / (PATCH * PATCH)
+        p = hist.to(tl.float32) / n_pixels
         entropy = -tl.sum(p * tl.log2(tl.where(hist > 0, p, 1.0)), 0)  # an empty bin adds 0 * log2(1)
         entropy = tl.where(nonfinite > 0, float("inf"), entropy)
         tl.store(ENTROPY + pid, entropy)
@@ -136,17 +158,40 @@ def _launch(images: Tensor, patch: int, mean: Sequence[float], std: Sequence[flo
     fine = torch.empty((batch, n_coarse) if threshold is not None else (0,), dtype=torch.uint8, device=images.device)
     if batch * n_coarse == 0:
         return entropy, fine.view(torch.bool)
-    # 1024 pixels x 3 channels over 4 warps: 24 values per thread (the interpreter pays per slice)
-    block = min(4096 if INTERPRET else 1024, triton.next_power_of_2(patch * patch))
+    block = _slice_block(patch * patch)
     mean3, std3 = (tuple(v) + (0.0,) * (3 - chans) for v in (mean, std))
     _ENTROPY[(batch * n_coarse,)](
         images, entropy, fine, n_coarse, grid_w, 0.0 if threshold is None else threshold, 255.0 * bins / 256.0,
-        *mean3, *std3, *ENTROPY_LUMA, *images.stride(),
+        *mean3, *std3, *ENTROPY_LUMA, *images.stride(), entropy, 0, 0,
         PATCH=patch, CHANNELS=chans, BINS=bins, HAS_THRESHOLD=threshold is not None,
-        APT=binning == "apt", BLOCK_P=block,
+        APT=binning == "apt", LIST=False, BLOCK_P=block,
         num_warps=4, enable_fp_fusion=False,
     )
     return entropy, fine.view(torch.bool)
+
+
+def _slice_block(pixels_per_patch: int) -> int:
+    """``BLOCK_P``: 1024 pixels x 3 channels over 4 warps, 24 values per thread (the interpreter
+    pays per slice, so it takes up to 4096)."""
+    return min(4096 if INTERPRET else 1024, triton.next_power_of_2(pixels_per_patch))
+
+
+def _launch_list(pixels: Tensor, node_pixels: Tensor, first: int, count: int, patch: int, chans: int,
+                 largest: int, mean: Sequence[float], std: Sequence[float], bins: int, binning: str) -> Tensor:
+    """Entropies fp32 ``[count]`` of the global nodes ``first .. first + count - 1`` (LIST mode;
+    ``largest``: the largest factor r**s among them, which sizes the slices)."""
+    entropy = torch.empty(count, dtype=torch.float32, device=pixels.device)
+    if count == 0:
+        return entropy
+    mean3, std3 = (tuple(v) + (0.0,) * (3 - chans) for v in (mean, std))
+    _ENTROPY[(count,)](
+        pixels, entropy, entropy, 1, 1, 0.0, 255.0 * bins / 256.0,
+        *mean3, *std3, *ENTROPY_LUMA, 0, 0, 0, 0, node_pixels, first, node_pixels.shape[1],
+        PATCH=patch, CHANNELS=chans, BINS=bins, HAS_THRESHOLD=False, APT=binning == "apt", LIST=True,
+        BLOCK_P=_slice_block((patch * largest) ** 2),
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return entropy
 
 
 @torch.library.custom_op("msvit::patch_entropy", mutates_args=())
@@ -161,6 +206,18 @@ def _(images, patch, mean, std, bins, threshold, binning):
     batch, n_coarse = images.shape[0], (images.shape[2] // patch) * (images.shape[3] // patch)
     return (images.new_empty(batch, n_coarse, dtype=torch.float32),
             images.new_empty((batch, n_coarse) if threshold is not None else (0,), dtype=torch.bool))
+
+
+@torch.library.custom_op("msvit::list_patch_entropy", mutates_args=())
+def _list_entropy_op(pixels: Tensor, node_pixels: Tensor, first: int, count: int, patch: int, chans: int,
+                     largest: int, mean: List[float], std: List[float], bins: int, binning: str) -> Tensor:
+    """Entropies ``[count]``; see :func:`_launch_list`."""
+    return _launch_list(pixels, node_pixels, first, count, patch, chans, largest, mean, std, bins, binning)
+
+
+@_list_entropy_op.register_fake
+def _(pixels, node_pixels, first, count, patch, chans, largest, mean, std, bins, binning):
+    return pixels.new_empty(count, dtype=torch.float32)
 
 
 class PatchEntropy(NamedTuple):
@@ -233,3 +290,36 @@ def patch_entropy(images: Tensor, patch: int, *, mean: Optional[Sequence[float]]
     threshold = None if threshold is None else float(threshold)
     entropy, fine = _patch_entropy_op(images.detach(), patch, mean, std, bins, threshold, binning)
     return PatchEntropy(entropy, fine if threshold is not None else None)
+
+
+def list_patch_entropy(pixels: Tensor, node_pixels: Tensor, nodes: range, fine_patch: int, chans: int, *,
+                       largest: int, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                       bins: int = DEFAULT_BINS, binning: str = "apt") -> Tensor:
+    """The grey-level entropy of nodes of a list of images of different sizes, in one launch.
+
+    pixels: float16/bfloat16/float32 ``[sum C H_b W_b]``, every ``[C, H_b, W_b]`` image flattened in
+    turn (the list's flat pixel buffer); node_pixels: int64 ``[4, n_nodes]``, each global node's
+    pixel origin, row stride, channel stride and factor ``r**s``
+    (``tree_batch.TreeBatch.node_pixels``), on the pixels' device. nodes: the range of global nodes
+    to measure (e.g. every node of scales 1 .. S-1), each a ``fine_patch * r**s`` px cell; largest:
+    the largest factor among them. Returns float32 ``[len(nodes)]``: each node's entropy in bits,
+    +inf for a cell with a non-finite pixel, as :func:`patch_entropy` gives for that cell. Reads
+    nothing back to the host; not differentiable. The oracle is ``reference.entropy_flat_reference``.
+    """
+    if not isinstance(pixels, Tensor) or pixels.dim() != 1 or not pixels.is_floating_point():
+        raise TypeError("pixels must be the list's flat float pixel buffer, a 1-D float tensor")
+    if (not isinstance(node_pixels, Tensor) or node_pixels.dtype != torch.int64 or node_pixels.dim() != 2
+            or node_pixels.shape[0] != 4 or node_pixels.device != pixels.device):
+        raise ValueError("node_pixels must be int64 [4, n_nodes] on the pixels' device (TreeBatch.node_pixels)")
+    if not isinstance(nodes, range) or nodes.step != 1 or nodes.start < 0 or nodes.stop > node_pixels.shape[1]:
+        raise ValueError(f"nodes must be a range of global nodes inside 0 .. {node_pixels.shape[1]}, got {nodes!r}")
+    if isinstance(largest, bool) or not isinstance(largest, int) or largest < 1:
+        raise ValueError(f"largest (the largest factor r**s of the nodes) must be a positive int, got {largest!r}")
+    mean, std = normalisation(chans, mean, std)
+    patch = int(fine_patch) * largest
+    check_entropy_args(pixels.new_empty(0, chans, patch, patch), patch, mean, std, bins, binning)
+    reason = triton_support(pixels, "the Triton patch entropy")
+    if reason:
+        raise RuntimeError(reason)
+    return _list_entropy_op(pixels.detach(), node_pixels, nodes.start, len(nodes), int(fine_patch), chans, largest,
+                            mean, std, bins, binning)

@@ -103,6 +103,22 @@ class TreeBatch:
             _remember(key, cached)
         return cached
 
+    def decision_nodes(self, device=None) -> Tensor:
+        """int64 ``[sum D_b]``: the global node of every entry of the flat decision tensor (the
+        inverse of ``BatchLayout.decision`` over the nodes of scales >= 1), so that a gate computed
+        in global node order (scale by scale) gives the flat decisions with one gather, ``out[nodes
+        - scale_starts[1]]``. Cached per size mix, as ``layout``."""
+        key = (self, "decision_nodes", torch.device(device) if device is not None else torch.device("cpu"))
+        cached = _LAYOUTS.get(key)
+        if cached is None:
+            starts = self.scale_starts
+            nodes = torch.arange(starts[1], starts[-1])
+            cached = torch.empty_like(nodes)
+            cached[self.layout().decision[starts[1] :]] = nodes
+            cached = cached.to(key[-1], non_blocking=True)
+            _remember(key, cached)
+        return cached
+
     def token_weights(self, decisions: Tensor) -> Tensor:
         """``ScaleTree.token_weights`` of every image at once, in global node order: ``[n_nodes]``
         (bool for a bool flat mask ``[sum D_b]``, float for straight-through values)."""

@@ -27,11 +27,12 @@ the finest ``thresholds[i - 1]``: with 16/32/64 px and ``[6.0, 4.0]``, 32 px pat
 64 px ones 4.0). With two scales (fine S_f, coarse S_c) there is one boundary, so ``thresholds``
 holds one value (APT's two-scale setting is 5.5), and the entropy is measured on the S_c regions.
 More scales: ``msvit.models.tree_gate.TreeGate.entropy``, one ``EntropyGate`` (one
-``patch_entropy`` call) per scale, thresholds in APT's order.
+``patch_entropy`` call) per scale, thresholds in APT's order. A list of images of different sizes:
+:func:`list_entropies` (one launch for every scale of the list, ``msvit.models.list_gates``).
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +40,9 @@ from torch import Tensor, nn
 from msvit.data.sample_images import IMAGENET_MEAN, IMAGENET_STD
 from msvit.models.gate import Budget, GateDecision, budget_mask, mask_decision
 from msvit_kernels.dispatch import use_triton
-from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args, patch_entropy
-from msvit_kernels.reference import entropy_reference
+from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args, list_patch_entropy, patch_entropy
+from msvit_kernels.reference import entropy_flat_reference, entropy_reference
+from msvit_kernels.tree_batch import TreeBatch
 
 APT_THRESHOLD = 5.5  # APT's threshold for two scales
 APT_THREE_SCALE_THRESHOLDS = (6.0, 4.0)  # APT's three scales, in its order: 2p px nodes 6.0, 4p px 4.0
@@ -189,3 +191,51 @@ def binning_record(binning: str) -> dict:
     every entropy-gate checkpoint saved before the binning was recorded (so they still verify, and
     ``msvit.io.architecture.from_timm_options`` rebuilds them with it), else ``{"binning": ...}``."""
     return {} if binning == "continuous" else {"binning": binning}
+
+
+def list_entropies(
+    levels: Sequence[Tuple[int, EntropyGate]], pixels: Tensor, batch: TreeBatch, fine_patch: int, chans: int
+) -> List[Tensor]:
+    """The entropies of every node a list of images' entropy gates decide, float32 ``[N_s]`` per
+    level, in global node order (``TreeBatch``): levels, ``(scale, gate)`` pairs, scales ascending
+    ``1 .. S-1``; pixels: the list's flat pixel buffer (each ``[C, H_b, W_b]`` flattened in turn).
+
+    Triton (``use_triton`` on the pixels): ``list_patch_entropy``, one launch for every level when the
+    levels bin alike (as ``TreeGate.entropy`` builds them), else one per level. Torch:
+    ``entropy_flat_reference``, the pixels binned once and each coarser level's histograms summed
+    from its children's. Equal, node by node, to the entropies of each image alone."""
+    first = levels[0][1]
+    starts, ratio = batch.scale_starts, batch.trees[0].ratio
+    alike = all(_binning_of(gate) == _binning_of(first) for _, gate in levels)
+    groups = [levels] if alike else [[level] for level in levels]
+    node_pixels = batch.node_pixels(fine_patch, chans, pixels.device)
+    out: List[Tensor] = []
+    for group in groups:
+        low, high = group[0][0], group[-1][0]
+        options = dict(zip(("mean", "std", "bins", "binning"), _binning_of(group[0][1])))
+        if use_triton(first.kernels, pixels):
+            nodes = range(starts[low], starts[high + 1])
+            entropy = list_patch_entropy(pixels, node_pixels, nodes, fine_patch, chans, largest=ratio**high, **options)
+            out += list(entropy.split([starts[s + 1] - starts[s] for s in range(low, high + 1)]))
+        else:
+            layout = batch.layout(pixels.device)
+            merges = [
+                (layout.parent[starts[s] : starts[s + 1]], starts[s + 2] - starts[s + 1]) for s in range(low, high)
+            ]
+            cells = torch.arange(starts[low], starts[low + 1], device=pixels.device)
+            out += entropy_flat_reference(
+                pixels,
+                node_pixels,
+                cells,
+                fine_patch * ratio**low,
+                chans,
+                merges=merges,
+                ratio=ratio,
+                segment=fine_patch,
+                **options,
+            )
+    return out
+
+
+def _binning_of(gate: EntropyGate) -> tuple:
+    return (gate.mean, gate.std, gate.bins, gate.binning)

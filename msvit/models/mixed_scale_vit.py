@@ -25,20 +25,13 @@ from msvit.models.checks import (
     is_image_list,
 )
 from msvit.models.distilled import check_distilled, distilled_head
-from msvit.models.gate import (
-    Budget,
-    GateDecision,
-    MixedScaleGate,
-    budget_regions,
-    gumbel_sigmoid,
-    list_budget_mask,
-)
+from msvit.models.gate import Budget, GateDecision, MixedScaleGate, budget_regions
 from msvit.models.layers import dense_blocks, packed_blocks
+from msvit.models.list_gates import list_decision
 from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit.models.tree_gate import budget_splits, check_tree_mask
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
-from msvit_kernels.reference import gather_flat_patches_reference
 from msvit_kernels.scale_tree import tree_static_shape
 from msvit_kernels.tree_batch import TreeBatch
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
@@ -237,38 +230,7 @@ class MSViT(nn.Module):
         if mask is not None:
             hard = torch.cat(check_mask_list(mask, self._decision_names(batch))).to(images[0].device)
             return GateDecision(None, None, hard, hard.to(images[0].dtype))
-        if type(self.gate) is MixedScaleGate:  # the learned two-scale gate: every region of the list at once
-            return self._learned_list_decision(images, batch, budget, sample)
-        parts = []
-        for b, image in enumerate(images):  # the other gates, one image at a time
-            try:
-                parts.append(self.gate.decide(image[None], sample=sample, budget=budget))
-            except ValueError as error:
-                raise ValueError(f"images[{b}]: {error}") from None
-        return GateDecision(*(None if f[0] is None else torch.cat([t[0] for t in f]) for f in zip(*parts)))
-
-    def _learned_list_decision(self, images, batch: TreeBatch, budget: Budget, sample: bool) -> GateDecision:
-        """``MixedScaleGate.decide`` over a list in one pass: the regions' pixels gathered from the
-        flat pixel buffer, one MLP call, one noise draw, every image's budget at once."""
-        gate, chans = self.gate, images[0].shape[0]
-        pixels = torch.cat([image.reshape(-1) for image in images])
-        starts = batch.scale_starts
-        regions = batch.node_pixels(self.tokenizer.fine_patch, chans, pixels.device)[:, starts[1] : starts[2]]
-        regions = torch.cat([regions[:3], torch.ones_like(regions[3:])])  # full-resolution region pixels
-        count = starts[2] - starts[1]
-        region_pixels = gather_flat_patches_reference(
-            pixels, regions, torch.arange(count, device=pixels.device), gate.region_size, chans, 1
-        )
-        logits = gate.list_logits(region_pixels, [tree.grids[1] for tree in batch.trees])
-        if sample and budget is None:
-            soft, hard, st = gumbel_sigmoid(logits, gate.temperature)
-            return GateDecision(logits, soft, hard, st)
-        if budget is None:
-            hard = logits > 0
-        else:
-            image, local = batch.nodes_of_images(1, logits.device)
-            hard = list_budget_mask(logits, image, local, batch.nodes_at(1), budget)
-        return GateDecision(logits, torch.sigmoid(logits), hard, hard.to(logits.dtype))
+        return list_decision(self.gate, images, batch, self.tokenizer.fine_patch, sample, budget)
 
     def _decision_names(self, batch: TreeBatch) -> List[Tuple[int, str]]:
         if self.tokenizer.scales > 2:

@@ -19,6 +19,8 @@ order in each): a level's logit > 0 means *split*, as a two-scale gate's means *
 - Budget (eval, both kinds): every image splits exactly ``k`` nodes (``tree_budget_mask``), so
   every image has ``roots + k * (r*r - 1)`` tokens and the packed shape is known in advance.
 - A caller's mask: bool ``[B, D]``; entries below a node that does not split are ignored.
+- A list of images of different sizes: ``msvit.models.list_gates`` (every level over the whole
+  list at once, flat ``[sum D_b]`` decisions; budgets by :func:`list_tree_budget_mask`).
 
 Entropy thresholds follow APT's order (``select_patches_by_threshold`` in APT's
 ``src/models/entropy_utils.py``): APT sorts the patch sizes ascending and gives patch size
@@ -35,6 +37,7 @@ with ``S > 2`` they are given :func:`finest_share` (the soft weight of each fine
 "fraction of finest tokens" the paper's losses then constrain.
 """
 
+from itertools import accumulate
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -47,6 +50,7 @@ from msvit_kernels.dispatch import use_triton
 from msvit_kernels.entropy_kernel import DEFAULT_BINS
 from msvit_kernels.reference import entropy_levels_reference
 from msvit_kernels.scale_tree import ScaleTree
+from msvit_kernels.tree_batch import TreeBatch
 
 KINDS = ("learned", "entropy")
 
@@ -127,6 +131,51 @@ def tree_budget_mask(logits: Tensor, tree: ScaleTree, budget: Budget) -> Tensor:
         order = by_own.gather(1, torch.sort(effective, dim=1, descending=True, stable=True).indices)
         mask.scatter_(1, order[:, :k], True)
     return mask
+
+
+def list_budget_splits(budget: Budget, batch: TreeBatch) -> List[int]:
+    """:func:`budget_splits` of every image of a list (a fraction: each image its own share of its
+    ``D_b``); an int budget larger than an image's ``D_b`` is refused naming the image."""
+    splits = []
+    for b, tree in enumerate(batch.trees):
+        try:
+            splits.append(budget_splits(budget, tree))
+        except ValueError as error:
+            raise ValueError(f"images[{b}]: {error}") from None
+    return splits
+
+
+def list_tree_budget_mask(logits: Tensor, batch: TreeBatch, budget: Budget) -> Tensor:
+    """:func:`tree_budget_mask` of a list of images of different sizes at once: logits flat
+    ``[sum D_b]`` (``TreeBatch``'s decision order) -> bool ``[sum D_b]``, image ``b`` splitting its
+    ``budget_splits(budget, tree_b)`` nodes by the same rule and ties (effective score, coarse before
+    fine, own logit, raster order). The effective scores are capped scale by scale over the global
+    node table; the order is four stable sorts of the flat entries (own logit, scale, effective
+    score, image: the last sort's key is the most significant). No loop over images, no host read."""
+    splits = list_budget_splits(budget, batch)
+    device = logits.device
+    layout, nodes = batch.layout(device), batch.decision_nodes(device)
+    starts = batch.scale_starts
+    own = torch.where(torch.isnan(logits), float("-inf"), logits.detach())
+    by_node = own[layout.decision[starts[1] :]]  # global node order, scales 1 .. S-1
+    capped: List[Tensor] = []
+    above = None
+    for s in range(batch.scales - 1, 0, -1):  # the coarsest scale first: a node is capped by its parent
+        level = by_node[starts[s] - starts[1] : starts[s + 1] - starts[1]]
+        if above is not None:
+            parent = layout.parent[starts[s] : starts[s + 1]]
+            level = torch.where(parent >= 0, torch.minimum(level, above[parent.clamp_min(0)]), level)
+        capped.insert(0, level)
+        above = level
+    effective = torch.cat(capped)[nodes - starts[1]]
+    image, scale = layout.image[nodes], layout.scale[nodes]
+    order = torch.sort(own, descending=True, stable=True).indices
+    for key, descending in ((scale, True), (effective, True), (image, False)):
+        order = order[torch.sort(key[order], descending=descending, stable=True).indices]
+    first = torch.tensor([0, *accumulate(batch.decisions)][:-1], device=device)
+    rank = torch.arange(order.numel(), device=device) - first[image[order]]
+    keep = torch.tensor(splits, device=device)
+    return torch.zeros_like(logits, dtype=torch.bool).index_put_((order,), rank < keep[image[order]])
 
 
 def finest_share(decision_soft: Tensor, tree: ScaleTree) -> Tensor:
