@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -92,6 +93,47 @@ def device_capability(index: int) -> int:
     return 10 * major + minor
 
 
+# The oldest target of the compile report: its configs compile clean on every newer one too (each
+# ``fits`` rule only adds configs on newer GPUs), so a launch traced for a GPU this machine lacks takes them.
+PORTABLE_CAPABILITY = min(SHARED_MEMORY_LIMIT)
+
+
+def launch_capability(device: torch.device) -> int:
+    """The GPU generation a launch on ``device`` chooses its configs for: the device's, or, where no
+    CUDA driver answers (``torch.export`` under fake CUDA tensors), ``PORTABLE_CAPABILITY``, so
+    tracing never asks CUDA a question it cannot answer."""
+    if torch.cuda.is_available():
+        return device_capability(device.index or 0)
+    return PORTABLE_CAPABILITY
+
+
+def traced(tensor: Tensor) -> bool:
+    """True when a launch is being traced (``torch.compile``, ``torch.export``, Inductor tracing into
+    a ``triton_op``) rather than run: ``tensor`` (any argument of the launch) is fake, or a compiler
+    is tracing. A traced launch goes through ``torch.library.wrap_triton``, which records it in the
+    graph; an eager one calls the kernel straight (the wrapper's dispatch costs ~1 ms)."""
+    return torch.compiler.is_compiling() or is_fake(tensor)
+
+
+def kernel_op(name: str, *, mutates_args=()):
+    """The ``torch.library`` decorator for a launcher: ``triton_op`` where Triton compiles, so
+    ``torch.compile`` and ``torch.export`` see its ``wrap_triton`` launches and an AOTInductor
+    package carries the kernels (docs/design.md section 14); ``custom_op`` under the interpreter
+    (it reads data pointers, so no fake tensor may reach it: the op stays opaque) or without triton.
+
+    Either way the body is the op's fake implementation (a launch on fake tensors records or skips
+    the kernel, ``TritonKernel``), unless the op registers a cheaper one of its own."""
+
+    def register(body):
+        if triton is not None and not INTERPRET:
+            return torch.library.triton_op(name, mutates_args=mutates_args)(body)
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(body)
+        op.register_fake(body)
+        return op
+
+    return register
+
+
 class TritonKernel:
     """A jitted kernel and the configs its launcher can choose.
 
@@ -131,21 +173,23 @@ class TritonKernel:
         if recording():
             _recording[0].append(LaunchRecord(self, args, meta))
             return
+        tensor = next(a for a in args if isinstance(a, torch.Tensor))
         if INTERPRET:
-            self.fn[grid](*args, **meta, **self.interpret_meta)
+            if not is_fake(tensor):  # a fake tensor (an op's fake implementation) has no data to compute on
+                self.fn[grid](*args, **meta, **self.interpret_meta)
             return
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        configs = self.configs_for(device_capability(device.index or 0), meta)
-        if configs[0] is None:
-            self.fn[grid](*args, **meta)
-        elif len(configs) == 1:
+        configs = self.configs_for(launch_capability(tensor.device), meta)
+        kernel = self.fn
+        if len(configs) == 1 and configs[0] is not None:  # its tiles, warps and stages (wrap_triton refuses num_ctas)
             config = configs[0]
-            self.fn[grid](*args, **meta, **config.all_kwargs())
-        else:
-            tuner = self._tuners.get(tuple(map(id, configs)))
-            if tuner is None:  # every launcher only writes what it never reads: timing in place is harmless
-                tuner = self._tuners[tuple(map(id, configs))] = triton.autotune(configs, key=self.key)(self.fn)
-            tuner[grid](*args, **meta)
+            meta = {**meta, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        elif len(configs) > 1:
+            kernel = self._tuners.get(tuple(map(id, configs)))
+            if kernel is None:  # every launcher only writes what it never reads: timing in place is harmless
+                kernel = self._tuners[tuple(map(id, configs))] = triton.autotune(configs, key=self.key)(self.fn)
+        if traced(tensor):
+            kernel = torch.library.wrap_triton(kernel)
+        kernel[grid](*args, **meta)
 
 
 def bfloat16_reason(tensor: torch.Tensor) -> str:
