@@ -104,7 +104,11 @@ TRITON_EXPORT = textwrap.dedent("""
                        "kernels": kernels(decomposed), "devices": sorted(devices)})
     print(json.dumps(report))
 """)
-TRITON_CASES = [({"coarse_patch_size": 16, "hidden": 8}, 0.5), ({"scales": [8, 16, 32], "hidden": 8}, None), (None, None)]
+TRITON_CASES = [
+    ({"coarse_patch_size": 16, "hidden": 8}, 0.5),
+    ({"scales": [8, 16, 32], "hidden": 8}, None),
+    (None, None),
+]
 
 
 def tiny_model(**options):
