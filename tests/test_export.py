@@ -228,17 +228,18 @@ def triton_export():
 
 
 def test_the_cuda_program_with_triton_kernels_holds_them_as_triton_ops(triton_export):
-    """kernels="triton": the gate, index and pack launchers are named triton_ops in the exported
-    program, and decomposing them (as AOTInductor does before compiling) leaves their Triton
-    kernels and no opaque op, so the package carries the kernels (docs/design.md section 14).
+    """kernels="triton": the gate, index, pack and attention launchers are named triton_ops in the
+    exported program, and decomposing them (as AOTInductor does before compiling) leaves their
+    Triton kernels and no opaque op, so the package carries the kernels (docs/design.md section 14).
     Without a driver the configs are those every target compiles clean (``PORTABLE_CAPABILITY``):
-    for the fp32 pack, the two that fit sm_70."""
+    for the fp32 pack, the two that fit sm_70; one for the fp32 attention there."""
     two, three, _ = triton_export
     assert two["exported"] == {
         "msvit.fused_gate.default": 1,
         "msvit.mixed_scale_counts.default": 1,
         "msvit.mixed_scale_maps.default": 1,
         "msvit.gather_embed_pack.default": 1,
+        "msvit.triton_varlen_attention.default": 1,
     }
     assert two["opaque"] == {} and three["opaque"] == {}
     assert two["kernels"] == {
@@ -246,18 +247,21 @@ def test_the_cuda_program_with_triton_kernels_holds_them_as_triton_ops(triton_ex
         "_counts_kernel (1 configs)": 1,
         "_index_kernel (1 configs)": 1,
         "_pack_kernel (2 configs)": 1,
+        "_attn_fwd_kernel (1 configs)": 1,
     }
     assert three["exported"] == {
         "msvit.fused_gate.default": 2,
         "msvit.tree_counts.default": 1,
         "msvit.tree_maps.default": 1,
         "msvit.gather_embed_pack.default": 1,
+        "msvit.triton_varlen_attention.default": 1,
     }
     assert three["kernels"] == {
         "_gate_layer_kernel (2 configs)": 6,
         "_tree_counts_kernel (1 configs)": 1,
         "_tree_index_kernel (1 configs)": 1,
         "_pack_kernel (2 configs)": 1,
+        "_attn_fwd_kernel (1 configs)": 1,
     }
     assert two["devices"] == three["devices"] == ["cuda:0"]
 

@@ -13,10 +13,10 @@ capacity is faster and a batch with more tokens fails on the device).
 What the package holds (docs/design.md section 14): by default (``kernels="reference"``) the torch
 path of the model, the reference tokenizer and gate and the ``padded_sdpa`` attention, which Inductor
 compiles into its own kernels (C++ on CPU, Triton on CUDA). On CUDA, ``kernels="triton"`` puts the
-package's fused Triton kernels in instead (the learned gate, the index builders and the pack): they
-are ``torch.library.triton_op``s, which AOTInductor traces into and compiles like its own kernels. The
-entropy kernel is still an opaque ``custom_op``, so an entropy gate keeps its torch path there, and
-the attention stays ``padded_sdpa``.
+package's fused Triton kernels in instead (the learned gate, the index builders, the pack and the
+attention): they are ``torch.library.triton_op``s, which AOTInductor traces into and compiles like its
+own kernels. The entropy kernel is still an opaque ``custom_op``, so an entropy gate keeps its torch
+path there.
 """
 
 import copy
@@ -59,8 +59,9 @@ def image_hw(image_size: Union[int, Sequence[int]]) -> tuple:
 
 def portable_copy(model: MSViT, device: Optional[Union[str, torch.device]], kernels: str = PORTABLE_KERNELS) -> MSViT:
     """The model to export: a copy (the caller's model keeps its device and kernels) on ``device``,
-    with the torch tokenizer, gate and attention, or with ``kernels="triton"`` the fused kernels that
-    are ``triton_op``s (every entropy gate keeps its torch path: its kernel is an opaque op)."""
+    with the torch tokenizer, gate and attention, or with ``kernels="triton"`` the fused kernels and
+    the Triton attention, which are ``triton_op``s (every entropy gate keeps its torch path: its
+    kernel is an opaque op)."""
     if kernels not in EXPORT_KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(map(repr, EXPORT_KERNELS))}, got {kernels!r}")
     exported = copy.deepcopy(model)
@@ -73,7 +74,7 @@ def portable_copy(model: MSViT, device: Optional[Union[str, torch.device]], kern
     for module in exported.gate.modules():
         if isinstance(module, EntropyGate):
             module.kernels = PORTABLE_KERNELS
-    exported.attention_backend = PORTABLE_ATTENTION
+    exported.attention_backend = "triton" if kernels == "triton" else PORTABLE_ATTENTION
     return exported.eval()
 
 
@@ -138,7 +139,7 @@ def export(
         capacity: without a budget, the packed rows (default: every region fine).
         device: where the package runs (default: the model's device); the dtype is the model's.
         kernels: ``"reference"`` (the torch path of every op, any device) or, on CUDA, ``"triton"``
-            (the package's fused gate, index and pack kernels; docs/deploy.md compares the two).
+            (the package's fused gate, index, pack and attention kernels; docs/deploy.md).
 
     Returns the path. The package records its input in its metadata (``loader.get_metadata()``):
     ``msvit_input`` is JSON with the batch size, image size, budget, capacity (packed rows; None
