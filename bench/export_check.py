@@ -4,12 +4,14 @@ and its time per call with the eager model's.
 
     PYTHONPATH=. python bench/export_check.py [--device cuda] [--kernels reference,triton] [--batch 8] [--out DIR]
 
-One package per ``--kernels`` entry (default on CUDA: both): ``reference``, the torch path of every op
-compiled by Inductor, and ``triton``, the package's fused index and pack kernels as ``triton_op``s
-(the entropy gate keeps its torch path there; docs/design.md section 14). A functional check for
-bench/gpu_check.sh (the package must carry everything a CUDA forward needs), not a benchmark: two
-blocks keep AOTInductor's compiles within the stage's limit. Prints one line per step as it goes;
-exits 1 when a package's logits differ from the eager model's or a package fails.
+One package per ``--kernels`` entry (default on CUDA: both): ``reference``, the torch path of
+every op compiled by Inductor, and ``triton``, the package's fused index, pack and attention
+kernels as ``triton_op``s (the entropy gate keeps its torch path there; docs/design.md section
+14). A functional check for bench/gpu_check.sh (the package must carry everything a CUDA forward
+needs), not a benchmark: two blocks keep AOTInductor's compiles within the stage's limit, and the
+eager model (here) and each package (in its process) are timed one after the other, 20 calls after
+a warm-up. Prints one line per step as it goes; exits 1 when a package's logits differ from the
+eager model's or a package fails.
 """
 
 import argparse
