@@ -102,17 +102,32 @@ def launch_capability(device: torch.device) -> int:
     """The GPU generation a launch on ``device`` chooses its configs for: the device's, or, where no
     CUDA driver answers (``torch.export`` under fake CUDA tensors), ``PORTABLE_CAPABILITY``, so
     tracing never asks CUDA a question it cannot answer."""
-    if torch.cuda.is_available():
+    if cuda_driver():
         return device_capability(device.index or 0)
     return PORTABLE_CAPABILITY
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_driver() -> bool:
+    """``torch.cuda.is_available()``, asked once (it costs ~5 us without a driver; launches ask it each time)."""
+    return torch.cuda.is_available()
 
 
 def traced(tensor: Tensor) -> bool:
     """True when a launch is being traced (``torch.compile``, ``torch.export``, Inductor tracing into
     a ``triton_op``) rather than run: ``tensor`` (any argument of the launch) is fake, or a compiler
     is tracing. A traced launch goes through ``torch.library.wrap_triton``, which records it in the
-    graph; an eager one calls the kernel straight (the wrapper's dispatch costs ~1 ms)."""
-    return torch.compiler.is_compiling() or is_fake(tensor)
+    graph; an eager one calls the kernel straight (the wrapper's dispatch costs ~1 ms).
+    """
+    return torch.compiler.is_compiling() or fake(tensor)
+
+
+def fake(tensor: Tensor) -> bool:
+    """Whether ``tensor`` carries no data (a FakeTensor, or a functional wrapper of one). A plain,
+    unwrapped tensor is answered first: ``is_fake`` costs ~9 us, a launch's host budget."""
+    if type(tensor) is Tensor and not torch._is_functional_tensor(tensor):
+        return False
+    return is_fake(tensor)
 
 
 def kernel_op(name: str, *, mutates_args=()):
@@ -175,7 +190,7 @@ class TritonKernel:
             return
         tensor = next(a for a in args if isinstance(a, torch.Tensor))
         if INTERPRET:
-            if not is_fake(tensor):  # a fake tensor (an op's fake implementation) has no data to compute on
+            if not fake(tensor):  # a fake tensor (an op's fake implementation) has no data to compute on
                 self.fn[grid](*args, **meta, **self.interpret_meta)
             return
         configs = self.configs_for(launch_capability(tensor.device), meta)
@@ -194,8 +209,8 @@ class TritonKernel:
 
 def bfloat16_reason(tensor: torch.Tensor) -> str:
     """'' unless ``tensor`` is bfloat16 on a GPU older than sm_80, else a sentence naming the GPU."""
-    if tensor.dtype != torch.bfloat16 or tensor.device.type != "cuda":
-        return ""
+    if tensor.dtype != torch.bfloat16 or tensor.device.type != "cuda" or not cuda_driver():
+        return ""  # no driver: an export under fake CUDA tensors; the compile on the GPU decides
     index = tensor.device.index or 0
     capability = device_capability(index)  # cached: this runs on every tokenizer call
     if capability >= 80:
