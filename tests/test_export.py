@@ -231,7 +231,7 @@ def test_the_cuda_program_with_triton_kernels_holds_them_as_triton_ops(triton_ex
     """kernels="triton": the gate, index, pack and attention launchers are named triton_ops in the
     exported program, and decomposing them (as AOTInductor does before compiling) leaves their
     Triton kernels and no opaque op, so the package carries the kernels (docs/design.md section 14).
-    Without a driver the configs are those every target compiles clean (``PORTABLE_CAPABILITY``):
+    Without a driver the configs are the oldest target's (``PORTABLE_CAPABILITY``, sm_70):
     for the fp32 pack, the two that fit sm_70; one for the fp32 attention there."""
     two, three, _ = triton_export
     assert two["exported"] == {
