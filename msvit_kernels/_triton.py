@@ -132,23 +132,41 @@ def fake(tensor: Tensor) -> bool:
     return is_fake(tensor)
 
 
-def kernel_op(name: str, *, mutates_args=()):
-    """The ``torch.library`` decorator for a launcher: ``triton_op`` where Triton compiles, so
-    ``torch.compile`` and ``torch.export`` see its ``wrap_triton`` launches and an AOTInductor
-    package carries the kernels (docs/design.md section 14); ``custom_op`` under the interpreter
-    (it reads data pointers, so no fake tensor may reach it: the op stays opaque) or without triton.
+def kernel_op(name: str, kernels: Sequence["TritonKernel"], *, mutates_args=()):
+    """The ``torch.library`` decorator for a launcher of ``kernels``: ``triton_op`` where Triton
+    compiles, so ``torch.compile`` and ``torch.export`` see its ``wrap_triton`` launches and an
+    AOTInductor package carries the kernels (docs/design.md section 14); ``custom_op`` under the
+    interpreter (it reads data pointers, so no fake tensor may reach it: the op stays opaque) or
+    without triton.
 
     Either way the body is the op's fake implementation (a launch on fake tensors records or skips
     the kernel, ``TritonKernel``), unless the op registers a cheaper one of its own."""
 
     def register(body):
         if triton is not None and not INTERPRET:
-            return torch.library.triton_op(name, mutates_args=mutates_args)(body)
+            return _triton_op(name, body, [kernel.fn for kernel in kernels], mutates_args)
         op = torch.library.custom_op(name, mutates_args=mutates_args)(body)
         op.register_fake(body)
         return op
 
     return register
+
+
+def _triton_op(name: str, body, kernels: list, mutates_args):
+    """``torch.library.triton_op(name)(body)``, told its kernels instead of scanning for them: its
+    scan of the body's source imports ``torch._inductor`` (``import msvit`` went from 0.9 s to 8 s
+    at load 10) and finds none of ours (they launch through ``TritonKernel``, not a literal
+    ``wrap_triton(kernel)``). The list keys AOTAutograd's cache on the kernels' source."""
+    from torch._library import triton as library
+
+    scan = getattr(library, "get_inner_triton_kernels", None)
+    if scan is None:  # another torch: its own way
+        return torch.library.triton_op(name, mutates_args=mutates_args)(body)
+    library.get_inner_triton_kernels = lambda fn: kernels
+    try:
+        return torch.library.triton_op(name, mutates_args=mutates_args)(body)
+    finally:
+        library.get_inner_triton_kernels = scan
 
 
 class TritonKernel:

@@ -154,7 +154,7 @@ def attention_backward(
 # ----------------------------------------------------------------------------------------------
 
 
-@kernel_op("msvit::triton_varlen_attention")
+@kernel_op("msvit::triton_varlen_attention", [_fwd])
 def triton_varlen_attention(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
@@ -169,7 +169,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=None, max_seqlen_k=No
     return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
 
 
-@kernel_op("msvit::triton_varlen_attention_backward")
+@kernel_op("msvit::triton_varlen_attention_backward", [_bwd_delta, _bwd_dkdv, _bwd_dq])
 def triton_varlen_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,

@@ -157,7 +157,7 @@ def _gate_forward(images: Tensor, region_size: int, weights: Tuple[Tensor, ...],
     return logits, soft, hard.view(torch.bool), a1
 
 
-@kernel_op("msvit::fused_gate")
+@kernel_op("msvit::fused_gate", [_GATE])
 def _fused_gate_op(images: Tensor, w1: Tensor, b1: Tensor, pos: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
                    b3: Tensor, w4: Tensor, b4: Tensor, noise: Optional[Tensor], region_size: int,
                    temperature: float, save_a1: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

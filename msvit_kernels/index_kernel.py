@@ -144,7 +144,7 @@ def _launch_counts(mask: Tensor, ratio: int, outside: int) -> Tuple[Tensor, Tens
     return region_start, cu_seqlens, stats
 
 
-@kernel_op("msvit::mixed_scale_counts")
+@kernel_op("msvit::mixed_scale_counts", [_COUNTS])
 def _counts_op(mask: Tensor, ratio: int, outside: int) -> Tuple[Tensor, Tensor, Tensor]:
     """``_launch_counts`` as an op: what ``torch.export`` records (AOTInductor compiles the kernel)."""
     return _launch_counts(mask, ratio, outside)
@@ -263,7 +263,7 @@ def _launch_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: 
     return rows, source, position, region, is_fine, prefix_rows, row_image, fine_to_row
 
 
-@kernel_op("msvit::mixed_scale_maps")
+@kernel_op("msvit::mixed_scale_maps", [_INDEX])
 def _maps_op(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: int, padding_sequences: int,
              coarse_w: int, ratio: int, num_prefix: int, fine_h: int, fine_w: int) -> Tuple[
                  Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

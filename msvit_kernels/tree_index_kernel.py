@@ -296,7 +296,7 @@ def _launch_counts(mask: Tensor, h0: int, w0: int, ratio: int, scales: int, num_
     return root_start, lengths, stats
 
 
-@kernel_op("msvit::tree_counts")
+@kernel_op("msvit::tree_counts", [_TREE_COUNTS])
 def _counts_op(mask: Tensor, h0: int, w0: int, ratio: int, scales: int, num_prefix: int) -> Tuple[
         Tensor, Tensor, Tensor]:
     """``_launch_counts`` as an op: what ``torch.export`` records (AOTInductor compiles the kernel)."""
@@ -374,7 +374,7 @@ def _launch_maps(mask: Tensor, root_start: Tensor, lengths: Tensor, h0: int, w0:
     return cu_seqlens, rows, source, position, region, is_fine, scale, prefix_rows, row_image, fine_to_row
 
 
-@kernel_op("msvit::tree_maps")
+@kernel_op("msvit::tree_maps", [_TREE_INDEX])
 def _maps_op(mask: Tensor, root_start: Tensor, lengths: Tensor, h0: int, w0: int, ratio: int, scales: int,
              num_prefix: int, total: int, padding_sequences: int) -> Tuple[
                  Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

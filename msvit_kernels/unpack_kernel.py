@@ -72,7 +72,7 @@ def _launch(tokens: Tensor, rows: Tensor, n_cells: int) -> Tensor:
     return grid_out
 
 
-@kernel_op("msvit::unpack_to_grid")
+@kernel_op("msvit::unpack_to_grid", [_UNPACK])
 def _unpack_op(tokens: Tensor, rows: Tensor) -> Tensor:
     """tokens ``[T, C]`` (any strides), rows int64 ``[n_cells]`` -> ``[n_cells, C]``: the Triton gather."""
     return _launch(tokens, rows, rows.numel())

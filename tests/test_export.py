@@ -54,9 +54,10 @@ LOAD_WITHOUT_MSVIT = textwrap.dedent("""
 TRITON_EXPORT = textwrap.dedent("""
     import collections, json, os, sys, warnings
     import torch
+    import msvit
+    inductor_on_import = "torch._inductor" in sys.modules  # registering the triton_ops must not load it
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
-    import msvit
     from msvit.models.export import export_program
     from msvit_kernels import _triton
 
@@ -102,7 +103,7 @@ TRITON_EXPORT = textwrap.dedent("""
                    if isinstance(node.meta.get("val"), torch.Tensor)}
         report.append({"exported": msvit_ops(program), "opaque": msvit_ops(decomposed),
                        "kernels": kernels(decomposed), "devices": sorted(devices)})
-    print(json.dumps(report))
+    print(json.dumps({"inductor_on_import": inductor_on_import, "cases": report}))
 """)
 TRITON_CASES = [
     ({"coarse_patch_size": 16, "hidden": 8}, 0.5),
@@ -227,13 +228,19 @@ def triton_export():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_import_msvit_does_not_load_inductor_to_register_the_triton_ops(triton_export):
+    """``torch.library.triton_op`` scans its body with ``torch._inductor`` (seconds at import):
+    ``kernel_op`` names the kernels instead, so ``import msvit`` stays light."""
+    assert triton_export["inductor_on_import"] is False
+
+
 def test_the_cuda_program_with_triton_kernels_holds_them_as_triton_ops(triton_export):
     """kernels="triton": the gate, index, pack and attention launchers are named triton_ops in the
     exported program, and decomposing them (as AOTInductor does before compiling) leaves their
     Triton kernels and no opaque op, so the package carries the kernels (docs/design.md section 14).
     Without a driver the configs are the oldest target's (``PORTABLE_CAPABILITY``, sm_70):
     for the fp32 pack, the two that fit sm_70; one for the fp32 attention there."""
-    two, three, _ = triton_export
+    two, three, _ = triton_export["cases"]
     assert two["exported"] == {
         "msvit.fused_gate.default": 1,
         "msvit.mixed_scale_counts.default": 1,
@@ -268,7 +275,7 @@ def test_the_cuda_program_with_triton_kernels_holds_them_as_triton_ops(triton_ex
 
 def test_the_triton_op_check_tells_an_opaque_custom_op(triton_export):
     """The control: a custom_op survives the decomposition, so the check above can fail."""
-    control = triton_export[-1]
+    control = triton_export["cases"][-1]
     assert control["exported"] == {"i30test.opaque.default": 1}
     assert control["opaque"] == {"i30test.opaque.default": 1} and control["kernels"] == {}
 
