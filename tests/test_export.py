@@ -317,3 +317,34 @@ def test_export_cli_refuses_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["export", *flags])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_index_builders_are_ops_torch_compile_traces_whole():
+    """The index builders launch through ops when traced (the ops ``torch.export`` records; under the
+    interpreter opaque custom ops whose fake is their body): a static forward compiles as one graph
+    and gives the torch builders' maps, two scales (with border cells) and three."""
+    from msvit_kernels.index_kernel import triton_mixed_scale_index
+    from msvit_kernels.scale_tree import ScaleTree, tree_index, tree_static_shape
+    from msvit_kernels.tree_index_kernel import triton_tree_index
+    from msvit_kernels.varlen import mixed_scale_index, static_shape
+
+    generator = torch.Generator().manual_seed(2)
+    mask = torch.rand(3, 6, generator=generator) > 0.5
+    shape = static_shape(3, 6, 2, 1, capacity=3 * (1 + 35), n_border=11)  # room for all fine: padding rows
+    tree = ScaleTree.of((8, 4), 2, 3)
+    decisions = torch.rand(2, tree.decisions, generator=generator) > 0.4
+    tree_shape = tree_static_shape(2, tree, 1, capacity=2 * (1 + 32))
+
+    def maps(index):
+        return index.rows, index.position, index.fine_to_row, index.row_image, index.cu_seqlens
+
+    def build(mask, decisions):
+        flat = triton_mixed_scale_index(mask, (2, 3), 2, 1, shape, fine_grid=(5, 7))
+        return maps(flat) + maps(triton_tree_index(decisions, tree, 1, tree_shape))
+
+    got = torch.compile(build, backend="aot_eager", fullgraph=True)(mask, decisions)
+    expected = maps(mixed_scale_index(mask, (2, 3), 2, 1, shape, (5, 7))) + maps(
+        tree_index(decisions, tree, 1, tree_shape)
+    )
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
