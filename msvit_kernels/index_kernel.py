@@ -14,6 +14,11 @@ With a static shape the maps are allocated at the capacity and their padding ent
 by torch before the second launch overwrites the real ones (the values the torch version gives
 them: a padding row holds image 0's first coarse token). The oracle is
 ``varlen.mixed_scale_index``: same ``MixedScaleIndex``, element for element.
+
+Eager calls launch the kernels directly; a traced call (``torch.compile``, ``torch.export``) goes
+through the ops ``msvit::mixed_scale_counts`` and ``msvit::mixed_scale_maps`` (``_triton.kernel_op``:
+``triton_op``s an AOTInductor package compiles, docs/design.md section 14), the host read staying
+outside them.
 """
 from typing import Optional, Tuple
 

@@ -36,6 +36,10 @@ image size. The oracle is ``scale_tree.tree_index``: same ``MixedScaleIndex``, e
 With a static shape the maps are allocated at the capacity and their padding entries are filled by
 torch before the second launch writes the real ones (image 0's first node of scale 1); stores past
 the capacity are masked off (``check_capacity`` fails such a batch without a host read).
+
+Eager calls launch the kernels directly; a traced call (``torch.compile``, ``torch.export``) goes
+through the ops ``msvit::tree_counts`` and ``msvit::tree_maps`` (``_triton.kernel_op``: ``triton_op``s
+an AOTInductor package compiles, docs/design.md section 14), the host read staying outside them.
 """
 
 from typing import Optional, Tuple
