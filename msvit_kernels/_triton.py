@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -92,6 +93,82 @@ def device_capability(index: int) -> int:
     return 10 * major + minor
 
 
+# The oldest target of the compile report (sm_70), whose configs a launch takes where no CUDA driver
+# answers: a program traced for inspection under fake CUDA tensors. It is not the configs of every
+# GPU (the fp32 backward's 32x32 attention tile spills 8 B on sm_75/80, and a newer GPU has bigger
+# tiles): AOTInductor compiles a package on the GPU, where a traced launch asks the device.
+PORTABLE_CAPABILITY = min(SHARED_MEMORY_LIMIT)
+
+
+def launch_capability(device: torch.device) -> int:
+    """The GPU generation a launch on ``device`` chooses its configs for: the device's, or, where no
+    CUDA driver answers (``torch.export`` under fake CUDA tensors), ``PORTABLE_CAPABILITY``, so
+    tracing never asks CUDA a question it cannot answer."""
+    if cuda_driver():
+        return device_capability(device.index or 0)
+    return PORTABLE_CAPABILITY
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_driver() -> bool:
+    """``torch.cuda.is_available()``, asked once (it costs ~5 us without a driver; launches ask it each time)."""
+    return torch.cuda.is_available()
+
+
+def traced(tensor: Tensor) -> bool:
+    """True when a launch is being traced (``torch.compile``, ``torch.export``, Inductor tracing into
+    a ``triton_op``) rather than run: ``tensor`` (any argument of the launch) is fake, or a compiler
+    is tracing. A traced launch goes through ``torch.library.wrap_triton``, which records it in the
+    graph; an eager one calls the kernel straight (the wrapper's dispatch costs ~1 ms).
+    """
+    return torch.compiler.is_compiling() or fake(tensor)
+
+
+def fake(tensor: Tensor) -> bool:
+    """Whether ``tensor`` carries no data (a FakeTensor, or a functional wrapper of one). A plain,
+    unwrapped tensor is answered first: ``is_fake`` costs ~9 us, a launch's host budget."""
+    if type(tensor) is Tensor and not torch._is_functional_tensor(tensor):
+        return False
+    return is_fake(tensor)
+
+
+def kernel_op(name: str, kernels: Sequence["TritonKernel"], *, mutates_args=()):
+    """The ``torch.library`` decorator for a launcher of ``kernels``: ``triton_op`` where Triton
+    compiles, so ``torch.compile`` and ``torch.export`` see its ``wrap_triton`` launches and an
+    AOTInductor package carries the kernels (docs/design.md section 14); ``custom_op`` under the
+    interpreter (it reads data pointers, so no fake tensor may reach it: the op stays opaque) or
+    without triton.
+
+    Either way the body is the op's fake implementation (a launch on fake tensors records or skips
+    the kernel, ``TritonKernel``), unless the op registers a cheaper one of its own."""
+
+    def register(body):
+        if triton is not None and not INTERPRET:
+            return _triton_op(name, body, [kernel.fn for kernel in kernels], mutates_args)
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(body)
+        op.register_fake(body)
+        return op
+
+    return register
+
+
+def _triton_op(name: str, body, kernels: list, mutates_args):
+    """``torch.library.triton_op(name)(body)``, told its kernels instead of scanning for them: its
+    scan of the body's source imports ``torch._inductor`` (``import msvit`` went from 0.9 s to 8 s
+    at load 10) and finds none of ours (they launch through ``TritonKernel``, not a literal
+    ``wrap_triton(kernel)``). The list keys AOTAutograd's cache on the kernels' source."""
+    from torch._library import triton as library
+
+    scan = getattr(library, "get_inner_triton_kernels", None)
+    if scan is None:  # another torch: its own way
+        return torch.library.triton_op(name, mutates_args=mutates_args)(body)
+    library.get_inner_triton_kernels = lambda fn: kernels
+    try:
+        return torch.library.triton_op(name, mutates_args=mutates_args)(body)
+    finally:
+        library.get_inner_triton_kernels = scan
+
+
 class TritonKernel:
     """A jitted kernel and the configs its launcher can choose.
 
@@ -131,27 +208,29 @@ class TritonKernel:
         if recording():
             _recording[0].append(LaunchRecord(self, args, meta))
             return
+        tensor = next(a for a in args if isinstance(a, torch.Tensor))
         if INTERPRET:
-            self.fn[grid](*args, **meta, **self.interpret_meta)
+            if not fake(tensor):  # a fake tensor (an op's fake implementation) has no data to compute on
+                self.fn[grid](*args, **meta, **self.interpret_meta)
             return
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        configs = self.configs_for(device_capability(device.index or 0), meta)
-        if configs[0] is None:
-            self.fn[grid](*args, **meta)
-        elif len(configs) == 1:
+        configs = self.configs_for(launch_capability(tensor.device), meta)
+        kernel = self.fn
+        if len(configs) == 1 and configs[0] is not None:  # its tiles, warps and stages (wrap_triton refuses num_ctas)
             config = configs[0]
-            self.fn[grid](*args, **meta, **config.all_kwargs())
-        else:
-            tuner = self._tuners.get(tuple(map(id, configs)))
-            if tuner is None:  # every launcher only writes what it never reads: timing in place is harmless
-                tuner = self._tuners[tuple(map(id, configs))] = triton.autotune(configs, key=self.key)(self.fn)
-            tuner[grid](*args, **meta)
+            meta = {**meta, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        elif len(configs) > 1:
+            kernel = self._tuners.get(tuple(map(id, configs)))
+            if kernel is None:  # every launcher only writes what it never reads: timing in place is harmless
+                kernel = self._tuners[tuple(map(id, configs))] = triton.autotune(configs, key=self.key)(self.fn)
+        if traced(tensor):
+            kernel = torch.library.wrap_triton(kernel)
+        kernel[grid](*args, **meta)
 
 
 def bfloat16_reason(tensor: torch.Tensor) -> str:
     """'' unless ``tensor`` is bfloat16 on a GPU older than sm_80, else a sentence naming the GPU."""
-    if tensor.dtype != torch.bfloat16 or tensor.device.type != "cuda":
-        return ""
+    if tensor.dtype != torch.bfloat16 or tensor.device.type != "cuda" or not cuda_driver():
+        return ""  # no driver: an export under fake CUDA tensors; the compile on the GPU decides
     index = tensor.device.index or 0
     capability = device_capability(index)  # cached: this runs on every tokenizer call
     if capability >= 80:

@@ -13,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ._triton import INTERPRET, recording, skips_custom_op
+from ._triton import INTERPRET, kernel_op, recording, skips_custom_op
 from .attention_kernel import (
     LOG2E,
     MAX_HEAD_DIM,
@@ -148,12 +148,13 @@ def attention_backward(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops: opaque to torch.compile (no graph break), differentiable via register_autograd
-# (which plays the role of a torch.autograd.Function: save q, k, v, out, lse; call the backward op).
+# torch.library ops (``kernel_op``: triton_ops that torch.compile and AOTInductor trace into on a GPU,
+# opaque custom ops under the interpreter), differentiable via register_autograd (which plays the
+# role of a torch.autograd.Function: save q, k, v, out, lse; call the backward op).
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("msvit::triton_varlen_attention", mutates_args=())
+@kernel_op("msvit::triton_varlen_attention", [_fwd])
 def triton_varlen_attention(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,
@@ -168,7 +169,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=None, max_seqlen_k=No
     return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
 
 
-@torch.library.custom_op("msvit::triton_varlen_attention_backward", mutates_args=())
+@kernel_op("msvit::triton_varlen_attention_backward", [_bwd_delta, _bwd_dkdv, _bwd_dq])
 def triton_varlen_attention_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
     cu_seqlens_k: Optional[Tensor] = None, max_seqlen_k: Optional[int] = None,

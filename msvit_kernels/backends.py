@@ -28,7 +28,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import KERNEL_DTYPES, recording
+from ._triton import KERNEL_DTYPES, PORTABLE_CAPABILITY, recording
 from .attention import Backend, register_backend
 from .dispatch import packed_attention_signature
 
@@ -44,6 +44,8 @@ else:
 
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> Tuple[int, int]:
+    if not torch.cuda.is_available():  # tracing for a GPU no driver here answers for (fake CUDA tensors)
+        return divmod(PORTABLE_CAPABILITY, 10)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index)
 

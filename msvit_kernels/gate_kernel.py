@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import TritonKernel, check_launchable, dot_precision, patch_features, skips_custom_op, tl, triton
+from ._triton import (
+    TritonKernel,
+    check_launchable,
+    dot_precision,
+    kernel_op,
+    patch_features,
+    skips_custom_op,
+    tl,
+    triton,
+)
 from .reference import patchify
 
 MAX_HIDDEN = 128  # one program holds a [BLOCK_R, hidden] accumulator
@@ -148,7 +157,7 @@ def _gate_forward(images: Tensor, region_size: int, weights: Tuple[Tensor, ...],
     return logits, soft, hard.view(torch.bool), a1
 
 
-@torch.library.custom_op("msvit::fused_gate", mutates_args=())
+@kernel_op("msvit::fused_gate", [_GATE])
 def _fused_gate_op(images: Tensor, w1: Tensor, b1: Tensor, pos: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
                    b3: Tensor, w4: Tensor, b4: Tensor, noise: Optional[Tensor], region_size: int,
                    temperature: float, save_a1: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

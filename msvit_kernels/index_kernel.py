@@ -14,13 +14,18 @@ With a static shape the maps are allocated at the capacity and their padding ent
 by torch before the second launch overwrites the real ones (the values the torch version gives
 them: a padding row holds image 0's first coarse token). The oracle is
 ``varlen.mixed_scale_index``: same ``MixedScaleIndex``, element for element.
+
+Eager calls launch the kernels directly; a traced call (``torch.compile``, ``torch.export``) goes
+through the ops ``msvit::mixed_scale_counts`` and ``msvit::mixed_scale_maps`` (``_triton.kernel_op``:
+``triton_op``s an AOTInductor package compiles, docs/design.md section 14), the host read staying
+outside them.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, TritonKernel, recording, tl, triton
+from ._triton import INTERPRET, TritonKernel, kernel_op, recording, tl, traced, triton
 from .varlen import (
     MixedScaleIndex,
     StaticShape,
@@ -119,21 +124,35 @@ def _counts(
 ) -> Tuple[Tensor, Tensor, StaticShape]:
     """Offsets of every region and image (one launch); ``num_prefix + n_border`` rows of each image
     are not in a region."""
+    launch = _counts_op if traced(mask) else _launch_counts  # traced: a triton_op the graph records
+    region_start, cu_seqlens, stats = launch(mask, ratio, num_prefix + n_border)
+    if shape is not None:
+        check_capacity(stats[0], shape.capacity)
+        return region_start, cu_seqlens, shape
+    total, max_seqlen = stats.tolist()  # the forward's one host read
+    return region_start, cu_seqlens, StaticShape(total, max_seqlen, 0)
+
+
+def _launch_counts(mask: Tensor, ratio: int, outside: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """region_start int32 ``[B, Nc]``, cu_seqlens int32 ``[B + 1]`` and stats int64 ``[2]`` =
+    (T, max_seqlen); ``outside`` rows of each image are in no region (prefix and border cells)."""
     batch, n_coarse = mask.shape
     region_start = torch.empty(batch, n_coarse, dtype=torch.int32, device=mask.device)
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=mask.device)
     stats = torch.zeros(2, dtype=torch.int64, device=mask.device)
     block_j = min(1024 if INTERPRET else 256, triton.next_power_of_2(max(n_coarse, 1)))
     block_b = max(1, min(triton.next_power_of_2(max(batch, 1)), 4096 // block_j))  # a tile of <= 4096 regions
-    _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, num_prefix + n_border,
+    _COUNTS[(1,)](mask.view(torch.uint8), region_start, cu_seqlens, stats, batch, n_coarse, outside,
                   *mask.stride(), R2=ratio * ratio, BLOCK_B=block_b, BLOCK_J=block_j)
     if recording():  # nothing ran: give the counts a launch would have written, so shapes downstream are real
-        _record_stand_in(mask, ratio, num_prefix + n_border, region_start, cu_seqlens, stats)
-    if shape is not None:
-        check_capacity(stats[0], shape.capacity)
-        return region_start, cu_seqlens, shape
-    total, max_seqlen = stats.tolist()  # the forward's one host read
-    return region_start, cu_seqlens, StaticShape(total, max_seqlen, 0)
+        _record_stand_in(mask, ratio, outside, region_start, cu_seqlens, stats)
+    return region_start, cu_seqlens, stats
+
+
+@kernel_op("msvit::mixed_scale_counts", [_COUNTS])
+def _counts_op(mask: Tensor, ratio: int, outside: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``_launch_counts`` as an op: what ``torch.export`` records (AOTInductor compiles the kernel)."""
+    return _launch_counts(mask, ratio, outside)
 
 
 def _border_entries(border, cu_seqlens, num_prefix, n_fine, entries, row_image, fine_to_row) -> None:
@@ -194,17 +213,33 @@ def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, shape: S
                 fine_grid: Optional[Tuple[int, int]] = None) -> MixedScaleIndex:
     """Every index map of the batch from ``_counts``' offsets (the second launch; border cells and,
     without regions, prefix rows are written by torch)."""
+    fine_grid = (coarse_grid[0] * ratio, coarse_grid[1] * ratio) if fine_grid is None else fine_grid
+    launch = _maps_op if traced(mask) else _launch_maps  # traced: a triton_op the graph records
+    rows, source, position, region, is_fine, prefix_rows, row_image, fine_to_row = launch(
+        mask, region_start, cu_seqlens, shape.capacity, shape.padding_sequences, coarse_grid[1], ratio, num_prefix,
+        fine_grid[0], fine_grid[1],
+    )
+    return MixedScaleIndex(
+        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape), max_seqlen=shape.max_seqlen, total=shape.capacity,
+        rows=rows, source=source, position=position, region=region, is_fine=is_fine.view(torch.bool),
+        prefix_rows=prefix_rows, row_image=row_image, fine_to_row=fine_to_row,
+        padding_sequences=shape.padding_sequences,
+    )
+
+
+def _launch_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: int, padding_sequences: int,
+                 coarse_w: int, ratio: int, num_prefix: int, fine_h: int, fine_w: int) -> Tuple[Tensor, ...]:
+    """The maps (rows, source, position, region, is_fine as uint8, prefix_rows, row_image,
+    fine_to_row) of ``total`` packed rows, ``padding_sequences`` of them padding sequences."""
     batch, n_coarse = mask.shape
     device = mask.device
-    total = shape.capacity
     n_patch = total - batch * num_prefix
-    fine_grid = (coarse_grid[0] * ratio, coarse_grid[1] * ratio) if fine_grid is None else fine_grid
-    n_fine = fine_grid[0] * fine_grid[1]
+    n_fine = fine_h * fine_w
     # under record_launches nothing writes the maps: zeros keep the ops that index with them valid
     empty = torch.zeros if recording() else torch.empty
     prefix_rows = empty(batch, num_prefix, dtype=torch.int64, device=device)
     fine_to_row = empty(batch, n_fine, dtype=torch.int64, device=device)
-    if shape.padding_sequences:  # padding entries keep these values; the kernel writes the real ones
+    if padding_sequences:  # padding entries keep these values; the kernel writes the real ones
         rows = torch.arange(batch * num_prefix, total, device=device)
         source = torch.full((n_patch,), batch * n_fine, dtype=torch.int64, device=device)
         position = torch.full((n_patch,), n_fine, dtype=torch.int64, device=device)
@@ -219,19 +254,24 @@ def _index_maps(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, shape: S
         block_j = min(256 if INTERPRET else 64, triton.next_power_of_2(n_coarse))
         _INDEX[(triton.cdiv(n_coarse, block_j), batch)](
             mask.view(torch.uint8), region_start, cu_seqlens, rows, source, position, region, is_fine, prefix_rows,
-            row_image, fine_to_row, batch * n_fine, n_coarse, coarse_grid[1], fine_grid[1], n_fine, num_prefix,
+            row_image, fine_to_row, batch * n_fine, n_coarse, coarse_w, fine_w, n_fine, num_prefix,
             *mask.stride(), RATIO=ratio, BLOCK_J=block_j, BLOCK_P=triton.next_power_of_2(max(num_prefix, 1)),
         )
     elif batch:  # no whole region: the prefix rows the kernel's first programs would write
         prefix_rows.copy_(cu_seqlens[:-1, None].long() + torch.arange(num_prefix, device=device))
         row_image.index_put_((prefix_rows.flatten(),), torch.arange(batch, device=device).repeat_interleave(
             num_prefix, output_size=batch * num_prefix))
-    border = border_cells(fine_grid, ratio, device)
+    border = border_cells((fine_h, fine_w), ratio, device)
     if batch and border.numel():
         _border_entries(border, cu_seqlens, num_prefix, n_fine, (rows, source, position, region, is_fine),
                         row_image, fine_to_row)
-    return MixedScaleIndex(
-        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape), max_seqlen=shape.max_seqlen, total=total, rows=rows,
-        source=source, position=position, region=region, is_fine=is_fine.view(torch.bool), prefix_rows=prefix_rows,
-        row_image=row_image, fine_to_row=fine_to_row, padding_sequences=shape.padding_sequences,
-    )
+    return rows, source, position, region, is_fine, prefix_rows, row_image, fine_to_row
+
+
+@kernel_op("msvit::mixed_scale_maps", [_INDEX])
+def _maps_op(mask: Tensor, region_start: Tensor, cu_seqlens: Tensor, total: int, padding_sequences: int,
+             coarse_w: int, ratio: int, num_prefix: int, fine_h: int, fine_w: int) -> Tuple[
+                 Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_launch_maps`` as an op: what ``torch.export`` records (AOTInductor compiles the kernel)."""
+    return _launch_maps(mask, region_start, cu_seqlens, total, padding_sequences, coarse_w, ratio, num_prefix,
+                        fine_h, fine_w)

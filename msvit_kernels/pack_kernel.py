@@ -29,6 +29,7 @@ from ._triton import (
     check_launchable,
     dot_precision,
     half_on_ampere,
+    kernel_op,
     patch_features,
     skips_custom_op,
     tl,
@@ -234,7 +235,7 @@ def _pack_forward(images, weight, bias, pos_table, st, prefix, rows, position, r
     return out
 
 
-@torch.library.custom_op("msvit::gather_embed_pack", mutates_args=())
+@kernel_op("msvit::gather_embed_pack", [_PACK])
 def _pack_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_table: Optional[Tensor],
              st: Optional[Tensor], prefix: Optional[Tensor], rows: Tensor, source: Tensor, position: Tensor,
              region: Tensor, prefix_rows: Tensor, total: int, fine_patch: int,

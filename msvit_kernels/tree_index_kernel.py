@@ -36,6 +36,10 @@ image size. The oracle is ``scale_tree.tree_index``: same ``MixedScaleIndex``, e
 With a static shape the maps are allocated at the capacity and their padding entries are filled by
 torch before the second launch writes the real ones (image 0's first node of scale 1); stores past
 the capacity are masked off (``check_capacity`` fails such a batch without a host read).
+
+Eager calls launch the kernels directly; a traced call (``torch.compile``, ``torch.export``) goes
+through the ops ``msvit::tree_counts`` and ``msvit::tree_maps`` (``_triton.kernel_op``: ``triton_op``s
+an AOTInductor package compiles, docs/design.md section 14), the host read staying outside them.
 """
 
 from typing import Optional, Tuple
@@ -43,7 +47,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, TritonKernel, recording, tl, triton
+from ._triton import INTERPRET, TritonKernel, kernel_op, recording, tl, traced, triton
 from .scale_tree import ScaleTree
 from .varlen import MixedScaleIndex, StaticShape, check_capacity, cu_seqlens_from_lengths, padded_cu_seqlens
 
@@ -267,24 +271,40 @@ def _counts(
 ) -> Tuple[Tensor, Tensor, StaticShape]:
     """Each root's first patch token in its image ``[B, R]`` and each image's length ``[B]`` (one
     launch), and the batch's shape: read once from the device, or ``shape`` (checked on the device)."""
+    launch = _counts_op if traced(mask) else _launch_counts  # traced: a triton_op the graph records
+    root_start, lengths, stats = launch(mask, *tree.grids[0], tree.ratio, tree.scales, num_prefix)
+    if shape is not None:
+        check_capacity(stats[0], shape.capacity)
+        return root_start, lengths, shape
+    total, max_seqlen = stats.tolist()  # the forward's one host read
+    return root_start, lengths, StaticShape(total, max_seqlen, 0)
+
+
+def _launch_counts(mask: Tensor, h0: int, w0: int, ratio: int, scales: int, num_prefix: int) -> Tuple[
+        Tensor, Tensor, Tensor]:
+    """root_start int32 ``[B, R]``, lengths int32 ``[B]`` and stats int64 ``[2]`` = (T, max_seqlen)
+    of the tree ``ScaleTree.of((h0, w0), ratio, scales)`` (plain values: an op's arguments)."""
+    tree = ScaleTree.of((h0, w0), ratio, scales)
     batch = mask.shape[0]
     device = mask.device
     root_start = torch.empty(batch, tree.roots, dtype=torch.int32, device=device)
     lengths = torch.empty(batch, dtype=torch.int32, device=device)
     stats = torch.zeros(2, dtype=torch.int64, device=device)
     if batch:
-        h0, w0 = tree.grids[0]
         _TREE_COUNTS[(batch,)](
             mask.view(torch.uint8), root_start, lengths, stats, tree.roots, h0, w0, num_prefix, *mask.stride(),
             RATIO=tree.ratio, SCALES=tree.scales, CP=_candidate_block(tree), BLOCK_Q=_root_block(tree),
         )
         if recording():  # nothing ran: give the counts a launch would have written, so shapes downstream are real
             _record_stand_in(mask, tree, num_prefix, root_start, lengths, stats)
-    if shape is not None:
-        check_capacity(stats[0], shape.capacity)
-        return root_start, lengths, shape
-    total, max_seqlen = stats.tolist()  # the forward's one host read
-    return root_start, lengths, StaticShape(total, max_seqlen, 0)
+    return root_start, lengths, stats
+
+
+@kernel_op("msvit::tree_counts", [_TREE_COUNTS])
+def _counts_op(mask: Tensor, h0: int, w0: int, ratio: int, scales: int, num_prefix: int) -> Tuple[
+        Tensor, Tensor, Tensor]:
+    """``_launch_counts`` as an op: what ``torch.export`` records (AOTInductor compiles the kernel)."""
+    return _launch_counts(mask, h0, w0, ratio, scales, num_prefix)
 
 
 def _record_stand_in(mask, tree, num_prefix, root_start, lengths, stats) -> None:
@@ -306,9 +326,26 @@ def _record_stand_in(mask, tree, num_prefix, root_start, lengths, stats) -> None
 def _index_maps(mask: Tensor, tree: ScaleTree, num_prefix: int, root_start: Tensor, lengths: Tensor,
                 shape: StaticShape) -> MixedScaleIndex:
     """Every index map of the batch from ``_counts``' offsets (the second launch)."""
+    launch = _maps_op if traced(mask) else _launch_maps  # traced: a triton_op the graph records
+    cu_seqlens, rows, source, position, region, is_fine, scale, prefix_rows, row_image, fine_to_row = launch(
+        mask, root_start, lengths, *tree.grids[0], tree.ratio, tree.scales, num_prefix, shape.capacity,
+        shape.padding_sequences,
+    )
+    return MixedScaleIndex(
+        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape), max_seqlen=shape.max_seqlen, total=shape.capacity,
+        rows=rows, source=source, position=position, region=region, is_fine=is_fine.view(torch.bool),
+        prefix_rows=prefix_rows, row_image=row_image, fine_to_row=fine_to_row,
+        padding_sequences=shape.padding_sequences, scale=scale,
+    )
+
+
+def _launch_maps(mask: Tensor, root_start: Tensor, lengths: Tensor, h0: int, w0: int, ratio: int, scales: int,
+                 num_prefix: int, total: int, padding_sequences: int) -> Tuple[Tensor, ...]:
+    """cu_seqlens int32 ``[B + 1]`` and the maps (rows, source, position, region, is_fine as uint8,
+    scale, prefix_rows, row_image, fine_to_row) of ``total`` packed rows."""
+    tree = ScaleTree.of((h0, w0), ratio, scales)
     batch = mask.shape[0]
     device = mask.device
-    total = shape.capacity
     n_patch = total - batch * num_prefix
     n_fine = tree.counts[0]
     # under record_launches nothing writes the maps: zeros keep the ops that index with them valid
@@ -316,7 +353,7 @@ def _index_maps(mask: Tensor, tree: ScaleTree, num_prefix: int, root_start: Tens
     prefix_rows = empty(batch, num_prefix, dtype=torch.int64, device=device)
     fine_to_row = empty(batch, n_fine, dtype=torch.int64, device=device)
     cu_seqlens = empty(batch + 1, dtype=torch.int32, device=device)
-    if shape.padding_sequences:  # padding entries keep these values; the kernel writes the real ones
+    if padding_sequences:  # padding entries keep these values; the kernel writes the real ones
         rows = torch.arange(batch * num_prefix, total, device=device)
         source = torch.full((n_patch,), batch * n_fine, dtype=torch.int64, device=device)
         position = torch.full((n_patch,), n_fine, dtype=torch.int64, device=device)
@@ -329,7 +366,6 @@ def _index_maps(mask: Tensor, tree: ScaleTree, num_prefix: int, root_start: Tens
         row_image = empty(total, dtype=torch.int64, device=device)
         is_fine = empty(n_patch, dtype=torch.uint8, device=device)  # bytes: no i1 pointers in kernels
     if batch:
-        h0, w0 = tree.grids[0]
         block_q = _root_block(tree)
         _TREE_INDEX[(max(1, triton.cdiv(tree.roots, block_q)), batch)](
             mask.view(torch.uint8), root_start, lengths, cu_seqlens, rows, source, position, region, is_fine, scale,
@@ -339,11 +375,15 @@ def _index_maps(mask: Tensor, tree: ScaleTree, num_prefix: int, root_start: Tens
         )
         if recording():  # the offsets the launch would have written (downstream ops index with them)
             cu_seqlens.copy_(cu_seqlens_from_lengths(lengths))
-    return MixedScaleIndex(
-        cu_seqlens=padded_cu_seqlens(cu_seqlens, shape), max_seqlen=shape.max_seqlen, total=total, rows=rows,
-        source=source, position=position, region=region, is_fine=is_fine.view(torch.bool), prefix_rows=prefix_rows,
-        row_image=row_image, fine_to_row=fine_to_row, padding_sequences=shape.padding_sequences, scale=scale,
-    )
+    return cu_seqlens, rows, source, position, region, is_fine, scale, prefix_rows, row_image, fine_to_row
+
+
+@kernel_op("msvit::tree_maps", [_TREE_INDEX])
+def _maps_op(mask: Tensor, root_start: Tensor, lengths: Tensor, h0: int, w0: int, ratio: int, scales: int,
+             num_prefix: int, total: int, padding_sequences: int) -> Tuple[
+                 Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_launch_maps`` as an op: what ``torch.export`` records (AOTInductor compiles the kernel)."""
+    return _launch_maps(mask, root_start, lengths, h0, w0, ratio, scales, num_prefix, total, padding_sequences)
 
 
 def triton_tree_index(

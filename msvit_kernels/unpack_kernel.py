@@ -21,7 +21,7 @@ from torch import Tensor
 
 # The guarded triton import (optional off Linux; the reference serves every device then) is shared.
 from . import _triton
-from ._triton import INTERPRET, TritonKernel, tl, triton
+from ._triton import INTERPRET, TritonKernel, kernel_op, tl, triton
 from .dispatch import IMPLEMENTATIONS, normalize_choice
 from .reference import unpack_to_grid_reference
 
@@ -72,7 +72,7 @@ def _launch(tokens: Tensor, rows: Tensor, n_cells: int) -> Tensor:
     return grid_out
 
 
-@torch.library.custom_op("msvit::unpack_to_grid", mutates_args=())
+@kernel_op("msvit::unpack_to_grid", [_UNPACK])
 def _unpack_op(tokens: Tensor, rows: Tensor) -> Tensor:
     """tokens ``[T, C]`` (any strides), rows int64 ``[n_cells]`` -> ``[n_cells, C]``: the Triton gather."""
     return _launch(tokens, rows, rows.numel())

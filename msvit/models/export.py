@@ -10,10 +10,13 @@ fine in every image, so every length is known; without one the gate decides and 
 padded to ``capacity`` (default: room for every region fine, so any decision fits; a smaller
 capacity is faster and a batch with more tokens fails on the device).
 
-What the package holds is the torch path of the model (docs/design.md section 14): the reference
-tokenizer and gate and the ``padded_sdpa`` attention, which Inductor compiles into its own kernels
-(C++ on CPU, Triton on CUDA). The package's Triton kernels are ``torch.library.custom_op``s whose
-implementation is Python: a package cannot carry them.
+What the package holds (docs/design.md section 14): by default (``kernels="reference"``) the torch
+path of the model, the reference tokenizer and gate and the ``padded_sdpa`` attention, which Inductor
+compiles into its own kernels (C++ on CPU, Triton on CUDA). On CUDA, ``kernels="triton"`` puts the
+package's fused Triton kernels in instead (the learned gate, the index builders, the pack and the
+attention): they are ``torch.library.triton_op``s, which AOTInductor traces into and compiles like its
+own kernels. The entropy kernel is still an opaque ``custom_op``, so an entropy gate keeps its torch
+path there.
 """
 
 import copy
@@ -24,11 +27,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from msvit.models.entropy_gate import EntropyGate
 from msvit.models.gate import Budget
 from msvit.models.mixed_scale_vit import MSViT
 
 PORTABLE_KERNELS = "reference"  # the tokenizer and gate in torch ops: traceable, and no Python op in the graph
 PORTABLE_ATTENTION = "padded_sdpa"  # one SDPA call over a padded layout: host-free, an aten op
+EXPORT_KERNELS = (PORTABLE_KERNELS, "triton")
 
 
 class StaticForward(nn.Module):
@@ -52,14 +57,24 @@ def image_hw(image_size: Union[int, Sequence[int]]) -> tuple:
     return size
 
 
-def portable_copy(model: MSViT, device: Optional[Union[str, torch.device]]) -> MSViT:
+def portable_copy(model: MSViT, device: Optional[Union[str, torch.device]], kernels: str = PORTABLE_KERNELS) -> MSViT:
     """The model to export: a copy (the caller's model keeps its device and kernels) on ``device``,
-    with the torch tokenizer, gate and attention."""
+    with the torch tokenizer, gate and attention, or with ``kernels="triton"`` the fused kernels and
+    the Triton attention, which are ``triton_op``s (every entropy gate keeps its torch path: its
+    kernel is an opaque op)."""
+    if kernels not in EXPORT_KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(map(repr, EXPORT_KERNELS))}, got {kernels!r}")
     exported = copy.deepcopy(model)
     if device is not None:
         exported = exported.to(device)
-    exported.kernels = PORTABLE_KERNELS
-    exported.attention_backend = PORTABLE_ATTENTION
+    on = next(exported.parameters()).device
+    if kernels == "triton" and on.type != "cuda":
+        raise ValueError(f"kernels='triton' exports the fused CUDA kernels: pass device='cuda' (the model is on {on})")
+    exported.kernels = kernels
+    for module in exported.gate.modules():
+        if isinstance(module, EntropyGate):
+            module.kernels = PORTABLE_KERNELS
+    exported.attention_backend = "triton" if kernels == "triton" else PORTABLE_ATTENTION
     return exported.eval()
 
 
@@ -80,6 +95,7 @@ def export_program(
     budget: Budget = None,
     capacity: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
+    kernels: str = PORTABLE_KERNELS,
 ) -> torch.export.ExportedProgram:
     """The ``torch.export`` program of the static forward ``export`` packages (arguments as there).
     On a machine without CUDA, fake CUDA tensors export the CUDA program too (``device="cuda"``
@@ -93,7 +109,7 @@ def export_program(
     if budget is not None and capacity is not None:
         raise ValueError("pass budget (fixed tokens per image) or capacity (padded rows), not both")
     size = image_hw(image_size)
-    exported = portable_copy(model, device)
+    exported = portable_copy(model, device, kernels)
     capacity = static_capacity(exported, batch_size, size, budget, capacity)
     parameter = next(exported.parameters())
     example = torch.zeros(batch_size, exported.in_chans, *size, device=parameter.device, dtype=parameter.dtype)
@@ -110,6 +126,7 @@ def export(
     budget: Budget = None,
     capacity: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
+    kernels: str = PORTABLE_KERNELS,
 ) -> Path:
     """Write ``model``'s static packed forward to ``path`` (a ``.pt2`` AOTInductor package).
 
@@ -121,6 +138,8 @@ def export(
         budget: fine regions per image (int) or fraction (float): fixed tokens, the cheapest forward.
         capacity: without a budget, the packed rows (default: every region fine).
         device: where the package runs (default: the model's device); the dtype is the model's.
+        kernels: ``"reference"`` (the torch path of every op, any device) or, on CUDA, ``"triton"``
+            (the package's fused gate, index, pack and attention kernels; docs/deploy.md).
 
     Returns the path. The package records its input in its metadata (``loader.get_metadata()``):
     ``msvit_input`` is JSON with the batch size, image size, budget, capacity (packed rows; None
@@ -129,7 +148,9 @@ def export(
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"an AOTInductor package is a .pt2 file, got {str(path)!r}")
-    program = export_program(model, batch_size, image_size, budget=budget, capacity=capacity, device=device)
+    program = export_program(
+        model, batch_size, image_size, budget=budget, capacity=capacity, device=device, kernels=kernels
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     from torch._inductor import aoti_compile_and_package
 
