@@ -57,7 +57,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, TritonKernel, tl, triton, triton_support
+from ._triton import INTERPRET, TritonKernel, kernel_op, tl, triton, triton_support
 from .reference import ENTROPY_LUMA
 
 DEFAULT_BINS = 512  # APT's released code: torch.histc(bins=512, min=0, max=255)
@@ -194,7 +194,7 @@ def _launch_list(pixels: Tensor, node_pixels: Tensor, first: int, count: int, pa
     return entropy
 
 
-@torch.library.custom_op("msvit::patch_entropy", mutates_args=())
+@kernel_op("msvit::patch_entropy", [_ENTROPY])
 def _patch_entropy_op(images: Tensor, patch: int, mean: List[float], std: List[float], bins: int,
                       threshold: Optional[float], binning: str) -> Tuple[Tensor, Tensor]:
     """(entropy, fine); see :func:`_launch`."""
@@ -208,7 +208,7 @@ def _(images, patch, mean, std, bins, threshold, binning):
             images.new_empty((batch, n_coarse) if threshold is not None else (0,), dtype=torch.bool))
 
 
-@torch.library.custom_op("msvit::list_patch_entropy", mutates_args=())
+@kernel_op("msvit::list_patch_entropy", [_ENTROPY])
 def _list_entropy_op(pixels: Tensor, node_pixels: Tensor, first: int, count: int, patch: int, chans: int,
                      largest: int, mean: List[float], std: List[float], bins: int, binning: str) -> Tensor:
     """Entropies ``[count]``; see :func:`_launch_list`."""

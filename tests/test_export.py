@@ -108,6 +108,7 @@ TRITON_EXPORT = textwrap.dedent("""
 TRITON_CASES = [
     ({"coarse_patch_size": 16, "hidden": 8}, 0.5),
     ({"scales": [8, 16, 32], "hidden": 8}, None),
+    ({"scales": [8, 16, 32], "gate": "entropy", "entropy_thresholds": [4.0, 3.0]}, 0.5),
     (None, None),
 ]
 
@@ -240,7 +241,7 @@ def test_the_cuda_program_with_triton_kernels_holds_them_as_triton_ops(triton_ex
     Triton kernels and no opaque op, so the package carries the kernels (docs/design.md section 14).
     Without a driver the configs are the oldest target's (``PORTABLE_CAPABILITY``, sm_70):
     for the fp32 pack, the two that fit sm_70; one for the fp32 attention there."""
-    two, three, _ = triton_export["cases"]
+    two, three, entropy, _ = triton_export["cases"]
     assert two["exported"] == {
         "msvit.fused_gate.default": 1,
         "msvit.mixed_scale_counts.default": 1,
@@ -270,7 +271,15 @@ def test_the_cuda_program_with_triton_kernels_holds_them_as_triton_ops(triton_ex
         "_pack_kernel (2 configs)": 1,
         "_attn_fwd_kernel (1 configs)": 1,
     }
-    assert two["devices"] == three["devices"] == ["cuda:0"]
+    assert entropy["exported"] == {
+        "msvit.patch_entropy.default": 2,
+        "msvit.tree_counts.default": 1,
+        "msvit.tree_maps.default": 1,
+        "msvit.gather_embed_pack.default": 1,
+        "msvit.triton_varlen_attention.default": 1,
+    }
+    assert entropy["opaque"] == {}
+    assert two["devices"] == three["devices"] == entropy["devices"] == ["cuda:0"]
 
 
 def test_the_triton_op_check_tells_an_opaque_custom_op(triton_export):

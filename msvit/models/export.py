@@ -14,9 +14,8 @@ What the package holds (docs/design.md section 14): by default (``kernels="refer
 path of the model, the reference tokenizer and gate and the ``padded_sdpa`` attention, which Inductor
 compiles into its own kernels (C++ on CPU, Triton on CUDA). On CUDA, ``kernels="triton"`` puts the
 package's fused Triton kernels in instead (the learned gate, the index builders, the pack and the
-attention): they are ``torch.library.triton_op``s, which AOTInductor traces into and compiles like its
-own kernels. The entropy kernel is still an opaque ``custom_op``, so an entropy gate keeps its torch
-path there.
+attention, the entropy gate): they are ``torch.library.triton_op``s, which AOTInductor traces into
+and compiles like its own kernels.
 """
 
 import copy
@@ -27,7 +26,6 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from msvit.models.entropy_gate import EntropyGate
 from msvit.models.gate import Budget
 from msvit.models.mixed_scale_vit import MSViT
 
@@ -60,8 +58,7 @@ def image_hw(image_size: Union[int, Sequence[int]]) -> tuple:
 def portable_copy(model: MSViT, device: Optional[Union[str, torch.device]], kernels: str = PORTABLE_KERNELS) -> MSViT:
     """The model to export: a copy (the caller's model keeps its device and kernels) on ``device``,
     with the torch tokenizer, gate and attention, or with ``kernels="triton"`` the fused kernels and
-    the Triton attention, which are ``triton_op``s (every entropy gate keeps its torch path: its
-    kernel is an opaque op)."""
+    the Triton attention, which are ``triton_op``s."""
     if kernels not in EXPORT_KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(map(repr, EXPORT_KERNELS))}, got {kernels!r}")
     exported = copy.deepcopy(model)
@@ -70,10 +67,7 @@ def portable_copy(model: MSViT, device: Optional[Union[str, torch.device]], kern
     on = next(exported.parameters()).device
     if kernels == "triton" and on.type != "cuda":
         raise ValueError(f"kernels='triton' exports the fused CUDA kernels: pass device='cuda' (the model is on {on})")
-    exported.kernels = kernels
-    for module in exported.gate.modules():
-        if isinstance(module, EntropyGate):
-            module.kernels = PORTABLE_KERNELS
+    exported.kernels = kernels  # the gate's too, entropy gates included (MSViT.kernels)
     exported.attention_backend = "triton" if kernels == "triton" else PORTABLE_ATTENTION
     return exported.eval()
 
