@@ -6,7 +6,7 @@ and its time per call with the eager model's.
 
 One package per ``--kernels`` entry (default on CUDA: both): ``reference``, the torch path of
 every op compiled by Inductor, and ``triton``, the package's fused index, pack and attention
-kernels as ``triton_op``s (the entropy gate keeps its torch path there; docs/design.md section
+kernels as ``triton_op``s (the entropy kernel included; docs/design.md section
 14). A functional check for bench/gpu_check.sh (the package must carry everything a CUDA forward
 needs), not a benchmark: two blocks keep AOTInductor's compiles within the stage's limit, and the
 eager model (here) and each package (in its process) are timed one after the other, 20 calls after

@@ -320,6 +320,7 @@ def test_a_training_model_or_another_module_is_refused(tmp_path):
         (["--out", "m.pt2", "--batch-size", "0"], "--batch-size must be a positive integer"),
         (["--out", "m.pt2", "--image-size", "32", "32", "32"], "--image-size takes H or H W"),
         (["--out", "m.pt2", "--budget", "2"], "--budget is a fraction"),
+        (["--out", "m.pt2", "--kernels", "triton"], "--kernels triton packages the CUDA kernels: add --device cuda"),
     ],
 )
 def test_export_cli_refuses_bad_flags(flags, message, capsys):

@@ -30,7 +30,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "in [0, 1]: fixed tokens, the fast package (default: the gate decides, rows padded to all-fine)",
         "where the package runs: cpu, cuda or cuda:N (default cpu)",
     )
+    p.add_argument(
+        "--kernels",
+        choices=("reference", "triton"),
+        default="reference",
+        help="what the package runs: 'reference', the torch path Inductor compiles (any device), or "
+        "'triton', this package's fused Triton kernels (--device cuda; docs/deploy.md)",
+    )
     args = p.parse_args(argv)
+    if args.kernels == "triton" and not str(args.device).startswith("cuda"):
+        p.error(f"--kernels triton packages the CUDA kernels: add --device cuda (got --device {args.device})")
     if not args.out.endswith(".pt2"):
         p.error(f"--out {args.out}: an AOTInductor package is a .pt2 file")
     if args.batch_size < 1:
@@ -54,13 +63,13 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     try:
-        path = export(model, args.out, args.batch_size, size, budget=args.budget)
+        path = export(model, args.out, args.batch_size, size, budget=args.budget, kernels=args.kernels)
     except (TypeError, ValueError) as error:  # a model export does not take (a Swin), a bad budget
         raise SystemExit(f"{PROG}: {error}") from None
     budget = "the gate decides" if args.budget is None else f"budget {args.budget:g}"
     print(
         f"wrote {path} in {time.perf_counter() - start:.0f} s: input [{args.batch_size}, {model.in_chans}, "
-        f"{size[0]}, {size[1]}] {next(model.parameters()).dtype} on {args.device}, {budget}"
+        f"{size[0]}, {size[1]}] {next(model.parameters()).dtype} on {args.device}, {budget}, {args.kernels} kernels"
     )
 
 
