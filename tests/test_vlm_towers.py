@@ -193,6 +193,45 @@ def test_bad_inputs_are_refused_with_the_reason():
         msvit.from_timm(build("qwen3_vit_88m_enc", global_pool=""))
 
 
+@pytest.mark.parametrize("name", ["qwen3_vit_88m_enc", "qwen3_vit_88m", "deepseek_vit_412m", "gemma4_vit_167m_enc"])
+def test_a_list_of_sizes_runs_in_one_packed_forward_equal_to_each_image_alone(name):
+    """Native resolution through a projector (docs/design.md section 17): each image's projected
+    tokens (an encoder: a list of [windows_b, D]) or logits equal the image alone, packed with and
+    without a budget, and the dense baselines equal the packed list; RoPE (Qwen, Gemma) per image grid."""
+    model = msvit.from_timm(build(name)).eval()
+    sizes = FAMILY_SIZES[family(name)][2]  # three aspect ratios
+    ims = [images(name, size, batch=1, seed=i)[0] for i, size in enumerate(sizes)]
+    with torch.no_grad():
+        for budget in (None, 0.5):
+            out = model(ims, budget=budget, return_gate=True)
+            assert len(out.logits) == len(ims) and out.tokens.shape == (len(ims),)
+            for b, image in enumerate(ims):
+                alone = model(image[None], budget=budget, return_gate=True)
+                assert rel_err(out.logits[b], alone.logits[0]) <= 1e-5, (budget, b)
+                assert out.tokens[b] == alone.tokens[0]
+            if model.encoder:
+                assert [o.shape[0] for o in out.logits] == [
+                    model.projector.window_grid(model.tokenizer.grids(im[None])[0])[0]
+                    * model.projector.window_grid(model.tokenizer.grids(im[None])[0])[1]
+                    for im in ims
+                ]
+        masks = model.gate_mask(ims, budget=0.5)
+        packed = model(ims, mask=masks)
+        for mode in ("masked", "trimmed"):
+            dense = model(ims, mask=masks, mode=mode)
+            assert all(rel_err(a, b) <= 1e-4 for a, b in zip(dense, packed)), mode
+
+
+def test_a_list_with_a_grid_the_projector_cannot_merge_is_refused_naming_the_image():
+    model = msvit.from_timm(build("qwen3_vit_88m_enc")).eval()
+    ims = [images("qwen3_vit_88m_enc", (64, 64), batch=1)[0], images("qwen3_vit_88m_enc", (48, 64), batch=1)[0]]
+    with pytest.raises(ValueError, match=r"images\[1\]: Qwen's merger merges 2x2 patches.*3x4 patches"):
+        model(ims)
+    model.llm_tokens = "merged"
+    with pytest.raises(ValueError, match="llm_tokens='merged' take a \\[B, C, H, W\\] batch"):
+        model(ims[:1])
+
+
 def test_gemma4_classifier_with_the_soft_pool_equals_timm():
     tower = build("gemma4_vit_167m", encoder_pool="soft", standardize=True)
     model = msvit.from_timm(tower).eval()

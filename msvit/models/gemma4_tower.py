@@ -26,7 +26,7 @@ import torch
 from timm.models.gemma4_vit import Gemma4Block, Gemma4VitClassifier, Gemma4VitEncoder, apply_multidimensional_rope
 from torch import Tensor, nn
 
-from msvit.models.rope import mixed_scale_coords
+from msvit.models.rope import batch_rope_table, mixed_scale_coords
 from msvit.models.table_cache import TableCache
 from msvit.models.timm_support import TOKENWISE, _check_tokenwise, _known_name, refuse
 from msvit.models.vlm_families import classifier_parts
@@ -79,7 +79,17 @@ class Gemma4PackedRope(nn.Module):
         return torch.cat([identity[:, None], table], 1)
 
     def rotary(self, grid: Tuple[int, int], positions: Tensor) -> Callable[[int, Tensor], Tensor]:
-        table = self._tables.get(tuple(grid), [self.rope.inv_freq], lambda: self.table(grid))
+        return self.rotary_of(self.grid_table(grid), positions)
+
+    def grid_table(self, grid: Tuple[int, int]) -> Tensor:
+        return self._tables.get(tuple(grid), [self.rope.inv_freq], lambda: self.table(grid))
+
+    def batch_table(self, batch, grids) -> Tensor:
+        """A list of images of different sizes: ``rope.batch_rope_table`` of every image's table."""
+        return batch_rope_table(batch, [self.grid_table(grid) for grid in grids])
+
+    def rotary_of(self, table: Tensor, positions: Tensor) -> Callable[[int, Tensor], Tensor]:
+        """``rotary`` with the table given (``grid_table`` or ``batch_table``)."""
         cos, sin = table[:, positions]
 
         def rotate(block_index: int, t: Tensor) -> Tensor:

@@ -126,12 +126,7 @@ class PackedRope(nn.Module):
         return self._tables.get(tuple(grid), tensors, lambda: self.table(grid))
 
     def batch_table(self, batch, grids) -> Tensor:
-        """The table of a list of images of different sizes (docs/design.md section 11): the identity
-        row, then every image's node rows (each from its own grid) in ``batch``'s global node order
-        (``tree_batch.TreeBatch``), so position id ``1 + node`` is the token's global node."""
-        tables = [self.grid_table(grid) for grid in grids]
-        nodes = batch.node_table([t.narrow(-2, 1, t.shape[-2] - 1) for t in tables])
-        return torch.cat([tables[0].narrow(-2, 0, 1), nodes], -2)
+        return batch_rope_table(batch, [self.grid_table(grid) for grid in grids])
 
     def rotary_of(self, table: Tensor, positions: Tensor) -> Callable[[int, Tensor], Tensor]:
         """``rotary`` with the table given (``grid_table`` or ``batch_table``)."""
@@ -181,3 +176,12 @@ def dense_positions(num_prefix: int, num_fine: int, num_coarse: int, device=None
     """Position ids of the dense layout (prefix, fine in raster order, coarse in raster order)."""
     ids = torch.arange(1, 1 + num_fine + num_coarse, device=device)
     return torch.cat([ids.new_zeros(num_prefix), ids])
+
+
+def batch_rope_table(batch, tables) -> Tensor:
+    """The RoPE table of a list of images of different sizes (docs/design.md section 11) from each
+    image's own table (position ids along dim -2, id 0 the identity): the identity row, then every
+    image's node rows in ``batch``'s global node order (``tree_batch.TreeBatch``), so position id
+    ``1 + node`` is the token's global node. Shared by every RoPE family (``PackedRope``, Gemma 4's)."""
+    nodes = batch.node_table([t.narrow(-2, 1, t.shape[-2] - 1) for t in tables])
+    return torch.cat([tables[0].narrow(-2, 0, 1), nodes], -2)

@@ -121,11 +121,6 @@ class VLMTower(MSViT):
         self.projector = projector
         self.encoder = encoder
         self.llm_tokens = "replicate"
-        if projector is not None:  # batch_of, so every entry point that takes a list, refuses one
-            self.native_resolution_refusal = (
-                "a VLM tower with a projector does not take a list of images of different sizes yet; "
-                "pass a [B, C, H, W] batch (or one image at a time)"
-            )
 
     @property
     def llm_tokens(self) -> str:
@@ -157,8 +152,8 @@ class VLMTower(MSViT):
             # (the merged layout is new); encode() returns the packed tokens and cu_seqlens without it
             offsets = host_offsets(out.cu_seqlens)
             return list(out.tokens.split([b - a for a, b in zip(offsets, offsets[1:])]))
-        if is_image_list(images):
-            self.batch_of(images)  # checks the list; refuses it with a projector (native_resolution_refusal)
+        if is_image_list(images) and self.projector is not None:
+            return self._projected_list(images, mask, mode, budget, capacity, return_gate)
         if self.projector is None or (mode == "packed" and images.shape[0] > 0):
             return super().forward(
                 images, mask=mask, mode=mode, budget=budget, capacity=capacity, return_gate=return_gate
@@ -170,6 +165,42 @@ class VLMTower(MSViT):
         grid, tokens = self._dense_grid(images, decision, mode)
         out = self._from_grid(grid)
         return MSViTOutput(out, decision, tokens) if return_gate else out
+
+    def _projected_list(self, images, mask, mode: str, budget: Budget, capacity, return_gate: bool):
+        """A list of images of different sizes (native resolution, docs/design.md section 17): one
+        packed forward, then the projector on each image's own fine grid (replicate). An encoder
+        returns a list of ``[windows_b, D]``, a classifier logits ``[B, K]``. The dense baselines
+        run image by image, as MSViT's do."""
+        self.batch_of(images)  # checks the list, naming the image
+        check_choice("mode", mode, MODES)
+        for b, image in enumerate(images):  # each grid must be whole windows (or padded): refused up front
+            try:
+                self.projector.window_grid(self.tokenizer.grids(image[None])[0])
+            except ValueError as error:
+                raise ValueError(f"images[{b}]: {error}") from None
+        if mode != "packed":
+            if capacity is not None:
+                raise ValueError(f"capacity pads the packed rows and applies to mode='packed' only, got mode={mode!r}")
+            masks = [None] * len(images) if mask is None else mask
+            outs = [
+                self.forward(
+                    image[None], mask=None if m is None else m[None], mode=mode, budget=budget, return_gate=True
+                )
+                for image, m in zip(images, masks)
+            ]
+            return self._list_output(
+                [o.logits[0] for o in outs], None, torch.cat([o.tokens for o in outs]), return_gate
+            )
+        features = self.forward_features(images, mask=mask, budget=budget, capacity=capacity)
+        grids = unpack_to_grid(features).grid
+        outs = [self.projector(grid[None])[0] for grid in grids]  # each image's own window grid
+        index = features.index
+        tokens = (index.cu_seqlens[1 : index.batch + 1] - index.cu_seqlens[: index.batch]).long()
+        return self._list_output(outs, features.gate, tokens, return_gate)
+
+    def _list_output(self, projected, gate, tokens: Tensor, return_gate: bool):
+        out = projected if self.encoder else self._head(torch.stack([p.mean(0) for p in projected]))
+        return MSViTOutput(out, gate, tokens) if return_gate else out
 
     def forward_head(self, features: PackedFeatures, pre_logits: bool = False) -> Tensor:
         """The tower's output from ``forward_features``' packed tokens: MSViT's pooled head (no
@@ -193,6 +224,11 @@ class VLMTower(MSViT):
         "merged" reads the token count back to the host (it depends on the gate)."""
         if self.projector is None:
             raise ValueError("encode needs a tower with a projector (an _enc, _merge or _align model)")
+        if is_image_list(images):
+            raise ValueError(
+                "encode and llm_tokens='merged' take a [B, C, H, W] batch; a list of images of different "
+                "sizes runs with llm_tokens='replicate' (model(images): a list of [windows_b, D])"
+            )
         llm_tokens = self.llm_tokens if llm_tokens is None else llm_tokens
         check_choice("llm_tokens", llm_tokens, LLM_TOKENS)
         features = self.forward_features(images, mask=mask, budget=budget)
