@@ -56,10 +56,10 @@ from spread import busy_report, interleaved_times  # noqa: E402
 
 TOKEN_MODEL = "vit_base_patch16_384"  # the geometry (patch 16) and normalisation of the token table
 TOKEN_SIZES = (384, 512, 1024)
-TAUS = (4.5, 5.0, 5.5, 6.0, 6.5)  # two scales: fine where the 32 px region's entropy exceeds tau
+TAUS = (4.5, 5.0, 5.5, 6.0, 6.5)  # two scales: fine where the 32 px region's entropy reaches tau (>=)
 # Three scales: (tau at the 32 px nodes, tau at the 64 px nodes), the order of APT's list and of
 # from_timm's entropy_thresholds (finest boundary first, msvit/models/tree_gate.py); a node splits
-# when its entropy exceeds its scale's tau. APT's (6.0, 4.0), each tau moved by 0.5, and the
+# when its entropy reaches its scale's tau. APT's (6.0, 4.0), each tau moved by 0.5, and the
 # swapped pair (4.0, 6.0) (coarsest boundary first, the other reading of APT's list).
 PAIRS = ((5.5, 3.5), (5.5, 4.0), (6.0, 3.5), APT_PAIR, (6.0, 4.5), (6.5, 4.0), (6.5, 4.5), (4.0, 6.0))
 LATENCY_MODELS = ("vit_small_patch16_384", "vit_base_patch16_384", "vit_large_patch16_384")

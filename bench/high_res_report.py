@@ -84,9 +84,10 @@ def markdown(result: dict) -> str:
             "",
             f"Mean over {len(tokens[0]['per_photo'])} photos ({', '.join(tokens[0]['per_photo'])}), each centre-"
             "cropped and resized to the size; cls included, percent of the ViT's (all-fine) count in brackets. "
-            "Two scales (16/32 px): a 32 px region is fine when its grey-level entropy (bits, 512 bins) exceeds "
-            "tau. Three scales (16/32/64 px): a 64 px node splits when its entropy exceeds tau_64, a 32 px node "
-            "inside a split one when its entropy exceeds tau_32; columns are (tau_32, tau_64). APT's three-scale "
+            'Entropies as APT\'s released code computes them (the default `entropy_binning="apt"`: 8-bit grey '
+            "levels, 512 bins). Two scales (16/32 px): a 32 px region is fine when its entropy reaches tau (>=, "
+            "APT's rule). Three scales (16/32/64 px): a 64 px node splits when its entropy reaches tau_64, a 32 px "
+            "node inside a split one when its entropy reaches tau_32; columns are (tau_32, tau_64). APT's three-scale "
             f"setting [6.0, 4.0], read in APT's order (finest boundary first), is {APT_PAIR}; (4.0, 6.0) is the "
             "other reading. The thresholds each gate level really used are in the JSON (`thresholds`). The "
             "entropies come from the torch reference on the CPU, so this table is the same on every machine.",
