@@ -227,6 +227,9 @@ def test_a_list_with_a_grid_the_projector_cannot_merge_is_refused_naming_the_ima
     ims = [images("qwen3_vit_88m_enc", (64, 64), batch=1)[0], images("qwen3_vit_88m_enc", (48, 64), batch=1)[0]]
     with pytest.raises(ValueError, match=r"images\[1\]: Qwen's merger merges 2x2 patches.*3x4 patches"):
         model(ims)
+    masks = model.gate_mask(ims[:1])
+    with pytest.raises(ValueError, match="mask has 1 entries for 2 images"):
+        model([ims[0], ims[0]], mask=masks, mode="masked")
     model.llm_tokens = "merged"
     with pytest.raises(ValueError, match="llm_tokens='merged' take a \\[B, C, H, W\\] batch"):
         model(ims[:1])

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit.models.checks import MODES, check_choice, is_image_list
+from msvit.models.checks import MODES, check_choice, check_mask_list, is_image_list
 from msvit.models.gate import Budget
 from msvit.models.layers import dense_blocks
 from msvit.models.mixed_scale_vit import MSViT, MSViTOutput, PackedFeatures, take_tokens, trim_order, unpack_to_grid
@@ -171,8 +171,10 @@ class VLMTower(MSViT):
         packed forward, then the projector on each image's own fine grid (replicate). An encoder
         returns a list of ``[windows_b, D]``, a classifier logits ``[B, K]``. The dense baselines
         run image by image, as MSViT's do."""
-        self.batch_of(images)  # checks the list, naming the image
+        batch = self.batch_of(images)  # checks the list, naming the image
         check_choice("mode", mode, MODES)
+        if mask is not None:  # one bool mask per image, of its own length (the dense loop zips them)
+            mask = check_mask_list(mask, self._decision_names(batch))
         for b, image in enumerate(images):  # each grid must be whole windows (or padded): refused up front
             try:
                 self.projector.window_grid(self.tokenizer.grids(image[None])[0])
