@@ -191,3 +191,25 @@ def test_naflexvit_position_tables_train():
     model(images_of(SIZES_16[:3])).square().mean().backward()
     table = model.tokenizer.grid_positions.pos_embed
     assert table.shape == vit.embeds.pos_embed.shape and table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scales", [None, (16, 32, 64)])
+def test_zero_conv_aggregation_on_a_list_equals_each_image_alone(scales):
+    """APT's aggregate="zero_conv" over a list: each image's coarse tokens add the term of their own
+    sub-patches (every image's node terms from its own grid), so each image's logits equal it alone,
+    and packed equals masked; the term is not zero (re-drawn weights), so dropping it would fail."""
+    options = {"aggregate": "zero_conv", "gate": "entropy", **({"scales": scales} if scales else {})}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=5, dynamic_img_size=True)
+    model = redraw_parameters(msvit.from_timm(vit, **options)).eval()
+    g = torch.Generator().manual_seed(0)
+    sizes = [(128, 64), (64, 192), (80, 112)] if scales else [(128, 96), (64, 192), (80, 112)]  # 112: border cells
+    ims = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    with torch.no_grad():
+        out = model(ims, budget=0.3, return_gate=True)
+        for b, image in enumerate(ims):
+            alone = model(image[None], budget=0.3, return_gate=True)
+            assert rel_err(out.logits[b], alone.logits[0]) <= 1e-5 and out.tokens[b] == alone.tokens[0]
+        masked = model(ims, budget=0.3, mode="masked")
+        assert all(rel_err(a, p) <= 1e-5 for a, p in zip(masked, out.logits))
+        model.tokenizer.aggregation.linear.weight.zero_()
+        assert rel_err(model(ims, budget=0.3), out.logits) > 1e-3

@@ -136,11 +136,6 @@ class MixedScaleTokenizer(nn.Module):
     def batch_of(self, images: Sequence[Tensor]) -> TreeBatch:
         """The trees of a list of ``[C, H_b, W_b]`` images (docs/design.md section 11); refuses,
         naming the image, one without a whole coarsest patch."""
-        if self.aggregation is not None:
-            raise NotImplementedError(
-                "a list of images of different sizes with aggregate='zero_conv' is not implemented; "
-                "use aggregate='shared' or a [B, C, H, W] batch"
-            )
         return TreeBatch.of([self.grids(image)[0] for image in images], self.ratio, self.scales)
 
     def grids(self, images: Tensor) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -267,6 +262,10 @@ class MixedScaleTokenizer(nn.Module):
         index = batch_index(hard, batch, self.num_prefix, shape)
         positions = self.batch_position_tables(images, batch)
         weights = batch.token_weights(st) if st.requires_grad else None
+        if self.aggregation is not None:  # each image's node terms (its own grid), then each token's own
+            terms = [self.tree_aggregated(image[None], tree)[0] for image, tree in zip(images, batch.trees)]
+            extra = batch.node_table(terms, dim=0)[index.position]
+            return self._embed_pack(list(images), index, positions, weights, False, extra), index
         if fused:  # one launch over the flat pixel buffer; each node carries its pixel geometry
             pixels = torch.cat([image.reshape(-1) for image in images])
             node_pixels = batch.node_pixels(self.fine_patch, images[0].shape[0], pixels.device)
