@@ -90,9 +90,10 @@ def padded_layout(batch: TreeBatch, capacity: ListCapacity, fine_patch: int, cha
     starts, padded_starts = batch.scale_starts, capacity.starts
     size = padded_starts[-1]
     to_padded = torch.cat([padded_starts[s] + torch.arange(starts[s + 1] - starts[s]) for s in range(batch.scales)])
-    unused = torch.ones(size, dtype=torch.bool)
-    unused[to_padded] = False
-    dead = torch.arange(size)[unused]
+    # padding nodes: each scale's slice past its real nodes (Python ints: no host read to count)
+    dead = torch.cat(
+        [torch.arange(padded_starts[s] + starts[s + 1] - starts[s], padded_starts[s + 1]) for s in range(batch.scales)]
+    )
 
     def scatter(values: Tensor, fill: int) -> Tensor:
         out = torch.full((size,), fill, dtype=values.dtype)

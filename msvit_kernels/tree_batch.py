@@ -97,7 +97,7 @@ class TreeBatch:
         cached = _LAYOUTS.get(key)
         if cached is None:
             counts = torch.tensor(self.nodes_at(s))
-            image = torch.repeat_interleave(torch.arange(self.batch), counts)
+            image = torch.repeat_interleave(torch.arange(self.batch), counts, output_size=sum(self.nodes_at(s)))
             local = torch.cat([torch.arange(n) for n in self.nodes_at(s)])
             cached = (image.to(key[-1], non_blocking=True), local.to(key[-1], non_blocking=True))
             _remember(key, cached)

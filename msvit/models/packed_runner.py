@@ -147,9 +147,8 @@ class PackedRunner:
 
     def _compile(self, options: dict) -> None:
         graphs = len(self.buckets) + (self.budget is None)
-        warnings.warn(
-            compile_notice(graphs, self.device, options.get("backend", "inductor")), CompileNotice, stacklevel=self._notice_frames
-        )
+        notice = compile_notice(graphs, self.device, options.get("backend", "inductor"))
+        warnings.warn(notice, CompileNotice, stacklevel=self._notice_frames)
         options = {"fullgraph": True, "dynamic": False, **options}
         self._decide = torch.compile(self._decide_fn, **options)
         # the capacity is a constant of each bucket's graph: dynamo guards on it and compiles one
