@@ -27,7 +27,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from msvit.models.gate import Budget, MixedScaleGate, list_budget_regions, ranked_mask
 from msvit.models.layers import packed_blocks
@@ -122,14 +122,12 @@ class ListRunner(PackedRunner):
         self.fallbacks = 0
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        prefix = model.tokenizer.num_prefix
-        longest = min(prefix + self.capacity.fine_nodes, max(buckets) - (max_images - 1) * prefix)
-        self._shapes = {c: lengths_within([prefix] * max_images, [longest] * max_images, c, False) for c in buckets}
+        self._shapes = {c: self._static_shape(c) for c in buckets}
         self._tables = TableCache()
         size = model.tokenizer.patch_sizes[-1]  # warm-up and capture run on a real list: one smallest image
         warm = [torch.zeros(model.in_chans, size, size, device=self.device, dtype=self.dtype)]
-        with torch.inference_mode():
-            self._images = self._inputs(warm, model.tokenizer.batch_of(warm))
+        with torch.inference_mode():  # buffers of their own: a mix's cached tables must not be overwritten
+            self._images = tree_map(torch.clone, self._inputs(warm, model.tokenizer.batch_of(warm)))
         self._build(compile_options)
 
     def __call__(self, images: Sequence[Tensor]) -> Tensor:
@@ -156,6 +154,14 @@ class ListRunner(PackedRunner):
             return logits[: batch.batch].clone()  # a replay overwrites its output buffer
 
     # -------------------------------------------------------------------------------- the stages
+
+    def _static_shape(self, capacity: int) -> StaticShape:
+        """A bucket's shape: ``max_images`` sequences of at least their prefix; an image has at most
+        every finest patch the pixels hold, and at most what the bucket leaves after the others'
+        prefixes (a tighter bound: fewer padded attention slots on ``padded_sdpa``)."""
+        prefix, images = self.model.tokenizer.num_prefix, self.batch_size
+        longest = min(prefix + self.capacity.fine_nodes, capacity - (images - 1) * prefix)
+        return lengths_within([prefix] * images, [longest] * images, capacity, exact=False)
 
     def _gate(self, inputs: ListInputs) -> Tensor:
         """The gate's hard decisions ``[decisions]`` over the padded list (threshold, or the budget)."""
