@@ -15,6 +15,7 @@ from typing import NamedTuple, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from .scale_tree import tracing
 from .tree_batch import BatchLayout, TreeBatch, index_of_nodes, node_token_weights
@@ -49,28 +50,20 @@ class ListCapacity(NamedTuple):
 
 
 class PaddedLayout(NamedTuple):
-    """A mix's ``BatchLayout`` maps padded to a ``ListCapacity`` (padded node numbering: scale ``s``
-    occupies ``starts[s] : starts[s + 1]``, its real nodes first in ``TreeBatch`` order), plus:
-    alive: bool ``[n]`` real nodes; node_pixels: int64 ``[4, n]`` (``TreeBatch.node_pixels``;
-    padding nodes read pixel 0 with strides 1); region_image, region_local: int64
-    ``[decisions]`` each decision's image and index in it (padding entries: image ``images``, a
-    row of their own, so a budget ranks them apart)."""
+    """A mix's tables padded to a ``ListCapacity`` (padded node numbering: scale ``s`` occupies
+    ``starts[s] : starts[s + 1]``, its real nodes first in ``TreeBatch`` order).
 
-    order: Tensor
-    entry_image: Tensor
-    image: Tensor
-    scale: Tensor
-    region: Tensor
-    parent: Tensor
-    decision: Tensor
-    ancestors: Tensor
+    maps: the ``BatchLayout`` in that numbering (padding nodes come after the real ones in
+    ``order``); alive: bool ``[n]`` real nodes; node_pixels: int64 ``[4, n]``
+    (``TreeBatch.node_pixels``; padding nodes read pixel 0 with strides 1); region_image,
+    region_local: int64 ``[decisions]`` each decision's image and index in it (padding entries:
+    image ``images``, a row of their own, so a budget ranks them apart)."""
+
+    maps: BatchLayout
     alive: Tensor
     node_pixels: Tensor
     region_image: Tensor
     region_local: Tensor
-
-    def batch_layout(self) -> BatchLayout:
-        return BatchLayout(*self[:8])
 
 
 _PADDED: dict = {}  # (TreeBatch, capacity, patch, chans, device) -> PaddedLayout
@@ -108,7 +101,7 @@ def padded_layout(batch: TreeBatch, capacity: ListCapacity, fine_patch: int, cha
     node_pixels[:, to_padded] = batch.node_pixels(fine_patch, chans, "cpu")
     image, local = batch.nodes_of_images(1, "cpu")  # two scales: decision d is the d-th region
     spare = capacity.decisions - image.numel()
-    layout = PaddedLayout(
+    maps = BatchLayout(
         order=torch.cat([to_padded[host.order], dead]),
         entry_image=torch.cat([host.entry_image, torch.zeros(dead.numel(), dtype=torch.long)]),
         image=scatter(host.image, 0),
@@ -117,12 +110,15 @@ def padded_layout(batch: TreeBatch, capacity: ListCapacity, fine_patch: int, cha
         parent=scatter(host.parent, -1),
         decision=scatter(host.decision, 0),
         ancestors=ancestors,
+    )
+    layout = PaddedLayout(
+        maps=maps,
         alive=scatter(torch.ones(to_padded.numel(), dtype=torch.bool), False),
         node_pixels=node_pixels,
         region_image=torch.cat([image, torch.full((spare,), capacity.images, dtype=torch.long)]),
         region_local=torch.cat([local, torch.arange(spare)]),
     )
-    layout = PaddedLayout(*(t.to(device, non_blocking=True) for t in layout))
+    layout = tree_map(lambda t: t.to(device, non_blocking=True), layout)
     if not tracing():
         _PADDED[key] = layout
         while len(_PADDED) > _MAX_PADDED:
@@ -155,10 +151,10 @@ def padded_batch_index(
     entries ignored), a ``StaticShape`` for ``capacity.images`` images (padding images have their
     prefix rows only). No host read; every shape follows from ``capacity`` and ``shape``."""
     valid = padded_tokens(mask, layout, capacity)
-    return index_of_nodes(valid, layout.batch_layout(), capacity.images, capacity.starts[1], num_prefix, shape)
+    return index_of_nodes(valid, layout.maps, capacity.images, capacity.starts[1], num_prefix, shape)
 
 
 def padded_tokens(mask: Tensor, layout: PaddedLayout, capacity: ListCapacity) -> Tensor:
     """bool ``[n]``: the padded nodes ``mask`` makes tokens (``TreeBatch.token_weights``, padding
     nodes never)."""
-    return node_token_weights(mask, layout.parent, layout.decision, capacity.starts) & layout.alive
+    return node_token_weights(mask, layout.maps.parent, layout.maps.decision, capacity.starts) & layout.alive

@@ -4,7 +4,7 @@ maps (``BatchLayout``, built on the host once per size mix) and the packed index
 mask (``batch_index``, the list counterpart of ``scale_tree.tree_index``)."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -132,8 +132,7 @@ class TreeBatch:
         return lengths_within(shortest, longest, capacity, exact=splits is not None)
 
 
-@dataclass(frozen=True)
-class BatchLayout:
+class BatchLayout(NamedTuple):
     """Device maps of a ``TreeBatch`` (global node order unless said otherwise).
 
     order: int64 ``[n]`` global nodes in packed order (image by image, each in its tree's packed
@@ -194,7 +193,7 @@ def _batch_layout(batch: TreeBatch, device: torch.device) -> BatchLayout:
         decision_start += tree.decisions
     order = torch.cat(orders)
     host = BatchLayout(order, image[order], image, scale, region, parent, decision, torch.cat(ancestors, 1))
-    layout = BatchLayout(*(t.to(device, non_blocking=True) for t in host.__dict__.values()))
+    layout = BatchLayout(*(t.to(device, non_blocking=True) for t in host))
     _remember(key, layout)
     return layout
 
