@@ -126,6 +126,19 @@ def padded_layout(batch: TreeBatch, capacity: ListCapacity, fine_patch: int, cha
     return layout
 
 
+def padded_node_rows(rows: Tensor, batch: TreeBatch, capacity: ListCapacity, dim: int = 0) -> Tensor:
+    """A table with a row per global node of ``batch`` (``TreeBatch`` order along ``dim``: position
+    or RoPE rows) in the padded numbering: each scale's rows at its padded start, zeros after."""
+    shape = list(rows.shape)
+    shape[dim] = capacity.starts[-1]
+    out = rows.new_zeros(shape)
+    starts, padded = batch.scale_starts, capacity.starts
+    for s in range(batch.scales):
+        count = starts[s + 1] - starts[s]
+        out.narrow(dim, padded[s], count).copy_(rows.narrow(dim, starts[s], count))
+    return out
+
+
 def check_fits(batch: TreeBatch, capacity: ListCapacity) -> None:
     """A clear error, naming the first image past a limit, for a list ``capacity`` cannot hold."""
     if batch.scales != capacity.scales or batch.scales != 2:

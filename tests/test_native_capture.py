@@ -144,6 +144,23 @@ def test_padded_index_lays_out_the_real_tokens_as_the_list_index():
     assert rel_err(flat[padded.rows[:real]], listed[exact.rows]) <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_base_patch16_rope_mixed_ape_224"])
+def test_rope_models_take_their_table_padded_like_the_positions(name):
+    """RoPE (DINOv3's centred coordinates and registers; learned mixed frequencies with absolute
+    positions): the table of each mix, padded, is a graph input; one graph for every mix."""
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, depth=1, embed_dim=48, num_heads=3, num_classes=5)
+    model = msvit.from_timm(redraw_parameters(vit), kernels="reference").eval()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runner = msvit.compile_packed(
+        model, 3, max_pixels=3 * 64 * 128, budget=0.5, mode="torch_compile", compile_options={"backend": "aot_eager"}
+    )
+    mixes = (((32, 64), (160, 48)), ((96, 64), (64, 64), (32, 32)), ((160, 48),))  # 1:2, 10:3, borders
+    check_equal_to_eager(runner, model, 0.5, mixes=mixes)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == sum(1 for n in runner.replays.values() if n)
+
+
 @needs_triton
 def test_the_fused_pack_reads_the_padded_list():
     """kernels="triton" (the pack kernel's LIST mode, the interpreter on CPU) == eager reference."""
@@ -179,6 +196,6 @@ def test_bad_lists_and_arguments_are_refused_naming_what_to_change():
     three = msvit.from_timm(tiny_vit(img_size=SIZE), scales=(8, 16, 32)).eval()
     with pytest.raises(NotImplementedError, match="two scales only, not 3|not .*Gate"):
         msvit.compile_packed(three, 2, max_pixels=4096, mode="eager")
-    rope = timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=1, embed_dim=48, num_heads=3)
-    with pytest.raises(NotImplementedError, match="RoPE"):
-        msvit.compile_packed(msvit.from_timm(rope).eval(), 2, max_pixels=4096, mode="eager")
+    zero_conv = msvit.from_timm(tiny_vit(img_size=SIZE), aggregate="zero_conv").eval()
+    with pytest.raises(NotImplementedError, match="zero_conv"):
+        msvit.compile_packed(zero_conv, 2, max_pixels=4096, mode="eager")

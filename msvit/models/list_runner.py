@@ -18,8 +18,9 @@ pixel count (sum of ``H_b * W_b``) and a token capacity (the bucket) fix every s
   chosen on the host (no read at all); without one the gate's graph runs first and its token
   count is the one host read. A list past the largest bucket runs eagerly (``fallbacks``).
 
-Scope: the learned two-scale gate (threshold or budget), ``budget=1.0`` (all fine), models
-without RoPE. Other gates, more than two scales and RoPE models are refused by name.
+Scope: the learned two-scale gate (threshold or budget), ``budget=1.0`` (all fine), RoPE models
+(their table padded like the position table). Other gates and more than two scales are refused
+by name.
 """
 
 import math
@@ -33,9 +34,17 @@ from msvit.models.gate import Budget, MixedScaleGate, list_budget_regions, ranke
 from msvit.models.layers import packed_blocks
 from msvit.models.mixed_scale_vit import MSViT, PackedFeatures
 from msvit.models.packed_runner import DEFAULT_FINE_FRACTIONS, PackedRunner, check_bucket_count
+from msvit.models.rope import packed_positions
 from msvit.models.table_cache import TableCache
 from msvit.models.tokenizer import PositionTables
-from msvit_kernels.padded_batch import ListCapacity, PaddedLayout, padded_batch_index, padded_layout, padded_tokens
+from msvit_kernels.padded_batch import (
+    ListCapacity,
+    PaddedLayout,
+    padded_batch_index,
+    padded_layout,
+    padded_node_rows,
+    padded_tokens,
+)
 from msvit_kernels.tree_batch import TreeBatch
 from msvit_kernels.varlen import StaticShape, lengths_within
 
@@ -47,7 +56,8 @@ class ListInputs(NamedTuple):
     mix's ``PaddedLayout``; positions: ``[n_nodes, d]`` the position row of every padded node (or
     None: no position embedding); prefix_positions: ``[P_pos, d]`` or None; gate_positions:
     ``[decisions, hidden]`` the gate's position row of every region; keep: int64 ``[images + 1]``
-    fine regions each image keeps with a budget (0 for padding images and the padding row).
+    fine regions each image keeps with a budget (0 for padding images and the padding row);
+    rope: RoPE models' table (``PackedRope.batch_table``) in the padded numbering, or None.
     """
 
     pixels: Tensor
@@ -56,6 +66,11 @@ class ListInputs(NamedTuple):
     prefix_positions: Optional[Tensor]
     gate_positions: Tensor
     keep: Tensor
+    rope: Optional[Tensor]
+
+
+def _clone(table: Optional[Tensor]) -> Optional[Tensor]:
+    return None if table is None else table.clone()
 
 
 def list_refusal(model: MSViT) -> str:
@@ -69,8 +84,6 @@ def list_refusal(model: MSViT) -> str:
         )
     if model.tokenizer.scales != 2:
         return f"compile_packed serves lists with two scales only, not {model.tokenizer.scales}; run model(images)"
-    if model.rope is not None:
-        return "compile_packed does not serve lists for RoPE models yet; run model(images) eagerly"
     if model.tokenizer.aggregation is not None:
         return "compile_packed does not serve lists with aggregate='zero_conv'; run model(images) eagerly"
     return ""
@@ -127,7 +140,7 @@ class ListRunner(PackedRunner):
         size = model.tokenizer.patch_sizes[-1]  # warm-up and capture run on a real list: one smallest image
         warm = [torch.zeros(model.in_chans, size, size, device=self.device, dtype=self.dtype)]
         with torch.inference_mode():  # buffers of their own: a mix's cached tables must not be overwritten
-            self._images = tree_map(torch.clone, self._inputs(warm, model.tokenizer.batch_of(warm)))
+            self._images = tree_map(_clone, self._inputs(warm, model.tokenizer.batch_of(warm)))
         self._build(compile_options)
 
     def __call__(self, images: Sequence[Tensor]) -> Tensor:
@@ -136,7 +149,8 @@ class ListRunner(PackedRunner):
             inputs = self._inputs(images, batch)
             if self.mode == "cuda_graphs":  # the graphs read their static buffers
                 for static, new in zip(tree_leaves(self._images), tree_leaves(inputs)):
-                    static.copy_(new)
+                    if static is not None:  # None: a table this model has not (no positions, no RoPE)
+                        static.copy_(new)
                 inputs = self._images
             if self.budget is not None:
                 mask, tokens = None, self._budget_rows(batch)  # host-known: no read at all
@@ -192,7 +206,8 @@ class ListRunner(PackedRunner):
         index = padded_batch_index(mask, inputs.layout, self.capacity, tokenizer.num_prefix, shape)
         positions = PositionTables(inputs.prefix_positions, inputs.positions)
         x = tokenizer.pack_padded(inputs.pixels, index, positions, inputs.layout.node_pixels)
-        x = packed_blocks(model.blocks, model.norm_pre(x), index, model.attention_backend, None)
+        rotary = None if inputs.rope is None else model.rope.rotary_of(inputs.rope, packed_positions(index))
+        x = packed_blocks(model.blocks, model.norm_pre(x), index, model.attention_backend, rotary)
         return model.forward_head(PackedFeatures(model.norm(x), index, None, None))
 
     # ------------------------------------------------------------------------- host metadata
@@ -203,8 +218,9 @@ class ListRunner(PackedRunner):
         pixels = torch.cat([image.reshape(-1) for image in images])
         pixels = torch.cat([pixels, pixels.new_zeros(model.in_chans * self.max_pixels - pixels.numel())])
         params = [model.tokenizer.pos_embed, model.gate.pos_embed]
-        if model.tokenizer.grid_positions is not None:
-            params += list(model.tokenizer.grid_positions.parameters())
+        for module in (model.tokenizer.grid_positions, model.rope):  # tables from these too, when there
+            if module is not None:
+                params += [*module.parameters(), *module.buffers()]
         tables = self._tables.get(batch, params, lambda: self._mix_tables(images, batch))
         return ListInputs(pixels, *tables)
 
@@ -214,13 +230,12 @@ class ListRunner(PackedRunner):
         tokenizer, gate = model.tokenizer, model.gate
         layout = padded_layout(batch, capacity, tokenizer.fine_patch, model.in_chans, self.device)
         tables = tokenizer.batch_position_tables(images, batch)
-        positions = None
-        if tables.patches is not None:
-            positions = tables.patches.new_zeros(capacity.starts[-1], tables.patches.shape[-1])
-            starts, padded = batch.scale_starts, capacity.starts
-            for s in range(batch.scales):
-                count = starts[s + 1] - starts[s]
-                positions[padded[s] : padded[s] + count] = tables.patches[starts[s] : starts[s + 1]]
+        positions = None if tables.patches is None else padded_node_rows(tables.patches, batch, capacity)
+        rope = None
+        if model.rope is not None:  # the identity row (prefix tokens), then every padded node's rows
+            table = model.rope.batch_table(batch, [tokenizer.grids(image)[0] for image in images])
+            nodes = padded_node_rows(table.narrow(-2, 1, table.shape[-2] - 1), batch, capacity, dim=-2)
+            rope = torch.cat([table.narrow(-2, 0, 1), nodes], -2)
         gate_rows = gate.list_positions([tree.grids[1] for tree in batch.trees])
         spare = gate_rows.new_zeros(capacity.decisions - len(gate_rows), gate_rows.shape[1])
         gate_positions = torch.cat([gate_rows, spare])
@@ -228,7 +243,7 @@ class ListRunner(PackedRunner):
         if self.budget is not None:
             keep[: batch.batch] = list_budget_regions(self.budget, batch.nodes_at(1))
         keep = torch.tensor(keep, device=self.device)
-        return layout, positions, tables.prefix, gate_positions, keep
+        return layout, positions, tables.prefix, gate_positions, keep, rope
 
     def _budget_rows(self, batch: TreeBatch) -> int:
         """Packed rows of a list with the budget: every image's exact length, padding images' prefixes."""
