@@ -38,8 +38,9 @@ def images_of(mix, seed=0, dtype=torch.float32):
     return [torch.randn(3, h, w, generator=gen).to(dtype) for h, w in mix]
 
 
-def check_equal_to_eager(runner, model, budget, mixes=MIXES):
-    """runner == model(images, budget=...) on every mix; returns the token counts eager kept."""
+def check_equal_to_eager(runner, model, budget, mixes=MIXES, masks=False):
+    """runner == model(images, budget=...) on every mix (``masks``: also with random masks given);
+    returns the token counts eager kept."""
     tokens = []
     for seed, mix in enumerate(mixes):
         images = images_of(mix, seed)
@@ -48,6 +49,12 @@ def check_equal_to_eager(runner, model, budget, mixes=MIXES):
         got = runner(images)
         assert got.shape == expected.logits.shape and rel_err(got, expected.logits) <= 1e-5, mix
         tokens.append(expected.tokens.tolist())
+        if masks:
+            gen = torch.Generator().manual_seed(seed)
+            given = [torch.rand(n, generator=gen) > 0.5 for n in model.batch_of(images).decisions]
+            with torch.no_grad():
+                expected = model(images, mask=given)
+            assert rel_err(runner(images, mask=given), expected) <= 1e-5, mix
     return tokens
 
 
@@ -60,10 +67,11 @@ def test_torch_compile_one_graph_per_bucket_serves_every_size_mix(budget):
         model, MAX_IMAGES, max_pixels=MAX_PIXELS, budget=budget, buckets=[132, 260],
         mode="torch_compile", compile_options={"backend": "aot_eager"},
     )  # fmt: skip
-    tokens = check_equal_to_eager(runner, model, budget)
+    tokens = check_equal_to_eager(runner, model, budget, masks=budget is None)
     assert len({tuple(t) for t in tokens}) == len(MIXES)  # the mixes really differ in their layouts
     used = sum(1 for n in runner.replays.values() if n)
-    assert sum(runner.replays.values()) == len(MIXES) and runner.fallbacks == 0
+    calls = len(MIXES) * (2 if budget is None else 1)
+    assert sum(runner.replays.values()) == calls and runner.fallbacks == 0
     # one graph per bucket used (+ the gate's without a budget), never one per mix; fullgraph=True
     # raised on any graph break
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == used + (budget is None)
@@ -77,13 +85,13 @@ def test_all_fine_and_a_graph_the_cpu_stand_in_replays_for_every_mix(monkeypatch
     for budget in (None, 0.5, 1.0):
         runner = ListRunner(model, MAX_IMAGES, MAX_PIXELS, budget, [68, 260], "cuda_graphs", {})
         buffers = [id(t) for t in torch.utils._pytree.tree_leaves(runner._images)]
-        check_equal_to_eager(runner, model, budget)
+        check_equal_to_eager(runner, model, budget, masks=budget is None)
         if budget is None:  # the cached tables of each mix again, after the other mixes overwrote the buffers,
             # and the warm-up list (one smallest image), whose tables the buffers were first made from
             check_equal_to_eager(runner, model, budget, mixes=MIXES[::-1] + (((16, 16),),))
         assert [id(t) for t in torch.utils._pytree.tree_leaves(runner._images)] == buffers
         assert (
-            sum(runner.replays.values()) == (2 * len(MIXES) + 1 if budget is None else len(MIXES))
+            sum(runner.replays.values()) == (3 * len(MIXES) + 1 if budget is None else len(MIXES))
             and runner.fallbacks == 0
         )
 
@@ -184,6 +192,11 @@ def test_bad_lists_and_arguments_are_refused_naming_what_to_change():
         runner(torch.randn(2, 3, 16, 16))
     with pytest.raises(TypeError, match="float64 but the model.s weights are torch.float32"):
         runner(images_of(((16, 16),), dtype=torch.float64))
+    with pytest.raises(ValueError, match="built with a budget: its graphs run the gate"):
+        runner(images_of(((16, 16),)), mask=[torch.ones(1, dtype=torch.bool)])
+    threshold = msvit.compile_packed(model, 2, max_pixels=64 * 64, mode="eager")
+    with pytest.raises(ValueError, match=r"mask\[0\]"):
+        threshold(images_of(((32, 32),)), mask=[torch.ones(3, dtype=torch.bool)])
     with pytest.raises(ValueError, match="not both"):
         msvit.compile_packed(model, 2, 64, max_pixels=4096, mode="eager")
     with pytest.raises(ValueError, match="max_pixels must be a positive int"):

@@ -143,8 +143,15 @@ class ListRunner(PackedRunner):
             self._images = tree_map(_clone, self._inputs(warm, model.tokenizer.batch_of(warm)))
         self._build(compile_options)
 
-    def __call__(self, images: Sequence[Tensor]) -> Tensor:
+    def __call__(self, images: Sequence[Tensor], *, mask: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """Logits ``[len(images), classes]``; ``mask``: the caller's decisions, one bool ``[D_b]`` per
+        image as ``model(images, mask=...)`` takes them (a runner without a budget only)."""
         batch = self._check_list(images)
+        if mask is not None and self.budget is not None:
+            raise ValueError(
+                "this runner was built with a budget: its graphs run the gate. Pass mask= to a runner built "
+                "without one (msvit.compile_packed(model, max_images, max_pixels=..., budget=None))"
+            )
         with torch.inference_mode():
             inputs = self._inputs(images, batch)
             if self.mode == "cuda_graphs":  # the graphs read their static buffers
@@ -155,7 +162,7 @@ class ListRunner(PackedRunner):
             if self.budget is not None:
                 mask, tokens = None, self._budget_rows(batch)  # host-known: no read at all
             else:
-                mask, total = self._decide(inputs)
+                mask, total = self._decide(inputs) if mask is None else self._given(images, mask, inputs)
                 tokens = int(total)  # the forward's one host read: which bucket holds this list
             capacity = next((c for c in self.buckets if c >= tokens), None)
             if capacity is None:
@@ -191,8 +198,19 @@ class ListRunner(PackedRunner):
     def _decide_fn(self, inputs: ListInputs):
         """The gate's decisions and the list's packed rows (0-dim), padding images' prefixes included."""
         mask = self._gate(inputs)
+        return mask, self._rows(mask, inputs)
+
+    def _given(self, images: Sequence[Tensor], mask, inputs: ListInputs):
+        """``_decide_fn`` for the caller's masks (checked by the model, naming the entry), padded."""
+        hard = self.model.decide(list(images), mask=mask).hard
+        padded = torch.cat([hard, hard.new_zeros(self.capacity.decisions - hard.numel())])
+        if self._mask is not None:  # CUDA graphs: every bucket reads the gate graph's mask buffer
+            padded = self._mask.copy_(padded)
+        return padded, self._rows(padded, inputs)
+
+    def _rows(self, mask: Tensor, inputs: ListInputs) -> Tensor:
         rows = padded_tokens(mask, inputs.layout, self.capacity).sum()
-        return mask, rows + self.capacity.images * self.model.tokenizer.num_prefix
+        return rows + self.capacity.images * self.model.tokenizer.num_prefix
 
     def _forward_fn(self, capacity: int):
         shape = self._shapes[capacity]

@@ -93,7 +93,7 @@ class PackedRunner:
     def _build(self, compile_options: dict) -> None:
         """Capture, compile or wrap the stages over the static inputs ``self._images``."""
         mode, buckets = self.mode, self.buckets
-        self._decide = self._forwards = None
+        self._decide = self._forwards = self._mask = None
         with torch.inference_mode():
             if mode == "cuda_graphs":
                 self._capture()
@@ -160,6 +160,7 @@ class PackedRunner:
         mask = None
         if self.budget is None:
             self._decide, (mask, _) = self._graph(lambda: self._decide_fn(self._images), pool)
+        self._mask = mask  # the gate graph's mask: every bucket's graph reads it
         self._forwards = {}
         for capacity in self.buckets:
             if mask is not None:  # warm-up runs for real: give it a mask every bucket holds (all coarse);
