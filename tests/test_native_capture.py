@@ -212,3 +212,22 @@ def test_bad_lists_and_arguments_are_refused_naming_what_to_change():
     zero_conv = msvit.from_timm(tiny_vit(img_size=SIZE), aggregate="zero_conv").eval()
     with pytest.raises(NotImplementedError, match="zero_conv"):
         msvit.compile_packed(zero_conv, 2, max_pixels=4096, mode="eager")
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_one_graph_per_bucket_for_every_mix_on_a_gpu():
+    """The real capture: bf16, the Triton pack's LIST mode, a host-free attention backend."""
+    model = msvit.from_timm(redraw_parameters(tiny_vit(img_size=SIZE))).eval().to("cuda", torch.bfloat16)
+    for budget in (None, 0.5):
+        runner = msvit.compile_packed(model, MAX_IMAGES, max_pixels=MAX_PIXELS, budget=budget, buckets=[68, 260])
+        for seed, mix in enumerate(MIXES + MIXES[:1]):
+            images = [image.to("cuda", torch.bfloat16) for image in images_of(mix, seed)]
+            with torch.no_grad():
+                expected = model(images, budget=budget)
+            assert rel_err(runner(images), expected) <= 2e-2, mix
+        assert sum(runner.replays.values()) == len(MIXES) + 1 and runner.fallbacks == 0
+        images = [image.to("cuda", torch.bfloat16) for image in images_of(MIXES[1], 7)]
+        if budget is not None:
+            with count_host_reads() as reads:  # the runner's own inference_mode hides scalar reads: see above
+                runner(images)
+            assert reads.count == 0, reads.report()
