@@ -211,11 +211,17 @@ class MixedScaleGate(nn.Module):
         tables = {grid: self.position_embedding(grid) for grid in dict.fromkeys(grids)}
         return torch.cat([tables[grid] for grid in grids])
 
+    def list_logits(self, region_pixels: Tensor, grids) -> Tensor:
+        """Logits ``[sum Nc_b]`` of a list of images in one MLP call: region_pixels ``[sum Nc_b, C*S*S]``
+        (every image's whole regions in raster order, image after image), grids: each image's coarse
+        grid (its position table is built once per distinct grid)."""
+        return gate_mlp_patches(region_pixels, *self._weights_at(self.list_positions(grids)))
+
     def flat_logits(self, pixels: Tensor, regions: Tensor, pos: Tensor, chans: int) -> Tensor:
-        """Logits ``[N]`` of a list's regions in one MLP call, read from its flat pixel buffer
-        ``pixels`` (each ``[C, H_b, W_b]`` image flattened in turn): regions int64 ``[4, N]`` their
-        rows of ``TreeBatch.node_pixels`` (the coarse nodes), pos ``[N, hidden]`` their position
-        embeddings (``list_positions``). A region's pixels are taken at full resolution."""
+        """``list_logits`` with the pixels read from a list's flat pixel buffer ``pixels`` (each
+        ``[C, H_b, W_b]`` image flattened in turn) and the position rows given: regions int64
+        ``[4, N]`` their rows of ``TreeBatch.node_pixels``, pos ``[N, hidden]`` (``list_positions``,
+        padded by a captured list runner, docs/design.md section 18). Full-resolution pixels."""
         regions = torch.cat([regions[:3], torch.ones_like(regions[3:])])
         every = torch.arange(regions.shape[1], device=pixels.device)
         region_pixels = gather_flat_patches_reference(pixels, regions, every, self.region_size, chans, 1)

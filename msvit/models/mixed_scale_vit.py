@@ -38,6 +38,7 @@ from msvit.models.rope import PackedRope, dense_positions, packed_positions
 from msvit.models.tokenizer import MixedScaleTokenizer
 from msvit.models.tree_gate import budget_splits, check_tree_mask
 from msvit_kernels.dispatch import IMPLEMENTATIONS, normalize_choice, triton_installed
+from msvit_kernels.reference import gather_flat_patches_reference
 from msvit_kernels.scale_tree import tree_static_shape
 from msvit_kernels.tree_batch import TreeBatch
 from msvit_kernels.unpack_kernel import unpack_to_grid as unpack_tokens_to_grid
@@ -237,7 +238,12 @@ class MSViT(nn.Module):
         pixels = torch.cat([image.reshape(-1) for image in images])
         starts = batch.scale_starts
         regions = batch.node_pixels(self.tokenizer.fine_patch, chans, pixels.device)[:, starts[1] : starts[2]]
-        logits = gate.flat_logits(pixels, regions, gate.list_positions([t.grids[1] for t in batch.trees]), chans)
+        regions = torch.cat([regions[:3], torch.ones_like(regions[3:])])  # full-resolution region pixels
+        count = starts[2] - starts[1]
+        region_pixels = gather_flat_patches_reference(
+            pixels, regions, torch.arange(count, device=pixels.device), gate.region_size, chans, 1
+        )
+        logits = gate.list_logits(region_pixels, [tree.grids[1] for tree in batch.trees])
         if sample and budget is None:
             soft, hard, st = gumbel_sigmoid(logits, gate.temperature)
             return GateDecision(logits, soft, hard, st)
