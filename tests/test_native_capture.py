@@ -20,12 +20,14 @@ from helpers import cpu_graph_stand_in, needs_triton, redraw_parameters, rel_err
 SIZE = (64, 96)  # patch 8, coarse 16
 MAX_IMAGES, MAX_PIXELS = 4, 4 * 64 * 64  # 256 finest patches: buckets 68, 132, 196, 260 rows by default
 # (H, W) mixes: 1:2; 10:3 with a border column; borders on both sides; the smallest image (one region);
-# the first mix again in the other order
+# the first mix again in the other order; the model's own size first (its position table is then the
+# parameter itself, not a resampled copy: a graph input must not differ from one mix to the next)
 MIXES = (
     ((32, 64), (80, 24)),
     ((40, 56), (64, 64), (16, 16)),
     ((80, 24),),
     ((80, 24), (32, 64), (16, 16), (16, 32)),
+    (SIZE, (16, 16)),
 )
 
 

@@ -261,7 +261,10 @@ class ListRunner(PackedRunner):
         if self.budget is not None:
             keep[: batch.batch] = list_budget_regions(self.budget, batch.nodes_at(1))
         keep = torch.tensor(keep, device=self.device)
-        return layout, positions, tables.prefix, gate_positions, keep, rope
+        # copies of their own, made here (under inference_mode): a table can be a parameter's view (the
+        # position table at the model's own grid) or a layout cached outside inference_mode, and
+        # torch.compile guards on what its inputs are, so every mix must give the same kinds of tensors
+        return tree_map(_clone, (layout, positions, tables.prefix, gate_positions, keep, rope))
 
     def _budget_rows(self, batch: TreeBatch) -> int:
         """Packed rows of a list with the budget: every image's exact length, padding images' prefixes."""
