@@ -114,6 +114,13 @@ def test_no_host_read_with_a_budget_and_one_without(monkeypatch):
             assert reads.count == expected, reads.report()
 
 
+def test_an_int_budget_keeps_that_many_regions_in_every_image():
+    """A count larger than the warm-up image's one region (capture warms up with none fine)."""
+    model = tiny_model()
+    runner = msvit.compile_packed(model, MAX_IMAGES, max_pixels=MAX_PIXELS, budget=3, mode="eager")
+    check_equal_to_eager(runner, model, 3, mixes=(MIXES[0], MIXES[2]))
+
+
 def test_a_list_past_the_largest_bucket_runs_eagerly():
     model = tiny_model()
     for budget in (None, 1.0):
@@ -199,12 +206,16 @@ def test_bad_lists_and_arguments_are_refused_naming_what_to_change():
     threshold = msvit.compile_packed(model, 2, max_pixels=64 * 64, mode="eager")
     with pytest.raises(ValueError, match=r"mask\[0\]"):
         threshold(images_of(((32, 32),)), mask=[torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match=r"images\[0\]: budget must be between 0 and 4 fine regions per image, got 5"):
+        msvit.compile_packed(model, 2, max_pixels=64 * 64, budget=5, mode="eager")(images_of(((32, 32),)))
+    with pytest.raises(TypeError, match="budget must be an int"):
+        msvit.compile_packed(model, 2, max_pixels=4096, budget="half", mode="eager")
     with pytest.raises(ValueError, match="not both"):
         msvit.compile_packed(model, 2, 64, max_pixels=4096, mode="eager")
     with pytest.raises(ValueError, match="max_pixels must be a positive int"):
         msvit.compile_packed(model, 2, max_pixels=0, mode="eager")
-    with pytest.raises(ValueError, match=r"buckets must be ints between 6 .* and 66 .* got 67"):
-        msvit.compile_packed(model, 2, max_pixels=4096, buckets=[20, 67], mode="eager")
+    with pytest.raises(ValueError, match=r"buckets must be ints between 3 .* and 66 .* got 67"):
+        msvit.compile_packed(model, 2, max_pixels=4096, buckets=[3, 67], mode="eager")
     entropy = msvit.from_timm(tiny_vit(img_size=SIZE), gate="entropy").eval()
     with pytest.raises(NotImplementedError, match="MixedScaleGate.* not EntropyGate"):
         msvit.compile_packed(entropy, 2, max_pixels=4096, mode="eager")

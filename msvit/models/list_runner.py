@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves, tree_map
 
-from msvit.models.gate import Budget, MixedScaleGate, list_budget_regions, ranked_mask
+from msvit.models.gate import Budget, MixedScaleGate, budget_regions, list_budget_regions, ranked_mask
 from msvit.models.layers import packed_blocks
 from msvit.models.mixed_scale_vit import MSViT, PackedFeatures
 from msvit.models.packed_runner import DEFAULT_FINE_FRACTIONS, PackedRunner, check_bucket_count
@@ -103,8 +103,8 @@ def default_list_buckets(model: MSViT, capacity: ListCapacity) -> List[int]:
 
 def smallest_bucket(model: MSViT, capacity: ListCapacity) -> int:
     """Rows a bucket needs at least: every image's prefix and the warm-up list (one image of one
-    coarsest patch, all fine), which capture runs before any real list."""
-    return capacity.images * model.tokenizer.num_prefix + model.tokenizer.ratio**2
+    coarsest patch, all coarse: one token), which capture runs before any real list."""
+    return capacity.images * model.tokenizer.num_prefix + 1
 
 
 class ListRunner(PackedRunner):
@@ -139,8 +139,9 @@ class ListRunner(PackedRunner):
         self._tables = TableCache()
         size = model.tokenizer.patch_sizes[-1]  # warm-up and capture run on a real list: one smallest image
         warm = [torch.zeros(model.in_chans, size, size, device=self.device, dtype=self.dtype)]
-        with torch.inference_mode():  # buffers of their own: a mix's cached tables must not be overwritten
-            self._images = tree_map(_clone, self._inputs(warm, model.tokenizer.batch_of(warm)))
+        with torch.inference_mode():  # the warm-up keeps no region fine (no budget): every bucket holds it
+            pixels = torch.zeros(model.in_chans * max_pixels, device=self.device, dtype=self.dtype)
+            self._images = ListInputs(pixels, *self._mix_tables(warm, model.tokenizer.batch_of(warm), None))
         self._build(compile_options)
 
     def __call__(self, images: Sequence[Tensor], *, mask: Optional[Sequence[Tensor]] = None) -> Tensor:
@@ -239,11 +240,12 @@ class ListRunner(PackedRunner):
         for module in (model.tokenizer.grid_positions, model.rope):  # tables from these too, when there
             if module is not None:
                 params += [*module.parameters(), *module.buffers()]
-        tables = self._tables.get(batch, params, lambda: self._mix_tables(images, batch))
+        tables = self._tables.get(batch, params, lambda: self._mix_tables(images, batch, self.budget))
         return ListInputs(pixels, *tables)
 
-    def _mix_tables(self, images: Sequence[Tensor], batch: TreeBatch):
-        """Everything of ``ListInputs`` but the pixels, for one size mix, padded to the capacity."""
+    def _mix_tables(self, images: Sequence[Tensor], batch: TreeBatch, budget: Budget):
+        """Everything of ``ListInputs`` but the pixels, for one size mix, padded to the capacity
+        (``keep``: each image's fine regions under ``budget``, none without one)."""
         model, capacity = self.model, self.capacity
         tokenizer, gate = model.tokenizer, model.gate
         layout = padded_layout(batch, capacity, tokenizer.fine_patch, model.in_chans, self.device)
@@ -258,8 +260,8 @@ class ListRunner(PackedRunner):
         spare = gate_rows.new_zeros(capacity.decisions - len(gate_rows), gate_rows.shape[1])
         gate_positions = torch.cat([gate_rows, spare])
         keep = [0] * (capacity.images + 1)
-        if self.budget is not None:
-            keep[: batch.batch] = list_budget_regions(self.budget, batch.nodes_at(1))
+        if budget is not None:
+            keep[: batch.batch] = list_budget_regions(budget, batch.nodes_at(1))
         keep = torch.tensor(keep, device=self.device)
         # copies of their own, made here (under inference_mode): a table can be a parameter's view (the
         # position table at the model's own grid) or a layout cached outside inference_mode, and
@@ -330,8 +332,8 @@ def list_runner(
     if max_pixels < smallest:
         raise ValueError(f"max_pixels={max_pixels} holds no image: the smallest takes {smallest} pixels")
     capacity = list_capacity(model, max_images, max_pixels)
-    if budget is not None:
-        list_budget_regions(budget, [1])  # refuses a budget that is neither a count nor a fraction
+    if budget is not None:  # a count or a fraction, and a count some image that fits could keep
+        budget_regions(budget, capacity.decisions)
     requested = default_list_buckets(model, capacity) if buckets is None else list(buckets)
     low, high = smallest_bucket(model, capacity), max(default_list_buckets(model, capacity))
     for c in requested:
