@@ -23,6 +23,7 @@ from msvit.models.entropy_gate import EntropyGate
 from msvit.models.export import export
 from msvit.models.flops import count_macs
 from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid
+from msvit.models.list_runner import ListRunner
 from msvit.models.mixed_scale_vit import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
 from msvit.models.packed_runner import PackedRunner, compile_packed
 from msvit.models.pruning import PruneConfig, PrunedMSViT, PrunedOutput
@@ -35,6 +36,7 @@ __all__ = [
     "count_macs",
     "compile_packed",
     "PackedRunner",
+    "ListRunner",
     "load_checkpoint",
     "save_checkpoint",
     "load_pretrained",

@@ -202,6 +202,7 @@ def pack_reference(
     norm: Optional[Callable[[Tensor], Tensor]] = None,
     extra: Optional[Tensor] = None,
     scales: int = 2,
+    node_pixels: Optional[Tensor] = None,
 ) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch: the torch tokenizer and the pack kernel's oracle.
 
@@ -218,9 +219,17 @@ def pack_reference(
 
     A list of images of different sizes (``tree_batch.batch_index`` layout): ``images`` is the
     list, ``pos_table`` the global node table and ``st`` the flat ``[n_nodes]`` token weights
-    (``TreeBatch.token_weights``), read at each token's global node (``position``).
+    (``TreeBatch.token_weights``), read at each token's global node (``position``). With
+    ``node_pixels`` (int64 ``[4, n_nodes]``, ``TreeBatch.node_pixels``) ``images`` is the list's flat
+    pixel buffer instead, read as the pack kernel's ``LIST`` mode reads it.
     """
-    tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio, scales)
+    if node_pixels is not None:
+        chans = weight.shape[1] // (fine_patch * fine_patch)
+        side = ratio ** (scales - 1)
+        pixels = gather_flat_patches_reference(images, node_pixels, index.source, fine_patch, chans, side)
+        tokens = F.linear(pixels, weight, bias)
+    else:
+        tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio, scales)
     if norm is not None:
         tokens = norm(tokens)
     if extra is not None:

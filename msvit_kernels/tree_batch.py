@@ -4,7 +4,7 @@ maps (``BatchLayout``, built on the host once per size mix) and the packed index
 mask (``batch_index``, the list counterpart of ``scale_tree.tree_index``)."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -97,7 +97,7 @@ class TreeBatch:
         cached = _LAYOUTS.get(key)
         if cached is None:
             counts = torch.tensor(self.nodes_at(s))
-            image = torch.repeat_interleave(torch.arange(self.batch), counts)
+            image = torch.repeat_interleave(torch.arange(self.batch), counts, output_size=sum(self.nodes_at(s)))
             local = torch.cat([torch.arange(n) for n in self.nodes_at(s)])
             cached = (image.to(key[-1], non_blocking=True), local.to(key[-1], non_blocking=True))
             _remember(key, cached)
@@ -123,23 +123,7 @@ class TreeBatch:
         """``ScaleTree.token_weights`` of every image at once, in global node order: ``[n_nodes]``
         (bool for a bool flat mask ``[sum D_b]``, float for straight-through values)."""
         layout = self.layout(decisions.device)
-        hard = decisions.dtype == torch.bool
-        starts = self.scale_starts
-        weights: List[Tensor] = [None] * self.scales
-        reach = None
-        for s in range(self.scales - 1, -1, -1):
-            nodes = slice(starts[s], starts[s + 1])
-            if reach is not None:
-                parent = layout.parent[nodes]
-                reach = torch.where(parent >= 0, reach[parent.clamp_min(0)], True if hard else 1)
-            if s == 0:
-                weights[0] = reach
-                break
-            m = decisions[layout.decision[nodes]]
-            keep = ~m if hard else 1 - m
-            weights[s] = keep if reach is None else (reach & keep if hard else reach * keep)
-            reach = m if reach is None else (reach & m if hard else reach * m)
-        return torch.cat(weights)
+        return node_token_weights(decisions, layout.parent, layout.decision, self.scale_starts)
 
     def static_shape(self, num_prefix: int, capacity: Optional[int] = None, splits=None) -> StaticShape:
         """``tree_static_shape`` of the batch: image ``b`` has ``P + roots_b`` to ``P + N0_b`` rows,
@@ -164,8 +148,7 @@ class TreeBatch:
         return lengths_within(shortest, longest, capacity, exact=splits is not None)
 
 
-@dataclass(frozen=True)
-class BatchLayout:
+class BatchLayout(NamedTuple):
     """Device maps of a ``TreeBatch`` (global node order unless said otherwise).
 
     order: int64 ``[n]`` global nodes in packed order (image by image, each in its tree's packed
@@ -226,7 +209,7 @@ def _batch_layout(batch: TreeBatch, device: torch.device) -> BatchLayout:
         decision_start += tree.decisions
     order = torch.cat(orders)
     host = BatchLayout(order, image[order], image, scale, region, parent, decision, torch.cat(ancestors, 1))
-    layout = BatchLayout(*(t.to(device, non_blocking=True) for t in host.__dict__.values()))
+    layout = BatchLayout(*(t.to(device, non_blocking=True) for t in host))
     _remember(key, layout)
     return layout
 
@@ -237,6 +220,30 @@ def _remember(key, value) -> None:
     _LAYOUTS[key] = value
     while len(_LAYOUTS) > _MAX_LAYOUTS:
         _LAYOUTS.pop(next(iter(_LAYOUTS)))
+
+
+def node_token_weights(decisions: Tensor, parent: Tensor, decision: Tensor, starts) -> Tensor:
+    """Every node's token weight from the flat ``decisions`` (``TreeBatch.token_weights``), given the
+    node maps ``parent`` and ``decision`` of a ``BatchLayout`` and the first node of each scale
+    (``starts``, the table's size last): a loop over scales, not over images. A padded layout
+    (``padded_batch``) passes its own maps and starts."""
+    hard = decisions.dtype == torch.bool
+    scales = len(starts) - 1
+    weights: List[Tensor] = [None] * scales
+    reach = None
+    for s in range(scales - 1, -1, -1):
+        nodes = slice(starts[s], starts[s + 1])
+        if reach is not None:
+            up = parent[nodes]
+            reach = torch.where(up >= 0, reach[up.clamp_min(0)], True if hard else 1)
+        if s == 0:
+            weights[0] = reach
+            break
+        m = decisions[decision[nodes]]
+        keep = ~m if hard else 1 - m
+        weights[s] = keep if reach is None else (reach & keep if hard else reach * keep)
+        reach = m if reach is None else (reach & m if hard else reach * m)
+    return torch.cat(weights)
 
 
 def _node_pixels(batch: TreeBatch, patch: int, chans: int) -> Tensor:
@@ -269,10 +276,22 @@ def batch_index(
         raise ValueError(
             f"mask must be a flat bool tensor [{sum(batch.decisions)}] (every image's decisions), got {got}"
         )
-    device = mask.device
-    layout = batch.layout(device)
-    images = batch.batch
-    valid_nodes = batch.token_weights(mask)
+    layout = batch.layout(mask.device)
+    return index_of_nodes(batch.token_weights(mask), layout, batch.batch, batch.scale_starts[1], num_prefix, shape)
+
+
+def index_of_nodes(
+    valid_nodes: Tensor,
+    layout: BatchLayout,
+    images: int,
+    padding_node: int,
+    num_prefix: int,
+    shape: Optional[StaticShape] = None,
+) -> MixedScaleIndex:
+    """``batch_index`` from the token weights ``valid_nodes`` (bool ``[n_nodes]``: which global nodes
+    are tokens) and the layout's maps; ``padding_node``: the node padding rows embed (the first
+    scale-1 node, image 0's). A padded layout (``padded_batch``) calls it with its own maps."""
+    device = valid_nodes.device
     valid = valid_nodes[layout.order]  # packed order
     lengths = num_prefix + torch.zeros(images, dtype=torch.long, device=device).index_add_(
         0, layout.entry_image, valid.long()
@@ -292,7 +311,7 @@ def batch_index(
         entry = torch.arange(n_patch, device=device)
         real = entry < cu_seqlens[-1] - images * num_prefix
         rows = torch.where(real, rows, entry + images * num_prefix)
-        node = torch.where(real, node, batch.scale_starts[1])
+        node = torch.where(real, node, padding_node)
         region = torch.where(real, region, 0)
         scale = torch.where(real, scale, 1)
     rows_by_node = torch.empty_like(node_row)

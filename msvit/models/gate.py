@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from msvit.models.checks import check_mask
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.gate_kernel import MAX_HIDDEN, fused_gate
-from msvit_kernels.reference import gate_mlp_patches, gate_mlp_reference
+from msvit_kernels.reference import gate_mlp_patches, gate_mlp_reference, gather_flat_patches_reference
 
 Budget = Union[int, float, None]
 
@@ -98,19 +98,33 @@ def list_budget_mask(logits: Tensor, image: Tensor, local: Tensor, counts, budge
     """``budget_mask`` of a list of images at once: logits ``[sum N_b]`` (image after image), image
     and local: each entry's image and index in it; image b keeps its ``budget_regions(budget, N_b)``
     highest logits (an int budget larger than an image's N_b is refused naming it). No host read."""
+    keep = torch.tensor(list_budget_regions(budget, counts), device=logits.device)
+    return ranked_mask(logits, image, local, keep, (len(counts), max(counts)))
+
+
+def list_budget_regions(budget: Budget, counts) -> list:
+    """``budget_regions`` of every image of a list (``counts``: each image's regions), naming the
+    image a budget does not fit."""
     keep = []
     for b, n in enumerate(counts):
         try:
             keep.append(budget_regions(budget, n))
         except ValueError as error:
             raise ValueError(f"images[{b}]: {error}") from None
-    padded = logits.new_full((len(counts), max(counts)), float("-inf"))
+    return keep
+
+
+def ranked_mask(logits: Tensor, image: Tensor, local: Tensor, keep: Tensor, shape) -> Tensor:
+    """``list_budget_mask`` given each image's count ``keep`` (int64 ``[rows]``): the entries are
+    ranked per image in a ``shape`` = ``(rows, columns)`` padding of ``-inf`` (a captured list
+    runner passes fixed sizes, with its padding regions in a row of their own). No host read."""
+    padded = logits.new_full(shape, float("-inf"))
     padded[image, local] = logits.detach()
     order = torch.sort(padded, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
-    return (rank < torch.tensor(keep, device=logits.device)[:, None])[image, local]
+    return (rank < keep[:, None])[image, local]
 
 
 def mask_decision(images: Tensor, mask: Tensor, region_size: int) -> GateDecision:
@@ -191,12 +205,26 @@ class MixedScaleGate(nn.Module):
             return self._fused_gate(images).logits
         return gate_mlp_reference(self.whole_regions(images), self.region_size, *self._weights(images))
 
+    def list_positions(self, grids) -> Tensor:
+        """``[sum Nc_b, hidden]``: every image's position table at its coarse grid (``grids``),
+        image after image; each distinct grid's table is built once."""
+        tables = {grid: self.position_embedding(grid) for grid in dict.fromkeys(grids)}
+        return torch.cat([tables[grid] for grid in grids])
+
     def list_logits(self, region_pixels: Tensor, grids) -> Tensor:
         """Logits ``[sum Nc_b]`` of a list of images in one MLP call: region_pixels ``[sum Nc_b, C*S*S]``
         (every image's whole regions in raster order, image after image), grids: each image's coarse
         grid (its position table is built once per distinct grid)."""
-        tables = {grid: self.position_embedding(grid) for grid in dict.fromkeys(grids)}
-        pos = torch.cat([tables[grid] for grid in grids])
+        return gate_mlp_patches(region_pixels, *self._weights_at(self.list_positions(grids)))
+
+    def flat_logits(self, pixels: Tensor, regions: Tensor, pos: Tensor, chans: int) -> Tensor:
+        """``list_logits`` with the pixels read from a list's flat pixel buffer ``pixels`` (each
+        ``[C, H_b, W_b]`` image flattened in turn) and the position rows given: regions int64
+        ``[4, N]`` their rows of ``TreeBatch.node_pixels``, pos ``[N, hidden]`` (``list_positions``,
+        padded by a captured list runner, docs/design.md section 19). Full-resolution pixels."""
+        regions = torch.cat([regions[:3], torch.ones_like(regions[3:])])
+        every = torch.arange(regions.shape[1], device=pixels.device)
+        region_pixels = gather_flat_patches_reference(pixels, regions, every, self.region_size, chans, 1)
         return gate_mlp_patches(region_pixels, *self._weights_at(pos))
 
     def whole_regions(self, images: Tensor) -> Tensor:

@@ -69,6 +69,8 @@ class PackedRunner:
     larger than every bucket).
     """
 
+    _notice_frames = 5  # _compile, _build, __init__, compile_packed: the notice names the caller's line
+
     def __init__(
         self,
         model: MSViT,
@@ -86,7 +88,12 @@ class PackedRunner:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self._images = torch.zeros(batch_size, model.in_chans, *image_size, device=self.device, dtype=self.dtype)
-        self._decide = self._forwards = None
+        self._build(compile_options)
+
+    def _build(self, compile_options: dict) -> None:
+        """Capture, compile or wrap the stages over the static inputs ``self._images``."""
+        mode, buckets = self.mode, self.buckets
+        self._decide = self._forwards = self._mask = None
         with torch.inference_mode():
             if mode == "cuda_graphs":
                 self._capture()
@@ -140,9 +147,8 @@ class PackedRunner:
 
     def _compile(self, options: dict) -> None:
         graphs = len(self.buckets) + (self.budget is None)
-        warnings.warn(
-            compile_notice(graphs, self.device, options.get("backend", "inductor")), CompileNotice, stacklevel=4
-        )
+        notice = compile_notice(graphs, self.device, options.get("backend", "inductor"))
+        warnings.warn(notice, CompileNotice, stacklevel=self._notice_frames)
         options = {"fullgraph": True, "dynamic": False, **options}
         self._decide = torch.compile(self._decide_fn, **options)
         # the capacity is a constant of each bucket's graph: dynamo guards on it and compiles one
@@ -154,6 +160,7 @@ class PackedRunner:
         mask = None
         if self.budget is None:
             self._decide, (mask, _) = self._graph(lambda: self._decide_fn(self._images), pool)
+        self._mask = mask  # the gate graph's mask: every bucket's graph reads it
         self._forwards = {}
         for capacity in self.buckets:
             if mask is not None:  # warm-up runs for real: give it a mask every bucket holds (all coarse);
@@ -222,8 +229,9 @@ def compile_notice(graphs: int, device: torch.device, backend: str) -> str:
 def compile_packed(
     model: MSViT,
     batch_size: int,
-    image_size: Union[int, Sequence[int]],
+    image_size: Union[int, Sequence[int], None] = None,
     *,
+    max_pixels: Optional[int] = None,
     budget: Budget = None,
     buckets: Optional[Sequence[int]] = None,
     mode: str = "cuda_graphs",
@@ -236,9 +244,14 @@ def compile_packed(
         model: an ``MSViT`` in eval mode (inference only; training stays eager).
         batch_size: the largest batch the runner takes (smaller ones are padded with zero images).
         image_size: ``H`` or ``(H, W)`` of every batch.
+        max_pixels: instead of ``image_size``, serve lists of ``[C, H_b, W_b]`` images of any
+            sizes with at most ``batch_size`` images and ``sum H_b * W_b <= max_pixels``
+            (a ``ListRunner``, docs/design.md section 19): one graph per bucket for every mix.
         budget: fine regions per image (int) or fraction (float): one bucket, no host read.
-        buckets: capacities in packed rows (default: room for 25/50/75/100% fine regions); a batch
-            runs in the smallest that holds it, eagerly when none does. Not with a budget.
+        buckets: capacities in packed rows (default: room for 25/50/75/100% fine regions; for
+            lists, of the finest patches ``max_pixels`` holds); a batch runs in the smallest that
+            holds it, eagerly when none does. Not with a budget, except for lists (whose total
+            then follows the size mix; the bucket is chosen on the host).
         mode: ``"cuda_graphs"`` (CUDA only), ``"torch_compile"`` (any device) or ``"eager"``.
         compile_options: extra keywords for ``torch.compile`` (e.g. ``{"backend": "aot_eager"}``).
     """
@@ -252,11 +265,16 @@ def compile_packed(
     if mode == "cuda_graphs" and device.type != "cuda":
         raise RuntimeError(f"mode='cuda_graphs' needs the model on a CUDA device, not {device}; use 'torch_compile'")
     batch_size = check_batch_size(batch_size, 1)
-    size = check_image_size(image_size, model.tokenizer.fine_patch, model.tokenizer.patch_sizes[-1])
     if buckets is not None and not isinstance(buckets, (list, tuple, range)):
         raise TypeError(f"buckets must be a list of capacities (packed rows per batch), got {buckets!r}")
     if compile_options is not None and not isinstance(compile_options, dict):
         raise TypeError(f"compile_options must be a dict of torch.compile keywords, got {compile_options!r}")
+    options = dict(compile_options or {})
+    if max_pixels is not None or image_size is None:
+        from msvit.models.list_runner import list_runner  # it builds on PackedRunner
+
+        return list_runner(model, batch_size, image_size, max_pixels, budget, buckets, mode, options)
+    size = check_image_size(image_size, model.tokenizer.fine_patch, model.tokenizer.patch_sizes[-1])
     if budget is not None:
         if buckets is not None:
             raise ValueError("with a budget every batch has the same token count: leave buckets=None")
@@ -264,12 +282,17 @@ def compile_packed(
     else:
         requested = default_buckets(model, batch_size, size) if buckets is None else list(buckets)
         capacities = sorted({model.static_shape(batch_size, size, capacity=c).capacity for c in requested})
-        if not capacities:
-            raise ValueError("buckets must list at least one capacity")
-        limit = torch._dynamo.config.recompile_limit
-        if mode == "torch_compile" and len(capacities) > limit:
-            raise ValueError(
-                f"{len(capacities)} buckets exceed torch.compile's recompile limit ({limit} graphs per function): "
-                "pass fewer buckets or raise torch._dynamo.config.recompile_limit"
-            )
-    return PackedRunner(model, batch_size, size, budget, capacities, mode, dict(compile_options or {}))
+        check_bucket_count(capacities, mode)
+    return PackedRunner(model, batch_size, size, budget, capacities, mode, options)
+
+
+def check_bucket_count(capacities: List[int], mode: str) -> None:
+    """At least one bucket, and no more than torch.compile compiles graphs per function."""
+    if not capacities:
+        raise ValueError("buckets must list at least one capacity")
+    limit = torch._dynamo.config.recompile_limit
+    if mode == "torch_compile" and len(capacities) > limit:
+        raise ValueError(
+            f"{len(capacities)} buckets exceed torch.compile's recompile limit ({limit} graphs per function): "
+            "pass fewer buckets or raise torch._dynamo.config.recompile_limit"
+        )

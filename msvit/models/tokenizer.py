@@ -272,6 +272,13 @@ class MixedScaleTokenizer(nn.Module):
             return self._embed_pack(pixels, index, positions, weights, True, node_pixels=node_pixels), index
         return self._embed_pack(list(images), index, positions, weights, False), index
 
+    def pack_padded(self, pixels: Tensor, index: MixedScaleIndex, positions: PositionTables, node_pixels: Tensor):
+        """Packed tokens ``[T, d]`` of a padded list (captured inference of lists, docs/design.md
+        section 19): the flat pixel buffer, ``padded_batch.padded_batch_index``'s index, the
+        padded position table and node pixel table; no straight-through weights (inference)."""
+        fused = use_triton(self.kernels, pixels, self._fallback(pixels))
+        return self._embed_pack(pixels, index, positions, None, fused, node_pixels=node_pixels)
+
     def _embed_pack(self, images, index, positions, st, fused: bool, extra=None, node_pixels=None) -> Tensor:
         """Packed tokens of ``index``: the fused kernel in the compute dtype, or the torch reference
         (``st``: the straight-through values of ``pack``, or a tree's token-weight table)."""
@@ -304,6 +311,7 @@ class MixedScaleTokenizer(nn.Module):
             norm=self.embed_norm,
             extra=extra,
             scales=self.scales,
+            node_pixels=node_pixels,
         )
 
     def _fallback(self, images: Tensor) -> str:
