@@ -38,6 +38,11 @@ _READ_OPS = {
     aten.unique_dim_consecutive.default,
 }
 _BYPASSING = ("tolist", "numpy")  # Tensor methods that read without a dispatched op
+# Scalar reads: they dispatch aten._local_scalar_dense, except on inference tensors under
+# torch.inference_mode, where torch reads a CPU scalar without any dispatched op (every runner
+# enters inference mode: a counter blind there would pass a forward that reads). Patched while
+# counting; the read is recorded once, by the method, and not again by the dispatch mode inside it.
+_SCALAR = ("item", "__int__", "__float__", "__bool__", "__index__")
 _INTERPRETER_FILES = ("triton/runtime/interpreter", "triton/runtime/jit", "triton\\runtime\\interpreter")
 
 
@@ -61,6 +66,7 @@ class HostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.events: List[str] = []
+        self.in_scalar_read = 0  # inside a patched scalar method: its _local_scalar_dense is that read
 
     @property
     def count(self) -> int:
@@ -79,7 +85,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_read(func, args, kwargs):
+        if _is_read(func, args, kwargs) and not (self.in_scalar_read and func is aten._local_scalar_dense.default):
             self.record(str(func))
         return func(*args, **kwargs)
 
@@ -97,8 +103,22 @@ def count_host_reads():
 
         return method
 
+    def scalar(name):
+        def method(self, *args, **kwargs):
+            reads.record(f"Tensor.{name.strip('_')}")
+            reads.in_scalar_read += 1
+            try:
+                return originals[name](self, *args, **kwargs)
+            finally:
+                reads.in_scalar_read -= 1
+
+        return method
+
+    originals.update({name: getattr(torch.Tensor, name) for name in _SCALAR})
     for name in _BYPASSING:
         setattr(torch.Tensor, name, patched(name))
+    for name in _SCALAR:
+        setattr(torch.Tensor, name, scalar(name))
     try:
         with reads:
             yield reads

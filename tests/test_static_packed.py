@@ -99,6 +99,18 @@ def test_host_read_counter_sees_every_kind_of_read():
         with count_host_reads() as reads:
             read()
         assert reads.count == 1, (name, reads.report())
+    with torch.inference_mode():  # inference tensors read scalars without a dispatched op: still seen, once each
+        y = x + 1
+        for name, read in {
+            "item": lambda: y[0].item(),
+            "int": lambda: int(y[1]),
+            "if": lambda: bool(y.sum() > 0),
+            "float": lambda: float(y[2]),
+            "index": lambda: [0] * 9 * y[1],
+        }.items():
+            with count_host_reads() as reads:
+                read()
+            assert reads.count == 1, (name, reads.report())
     with count_host_reads() as reads:  # these need no value on the host
         torch.repeat_interleave(x, x, output_size=15)
         x[torch.tensor([1, 2])] = 0
