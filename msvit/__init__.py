@@ -19,13 +19,14 @@ msvit.export(model.eval(), "model.pt2", 8, 224, budget=0.5)  # AOTInductor packa
 from msvit.data.transforms import eval_transform
 from msvit.io.checkpoint import load_checkpoint, load_pretrained
 from msvit.io.save import save_checkpoint
+from msvit.models.capture import compile_packed
 from msvit.models.entropy_gate import EntropyGate
 from msvit.models.export import export
 from msvit.models.flops import count_macs
 from msvit.models.gate import GateDecision, MixedScaleGate, gumbel_sigmoid
 from msvit.models.list_runner import ListRunner
 from msvit.models.mixed_scale_vit import GridFeatures, MSViT, MSViTOutput, PackedFeatures, unpack_to_grid
-from msvit.models.packed_runner import PackedRunner, compile_packed
+from msvit.models.packed_runner import PackedRunner
 from msvit.models.pruning import PruneConfig, PrunedMSViT, PrunedOutput
 from msvit.models.segmentation import MSSegmenter, SegmenterOutput, load_segmenter
 from msvit.models.swin import MixedScaleSwin

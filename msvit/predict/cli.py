@@ -70,7 +70,7 @@ class Predictor:
         self.model, self.budget, self.top_k = model, args.budget, args.top_k
         self.runner = None
         if args.compile:
-            from msvit.models.packed_runner import compile_packed
+            from msvit.models.capture import compile_packed
 
             mode = "cuda_graphs" if args.device.type == "cuda" else "torch_compile"
             try:
