@@ -172,3 +172,38 @@ def test_batch1_latency(benchmark, timed, summary, device, msvit_s):
         if one_cpu_thread(device):
             add_ratio(summary, "packed_over_vit_same_tokens_b1_cpu_seconds", cpu_times["packed"], cpu_times["vit"])
         add_ratio(summary, "masked_over_packed_b1", times["masked"], times["packed"])
+
+
+CPU_BACKENDS = ("grouped_sdpa", "reference", "padded_sdpa")  # the packed attentions a dynamic CPU forward can run
+
+
+def test_cpu_attention_backends_whole_forward(benchmark, timed, summary, device, msvit_s, bench_options):
+    """Which packed attention ``auto`` should run on CPU, measured on whole forwards (docs/design.md
+    section 13): MSViT-S packed at ~101 tokens (the batch-32 target's masks) with each backend a
+    dynamic CPU forward can take, interleaved with ViT-S at 160 px. Records
+    ``packed_<backend>_over_vit_same_tokens`` (and its CPU-seconds twin with one thread), no target:
+    ``auto`` is meant to pick the smallest."""
+    if device != "cpu":
+        pytest.skip("the CPU's choice among its packed attentions (on GPUs the varlen kernels run)")
+    model, dtype, batch, plain_vit = msvit_s
+    images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+    small = torch.randn(batch, 3, 160, 160, device=device, dtype=dtype)
+    mask = spread_masks(batch, VIT_SIZES[160]).to(device)
+    vit = plain_vit(160)
+    runs = {"vit": lambda: vit(small)}
+    for name in CPU_BACKENDS:
+        twin = msvit.from_timm(bench_options["model"], attention_backend=name).eval().to(device, dtype)
+        twin.load_state_dict(model.state_dict())
+        runs[name] = lambda twin=twin: twin(images, mask=mask)
+    cpu = CpuSeconds(runs)
+    with torch.inference_mode():
+        times = interleaved_times(cpu.runs, 7 if timed else 1, device)
+        benchmark.pedantic(runs[CPU_BACKENDS[0]], rounds=1, iterations=1)
+    benchmark.extra_info["ms"] = {k: v * 1e3 for k, v in median_of(times).items()}
+    if not timed:
+        return
+    cpu_times = cpu.after_warmup()
+    for name in CPU_BACKENDS:
+        add_ratio(summary, f"packed_{name}_over_vit_same_tokens", times[name], times["vit"])
+        if one_cpu_thread(device):
+            add_ratio(summary, f"packed_{name}_over_vit_same_tokens_cpu_seconds", cpu_times[name], cpu_times["vit"])
