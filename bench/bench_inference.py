@@ -203,6 +203,7 @@ def test_cpu_attention_backends_whole_forward(benchmark, timed, summary, device,
     if not timed:
         return
     cpu_times = cpu.after_warmup()
+    summary["cpu_backends_batch"] = batch
     for name in CPU_BACKENDS:
         add_ratio(summary, f"packed_{name}_over_vit_same_tokens", times[name], times["vit"])
         if one_cpu_thread(device):
