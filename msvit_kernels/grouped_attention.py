@@ -10,7 +10,9 @@ the plan is cached by those offsets, so the blocks of a forward read nothing and
 
 Why not the alternatives (docs/design.md section 13 has the numbers): ``padded_sdpa`` computes
 ``S * max_seqlen^2`` scores and copies q, k, v into slots, which costs more than it saves unless
-every image has about the same length; torch's jagged nested tensors run SDPA on CPU through the
+every image has about the same length; buckets of similar lengths (sorted, padded to each bucket's
+longest, one masked call each) batch the kernel better, but gathering q, k, v into the buckets and
+the rows back costs more than that saves; torch's jagged nested tensors run SDPA on CPU through the
 math backend (an unfused softmax, a split with a host read per call). The reference (the oracle)
 adds a sum and a host read per call to detect non-finite values, and a copy of every output.
 
