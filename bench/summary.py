@@ -36,7 +36,7 @@ TARGETS = {
         ("train_trimmed_over_packed", ">=", 1.3, "packed training step >= 1.3x faster than trimmed", TRAIN_256),
     ],
 }
-BATCH_FIELDS = ("inference_batch", "train_batch", "tokenizer_batch")
+BATCH_FIELDS = ("inference_batch", "train_batch", "tokenizer_batch", "cpu_backends_batch")
 
 
 def verdict(value, op: str, bound: float) -> str:

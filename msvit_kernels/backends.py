@@ -6,12 +6,14 @@ Importing this module (``import msvit_kernels`` does) registers the three backen
 sentence saying why it cannot run and how to get it; ``packed_attention(backend=name)`` raises
 that sentence, ``backend="auto"`` skips to the next one.
 
-``auto`` order on CUDA: flash_attn, torch_varlen, triton, reference. Measured on an H200 (bf16,
+``auto`` order (``attention.AUTO_ORDER``): flash_attn, torch_varlen, triton, grouped_sdpa, reference.
+On CUDA that is flash_attn, torch_varlen, triton, then the reference. Measured on an H200 (bf16,
 ViT-S shapes: 256 images of 50-260 tokens, H=6, D=64; bench/results/cuda-nvidia-h200): torch's
 varlen kernel 171 us forward / 1.04 ms forward+backward against ours 193 us / 1.17 ms; flash-attn
 was not installed there and stays first as the kernel torch_varlen wraps. Where torch_varlen cannot
 run (V100/T4, fp32, head dims not a multiple of 8, torch < 2.10) auto falls to triton. On CPU
-``auto`` always picks the reference: the Triton interpreter can run the triton backend there
+``auto`` picks ``grouped_sdpa`` (grouped_attention.py; the fastest whole forwards measured there,
+docs/design.md section 13): the Triton interpreter can run the triton backend on CPU
 (``TRITON_INTERPRET=1``), but only when asked for by name.
 
 Optional dependencies are detected without importing them eagerly when absent: triton (optional

@@ -10,7 +10,9 @@ the plan is cached by those offsets, so the blocks of a forward read nothing and
 
 Why not the alternatives (docs/design.md section 13 has the numbers): ``padded_sdpa`` computes
 ``S * max_seqlen^2`` scores and copies q, k, v into slots, which costs more than it saves unless
-every image has about the same length; torch's jagged nested tensors run SDPA on CPU through the
+every image has about the same length; buckets of similar lengths (sorted, padded to each bucket's
+longest, one masked call each) batch the kernel better, but gathering q, k, v into the buckets and
+the rows back costs more than that saves; torch's jagged nested tensors run SDPA on CPU through the
 math backend (an unfused softmax, a split with a host read per call). The reference (the oracle)
 adds a sum and a host read per call to detect non-finite values, and a copy of every output.
 
@@ -44,7 +46,13 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(bounds: Tuple[int, ...], bounds_k: Tuple[int, ...]) -> _Plan:
+def _plan(
+    bounds: Tuple[int, ...], bounds_k: Tuple[int, ...], bound: int, bound_k: int, rows: int, rows_k: int
+) -> Optional[_Plan]:
+    """The runs of a layout, or None for a layout nobody checked (it goes to the reference). The
+    check is cached with the plan: a model's twelve blocks check one layout once."""
+    if not (_valid(bounds, bound, rows) and _valid(bounds_k, bound_k, rows_k)):
+        return None
     runs: List[List[int]] = []
     for a, b, a_k, b_k in zip(bounds, bounds[1:], bounds_k, bounds_k[1:]):
         if runs and runs[-1][1:] == [b - a, b_k - a_k]:
@@ -100,11 +108,11 @@ def _grouped(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k,
         bounds_k, max_seqlen_k = bounds, max_seqlen
     else:
         bounds_k = tuple(host_offsets(cu_seqlens_k))
-    if not (_valid(bounds, max_seqlen, q.shape[0]) and _valid(bounds_k, max_seqlen_k, k.shape[0])):
+    plan = _plan(bounds, bounds_k, max_seqlen, max_seqlen_k, q.shape[0], k.shape[0])
+    if plan is None:
         return packed_attention_reference(
             q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k
         )
-    plan = _plan(bounds, bounds_k)
     heads, dim = q.shape[1:]
     outputs = []
     # split, not slicing: the backward of a split is one concatenation (reference.py says why)

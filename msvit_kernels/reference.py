@@ -83,17 +83,37 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
-def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> Tensor:
-    """Coarse patches (``fine_patch * ratio`` px) area-averaged down to ``fine_patch`` px (Eq. 5).
+def area_pool(images: Tensor, factor: int) -> Tensor:
+    """``[B, C, H / factor, W / factor]``: the mean of every ``factor x factor`` pixels (Eq. 5's area
+    averaging; H and W multiples of ``factor``), ``avg_pool2d`` with kernel ``factor`` up to rounding.
 
-    For an integer ratio, area averaging is exactly ``avg_pool2d`` with kernel ``ratio``.
-    Returns ``[B, Nc, C * fine_patch**2]`` in coarse-grid raster order; pixels outside every whole
-    coarse region (the border of a size that is not a multiple of the coarse patch) are not read.
+    Rows are summed first (whole image rows at once), then neighbouring columns, in float32 or
+    wider: on CPU 2.7x faster than ``avg_pool2d``'s kernel (3.8 against 10.5 ms for 32 images at
+    224 px, docs/design.md section 13); the sums' order differs from avg_pool2d's (and the pack
+    kernel's raster order) by rounding only.
+    """
+    if factor == 1:
+        return images
+    rows = images.to(torch.promote_types(images.dtype, torch.float32)).unflatten(2, (-1, factor))
+    total = rows[:, :, :, 0]
+    for i in range(1, factor):
+        total = total + rows[:, :, :, i]
+    columns = total.unflatten(3, (-1, factor))
+    total = columns[..., 0]
+    for j in range(1, factor):
+        total = total + columns[..., j]
+    return (total / (factor * factor)).to(images.dtype)
+
+
+def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> Tensor:
+    """Coarse patches (``fine_patch * ratio`` px) area-averaged down to ``fine_patch`` px (Eq. 5,
+    :func:`area_pool`). Returns ``[B, Nc, C * fine_patch**2]`` in coarse-grid raster order; pixels
+    outside every whole coarse region (the border of a size that is not a multiple of the coarse
+    patch) are not read.
     """
     coarse = fine_patch * ratio
     images = images[..., : images.shape[-2] // coarse * coarse, : images.shape[-1] // coarse * coarse]
-    pooled = F.avg_pool2d(images, ratio) if ratio > 1 else images
-    return patchify(pooled, fine_patch)
+    return patchify(area_pool(images, ratio), fine_patch)
 
 
 def gather_embed_reference(
@@ -123,9 +143,25 @@ def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ra
     scale, image by image)."""
     if isinstance(images, (list, tuple)):
         tables = [scale_patches(image[None], fine_patch, ratio**s)[0] for s in range(scales) for image in images]
-    else:
-        tables = [scale_patches(images, fine_patch, ratio**s).flatten(0, 1) for s in range(scales)]
-    return torch.cat(tables).index_select(0, source)
+        return torch.cat(tables).index_select(0, source)
+    return _gather_scale_patches(images, source, fine_patch, ratio, scales)
+
+
+def _gather_scale_patches(images: Tensor, source: Tensor, fine_patch: int, ratio: int, scales: int) -> Tensor:
+    """:func:`gather_patches_reference` of a ``[B, C, H, W]`` batch: every scale's patches written
+    straight into one table (no per-scale tables and no concatenation of them: with avg_pool2d's
+    kernel they were 45% of the CPU tokenizer's time, docs/design.md section 13), then the rows."""
+    batch, chans, p = images.shape[0], images.shape[1], fine_patch
+    grids = [(images.shape[-2] // (p * ratio**s), images.shape[-1] // (p * ratio**s)) for s in range(scales)]
+    table = images.new_empty(sum(batch * h * w for h, w in grids), chans * p * p)
+    start = 0
+    for s, (grid_h, grid_w) in enumerate(grids):
+        side, count = p * ratio**s, batch * grid_h * grid_w
+        pixels = area_pool(images[..., : grid_h * side, : grid_w * side], ratio**s)
+        cells = pixels.unflatten(2, (grid_h, p)).unflatten(4, (grid_w, p)).permute(0, 2, 4, 1, 3, 5)
+        table[start : start + count].view(batch, grid_h, grid_w, chans, p, p).copy_(cells)
+        start += count
+    return table.index_select(0, source)
 
 
 def gather_flat_patches_reference(

@@ -38,6 +38,7 @@ def test_timed_run_writes_outside_the_committed_results_and_merges(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "pytest", "bench/bench_inference.py", "-k", "batch1", "--benchmark"]
     command += ["--bench-model", "vit_tiny_patch16_224", "--bench-out", str(tmp_path), "-q", "-p", "no:cacheprovider"]
+    command += ["--bench-threads", "1"]  # one thread: the CPU-seconds ratio is recorded too (on CPU)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert tree_state(RESULTS) == before, "a timed run without --bench-record changed bench/results/"
@@ -46,13 +47,14 @@ def test_timed_run_writes_outside_the_committed_results_and_merges(tmp_path):
     for key in ("packed_over_vit_same_tokens_b1", "masked_over_packed_b1"):
         assert merged["ratios"][key] != seeded["ratios"][key]  # measured anew (a tie is not plausible)
         assert merged["ratios_spread"][key]["n"] == 21
-    kept = set(seeded["ratios"]) - {"packed_over_vit_same_tokens_b1", "masked_over_packed_b1"}
+    measured = ["masked_over_packed_b1", "packed_over_vit_same_tokens_b1"]
+    if device == "cpu":  # the timed repetitions' CPU seconds, without the warm-up call
+        measured.append("packed_over_vit_same_tokens_b1_cpu_seconds")
+        assert merged["ratios_spread"]["packed_over_vit_same_tokens_b1_cpu_seconds"]["n"] == 21
+    kept = set(seeded["ratios"]) - set(measured)
     assert {k: merged["ratios"][k] for k in kept} == {k: seeded["ratios"][k] for k in kept}
     assert merged["inference_points"] == seeded["inference_points"] and merged["peers"] == seeded["peers"]
-    assert [sorted(run["ratios"]) for run in merged["runs"]] == [
-        sorted(kept),
-        ["masked_over_packed_b1", "packed_over_vit_same_tokens_b1"],
-    ]
+    assert [sorted(run["ratios"]) for run in merged["runs"]] == [sorted(kept), measured]
     if device == "cpu":  # the batch-1 ratio is a target on CPU only
         table = (folder / "summary.md").read_text()
         row = next(line for line in table.splitlines() if line.startswith("| packed_over_vit_same_tokens_b1 "))

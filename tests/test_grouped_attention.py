@@ -94,6 +94,22 @@ def test_an_unchecked_layout_gets_the_reference_nan_rows():
         torch.testing.assert_close(got, expected, equal_nan=True)
 
 
+def test_the_cached_check_follows_the_bound_and_the_rows_not_only_the_offsets():
+    """The layout check is cached with the plan (one check per layout, not per block): the same
+    offsets with a smaller bound, or with more rows than they cover, are still unchecked layouts."""
+    qkv, cu, _ = inputs([4, 6, 3], torch.float32)
+    q, k, v = qkv.detach().unbind(1)
+    checked = grouped_sdpa_block_attention(q, k, v, cu, 6)  # plans (and caches) the valid layout
+    assert checked.isfinite().all()
+    over_bound = grouped_sdpa_block_attention(q, k, v, cu, 5)  # the 6-token sequence is over 5
+    torch.testing.assert_close(
+        over_bound, packed_attention(q, k, v, cu, 5, backend="reference", check_values=False), equal_nan=True
+    )
+    assert over_bound[4:10].isnan().all() and torch.equal(over_bound[:4], checked[:4])
+    more_rows = torch.cat([q, q[:2]]), torch.cat([k, k[:2]]), torch.cat([v, v[:2]])  # rows after cu[-1]
+    assert grouped_sdpa_block_attention(*more_rows, cu, 6)[13:].isnan().all()
+
+
 def test_auto_takes_it_on_cpu_and_static_forwards_stay_host_free():
     cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
