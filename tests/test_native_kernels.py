@@ -143,8 +143,6 @@ def per_image(model, images, budget):
 def test_list_decisions_equal_each_images_decisions(kernels, gate, scales):
     """Flat list decisions == the gate's decisions image by image (thresholds, a fraction, an int
     budget), NaN region included (+inf entropy: fine, first under a budget)."""
-    if gate == "learned" and kernels == "triton":
-        pytest.skip("a list runs the learned gate's torch MLP (docs/design.md section 11), a batch the fused kernel")
     model = model_of(gate, scales, kernels)
     images = list_images(SIZES[scales], nan=gate == "entropy")
     counts = model.batch_of(images).decisions
