@@ -10,7 +10,6 @@ import functools
 import pytest
 import torch
 
-from helpers import needs_triton, redraw_parameters
 from msvit.host_reads import count_host_reads
 from msvit.models.gate import MixedScaleGate
 from msvit.models.list_gates import list_decision
@@ -19,6 +18,8 @@ from msvit_kernels import _triton
 from msvit_kernels.gate_kernel import list_fused_gate
 from msvit_kernels.reference import flat_cells, gate_mlp_patches
 from msvit_kernels.tree_batch import TreeBatch
+
+from helpers import needs_triton, redraw_parameters
 
 pytestmark = needs_triton
 
@@ -108,8 +109,17 @@ def test_the_op_equals_the_mlp_on_gathered_cells_forward_and_backward(with_noise
     generator = torch.Generator().manual_seed(4)
     w1 = torch.randn(20, 3 * size * size, generator=generator) * 0.05
     pos = torch.randn(len(nodes), 20, generator=generator) * 0.3
-    weights = [w1, gate.fc1.bias, pos, gate.fc2.weight, gate.fc2.bias, gate.fc3.weight, gate.fc3.bias,
-               gate.fc4.weight, gate.fc4.bias]
+    weights = [
+        w1,
+        gate.fc1.bias,
+        pos,
+        gate.fc2.weight,
+        gate.fc2.bias,
+        gate.fc3.weight,
+        gate.fc3.bias,
+        gate.fc4.weight,
+        gate.fc4.bias,
+    ]
     weights = [w.detach().clone().requires_grad_() for w in weights]
     noise = torch.randn(len(nodes), generator=generator) if with_noise else None
     out = list_fused_gate(pixels, node_pixels, nodes, size, P, *weights, noise=noise, temperature=0.3)
