@@ -147,6 +147,31 @@ def _record(workload: Workload):
                     batch.node_pixels(16, 3),
                 )
         return records
+    if model == "list-gate":  # the learned gate over a list of sizes (flat pixels): 32 / 64 px regions, train, infer
+        from .tree_batch import TreeBatch
+
+        hidden, pixels = 106, torch.zeros(3 * (224 * 224 + 160 * 320), dtype=dtype)
+        batch = TreeBatch.of([(14, 14), (10, 20)], 2, 3)
+        starts = batch.scale_starts
+        with record_launches() as records:
+            for s, training in ((1, True), (1, False), (2, True)):
+                size, n_regions = 16 * 2**s, starts[s + 1] - starts[s]
+                weights = (
+                    torch.zeros(hidden, 3 * size * size, dtype=dtype),
+                    torch.zeros(hidden, dtype=dtype),
+                    torch.zeros(n_regions, hidden, dtype=dtype),
+                    torch.zeros(hidden, hidden, dtype=dtype),
+                    torch.zeros(hidden, dtype=dtype),
+                    torch.zeros(hidden, hidden, dtype=dtype),
+                    torch.zeros(hidden, dtype=dtype),
+                    torch.zeros(1, hidden, dtype=dtype),
+                    torch.zeros(1, dtype=dtype),
+                )
+                noise = torch.zeros(n_regions, dtype=dtype) if training else None
+                gate_kernel._list_gate_forward(
+                    pixels, batch.node_pixels(16, 3), starts[s], size, weights, noise, 0.3, training
+                )
+        return records
     if model == "tree-index":  # the index of a tree of scales at 224 px (14 x 14 patches of 16): S=3, S=4, r=3
         with record_launches() as records:
             for ratio, scales in ((2, 3), (2, 4), (3, 3)):
@@ -242,6 +267,7 @@ def workloads(quick: bool) -> List[Workload]:
         "tree-index infer",
         "list-pack infer",
         "list-entropy infer",
+        "list-gate train",
     )
     pool = [Workload(m, d, 64, False) for m in extras for d in ("float16", "bfloat16")]
     if quick:

@@ -23,6 +23,13 @@ Its oracle is ``reference.gate_mlp_reference`` (exact erf GELU on both sides, se
 Backward (torch, fp32): layers 2-4 are recomputed from the saved ``a1`` ``[R, hidden]`` (hidden^2
 MACs, 4% of the gate) and W1's gradient is ``dA1^T @ regions`` on re-gathered region pixels. No
 gradient reaches pixels.
+
+A list of images of different sizes (``list_fused_gate``, the kernel's ``LIST`` mode, docs/design.md
+section 11): the regions are a range of global nodes of the list's ``tree_batch.TreeBatch`` (every
+node of one scale, every image), layer 1 reads each node's pixels from the flat pixel buffer through
+its row of ``TreeBatch.node_pixels`` (the pack kernel's geometry) and adds its row of a flat position
+table (each image's table at its own grid); layers 2-3 are unchanged. One launch per layer for the
+whole list; the backward re-gathers the pixels with ``reference.flat_cells``.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
