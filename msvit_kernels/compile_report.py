@@ -156,17 +156,7 @@ def _record(workload: Workload):
         with record_launches() as records:
             for s, training in ((1, True), (1, False), (2, True)):
                 size, n_regions = 16 * 2**s, starts[s + 1] - starts[s]
-                weights = (
-                    torch.zeros(hidden, 3 * size * size, dtype=dtype),
-                    torch.zeros(hidden, dtype=dtype),
-                    torch.zeros(n_regions, hidden, dtype=dtype),
-                    torch.zeros(hidden, hidden, dtype=dtype),
-                    torch.zeros(hidden, dtype=dtype),
-                    torch.zeros(hidden, hidden, dtype=dtype),
-                    torch.zeros(hidden, dtype=dtype),
-                    torch.zeros(1, hidden, dtype=dtype),
-                    torch.zeros(1, dtype=dtype),
-                )
+                weights = _gate_weights(hidden, size, n_regions, dtype)
                 noise = torch.zeros(n_regions, dtype=dtype) if training else None
                 gate_kernel._list_gate_forward(
                     pixels, batch.node_pixels(16, 3), starts[s], size, weights, noise, 0.3, training
@@ -193,17 +183,7 @@ def _record(workload: Workload):
     total = batch * lengths
     with record_launches() as records:
         if model != "attention":
-            gate_weights = (
-                torch.zeros(hidden, 3 * coarse * coarse, dtype=dtype),
-                torch.zeros(hidden, dtype=dtype),
-                torch.zeros(49, hidden, dtype=dtype),
-                torch.zeros(hidden, hidden, dtype=dtype),
-                torch.zeros(hidden, dtype=dtype),
-                torch.zeros(hidden, hidden, dtype=dtype),
-                torch.zeros(hidden, dtype=dtype),
-                torch.zeros(1, hidden, dtype=dtype),
-                torch.zeros(1, dtype=dtype),
-            )
+            gate_weights = _gate_weights(hidden, coarse, 49, dtype)
             training = "train" in workload.name
             gate_kernel._gate_forward(
                 images, coarse, gate_weights, torch.zeros(batch, 49) if training else None, 0.3, training
@@ -254,6 +234,16 @@ def _record(workload: Workload):
                 outputs, queries, k, v, outputs, lses, cu_q, max_q, head_dim**-0.5, **key_layout
             )
     return records
+
+
+def _gate_weights(hidden: int, region: int, n_regions: int, dtype) -> tuple:
+    """Stand-ins for the gate's (w1, b1, pos, w2, b2, w3, b3, w4, b4): RGB regions of ``region`` px,
+    a position table of ``n_regions`` rows."""
+    import torch
+
+    shapes = [(hidden, 3 * region * region), (hidden,), (n_regions, hidden), (hidden, hidden), (hidden,)]
+    shapes += [(hidden, hidden), (hidden,), (1, hidden), (1,)]
+    return tuple(torch.zeros(shape, dtype=dtype) for shape in shapes)
 
 
 def workloads(quick: bool) -> List[Workload]:

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ._triton import (
     TritonKernel,
+    check_flat_nodes,
     check_launchable,
     dot_precision,
     kernel_op,
@@ -368,13 +369,7 @@ def list_fused_gate(pixels: Tensor, node_pixels: Tensor, nodes: range, region_si
     ``reference.gate_mlp_patches`` on ``reference.flat_cells`` of the nodes; differentiable w.r.t. the
     weights and pos (through logits and soft), not the pixels. No host read.
     """
-    if not isinstance(pixels, Tensor) or pixels.dim() != 1 or not pixels.is_floating_point():
-        raise TypeError("pixels must be the list's flat float pixel buffer, a 1-D float tensor")
-    if (not isinstance(node_pixels, Tensor) or node_pixels.dtype != torch.int64 or node_pixels.dim() != 2
-            or node_pixels.shape[0] != 4 or node_pixels.device != pixels.device):
-        raise ValueError("node_pixels must be int64 [4, n_nodes] on the pixels' device (TreeBatch.node_pixels)")
-    if not isinstance(nodes, range) or nodes.step != 1 or nodes.start < 0 or nodes.stop > node_pixels.shape[1]:
-        raise ValueError(f"nodes must be a range of global nodes inside 0 .. {node_pixels.shape[1]}, got {nodes!r}")
+    check_flat_nodes(pixels, node_pixels, nodes)
     if pos.dim() != 2 or pos.shape[0] != len(nodes):
         raise ValueError(f"pos must be the flat position table [{len(nodes)}, hidden] (a row per node), "
                          f"got {list(pos.shape)}")

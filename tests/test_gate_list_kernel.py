@@ -5,8 +5,6 @@ forward and backward, in the interpreter, on odd sizes, border cells and a 1:5 i
 three scales; its launches do not grow with the number of images and it reads nothing back.
 """
 
-import functools
-
 import pytest
 import torch
 
@@ -14,12 +12,11 @@ from msvit.host_reads import count_host_reads
 from msvit.models.gate import MixedScaleGate
 from msvit.models.list_gates import list_decision
 from msvit.models.tree_gate import TreeGate
-from msvit_kernels import _triton
 from msvit_kernels.gate_kernel import list_fused_gate
 from msvit_kernels.reference import flat_cells, gate_mlp_patches
 from msvit_kernels.tree_batch import TreeBatch
 
-from helpers import needs_triton, redraw_parameters
+from helpers import counted_launches, needs_triton, redraw_parameters
 
 pytestmark = needs_triton
 
@@ -134,19 +131,6 @@ def test_the_op_equals_the_mlp_on_gathered_cells_forward_and_backward(with_noise
         loss, expected_loss = loss + out.soft.sum(), expected_loss + soft.sum()
     for got, expected in zip(torch.autograd.grad(loss, weights), torch.autograd.grad(expected_loss, weights)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-
-
-def counted_launches(monkeypatch):
-    names = []
-    launch = _triton.TritonKernel._launch
-
-    @functools.wraps(launch)
-    def counting(self, grid, *args, **meta):
-        names.append(self.name)
-        return launch(self, grid, *args, **meta)
-
-    monkeypatch.setattr(_triton.TritonKernel, "_launch", counting)
-    return names
 
 
 @pytest.mark.parametrize("scales", [2, 3])
