@@ -6,8 +6,10 @@ three scales; its launches do not grow with the number of images and it reads no
 """
 
 import pytest
+import timm
 import torch
 
+import msvit
 from msvit.host_reads import count_host_reads
 from msvit.models.gate import MixedScaleGate
 from msvit.models.list_gates import list_decision
@@ -77,8 +79,9 @@ def test_list_kernel_equals_the_torch_list_path_in_training(scales, count):
     got_grads, expected_grads = gradients(fused, got), gradients(torch_gate, expected)
     assert len(got_grads) == 9 * (scales - 1)
     for name, grad in got_grads.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        scale = expected_grads[name].abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
 @pytest.mark.parametrize("scales", [2, 3])
@@ -192,3 +195,37 @@ def test_the_list_op_traces_under_torch_compile():
 
     compiled = torch.compile(logits, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(pixels), logits(pixels))
+
+
+def test_a_training_forward_of_a_list_equals_the_torch_gate():
+    """``MSViT`` in training on a list, its gate's kernels='triton' (the fused LIST gate) ==
+    kernels='reference' with the same seed: logits, the gate's sample, and every gate parameter's
+    gradient through the straight-through path of the tokens."""
+    vit = timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        depth=1,
+        embed_dim=24,
+        num_heads=2,
+        num_classes=3,
+        patch_size=P,
+        img_size=32,
+    )
+    model = msvit.from_timm(redraw_parameters(vit), scales=[P, P * R, P * R * R]).train()
+    redraw_parameters(model.gate, seed=2)
+    images = images_of(SIZES[3])
+    results = []
+    model.kernels = "reference"  # the tokenizer and attention in torch: the gate is the only difference
+    for kernels in ("triton", "reference"):
+        model.gate.kernels = kernels
+        torch.manual_seed(7)
+        out = model(images, return_gate=True)
+        names, params = zip(*model.gate.named_parameters())
+        results.append((out, torch.autograd.grad(out.logits.square().sum(), params)))
+    (got, got_grads), (expected, expected_grads) = results
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.gate.hard, expected.gate.hard)
+    torch.testing.assert_close(got.gate.soft, expected.gate.soft, rtol=1e-5, atol=1e-6)
+    for name, grad, other in zip(names, got_grads, expected_grads):  # small (a saturated sample): relative to each
+        assert other.abs().sum() > 0, name
+        torch.testing.assert_close(grad, other, rtol=1e-4, atol=1e-4 * other.abs().max().item(), msg=name)
