@@ -6,7 +6,6 @@ three scales; its launches do not grow with the number of images and it reads no
 """
 
 import pytest
-import timm
 import torch
 
 import msvit
@@ -18,7 +17,7 @@ from msvit_kernels.gate_kernel import list_fused_gate
 from msvit_kernels.reference import flat_cells, gate_mlp_patches
 from msvit_kernels.tree_batch import TreeBatch
 
-from helpers import counted_launches, needs_triton, redraw_parameters
+from helpers import counted_launches, needs_triton, redraw_parameters, tiny_vit
 
 pytestmark = needs_triton
 
@@ -207,16 +206,7 @@ def test_a_training_forward_of_a_list_equals_the_torch_gate():
     """``MSViT`` in training on a list, its gate's kernels='triton' (the fused LIST gate) ==
     kernels='reference' with the same seed: logits, the gate's sample, and every gate parameter's
     gradient through the straight-through path of the tokens."""
-    vit = timm.create_model(
-        "vit_small_patch16_224",
-        pretrained=False,
-        depth=1,
-        embed_dim=24,
-        num_heads=2,
-        num_classes=3,
-        patch_size=P,
-        img_size=32,
-    )
+    vit = tiny_vit(img_size=32, patch_size=P, embed_dim=24, depth=1, num_heads=2, num_classes=3)
     model = msvit.from_timm(redraw_parameters(vit), scales=[P, P * R, P * R * R]).train()
     redraw_parameters(model.gate, seed=2)
     images = images_of(SIZES[3])
