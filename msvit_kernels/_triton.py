@@ -290,6 +290,24 @@ def skips_custom_op(*tensors: Optional[Tensor]) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
+def check_flat_nodes(pixels: Tensor, node_pixels: Tensor, nodes: range) -> None:
+    """TypeError/ValueError naming what is wrong with the arguments every kernel's ``LIST`` mode takes:
+    the list's flat pixel buffer (1-D float), its ``TreeBatch.node_pixels`` (int64 ``[4, n_nodes]`` on
+    the pixels' device) and a contiguous range of global nodes inside it."""
+    if not isinstance(pixels, Tensor) or pixels.dim() != 1 or not pixels.is_floating_point():
+        raise TypeError("pixels must be the list's flat float pixel buffer, a 1-D float tensor")
+    if (
+        not isinstance(node_pixels, Tensor)
+        or node_pixels.dtype != torch.int64
+        or node_pixels.dim() != 2
+        or node_pixels.shape[0] != 4
+        or node_pixels.device != pixels.device
+    ):
+        raise ValueError("node_pixels must be int64 [4, n_nodes] on the pixels' device (TreeBatch.node_pixels)")
+    if not isinstance(nodes, range) or nodes.step != 1 or nodes.start < 0 or nodes.stop > node_pixels.shape[1]:
+        raise ValueError(f"nodes must be a range of global nodes inside 0 .. {node_pixels.shape[1]}, got {nodes!r}")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands: exact fp32 products ("ieee", no TF32) so results track the fp32 reference."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -147,6 +147,21 @@ def _record(workload: Workload):
                     batch.node_pixels(16, 3),
                 )
         return records
+    if model == "list-gate":  # the learned gate over a list of sizes (flat pixels): 32 / 64 px regions, train, infer
+        from .tree_batch import TreeBatch
+
+        hidden, pixels = 106, torch.zeros(3 * (224 * 224 + 160 * 320), dtype=dtype)
+        batch = TreeBatch.of([(14, 14), (10, 20)], 2, 3)
+        starts = batch.scale_starts
+        with record_launches() as records:
+            for s, training in ((1, True), (1, False), (2, True)):
+                size, n_regions = 16 * 2**s, starts[s + 1] - starts[s]
+                weights = _gate_weights(hidden, size, n_regions, dtype)
+                noise = torch.zeros(n_regions, dtype=dtype) if training else None
+                gate_kernel._list_gate_forward(
+                    pixels, batch.node_pixels(16, 3), starts[s], size, weights, noise, 0.3, training
+                )
+        return records
     if model == "tree-index":  # the index of a tree of scales at 224 px (14 x 14 patches of 16): S=3, S=4, r=3
         with record_launches() as records:
             for ratio, scales in ((2, 3), (2, 4), (3, 3)):
@@ -168,17 +183,7 @@ def _record(workload: Workload):
     total = batch * lengths
     with record_launches() as records:
         if model != "attention":
-            gate_weights = (
-                torch.zeros(hidden, 3 * coarse * coarse, dtype=dtype),
-                torch.zeros(hidden, dtype=dtype),
-                torch.zeros(49, hidden, dtype=dtype),
-                torch.zeros(hidden, hidden, dtype=dtype),
-                torch.zeros(hidden, dtype=dtype),
-                torch.zeros(hidden, hidden, dtype=dtype),
-                torch.zeros(hidden, dtype=dtype),
-                torch.zeros(1, hidden, dtype=dtype),
-                torch.zeros(1, dtype=dtype),
-            )
+            gate_weights = _gate_weights(hidden, coarse, 49, dtype)
             training = "train" in workload.name
             gate_kernel._gate_forward(
                 images, coarse, gate_weights, torch.zeros(batch, 49) if training else None, 0.3, training
@@ -231,6 +236,16 @@ def _record(workload: Workload):
     return records
 
 
+def _gate_weights(hidden: int, region: int, n_regions: int, dtype) -> tuple:
+    """Stand-ins for the gate's (w1, b1, pos, w2, b2, w3, b3, w4, b4): RGB regions of ``region`` px,
+    a position table of ``n_regions`` rows."""
+    import torch
+
+    shapes = [(hidden, 3 * region * region), (hidden,), (n_regions, hidden), (hidden, hidden), (hidden,)]
+    shapes += [(hidden, hidden), (hidden,), (1, hidden), (1,)]
+    return tuple(torch.zeros(shape, dtype=dtype) for shape in shapes)
+
+
 def workloads(quick: bool) -> List[Workload]:
     """The representative set (``quick``: what `make test` compiles) or the full sweep."""
     first = [Workload("ViT-S/16,32 train", d, 64, True) for d in ("float16", "bfloat16")]
@@ -242,6 +257,7 @@ def workloads(quick: bool) -> List[Workload]:
         "tree-index infer",
         "list-pack infer",
         "list-entropy infer",
+        "list-gate train",
     )
     pool = [Workload(m, d, 64, False) for m in extras for d in ("float16", "bfloat16")]
     if quick:

@@ -57,7 +57,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._triton import INTERPRET, TritonKernel, kernel_op, tl, triton, triton_support
+from ._triton import INTERPRET, TritonKernel, check_flat_nodes, kernel_op, tl, triton, triton_support
 from .reference import ENTROPY_LUMA
 
 DEFAULT_BINS = 512  # APT's released code: torch.histc(bins=512, min=0, max=255)
@@ -306,13 +306,7 @@ def list_patch_entropy(pixels: Tensor, node_pixels: Tensor, nodes: range, fine_p
     +inf for a cell with a non-finite pixel, as :func:`patch_entropy` gives for that cell. Reads
     nothing back to the host; not differentiable. The oracle is ``reference.entropy_flat_reference``.
     """
-    if not isinstance(pixels, Tensor) or pixels.dim() != 1 or not pixels.is_floating_point():
-        raise TypeError("pixels must be the list's flat float pixel buffer, a 1-D float tensor")
-    if (not isinstance(node_pixels, Tensor) or node_pixels.dtype != torch.int64 or node_pixels.dim() != 2
-            or node_pixels.shape[0] != 4 or node_pixels.device != pixels.device):
-        raise ValueError("node_pixels must be int64 [4, n_nodes] on the pixels' device (TreeBatch.node_pixels)")
-    if not isinstance(nodes, range) or nodes.step != 1 or nodes.start < 0 or nodes.stop > node_pixels.shape[1]:
-        raise ValueError(f"nodes must be a range of global nodes inside 0 .. {node_pixels.shape[1]}, got {nodes!r}")
+    check_flat_nodes(pixels, node_pixels, nodes)
     if isinstance(largest, bool) or not isinstance(largest, int) or largest < 1:
         raise ValueError(f"largest (the largest factor r**s of the nodes) must be a positive int, got {largest!r}")
     mean, std = normalisation(chans, mean, std)

@@ -1,5 +1,6 @@
 """Shared test fixtures: the device, the Triton skip marker, tiny timm ViTs and comparison helpers."""
 
+import functools
 import json
 
 import pytest
@@ -173,3 +174,18 @@ def cpu_graph_stand_in(monkeypatch) -> None:
 
     monkeypatch.setattr(packed_runner.PackedRunner, "_graph", stand_in)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+
+def counted_launches(monkeypatch) -> list:
+    """The names of the Triton kernels launched from now on, appended as they launch (a list to clear
+    and read): a count of launches that does not depend on a GPU."""
+    names = []
+    launch = _triton.TritonKernel._launch
+
+    @functools.wraps(launch)
+    def counting(self, grid, *args, **meta):
+        names.append(self.name)
+        return launch(self, grid, *args, **meta)
+
+    monkeypatch.setattr(_triton.TritonKernel, "_launch", counting)
+    return names

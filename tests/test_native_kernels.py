@@ -4,8 +4,6 @@ decides a list of images of different sizes exactly as it decides each image alo
 loop over images: no host read with a budget, and as many kernel launches for 4 images as for 2.
 """
 
-import functools
-
 import pytest
 import timm
 import torch
@@ -13,12 +11,11 @@ import torch
 import msvit
 from msvit.host_reads import count_host_reads
 from msvit.models.list_gates import list_decision
-from msvit_kernels import _triton
 from msvit_kernels.entropy_kernel import list_patch_entropy
 from msvit_kernels.reference import entropy_flat_reference, entropy_levels_reference
 from msvit_kernels.tree_batch import TreeBatch
 
-from helpers import needs_triton, redraw_parameters
+from helpers import counted_launches, needs_triton, redraw_parameters
 
 P, R = 4, 2  # a 4 px fine patch keeps the interpreter fast
 # odd grids, border cells (not whole 8 / 16 px nodes), 1:5
@@ -143,8 +140,6 @@ def per_image(model, images, budget):
 def test_list_decisions_equal_each_images_decisions(kernels, gate, scales):
     """Flat list decisions == the gate's decisions image by image (thresholds, a fraction, an int
     budget), NaN region included (+inf entropy: fine, first under a budget)."""
-    if gate == "learned" and kernels == "triton":
-        pytest.skip("a list runs the learned gate's torch MLP (docs/design.md section 11), a batch the fused kernel")
     model = model_of(gate, scales, kernels)
     images = list_images(SIZES[scales], nan=gate == "entropy")
     counts = model.batch_of(images).decisions
@@ -209,19 +204,6 @@ def test_no_host_read_with_a_budget(kernels, gate, scales):
         with count_host_reads() as reads:
             model(images, budget=0.5)
     assert reads.count == 0, reads.report()
-
-
-def counted_launches(monkeypatch):
-    names = []
-    launch = _triton.TritonKernel._launch
-
-    @functools.wraps(launch)
-    def counting(self, grid, *args, **meta):
-        names.append(self.name)
-        return launch(self, grid, *args, **meta)
-
-    monkeypatch.setattr(_triton.TritonKernel, "_launch", counting)
-    return names
 
 
 @needs_triton

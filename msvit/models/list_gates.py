@@ -6,9 +6,12 @@ first), equal entry by entry to the gate's decisions for each image alone.
 
 - Pixels: one flat buffer (each ``[C, H_b, W_b]`` image flattened in turn) read through
   ``TreeBatch.node_pixels``, as the pack kernel reads it.
-- Learned levels (``MixedScaleGate``): per scale, one gather of the nodes' pixels
-  (``reference.flat_cells``: rows of fine-patch width) and one MLP call with each image's position
-  table at its own grid (``list_logits``); training samples one Gumbel-Sigmoid per scale.
+- Learned levels (``MixedScaleGate``): per scale, with Triton (the gate's ``kernels`` resolve to it
+  on the pixels) the fused gate kernel's LIST mode (``gate_kernel.list_fused_gate``: one launch per
+  layer for every image, region pixels read through ``node_pixels``, the Gumbel-Sigmoid in its last
+  launch); in torch one gather of the nodes' pixels (``reference.flat_cells``: rows of fine-patch
+  width) and one MLP call (``list_logits``). Both add each image's position table at its own grid
+  and draw one Gumbel-Sigmoid noise per scale in training.
 - Entropy levels (``EntropyGate``): ``entropy_gate.list_entropies``, one Triton launch for every
   scale (or the torch reference binning the pixels once).
 - Global node order -> flat decisions: one gather (``TreeBatch.decision_nodes``).
@@ -22,8 +25,18 @@ import torch
 from torch import Tensor, nn
 
 from msvit.models.entropy_gate import EntropyGate, list_entropies
-from msvit.models.gate import Budget, GateDecision, MixedScaleGate, gumbel_sigmoid, list_budget_mask
+from msvit.models.gate import (
+    Budget,
+    GateDecision,
+    MixedScaleGate,
+    gumbel_sigmoid,
+    list_budget_mask,
+    logistic_noise,
+    straight_through,
+)
 from msvit.models.tree_gate import TreeGate, list_tree_budget_mask
+from msvit_kernels.dispatch import compute_dtype
+from msvit_kernels.gate_kernel import list_fused_gate
 from msvit_kernels.reference import flat_cells
 from msvit_kernels.tree_batch import TreeBatch
 
@@ -52,13 +65,11 @@ def list_decision(
         entropies = list_entropies(levels, pixels, batch, fine_patch, chans)
         logits = [e - level.thresholds[0] for e, (_, level) in zip(entropies, levels)]
     else:
-        logits = [_learned_logits(level, s, pixels, batch, fine_patch, chans) for s, level in levels]
-    if sample and budget is None and not entropy:
-        soft, hard, st = (
-            torch.cat(parts)[flat]
-            for parts in zip(*(gumbel_sigmoid(x, level.temperature) for x, (_, level) in zip(logits, levels)))
-        )
-        return GateDecision(torch.cat(logits)[flat], soft, hard, st)
+        sampled = sample and budget is None
+        parts = [_learned_level(level, s, pixels, batch, fine_patch, chans, sampled) for s, level in levels]
+        if sampled:  # (logits, soft, hard, st) per scale
+            return GateDecision(*(torch.cat(field)[flat] for field in zip(*parts)))
+        logits = [part[0] for part in parts]
     if budget is None:
         hard = torch.cat([level.fine(x) if entropy else x > 0 for x, (_, level) in zip(logits, levels)])[flat]
     logits = torch.cat(logits)[flat]
@@ -72,13 +83,35 @@ def list_decision(
     return GateDecision(logits, torch.sigmoid(logits), hard, hard.to(logits.dtype))
 
 
-def _learned_logits(
-    gate: MixedScaleGate, s: int, pixels: Tensor, batch: TreeBatch, fine_patch: int, chans: int
-) -> Tensor:
-    """Logits ``[N_s]`` of the scale-``s`` nodes in global order: their full-resolution pixels
-    gathered from the flat buffer (``flat_cells``), one MLP call over every image."""
+def _learned_level(
+    gate: MixedScaleGate, s: int, pixels: Tensor, batch: TreeBatch, fine_patch: int, chans: int, sample: bool
+) -> Tuple[Tensor, ...]:
+    """``(logits,)`` ``[N_s]`` of the scale-``s`` nodes in global order, with ``sample`` ``(logits,
+    soft, hard, st)`` (one Gumbel-Sigmoid draw for the scale). Triton (``use_triton`` on the pixels,
+    the batch gate's fallbacks): ``list_fused_gate``, one launch per layer over every image, the
+    sample in its last launch. Torch: the nodes' full-resolution pixels gathered from the flat
+    buffer (``flat_cells``), one MLP call over every image (``list_logits``)."""
     starts = batch.scale_starts
     node_pixels = batch.node_pixels(fine_patch, chans, pixels.device)
+    grids = [tree.grids[s] for tree in batch.trees]
+    if gate._fused(pixels):
+        dtype = compute_dtype(pixels)  # autocast's, as the batch gate's kernel path
+        tables = {grid: gate.position_embedding(grid) for grid in dict.fromkeys(grids)}
+        weights = (w.to(dtype) for w in gate._weights_at(torch.cat([tables[grid] for grid in grids])))
+        noise = logistic_noise(pixels.new_empty(starts[s + 1] - starts[s], dtype=dtype)) if sample else None
+        nodes = range(starts[s], starts[s + 1])
+        out = list_fused_gate(
+            pixels.to(dtype),
+            node_pixels,
+            nodes,
+            gate.region_size,
+            fine_patch,
+            *weights,
+            noise=noise,
+            temperature=gate.temperature,
+        )
+        return (out.logits, out.soft, out.hard, straight_through(out.soft, out.hard)) if sample else (out.logits,)
     nodes = torch.arange(starts[s], starts[s + 1], device=pixels.device)
     region_pixels = flat_cells(pixels, node_pixels, nodes, gate.region_size, chans, fine_patch).flatten(1)
-    return gate.list_logits(region_pixels, [tree.grids[s] for tree in batch.trees])
+    logits = gate.list_logits(region_pixels, grids)
+    return (logits, *gumbel_sigmoid(logits, gate.temperature)) if sample else (logits,)
