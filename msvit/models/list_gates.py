@@ -96,8 +96,7 @@ def _learned_level(
     grids = [tree.grids[s] for tree in batch.trees]
     if gate._fused(pixels):
         dtype = compute_dtype(pixels)  # autocast's, as the batch gate's kernel path
-        tables = {grid: gate.position_embedding(grid) for grid in dict.fromkeys(grids)}
-        weights = (w.to(dtype) for w in gate._weights_at(torch.cat([tables[grid] for grid in grids])))
+        weights = (w.to(dtype) for w in gate._weights_at(gate.list_positions(grids)))
         noise = logistic_noise(pixels.new_empty(starts[s + 1] - starts[s], dtype=dtype)) if sample else None
         nodes = range(starts[s], starts[s + 1])
         out = list_fused_gate(
