@@ -176,13 +176,19 @@ def _half_on_ampere_batch(capability: int, meta: dict) -> bool:
     return half_on_ampere(capability, meta) and not meta.get("LIST")
 
 
+def _not_fp32_list(capability: int, meta: dict) -> bool:
+    """The 64 x 64 x 32 tile except for a list in fp32 (IEEE dots): its per-token strides spilled
+    8-24 B on sm_86/89/90 in the compile report (2026-12-07); the 32-token tile is clean there."""
+    return not (meta.get("LIST") and meta.get("DOT_PRECISION") == "ieee")
+
+
 # GPU tiles, autotuned; see launch.TritonKernel for how a GPU generation picks its subset. The
 # compile report (bench/results/compile) keeps every listed config at zero spills where it may run:
 # the wide tiles spill 1-10 KB per thread in fp32 and on sm_70/75, so they run on sm_80+ in fp16/bf16.
 _CONFIGS = [] if triton is None else [
     (triton.Config({"BLOCK_T": 64, "BLOCK_D": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2), half_on_ampere),
     (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2), _half_on_ampere_batch),
-    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), None),
+    (triton.Config({"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1), _not_fp32_list),
     (triton.Config({"BLOCK_T": 32, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1), None),
 ]
 _PACK = None if triton is None else TritonKernel(
