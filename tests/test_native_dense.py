@@ -211,5 +211,9 @@ def test_zero_conv_aggregation_on_a_list_equals_each_image_alone(scales):
             assert rel_err(out.logits[b], alone.logits[0]) <= 1e-5 and out.tokens[b] == alone.tokens[0]
         masked = model(ims, budget=0.3, mode="masked")
         assert all(rel_err(a, p) <= 1e-5 for a, p in zip(masked, out.logits))
+        bad = [image.clone() for image in ims]
+        bad[1][:, 3, 3] = float("nan")  # one image's NaN stays in its own tokens
+        nan_out = model(bad, budget=0.3)
+        assert torch.equal(nan_out[0], out.logits[0]) and torch.equal(nan_out[2], out.logits[2])
         model.tokenizer.aggregation.linear.weight.zero_()
         assert rel_err(model(ims, budget=0.3), out.logits) > 1e-3

@@ -93,3 +93,17 @@ def test_init_from_starts_a_native_run_from_a_square_checkpoint(tmp_path):
     wrong = small_run(tmp_path / "wrong", "--init-from", str(tmp_path / "square"), gate=("--gate-hidden", "8"))
     with pytest.raises(SystemExit, match=r"--init-from .*gate\..* there and .* here"):
         train(wrong)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--init-from", "no-such-model"), "--init-from no-such-model: no such folder, and no shipped model"),
+        (("--init-from", "cluttered-digits", "--pretrained", __file__), "pass it or --pretrained"),
+        (("--init-from", "cluttered-digits", "--task", "segmentation"), "segmentation starts from a classifier"),
+    ],
+)
+def test_bad_init_from_is_refused_when_parsed(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "runs/x", *extra])
+    assert message in capsys.readouterr().err

@@ -222,6 +222,18 @@ def test_a_list_of_sizes_runs_in_one_packed_forward_equal_to_each_image_alone(na
             assert all(rel_err(a, b) <= 1e-4 for a, b in zip(dense, packed)), mode
 
 
+def test_a_nan_in_one_image_of_a_list_changes_no_other_images_tokens():
+    model = msvit.from_timm(build("qwen3_vit_88m_enc")).eval()
+    ims = [images("qwen3_vit_88m_enc", size, batch=1, seed=i)[0] for i, size in enumerate(FAMILY_SIZES["qwen3"][2])]
+    bad = [image.clone() for image in ims]
+    bad[1][:, 5, 7] = float("nan")
+    with torch.no_grad():
+        clean, out = model(ims, budget=0.5), model(bad, budget=0.5)
+    assert torch.equal(out[0], clean[0]) and torch.equal(out[2], clean[2]) and out[1].isnan().any()
+    with pytest.raises(ValueError, match="empty list"):
+        model([])
+
+
 def test_a_list_with_a_grid_the_projector_cannot_merge_is_refused_naming_the_image():
     model = msvit.from_timm(build("qwen3_vit_88m_enc")).eval()
     ims = [images("qwen3_vit_88m_enc", (64, 64), batch=1)[0], images("qwen3_vit_88m_enc", (48, 64), batch=1)[0]]

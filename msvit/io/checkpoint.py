@@ -16,7 +16,7 @@ manifest, ``checkpoint.json``, naming the latest; ``load_checkpoint(run_folder)`
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -239,12 +239,16 @@ def build_classifier(config: dict) -> nn.Module:
     return model
 
 
+def shipped_names() -> List[str]:
+    """The models shipped inside the package (folders of ``msvit/pretrained``)."""
+    return sorted(p.name for p in PRETRAINED.iterdir() if p.is_dir()) if PRETRAINED.is_dir() else []
+
+
 def load_pretrained(name: str = "cluttered-digits", map_location="cpu") -> MSViT:
     """A model shipped inside the package, in eval mode, with ``model.pretrained_cfg`` (its input
     size, mean and std: ``msvit.eval_transform(model)`` preprocesses images for it). ``name``: a
     folder of ``msvit/pretrained``."""
     folder = PRETRAINED / name
     if not folder.is_dir():
-        shipped = sorted(p.name for p in PRETRAINED.iterdir() if p.is_dir()) if PRETRAINED.is_dir() else []
-        raise ValueError(f"no pretrained model {name!r}; shipped: {', '.join(shipped) or 'none'}")
+        raise ValueError(f"no pretrained model {name!r}; shipped: {', '.join(shipped_names()) or 'none'}")
     return load_checkpoint(folder, map_location)

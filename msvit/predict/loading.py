@@ -21,7 +21,8 @@ def add_model_options(parser, default_checkpoint: str = "cluttered-digits") -> N
         default=None,
         metavar="DIR|NAME",
         help=f"a checkpoint or run folder (msvit train --out DIR), or the name of a model shipped in the "
-        f"package ({', '.join(shipped_names()) or 'none'}); default: {default_checkpoint} when --model is not given",
+        f"package ({', '.join(checkpoint.shipped_names()) or 'none'}); "
+        f"default: {default_checkpoint} when --model is not given",
     )
     g.add_argument(
         "--model",
@@ -79,11 +80,6 @@ def check_run_options(parser, args) -> None:
         )
 
 
-def shipped_names() -> List[str]:
-    root = checkpoint.PRETRAINED
-    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-
-
 def check_model_options(parser, args) -> None:
     """Refuse, by flag, a combination that would silently be ignored."""
     timm_only = [
@@ -122,13 +118,13 @@ def load_model(args, prog: str, device) -> MSViT:
     try:
         if Path(source).is_dir():
             return checkpoint.load_checkpoint(source, device)
-        if source in shipped_names():
+        if source in checkpoint.shipped_names():
             return checkpoint.load_pretrained(source, device)
     except (ValueError, OSError) as error:
         raise SystemExit(f"{prog}: --checkpoint {source}: {error}") from None
     raise SystemExit(
         f"{prog}: --checkpoint {source}: no such folder, and no shipped model of that name "
-        f"(shipped: {', '.join(shipped_names()) or 'none'})"
+        f"(shipped: {', '.join(checkpoint.shipped_names()) or 'none'})"
     )
 
 

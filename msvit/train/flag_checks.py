@@ -103,6 +103,26 @@ def check_train_flags(parser, args) -> None:
     check_native_flags(parser, args)
     if args.pretrained is not None and not Path(args.pretrained).is_file():
         parser.error(f"--pretrained {args.pretrained}: no such file (a local timm weights file is expected)")
+    check_init_from(parser, args)
+
+
+def check_init_from(parser, args) -> None:
+    """--init-from names a checkpoint folder or a shipped model, alone among the starting weights,
+    for classification (segmentation's --init takes a classifier's whole backbone)."""
+    source = getattr(args, "init_from", None)
+    if source is None:
+        return
+    from msvit.io.checkpoint import shipped_names
+
+    if args.task == "segmentation":
+        parser.error("--init-from starts a classification run; segmentation starts from a classifier with --init")
+    if args.pretrained is not None or args.hub_pretrained:
+        parser.error("--init-from brings every weight: pass it or --pretrained / --hub-pretrained, not both")
+    if not Path(source).is_dir() and source not in shipped_names():
+        parser.error(
+            f"--init-from {source}: no such folder, and no shipped model of that name "
+            f"(shipped: {', '.join(shipped_names()) or 'none'})"
+        )
 
 
 def check_native_flags(parser, args) -> None:
