@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msvit.models.timm_blocks import layer_scale, qkv_heads
+from msvit.models.timm_blocks import add_residual, layer_scale, mlp_branch, qkv_heads
 from msvit_kernels.attention import resolve_host_free_backend, resolved_attention
 from msvit_kernels.varlen import MixedScaleIndex
 
@@ -47,8 +47,8 @@ def run_block(
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(h).sigmoid()
     o = attn.proj_drop(attn.proj(o))
-    x = x + drop_path(block.drop_path1, layer_scale(block, 1, o))
-    return x + drop_path(block.drop_path2, layer_scale(block, 2, block.mlp(block.norm2(x))))
+    x = add_residual(x, drop_path(block.drop_path1, layer_scale(block, 1, o)))
+    return add_residual(x, drop_path(block.drop_path2, layer_scale(block, 2, mlp_branch(block.mlp, block.norm2(x)))))
 
 
 def _drop_path_rate(module: nn.Module) -> float:

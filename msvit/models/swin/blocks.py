@@ -13,6 +13,7 @@ from msvit.models.layers import drop_images
 from msvit.models.swin.attention import window_attention, window_mask
 from msvit.models.swin.layout import TokenCoords
 from msvit.models.swin.windows import WindowLayout, window_layout
+from msvit.models.timm_blocks import add_residual, mlp_branch
 
 
 def shift_mask(block: nn.Module, device, dtype) -> Optional[Tensor]:
@@ -44,7 +45,7 @@ def run_stage_blocks(
             layouts[window, shift] = layout, window_mask(layout, shift_mask(block, x.device, x.dtype), x.dtype)
         attended = window_attention(block.attn, block.norm1(x), *layouts[window, shift])
         x = x + drop_images(block.drop_path1, attended, coords.image, batch)
-        x = x + drop_images(block.drop_path2, block.mlp(block.norm2(x)), coords.image, batch)
+        x = add_residual(x, drop_images(block.drop_path2, mlp_branch(block.mlp, block.norm2(x)), coords.image, batch))
     return x
 
 
