@@ -105,15 +105,35 @@ def area_pool(images: Tensor, factor: int) -> Tensor:
     return (total / (factor * factor)).to(images.dtype)
 
 
-def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int) -> Tensor:
-    """Coarse patches (``fine_patch * ratio`` px) area-averaged down to ``fine_patch`` px (Eq. 5,
-    :func:`area_pool`). Returns ``[B, Nc, C * fine_patch**2]`` in coarse-grid raster order; pixels
-    outside every whole coarse region (the border of a size that is not a multiple of the coarse
-    patch) are not read.
+# How a coarser patch comes down to the fine patch size: "area" (Eq. 4-5, the mean of every
+# factor x factor block, what the pack kernel computes) or "apt" (APT's construct_patch_groups:
+# bilinear F.interpolate by 1 / factor, no antialias; for a factor of 2 the 2x2 mean up to rounding,
+# for 4 the mean of the centre 2x2 of each 4x4 block; docs/design.md section 15)
+COARSE_PIXELS = ("area", "apt")
+
+
+def downsample(images: Tensor, factor: int, coarse_pixels: str = "area") -> Tensor:
+    """``[B, C, H / factor, W / factor]`` of ``images`` (H and W multiples of ``factor``) by the
+    ``coarse_pixels`` rule (``COARSE_PIXELS``)."""
+    if factor == 1:
+        return images
+    if coarse_pixels == "apt":  # the output size given: the kernel's scale is then exactly `factor`
+        size = (images.shape[-2] // factor, images.shape[-1] // factor)
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+    if coarse_pixels != "area":
+        raise ValueError(f"coarse_pixels must be one of {COARSE_PIXELS}, got {coarse_pixels!r}")
+    return area_pool(images, factor)
+
+
+def coarse_patches_at_fine_size(images: Tensor, fine_patch: int, ratio: int, coarse_pixels: str = "area") -> Tensor:
+    """Coarse patches (``fine_patch * ratio`` px) brought down to ``fine_patch`` px (Eq. 5,
+    :func:`area_pool`, or APT's rule: :func:`downsample`). Returns ``[B, Nc, C * fine_patch**2]``
+    in coarse-grid raster order; pixels outside every whole coarse region (the border of a size
+    that is not a multiple of the coarse patch) are not read (neither rule reads outside a block).
     """
     coarse = fine_patch * ratio
     images = images[..., : images.shape[-2] // coarse * coarse, : images.shape[-1] // coarse * coarse]
-    return patchify(area_pool(images, ratio), fine_patch)
+    return patchify(downsample(images, ratio, coarse_pixels), fine_patch)
 
 
 def gather_embed_reference(
@@ -124,30 +144,38 @@ def gather_embed_reference(
     fine_patch: int,
     ratio: int,
     scales: int = 2,
+    coarse_pixels: str = "area",
 ) -> Tensor:
     """Embed only the patches a packed batch keeps.
 
     images: ``[B, C, H, W]``; source: int64 ``[N]`` rows of the candidate table
     ``cat(fine patches of all images [B*Nf], coarse patches of all images [B*Nc])`` (with more
     ``scales``, every scale's ``[B*N_s]`` patches, finest first); weight ``[d, C*p*p]``; bias
-    ``[d]`` or None. Returns ``[N, d]``.
+    ``[d]`` or None; coarse_pixels: :func:`downsample`'s rule. Returns ``[N, d]``.
     """
-    return F.linear(gather_patches_reference(images, source, fine_patch, ratio, scales), weight, bias)
+    pixels = gather_patches_reference(images, source, fine_patch, ratio, scales, coarse_pixels)
+    return F.linear(pixels, weight, bias)
 
 
-def gather_patches_reference(images: Tensor, source: Tensor, fine_patch: int, ratio: int, scales: int = 2) -> Tensor:
+def gather_patches_reference(
+    images: Tensor, source: Tensor, fine_patch: int, ratio: int, scales: int = 2, coarse_pixels: str = "area"
+) -> Tensor:
     """Pixels ``[N, C*p*p]`` ((C, p, p) order) of the candidate-table rows ``source`` (int64 ``[N]``,
     see :func:`gather_embed_reference`): fine patches as they are, coarser ones (``p * ratio**s``
-    px) area-averaged down to ``p``. ``images`` may be a list of ``[C, H_b, W_b]`` images of
-    different sizes: the table is then in ``tree_batch.TreeBatch``'s global node order (scale by
-    scale, image by image)."""
+    px) brought down to ``p`` (area-averaged, or by APT's rule: :func:`downsample`). ``images``
+    may be a list of ``[C, H_b, W_b]`` images of different sizes: the table is then in
+    ``tree_batch.TreeBatch``'s global node order (scale by scale, image by image)."""
     if isinstance(images, (list, tuple)):
-        tables = [scale_patches(image[None], fine_patch, ratio**s)[0] for s in range(scales) for image in images]
+        tables = [
+            scale_patches(image[None], fine_patch, ratio**s, coarse_pixels)[0] for s in range(scales) for image in images
+        ]
         return torch.cat(tables).index_select(0, source)
-    return _gather_scale_patches(images, source, fine_patch, ratio, scales)
+    return _gather_scale_patches(images, source, fine_patch, ratio, scales, coarse_pixels)
 
 
-def _gather_scale_patches(images: Tensor, source: Tensor, fine_patch: int, ratio: int, scales: int) -> Tensor:
+def _gather_scale_patches(
+    images: Tensor, source: Tensor, fine_patch: int, ratio: int, scales: int, coarse_pixels: str
+) -> Tensor:
     """:func:`gather_patches_reference` of a ``[B, C, H, W]`` batch: every scale's patches written
     straight into one table (no per-scale tables and no concatenation of them: with avg_pool2d's
     kernel they were 45% of the CPU tokenizer's time, docs/design.md section 13), then the rows."""
@@ -157,7 +185,7 @@ def _gather_scale_patches(images: Tensor, source: Tensor, fine_patch: int, ratio
     start = 0
     for s, (grid_h, grid_w) in enumerate(grids):
         side, count = p * ratio**s, batch * grid_h * grid_w
-        pixels = area_pool(images[..., : grid_h * side, : grid_w * side], ratio**s)
+        pixels = downsample(images[..., : grid_h * side, : grid_w * side], ratio**s, coarse_pixels)
         cells = pixels.unflatten(2, (grid_h, p)).unflatten(4, (grid_w, p)).permute(0, 2, 4, 1, 3, 5)
         table[start : start + count].view(batch, grid_h, grid_w, chans, p, p).copy_(cells)
         start += count
@@ -188,9 +216,12 @@ def gather_flat_patches_reference(
     return (total / (factor * factor)).to(pixels.dtype).flatten(1)
 
 
-def scale_patches(images: Tensor, fine_patch: int, factor: int) -> Tensor:
-    """``[B, N, C*p*p]``: the patches of ``fine_patch * factor`` px, area-averaged down to ``fine_patch``."""
-    return patchify(images, fine_patch) if factor == 1 else coarse_patches_at_fine_size(images, fine_patch, factor)
+def scale_patches(images: Tensor, fine_patch: int, factor: int, coarse_pixels: str = "area") -> Tensor:
+    """``[B, N, C*p*p]``: the patches of ``fine_patch * factor`` px, brought down to ``fine_patch``
+    (:func:`downsample`'s rule)."""
+    if factor == 1:
+        return patchify(images, fine_patch)
+    return coarse_patches_at_fine_size(images, fine_patch, factor, coarse_pixels)
 
 
 def gate_mlp_reference(
@@ -239,6 +270,7 @@ def pack_reference(
     extra: Optional[Tensor] = None,
     scales: int = 2,
     node_pixels: Optional[Tensor] = None,
+    coarse_pixels: str = "area",
 ) -> Tensor:
     """Packed tokens ``[T, d]`` of a mixed-scale batch: the torch tokenizer and the pack kernel's oracle.
 
@@ -257,15 +289,22 @@ def pack_reference(
     list, ``pos_table`` the global node table and ``st`` the flat ``[n_nodes]`` token weights
     (``TreeBatch.token_weights``), read at each token's global node (``position``). With
     ``node_pixels`` (int64 ``[4, n_nodes]``, ``TreeBatch.node_pixels``) ``images`` is the list's flat
-    pixel buffer instead, read as the pack kernel's ``LIST`` mode reads it.
+    pixel buffer instead, read as the pack kernel's ``LIST`` mode reads it (area averages only).
+
+    coarse_pixels: how coarser patches come down to the fine size (:func:`downsample`).
     """
+    if node_pixels is not None and coarse_pixels != "area":
+        raise ValueError(
+            f"coarse_pixels={coarse_pixels!r} needs the images; a flat pixel buffer (node_pixels) is read by "
+            "the pack kernel's area-average taps only"
+        )
     if node_pixels is not None:
         chans = weight.shape[1] // (fine_patch * fine_patch)
         side = ratio ** (scales - 1)
         pixels = gather_flat_patches_reference(images, node_pixels, index.source, fine_patch, chans, side)
         tokens = F.linear(pixels, weight, bias)
     else:
-        tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio, scales)
+        tokens = gather_embed_reference(images, index.source, weight, bias, fine_patch, ratio, scales, coarse_pixels)
     if norm is not None:
         tokens = norm(tokens)
     if extra is not None:

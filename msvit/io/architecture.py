@@ -80,6 +80,8 @@ def msvit(model) -> dict:
         **({"scales": list(tok.patch_sizes)} if tok.scales > 2 else {}),
         # only models with APT's coarse position resampling record it, for the same reason
         **({"coarse_pos": tok.coarse_pos} if getattr(tok, "coarse_pos", "bilinear") != "bilinear" else {}),
+        # only models with APT's coarse pixels record them, for the same reason
+        **({"coarse_pixels": tok.coarse_pixels} if getattr(tok, "coarse_pixels", "area") != "area" else {}),
         "depth": len(model.blocks),
         "blocks": blocks(model.blocks),
         "norm_pre": layer(model.norm_pre),
@@ -136,7 +138,7 @@ def from_timm_options(recorded) -> dict:
     backbone = recorded.get("backbone", recorded) if isinstance(recorded, dict) else None
     if not isinstance(backbone, dict):
         return {}
-    options = {key: backbone[key] for key in ("aggregate", "scales", "coarse_pos") if key in backbone}
+    options = {key: backbone[key] for key in ("aggregate", "scales", "coarse_pos", "coarse_pixels") if key in backbone}
     gate = backbone.get("gate")
     if isinstance(gate, dict) and "entropy" in (gate.get("type"), gate.get("kind")) and "binning" not in gate:
         options["entropy_binning"] = "continuous"

@@ -86,6 +86,8 @@ def list_refusal(model: MSViT) -> str:
         return f"compile_packed serves lists with two scales only, not {model.tokenizer.scales}; run model(images)"
     if model.tokenizer.aggregation is not None:
         return "compile_packed does not serve lists with aggregate='zero_conv'; run model(images) eagerly"
+    if model.tokenizer.coarse_pixels != "area":  # the padded pixel buffer is read by area-average taps
+        return "compile_packed does not serve lists with coarse_pixels='apt'; run model(images) eagerly"
     if model.tokenizer.grid_positions is not None:  # timm's per-grid position rule: not in the padded tables yet
         return "compile_packed does not serve lists for a converted NaFlexViT yet; run model(images) eagerly"
     return ""

@@ -34,6 +34,7 @@ from msvit.models.timm_support import check_model
 from msvit.models.tokenizer import COARSE_POS, MixedScaleTokenizer
 from msvit.models.vlm_families import build_tower, tower_parts
 from msvit_kernels.entropy_kernel import DEFAULT_BINS, check_entropy_args
+from msvit_kernels.reference import COARSE_PIXELS
 
 
 def _timm_model(model_or_name, timm_kwargs: Optional[dict]) -> nn.Module:
@@ -79,6 +80,7 @@ def from_timm(
     aggregate: str = "shared",
     scales: Optional[Sequence[int]] = None,
     coarse_pos: str = "bilinear",
+    coarse_pixels: str = "area",
     **gate_kwargs,
 ) -> MSViT:
     """MSViT with the weights of a timm ViT.
@@ -109,7 +111,13 @@ def from_timm(
         coarse_pos: the position table of every coarser scale, from the fine one: ``"bilinear"``
             (default: ``align_corners=False``, no antialias; the all-coarse model then equals timm
             on the pooled image) or ``"apt"`` (APT's code: timm's ``resample_abs_pos_embed``,
-            bicubic and antialiased).
+            bicubic and antialiased). A model with no absolute position table (RoPE only) is refused.
+        coarse_pixels: how a coarser patch comes down to the fine patch size before the shared
+            embedding: ``"area"`` (default, Eq. 4-5: the mean of every r**s x r**s block; the fused
+            pack kernel computes it) or ``"apt"`` (APT's ``construct_patch_groups``: bilinear
+            ``F.interpolate`` by 1 / r**s, no antialias: for 32 px tokens the 2x2 mean up to rounding,
+            for 64 px ones the mean of each 4x4 block's centre 2x2; the tokenizer then takes the
+            torch path, docs/design.md section 15).
         **gate_kwargs: the learned gate's options (hidden, init_logit, temperature), or the entropy
             gate's: ``entropy_thresholds`` (one per scale boundary, the finest boundary first as APT
             orders them; default ``(5.5,)`` for two scales and APT's ``(6.0, 4.0)`` for three: 6.0
@@ -128,6 +136,7 @@ def from_timm(
     check_choice("gate", gate, GATES)
     check_choice("aggregate", aggregate, AGGREGATIONS)
     check_choice("coarse_pos", coarse_pos, COARSE_POS)
+    check_choice("coarse_pixels", coarse_pixels, COARSE_PIXELS)
     options = dict(
         coarse_patch_size=coarse_patch_size,
         img_size=img_size,
@@ -135,10 +144,21 @@ def from_timm(
         aggregate=aggregate,
         scales=scales,
         coarse_pos=coarse_pos,
+        coarse_pixels=coarse_pixels,
     )
     built = _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, gate_kwargs)
     record_recipe(built, model_or_name, timm_kwargs, {**options, **gate_kwargs})
     return built
+
+
+def check_coarse_pos(tokenizer: MixedScaleTokenizer, coarse_pos: str, name: str) -> None:
+    """A coarse_pos other than the default resamples an absolute position table: refused, not
+    ignored, for a model that has none (RoPE only)."""
+    if coarse_pos != "bilinear" and tokenizer.pos_embed is None and tokenizer.grid_positions is None:
+        raise ValueError(
+            f"coarse_pos={coarse_pos!r} resamples the absolute position table, and {name} has none "
+            "(its positions are RoPE only); leave coarse_pos at 'bilinear'"
+        )
 
 
 def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, gate_kwargs) -> nn.Module:
@@ -156,6 +176,8 @@ def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, 
             raise NotImplementedError(f"gate={gate!r} is implemented for ViT models; a Swin takes gate='learned'")
         if coarse_pos != "bilinear":
             raise NotImplementedError("coarse_pos applies to ViT models; a Swin has no absolute position table")
+        if options["coarse_pixels"] != "area":
+            raise NotImplementedError("coarse_pixels applies to ViT models; a Swin embeds coarse regions itself")
         if img_size is not None:
             raise ValueError("img_size applies to a NaFlexVit only; a Swin's image size is the one it was built for")
         return swin_from_timm(
@@ -172,7 +194,10 @@ def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, 
         cfg = getattr(model, "pretrained_cfg", None)
         scale_gate = build_gate(gate, parts.embed, parts.fine, ratio, n_scales, parts.grid, cfg, gate_kwargs)
         aggregation = None if aggregate == "shared" else _aggregation(parts.embed.weight, ratio)
-        tower = build_tower(parts, scale_gate, ratio, n_scales, aggregation, kernels, attention_backend)
+        tower = build_tower(
+            parts, scale_gate, ratio, n_scales, aggregation, kernels, attention_backend, coarse_pos, options["coarse_pixels"]
+        )
+        check_coarse_pos(tower.tokenizer, coarse_pos, model_or_name if isinstance(model_or_name, str) else type(model).__name__)
         if cfg:
             tower.pretrained_cfg = input_cfg(model, parts.fine, parts.grid)
         return tower.train(model.training)
@@ -206,7 +231,9 @@ def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, 
         scales=n_scales,
         coarse_pos=coarse_pos,
         grid_positions=parts.grid_positions,
+        coarse_pixels=options["coarse_pixels"],
     )
+    check_coarse_pos(tokenizer, coarse_pos, type(model).__name__)
     msvit = MSViT(
         tokenizer,
         scale_gate,

@@ -21,7 +21,7 @@ from msvit.models.table_cache import TableCache
 from msvit_kernels.dispatch import compute_dtype, use_triton
 from msvit_kernels.index_kernel import triton_mixed_scale_index
 from msvit_kernels.pack_kernel import gather_embed_pack
-from msvit_kernels.reference import coarse_patches_at_fine_size, pack_reference, patchify
+from msvit_kernels.reference import COARSE_PIXELS, coarse_patches_at_fine_size, pack_reference, patchify
 from msvit_kernels.scale_tree import ScaleTree, tree_index
 from msvit_kernels.tree_batch import TreeBatch, batch_index
 from msvit_kernels.tree_index_kernel import triton_tree_index
@@ -63,6 +63,10 @@ class MixedScaleTokenizer(nn.Module):
             token's (normed) embedding before its position (``msvit.models.aggregation``).
         coarse_pos: ``"bilinear"`` or ``"apt"`` (``COARSE_POS``): how every coarser scale's position
             table is resampled from the fine one.
+        coarse_pixels: ``"area"`` or ``"apt"`` (``reference.COARSE_PIXELS``): how a coarser patch
+            comes down to the fine size before the shared embedding: the mean of each r**s x r**s
+            block (Eq. 5), or APT's bilinear resize (for 64 px tokens the mean of each 4x4 block's
+            centre 2x2; the torch path only: the fused pack kernel averages whole blocks).
         grid_positions: instead of ``pos_embed``, a module whose ``forward(fine_grid)`` gives the
             fine table ``[h*w, d]`` of any grid by the model's own rule (the VLM towers: Qwen's
             align_corners=True resampling, Gemma 4's factorised lookup); coarser scales are then
@@ -88,9 +92,11 @@ class MixedScaleTokenizer(nn.Module):
         scales: int = 2,
         coarse_pos: str = "bilinear",
         grid_positions: Optional[nn.Module] = None,
+        coarse_pixels: str = "area",
     ):
         super().__init__()
         check_choice("coarse_pos", coarse_pos, COARSE_POS)
+        check_choice("coarse_pixels", coarse_pixels, COARSE_PIXELS)
         if grid_positions is not None and pos_embed is not None:
             raise ValueError("pass pos_embed or grid_positions, not both")
         if scales > 2 and ratio < 2:
@@ -106,6 +112,7 @@ class MixedScaleTokenizer(nn.Module):
         self.embed_norm = embed_norm if embed_norm is not None else nn.Identity()
         self.aggregation = aggregation
         self.coarse_pos = coarse_pos
+        self.coarse_pixels = coarse_pixels
         self.grid_positions = grid_positions
         self.kernels = "auto"
         self._tables = TableCache()
@@ -312,6 +319,7 @@ class MixedScaleTokenizer(nn.Module):
             extra=extra,
             scales=self.scales,
             node_pixels=node_pixels,
+            coarse_pixels=self.coarse_pixels,
         )
 
     def _fallback(self, images: Tensor) -> str:
@@ -320,6 +328,8 @@ class MixedScaleTokenizer(nn.Module):
             return f"the fused tokenizer does not apply embed_norm ({type(self.embed_norm).__name__})"
         if self.aggregation is not None:
             return "the fused tokenizer does not aggregate sub-patch embeddings (aggregate='zero_conv')"
+        if self.coarse_pixels != "area":
+            return f"the fused tokenizer averages whole blocks, not coarse_pixels={self.coarse_pixels!r} (APT's resize)"
         if images.requires_grad:
             return "the fused tokenizer gives no gradient to pixels, and these require one"
         return ""
@@ -335,7 +345,11 @@ class MixedScaleTokenizer(nn.Module):
             return self._dense_tree(images, st)
         fine_grid, coarse_grid = self.grids(images)
         pixels = torch.cat(
-            [patchify(images, self.fine_patch), coarse_patches_at_fine_size(images, self.fine_patch, self.ratio)], 1
+            [
+                patchify(images, self.fine_patch),
+                coarse_patches_at_fine_size(images, self.fine_patch, self.ratio, self.coarse_pixels),
+            ],
+            1,
         )
         tokens = self.embed_norm(self.embed(pixels))
         if self.aggregation is not None:  # every region's coarse token exists in the dense layout
@@ -362,7 +376,10 @@ class MixedScaleTokenizer(nn.Module):
         tree = self.tree(fine_grid)
         pixels = torch.cat(
             [patchify(images, self.fine_patch)]
-            + [coarse_patches_at_fine_size(images, self.fine_patch, self.ratio**s) for s in range(1, self.scales)],
+            + [
+                coarse_patches_at_fine_size(images, self.fine_patch, self.ratio**s, self.coarse_pixels)
+                for s in range(1, self.scales)
+            ],
             1,
         )
         tokens = self.embed_norm(self.embed(pixels))

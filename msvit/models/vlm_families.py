@@ -38,7 +38,15 @@ def tower_parts(model_or_name, timm_kwargs: Optional[dict], img_size) -> Tuple[n
 
 
 def build_tower(
-    parts: TowerParts, gate: nn.Module, ratio: int, scales: int, aggregation, kernels: str, attention_backend: str
+    parts: TowerParts,
+    gate: nn.Module,
+    ratio: int,
+    scales: int,
+    aggregation,
+    kernels: str,
+    attention_backend: str,
+    coarse_pos: str = "bilinear",
+    coarse_pixels: str = "area",
 ) -> VLMTower:
     """The ``VLMTower`` of ``parts`` with ``gate`` (``from_timm`` builds it as for a ViT); the
     default coarse patch, ``parts.ratio``, is the projector's window (Qwen: 2 x 16 = 32 px,
@@ -54,6 +62,8 @@ def build_tower(
         aggregation=aggregation,
         scales=scales,
         grid_positions=parts.grid_positions,
+        coarse_pos=coarse_pos,
+        coarse_pixels=coarse_pixels,
     )
     return VLMTower(
         tokenizer,
