@@ -166,9 +166,8 @@ def gather_patches_reference(
     may be a list of ``[C, H_b, W_b]`` images of different sizes: the table is then in
     ``tree_batch.TreeBatch``'s global node order (scale by scale, image by image)."""
     if isinstance(images, (list, tuple)):
-        tables = [
-            scale_patches(image[None], fine_patch, ratio**s, coarse_pixels)[0] for s in range(scales) for image in images
-        ]
+        factors = [ratio**s for s in range(scales)]
+        tables = [scale_patches(image[None], fine_patch, f, coarse_pixels)[0] for f in factors for image in images]
         return torch.cat(tables).index_select(0, source)
     return _gather_scale_patches(images, source, fine_patch, ratio, scales, coarse_pixels)
 

@@ -125,8 +125,19 @@ def test_refusals_name_the_option():
     model = tiny_three_scale("apt")
     with pytest.raises(ValueError, match="flat pixel buffer"):
         index = None  # refused before the index is read
-        pack_reference(torch.zeros(48), index, torch.zeros(4, 192), None, None, None, None, 8, 2,
-                       node_pixels=torch.zeros(4, 1, dtype=torch.long), coarse_pixels="apt")
+        pack_reference(
+            torch.zeros(48),
+            index,
+            torch.zeros(4, 192),
+            None,
+            None,
+            None,
+            None,
+            8,
+            2,
+            node_pixels=torch.zeros(4, 1, dtype=torch.long),
+            coarse_pixels="apt",
+        )
     two_scale = msvit.from_timm(
         redraw_parameters(VisionTransformer(img_size=64, patch_size=8, embed_dim=24, depth=1, num_heads=2)),
         coarse_pixels="apt",

@@ -161,6 +161,10 @@ def check_coarse_pos(tokenizer: MixedScaleTokenizer, coarse_pos: str, name: str)
         )
 
 
+def model_name_of(model_or_name, model: nn.Module) -> str:
+    return model_or_name if isinstance(model_or_name, str) else type(model).__name__
+
+
 def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, gate_kwargs) -> nn.Module:
     """``from_timm`` after its choices are checked."""
     coarse_patch_size, img_size, gate = options["coarse_patch_size"], options["img_size"], options["gate"]
@@ -194,10 +198,9 @@ def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, 
         cfg = getattr(model, "pretrained_cfg", None)
         scale_gate = build_gate(gate, parts.embed, parts.fine, ratio, n_scales, parts.grid, cfg, gate_kwargs)
         aggregation = None if aggregate == "shared" else _aggregation(parts.embed.weight, ratio)
-        tower = build_tower(
-            parts, scale_gate, ratio, n_scales, aggregation, kernels, attention_backend, coarse_pos, options["coarse_pixels"]
-        )
-        check_coarse_pos(tower.tokenizer, coarse_pos, model_or_name if isinstance(model_or_name, str) else type(model).__name__)
+        positions = (coarse_pos, options["coarse_pixels"])
+        tower = build_tower(parts, scale_gate, ratio, n_scales, aggregation, kernels, attention_backend, *positions)
+        check_coarse_pos(tower.tokenizer, coarse_pos, model_name_of(model_or_name, model))
         if cfg:
             tower.pretrained_cfg = input_cfg(model, parts.fine, parts.grid)
         return tower.train(model.training)
@@ -233,7 +236,7 @@ def _from_timm(model_or_name, kernels, attention_backend, timm_kwargs, options, 
         grid_positions=parts.grid_positions,
         coarse_pixels=options["coarse_pixels"],
     )
-    check_coarse_pos(tokenizer, coarse_pos, type(model).__name__)
+    check_coarse_pos(tokenizer, coarse_pos, model_name_of(model_or_name, model))
     msvit = MSViT(
         tokenizer,
         scale_gate,
