@@ -113,19 +113,12 @@ def _grouped(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k,
         return packed_attention_reference(
             q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k
         )
-    heads, dim = q.shape[1:]
-    outputs = []
-    # split, not slicing: the backward of a split is one concatenation (reference.py says why)
-    parts = zip(plan.runs, q.split(plan.q_rows), k.split(plan.k_rows), v.split(plan.k_rows))
-    for (n, length, length_k), qg, kg, vg in parts:
-        if length == 0:
-            outputs.append(qg)
-        elif length_k == 0:  # softmax over no keys: zeros and a zero gradient, kept in q's graph
-            outputs.append(qg.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0.0))
-        else:
-            qs, ks, vs = (t.view(n, -1, heads, dim).transpose(1, 2) for t in (qg, kg, vg))  # [n, H, L, D] views
-            out = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
-            outputs.append(out.transpose(1, 2).reshape(n * length, heads, dim))  # a view of the kernel's output
+    if len(plan.runs) == 1:  # batch 1 or a budget: no split (a split is ~10 us per block at batch 1)
+        outputs = [_run(plan.runs[0], q, k, v, scale)]
+    else:
+        # split, not slicing: the backward of a split is one concatenation (reference.py says why)
+        parts = zip(plan.runs, q.split(plan.q_rows), k.split(plan.k_rows), v.split(plan.k_rows))
+        outputs = [_run(run, qg, kg, vg, scale) for run, qg, kg, vg in parts]
     if not outputs:  # no sequence, so no row (T = 0): an empty result in q's graph
         return q * 0
     if not restore_nan:
@@ -134,6 +127,19 @@ def _grouped(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k, max_seqlen_k,
         return _nan_where_query_is_not_finite(q, torch.cat(outputs), in_place=True)
     # one run: the kernel's own output, which its backward saves (no in-place write while recording)
     return _nan_where_query_is_not_finite(q, outputs[0], in_place=not outputs[0].requires_grad)
+
+
+def _run(run: Tuple[int, int, int], q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    """One run of ``n`` sequences of ``length`` queries and ``length_k`` keys: its output rows."""
+    n, length, length_k = run
+    if length == 0:
+        return q
+    if length_k == 0:  # softmax over no keys: zeros and a zero gradient, kept in q's graph
+        return q.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0.0)
+    heads, dim = q.shape[1:]
+    qs, ks, vs = (t.view(n, -1, heads, dim).transpose(1, 2) for t in (q, k, v))  # [n, H, L, D] views
+    out = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+    return out.transpose(1, 2).reshape(n * length, heads, dim)  # a view of the kernel's output
 
 
 def _nan_where_query_is_not_finite(q: Tensor, out: Tensor, in_place: bool) -> Tensor:
