@@ -48,6 +48,23 @@ def test_bad_masks(model, mask, error, match):
         model(torch.randn(2, 3, 64, 64), mask=mask)
 
 
+def test_mask_and_budget_together_are_refused(model):
+    """The mask fixes every decision: a budget beside it was silently ignored before."""
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    for call in (
+        lambda: model(images, mask=mask, budget=3),
+        lambda: model(images, mask=mask, budget=0.5, mode="masked"),
+        lambda: model.forward_features(images, mask=mask, budget=3),
+        lambda: model([images[0], images[1]], mask=[mask[0], mask[1]], budget=3),
+    ):
+        with pytest.raises(ValueError, match="pass mask or budget, not both"):
+            call()
+    segmenter = msvit.MSSegmenter(model, num_classes=3)
+    with pytest.raises(ValueError, match="pass mask or budget, not both"):
+        segmenter(images, mask=mask, budget=3)
+
+
 def test_tokens_per_image_checks_the_mask_against_the_coarse_grid(model):
     """A mask of another region count used to give numbers. Without images the grid is the one of
     the size the model was built for (64 px: 4x4); with images, theirs."""

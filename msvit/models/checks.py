@@ -77,6 +77,15 @@ def check_dtype(images: Tensor, model_dtype: torch.dtype) -> None:
         )
 
 
+def check_mask_or_budget(mask, budget) -> None:
+    """A caller's mask fixes every scale decision, so a budget beside it would be silently ignored
+    (it was, before): refused."""
+    if mask is not None and budget is not None:
+        raise ValueError(
+            f"pass mask or budget, not both: the mask fixes every scale decision, so budget={budget!r} would be ignored"
+        )
+
+
 def check_mask(mask, batch: int, coarse_grid) -> None:
     n_regions = coarse_grid[0] * coarse_grid[1]
     if not isinstance(mask, Tensor):

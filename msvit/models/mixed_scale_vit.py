@@ -21,6 +21,7 @@ from msvit.models.checks import (
     check_image_size,
     check_images,
     check_mask_list,
+    check_mask_or_budget,
     counted_batch,
     is_image_list,
 )
@@ -205,6 +206,7 @@ class MSViT(nn.Module):
     def decide(self, images: Images, *, mask=None, budget: Budget = None) -> GateDecision:
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training).
         A list of images: flat decisions ``[sum D_b]`` (docs/native_resolution.md)."""
+        check_mask_or_budget(mask, budget)
         if is_image_list(images):
             return self._decide_list(images, mask, budget, self.training)
         self.check_images(images)
@@ -318,9 +320,10 @@ class MSViT(nn.Module):
 
         mask: optional bool ``[B, Nc]`` (True = fine) overriding the gate; budget: eval-time number
         (int) or fraction (float) of regions kept fine per image (packed mode then reads nothing
-        back to the host); capacity: packed mode only, pad the packed rows to this many (a static
-        shape: no host read; a batch with more tokens fails on the device); return_gate: return an
-        ``MSViTOutput`` with the gate's decisions and the token counts.
+        back to the host); not both (a mask fixes every decision; the pair is refused); capacity:
+        packed mode only, pad the packed rows to this many (a static shape: no host read; a batch
+        with more tokens fails on the device); return_gate: return an ``MSViTOutput`` with the
+        gate's decisions and the token counts.
         """
         check_choice("mode", mode, MODES)
         if capacity is not None and mode != "packed":

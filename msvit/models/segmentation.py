@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from msvit.io.checkpoint import CONFIG, build_model, load_verified, resolve, write_checkpoint
 from msvit.io.config_file import read_json_object
 from msvit.io.recipe import segmenter_config  # noqa: F401  (re-exported: msvit train and the tests use it from here)
-from msvit.models.checks import check_choice, check_images, is_image_list
+from msvit.models.checks import check_choice, check_images, check_mask_or_budget, is_image_list
 from msvit.models.gate import Budget, GateDecision
 from msvit.models.mixed_scale_vit import Images, MSViT, MSViTOutput, unpack_to_grid
 
@@ -152,6 +152,7 @@ class MSSegmenter(nn.Module):
     def decide(self, images: Images, *, mask=None, budget: Budget = None) -> Optional[GateDecision]:
         """The frozen gate's eval decisions (no autograd graph), or None when the backbone decides.
         A list of images: flat decisions ``[sum D_b]``, as ``MSViT.decide`` gives them."""
+        check_mask_or_budget(mask, budget)
         if mask is not None or not self.freeze_gate:
             return None  # the backbone validates the images and the mask
         with torch.no_grad():

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from msvit.models.checks import check_choice, check_counted_mask, check_dtype, check_images
+from msvit.models.checks import check_choice, check_counted_mask, check_dtype, check_images, check_mask_or_budget
 from msvit.models.gate import Budget, GateDecision, MixedScaleGate
 from msvit.models.mixed_scale_vit import MSViTOutput
 from msvit.models.swin.architecture import describe_swin
@@ -104,6 +104,7 @@ class MixedScaleSwin(nn.Module):
 
     def decide(self, images: Tensor, *, mask: Optional[Tensor] = None, budget: Budget = None) -> GateDecision:
         """The batch's scale decisions: the caller's mask, or the gate's (sampled when training)."""
+        check_mask_or_budget(mask, budget)
         self.check_images(images)
         return self.gate.decision(images, mask, sample=self.training, budget=budget)
 
