@@ -10,7 +10,7 @@ with APT's training-free entropy gate at 384, 512 and 1024 px, against the timm 
 2. latency: whole forwards of ViT-S/16, ViT-B/16 and ViT-L/16 at 384 and 512 px, random weights: timm ViT
    at full tokens, MSViT packed with the entropy gate (two scales, tau 5.5; three scales, APT's
    thresholds) on one real photo with the gate inside the timed call, and the timm ViT at the
-   MSViT's token count (the nearest square grid, so a smaller image). CPU: fp32, batch 1 and
+   MSViT's token count (the nearest grid, square or near-square, so a smaller image). CPU: fp32, batch 1 and
    ``--cpu-batch`` (default 4: the first photos), torch threads = torch's default, or ``--threads N``
    (1 on a machine shared with other work, where threads that wait on each other at every op make
    ratios measure the load). GPU: bf16, batch 1 and ``--batch`` (the photos repeated).
@@ -75,10 +75,11 @@ TOKENIZER_REPEATS = {"cpu": 10, "cuda": 50}
 # ---- models ----------------------------------------------------------------------------------
 
 
-def timm_vit(name: str, size: int, source: Optional[torch.nn.Module] = None, **kwargs) -> torch.nn.Module:
-    """timm ``name`` at ``size`` px (eval, random weights, never downloaded). With ``source`` (the
-    same architecture at another size) it takes the source's weights without a new random init:
-    the parameters are shared and the position embedding is resampled as timm resamples it."""
+def timm_vit(name: str, size, source: Optional[torch.nn.Module] = None, **kwargs) -> torch.nn.Module:
+    """timm ``name`` at ``size`` px (an int, or ``(H, W)``; eval, random weights, never downloaded).
+    With ``source`` (the same architecture at another size) it takes the source's weights without a
+    new random init: the parameters are shared and the position embedding is resampled as timm
+    resamples it."""
     if source is None:
         return timm.create_model(name, pretrained=False, img_size=size, **kwargs).eval()
     with torch.device("meta"):
@@ -122,17 +123,20 @@ def mixed_scale(vit, scales: int, device: str, dtype: torch.dtype, pair=APT_PAIR
     return model.eval().to(device, dtype)
 
 
-def photos_at(size: int, vit, names: Optional[Sequence[str]] = None) -> Tuple[List[str], torch.Tensor]:
-    """scikit-image's photos at ``size`` px, normalised as ``vit`` expects."""
+def photos_at(size, vit, names: Optional[Sequence[str]] = None) -> Tuple[List[str], torch.Tensor]:
+    """scikit-image's photos at ``size`` px (an int, or ``(H, W)``), normalised as ``vit`` expects."""
     names, images = sample_photos(size) if names is None else sample_photos(size, names)
     return names, normalize(images, vit.pretrained_cfg["mean"], vit.pretrained_cfg["std"])
 
 
-def equal_grid(tokens: float, prefix: int = 1) -> int:
-    """The side of the square grid whose token count is nearest ``tokens`` (prefix included)."""
-    side = max(1, round(math.sqrt(max(tokens - prefix, 1))))
-    candidates = [s for s in (side - 1, side, side + 1) if s >= 1]
-    return min(candidates, key=lambda s: abs(s * s + prefix - tokens))
+def equal_grid(tokens: float, prefix: int = 1) -> Tuple[int, int]:
+    """The grid ``(h, w)``, ``h <= w <= h + 2``, whose token count ``h * w + prefix`` is nearest
+    ``tokens`` (ties: the squarer grid). Near-square rectangles make "equal tokens" equal: 463
+    tokens (ViT-S at 384 px, three scales) is a 21 x 22 grid (463), where the nearest square
+    (21 x 21: 442, the baseline before 2026-12-08) has 5% fewer tokens and MACs."""
+    side = max(1, math.isqrt(max(int(tokens - prefix), 1)))
+    candidates = [(h, w) for h in range(max(1, side - 2), side + 3) for w in range(h, h + 3)]
+    return min(candidates, key=lambda g: (abs(g[0] * g[1] + prefix - tokens), g[1] - g[0]))
 
 
 # ---- 1. tokens -------------------------------------------------------------------------------
@@ -246,24 +250,26 @@ def latency_rows(
             prefix = full.num_prefix_tokens
             vit_tokens = {"vit_full": prefix + grid[0] * grid[1]}
             eq_sizes = {}
+            patch = full.patch_embed.patch_size[0]
             for label in ("msvit_2", "msvit_3"):
-                side = equal_grid(variants[label]["tokens"], prefix)
-                eq_sizes.setdefault(side * full.patch_embed.patch_size[0], []).append(label)
+                h, w = equal_grid(variants[label]["tokens"], prefix)
+                eq_sizes.setdefault((h * patch, w * patch), []).append(label)
             runs = {"vit_full": lambda: full(images)}
             runs["msvit_2"] = lambda: ms2(images)
             runs["msvit_3"] = lambda: ms3(images)
             eq_models = {}
             for eq_size, labels in sorted(eq_sizes.items(), reverse=True):
-                if eq_size == size:  # as many tokens as the full ViT: that run is the full ViT
+                if eq_size == (size, size):  # as many tokens as the full ViT: that run is the full ViT
                     continue
-                label = f"vit_{eq_size}"
+                label = f"vit_{eq_size[0]}" if eq_size[0] == eq_size[1] else f"vit_{eq_size[0]}x{eq_size[1]}"
                 small = timm_vit(name, eq_size, source=vit).to(device, dtype)
                 small_images = photos_at(eq_size, small, photo_names)[1]
                 small_images = small_images.repeat((batch + len(photo_names) - 1) // len(photo_names), 1, 1, 1)
                 small_images = small_images[:batch].to(device, dtype)
                 g = small.patch_embed.grid_size
                 vit_tokens[label] = prefix + g[0] * g[1]
-                eq_models[label] = {"size": eq_size, "matches": labels}
+                shown = eq_size[0] if eq_size[0] == eq_size[1] else list(eq_size)
+                eq_models[label] = {"size": shown, "matches": labels}
                 runs[label] = lambda m=small, x=small_images: m(x)
             total = (repeats + 1) * len(runs)
             desc = f"{name} {size}px b{batch}"

@@ -22,7 +22,9 @@ def variant_name(row: dict, pair=APT_PAIR) -> str:
     if label in VARIANT_NAMES:
         return VARIANT_NAMES[label].format(pair=pair)
     matches = ", ".join(m.replace("msvit_", "") + " scales" for m in row.get("equal_tokens_for") or [])
-    return f"timm ViT at {row['image_size']} px (tokens of MSViT {matches})"
+    size = row["image_size"]
+    size = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) else size
+    return f"timm ViT at {size} px (tokens of MSViT {matches})"
 
 
 def load_note(result: dict) -> str:
@@ -119,8 +121,9 @@ def markdown(result: dict) -> str:
             "",
             f"Batch 1: the photo `{photo}`; larger batches: the photos repeated. MSViT runs packed, its gate "
             "inside the timed call; the ViT at equal tokens is the same timm model (same weights, position "
-            "embedding resampled) at the image size whose square grid has the nearest token count: it sees a "
-            "smaller image. Tokens per image (mean), GMACs per image (the entropy gate counts 0 MACs); ms: median "
+            "embedding resampled) at the image size whose grid (square, or a near-square rectangle: "
+            "h <= w <= h + 2) has the nearest token count: it sees a smaller image. Tokens per image (mean), "
+            "GMACs per image (the entropy gate counts 0 MACs); ms: median "
             "(quartiles) of interleaved repetitions after one warm-up call each; speed-up: full ViT median / this "
             "median (quartiles of the per-repetition ratios); time / ViT at equal tokens: an MSViT's median over "
             "the median of the ViT at its token count (quartiles of the per-repetition ratios; 1 = the packing, "
