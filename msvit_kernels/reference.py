@@ -292,12 +292,12 @@ def pack_reference(
 
     coarse_pixels: how coarser patches come down to the fine size (:func:`downsample`).
     """
-    if node_pixels is not None and coarse_pixels != "area":
-        raise ValueError(
-            f"coarse_pixels={coarse_pixels!r} needs the images; a flat pixel buffer (node_pixels) is read by "
-            "the pack kernel's area-average taps only"
-        )
     if node_pixels is not None:
+        if coarse_pixels != "area":
+            raise ValueError(
+                f"coarse_pixels={coarse_pixels!r} needs the images; a flat pixel buffer (node_pixels) is read by "
+                "the pack kernel's area-average taps only"
+            )
         chans = weight.shape[1] // (fine_patch * fine_patch)
         side = ratio ** (scales - 1)
         pixels = gather_flat_patches_reference(images, node_pixels, index.source, fine_patch, chans, side)

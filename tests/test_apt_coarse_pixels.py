@@ -153,3 +153,17 @@ def test_coarse_pos_is_refused_where_there_is_no_position_table():
     with pytest.raises(ValueError, match="has none"):
         msvit.from_timm(vit, coarse_pos="apt")
     assert msvit.from_timm(vit).tokenizer.pos_embed is None
+
+
+def test_a_nan_in_one_image_leaves_the_others_bit_equal():
+    """APT's resize runs image by image: a NaN pixel reaches only its own image's tokens. The pixel
+    is one the resize samples (row 37, column 10: the centre 2x2 of its 4x4 block); one it skips,
+    such as column 11, reaches no coarse token at all."""
+    model = tiny_three_scale("apt")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        clean = model(images)
+        images[1, 0, 37, 10] = float("nan")
+        poisoned = model(images)
+    assert poisoned[1].isnan().any()
+    assert torch.equal(poisoned[0], clean[0]) and torch.equal(poisoned[2], clean[2])

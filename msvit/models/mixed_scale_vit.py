@@ -332,7 +332,6 @@ class MSViT(nn.Module):
         if mode == "packed" and not is_image_list(images) and images.shape[0] == 0:
             mode = "masked"  # the modes agree; an empty batch has no packed layout, the dense path gives [0, K]
         if mode == "packed":
-            budget = budget if mask is None else None  # the caller's mask wins; its lengths are unknown
             shape = self._shape_of(images, budget, capacity)
             features = self._packed_features(images, decision, shape)
             logits = self.forward_head(features)
@@ -384,7 +383,6 @@ class MSViT(nn.Module):
         mode); ``forward_head`` of them gives the logits ``forward`` returns. ``capacity``: as in
         ``forward`` (the features then hold padding rows after the real ones)."""
         decision = self.decide(images, mask=mask, budget=budget)
-        budget = budget if mask is None else None
         return self._packed_features(images, decision, self._shape_of(images, budget, capacity))
 
     def forward_head(self, features: PackedFeatures, pre_logits: bool = False) -> Tensor:
